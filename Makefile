@@ -1,0 +1,67 @@
+# One entry point for people and CI. Every target does its own set-up.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(wildcard proto/plait/v1/*.proto)
+GEN_DIR := clients/python
+GOOGLE_PROTOS = $(shell $(BIN)/python -c 'import os, google.rpc; print(os.path.dirname(os.path.dirname(google.rpc.__path__[0])))')
+GRPC_PROTOS = $(shell $(BIN)/python -c 'import os, grpc_tools; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
+FLOW ?= examples/scatter_gather.yaml
+
+.PHONY: help venv proto proto-check proto-lint lint typecheck test test-fast check run bench clean
+
+help:
+	@echo "make run        run $(FLOW) on the embedded coordinator + local workers"
+	@echo "make test       unit, integration and system tests"
+	@echo "make check      lint + typecheck + proto drift + test (what CI runs)"
+	@echo "make proto      regenerate Python stubs from proto/"
+	@echo "make bench      throughput and latency benchmarks (prints numbers)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+proto: $(STAMP)
+	rm -f $(GEN_DIR)/plait/v1/*_pb2*.py $(GEN_DIR)/plait/v1/*_pb2*.pyi
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto -I$(GOOGLE_PROTOS) -I$(GRPC_PROTOS) \
+		--python_out=$(GEN_DIR) --grpc_python_out=$(GEN_DIR) \
+		--mypy_out=quiet:$(GEN_DIR) --mypy_grpc_out=quiet:$(GEN_DIR) $(PROTO_FILES)
+
+# Fails when the committed stubs differ from what proto/ generates.
+proto-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit/test_proto_drift.py
+
+# buf lint over a descriptor image built by protoc (no network needed for google/rpc imports).
+proto-lint: $(STAMP)
+	@if [ -x $(BIN)/buf ]; then \
+	  $(BIN)/python -m grpc_tools.protoc -Iproto -I$(GOOGLE_PROTOS) -I$(GRPC_PROTOS) \
+	    --include_imports --include_source_info --descriptor_set_out=$(VENV)/plait.binpb $(PROTO_FILES) && \
+	  $(BIN)/buf lint $(VENV)/plait.binpb --config proto/buf.yaml --path plait/v1 && echo "buf lint: clean"; \
+	else echo "buf not installed on this platform; skipping buf lint"; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy clients/python/plait coordinator workerd
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+check: lint typecheck proto-lint test
+
+run: $(STAMP)
+	$(BIN)/plait run $(FLOW)
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.throughput
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .plait

@@ -1,0 +1,63 @@
+"""Parsing and printing durations such as ``250ms``, ``2s``, ``5m``, ``1h30m`` (foundation)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from google.protobuf import duration_pb2
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_duration(text: str | int | float, *, field: str = "duration") -> timedelta:
+    """Parses ``250ms``, ``2s``, ``1.5m``, ``1h30m``; a bare number means seconds.
+
+    Raises:
+        ValueError: naming ``field`` and the text, when it is not a duration.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{field}: expected a duration such as 250ms, 2s or 5m, got {text!r}")
+    if isinstance(text, int | float):
+        return timedelta(seconds=float(text))
+    s = text.strip()
+    try:
+        return timedelta(seconds=float(s))
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise ValueError(f"{field}: expected a duration such as 250ms, 2s or 5m, got {text!r}")
+    return timedelta(seconds=total)
+
+
+def format_duration(d: timedelta) -> str:
+    """Short human form: ``250ms``, ``2s``, ``1m30s``."""
+    ms = round(d.total_seconds() * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms % 1000:
+        return f"{ms / 1000:g}s"
+    s = ms // 1000
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{sec}s" if sec else "")
+    return out or "0s"
+
+
+def to_proto(d: timedelta, msg: duration_pb2.Duration | None = None) -> duration_pb2.Duration:
+    """Converts to ``google.protobuf.Duration`` (in place when ``msg`` is given)."""
+    out = msg if msg is not None else duration_pb2.Duration()
+    out.FromTimedelta(d)
+    return out
+
+
+def from_proto(msg: duration_pb2.Duration) -> timedelta:
+    """Converts from ``google.protobuf.Duration``."""
+    return timedelta(seconds=msg.seconds, microseconds=msg.nanos // 1000)

@@ -1,0 +1,158 @@
+"""The one exception tree of Plait (foundation layer).
+
+Each subclass of :class:`PlaitError` has one meaning and one gRPC status code. Servers raise
+them and a single interceptor turns them into statuses (with ``google.rpc`` details such as
+``BadRequest`` field violations); clients turn statuses back into the same classes with
+:func:`from_rpc_error`, so both sides speak one vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: its path in the request (``spec.actions[3].needs[0]``) and what is wrong."""
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+class PlaitError(Exception):
+    """Base of every error Plait raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_status(self) -> status_pb2.Status:
+        """The ``google.rpc.Status`` this error travels as."""
+        return status_pb2.Status(code=self.code.value[0], message=self.message)
+
+
+class InvalidArgumentError(PlaitError):
+    """A request is malformed; ``violations`` name each bad field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: Sequence[FieldViolation] | str) -> None:
+        if isinstance(violations, str):
+            violations = [FieldViolation("", violations)]
+        self.violations = list(violations)
+        shown = "; ".join(str(v) if v.field else v.description for v in self.violations[:10])
+        more = len(self.violations) - 10
+        super().__init__(shown + (f"; and {more} more" if more > 0 else ""))
+
+    def to_status(self) -> status_pb2.Status:
+        status = super().to_status()
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        status.details.add().Pack(detail)
+        return status
+
+
+class NotFoundError(PlaitError):
+    """The named workflow, action or worker does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPreconditionError(PlaitError):
+    """The request is well-formed but the state forbids it (e.g. a stale fencing token)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyExistsError(PlaitError):
+    """Something with that name exists (e.g. a worker id already connected)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ResourceExhaustedError(PlaitError):
+    """A size or rate limit was hit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(PlaitError):
+    """The service cannot answer now (shutting down, not the leader); retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ConfigError(PlaitError):
+    """A configuration is unsafe or malformed; daemons refuse to start (exit 2)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+_BY_CODE: dict[grpc.StatusCode, type[PlaitError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        FailedPreconditionError,
+        AlreadyExistsError,
+        ResourceExhaustedError,
+        UnavailableError,
+    )
+}
+
+
+def status_message(code: grpc.StatusCode, message: str) -> status_pb2.Status:
+    """A bare ``google.rpc.Status``."""
+    return status_pb2.Status(code=code.value[0], message=message)
+
+
+def ok_status() -> status_pb2.Status:
+    """``google.rpc.Status`` OK."""
+    return status_pb2.Status(code=code_pb2.OK)
+
+
+def violations_of(status: status_pb2.Status) -> list[FieldViolation]:
+    """Field violations carried in a status's ``BadRequest`` details."""
+    out: list[FieldViolation] = []
+    for any_detail in status.details:
+        if any_detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            any_detail.Unpack(bad)
+            out.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+    return out
+
+
+def from_rpc_error(err: grpc.RpcError) -> PlaitError:
+    """Turns a client-side ``grpc.RpcError`` back into the matching :class:`PlaitError`."""
+    from grpc_status import rpc_status
+
+    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
+    details: str = err.details() or ""  # type: ignore[attr-defined]
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    cls = _BY_CODE.get(code)
+    if cls is InvalidArgumentError:
+        violations = violations_of(status) if status is not None else []
+        return InvalidArgumentError(violations or details)
+    if cls is not None:
+        return cls(details)
+    generic = PlaitError(details or code.name)
+    generic.code = code
+    return generic
+
+
+def join_violations(groups: Iterable[Sequence[FieldViolation]]) -> list[FieldViolation]:
+    """Flattens groups of violations."""
+    return [v for g in groups for v in g]
