@@ -394,12 +394,19 @@ class Heartbeat(_message.Message):
     LEASES_FIELD_NUMBER: _builtins.int
     LAST_GRANT_SEQUENCE_FIELD_NUMBER: _builtins.int
     FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     last_grant_sequence: _builtins.int
     """Set by the worker: the highest LeaseGrant.sequence it has processed. Leases granted in a
     later grant are in flight and are not treated as missing.
     """
     free_slots: _builtins.int
     """Set by the worker: slots currently free, for display."""
+    sequence: _builtins.int
+    """Set by the worker: increases with every heartbeat on the stream; echoed in
+    Ack.heartbeat_sequence. The worker's self-fencing clock runs from the send time of the last
+    heartbeat the coordinator acknowledged: leases may be lost at (that send time + lease_ttl),
+    so the worker must have killed its actions by then.
+    """
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]:
         """Set by the worker: every lease it holds (running or finished but not yet acked)."""
@@ -410,10 +417,11 @@ class Heartbeat(_message.Message):
         leases: _abc.Iterable[Global___LeaseReport] | None = ...,
         last_grant_sequence: _builtins.int = ...,
         free_slots: _builtins.int = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "last_grant_sequence", b"last_grant_sequence", "leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "last_grant_sequence", b"last_grant_sequence", "leases", b"leases", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -776,11 +784,16 @@ Global___ResultAck: _TypeAlias = ResultAck  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
-    """Ack answers results once they are durable."""
+    """Ack answers results once they are durable, and answers heartbeats."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    heartbeat_sequence: _builtins.int
+    """Set by the coordinator: the sequence of the heartbeat this ack answers (0 when it answers
+    only results). Every heartbeat gets an ack after the coordinator has renewed the leases.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
         """Set by the coordinator: one per result."""
@@ -789,10 +802,11 @@ class Ack(_message.Message):
         self,
         *,
         results: _abc.Iterable[Global___ResultAck] | None = ...,
+        heartbeat_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_sequence", b"heartbeat_sequence", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
