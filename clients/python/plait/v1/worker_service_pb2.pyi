@@ -239,19 +239,25 @@ class LeaseReport(_message.Message):
 
     LEASE_ID_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """The lease's id, from Lease.lease_id."""
     fencing_token: _builtins.int
     """The fencing token the lease was granted with."""
+    slots: _builtins.int
+    """Slots the attempt occupies (its ActionSpec.slots, at least 1). In Hello.running, the
+    coordinator takes Hello.slots minus the sum of these as the worker's initial credit.
+    """
     def __init__(
         self,
         *,
         lease_id: _builtins.str = ...,
         fencing_token: _builtins.int = ...,
+        slots: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "lease_id", b"lease_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "lease_id", b"lease_id", "slots", b"slots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

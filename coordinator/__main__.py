@@ -1,0 +1,7 @@
+"""``python -m plait.coordinator``."""
+
+import sys
+
+from plait.coordinator.main import main
+
+sys.exit(main())

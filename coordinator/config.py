@@ -1,0 +1,194 @@
+"""Coordinator configuration (edge layer): one frozen dataclass, loaded in one place.
+
+Precedence: command-line flags, then ``PLAIT_*`` environment variables, then a TOML file
+(``--config``), then the defaults of RELIABILITY.md. Cross-field rules are checked by
+:meth:`CoordinatorConfig.validate` at start-up; an unsafe configuration refuses to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from typing import Any
+
+from plait.durations import format_duration, parse_duration
+from plait.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:7450"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9450"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits on what clients and workers may send."""
+
+    max_actions: int = 100_000
+    max_edges: int = 1_000_000
+    max_fan_in: int = 10_000
+    max_depth: int = 10_000
+    max_input_bytes: int = 1024 * 1024
+    max_output_bytes: int = 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    """Everything a coordinator needs to start. Durations are ``timedelta``."""
+
+    listen: str = DEFAULT_LISTEN
+    store: str = "sqlite:///plait.db"
+    metrics_listen: str | None = DEFAULT_METRICS_LISTEN
+    heartbeat_interval: timedelta = timedelta(seconds=5)
+    lease_ttl: timedelta = timedelta(seconds=30)
+    kill_grace: timedelta = timedelta(seconds=10)
+    max_clock_offset: timedelta = timedelta(milliseconds=500)
+    lease_loss_budget: int = 3
+    shutdown_grace: timedelta = timedelta(seconds=10)
+    ready_file: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    def validate(self) -> None:
+        """Refuses unsafe or inconsistent settings, naming the rule that failed."""
+        hb, ttl = self.heartbeat_interval, self.lease_ttl
+        if hb <= timedelta(0):
+            raise ConfigError("heartbeat_interval must be > 0")
+        if ttl < 5 * hb:
+            raise ConfigError(
+                f"lease_ttl ({format_duration(ttl)}) must be >= 5 x heartbeat_interval"
+                f" ({format_duration(hb)}): a lease must survive several lost heartbeats"
+            )
+        if self.kill_grace <= timedelta(0) or self.kill_grace > ttl / 3:
+            raise ConfigError(
+                f"kill_grace ({format_duration(self.kill_grace)}) must be > 0 and <= lease_ttl / 3"
+                f" ({format_duration(ttl / 3)}): self-fencing must finish before the lease expires"
+            )
+        if self.max_clock_offset <= timedelta(0):
+            raise ConfigError("max_clock_offset must be > 0")
+        if not 0 <= self.lease_loss_budget <= 100:
+            raise ConfigError("lease_loss_budget must be between 0 and 100")
+        for name in ("listen", "metrics_listen"):
+            addr = getattr(self, name)
+            if addr is None:
+                continue
+            host, _ = split_host_port(addr, name)
+            if not is_loopback(host):
+                raise ConfigError(
+                    f"{name} {addr!r} is not a loopback address: Plait refuses to listen beyond"
+                    " this host until TLS and authentication are configured"
+                )
+        if not self.store.startswith("sqlite:///"):
+            raise ConfigError(
+                f"store {self.store!r}: expected sqlite:///PATH (PostgreSQL comes later)"
+            )
+
+
+def split_host_port(addr: str, name: str = "address") -> tuple[str, int]:
+    """Splits ``HOST:PORT`` (``[::1]:PORT`` for IPv6)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{name} {addr!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IPs."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_DURATIONS = {"heartbeat_interval", "lease_ttl", "kill_grace", "max_clock_offset", "shutdown_grace"}
+_INTS = {"lease_loss_budget"}
+_LIMITS = {f.name for f in fields(Limits)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    try:
+        if name in _DURATIONS:
+            return parse_duration(value, field=name)
+        if name in _INTS or name in _LIMITS:
+            return int(value)
+        if name == "metrics_listen" and str(value).lower() in {"", "off", "none"}:
+            return None
+        return str(value)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``plait coordinator`` / ``plait-coordinator`` flags."""
+    p = argparse.ArgumentParser(
+        prog="plait coordinator",
+        description="Run the Plait coordinator (gRPC on --listen, Prometheus on --metrics-listen).",
+    )
+    p.add_argument("--config", help="TOML file with the same keys (lowest precedence)")
+    p.add_argument("--listen", help=f"gRPC HOST:PORT (default {DEFAULT_LISTEN})")
+    p.add_argument("--store", help="journal: sqlite:///PATH (default sqlite:///plait.db)")
+    p.add_argument(
+        "--metrics-listen", help=f"Prometheus HOST:PORT or 'off' (default {DEFAULT_METRICS_LISTEN})"
+    )
+    p.add_argument("--heartbeat-interval", help="worker heartbeat cadence (default 5s)")
+    p.add_argument("--lease-ttl", help="lease lifetime after the last heartbeat (default 30s)")
+    p.add_argument("--kill-grace", help="SIGTERM -> SIGKILL grace for workers (default 10s)")
+    p.add_argument("--max-clock-offset", help="remote HLC lead that is still merged (500ms)")
+    p.add_argument("--lease-loss-budget", help="lease losses an action may suffer (default 3)")
+    p.add_argument("--shutdown-grace", help="time to drain workers on SIGTERM (default 10s)")
+    p.add_argument("--max-actions", help="largest workflow accepted (default 100000)")
+    p.add_argument("--ready-file", help="write {grpc, metrics, pid} JSON here once serving")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    return p
+
+
+def load_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> CoordinatorConfig:
+    """Merges flags, ``PLAIT_*`` environment and the TOML file into a validated config."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    names = [f.name for f in fields(CoordinatorConfig) if f.name != "limits"] + sorted(_LIMITS)
+
+    def put(name: str, value: Any, source: str) -> None:
+        target = limits if name in _LIMITS else values
+        target[name] = _coerce(name, value, source)
+
+    config_path = getattr(args, "config", None) or env.get("PLAIT_CONFIG")
+    if config_path:
+        try:
+            with open(config_path, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {config_path}: {e}") from e
+        section = table.get("coordinator", table)
+        for key, value in section.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ConfigError(f"config file {config_path}: unknown key {key!r}")
+            put(name, value, f"{config_path}: {key}")
+    for name in names:
+        var = "PLAIT_" + name.upper()
+        if var in env:
+            put(name, env[var], var)
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            put(name, value, "--" + name.replace("_", "-"))
+    cfg = CoordinatorConfig(**values)
+    if limits:
+        cfg = replace(cfg, limits=replace(cfg.limits, **limits))
+    cfg.validate()
+    return cfg
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses the daemon's command line."""
+    return build_parser().parse_args(argv)

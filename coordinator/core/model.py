@@ -1,0 +1,182 @@
+"""Records the pure core keeps in memory, and the :class:`Outcome` it returns (pure core).
+
+A workflow owns its actions; an action holds at most one live lease; a worker holds the leases
+granted to it. Nothing here does I/O: stimuli come in (``core.events``), records, messages and
+replies go out in an :class:`Outcome` that the runtime journals first and delivers second.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from google.rpc import status_pb2
+from plait.coordinator.core.transitions import PENDING
+from plait.hlc import ZERO, HlcTimestamp
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+RUNNING_WF = pb.WorkflowState.WORKFLOW_STATE_RUNNING
+
+
+@dataclass(slots=True, eq=False)
+class ActionRecord:
+    """One node of a workflow's DAG and its lifecycle."""
+
+    workflow: WorkflowRecord
+    spec: pb.ActionSpec
+    state: int = PENDING
+    attempt: int = 0
+    token: int = 0  # highest fencing token granted; only grows
+    failures: int = 0  # failed attempts (the retry budget)
+    lease_losses: int = 0  # lost leases (their own budget)
+    unmet: int = 0  # needs not yet succeeded
+    needs: list[ActionRecord] = field(default_factory=list)
+    dependents: list[ActionRecord] = field(default_factory=list)
+    lease: LeaseRecord | None = None
+    worker_id: str = ""
+    outputs_json: str = ""
+    committed_token: int = 0  # token of the result that committed, 0 if none did
+    error: status_pb2.Status | None = None
+    exit_code: int = 0
+    reason: str = ""
+    slots: int = 1
+    not_before: float = 0.0  # monotonic; retry backoff
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def key(self) -> str:
+        return f"{self.workflow.workflow_id}/{self.spec.id}"
+
+
+@dataclass(slots=True, eq=False)
+class WorkflowRecord:
+    """A submitted workflow."""
+
+    workflow_id: str
+    spec: pb.WorkflowSpec
+    idempotency_key: str
+    submitted_wall_ms: int
+    submitted_hlc: HlcTimestamp
+    actions: dict[str, ActionRecord] = field(default_factory=dict)
+    ready: deque[ActionRecord] = field(default_factory=deque)
+    state: int = RUNNING_WF
+    remaining: int = 0  # actions not yet terminal
+    cancel_requested: bool = False
+    finished_wall_ms: int = 0
+    finished_hlc: HlcTimestamp = ZERO
+    reason: str = ""
+
+
+@dataclass(slots=True, eq=False)
+class LeaseRecord:
+    """The right of one worker to run one attempt."""
+
+    lease_id: str
+    action: ActionRecord
+    worker: WorkerRecord
+    token: int
+    attempt: int
+    grant_seq: int  # LeaseGrant.sequence on the worker's session (0: adopted)
+    granted_at: float  # coordinator monotonic
+    slots: int
+    started: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    """A worker daemon, connected or recently gone (while it still holds leases)."""
+
+    worker_id: str
+    session_id: str
+    hello: wpb.Hello
+    labels: dict[str, str]
+    handlers: frozenset[str]
+    exec_enabled: bool
+    slots: int
+    free: int
+    connected_at_wall_ms: int
+    last_renewed: float  # monotonic: last heartbeat (renews every lease)
+    last_seen: float
+    leases: dict[str, LeaseRecord] = field(default_factory=dict)
+    connected: bool = True
+    draining: bool = False
+    said_goodbye: bool = False
+    grant_seq: int = 0
+    clock_rejections: int = 0
+    last_hlc: HlcTimestamp = ZERO
+
+
+@dataclass(slots=True)
+class Observation:
+    """Something metrics or logs should know; the core does not touch either itself."""
+
+    kind: str
+    worker_id: str = ""
+    value: float = 0.0
+    detail: str = ""
+    lease_id: str = ""
+
+
+class Outcome:
+    """What one batch of stimuli produced: journal first, then deliver."""
+
+    __slots__ = ("_acks", "_grants", "closes", "observations", "records", "replies", "sends")
+
+    def __init__(self) -> None:
+        self.records: list[pb.HistoryEvent] = []
+        self.sends: dict[str, list[wpb.ConnectResponse]] = {}
+        self.replies: list[tuple[object, object]] = []
+        self.observations: list[Observation] = []
+        self.closes: list[str] = []
+        self._grants: dict[str, wpb.LeaseGrant] = {}
+        self._acks: dict[str, wpb.Ack] = {}
+
+    def send(self, session_id: str, msg: wpb.ConnectResponse) -> None:
+        """Queues a message for a worker's stream."""
+        self.sends.setdefault(session_id, []).append(msg)
+
+    def grant(self, session_id: str, sequence: int) -> wpb.LeaseGrant:
+        """The batch of leases for a session in this outcome (one LeaseGrant per session)."""
+        g = self._grants.get(session_id)
+        if g is None:
+            msg = wpb.ConnectResponse()
+            msg.lease_grant.sequence = sequence
+            g = msg.lease_grant
+            self._grants[session_id] = g
+            self.send(session_id, msg)
+        return g
+
+    def ack(self, session_id: str) -> wpb.Ack:
+        """The Ack for a session in this outcome (one per session)."""
+        a = self._acks.get(session_id)
+        if a is None:
+            msg = wpb.ConnectResponse()
+            a = msg.ack
+            a.SetInParent()
+            self._acks[session_id] = a
+            self.send(session_id, msg)
+        return a
+
+    def cancel(self, session_id: str, lease: LeaseRecord, reason: int, message: str) -> None:
+        """Queues a CancelLease for one lease."""
+        msg = wpb.ConnectResponse()
+        msg.cancel_lease.leases.add(
+            lease_id=lease.lease_id,
+            fencing_token=lease.token,
+            reason=reason,
+            message=message,  # type: ignore[arg-type]
+        )
+        self.send(session_id, msg)
+
+    def reply(self, token: object, value: object) -> None:
+        """Answers an RPC once the journal has committed this outcome."""
+        if token is not None:
+            self.replies.append((token, value))
+
+    def observe(self, kind: str, **kw: object) -> None:
+        """Records an observation for metrics or logs."""
+        self.observations.append(Observation(kind, **kw))  # type: ignore[arg-type]

@@ -1,0 +1,477 @@
+"""Worker sessions, leases and results (pure core, the worker aggregate of SchedulerState).
+
+Functions here take the :class:`~plait.coordinator.core.state.SchedulerState` and an
+:class:`Outcome`; like the rest of the core they do no I/O. The rules they implement:
+
+* a lease lives ``lease_ttl`` after the later of its grant and the worker's last heartbeat,
+  judged on the coordinator's monotonic clock;
+* a result commits only if its fencing token is the action's current one (compare-and-set);
+  the same result twice gets the same ack; an older token is refused and counted;
+* heartbeats list every lease held, and reconciliation runs both ways;
+* a reconnecting worker re-adopts the leases whose tokens are still current.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from typing import TYPE_CHECKING
+
+from google.rpc import code_pb2, status_pb2
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
+from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome, WorkerRecord
+from plait.hlc import ClockOffsetError, HlcTimestamp
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.state import SchedulerState
+
+E = pb.EventType
+O = wpb.ActionOutcome  # noqa: E741
+R = wpb.CancelReason
+OK = status_pb2.Status(code=code_pb2.OK)
+MAX_OUTPUT_BYTES = 1024 * 1024
+
+
+def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None:
+    """Routes one stream message; the servicer guarantees the first one is ``hello``."""
+    st._out = out
+    msg = s.message
+    kind = msg.WhichOneof("message")
+    if kind == "hello":
+        on_hello(st, s.session_id, msg, out)
+        return
+    w = st.by_session.get(s.session_id)
+    if w is None:  # replaced by a newer session of the same worker: ignore its stragglers
+        return
+    w.last_seen = st.now
+    remote = observe_hlc(st, w, msg, out)
+    if kind == "action_finished":
+        for res in msg.action_finished.results:
+            on_result(st, w, s.session_id, res, remote, out)
+    elif kind == "heartbeat":
+        on_heartbeat(st, w, msg.heartbeat, out)
+    elif kind == "credit":
+        w.free = min(w.slots, w.free + msg.credit.slots)
+    elif kind == "action_started":
+        for r in msg.action_started.leases:
+            lease = w.leases.get(r.lease_id)
+            if lease is not None and not lease.started and lease.token == r.fencing_token:
+                lease.started = True
+                a = lease.action
+                st.set_state(a, t.RUNNING)
+                ev = st.record(
+                    a.workflow,
+                    E.EVENT_TYPE_ACTION_STARTED,
+                    a,
+                    worker_id=w.worker_id,
+                    lease_id=lease.lease_id,
+                )
+                ev.worker_hlc.physical_ms, ev.worker_hlc.logical = remote
+    elif kind == "goodbye":
+        w.draining = True
+        w.said_goodbye = True
+
+
+def observe_hlc(
+    st: SchedulerState, w: WorkerRecord, msg: wpb.ConnectRequest, out: Outcome
+) -> HlcTimestamp:
+    """Merges the worker's HLC unless it is too far ahead (then counts it)."""
+    remote = HlcTimestamp(msg.hlc.physical_ms, msg.hlc.logical)
+    w.last_hlc = remote
+    try:
+        st.hlc.observe(remote)
+    except ClockOffsetError as e:
+        w.clock_rejections += 1
+        out.observe("clock_offset", worker_id=w.worker_id, value=e.offset_ms)
+    return remote
+
+
+def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: Outcome) -> None:
+    hello = msg.hello
+    old = st.workers.get(hello.worker_id)
+    if old is not None and old.connected:
+        # A reconnect that beat the detection of the old stream's death: the new one wins.
+        st.by_session.pop(old.session_id, None)
+        out.closes.append(old.session_id)
+    w = WorkerRecord(
+        worker_id=hello.worker_id,
+        session_id=session_id,
+        hello=hello,
+        labels=dict(hello.labels),
+        handlers=frozenset(hello.handlers),
+        exec_enabled=hello.exec_enabled,
+        slots=hello.slots,
+        free=hello.slots,
+        connected_at_wall_ms=st.hlc.last.physical_ms,
+        last_renewed=st.now,
+        last_seen=st.now,
+    )
+    st.workers[w.worker_id] = w
+    st.by_session[session_id] = w
+    observe_hlc(st, w, msg, out)
+    reported = {r.lease_id: r for r in hello.running}
+    if old is not None:
+        w.clock_rejections = old.clock_rejections
+        for lease in list(old.leases.values()):
+            if lease.lease_id not in reported:
+                lose_lease(st, lease, "worker reconnected without it", out, cancel=False)
+    welcome_msg = wpb.ConnectResponse()
+    welcome = welcome_msg.welcome
+    welcome.heartbeat_interval.FromTimedelta(st.config.heartbeat_interval)
+    welcome.lease_ttl.FromTimedelta(st.config.lease_ttl)
+    welcome.kill_grace.FromTimedelta(st.config.kill_grace)
+    welcome.session_id = session_id
+    for r in hello.running:
+        w.free -= max(1, r.slots)
+        lease = st.leases.get(r.lease_id)
+        if (
+            lease is not None
+            and lease.token == r.fencing_token
+            and lease.worker.worker_id == w.worker_id
+        ):
+            lease.worker = w
+            lease.grant_seq = 0
+            w.leases[lease.lease_id] = lease
+            welcome.adopted.append(r)
+        else:
+            welcome.kill.append(r)
+    w.free = max(0, w.free)
+    out.send(session_id, welcome_msg)
+    out.observe("worker_connected", worker_id=w.worker_id)
+
+
+def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Outcome) -> None:
+    """Renews every lease the worker holds and reconciles both ways."""
+    w.last_renewed = st.now
+    reported = {r.lease_id: r.fencing_token for r in hb.leases}
+    for lease in list(w.leases.values()):
+        if lease.lease_id not in reported and lease.grant_seq <= hb.last_grant_sequence:
+            # Granted, delivered (by sequence), yet not held: the worker never ran it.
+            lose_lease(
+                st, lease, "worker did not report the lease", out, cancel=False, restore_credit=True
+            )
+    for lease_id, token in reported.items():
+        if lease_id in w.leases:
+            continue
+        a = action_for_lease_id(st, lease_id)
+        if a is not None and a.committed_token == token:
+            continue  # finished; its ack is on the way
+        why = (
+            R.CANCEL_REASON_SUPERSEDED
+            if a is not None and a.token > token
+            else (R.CANCEL_REASON_UNKNOWN_LEASE)
+        )
+        cancel = wpb.ConnectResponse()
+        cancel.cancel_lease.leases.add(
+            lease_id=lease_id,
+            fencing_token=token,
+            reason=why,
+            message="the coordinator does not hold this lease for you",
+        )
+        out.send(w.session_id, cancel)
+    out.ack(w.session_id).heartbeat_sequence = hb.sequence
+
+
+def action_for_lease_id(st: SchedulerState, lease_id: str) -> ActionRecord | None:
+    """The action a lease id (``workflow/action/token``) names, if it exists."""
+    parts = lease_id.rsplit("/", 2)
+    if len(parts) != 3:
+        return None
+    wf = st.workflows.get(parts[0])
+    return wf.actions.get(parts[1]) if wf is not None else None
+
+
+def grant(st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome) -> None:
+    """Leases ``a`` to ``w`` with a new fencing token; the grant is sent after the commit."""
+    a.token += 1
+    a.attempt += 1
+    wf_id = a.workflow.workflow_id
+    lease_id = f"{wf_id}/{a.spec.id}/{a.token}"
+    if w.session_id not in out._grants:
+        w.grant_seq += 1
+    g = out.grant(w.session_id, w.grant_seq)
+    lease = LeaseRecord(lease_id, a, w, a.token, a.attempt, w.grant_seq, st.now, a.slots)
+    st.set_state(a, t.LEASED)
+    a.lease = lease
+    a.worker_id = w.worker_id
+    w.leases[lease_id] = lease
+    st.leases[lease_id] = lease
+    w.free -= a.slots
+    st.record(a.workflow, E.EVENT_TYPE_ACTION_LEASED, a, worker_id=w.worker_id, lease_id=lease_id)
+    lp = g.leases.add(
+        lease_id=lease_id,
+        state=wpb.LeaseState.LEASE_STATE_PENDING,
+        workflow_id=wf_id,
+        action_id=a.spec.id,
+        attempt=a.attempt,
+        fencing_token=a.token,
+        inputs_json=st.inputs_json(a),
+        idempotency_key=a.key,
+    )
+    lp.action.CopyFrom(a.spec)
+    lp.ttl.CopyFrom(st._ttl_pb)
+    timeout = st.run_timeout(a)
+    if timeout > 0:
+        heapq.heappush(st.deadlines, (st.now + timeout, st.sequence, lease_id))
+
+
+def drop_lease(st: SchedulerState, lease: LeaseRecord) -> None:
+    """Forgets a lease everywhere (it is no longer live)."""
+    st.leases.pop(lease.lease_id, None)
+    lease.worker.leases.pop(lease.lease_id, None)
+    if lease.action.lease is lease:
+        lease.action.lease = None
+
+
+def lose_lease(
+    st: SchedulerState,
+    lease: LeaseRecord,
+    reason: str,
+    out: Outcome,
+    *,
+    cancel: bool,
+    restore_credit: bool = False,
+) -> None:
+    """A lease is lost: fence the holder, then re-queue the action (or fail it past budget)."""
+    drop_lease(st, lease)
+    w = lease.worker
+    if restore_credit:
+        w.free = min(w.slots, w.free + lease.slots)
+    if cancel and w.connected:
+        out.cancel(w.session_id, lease, R.CANCEL_REASON_SUPERSEDED, reason)
+    requeue_after_loss(st, lease.action, reason, w.worker_id, out)
+
+
+def requeue_after_loss(
+    st: SchedulerState, a: ActionRecord, reason: str, worker_id: str, out: Outcome
+) -> None:
+    a.lease_losses += 1
+    out.observe("lease_lost", worker_id=worker_id, detail=reason)
+    budget = st.config.lease_loss_budget
+    if a.lease_losses > budget:
+        err = status_pb2.Status(
+            code=code_pb2.UNAVAILABLE,
+            message=f"lost {a.lease_losses} leases (lease_loss_budget {budget}); last: {reason}",
+        )
+        st.finish_action(
+            a,
+            t.FAILED,
+            E.EVENT_TYPE_ACTION_FINISHED,
+            error=err,
+            reason=err.message,
+            worker_id=worker_id,
+        )
+        return
+    a.not_before = 0.0
+    st.make_ready(a, E.EVENT_TYPE_LEASE_LOST, message=reason, worker_id=worker_id)
+
+
+def expire_leases(st: SchedulerState, out: Outcome) -> None:
+    """Loses every lease not renewed within the TTL; forgets departed workers."""
+    now, ttl = st.now, st.ttl
+    for w in list(st.workers.values()):
+        if w.leases and now - w.last_renewed > ttl:
+            for lease in list(w.leases.values()):
+                if max(lease.granted_at, w.last_renewed) + ttl < now:
+                    lose_lease(
+                        st, lease, f"lease expired: no heartbeat for {ttl:g}s", out, cancel=True
+                    )
+        if not w.connected and not w.leases and st.workers.get(w.worker_id) is w:
+            del st.workers[w.worker_id]
+
+
+def on_run_timeout(st: SchedulerState, lease_id: str, out: Outcome) -> None:
+    lease = st.leases.get(lease_id)
+    if lease is None:
+        return
+    a = lease.action
+    drop_lease(st, lease)
+    seconds = st.run_timeout(a)
+    msg = f"run timeout of {seconds:g}s exceeded (attempt {a.attempt})"
+    if lease.worker.connected:
+        out.cancel(lease.worker.session_id, lease, R.CANCEL_REASON_TIMEOUT, msg)
+    err = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=msg)
+    a.failures += 1
+    if st.may_retry(a, 0, O.ACTION_OUTCOME_TIMED_OUT):
+        retry(st, a, err, lease.worker.worker_id)
+    else:
+        st.finish_action(
+            a,
+            t.TIMED_OUT,
+            E.EVENT_TYPE_ACTION_FINISHED,
+            error=err,
+            reason=msg,
+            worker_id=lease.worker.worker_id,
+            lease_id=lease_id,
+        )
+
+
+def retry(
+    st: SchedulerState,
+    a: ActionRecord,
+    err: status_pb2.Status,
+    worker_id: str,
+    res: wpb.ActionResult | None = None,
+) -> None:
+    delay = st.retry_delay(a)
+    a.not_before = st.now + delay
+    st.make_ready(
+        a,
+        E.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
+        error=err,
+        worker_id=worker_id,
+        message=f"attempt {a.attempt} failed; retrying in {delay:.3g}s",
+        exit_code=res.exit_code if res else 0,
+        stdout_tail=res.stdout_tail if res else "",
+        stderr_tail=res.stderr_tail if res else "",
+    )
+    st._out.records[-1].backoff.FromNanoseconds(int(delay * 1e9))
+
+
+def _refuse(
+    st: SchedulerState, w: WorkerRecord, res: wpb.ActionResult, ack: wpb.ResultAck, out: Outcome
+) -> None:
+    a = action_for_lease_id(st, res.lease_id)
+    token = res.fencing_token
+    if a is not None and a.committed_token == token and token:
+        ack.status.code = code_pb2.OK  # the same result again: the same ack
+        return
+    if a is None:
+        message = f"unknown lease {res.lease_id!r}"
+    elif a.token > token:
+        message = f"lease token {token} superseded by {a.token}"
+    else:
+        message = f"lease {res.lease_id!r} is no longer live (action {t.S.Name(a.state)})"  # type: ignore[arg-type]
+    ack.status.code = code_pb2.FAILED_PRECONDITION
+    ack.status.message = message
+    out.observe("stale_result", worker_id=w.worker_id, detail=message, lease_id=res.lease_id)
+    if a is not None:
+        ev = st.record(
+            a.workflow,
+            E.EVENT_TYPE_STALE_RESULT_REFUSED,
+            a,
+            worker_id=w.worker_id,
+            lease_id=res.lease_id,
+            message=message,
+        )
+        ev.fencing_token = token
+        ev.error.CopyFrom(ack.status)
+
+
+def on_result(
+    st: SchedulerState,
+    w: WorkerRecord,
+    session_id: str,
+    res: wpb.ActionResult,
+    remote: HlcTimestamp,
+    out: Outcome,
+) -> None:
+    """Commits a result whose token is current; refuses stale ones (compare-and-set)."""
+    ack = out.ack(session_id).results.add(lease_id=res.lease_id, fencing_token=res.fencing_token)
+    lease = st.leases.get(res.lease_id)
+    if lease is None or lease.token != res.fencing_token:
+        _refuse(st, w, res, ack, out)
+        return
+    a = lease.action
+    drop_lease(st, lease)
+    a.worker_id = w.worker_id
+    a.exit_code = res.exit_code
+    outcome = res.outcome
+    out.observe(
+        "action_duration",
+        worker_id=w.worker_id,
+        value=res.duration.ToNanoseconds() / 1e9,
+        lease_id=lease.lease_id,
+    )
+    if outcome == O.ACTION_OUTCOME_CANCELLED:
+        # The worker gave the attempt up (self-fencing) while its lease was still current.
+        requeue_after_loss(
+            st, a, "the worker cancelled the attempt (self-fencing)", w.worker_id, out
+        )
+        return
+    fields = dict(
+        worker_id=w.worker_id,
+        lease_id=lease.lease_id,
+        exit_code=res.exit_code,
+        stdout_tail=res.stdout_tail,
+        stderr_tail=res.stderr_tail,
+    )
+    error = res.error if res.HasField("error") else None
+    if outcome == O.ACTION_OUTCOME_SUCCEEDED:
+        outputs = res.outputs_json or "{}"
+        problem = check_outputs(outputs)
+        if problem is None:
+            a.committed_token = res.fencing_token
+            a.outputs_json = outputs
+            st.finish_action(
+                a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs, **fields
+            )
+            _stamp_worker(st, remote)
+            return
+        outcome = O.ACTION_OUTCOME_FAILED
+        error = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=problem)
+    if error is None:
+        error = status_pb2.Status(code=code_pb2.UNKNOWN, message=f"exit code {res.exit_code}")
+    a.failures += 1
+    if st.may_retry(a, res.exit_code, outcome):
+        retry(st, a, error, w.worker_id, res)
+        return
+    a.committed_token = res.fencing_token
+    state = t.TIMED_OUT if outcome == O.ACTION_OUTCOME_TIMED_OUT else t.FAILED
+    st.finish_action(
+        a, state, E.EVENT_TYPE_ACTION_FINISHED, error=error, reason=error.message, **fields
+    )
+    _stamp_worker(st, remote)
+
+
+def _stamp_worker(st: SchedulerState, remote: HlcTimestamp) -> None:
+    for ev in reversed(st._out.records):
+        if ev.type == E.EVENT_TYPE_ACTION_FINISHED:
+            ev.worker_hlc.physical_ms, ev.worker_hlc.logical = remote
+            return
+
+
+def check_outputs(outputs: str) -> str | None:
+    """Why outputs are unacceptable (size, not a JSON object), or None."""
+    if len(outputs) > MAX_OUTPUT_BYTES:
+        return f"outputs are {len(outputs)} bytes; the limit max_output_bytes is {MAX_OUTPUT_BYTES}"
+    if outputs == "{}":
+        return None
+    try:
+        value = json.loads(outputs)
+    except ValueError as e:
+        return f"outputs are not valid JSON: {e}"
+    if not isinstance(value, dict):
+        return "outputs must be a JSON object"
+    return None
+
+
+def on_stream_closed(st: SchedulerState, s: WorkerStreamClosed, out: Outcome) -> None:
+    st._out = out
+    w = st.by_session.pop(s.session_id, None)
+    if w is None:
+        return
+    w.connected = False
+    out.observe("worker_disconnected", worker_id=w.worker_id)
+    if w.said_goodbye:
+        for lease in list(w.leases.values()):
+            lose_lease(st, lease, "worker left", out, cancel=False)
+    # Otherwise its leases keep their TTL: the worker may come back and re-adopt them.
+    if not w.leases and st.workers.get(w.worker_id) is w:
+        del st.workers[w.worker_id]
+
+
+def on_drain(st: SchedulerState, s: DrainRequested, out: Outcome) -> None:
+    st._out = out
+    w = st.workers.get(s.worker_id)
+    if w is None or not w.connected:
+        out.reply(s.reply, KeyError(s.worker_id))
+        return
+    w.draining = True
+    msg = wpb.ConnectResponse()
+    msg.drain.reason = "drain requested by an operator"
+    out.send(w.session_id, msg)
+    out.reply(s.reply, True)

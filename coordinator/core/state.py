@@ -1,0 +1,443 @@
+"""The coordinator's scheduling core (pure core): stimuli in, an :class:`Outcome` out.
+
+``SchedulerState.handle_batch`` takes a batch of stimuli and the :class:`Instant` they are
+handled at, changes the in-memory state, and returns the history records to journal, the
+messages to send to workers and the replies to give clients. It does no I/O and reads no clock:
+the runtime commits the records first and only then delivers the rest, so nothing outside sees
+a transition before it is durable.
+
+Workflows and their actions live here; the worker side (sessions, leases, results) is in
+:mod:`plait.coordinator.core.sessions`, split out by aggregate.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, status_pb2
+from plait.coordinator.core import sessions
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.events import (
+    CancelRequested,
+    DrainRequested,
+    Instant,
+    Stimulus,
+    TimePassed,
+    WorkerMessageReceived,
+    WorkerStreamClosed,
+    WorkflowSubmitted,
+)
+from plait.coordinator.core.model import (
+    ActionRecord,
+    LeaseRecord,
+    Outcome,
+    WorkerRecord,
+    WorkflowRecord,
+)
+from plait.hlc import HlcTimestamp, HybridLogicalClock
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+E = pb.EventType
+W = pb.WorkflowState
+STATE_NAME = {v: k for k, v in pb.ActionState.items()}
+DEFAULT_BACKOFF = 1.0
+DEFAULT_MAX_BACKOFF = 100.0
+DEFAULT_MULTIPLIER = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """The settings the pure core needs (a subset of CoordinatorConfig)."""
+
+    heartbeat_interval: timedelta = timedelta(seconds=5)
+    lease_ttl: timedelta = timedelta(seconds=30)
+    kill_grace: timedelta = timedelta(seconds=10)
+    lease_loss_budget: int = 3
+
+
+class _EventClock:
+    """Feeds the HLC the time that arrived with the batch, so the core never reads a clock."""
+
+    __slots__ = ("mono", "wall")
+
+    def __init__(self) -> None:
+        self.wall = 0
+        self.mono = 0.0
+
+    def wall_ms(self) -> int:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+
+class SchedulerState:
+    """All workflows, actions, leases and workers of one coordinator."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        *,
+        max_clock_offset_ms: int = 500,
+        hlc_floor: HlcTimestamp = HlcTimestamp(0, 0),
+        last_sequence: int = 0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.ttl = config.lease_ttl.total_seconds()
+        self._clock = _EventClock()
+        self.hlc = HybridLogicalClock(self._clock, max_clock_offset_ms, floor=hlc_floor)
+        self.sequence = last_sequence
+        self.rng = rng or random.Random()
+        self.workflows: dict[str, WorkflowRecord] = {}
+        self.by_idempotency_key: dict[str, str] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.by_session: dict[str, WorkerRecord] = {}
+        self.leases: dict[str, LeaseRecord] = {}
+        self.active: deque[WorkflowRecord] = deque()  # workflows with ready actions, fair ring
+        self.delayed: list[tuple[float, int, ActionRecord]] = []  # retry backoff heap
+        self.deadlines: list[tuple[float, int, str]] = []  # run-timeout heap (lease ids)
+        self.now = 0.0
+        self.cause = ""
+        self._ttl_pb = duration_pb2.Duration()
+        self._ttl_pb.FromTimedelta(config.lease_ttl)
+
+    # ---- entry point -------------------------------------------------------------------
+
+    def handle_batch(self, stimuli: Iterable[Stimulus], at: Instant) -> Outcome:
+        """Applies a batch of stimuli at one instant and returns what must happen next."""
+        self._clock.wall, self._clock.mono = at.wall_ms, at.monotonic
+        self.now = at.monotonic
+        out = Outcome()
+        for s in stimuli:
+            self.cause = s.cause
+            if isinstance(s, WorkerMessageReceived):
+                sessions.on_worker_message(self, s, out)
+            elif isinstance(s, WorkflowSubmitted):
+                self.on_submit(s, out)
+            elif isinstance(s, TimePassed):
+                self.on_time_passed(out)
+            elif isinstance(s, CancelRequested):
+                self.on_cancel(s, out)
+            elif isinstance(s, WorkerStreamClosed):
+                sessions.on_stream_closed(self, s, out)
+            elif isinstance(s, DrainRequested):
+                sessions.on_drain(self, s, out)
+        self.cause = "dispatch"
+        self.dispatch(out)
+        return out
+
+    # ---- history ------------------------------------------------------------------------
+
+    def record(
+        self, wf: WorkflowRecord, type_: int, a: ActionRecord | None = None, **fields: object
+    ) -> pb.HistoryEvent:
+        """Appends a history event stamped with the next sequence and the coordinator's HLC."""
+        self.sequence += 1
+        ts = self.hlc.now()
+        ev = pb.HistoryEvent(
+            sequence=self.sequence,
+            workflow_id=wf.workflow_id,
+            type=type_,  # type: ignore[arg-type]
+            cause=self.cause,
+            **fields,  # type: ignore[arg-type]
+        )
+        ev.hlc.physical_ms, ev.hlc.logical = ts
+        ev.recorded_at.FromMilliseconds(self._clock.wall)
+        if a is not None:
+            ev.action_id = a.spec.id
+            ev.action_state = a.state  # type: ignore[assignment]
+            ev.attempt = a.attempt
+            ev.fencing_token = a.token
+        self._out.records.append(ev)
+        return ev
+
+    _out: Outcome
+
+    def set_state(self, a: ActionRecord, new: int) -> None:
+        """Moves an action through the transition table (anything else raises)."""
+        t.check_transition(a.state, new, a.key)
+        a.state = new
+
+    # ---- workflows ----------------------------------------------------------------------
+
+    def on_submit(self, s: WorkflowSubmitted, out: Outcome) -> None:
+        self._out = out
+        if s.idempotency_key and s.idempotency_key in self.by_idempotency_key:
+            out.reply(s.reply, (self.by_idempotency_key[s.idempotency_key], False))
+            return
+        spec = s.spec
+        wf = WorkflowRecord(
+            workflow_id=s.workflow_id,
+            spec=spec,
+            idempotency_key=s.idempotency_key,
+            submitted_wall_ms=self._clock.wall,
+            submitted_hlc=self.hlc.last,
+        )
+        self.workflows[wf.workflow_id] = wf
+        if s.idempotency_key:
+            self.by_idempotency_key[s.idempotency_key] = wf.workflow_id
+        ev = self.record(
+            wf,
+            E.EVENT_TYPE_WORKFLOW_SUBMITTED,
+            workflow_state=W.WORKFLOW_STATE_RUNNING,
+            idempotency_key=s.idempotency_key,
+        )
+        ev.spec.CopyFrom(spec)
+        wf.submitted_hlc = HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical)
+        for a_spec in spec.actions:
+            wf.actions[a_spec.id] = ActionRecord(workflow=wf, spec=a_spec, slots=a_spec.slots or 1)
+        for a in wf.actions.values():
+            a.needs = [wf.actions[n] for n in a.spec.needs]
+            a.unmet = len(a.needs)
+            for n in a.needs:
+                n.dependents.append(a)
+        wf.remaining = len(wf.actions)
+        for a in wf.actions.values():
+            if a.unmet == 0:
+                self.make_ready(a, E.EVENT_TYPE_ACTION_READY)
+        out.reply(s.reply, (wf.workflow_id, True))
+
+    def make_ready(self, a: ActionRecord, type_: int, **fields: object) -> None:
+        """PENDING/LEASED/RUNNING -> READY, queued fairly (retries wait out their backoff)."""
+        self.set_state(a, t.READY)
+        self.record(a.workflow, type_, a, **fields)
+        if a.not_before > self.now:
+            heapq.heappush(self.delayed, (a.not_before, self.sequence, a))
+        else:
+            self.enqueue(a)
+
+    def enqueue(self, a: ActionRecord) -> None:
+        wf = a.workflow
+        if not wf.ready:
+            self.active.append(wf)
+        wf.ready.append(a)
+
+    def on_cancel(self, s: CancelRequested, out: Outcome) -> None:
+        self._out = out
+        wf = self.workflows.get(s.workflow_id)
+        if wf is None:
+            out.reply(s.reply, KeyError(s.workflow_id))
+            return
+        if wf.state == W.WORKFLOW_STATE_RUNNING and not wf.cancel_requested:
+            wf.cancel_requested = True
+            self.record(wf, E.EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED, message=s.reason)
+            error = status_pb2.Status(code=code_pb2.CANCELLED, message=s.reason or "cancelled")
+            for a in list(wf.actions.values()):
+                if a.state in t.TERMINAL:
+                    continue
+                if a.lease is not None:
+                    lease = a.lease
+                    sessions.drop_lease(self, lease)
+                    if lease.worker.connected:
+                        out.cancel(
+                            lease.worker.session_id,
+                            lease,
+                            wpb.CancelReason.CANCEL_REASON_USER,
+                            s.reason or "cancelled",
+                        )
+                self.finish_action(
+                    a,
+                    t.CANCELLED,
+                    E.EVENT_TYPE_ACTION_CANCELLED,
+                    error=error,
+                    reason=s.reason or "workflow cancelled",
+                )
+        out.reply(s.reply, wf.state)
+
+    def finish_action(
+        self,
+        a: ActionRecord,
+        state: int,
+        type_: int,
+        *,
+        error: status_pb2.Status | None = None,
+        reason: str = "",
+        **fields: object,
+    ) -> None:
+        """Moves an action to a terminal state, propagates to dependents, maybe ends the flow."""
+        self._terminal(a, state, type_, error, reason, fields)
+        wf = a.workflow
+        if state == t.SUCCEEDED:
+            for d in a.dependents:
+                d.unmet -= 1
+                if d.unmet == 0 and d.state == t.PENDING:
+                    self.make_ready(d, E.EVENT_TYPE_ACTION_READY)
+        else:
+            # Under the default join (all), nothing downstream can run: skip it, iteratively
+            # (a chain may be thousands deep).
+            stack = [a]
+            while stack:
+                x = stack.pop()
+                ended = STATE_NAME[x.state].removeprefix("ACTION_STATE_")
+                why = f"needs {x.spec.id!r}, which ended {ended}"
+                skip = status_pb2.Status(code=code_pb2.ABORTED, message=why)
+                for d in x.dependents:
+                    if d.state == t.PENDING:
+                        self._terminal(d, t.SKIPPED, E.EVENT_TYPE_ACTION_SKIPPED, skip, why, {})
+                        stack.append(d)
+        if wf.remaining == 0:
+            self.finish_workflow(wf)
+
+    def _terminal(
+        self,
+        a: ActionRecord,
+        state: int,
+        type_: int,
+        error: status_pb2.Status | None,
+        reason: str,
+        fields: dict[str, object],
+    ) -> None:
+        self.set_state(a, state)
+        a.error = error
+        a.reason = reason
+        ev = self.record(a.workflow, type_, a, message=reason, **fields)
+        if error is not None:
+            ev.error.CopyFrom(error)
+        a.workflow.remaining -= 1
+
+    def finish_workflow(self, wf: WorkflowRecord) -> None:
+        bad = [a for a in wf.actions.values() if a.state != t.SUCCEEDED]
+        if wf.cancel_requested:
+            wf.state = W.WORKFLOW_STATE_CANCELLED
+            wf.reason = "cancelled"
+        elif bad:
+            wf.state = W.WORKFLOW_STATE_FAILED
+            wf.reason = "; ".join(
+                f"{a.spec.id} {STATE_NAME[a.state].removeprefix('ACTION_STATE_')}"
+                + (f": {a.reason}" if a.reason else "")
+                for a in bad
+            )
+        else:
+            wf.state = W.WORKFLOW_STATE_SUCCEEDED
+        ev = self.record(
+            wf, E.EVENT_TYPE_WORKFLOW_FINISHED, workflow_state=wf.state, message=wf.reason
+        )
+        wf.finished_hlc = HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical)
+        wf.finished_wall_ms = self._clock.wall
+        self._out.observe("workflow_finished", detail=W.Name(wf.state))
+
+    # ---- results, retries -----------------------------------------------------------------
+
+    def retry_delay(self, a: ActionRecord) -> float:
+        """Exponential backoff with jitter for the action's next attempt, in seconds."""
+        r = self.retry_policy(a)
+        initial = (
+            r.initial_backoff.ToTimedelta().total_seconds()
+            if r.HasField("initial_backoff")
+            else DEFAULT_BACKOFF
+        )
+        cap = (
+            r.max_backoff.ToTimedelta().total_seconds()
+            if r.HasField("max_backoff")
+            else DEFAULT_MAX_BACKOFF
+        )
+        mult = r.backoff_multiplier or DEFAULT_MULTIPLIER
+        delay = min(cap, initial * mult ** max(0, a.failures - 1))
+        return delay * (0.5 + 0.5 * self.rng.random())
+
+    def retry_policy(self, a: ActionRecord) -> pb.RetryPolicy:
+        if a.spec.HasField("retry") and a.spec.retry.max_attempts:
+            return a.spec.retry
+        d = a.workflow.spec.defaults
+        return d.retry if d.HasField("retry") else a.spec.retry
+
+    def may_retry(self, a: ActionRecord, exit_code: int, outcome: int) -> bool:
+        r = self.retry_policy(a)
+        if a.failures >= max(1, r.max_attempts):
+            return False
+        codes = r.retryable_exit_codes
+        return not codes or outcome != wpb.ActionOutcome.ACTION_OUTCOME_FAILED or exit_code in codes
+
+    def run_timeout(self, a: ActionRecord) -> float:
+        if a.spec.HasField("timeout"):
+            return a.spec.timeout.ToTimedelta().total_seconds()
+        d = a.workflow.spec.defaults
+        return d.timeout.ToTimedelta().total_seconds() if d.HasField("timeout") else 0.0
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    def on_time_passed(self, out: Outcome) -> None:
+        self._out = out
+        now = self.now
+        while self.delayed and self.delayed[0][0] <= now:
+            _, _, a = heapq.heappop(self.delayed)
+            if a.state == t.READY:
+                self.enqueue(a)
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, lease_id = heapq.heappop(self.deadlines)
+            sessions.on_run_timeout(self, lease_id, out)
+        sessions.expire_leases(self, out)
+
+    def dispatch(self, out: Outcome) -> None:
+        """Leases ready actions against workers' credited slots, fairly across workflows."""
+        self._out = out
+        if not self.active:
+            return
+        for w in sorted(self.workers.values(), key=lambda w: -w.free):
+            if w.free <= 0 or not w.connected or w.draining:
+                continue
+            misses = 0
+            while w.free > 0 and self.active and misses < len(self.active):
+                wf = self.active[0]
+                a = self._take_fitting(wf, w)
+                if a is None:
+                    self.active.rotate(-1)
+                    misses += 1
+                    continue
+                misses = 0
+                if not wf.ready:
+                    self.active.popleft()
+                else:
+                    self.active.rotate(-1)
+                sessions.grant(self, w, a, out)
+            if not self.active:
+                return
+
+    _SCAN = 64  # how deep a worker looks into one workflow's queue for an action it can run
+
+    def _take_fitting(self, wf: WorkflowRecord, w: WorkerRecord) -> ActionRecord | None:
+        ready = wf.ready
+        for i, a in enumerate(ready):
+            if i >= self._SCAN:
+                return None
+            if self.fits(a, w):
+                if i == 0:
+                    return ready.popleft()
+                del ready[i]
+                return a
+        return None
+
+    @staticmethod
+    def fits(a: ActionRecord, w: WorkerRecord) -> bool:
+        """Whether worker ``w`` can run ``a`` now (kind, handler, labels, free slots)."""
+        spec = a.spec
+        if a.slots > w.free:
+            return False
+        if spec.handler:
+            if spec.handler not in w.handlers:
+                return False
+        elif not w.exec_enabled:
+            return False
+        sel = spec.selector
+        return not sel or all(w.labels.get(k) == v for k, v in sel.items())
+
+    def inputs_json(self, a: ActionRecord) -> str:
+        """``{"input": ..., "needs": {id: {"state": ..., "outputs": ...}}}`` without re-parsing."""
+        parts = [
+            f'"{n.spec.id}":{{"state":"{STATE_NAME[n.state]}","outputs":{n.outputs_json or "{}"}}}'
+            for n in a.needs
+        ]
+        return f'{{"input":{a.spec.input_json or "null"},"needs":{{{",".join(parts)}}}}}'
+
+    @staticmethod
+    def dumps(value: object) -> str:
+        return json.dumps(value, separators=(",", ":"))

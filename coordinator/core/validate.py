@@ -1,0 +1,229 @@
+"""Validation of submitted workflow specs (pure core).
+
+Everything is checked before anything is stored, and every problem is reported at once as a
+``google.rpc.BadRequest`` field violation whose field path names the offending field, e.g.
+``spec.actions[3].needs[0]``. Cycles are reported with their path (``a -> b -> a``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+from plait.coordinator.config import Limits
+from plait.errors import FieldViolation, InvalidArgumentError
+from plait.v1 import workflow_pb2
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_ATTEMPTS = 100
+MAX_NAME = 128
+MAX_IDEMPOTENCY_KEY = 256
+
+
+def describe_id(value: str) -> str | None:
+    """Why ``value`` is not a valid id, or None."""
+    if ID_RE.match(value) and ".." not in value:
+        return None
+    if not value:
+        return "must not be empty"
+    if len(value) > 128:
+        return f"is {len(value)} characters long; the limit is 128"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "contains control characters"
+    return f"{value!r} must be 1 to 128 of [A-Za-z0-9_.-], start with a letter or digit, no '..'"
+
+
+def _duration_violation(path: str, d: object, present: bool) -> Iterator[FieldViolation]:
+    if present and (d.seconds < 0 or (d.seconds == 0 and d.nanos <= 0)):  # type: ignore[attr-defined]
+        yield FieldViolation(path, "must be > 0")
+
+
+def _retry_violations(path: str, r: workflow_pb2.RetryPolicy) -> Iterator[FieldViolation]:
+    if r.max_attempts > MAX_ATTEMPTS:
+        yield FieldViolation(
+            f"{path}.max_attempts",
+            f"is {r.max_attempts}; must be between 1 and {MAX_ATTEMPTS} (0 inherits the default)",
+        )
+    if r.backoff_multiplier and r.backoff_multiplier < 1:
+        yield FieldViolation(f"{path}.backoff_multiplier", "must be >= 1")
+    for name in ("initial_backoff", "max_backoff"):
+        d = getattr(r, name)
+        if r.HasField(name) and (d.seconds < 0 or d.nanos < 0):
+            yield FieldViolation(f"{path}.{name}", "must be >= 0")
+
+
+def _json_violation(path: str, text: str, limit: int) -> Iterator[FieldViolation]:
+    if not text:
+        return
+    if len(text) > limit:
+        yield FieldViolation(path, f"is {len(text)} bytes; the limit max_input_bytes is {limit}")
+        return
+    try:
+        json.loads(text)
+    except ValueError as e:
+        yield FieldViolation(path, f"is not valid JSON: {e}")
+
+
+def _action_violations(
+    i: int, a: workflow_pb2.ActionSpec, limits: Limits
+) -> Iterator[FieldViolation]:
+    path = f"spec.actions[{i}]"
+    why = describe_id(a.id)
+    if why:
+        yield FieldViolation(f"{path}.id", why)
+    kind = a.WhichOneof("kind")
+    if kind is None:
+        yield FieldViolation(
+            f"{path}", f"action {a.id!r}: exactly one of exec or handler is needed"
+        )
+    elif kind == "exec" and not a.exec.argv:
+        yield FieldViolation(f"{path}.exec.argv", f"action {a.id!r}: argv must not be empty")
+    elif kind == "handler" and describe_id(a.handler):
+        yield FieldViolation(f"{path}.handler", f"handler name {describe_id(a.handler)}")
+    if len(a.needs) > limits.max_fan_in:
+        yield FieldViolation(
+            f"{path}.needs",
+            f"has {len(a.needs)} entries; the limit max_fan_in is {limits.max_fan_in}",
+        )
+    yield from _duration_violation(f"{path}.timeout", a.timeout, a.HasField("timeout"))
+    if a.HasField("retry"):
+        yield from _retry_violations(f"{path}.retry", a.retry)
+    yield from _json_violation(f"{path}.input_json", a.input_json, limits.max_input_bytes)
+    for key in a.env:
+        if not key or "=" in key or "\0" in key:
+            yield FieldViolation(f"{path}.env", f"bad variable name {key!r}")
+
+
+def find_cycle(ids: list[str], needs: dict[str, list[str]]) -> list[str] | None:
+    """A cycle as a path ``[a, b, a]``, or None. Iterative DFS (deep DAGs do not recurse)."""
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(ids, white)
+    for root in ids:
+        if color[root] != white:
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        color[root] = grey
+        while stack:
+            node, idx = stack[-1]
+            deps = needs[node]
+            if idx == len(deps):
+                color[node] = black
+                stack.pop()
+                continue
+            stack[-1] = (node, idx + 1)
+            nxt = deps[idx]
+            if color.get(nxt) == grey:
+                path = [n for n, _ in stack]
+                start = path.index(nxt)
+                # `needs` edges point upstream; show the cycle in execution order.
+                cycle = [*path[start:], nxt]
+                cycle.reverse()
+                return cycle
+            if color.get(nxt) == white:
+                color[nxt] = grey
+                stack.append((nxt, 0))
+    return None
+
+
+def longest_chain(ids: list[str], needs: dict[str, list[str]]) -> int:
+    """Number of actions on the longest needs-chain (the DAG must be acyclic)."""
+    depth: dict[str, int] = {}
+    for root in ids:
+        if root in depth:
+            continue
+        stack = [root]
+        while stack:
+            node = stack[-1]
+            pending = [d for d in needs[node] if d not in depth]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            depth[node] = 1 + max((depth[d] for d in needs[node]), default=0)
+    return max(depth.values(), default=0)
+
+
+def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limits: Limits) -> None:
+    """Raises :class:`InvalidArgumentError` listing every problem with a submission."""
+    v: list[FieldViolation] = []
+    if len(spec.name) > MAX_NAME or any(ord(c) < 32 for c in spec.name):
+        v.append(FieldViolation("spec.name", f"must be at most {MAX_NAME} printable characters"))
+    if len(idempotency_key) > MAX_IDEMPOTENCY_KEY or any(ord(c) < 32 for c in idempotency_key):
+        v.append(
+            FieldViolation(
+                "idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} printable characters"
+            )
+        )
+    n = len(spec.actions)
+    if n == 0:
+        v.append(FieldViolation("spec.actions", "the workflow is empty: at least one action"))
+    if n > limits.max_actions:
+        raise InvalidArgumentError(
+            [
+                FieldViolation(
+                    "spec.actions",
+                    f"has {n} actions; the limit max_actions is {limits.max_actions}",
+                )
+            ]
+        )
+    if spec.HasField("defaults"):
+        d = spec.defaults
+        v.extend(_duration_violation("spec.defaults.timeout", d.timeout, d.HasField("timeout")))
+        if d.HasField("retry"):
+            v.extend(_retry_violations("spec.defaults.retry", d.retry))
+    index: dict[str, int] = {}
+    edges = 0
+    for i, a in enumerate(spec.actions):
+        v.extend(_action_violations(i, a, limits))
+        if a.id in index:
+            v.append(
+                FieldViolation(
+                    f"spec.actions[{i}].id",
+                    f"duplicate action id {a.id!r} (first at actions[{index[a.id]}])",
+                )
+            )
+        else:
+            index[a.id] = i
+        edges += len(a.needs)
+    if edges > limits.max_edges:
+        v.append(
+            FieldViolation(
+                "spec.actions", f"has {edges} edges; the limit max_edges is {limits.max_edges}"
+            )
+        )
+    needs: dict[str, list[str]] = {}
+    for i, a in enumerate(spec.actions):
+        seen: set[str] = set()
+        for j, dep in enumerate(a.needs):
+            where = f"spec.actions[{i}].needs[{j}]"
+            if dep == a.id:
+                v.append(FieldViolation(where, f"action {a.id!r} needs itself: {a.id} -> {a.id}"))
+            elif dep not in index:
+                v.append(FieldViolation(where, f"action {a.id!r} needs unknown action {dep!r}"))
+            elif dep in seen:
+                v.append(FieldViolation(where, f"action {a.id!r} lists need {dep!r} twice"))
+            seen.add(dep)
+        needs.setdefault(a.id, [d for d in a.needs if d in index and d != a.id])
+    if v:
+        raise InvalidArgumentError(v)
+    ids = list(index)
+    cycle = find_cycle(ids, needs)
+    if cycle:
+        raise InvalidArgumentError(
+            [
+                FieldViolation(
+                    f"spec.actions[{index[cycle[0]]}].needs", "cycle: " + " -> ".join(cycle)
+                )
+            ]
+        )
+    depth = longest_chain(ids, needs)
+    if depth > limits.max_depth:
+        raise InvalidArgumentError(
+            [
+                FieldViolation(
+                    "spec.actions",
+                    f"longest chain has {depth} actions; the limit max_depth is {limits.max_depth}",
+                )
+            ]
+        )

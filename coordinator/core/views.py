@@ -1,0 +1,109 @@
+"""Read-only views of the core's state for the API (pure core)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+
+from plait.v1 import admin_service_pb2 as apb
+from plait.v1 import workflow_pb2 as pb
+
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.model import ActionRecord, WorkerRecord, WorkflowRecord
+from plait.coordinator.core.state import STATE_NAME, SchedulerState
+
+
+def workflow_status(
+    st: SchedulerState, wf: WorkflowRecord, *, with_actions: bool = True
+) -> pb.WorkflowStatus:
+    """The API view of a workflow (with every action unless ``with_actions`` is false)."""
+    out = pb.WorkflowStatus(
+        workflow_id=wf.workflow_id,
+        name=wf.spec.name,
+        state=wf.state,  # type: ignore[arg-type]
+        reason=wf.reason,
+        idempotency_key=wf.idempotency_key,
+    )
+    out.submitted_at.FromMilliseconds(wf.submitted_wall_ms)
+    out.submitted_hlc.physical_ms, out.submitted_hlc.logical = wf.submitted_hlc
+    if wf.finished_wall_ms:
+        out.finished_at.FromMilliseconds(wf.finished_wall_ms)
+        out.finished_hlc.physical_ms, out.finished_hlc.logical = wf.finished_hlc
+    counts = Counter(a.state for a in wf.actions.values())
+    for state, n in counts.items():
+        out.action_counts[STATE_NAME[state]] = n
+    if with_actions:
+        for a in wf.actions.values():
+            s = out.actions.add(
+                action_id=a.spec.id,
+                state=a.state,  # type: ignore[arg-type]
+                attempt=a.attempt,
+                fencing_token=a.token,
+                worker_id=a.worker_id,
+                outputs_json=a.outputs_json,
+                exit_code=a.exit_code,
+                reason=a.reason or why_waiting(st, a),
+                lease_losses=a.lease_losses,
+            )
+            if a.error is not None:
+                s.error.CopyFrom(a.error)
+    return out
+
+
+def why_waiting(st: SchedulerState, a: ActionRecord) -> str:
+    """Why a non-terminal action is where it is, in words an operator can act on."""
+    if a.state == t.PENDING:
+        waiting = [n.spec.id for n in a.needs if n.state != t.SUCCEEDED]
+        shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+        return f"waiting for needs: {shown}"
+    if a.state == t.READY:
+        if a.not_before > st.now:
+            return f"retry backoff: {a.not_before - st.now:.1f}s left"
+        live = [w for w in st.workers.values() if w.connected and not w.draining]
+        if not live:
+            return "waiting for a worker: none connected"
+        can = [w for w in live if _could_run(a, w)]
+        if not can:
+            need = f"handler {a.spec.handler!r}" if a.spec.handler else "exec"
+            sel = dict(a.spec.selector)
+            return (
+                f"no connected worker can run it ({need}, {a.slots} slots"
+                + (f", labels {sel}" if sel else "")
+                + ")"
+            )
+        return "waiting for a free slot"
+    if a.state in (t.LEASED, t.RUNNING):
+        return f"attempt {a.attempt} on {a.worker_id}"
+    return ""
+
+
+def _could_run(a: ActionRecord, w: WorkerRecord) -> bool:
+    spec = a.spec
+    if a.slots > w.slots:
+        return False
+    if spec.handler and spec.handler not in w.handlers:
+        return False
+    if not spec.handler and not w.exec_enabled:
+        return False
+    return all(w.labels.get(k) == v for k, v in spec.selector.items())
+
+
+def worker_info(st: SchedulerState, w: WorkerRecord) -> apb.WorkerInfo:
+    """The API view of a worker."""
+    info = apb.WorkerInfo(
+        worker_id=w.worker_id,
+        labels=w.labels,
+        slots=w.slots,
+        free_slots=max(0, w.free),
+        handlers=sorted(w.handlers),
+        exec_enabled=w.exec_enabled,
+        leases=len(w.leases),
+        clock_offset_rejections=w.clock_rejections,
+        draining=w.draining,
+        hostname=w.hello.hostname,
+        agent=w.hello.agent,
+    )
+    info.connected_at.FromMilliseconds(w.connected_at_wall_ms)
+    info.last_seen_ago.FromTimedelta(timedelta(seconds=max(0.0, st.now - w.last_seen)))
+    info.hlc.physical_ms, info.hlc.logical = w.last_hlc
+    return info

@@ -1,0 +1,59 @@
+"""``plait coordinator`` / ``plait-coordinator``: the long-running daemon (entry point)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from plait.errors import ConfigError
+
+from plait.coordinator.config import load_config, parse_args
+from plait.coordinator.server import CoordinatorServer
+
+log = logging.getLogger("plait.coordinator")
+
+EXIT_CONFIG = 2
+
+
+async def serve(server: CoordinatorServer) -> int:
+    """Runs until SIGTERM/SIGINT, then shuts down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    waiter = asyncio.create_task(server.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down")
+    await server.stop()
+    waiter.cancel()
+    stopper.cancel()
+    return 1 if server.fatal is not None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for a refused configuration)."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=(args.log_level or "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args)
+    except ConfigError as e:
+        print(f"plait coordinator: refusing to start: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(serve(CoordinatorServer(config)))
+    except OSError as e:
+        print(f"plait coordinator: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The coordinator's event loop (edge layer): feeds the pure core, journals, then delivers.
+
+One asyncio task owns the :class:`~plait.coordinator.core.state.SchedulerState`. Servicers
+:meth:`Runtime.post` stimuli; the loop takes everything that has arrived as one batch, lets the
+core decide, appends the resulting history in **one transaction** (group commit: while a commit
+is in flight, new stimuli pile up and become the next, larger batch), and only after the commit
+sends lease grants, acks and cancellations, answers RPCs and publishes events to watchers. So no
+transition is visible outside before it is durable, and a fencing token is on disk before any
+worker sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from plait.clock import Clock
+from plait.errors import NotFoundError, UnavailableError
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+from plait.coordinator.config import CoordinatorConfig
+from plait.coordinator.core.events import Instant, Stimulus, TimePassed, WorkerStreamClosed
+from plait.coordinator.core.model import Outcome
+from plait.coordinator.core.state import STATE_NAME, CoreConfig, SchedulerState
+from plait.coordinator.journal.store import JournalStore
+from plait.coordinator.metrics import CoordinatorMetrics
+from plait.coordinator.tracing import Tracing
+
+log = logging.getLogger(__name__)
+
+E = pb.EventType
+_WATCH_QUEUE_LIMIT = 200_000
+
+
+class Runtime:
+    """Owns the core, the journal and the delivery of everything the core decides."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        store: JournalStore,
+        clock: Clock,
+        metrics: CoordinatorMetrics,
+        tracing: Tracing,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self.tracing = tracing
+        self.on_fatal = on_fatal
+        self.core: SchedulerState | None = None
+        self._inbox: list[Stimulus] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._sessions: dict[str, asyncio.Queue[wpb.ConnectResponse | None]] = {}
+        self._watchers: dict[str, set[asyncio.Queue[pb.HistoryEvent | None]]] = defaultdict(set)
+        self._durable = 0
+        self._durable_cond = asyncio.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self.tick_interval = min(0.05, config.heartbeat_interval.total_seconds() / 5)
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        head = await self.store.open()
+        self.core = SchedulerState(
+            CoreConfig(
+                heartbeat_interval=self.config.heartbeat_interval,
+                lease_ttl=self.config.lease_ttl,
+                kill_grace=self.config.kill_grace,
+                lease_loss_budget=self.config.lease_loss_budget,
+            ),
+            max_clock_offset_ms=int(self.config.max_clock_offset.total_seconds() * 1000),
+            hlc_floor=head.last_hlc,
+            last_sequence=head.last_sequence,
+        )
+        self._durable = head.last_sequence
+        self._task = asyncio.create_task(self._run(), name="plait-runtime")
+
+    async def stop(self) -> None:
+        """Handles what has arrived, commits it, and stops the loop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        for q in self._sessions.values():
+            q.put_nowait(None)
+        for qs in self._watchers.values():
+            for wq in qs:
+                wq.put_nowait(None)
+
+    @property
+    def state(self) -> SchedulerState:
+        assert self.core is not None, "runtime not started"
+        return self.core
+
+    # ---- stimuli in -------------------------------------------------------------------
+
+    def post(self, stimulus: Stimulus) -> None:
+        """Queues a stimulus for the next batch."""
+        if self._stopping:
+            raise UnavailableError("the coordinator is shutting down")
+        self._inbox.append(stimulus)
+        self._wake.set()
+
+    async def call(self, make: Callable[[asyncio.Future[Any]], Stimulus]) -> Any:
+        """Posts a stimulus carrying a reply future; returns the reply once it is durable."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.post(make(fut))
+        return await fut
+
+    def next_id(self, prefix: str) -> str:
+        """A cause id for a stimulus, unique within this process."""
+        return f"{prefix}-{next(self._ids)}"
+
+    async def durable(self, sequence: int) -> None:
+        """Waits until every event up to ``sequence`` is committed."""
+        if self._durable >= sequence:
+            return
+        async with self._durable_cond:
+            await self._durable_cond.wait_for(lambda: self._durable >= sequence)
+
+    # ---- worker sessions ----------------------------------------------------------------
+
+    def open_session(self) -> tuple[str, asyncio.Queue[wpb.ConnectResponse | None]]:
+        session_id = self.next_id("session")
+        q: asyncio.Queue[wpb.ConnectResponse | None] = asyncio.Queue()
+        self._sessions[session_id] = q
+        return session_id, q
+
+    def close_session(self, session_id: str) -> None:
+        if self._sessions.pop(session_id, None) is not None and not self._stopping:
+            self.post(WorkerStreamClosed(self.next_id("closed"), session_id))
+
+    # ---- watchers -------------------------------------------------------------------------
+
+    async def watch(
+        self, workflow_id: str, after: int, follow: bool
+    ) -> AsyncIterator[pb.HistoryEvent]:
+        """Replays the history after ``after`` from the journal, then live events."""
+        if workflow_id not in self.state.workflows:
+            raise NotFoundError(f"workflow {workflow_id!r} not found")
+        q: asyncio.Queue[pb.HistoryEvent | None] = asyncio.Queue(_WATCH_QUEUE_LIMIT)
+        self._watchers[workflow_id].add(q)
+        try:
+            last = after
+            finished = False
+            while True:
+                page = await self.store.read(workflow_id, last, 5000)
+                for ev in page:
+                    yield ev
+                    last = ev.sequence
+                    finished = ev.type == E.EVENT_TYPE_WORKFLOW_FINISHED
+                if len(page) < 5000:
+                    break
+            if not follow or finished:
+                return
+            while True:
+                ev = await q.get()
+                if ev is None:
+                    raise UnavailableError(
+                        f"watch of {workflow_id} ended (coordinator stopping or watcher too slow);"
+                        f" resume after sequence {last}"
+                    )
+                if ev.sequence <= last:
+                    continue
+                last = ev.sequence
+                yield ev
+                if ev.type == E.EVENT_TYPE_WORKFLOW_FINISHED:
+                    return
+        finally:
+            qs = self._watchers.get(workflow_id)
+            if qs is not None:
+                qs.discard(q)
+                if not qs:
+                    del self._watchers[workflow_id]
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        core = self.state
+        next_tick = 0.0
+        try:
+            while True:
+                if not self._inbox and not self._stopping:
+                    timeout = max(0.0, next_tick - self.clock.monotonic())
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout)
+                    except TimeoutError:
+                        pass
+                self._wake.clear()
+                batch, self._inbox = self._inbox, []
+                now = self.clock.monotonic()
+                if now >= next_tick:
+                    batch.append(TimePassed(self.next_id("tick")))
+                    next_tick = now + self.tick_interval
+                out = core.handle_batch(batch, Instant(now, self.clock.wall_ms()))
+                if out.records:
+                    started = self.clock.monotonic()
+                    await self.store.append(out.records)
+                    self.metrics.journal_commit.observe(self.clock.monotonic() - started)
+                    self.metrics.journal_batch.observe(len(out.records))
+                    async with self._durable_cond:
+                        self._durable = out.records[-1].sequence
+                        self._durable_cond.notify_all()
+                self._deliver(out)
+                if self._stopping and not self._inbox:
+                    return
+        except Exception as e:  # a failed commit: state is ahead of the journal; stop at once
+            log.critical("journal commit failed; the coordinator must stop: %s", e, exc_info=True)
+            if self.on_fatal is not None:
+                self.on_fatal(e)
+            raise
+
+    def _deliver(self, out: Outcome) -> None:
+        self._observe_records(out.records)
+        core = self.state
+        for session_id, msgs in out.sends.items():
+            q = self._sessions.get(session_id)
+            if q is None:
+                continue
+            for msg in msgs:
+                if msg.HasField("lease_grant"):
+                    self._trace_grants(msg.lease_grant, session_id)
+                core.hlc.stamp(msg.hlc)
+                q.put_nowait(msg)
+        for session_id in out.closes:
+            q = self._sessions.get(session_id)
+            if q is not None:
+                q.put_nowait(None)
+        for token, value in out.replies:
+            fut: asyncio.Future[Any] = token  # type: ignore[assignment]
+            if fut.done():
+                continue
+            if isinstance(value, KeyError):
+                fut.set_exception(NotFoundError(f"{value.args[0]!r} not found"))
+            elif isinstance(value, BaseException):
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
+        m = self.metrics
+        for o in out.observations:
+            kind = o.kind
+            if kind == "action_duration":
+                trace_id = self.tracing.trace_id(o.lease_id)
+                m.action_duration.observe(o.value, {"trace_id": trace_id} if trace_id else None)
+            elif kind == "lease_lost":
+                m.leases_lost.labels(_loss_reason(o.detail)).inc()
+                log.warning("lease lost on worker %s: %s", o.worker_id, o.detail,
+                            extra={"worker_id": o.worker_id})
+            elif kind == "stale_result":
+                m.stale_results.inc()
+                log.warning("refused result from %s: %s", o.worker_id, o.detail,
+                            extra={"worker_id": o.worker_id, "lease_id": o.lease_id})
+            elif kind == "clock_offset":
+                m.clock_offset_rejections.labels(o.worker_id).inc()
+                log.warning("worker %s clock is %d ms ahead; its HLC was not merged",
+                            o.worker_id, o.value, extra={"worker_id": o.worker_id})
+            elif kind == "worker_connected":
+                log.info("worker %s connected", o.worker_id, extra={"worker_id": o.worker_id})
+            elif kind == "worker_disconnected":
+                log.info("worker %s disconnected", o.worker_id, extra={"worker_id": o.worker_id})
+        m.workers_connected.set(len(core.by_session))
+        m.ready_actions.set(sum(len(wf.ready) for wf in core.active) + len(core.delayed))
+
+    def _trace_grants(self, grant: wpb.LeaseGrant, session_id: str) -> None:
+        w = self.state.by_session.get(session_id)
+        worker_id = w.worker_id if w is not None else ""
+        for lease in grant.leases:
+            lease.traceparent = self.tracing.attempt_leased(
+                lease.workflow_id, lease.action_id, lease.attempt, lease.fencing_token,
+                worker_id, lease.lease_id,
+            )
+
+    def _observe_records(self, records: list[pb.HistoryEvent]) -> None:
+        m = self.metrics
+        watchers = self._watchers
+        granted = 0
+        for ev in records:
+            typ = ev.type
+            if typ == E.EVENT_TYPE_ACTION_LEASED:
+                granted += 1
+            elif typ == E.EVENT_TYPE_ACTION_FINISHED or typ == E.EVENT_TYPE_ACTION_CANCELLED \
+                    or typ == E.EVENT_TYPE_ACTION_SKIPPED:
+                state = STATE_NAME[ev.action_state]
+                m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc()
+                if ev.lease_id:
+                    self.tracing.attempt_ended(ev.lease_id, state)
+            elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
+                m.retries.inc()
+                self.tracing.attempt_ended(ev.lease_id, "RETRY")
+            elif typ == E.EVENT_TYPE_LEASE_LOST:
+                self.tracing.attempt_ended(f"{ev.workflow_id}/{ev.action_id}/"
+                                           f"{ev.fencing_token}", "LEASE_LOST")
+            elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
+                m.workflows_submitted.inc()
+                self.tracing.workflow_submitted(ev.workflow_id, ev.spec.name)
+            elif typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
+                state = pb.WorkflowState.Name(ev.workflow_state)
+                m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
+                self.tracing.workflow_finished(ev.workflow_id, state)
+            qs = watchers.get(ev.workflow_id)
+            if qs:
+                for q in list(qs):
+                    try:
+                        q.put_nowait(ev)
+                    except asyncio.QueueFull:
+                        qs.discard(q)
+                        q._queue.clear()  # type: ignore[attr-defined]
+                        q.put_nowait(None)
+        if granted:
+            m.leases_granted.inc(granted)
+
+
+def _loss_reason(detail: str) -> str:
+    if detail.startswith("lease expired"):
+        return "expired"
+    if "self-fencing" in detail:
+        return "worker_cancelled"
+    if "did not report" in detail:
+        return "not_reported"
+    if "reconnected" in detail:
+        return "not_readopted"
+    if "left" in detail:
+        return "worker_left"
+    return "other"
+

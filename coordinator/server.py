@@ -1,0 +1,171 @@
+"""Composition of the coordinator process (edge layer): journal, runtime, gRPC, metrics.
+
+``CoordinatorServer`` is what ``plait coordinator`` runs and what ``plait run`` embeds::
+
+    server = CoordinatorServer(CoordinatorConfig(listen="127.0.0.1:0", ...))
+    await server.start()          # journal open, gRPC + /metrics serving
+    server.port, server.metrics_port
+    await server.stop(grace)      # drain workers, stop accepting, flush the journal
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from plait.clock import Clock, SystemClock
+from plait.v1 import admin_service_pb2, worker_service_pb2, workflow_service_pb2
+from plait.v1 import admin_service_pb2_grpc as agrpc
+from plait.v1 import worker_service_pb2_grpc as wgrpc
+from plait.v1 import workflow_service_pb2_grpc as wsgrpc
+from prometheus_client import start_http_server
+
+from plait.coordinator.config import CoordinatorConfig, split_host_port
+from plait.coordinator.journal.store import open_store
+from plait.coordinator.metrics import CoordinatorMetrics
+from plait.coordinator.runtime import Runtime
+from plait.coordinator.services.admin import AdminService
+from plait.coordinator.services.errors import ErrorInterceptor
+from plait.coordinator.services.worker import WorkerService
+from plait.coordinator.services.workflow import WorkflowService
+from plait.coordinator.tracing import Tracing
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+    worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """gRPC channel arguments, set explicitly rather than trusting library defaults."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_concurrent_streams", 10_000),
+        # Keepalive: accept client pings every 10 s; we ping idle peers every 30 s.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class CoordinatorServer:
+    """A running coordinator: start it, read its ports, stop it."""
+
+    def __init__(self, config: CoordinatorConfig, clock: Clock | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.metrics = CoordinatorMetrics()
+        self.tracing = Tracing()
+        self.store = open_store(config.store)
+        self.runtime = Runtime(
+            config, self.store, self.clock, self.metrics, self.tracing, on_fatal=self._fatal
+        )
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._metrics_http: Any = None
+        self.stopped = asyncio.Event()
+        self.fatal: BaseException | None = None
+
+    def _fatal(self, err: BaseException) -> None:
+        self.fatal = err
+        asyncio.get_running_loop().create_task(self.stop(0))
+
+    async def start(self) -> None:
+        """Opens the journal, starts the loop, and serves gRPC and /metrics."""
+        await self.runtime.start()
+        cfg = self.config
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=server_options(cfg.limits.max_message_bytes),
+        )
+        wsgrpc.add_WorkflowServiceServicer_to_server(
+            WorkflowService(self.runtime, cfg.limits), server
+        )
+        wgrpc.add_WorkerServiceServicer_to_server(WorkerService(self.runtime), server)
+        agrpc.add_AdminServiceServicer_to_server(AdminService(self.runtime), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise OSError(f"could not listen on {cfg.listen}")
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.metrics_listen:
+            host, port = split_host_port(cfg.metrics_listen, "metrics_listen")
+            httpd, _ = start_http_server(port, host, registry=self.metrics.registry)
+            self._metrics_http = httpd
+            self.metrics_port = httpd.server_port
+        host = split_host_port(cfg.listen, "listen")[0]
+        log.info("coordinator serving gRPC on %s:%d, metrics on %s", host, self.port,
+                 f"{host}:{self.metrics_port}" if self.metrics_port else "off")
+        if cfg.ready_file:
+            self._write_ready_file(cfg.ready_file, host)
+
+    def _write_ready_file(self, path: str, host: str) -> None:
+        body = {
+            "grpc": f"{host}:{self.port}",
+            "metrics": f"{host}:{self.metrics_port}" if self.metrics_port else None,
+            "pid": os.getpid(),
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ready-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(body, f)
+        os.replace(tmp, path)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, drain workers, stop gRPC, flush the journal."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        grace = self.config.shutdown_grace.total_seconds() if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None and grace > 0 and self.fatal is None:
+            await self._drain_workers(grace)
+        if self.server is not None:
+            await self.server.stop(min(grace, 1.0))
+        if self.fatal is None:
+            await self.runtime.stop()
+        await self.store.close()
+        self.tracing.shutdown()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    async def _drain_workers(self, grace: float) -> None:
+        from plait.coordinator.core.events import DrainRequested
+
+        st = self.runtime.state
+        for w in list(st.workers.values()):
+            if w.connected and not w.draining:
+                self.runtime.post(DrainRequested(self.runtime.next_id("shutdown"), w.worker_id))
+        deadline = self.clock.monotonic() + grace
+        while st.by_session and self.clock.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def wait(self) -> None:
+        """Returns once :meth:`stop` has begun."""
+        await self.stopped.wait()

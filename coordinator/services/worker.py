@@ -1,0 +1,89 @@
+"""``plait.v1.WorkerService`` (edge layer): one bidirectional stream per worker.
+
+The servicer only moves messages: each incoming message becomes a stimulus for the core, and
+whatever the core decides for this session arrives on the session's queue after it has been
+journalled. The first message must be ``hello``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from plait.errors import FieldViolation, InvalidArgumentError
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import worker_service_pb2_grpc as wgrpc
+
+from plait.coordinator.core.events import WorkerMessageReceived
+from plait.coordinator.core.validate import describe_id
+from plait.coordinator.runtime import Runtime
+
+log = logging.getLogger(__name__)
+MAX_SLOTS = 100_000
+HELLO_TIMEOUT = 30.0
+
+
+def check_hello(msg: wpb.ConnectRequest) -> None:
+    """INVALID_ARGUMENT, naming the field, for a bad first message."""
+    if msg.WhichOneof("message") != "hello":
+        raise InvalidArgumentError(
+            [FieldViolation("message", "the first message on a Connect stream must be hello")]
+        )
+    hello = msg.hello
+    v = []
+    why = describe_id(hello.worker_id)
+    if why:
+        v.append(FieldViolation("hello.worker_id", why))
+    if not 1 <= hello.slots <= MAX_SLOTS:
+        v.append(FieldViolation("hello.slots", f"is {hello.slots}; must be 1 to {MAX_SLOTS}"))
+    for i, h in enumerate(hello.handlers):
+        why = describe_id(h)
+        if why:
+            v.append(FieldViolation(f"hello.handlers[{i}]", why))
+    if v:
+        raise InvalidArgumentError(v)
+
+
+class WorkerService(wgrpc.WorkerServiceServicer):
+    """Moves worker messages into the core and the core's messages out to workers."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: Any
+    ) -> AsyncIterator[wpb.ConnectResponse]:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
+        except (StopAsyncIteration, TimeoutError):
+            raise InvalidArgumentError(
+                [FieldViolation("message", f"no hello within {HELLO_TIMEOUT:g}s")]
+            ) from None
+        check_hello(first)
+        rt = self.runtime
+        worker_id = first.hello.worker_id
+        session_id, outbox = rt.open_session()
+        cause = f"worker-{worker_id}"
+        rt.post(WorkerMessageReceived(f"hello-{worker_id}", session_id, first))
+
+        async def pump() -> None:
+            try:
+                async for msg in request_iterator:
+                    rt.post(WorkerMessageReceived(cause, session_id, msg))
+            except Exception as e:  # the stream broke: the session ends below
+                log.info("worker %s stream ended: %s", worker_id, e)
+            finally:
+                outbox.put_nowait(None)
+
+        reader = asyncio.create_task(pump(), name=f"plait-worker-{worker_id}")
+        try:
+            while True:
+                msg = await outbox.get()
+                if msg is None:
+                    return
+                yield msg
+        finally:
+            reader.cancel()
+            rt.close_session(session_id)

@@ -1,0 +1,164 @@
+"""``plait.v1.WorkflowService`` (edge layer): thin; validation and state live in the core."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
+from plait.hlc import ClockOffsetError, HlcTimestamp
+from plait.v1 import workflow_pb2 as pb
+from plait.v1 import workflow_service_pb2 as wspb
+from plait.v1 import workflow_service_pb2_grpc as wsgrpc
+
+from plait.coordinator.config import Limits
+from plait.coordinator.core import views
+from plait.coordinator.core.events import CancelRequested, WorkflowSubmitted
+from plait.coordinator.core.validate import describe_id, validate_submit
+from plait.coordinator.runtime import Runtime
+
+E = pb.EventType
+MAX_PAGE = 1000
+
+
+def merge_client_hlc(runtime: Runtime, msg: Any) -> None:
+    """Merges a client's HLC stamp (a clock too far ahead is simply not merged)."""
+    if msg.physical_ms:
+        try:
+            runtime.state.hlc.observe(HlcTimestamp(msg.physical_ms, msg.logical))
+        except ClockOffsetError:
+            pass
+
+
+def check_workflow_id(value: str) -> None:
+    """INVALID_ARGUMENT naming ``workflow_id`` when it cannot be an id."""
+    why = describe_id(value)
+    if why:
+        raise InvalidArgumentError([FieldViolation("workflow_id", why)])
+
+
+class WorkflowService(wsgrpc.WorkflowServiceServicer):
+    """Submit, inspect, cancel and watch workflows."""
+
+    def __init__(self, runtime: Runtime, limits: Limits) -> None:
+        self.runtime = runtime
+        self.limits = limits
+
+    def _stamp(self, resp: Any) -> Any:
+        self.runtime.state.hlc.stamp(resp.hlc)
+        return resp
+
+    async def SubmitWorkflow(
+        self, request: wspb.SubmitWorkflowRequest, context: Any
+    ) -> wspb.SubmitWorkflowResponse:
+        merge_client_hlc(self.runtime, request.hlc)
+        validate_submit(request.spec, request.idempotency_key, self.limits)
+        rt = self.runtime
+        workflow_id, created = await rt.call(
+            lambda reply: WorkflowSubmitted(
+                rt.next_id("submit"),
+                f"wf-{uuid.uuid4().hex[:20]}",
+                request.spec,
+                request.idempotency_key,
+                reply,
+            )
+        )
+        return self._stamp(
+            wspb.SubmitWorkflowResponse(workflow_id=workflow_id, created=created)
+        )  # type: ignore[no-any-return]
+
+    def _workflow(self, workflow_id: str) -> Any:
+        check_workflow_id(workflow_id)
+        wf = self.runtime.state.workflows.get(workflow_id)
+        if wf is None:
+            raise NotFoundError(f"workflow {workflow_id!r} not found")
+        return wf
+
+    async def GetWorkflow(
+        self, request: wspb.GetWorkflowRequest, context: Any
+    ) -> wspb.GetWorkflowResponse:
+        merge_client_hlc(self.runtime, request.hlc)
+        st = self.runtime.state
+        status = views.workflow_status(st, self._workflow(request.workflow_id))
+        # The snapshot may include a batch still being committed: answer once it is durable.
+        await self.runtime.durable(st.sequence)
+        return self._stamp(wspb.GetWorkflowResponse(workflow=status))  # type: ignore[no-any-return]
+
+    async def ListWorkflows(
+        self, request: wspb.ListWorkflowsRequest, context: Any
+    ) -> wspb.ListWorkflowsResponse:
+        merge_client_hlc(self.runtime, request.hlc)
+        if request.page_size > MAX_PAGE:
+            raise InvalidArgumentError(
+                [FieldViolation("page_size", f"is {request.page_size}; the limit is {MAX_PAGE}")]
+            )
+        size = request.page_size or 100
+        try:
+            start = int(request.page_token or 0)
+        except ValueError:
+            raise InvalidArgumentError([FieldViolation("page_token", "not a token")]) from None
+        st = self.runtime.state
+        wfs = list(reversed(st.workflows.values()))
+        if request.state:
+            wfs = [wf for wf in wfs if wf.state == request.state]
+        page = wfs[start : start + size]
+        resp = wspb.ListWorkflowsResponse(
+            workflows=[views.workflow_status(st, wf, with_actions=False) for wf in page],
+            next_page_token=str(start + size) if start + size < len(wfs) else "",
+        )
+        await self.runtime.durable(st.sequence)
+        return self._stamp(resp)  # type: ignore[no-any-return]
+
+    async def CancelWorkflow(
+        self, request: wspb.CancelWorkflowRequest, context: Any
+    ) -> wspb.CancelWorkflowResponse:
+        merge_client_hlc(self.runtime, request.hlc)
+        self._workflow(request.workflow_id)
+        rt = self.runtime
+        state = await rt.call(
+            lambda reply: CancelRequested(
+                rt.next_id("cancel"), request.workflow_id, request.reason[:1024], reply
+            )
+        )
+        return self._stamp(wspb.CancelWorkflowResponse(state=state))  # type: ignore[no-any-return]
+
+    async def WatchWorkflow(self, request: wspb.WatchWorkflowRequest, context: Any) -> Any:
+        merge_client_hlc(self.runtime, request.hlc)
+        self._workflow(request.workflow_id)
+        async for ev in self.runtime.watch(
+            request.workflow_id, request.after_sequence, request.follow
+        ):
+            resp = wspb.WatchWorkflowResponse()
+            resp.event.CopyFrom(ev)
+            yield self._stamp(resp)
+
+    async def GetActionLogs(
+        self, request: wspb.GetActionLogsRequest, context: Any
+    ) -> wspb.GetActionLogsResponse:
+        merge_client_hlc(self.runtime, request.hlc)
+        wf = self._workflow(request.workflow_id)
+        if request.action_id not in wf.actions:
+            raise NotFoundError(
+                f"action {request.action_id!r} not found in workflow {request.workflow_id!r}"
+            )
+        resp = wspb.GetActionLogsResponse()
+        last = 0
+        while True:
+            page = await self.runtime.store.read(request.workflow_id, last, 5000)
+            for ev in page:
+                if ev.action_id == request.action_id and ev.type in (
+                    E.EVENT_TYPE_ACTION_FINISHED,
+                    E.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
+                ) and ev.lease_id:
+                    resp.attempts.add(
+                        attempt=ev.attempt,
+                        fencing_token=ev.fencing_token,
+                        worker_id=ev.worker_id,
+                        stdout_tail=ev.stdout_tail,
+                        stderr_tail=ev.stderr_tail,
+                        state=ev.action_state,
+                    )
+            if len(page) < 5000:
+                break
+            last = page[-1].sequence
+        return self._stamp(resp)  # type: ignore[no-any-return]

@@ -1,0 +1,114 @@
+"""OpenTelemetry spans of the coordinator, and every span name and attribute key (edge layer).
+
+A span per workflow, and a child span per action attempt whose W3C ``traceparent`` travels in
+the lease so the worker continues it. The exporter is chosen by the standard environment
+variable ``OTEL_TRACES_EXPORTER`` (``console``, ``otlp`` when its package is installed, or
+``none``, the default); without one, spans are still made so trace ids reach workers and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Span, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+log = logging.getLogger(__name__)
+
+SPAN_WORKFLOW = "plait.workflow"
+SPAN_ATTEMPT = "plait.action.attempt"
+ATTR_WORKFLOW_ID = "plait.workflow.id"
+ATTR_WORKFLOW_NAME = "plait.workflow.name"
+ATTR_ACTION_ID = "plait.action.id"
+ATTR_ATTEMPT = "plait.action.attempt"
+ATTR_FENCING_TOKEN = "plait.lease.fencing_token"
+ATTR_WORKER_ID = "plait.worker.id"
+ATTR_STATE = "plait.state"
+
+
+def _exporter() -> SpanExporter | None:
+    name = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+    if name in ("", "none"):
+        return None
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+        except ImportError:
+            log.warning("OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed")
+            return None
+        exporter: SpanExporter = OTLPSpanExporter()
+        return exporter
+    log.warning("unknown OTEL_TRACES_EXPORTER %r; traces are not exported", name)
+    return None
+
+
+class Tracing:
+    """Starts and ends the coordinator's spans; keeps open spans by workflow and lease."""
+
+    def __init__(self, service_name: str = "plait-coordinator") -> None:
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        exporter = _exporter()
+        if exporter is not None:
+            self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer = self.provider.get_tracer("plait.coordinator")
+        self._workflows: dict[str, Span] = {}
+        self._attempts: dict[str, Span] = {}
+
+    def workflow_submitted(self, workflow_id: str, name: str) -> None:
+        span = self.tracer.start_span(
+            SPAN_WORKFLOW, attributes={ATTR_WORKFLOW_ID: workflow_id, ATTR_WORKFLOW_NAME: name}
+        )
+        self._workflows[workflow_id] = span  # type: ignore[assignment]
+
+    def attempt_leased(
+        self, workflow_id: str, action_id: str, attempt: int, token: int, worker_id: str,
+        lease_id: str,
+    ) -> str:
+        """Starts the attempt's span and returns its W3C traceparent."""
+        parent = self._workflows.get(workflow_id)
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        span = self.tracer.start_span(
+            SPAN_ATTEMPT,
+            context=ctx,
+            attributes={
+                ATTR_WORKFLOW_ID: workflow_id,
+                ATTR_ACTION_ID: action_id,
+                ATTR_ATTEMPT: attempt,
+                ATTR_FENCING_TOKEN: token,
+                ATTR_WORKER_ID: worker_id,
+            },
+        )
+        self._attempts[lease_id] = span  # type: ignore[assignment]
+        sc = span.get_span_context()
+        return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+
+    def attempt_ended(self, lease_id: str, state: str) -> None:
+        span = self._attempts.pop(lease_id, None)
+        if span is not None:
+            span.set_attribute(ATTR_STATE, state)
+            span.end()
+
+    def workflow_finished(self, workflow_id: str, state: str) -> None:
+        span = self._workflows.pop(workflow_id, None)
+        if span is not None:
+            span.set_attribute(ATTR_STATE, state)
+            span.end()
+
+    def trace_id(self, lease_id: str) -> str | None:
+        """The trace id of an open attempt span (for exemplars), if any."""
+        span = self._attempts.get(lease_id)
+        return f"{span.get_span_context().trace_id:032x}" if span is not None else None
+
+    def shutdown(self) -> None:
+        for span in [*self._attempts.values(), *self._workflows.values()]:
+            span.end()
+        self._attempts.clear()
+        self._workflows.clear()
+        self.provider.shutdown()

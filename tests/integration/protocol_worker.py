@@ -1,0 +1,113 @@
+"""A worker written directly against worker_service.proto, for protocol tests.
+
+It is deliberately dumb: it sends exactly what a test tells it to, so tests can play a
+well-behaved worker, a silent one, or a zombie with an old token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from plait.clock import SystemClock
+from plait.hlc import HybridLogicalClock
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import worker_service_pb2_grpc as wgrpc
+
+
+class ProtocolWorker:
+    def __init__(self, target: str, worker_id: str, *, slots: int = 4,
+                 handlers: tuple[str, ...] = ("noop",), exec_enabled: bool = False,
+                 running: list[wpb.LeaseReport] | None = None) -> None:
+        self.target = target
+        self.worker_id = worker_id
+        self.hlc = HybridLogicalClock(SystemClock())
+        self.channel = grpc.aio.insecure_channel(target)
+        self.outbox: asyncio.Queue[wpb.ConnectRequest | None] = asyncio.Queue()
+        self.inbox: asyncio.Queue[wpb.ConnectResponse] = asyncio.Queue()
+        self.leases: dict[str, wpb.Lease] = {}
+        self.hello = wpb.Hello(worker_id=worker_id, slots=slots, handlers=handlers,
+                               exec_enabled=exec_enabled, running=running or [])
+        self.welcome: wpb.Welcome | None = None
+        self.hb_seq = 0
+        self.grant_seq = 0
+        self._reader: asyncio.Task[None] | None = None
+        self.call: Any = None
+
+    async def connect(self) -> wpb.Welcome:
+        stub = wgrpc.WorkerServiceStub(self.channel)
+        first = wpb.ConnectRequest(hello=self.hello)
+        self.hlc.stamp(first.hlc)
+        self.outbox.put_nowait(first)
+
+        async def requests() -> Any:
+            while True:
+                msg = await self.outbox.get()
+                if msg is None:
+                    return
+                yield msg
+
+        self.call = stub.Connect(requests())
+
+        async def read() -> None:
+            async for msg in self.call:
+                if msg.HasField("lease_grant"):
+                    self.grant_seq = msg.lease_grant.sequence
+                    for lease in msg.lease_grant.leases:
+                        self.leases[lease.lease_id] = lease
+                await self.inbox.put(msg)
+
+        self._reader = asyncio.create_task(read())
+        msg = await self.next("welcome")
+        self.welcome = msg.welcome
+        return msg.welcome
+
+    def send(self, **kw: Any) -> None:
+        msg = wpb.ConnectRequest(**kw)
+        self.hlc.stamp(msg.hlc)
+        self.outbox.put_nowait(msg)
+
+    async def next(self, kind: str, timeout: float = 5.0) -> wpb.ConnectResponse:
+        """The next message of ``kind`` (others are skipped)."""
+        async def find() -> wpb.ConnectResponse:
+            while True:
+                msg = await self.inbox.get()
+                if msg.WhichOneof("message") == kind:
+                    return msg
+        return await asyncio.wait_for(find(), timeout)
+
+    async def grants(self, n: int, timeout: float = 5.0) -> list[wpb.Lease]:
+        """Waits until ``n`` leases have been granted in total, returns the new ones."""
+        got: list[wpb.Lease] = []
+        while len(got) < n:
+            msg = await self.next("lease_grant", timeout)
+            got.extend(msg.lease_grant.leases)
+        return got
+
+    def heartbeat(self, leases: list[wpb.Lease] | None = None) -> None:
+        self.hb_seq += 1
+        held = self.leases.values() if leases is None else leases
+        self.send(heartbeat=wpb.Heartbeat(
+            sequence=self.hb_seq, last_grant_sequence=self.grant_seq,
+            leases=[wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
+                    for l in held]))
+
+    def finish(self, lease: wpb.Lease, outputs: str = "{}",
+               outcome: int = wpb.ACTION_OUTCOME_SUCCEEDED, token: int | None = None) -> None:
+        self.leases.pop(lease.lease_id, None)
+        self.send(action_finished=wpb.ActionFinished(results=[wpb.ActionResult(
+            lease_id=lease.lease_id,
+            fencing_token=lease.fencing_token if token is None else token,
+            outcome=outcome, outputs_json=outputs)]))  # type: ignore[arg-type]
+
+    def credit(self, n: int) -> None:
+        self.send(credit=wpb.Credit(slots=n))
+
+    async def close(self) -> None:
+        self.outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.call is not None:
+            self.call.cancel()
+        await self.channel.close()
