@@ -138,7 +138,8 @@ def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: 
             welcome.adopted.append(r)
         else:
             welcome.kill.append(r)
-    w.free = max(0, w.free)
+    # `free` may start negative (a worker that came back with fewer slots than it still runs):
+    # its credits pay the deficit off before anything new is leased.
     out.send(session_id, welcome_msg)
     out.observe("worker_connected", worker_id=w.worker_id)
 

@@ -271,7 +271,7 @@ class SchedulerState:
                 d.unmet -= 1
                 if d.unmet == 0 and d.state == t.PENDING:
                     self.make_ready(d, E.EVENT_TYPE_ACTION_READY)
-        else:
+        elif not wf.cancel_requested:  # on cancel, the cancel itself ends every action
             # Under the default join (all), nothing downstream can run: skip it, iteratively
             # (a chain may be thousands deep).
             stack = [a]
@@ -406,10 +406,12 @@ class SchedulerState:
 
     def _take_fitting(self, wf: WorkflowRecord, w: WorkerRecord) -> ActionRecord | None:
         ready = wf.ready
+        while ready and ready[0].state != t.READY:  # cancelled while queued: drop lazily
+            ready.popleft()
         for i, a in enumerate(ready):
             if i >= self._SCAN:
                 return None
-            if self.fits(a, w):
+            if a.state == t.READY and self.fits(a, w):
                 if i == 0:
                     return ready.popleft()
                 del ready[i]

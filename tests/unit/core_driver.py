@@ -1,0 +1,113 @@
+"""Drives the pure core by hand: stimuli in, outcomes out, time moved explicitly."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+from plait.coordinator.core.events import (
+    CancelRequested,
+    Instant,
+    Stimulus,
+    TimePassed,
+    WorkerMessageReceived,
+    WorkerStreamClosed,
+    WorkflowSubmitted,
+)
+from plait.coordinator.core.model import Outcome
+from plait.coordinator.core.state import CoreConfig, SchedulerState
+
+CONFIG = CoreConfig(
+    heartbeat_interval=timedelta(seconds=1),
+    lease_ttl=timedelta(seconds=5),
+    kill_grace=timedelta(seconds=1),
+    lease_loss_budget=3,
+)
+
+
+class Driver:
+    def __init__(self, config: CoreConfig = CONFIG) -> None:
+        self.st = SchedulerState(config)
+        self.mono = 100.0
+        self.wall = 1_700_000_000_000
+        self.n = 0
+        self.records: list[pb.HistoryEvent] = []
+
+    def at(self) -> Instant:
+        return Instant(self.mono, self.wall)
+
+    def advance(self, seconds: float) -> Outcome:
+        self.mono += seconds
+        self.wall += int(seconds * 1000)
+        return self.handle(TimePassed("tick"))
+
+    def handle(self, *stimuli: Stimulus) -> Outcome:
+        out = self.st.handle_batch(stimuli, self.at())
+        self.records.extend(out.records)
+        return out
+
+    def submit(self, spec: pb.WorkflowSpec, wf_id: str = "wf-1", key: str = "") -> Outcome:
+        return self.handle(WorkflowSubmitted("submit", wf_id, spec, key, reply=object()))
+
+    def msg(self, session: str, **kw: object) -> Outcome:
+        m = wpb.ConnectRequest(**kw)  # type: ignore[arg-type]
+        m.hlc.physical_ms = self.wall
+        return self.handle(WorkerMessageReceived("w", session, m))
+
+    def hello(self, session: str, worker_id: str, slots: int = 4,
+              handlers: tuple[str, ...] = ("h",),
+              running: list[wpb.LeaseReport] | None = None) -> Outcome:
+        return self.msg(session, hello=wpb.Hello(worker_id=worker_id, slots=slots,
+                                                 handlers=handlers, running=running or []))
+
+    def heartbeat(self, session: str, leases: list[wpb.Lease], seq: int = 1,
+                  last_grant: int = 1_000_000) -> Outcome:
+        return self.msg(session, heartbeat=wpb.Heartbeat(
+            sequence=seq, last_grant_sequence=last_grant,
+            leases=[wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
+                    for l in leases]))
+
+    def finish(self, session: str, lease: wpb.Lease, outcome: int = wpb.ACTION_OUTCOME_SUCCEEDED,
+               outputs: str = "{}", exit_code: int = 0) -> Outcome:
+        return self.msg(session, action_finished=wpb.ActionFinished(results=[wpb.ActionResult(
+            lease_id=lease.lease_id, fencing_token=lease.fencing_token, outcome=outcome,  # type: ignore[arg-type]
+            outputs_json=outputs, exit_code=exit_code)]))
+
+    def close(self, session: str) -> Outcome:
+        return self.handle(WorkerStreamClosed("closed", session))
+
+    def cancel(self, wf_id: str = "wf-1") -> Outcome:
+        return self.handle(CancelRequested("cancel", wf_id, "user", reply=object()))
+
+    def state(self, action_id: str, wf_id: str = "wf-1") -> str:
+        return pb.ActionState.Name(self.st.workflows[wf_id].actions[action_id].state)  # type: ignore[arg-type]
+
+
+def grants(out: Outcome, session: str | None = None) -> list[wpb.Lease]:
+    leases: list[wpb.Lease] = []
+    for s, msgs in out.sends.items():
+        if session is None or s == session:
+            for m in msgs:
+                if m.HasField("lease_grant"):
+                    leases.extend(m.lease_grant.leases)
+    return leases
+
+
+def messages(out: Outcome, session: str, kind: str) -> list[wpb.ConnectResponse]:
+    return [m for m in out.sends.get(session, []) if m.WhichOneof("message") == kind]
+
+
+def chain(n: int, handler: str = "h") -> pb.WorkflowSpec:
+    s = pb.WorkflowSpec(name="chain")
+    for i in range(n):
+        s.actions.add(id=f"a{i}", handler=handler, needs=[f"a{i-1}"] if i else [])
+    return s
+
+
+def independent(n: int, handler: str = "h") -> pb.WorkflowSpec:
+    s = pb.WorkflowSpec(name="flat")
+    for i in range(n):
+        s.actions.add(id=f"a{i}", handler=handler)
+    return s

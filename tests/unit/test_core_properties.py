@@ -1,0 +1,154 @@
+"""Hypothesis state machine over the pure core: safety holds whatever the interleaving."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+from plait.coordinator.core import transitions as t
+from tests.unit.core_driver import Driver, grants
+
+E = pb.EventType
+WORKERS = ["w1", "w2", "w3"]
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = Driver()
+        self.n_wf = 0
+        self.sessions: dict[str, str] = {}  # worker -> live session
+        self.n_sessions = 0
+        self.held: dict[str, dict[str, wpb.Lease]] = {w: {} for w in WORKERS}
+        self.all_leases: list[tuple[str, wpb.Lease]] = []
+        self.max_token: dict[str, int] = {}
+        self.seen = 0
+
+    def _absorb(self, out: object) -> None:
+        for session, msgs in out.sends.items():  # type: ignore[attr-defined]
+            worker = next((w for w, s in self.sessions.items() if s == session), None)
+            if worker is None:
+                continue
+            for m in msgs:
+                if m.HasField("lease_grant"):
+                    for lease in m.lease_grant.leases:
+                        self.held[worker][lease.lease_id] = lease
+                        self.all_leases.append((worker, lease))
+                elif m.HasField("cancel_lease"):
+                    for c in m.cancel_lease.leases:
+                        self.held[worker].pop(c.lease_id, None)
+
+    @rule(width=st.integers(1, 4), depth=st.integers(1, 3), retries=st.integers(1, 2))
+    def submit(self, width: int, depth: int, retries: int) -> None:
+        self.n_wf += 1
+        spec = pb.WorkflowSpec(name="p")
+        prev: list[str] = []
+        for layer in range(depth):
+            ids = [f"l{layer}n{i}" for i in range(width)]
+            for aid in ids:
+                a = spec.actions.add(id=aid, handler="h", needs=prev[:2])
+                a.retry.max_attempts = retries
+                a.retry.initial_backoff.FromMilliseconds(100)
+            prev = ids
+        self._absorb(self.d.submit(spec, f"wf-{self.n_wf}"))
+
+    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 4))
+    def connect(self, worker: str, slots: int) -> None:
+        self.n_sessions += 1
+        session = f"s{self.n_sessions}"
+        running = [wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
+                   for l in self.held[worker].values()]
+        self.sessions[worker] = session
+        out = self.d.hello(session, worker, slots=slots, running=running)
+        for m in out.sends.get(session, []):
+            if m.HasField("welcome"):
+                for r in m.welcome.kill:
+                    self.held[worker].pop(r.lease_id, None)
+        self._absorb(out)
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def disconnect(self, worker: str) -> None:
+        session = self.sessions.pop(worker, None)
+        if session is not None:
+            self._absorb(self.d.close(session))
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def heartbeat(self, worker: str) -> None:
+        if worker in self.sessions:
+            self._absorb(self.d.heartbeat(self.sessions[worker], list(self.held[worker].values())))
+
+    @rule(worker=st.sampled_from(WORKERS), ok=st.booleans(), data=st.data())
+    def finish(self, worker: str, ok: bool, data: st.DataObject) -> None:
+        if worker not in self.sessions or not self.held[worker]:
+            return
+        lease_id = data.draw(st.sampled_from(sorted(self.held[worker])))
+        lease = self.held[worker].pop(lease_id)
+        outcome = wpb.ACTION_OUTCOME_SUCCEEDED if ok else wpb.ACTION_OUTCOME_FAILED
+        session = self.sessions[worker]
+        self._absorb(self.d.finish(session, lease, outcome=outcome))
+        self._absorb(self.d.msg(session, credit=wpb.Credit(slots=1)))
+
+    @precondition(lambda self: bool(self.all_leases))
+    @rule(data=st.data())
+    def zombie_report(self, data: st.DataObject) -> None:
+        """Any old lease reported again, by whoever is connected (a zombie or a duplicate)."""
+        if not self.sessions:
+            return
+        _, lease = data.draw(st.sampled_from(self.all_leases))
+        session = data.draw(st.sampled_from(sorted(self.sessions.values())))
+        self._absorb(self.d.finish(session, lease))
+
+    @rule(seconds=st.sampled_from([0.05, 0.5, 2.0, 6.0]))
+    def advance(self, seconds: float) -> None:
+        self._absorb(self.d.advance(seconds))
+
+    @precondition(lambda self: self.n_wf > 0)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        wf = data.draw(st.integers(1, self.n_wf))
+        self._absorb(self.d.cancel(f"wf-{wf}"))
+
+    @invariant()
+    def one_live_lease_per_action(self) -> None:
+        keys = Counter(l.action.key for l in self.d.st.leases.values())
+        assert not keys or max(keys.values()) == 1
+        for lease in self.d.st.leases.values():
+            assert lease.action.lease is lease and lease.action.state in (t.LEASED, t.RUNNING)
+
+    @invariant()
+    def history_is_safe(self) -> None:
+        new = self.d.records[self.seen:]
+        self.seen = len(self.d.records)
+        for ev in new:
+            if ev.action_id and ev.fencing_token:
+                key = f"{ev.workflow_id}/{ev.action_id}"
+                if ev.type == E.EVENT_TYPE_ACTION_LEASED:
+                    assert ev.fencing_token > self.max_token.get(key, 0), "tokens only grow"
+                    self.max_token[key] = ev.fencing_token
+        finished = Counter((e.workflow_id, e.action_id) for e in self.d.records
+                           if e.type in (E.EVENT_TYPE_ACTION_FINISHED,
+                                         E.EVENT_TYPE_ACTION_CANCELLED,
+                                         E.EVENT_TYPE_ACTION_SKIPPED))
+        assert not finished or max(finished.values()) == 1, "one terminal outcome per action"
+        for wf in self.d.st.workflows.values():
+            for a in wf.actions.values():
+                if a.state == t.SUCCEEDED:
+                    assert a.committed_token == a.token, "the committed token is the highest"
+                    assert all(n.state == t.SUCCEEDED for n in a.needs), "DAG order"
+
+    @invariant()
+    def slots_never_overbooked(self) -> None:
+        for w in self.d.st.workers.values():
+            if w.connected:
+                held = sum(l.slots for l in w.leases.values())
+                adopted = sum(l.slots for l in w.leases.values() if l.grant_seq == 0)
+                assert held + max(0, w.free) <= max(w.slots, adopted), "leased past capacity"
+
+
+CoreMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestCore = CoreMachine.TestCase
