@@ -33,8 +33,26 @@ from plait.coordinator.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
-E = pb.EventType
-_WATCH_QUEUE_LIMIT = 200_000
+E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
+_WATCH_QUEUE_LIMIT = 10_000  # commits a watcher may fall behind before its stream ends
+_WATCH_BATCH_BYTES = 1 << 20
+
+
+def _by_size(events: list[pb.HistoryEvent]) -> list[list[pb.HistoryEvent]]:
+    """Splits replayed events into batches of about 1 MiB (under the 4 MiB message limit)."""
+    out: list[list[pb.HistoryEvent]] = []
+    batch: list[pb.HistoryEvent] = []
+    size = 0
+    for ev in events:
+        n = ev.ByteSize()
+        if batch and size + n > _WATCH_BATCH_BYTES:
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(ev)
+        size += n
+    if batch:
+        out.append(batch)
+    return out
 
 
 class Runtime:
@@ -60,7 +78,9 @@ class Runtime:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sessions: dict[str, asyncio.Queue[wpb.ConnectResponse | None]] = {}
-        self._watchers: dict[str, set[asyncio.Queue[pb.HistoryEvent | None]]] = defaultdict(set)
+        self._watchers: dict[str, set[asyncio.Queue[list[pb.HistoryEvent] | None]]] = (
+            defaultdict(set)
+        )
         self._durable = 0
         self._durable_cond = asyncio.Condition()
         self._ids = itertools.count(1)
@@ -144,37 +164,39 @@ class Runtime:
 
     async def watch(
         self, workflow_id: str, after: int, follow: bool
-    ) -> AsyncIterator[pb.HistoryEvent]:
-        """Replays the history after ``after`` from the journal, then live events."""
+    ) -> AsyncIterator[list[pb.HistoryEvent]]:
+        """Replays the history after ``after`` from the journal, then live events, in batches."""
         if workflow_id not in self.state.workflows:
             raise NotFoundError(f"workflow {workflow_id!r} not found")
-        q: asyncio.Queue[pb.HistoryEvent | None] = asyncio.Queue(_WATCH_QUEUE_LIMIT)
+        q: asyncio.Queue[list[pb.HistoryEvent] | None] = asyncio.Queue(_WATCH_QUEUE_LIMIT)
         self._watchers[workflow_id].add(q)
         try:
             last = after
             finished = False
             while True:
                 page = await self.store.read(workflow_id, last, 5000)
-                for ev in page:
-                    yield ev
-                    last = ev.sequence
-                    finished = ev.type == E.EVENT_TYPE_WORKFLOW_FINISHED
+                for batch in _by_size(page):
+                    yield batch
+                if page:
+                    last = page[-1].sequence
+                    finished = page[-1].type == E.EVENT_TYPE_WORKFLOW_FINISHED
                 if len(page) < 5000:
                     break
             if not follow or finished:
                 return
             while True:
-                ev = await q.get()
-                if ev is None:
+                events = await q.get()
+                if events is None:
                     raise UnavailableError(
                         f"watch of {workflow_id} ended (coordinator stopping or watcher too slow);"
                         f" resume after sequence {last}"
                     )
-                if ev.sequence <= last:
+                fresh = [ev for ev in events if ev.sequence > last]
+                if not fresh:
                     continue
-                last = ev.sequence
-                yield ev
-                if ev.type == E.EVENT_TYPE_WORKFLOW_FINISHED:
+                last = fresh[-1].sequence
+                yield fresh
+                if fresh[-1].type == E.EVENT_TYPE_WORKFLOW_FINISHED:
                     return
         finally:
             qs = self._watchers.get(workflow_id)
@@ -187,15 +209,16 @@ class Runtime:
 
     async def _run(self) -> None:
         core = self.state
+        loop = asyncio.get_running_loop()
         next_tick = 0.0
         try:
             while True:
                 if not self._inbox and not self._stopping:
-                    timeout = max(0.0, next_tick - self.clock.monotonic())
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout)
-                    except TimeoutError:
-                        pass
+                    timer = loop.call_later(
+                        max(0.0, next_tick - self.clock.monotonic()), self._wake.set
+                    )
+                    await self._wake.wait()
+                    timer.cancel()
                 self._wake.clear()
                 batch, self._inbox = self._inbox, []
                 now = self.clock.monotonic()
@@ -283,6 +306,8 @@ class Runtime:
     def _observe_records(self, records: list[pb.HistoryEvent]) -> None:
         m = self.metrics
         watchers = self._watchers
+        per_workflow: dict[str, list[pb.HistoryEvent]] = {}
+        finished_by_state: dict[str, int] = {}
         granted = 0
         for ev in records:
             typ = ev.type
@@ -291,7 +316,7 @@ class Runtime:
             elif typ == E.EVENT_TYPE_ACTION_FINISHED or typ == E.EVENT_TYPE_ACTION_CANCELLED \
                     or typ == E.EVENT_TYPE_ACTION_SKIPPED:
                 state = STATE_NAME[ev.action_state]
-                m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc()
+                finished_by_state[state] = finished_by_state.get(state, 0) + 1
                 if ev.lease_id:
                     self.tracing.attempt_ended(ev.lease_id, state)
             elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
@@ -307,17 +332,21 @@ class Runtime:
                 state = pb.WorkflowState.Name(ev.workflow_state)
                 m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
                 self.tracing.workflow_finished(ev.workflow_id, state)
-            qs = watchers.get(ev.workflow_id)
-            if qs:
-                for q in list(qs):
-                    try:
-                        q.put_nowait(ev)
-                    except asyncio.QueueFull:
-                        qs.discard(q)
-                        q._queue.clear()  # type: ignore[attr-defined]
-                        q.put_nowait(None)
+            if ev.workflow_id in watchers:
+                per_workflow.setdefault(ev.workflow_id, []).append(ev)
         if granted:
             m.leases_granted.inc(granted)
+        for state, n in finished_by_state.items():
+            m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
+        for workflow_id, events in per_workflow.items():
+            qs = watchers[workflow_id]
+            for q in list(qs):
+                try:
+                    q.put_nowait(events)
+                except asyncio.QueueFull:  # too slow: end its stream, it may resume by sequence
+                    qs.discard(q)
+                    q._queue.clear()  # type: ignore[attr-defined]
+                    q.put_nowait(None)
 
 
 def _loss_reason(detail: str) -> str:

@@ -28,9 +28,9 @@ from plait.v1 import workflow_pb2 as pb
 if TYPE_CHECKING:
     from plait.coordinator.core.state import SchedulerState
 
-E = pb.EventType
-O = wpb.ActionOutcome  # noqa: E741
-R = wpb.CancelReason
+E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
+O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
+R = wpb  # CANCEL_REASON_* constants
 OK = status_pb2.Status(code=code_pb2.OK)
 MAX_OUTPUT_BYTES = 1024 * 1024
 
@@ -49,8 +49,11 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     w.last_seen = st.now
     remote = observe_hlc(st, w, msg, out)
     if kind == "action_finished":
-        for res in msg.action_finished.results:
+        finished = msg.action_finished
+        for res in finished.results:
             on_result(st, w, s.session_id, res, remote, out)
+        if finished.credit:
+            w.free = min(w.slots, w.free + finished.credit)
     elif kind == "heartbeat":
         on_heartbeat(st, w, msg.heartbeat, out)
     elif kind == "credit":

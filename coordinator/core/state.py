@@ -45,8 +45,8 @@ from plait.hlc import HlcTimestamp, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
-E = pb.EventType
-W = pb.WorkflowState
+E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
+W = pb  # WORKFLOW_STATE_* constants
 STATE_NAME = {v: k for k, v in pb.ActionState.items()}
 DEFAULT_BACKOFF = 1.0
 DEFAULT_MAX_BACKOFF = 100.0
@@ -151,7 +151,9 @@ class SchedulerState:
             **fields,  # type: ignore[arg-type]
         )
         ev.hlc.physical_ms, ev.hlc.logical = ts
-        ev.recorded_at.FromMilliseconds(self._clock.wall)
+        wall = self._clock.wall
+        rec = ev.recorded_at
+        rec.seconds, rec.nanos = wall // 1000, (wall % 1000) * 1_000_000
         if a is not None:
             ev.action_id = a.spec.id
             ev.action_state = a.state  # type: ignore[assignment]
@@ -323,7 +325,7 @@ class SchedulerState:
         )
         wf.finished_hlc = HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical)
         wf.finished_wall_ms = self._clock.wall
-        self._out.observe("workflow_finished", detail=W.Name(wf.state))
+        self._out.observe("workflow_finished", detail=pb.WorkflowState.Name(wf.state))
 
     # ---- results, retries -----------------------------------------------------------------
 

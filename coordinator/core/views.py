@@ -33,6 +33,7 @@ def workflow_status(
     for state, n in counts.items():
         out.action_counts[STATE_NAME[state]] = n
     if with_actions:
+        live = [w for w in st.workers.values() if w.connected and not w.draining]
         for a in wf.actions.values():
             s = out.actions.add(
                 action_id=a.spec.id,
@@ -42,7 +43,7 @@ def workflow_status(
                 worker_id=a.worker_id,
                 outputs_json=a.outputs_json,
                 exit_code=a.exit_code,
-                reason=a.reason or why_waiting(st, a),
+                reason=a.reason or why_waiting(st, a, live),
                 lease_losses=a.lease_losses,
             )
             if a.error is not None:
@@ -50,8 +51,11 @@ def workflow_status(
     return out
 
 
-def why_waiting(st: SchedulerState, a: ActionRecord) -> str:
-    """Why a non-terminal action is where it is, in words an operator can act on."""
+def why_waiting(st: SchedulerState, a: ActionRecord, live: list[WorkerRecord]) -> str:
+    """Why a non-terminal action is where it is, in words an operator can act on.
+
+    ``live`` is the connected, non-draining workers (computed once per view).
+    """
     if a.state == t.PENDING:
         waiting = [n.spec.id for n in a.needs if n.state != t.SUCCEEDED]
         shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
@@ -59,7 +63,6 @@ def why_waiting(st: SchedulerState, a: ActionRecord) -> str:
     if a.state == t.READY:
         if a.not_before > st.now:
             return f"retry backoff: {a.not_before - st.now:.1f}s left"
-        live = [w for w in st.workers.values() if w.connected and not w.draining]
         if not live:
             return "waiting for a worker: none connected"
         can = [w for w in live if _could_run(a, w)]
@@ -74,7 +77,7 @@ def why_waiting(st: SchedulerState, a: ActionRecord) -> str:
         return "waiting for a free slot"
     if a.state in (t.LEASED, t.RUNNING):
         return f"attempt {a.attempt} on {a.worker_id}"
-    return ""
+    return ""  # terminal actions carry their own reason
 
 
 def _could_run(a: ActionRecord, w: WorkerRecord) -> bool:

@@ -17,7 +17,7 @@ from plait.coordinator.core.events import CancelRequested, WorkflowSubmitted
 from plait.coordinator.core.validate import describe_id, validate_submit
 from plait.coordinator.runtime import Runtime
 
-E = pb.EventType
+E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 MAX_PAGE = 1000
 
 
@@ -125,11 +125,11 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
     async def WatchWorkflow(self, request: wspb.WatchWorkflowRequest, context: Any) -> Any:
         merge_client_hlc(self.runtime, request.hlc)
         self._workflow(request.workflow_id)
-        async for ev in self.runtime.watch(
+        async for events in self.runtime.watch(
             request.workflow_id, request.after_sequence, request.follow
         ):
             resp = wspb.WatchWorkflowResponse()
-            resp.event.CopyFrom(ev)
+            resp.events.extend(events)
             yield self._stamp(resp)
 
     async def GetActionLogs(

@@ -35,8 +35,8 @@ async def submit(target: str, spec: pb.WorkflowSpec, key: str = "") -> tuple[str
 async def history(target: str, workflow_id: str) -> list[pb.HistoryEvent]:
     async with grpc.aio.insecure_channel(target) as ch:
         stub = wsgrpc.WorkflowServiceStub(ch)
-        return [r.event async for r in stub.WatchWorkflow(
-            wspb.WatchWorkflowRequest(workflow_id=workflow_id, follow=False))]
+        return [e async for r in stub.WatchWorkflow(
+            wspb.WatchWorkflowRequest(workflow_id=workflow_id, follow=False)) for e in r.events]
 
 
 async def get(target: str, workflow_id: str) -> pb.WorkflowStatus:

@@ -550,6 +550,12 @@ class ActionFinished(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    credit: _builtins.int
+    """Set by the worker: slots freed since the last credit, exactly as Credit.slots. Carrying the
+    credit with the results lets the coordinator lease the next actions in the same commit.
+    Do not include it in a re-sent batch after a reconnect (Hello already accounted for it).
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActionResult]:
         """Set by the worker: results, each re-sent until acked."""
@@ -558,10 +564,11 @@ class ActionFinished(_message.Message):
         self,
         *,
         results: _abc.Iterable[Global___ActionResult] | None = ...,
+        credit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -314,29 +314,31 @@ Global___WatchWorkflowRequest: _TypeAlias = WatchWorkflowRequest  # noqa: Y015
 
 @_typing.final
 class WatchWorkflowResponse(_message.Message):
-    """WatchWorkflowResponse carries one history event."""
+    """WatchWorkflowResponse carries a batch of consecutive history events (one journal commit
+    while live; up to about 1 MiB while replaying), in sequence order.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HLC_FIELD_NUMBER: _builtins.int
-    EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
-        """Set by the coordinator: its HLC reading when it sent the event."""
+        """Set by the coordinator: its HLC reading when it sent the batch."""
 
     @_builtins.property
-    def event(self) -> _workflow_pb2.HistoryEvent:
-        """The event."""
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.HistoryEvent]:
+        """The events, in increasing sequence."""
 
     def __init__(
         self,
         *,
         hlc: _hlc_pb2.HlcTimestamp | None = ...,
-        event: _workflow_pb2.HistoryEvent | None = ...,
+        events: _abc.Iterable[_workflow_pb2.HistoryEvent] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "hlc", b"hlc"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "hlc", b"hlc"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "hlc", b"hlc"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
