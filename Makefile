@@ -49,8 +49,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# setuptools maps three folders onto one `plait` namespace; mypy needs to see that shape, so
+# it checks a tree of symlinks laid out as the installed package.
+TC := $(VENV)/typecheck
 typecheck: $(STAMP)
-	$(BIN)/mypy clients/python/plait coordinator workerd
+	rm -rf $(TC) && mkdir -p $(TC)/plait
+	for f in clients/python/plait/*; do ln -s $(CURDIR)/$$f $(TC)/plait/; done
+	ln -s $(CURDIR)/coordinator $(TC)/plait/coordinator
+	ln -s $(CURDIR)/workerd $(TC)/plait/workerd
+	cd $(TC) && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p plait
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -8,10 +8,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from plait.errors import ConfigError
-
 from plait.coordinator.config import load_config, parse_args
 from plait.coordinator.server import CoordinatorServer
+from plait.errors import ConfigError
 
 log = logging.getLogger("plait.coordinator")
 

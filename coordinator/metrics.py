@@ -10,7 +10,23 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _DURATION_BUCKETS = (
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600,
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
 )
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
@@ -24,12 +40,16 @@ class CoordinatorMetrics:
             "plait_workflows_submitted_total", "Workflows accepted.", registry=r
         )
         self.workflows_finished = Counter(
-            "plait_workflows_finished_total", "Workflows that reached a terminal state.",
-            ["state"], registry=r,
+            "plait_workflows_finished_total",
+            "Workflows that reached a terminal state.",
+            ["state"],
+            registry=r,
         )
         self.actions_finished = Counter(
-            "plait_actions_finished_total", "Actions that reached a terminal state.",
-            ["state"], registry=r,
+            "plait_actions_finished_total",
+            "Actions that reached a terminal state.",
+            ["state"],
+            registry=r,
         )
         self.leases_granted = Counter(
             "plait_leases_granted_total", "Leases granted to workers.", registry=r
@@ -37,19 +57,22 @@ class CoordinatorMetrics:
         self.leases_lost = Counter(
             "plait_leases_lost_total",
             "Leases lost (expired, not reported, worker left); the action ran again.",
-            ["reason"], registry=r,
+            ["reason"],
+            registry=r,
         )
         self.retries = Counter(
             "plait_action_retries_total", "Failed attempts scheduled to run again.", registry=r
         )
         self.stale_results = Counter(
             "plait_stale_results_refused_total",
-            "Results refused because their fencing token was superseded.", registry=r,
+            "Results refused because their fencing token was superseded.",
+            registry=r,
         )
         self.clock_offset_rejections = Counter(
             "plait_clock_offset_rejections_total",
             "Messages whose HLC was too far ahead to merge (max_clock_offset).",
-            ["worker"], registry=r,
+            ["worker"],
+            registry=r,
         )
         self.workers_connected = Gauge(
             "plait_workers_connected", "Worker streams currently open.", registry=r
@@ -60,13 +83,18 @@ class CoordinatorMetrics:
         self.action_duration = Histogram(
             "plait_action_duration_seconds",
             "Run time of attempts, as measured by the worker.",
-            buckets=_DURATION_BUCKETS, registry=r,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.journal_commit = Histogram(
-            "plait_journal_commit_seconds", "Time to durably commit one journal batch.",
-            buckets=_COMMIT_BUCKETS, registry=r,
+            "plait_journal_commit_seconds",
+            "Time to durably commit one journal batch.",
+            buckets=_COMMIT_BUCKETS,
+            registry=r,
         )
         self.journal_batch = Histogram(
-            "plait_journal_batch_events", "Events per journal commit (group commit).",
-            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000), registry=r,
+            "plait_journal_batch_events",
+            "Events per journal commit (group commit).",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=r,
         )

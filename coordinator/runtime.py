@@ -19,23 +19,25 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from plait.clock import Clock
-from plait.errors import NotFoundError, UnavailableError
-from plait.v1 import worker_service_pb2 as wpb
-from plait.v1 import workflow_pb2 as pb
-
 from plait.coordinator.config import CoordinatorConfig
 from plait.coordinator.core.events import Instant, Stimulus, TimePassed, WorkerStreamClosed
-from plait.coordinator.core.model import Outcome
+from plait.coordinator.core.model import Observation, Outcome
 from plait.coordinator.core.state import STATE_NAME, CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalStore
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.tracing import Tracing
+from plait.errors import NotFoundError, UnavailableError
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 _WATCH_QUEUE_LIMIT = 10_000  # commits a watcher may fall behind before its stream ends
 _WATCH_BATCH_BYTES = 1 << 20
+_ENDED = frozenset(
+    {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
+)
 
 
 def _by_size(events: list[pb.HistoryEvent]) -> list[list[pb.HistoryEvent]]:
@@ -78,13 +80,14 @@ class Runtime:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sessions: dict[str, asyncio.Queue[wpb.ConnectResponse | None]] = {}
-        self._watchers: dict[str, set[asyncio.Queue[list[pb.HistoryEvent] | None]]] = (
-            defaultdict(set)
+        self._watchers: dict[str, set[asyncio.Queue[list[pb.HistoryEvent] | None]]] = defaultdict(
+            set
         )
         self._durable = 0
         self._durable_cond = asyncio.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
+        self._no_sessions = asyncio.Event()
         self.tick_interval = min(0.05, config.heartbeat_interval.total_seconds() / 5)
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -159,6 +162,14 @@ class Runtime:
     def close_session(self, session_id: str) -> None:
         if self._sessions.pop(session_id, None) is not None and not self._stopping:
             self.post(WorkerStreamClosed(self.next_id("closed"), session_id))
+        if not self._sessions:
+            self._no_sessions.set()
+
+    async def sessions_closed(self) -> None:
+        """Returns once every worker stream has ended (callers bound it with a timeout)."""
+        if self._sessions:
+            self._no_sessions.clear()
+            await self._no_sessions.wait()
 
     # ---- watchers -------------------------------------------------------------------------
 
@@ -269,38 +280,58 @@ class Runtime:
                 fut.set_exception(value)
             else:
                 fut.set_result(value)
+        self._observe(out.observations)
         m = self.metrics
-        for o in out.observations:
+        m.workers_connected.set(len(core.by_session))
+        m.ready_actions.set(sum(len(wf.ready) for wf in core.active) + len(core.delayed))
+
+    def _observe(self, observations: list[Observation]) -> None:
+        m = self.metrics
+        for o in observations:
             kind = o.kind
             if kind == "action_duration":
                 trace_id = self.tracing.trace_id(o.lease_id)
                 m.action_duration.observe(o.value, {"trace_id": trace_id} if trace_id else None)
             elif kind == "lease_lost":
                 m.leases_lost.labels(_loss_reason(o.detail)).inc()
-                log.warning("lease lost on worker %s: %s", o.worker_id, o.detail,
-                            extra={"worker_id": o.worker_id})
+                log.warning(
+                    "lease lost on worker %s: %s",
+                    o.worker_id,
+                    o.detail,
+                    extra={"worker_id": o.worker_id},
+                )
             elif kind == "stale_result":
                 m.stale_results.inc()
-                log.warning("refused result from %s: %s", o.worker_id, o.detail,
-                            extra={"worker_id": o.worker_id, "lease_id": o.lease_id})
+                log.warning(
+                    "refused result from %s: %s",
+                    o.worker_id,
+                    o.detail,
+                    extra={"worker_id": o.worker_id, "lease_id": o.lease_id},
+                )
             elif kind == "clock_offset":
                 m.clock_offset_rejections.labels(o.worker_id).inc()
-                log.warning("worker %s clock is %d ms ahead; its HLC was not merged",
-                            o.worker_id, o.value, extra={"worker_id": o.worker_id})
+                log.warning(
+                    "worker %s clock is %d ms ahead; its HLC was not merged",
+                    o.worker_id,
+                    o.value,
+                    extra={"worker_id": o.worker_id},
+                )
             elif kind == "worker_connected":
                 log.info("worker %s connected", o.worker_id, extra={"worker_id": o.worker_id})
             elif kind == "worker_disconnected":
                 log.info("worker %s disconnected", o.worker_id, extra={"worker_id": o.worker_id})
-        m.workers_connected.set(len(core.by_session))
-        m.ready_actions.set(sum(len(wf.ready) for wf in core.active) + len(core.delayed))
 
     def _trace_grants(self, grant: wpb.LeaseGrant, session_id: str) -> None:
         w = self.state.by_session.get(session_id)
         worker_id = w.worker_id if w is not None else ""
         for lease in grant.leases:
             lease.traceparent = self.tracing.attempt_leased(
-                lease.workflow_id, lease.action_id, lease.attempt, lease.fencing_token,
-                worker_id, lease.lease_id,
+                lease.workflow_id,
+                lease.action_id,
+                lease.attempt,
+                lease.fencing_token,
+                worker_id,
+                lease.lease_id,
             )
 
     def _observe_records(self, records: list[pb.HistoryEvent]) -> None:
@@ -313,8 +344,7 @@ class Runtime:
             typ = ev.type
             if typ == E.EVENT_TYPE_ACTION_LEASED:
                 granted += 1
-            elif typ == E.EVENT_TYPE_ACTION_FINISHED or typ == E.EVENT_TYPE_ACTION_CANCELLED \
-                    or typ == E.EVENT_TYPE_ACTION_SKIPPED:
+            elif typ in _ENDED:
                 state = STATE_NAME[ev.action_state]
                 finished_by_state[state] = finished_by_state.get(state, 0) + 1
                 if ev.lease_id:
@@ -323,8 +353,9 @@ class Runtime:
                 m.retries.inc()
                 self.tracing.attempt_ended(ev.lease_id, "RETRY")
             elif typ == E.EVENT_TYPE_LEASE_LOST:
-                self.tracing.attempt_ended(f"{ev.workflow_id}/{ev.action_id}/"
-                                           f"{ev.fencing_token}", "LEASE_LOST")
+                self.tracing.attempt_ended(
+                    f"{ev.workflow_id}/{ev.action_id}/{ev.fencing_token}", "LEASE_LOST"
+                )
             elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
                 m.workflows_submitted.inc()
                 self.tracing.workflow_submitted(ev.workflow_id, ev.spec.name)
@@ -361,4 +392,3 @@ def _loss_reason(detail: str) -> str:
     if "left" in detail:
         return "worker_left"
     return "other"
-

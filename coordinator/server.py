@@ -21,13 +21,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from plait.clock import Clock, SystemClock
-from plait.v1 import admin_service_pb2, worker_service_pb2, workflow_service_pb2
-from plait.v1 import admin_service_pb2_grpc as agrpc
-from plait.v1 import worker_service_pb2_grpc as wgrpc
-from plait.v1 import workflow_service_pb2_grpc as wsgrpc
 from prometheus_client import start_http_server
 
+from plait.clock import Clock, SystemClock
 from plait.coordinator.config import CoordinatorConfig, split_host_port
 from plait.coordinator.journal.store import open_store
 from plait.coordinator.metrics import CoordinatorMetrics
@@ -37,6 +33,10 @@ from plait.coordinator.services.errors import ErrorInterceptor
 from plait.coordinator.services.worker import WorkerService
 from plait.coordinator.services.workflow import WorkflowService
 from plait.coordinator.tracing import Tracing
+from plait.v1 import admin_service_pb2, worker_service_pb2, workflow_service_pb2
+from plait.v1 import admin_service_pb2_grpc as agrpc
+from plait.v1 import worker_service_pb2_grpc as wgrpc
+from plait.v1 import workflow_service_pb2_grpc as wsgrpc
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,11 @@ class CoordinatorServer:
         agrpc.add_AdminServiceServicer_to_server(AdminService(self.runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         self.port = server.add_insecure_port(cfg.listen)
@@ -119,8 +122,12 @@ class CoordinatorServer:
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
         host = split_host_port(cfg.listen, "listen")[0]
-        log.info("coordinator serving gRPC on %s:%d, metrics on %s", host, self.port,
-                 f"{host}:{self.metrics_port}" if self.metrics_port else "off")
+        log.info(
+            "coordinator serving gRPC on %s:%d, metrics on %s",
+            host,
+            self.port,
+            f"{host}:{self.metrics_port}" if self.metrics_port else "off",
+        )
         if cfg.ready_file:
             self._write_ready_file(cfg.ready_file, host)
 
@@ -162,9 +169,10 @@ class CoordinatorServer:
         for w in list(st.workers.values()):
             if w.connected and not w.draining:
                 self.runtime.post(DrainRequested(self.runtime.next_id("shutdown"), w.worker_id))
-        deadline = self.clock.monotonic() + grace
-        while st.by_session and self.clock.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if not await self.runtime.sessions_closed(grace):
+            log.warning(
+                "%d workers still connected after %.1fs of drain", len(st.by_session), grace
+            )
 
     async def wait(self) -> None:
         """Returns once :meth:`stop` has begun."""

@@ -42,7 +42,9 @@ def _exporter() -> SpanExporter | None:
                 OTLPSpanExporter,
             )
         except ImportError:
-            log.warning("OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed")
+            log.warning(
+                "OTEL_TRACES_EXPORTER=otlp but opentelemetry-exporter-otlp is not installed"
+            )
             return None
         exporter: SpanExporter = OTLPSpanExporter()
         return exporter
@@ -80,7 +82,12 @@ class Tracing:
         self._workflows[workflow_id] = span  # type: ignore[assignment]
 
     def attempt_leased(
-        self, workflow_id: str, action_id: str, attempt: int, token: int, worker_id: str,
+        self,
+        workflow_id: str,
+        action_id: str,
+        attempt: int,
+        token: int,
+        worker_id: str,
         lease_id: str,
     ) -> str:
         """Starts the attempt's span and returns its W3C traceparent."""

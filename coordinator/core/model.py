@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from google.rpc import status_pb2
+
 from plait.coordinator.core.transitions import PENDING
 from plait.hlc import ZERO, HlcTimestamp
 from plait.v1 import worker_service_pb2 as wpb
@@ -168,7 +169,7 @@ class Outcome:
             lease_id=lease.lease_id,
             fencing_token=lease.token,
             reason=reason,
-            message=message,  # type: ignore[arg-type]
+            message=message,
         )
         self.send(session_id, msg)
 

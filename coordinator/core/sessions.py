@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import heapq
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2, status_pb2
+
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome, WorkerRecord
@@ -129,15 +130,15 @@ def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: 
     welcome.session_id = session_id
     for r in hello.running:
         w.free -= max(1, r.slots)
-        lease = st.leases.get(r.lease_id)
+        held = st.leases.get(r.lease_id)
         if (
-            lease is not None
-            and lease.token == r.fencing_token
-            and lease.worker.worker_id == w.worker_id
+            held is not None
+            and held.token == r.fencing_token
+            and held.worker.worker_id == w.worker_id
         ):
-            lease.worker = w
-            lease.grant_seq = 0
-            w.leases[lease.lease_id] = lease
+            held.worker = w
+            held.grant_seq = 0
+            w.leases[held.lease_id] = held
             welcome.adopted.append(r)
         else:
             welcome.kill.append(r)
@@ -396,7 +397,7 @@ def on_result(
             st, a, "the worker cancelled the attempt (self-fencing)", w.worker_id, out
         )
         return
-    fields = dict(
+    fields: dict[str, Any] = dict(
         worker_id=w.worker_id,
         lease_id=lease.lease_id,
         exit_code=res.exit_code,

@@ -22,6 +22,7 @@ from datetime import timedelta
 
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
+
 from plait.coordinator.core import sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
@@ -41,13 +42,13 @@ from plait.coordinator.core.model import (
     WorkerRecord,
     WorkflowRecord,
 )
-from plait.hlc import HlcTimestamp, HybridLogicalClock
+from plait.hlc import ZERO, HlcTimestamp, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 W = pb  # WORKFLOW_STATE_* constants
-STATE_NAME = {v: k for k, v in pb.ActionState.items()}
+STATE_NAME: dict[int, str] = {int(v): k for k, v in pb.ActionState.items()}
 DEFAULT_BACKOFF = 1.0
 DEFAULT_MAX_BACKOFF = 100.0
 DEFAULT_MULTIPLIER = 2.0
@@ -87,7 +88,7 @@ class SchedulerState:
         config: CoreConfig,
         *,
         max_clock_offset_ms: int = 500,
-        hlc_floor: HlcTimestamp = HlcTimestamp(0, 0),
+        hlc_floor: HlcTimestamp = ZERO,
         last_sequence: int = 0,
         rng: random.Random | None = None,
     ) -> None:

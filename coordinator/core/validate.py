@@ -144,6 +144,26 @@ def longest_chain(ids: list[str], needs: dict[str, list[str]]) -> int:
     return max(depth.values(), default=0)
 
 
+def _needs_violations(
+    spec: workflow_pb2.WorkflowSpec, index: dict[str, int], v: list[FieldViolation]
+) -> dict[str, list[str]]:
+    """Checks every edge; returns the needs-graph of known ids (for the cycle search)."""
+    needs: dict[str, list[str]] = {}
+    for i, a in enumerate(spec.actions):
+        seen: set[str] = set()
+        for j, dep in enumerate(a.needs):
+            where = f"spec.actions[{i}].needs[{j}]"
+            if dep == a.id:
+                v.append(FieldViolation(where, f"action {a.id!r} needs itself: {a.id} -> {a.id}"))
+            elif dep not in index:
+                v.append(FieldViolation(where, f"action {a.id!r} needs unknown action {dep!r}"))
+            elif dep in seen:
+                v.append(FieldViolation(where, f"action {a.id!r} lists need {dep!r} twice"))
+            seen.add(dep)
+        needs.setdefault(a.id, [d for d in a.needs if d in index and d != a.id])
+    return needs
+
+
 def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limits: Limits) -> None:
     """Raises :class:`InvalidArgumentError` listing every problem with a submission."""
     v: list[FieldViolation] = []
@@ -192,19 +212,7 @@ def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limit
                 "spec.actions", f"has {edges} edges; the limit max_edges is {limits.max_edges}"
             )
         )
-    needs: dict[str, list[str]] = {}
-    for i, a in enumerate(spec.actions):
-        seen: set[str] = set()
-        for j, dep in enumerate(a.needs):
-            where = f"spec.actions[{i}].needs[{j}]"
-            if dep == a.id:
-                v.append(FieldViolation(where, f"action {a.id!r} needs itself: {a.id} -> {a.id}"))
-            elif dep not in index:
-                v.append(FieldViolation(where, f"action {a.id!r} needs unknown action {dep!r}"))
-            elif dep in seen:
-                v.append(FieldViolation(where, f"action {a.id!r} lists need {dep!r} twice"))
-            seen.add(dep)
-        needs.setdefault(a.id, [d for d in a.needs if d in index and d != a.id])
+    needs = _needs_violations(spec, index, v)
     if v:
         raise InvalidArgumentError(v)
     ids = list(index)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from datetime import timedelta
 
-from plait.v1 import admin_service_pb2 as apb
-from plait.v1 import workflow_pb2 as pb
-
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, WorkerRecord, WorkflowRecord
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
+from plait.v1 import admin_service_pb2 as apb
+from plait.v1 import workflow_pb2 as pb
 
 
 def workflow_status(
@@ -37,7 +36,7 @@ def workflow_status(
         for a in wf.actions.values():
             s = out.actions.add(
                 action_id=a.spec.id,
-                state=a.state,  # type: ignore[arg-type]
+                state=a.state,
                 attempt=a.attempt,
                 fencing_token=a.token,
                 worker_id=a.worker_id,
@@ -58,7 +57,9 @@ def why_waiting(st: SchedulerState, a: ActionRecord, live: list[WorkerRecord]) -
     """
     if a.state == t.PENDING:
         waiting = [n.spec.id for n in a.needs if n.state != t.SUCCEEDED]
-        shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+        shown = ", ".join(waiting[:5]) + (
+            f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        )
         return f"waiting for needs: {shown}"
     if a.state == t.READY:
         if a.not_before > st.now:

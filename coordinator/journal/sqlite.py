@@ -13,10 +13,9 @@ import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from plait.coordinator.journal.store import JournalHead
 from plait.hlc import HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
-
-from plait.coordinator.journal.store import JournalHead
 
 SCHEMA_VERSION = 1
 _SCHEMA = """

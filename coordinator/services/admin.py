@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from plait.errors import FieldViolation, InvalidArgumentError
-from plait.v1 import admin_service_pb2 as apb
-from plait.v1 import admin_service_pb2_grpc as agrpc
-
 from plait.coordinator.core import views
 from plait.coordinator.core.events import DrainRequested
 from plait.coordinator.core.validate import describe_id
 from plait.coordinator.runtime import Runtime
 from plait.coordinator.services.workflow import merge_client_hlc
+from plait.errors import FieldViolation, InvalidArgumentError
+from plait.v1 import admin_service_pb2 as apb
+from plait.v1 import admin_service_pb2_grpc as agrpc
 
 
 class AdminService(agrpc.AdminServiceServicer):

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 from grpc_status import rpc_status
+
 from plait.errors import PlaitError
 
 log = logging.getLogger(__name__)
@@ -22,13 +23,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> Any:
+        handler: Any = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary
 

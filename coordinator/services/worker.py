@@ -12,13 +12,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from plait.errors import FieldViolation, InvalidArgumentError
-from plait.v1 import worker_service_pb2 as wpb
-from plait.v1 import worker_service_pb2_grpc as wgrpc
-
 from plait.coordinator.core.events import WorkerMessageReceived
 from plait.coordinator.core.validate import describe_id
 from plait.coordinator.runtime import Runtime
+from plait.errors import FieldViolation, InvalidArgumentError
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import worker_service_pb2_grpc as wgrpc
 
 log = logging.getLogger(__name__)
 MAX_SLOTS = 100_000

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
-
-from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
-from plait.hlc import ClockOffsetError, HlcTimestamp
-from plait.v1 import workflow_pb2 as pb
-from plait.v1 import workflow_service_pb2 as wspb
-from plait.v1 import workflow_service_pb2_grpc as wsgrpc
 
 from plait.coordinator.config import Limits
 from plait.coordinator.core import views
 from plait.coordinator.core.events import CancelRequested, WorkflowSubmitted
 from plait.coordinator.core.validate import describe_id, validate_submit
 from plait.coordinator.runtime import Runtime
+from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
+from plait.hlc import ClockOffsetError, HlcTimestamp
+from plait.v1 import workflow_pb2 as pb
+from plait.v1 import workflow_service_pb2 as wspb
+from plait.v1 import workflow_service_pb2_grpc as wsgrpc
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 MAX_PAGE = 1000
@@ -24,10 +24,8 @@ MAX_PAGE = 1000
 def merge_client_hlc(runtime: Runtime, msg: Any) -> None:
     """Merges a client's HLC stamp (a clock too far ahead is simply not merged)."""
     if msg.physical_ms:
-        try:
+        with contextlib.suppress(ClockOffsetError):
             runtime.state.hlc.observe(HlcTimestamp(msg.physical_ms, msg.logical))
-        except ClockOffsetError:
-            pass
 
 
 def check_workflow_id(value: str) -> None:
@@ -63,9 +61,7 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
                 reply,
             )
         )
-        return self._stamp(
-            wspb.SubmitWorkflowResponse(workflow_id=workflow_id, created=created)
-        )  # type: ignore[no-any-return]
+        return self._stamp(wspb.SubmitWorkflowResponse(workflow_id=workflow_id, created=created))  # type: ignore[no-any-return]
 
     def _workflow(self, workflow_id: str) -> Any:
         check_workflow_id(workflow_id)
@@ -146,10 +142,15 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
         while True:
             page = await self.runtime.store.read(request.workflow_id, last, 5000)
             for ev in page:
-                if ev.action_id == request.action_id and ev.type in (
-                    E.EVENT_TYPE_ACTION_FINISHED,
-                    E.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
-                ) and ev.lease_id:
+                if (
+                    ev.action_id == request.action_id
+                    and ev.type
+                    in (
+                        E.EVENT_TYPE_ACTION_FINISHED,
+                        E.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
+                    )
+                    and ev.lease_id
+                ):
                     resp.attempts.add(
                         attempt=ev.attempt,
                         fencing_token=ev.fencing_token,

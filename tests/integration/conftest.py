@@ -5,6 +5,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from plait.coordinator.config import CoordinatorConfig
 from plait.coordinator.server import CoordinatorServer
 
@@ -12,14 +13,16 @@ from plait.coordinator.server import CoordinatorServer
 @pytest.fixture
 async def coordinator(tmp_path: Path) -> AsyncIterator[CoordinatorServer]:
     """A real coordinator (grpc.aio on 127.0.0.1:0, SQLite file) in this process."""
-    server = CoordinatorServer(CoordinatorConfig(
-        listen="127.0.0.1:0",
-        store=f"sqlite:///{tmp_path}/journal.db",
-        metrics_listen="127.0.0.1:0",
-        heartbeat_interval=timedelta(milliseconds=100),
-        lease_ttl=timedelta(milliseconds=600),
-        kill_grace=timedelta(milliseconds=100),
-    ))
+    server = CoordinatorServer(
+        CoordinatorConfig(
+            listen="127.0.0.1:0",
+            store=f"sqlite:///{tmp_path}/journal.db",
+            metrics_listen="127.0.0.1:0",
+            heartbeat_interval=timedelta(milliseconds=100),
+            lease_ttl=timedelta(milliseconds=600),
+            kill_grace=timedelta(milliseconds=100),
+        )
+    )
     await server.start()
     try:
         yield server

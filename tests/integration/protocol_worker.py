@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import grpc
+
 from plait.clock import SystemClock
 from plait.hlc import HybridLogicalClock
 from plait.v1 import worker_service_pb2 as wpb
@@ -17,9 +18,16 @@ from plait.v1 import worker_service_pb2_grpc as wgrpc
 
 
 class ProtocolWorker:
-    def __init__(self, target: str, worker_id: str, *, slots: int = 4,
-                 handlers: tuple[str, ...] = ("noop",), exec_enabled: bool = False,
-                 running: list[wpb.LeaseReport] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        worker_id: str,
+        *,
+        slots: int = 4,
+        handlers: tuple[str, ...] = ("noop",),
+        exec_enabled: bool = False,
+        running: list[wpb.LeaseReport] | None = None,
+    ) -> None:
         self.target = target
         self.worker_id = worker_id
         self.hlc = HybridLogicalClock(SystemClock())
@@ -27,8 +35,13 @@ class ProtocolWorker:
         self.outbox: asyncio.Queue[wpb.ConnectRequest | None] = asyncio.Queue()
         self.inbox: asyncio.Queue[wpb.ConnectResponse] = asyncio.Queue()
         self.leases: dict[str, wpb.Lease] = {}
-        self.hello = wpb.Hello(worker_id=worker_id, slots=slots, handlers=handlers,
-                               exec_enabled=exec_enabled, running=running or [])
+        self.hello = wpb.Hello(
+            worker_id=worker_id,
+            slots=slots,
+            handlers=handlers,
+            exec_enabled=exec_enabled,
+            running=running or [],
+        )
         self.welcome: wpb.Welcome | None = None
         self.hb_seq = 0
         self.grant_seq = 0
@@ -70,11 +83,13 @@ class ProtocolWorker:
 
     async def next(self, kind: str, timeout: float = 5.0) -> wpb.ConnectResponse:
         """The next message of ``kind`` (others are skipped)."""
+
         async def find() -> wpb.ConnectResponse:
             while True:
                 msg = await self.inbox.get()
                 if msg.WhichOneof("message") == kind:
                     return msg
+
         return await asyncio.wait_for(find(), timeout)
 
     async def grants(self, n: int, timeout: float = 5.0) -> list[wpb.Lease]:
@@ -88,18 +103,37 @@ class ProtocolWorker:
     def heartbeat(self, leases: list[wpb.Lease] | None = None) -> None:
         self.hb_seq += 1
         held = self.leases.values() if leases is None else leases
-        self.send(heartbeat=wpb.Heartbeat(
-            sequence=self.hb_seq, last_grant_sequence=self.grant_seq,
-            leases=[wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
-                    for l in held]))
+        self.send(
+            heartbeat=wpb.Heartbeat(
+                sequence=self.hb_seq,
+                last_grant_sequence=self.grant_seq,
+                leases=[
+                    wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
+                    for l in held
+                ],
+            )
+        )
 
-    def finish(self, lease: wpb.Lease, outputs: str = "{}",
-               outcome: int = wpb.ACTION_OUTCOME_SUCCEEDED, token: int | None = None) -> None:
+    def finish(
+        self,
+        lease: wpb.Lease,
+        outputs: str = "{}",
+        outcome: int = wpb.ACTION_OUTCOME_SUCCEEDED,
+        token: int | None = None,
+    ) -> None:
         self.leases.pop(lease.lease_id, None)
-        self.send(action_finished=wpb.ActionFinished(results=[wpb.ActionResult(
-            lease_id=lease.lease_id,
-            fencing_token=lease.fencing_token if token is None else token,
-            outcome=outcome, outputs_json=outputs)]))  # type: ignore[arg-type]
+        self.send(
+            action_finished=wpb.ActionFinished(
+                results=[
+                    wpb.ActionResult(
+                        lease_id=lease.lease_id,
+                        fencing_token=lease.fencing_token if token is None else token,
+                        outcome=outcome,
+                        outputs_json=outputs,
+                    )
+                ]
+            )
+        )  # type: ignore[arg-type]
 
     def credit(self, n: int) -> None:
         self.send(credit=wpb.Credit(slots=n))

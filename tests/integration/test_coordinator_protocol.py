@@ -7,12 +7,12 @@ import json
 
 import grpc
 import pytest
+
+from plait.coordinator.server import CoordinatorServer
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 from plait.v1 import workflow_service_pb2 as wspb
 from plait.v1 import workflow_service_pb2_grpc as wsgrpc
-
-from plait.coordinator.server import CoordinatorServer
 from tests.integration.protocol_worker import ProtocolWorker
 
 
@@ -28,21 +28,28 @@ def fan_spec(width: int) -> pb.WorkflowSpec:
 async def submit(target: str, spec: pb.WorkflowSpec, key: str = "") -> tuple[str, bool]:
     async with grpc.aio.insecure_channel(target) as ch:
         resp = await wsgrpc.WorkflowServiceStub(ch).SubmitWorkflow(
-            wspb.SubmitWorkflowRequest(spec=spec, idempotency_key=key))
+            wspb.SubmitWorkflowRequest(spec=spec, idempotency_key=key)
+        )
         return resp.workflow_id, resp.created
 
 
 async def history(target: str, workflow_id: str) -> list[pb.HistoryEvent]:
     async with grpc.aio.insecure_channel(target) as ch:
         stub = wsgrpc.WorkflowServiceStub(ch)
-        return [e async for r in stub.WatchWorkflow(
-            wspb.WatchWorkflowRequest(workflow_id=workflow_id, follow=False)) for e in r.events]
+        return [
+            e
+            async for r in stub.WatchWorkflow(
+                wspb.WatchWorkflowRequest(workflow_id=workflow_id, follow=False)
+            )
+            for e in r.events
+        ]
 
 
 async def get(target: str, workflow_id: str) -> pb.WorkflowStatus:
     async with grpc.aio.insecure_channel(target) as ch:
         resp = await wsgrpc.WorkflowServiceStub(ch).GetWorkflow(
-            wspb.GetWorkflowRequest(workflow_id=workflow_id))
+            wspb.GetWorkflowRequest(workflow_id=workflow_id)
+        )
         return resp.workflow
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from plait.v1 import worker_service_pb2 as wpb
-from plait.v1 import workflow_pb2 as pb
-
 from plait.coordinator.core.events import (
     CancelRequested,
     Instant,
@@ -18,6 +15,8 @@ from plait.coordinator.core.events import (
 )
 from plait.coordinator.core.model import Outcome
 from plait.coordinator.core.state import CoreConfig, SchedulerState
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
 
 CONFIG = CoreConfig(
     heartbeat_interval=timedelta(seconds=1),
@@ -56,24 +55,58 @@ class Driver:
         m.hlc.physical_ms = self.wall
         return self.handle(WorkerMessageReceived("w", session, m))
 
-    def hello(self, session: str, worker_id: str, slots: int = 4,
-              handlers: tuple[str, ...] = ("h",),
-              running: list[wpb.LeaseReport] | None = None) -> Outcome:
-        return self.msg(session, hello=wpb.Hello(worker_id=worker_id, slots=slots,
-                                                 handlers=handlers, running=running or []))
+    def hello(
+        self,
+        session: str,
+        worker_id: str,
+        slots: int = 4,
+        handlers: tuple[str, ...] = ("h",),
+        running: list[wpb.LeaseReport] | None = None,
+    ) -> Outcome:
+        return self.msg(
+            session,
+            hello=wpb.Hello(
+                worker_id=worker_id, slots=slots, handlers=handlers, running=running or []
+            ),
+        )
 
-    def heartbeat(self, session: str, leases: list[wpb.Lease], seq: int = 1,
-                  last_grant: int = 1_000_000) -> Outcome:
-        return self.msg(session, heartbeat=wpb.Heartbeat(
-            sequence=seq, last_grant_sequence=last_grant,
-            leases=[wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
-                    for l in leases]))
+    def heartbeat(
+        self, session: str, leases: list[wpb.Lease], seq: int = 1, last_grant: int = 1_000_000
+    ) -> Outcome:
+        return self.msg(
+            session,
+            heartbeat=wpb.Heartbeat(
+                sequence=seq,
+                last_grant_sequence=last_grant,
+                leases=[
+                    wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
+                    for l in leases
+                ],
+            ),
+        )
 
-    def finish(self, session: str, lease: wpb.Lease, outcome: int = wpb.ACTION_OUTCOME_SUCCEEDED,
-               outputs: str = "{}", exit_code: int = 0) -> Outcome:
-        return self.msg(session, action_finished=wpb.ActionFinished(results=[wpb.ActionResult(
-            lease_id=lease.lease_id, fencing_token=lease.fencing_token, outcome=outcome,  # type: ignore[arg-type]
-            outputs_json=outputs, exit_code=exit_code)]))
+    def finish(
+        self,
+        session: str,
+        lease: wpb.Lease,
+        outcome: int = wpb.ACTION_OUTCOME_SUCCEEDED,
+        outputs: str = "{}",
+        exit_code: int = 0,
+    ) -> Outcome:
+        return self.msg(
+            session,
+            action_finished=wpb.ActionFinished(
+                results=[
+                    wpb.ActionResult(
+                        lease_id=lease.lease_id,
+                        fencing_token=lease.fencing_token,
+                        outcome=outcome,  # type: ignore[arg-type]
+                        outputs_json=outputs,
+                        exit_code=exit_code,
+                    )
+                ]
+            ),
+        )
 
     def close(self, session: str) -> Outcome:
         return self.handle(WorkerStreamClosed("closed", session))
@@ -102,7 +135,7 @@ def messages(out: Outcome, session: str, kind: str) -> list[wpb.ConnectResponse]
 def chain(n: int, handler: str = "h") -> pb.WorkflowSpec:
     s = pb.WorkflowSpec(name="chain")
     for i in range(n):
-        s.actions.add(id=f"a{i}", handler=handler, needs=[f"a{i-1}"] if i else [])
+        s.actions.add(id=f"a{i}", handler=handler, needs=[f"a{i - 1}"] if i else [])
     return s
 
 

@@ -6,7 +6,6 @@ import json
 
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
-
 from tests.unit.core_driver import Driver, chain, grants, independent, messages
 
 E = pb.EventType
@@ -96,7 +95,9 @@ def test_chain_runs_in_order_and_join_gets_outputs() -> None:
     (b,) = grants(d.msg("s1", credit=wpb.Credit(slots=1)))
     assert b.action_id == "a1"
     assert json.loads(b.inputs_json) == {
-        "input": None, "needs": {"a0": {"state": "ACTION_STATE_SUCCEEDED", "outputs": {"v": 1}}}}
+        "input": None,
+        "needs": {"a0": {"state": "ACTION_STATE_SUCCEEDED", "outputs": {"v": 1}}},
+    }
 
 
 def test_failure_skips_downstream_and_names_every_failure() -> None:
@@ -208,8 +209,10 @@ def test_cancel_cancels_leases_and_ends_the_workflow() -> None:
     d.hello("s1", "w1", slots=1)
     (a,) = grants(d.submit(chain(3)))
     out = d.cancel()
-    assert messages(out, "s1", "cancel_lease")[0].cancel_lease.leases[0].reason == \
-        wpb.CANCEL_REASON_USER
+    assert (
+        messages(out, "s1", "cancel_lease")[0].cancel_lease.leases[0].reason
+        == wpb.CANCEL_REASON_USER
+    )
     wf = d.st.workflows["wf-1"]
     assert wf.state == pb.WORKFLOW_STATE_CANCELLED
     assert {d.state(x) for x in ("a0", "a1", "a2")} == {"ACTION_STATE_CANCELLED"}
@@ -233,8 +236,9 @@ def test_handlers_and_labels_route_work() -> None:
     s.actions.add(id="other", handler="x")
     d.submit(s)
     assert grants(d.hello("s1", "w1", slots=4)) == []
-    out = d.msg("s2", hello=wpb.Hello(worker_id="w2", slots=4, handlers=["h", "x"],
-                                     labels={"gpu": "yes"}))
+    out = d.msg(
+        "s2", hello=wpb.Hello(worker_id="w2", slots=4, handlers=["h", "x"], labels={"gpu": "yes"})
+    )
     assert sorted(l.action_id for l in grants(out)) == ["gpu", "other"]
 
 

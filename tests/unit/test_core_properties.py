@@ -7,11 +7,11 @@ from collections import Counter
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from plait.v1 import worker_service_pb2 as wpb
-from plait.v1 import workflow_pb2 as pb
 
 from plait.coordinator.core import transitions as t
-from tests.unit.core_driver import Driver, grants
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+from tests.unit.core_driver import Driver
 
 E = pb.EventType
 WORKERS = ["w1", "w2", "w3"]
@@ -61,8 +61,10 @@ class CoreMachine(RuleBasedStateMachine):
     def connect(self, worker: str, slots: int) -> None:
         self.n_sessions += 1
         session = f"s{self.n_sessions}"
-        running = [wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
-                   for l in self.held[worker].values()]
+        running = [
+            wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
+            for l in self.held[worker].values()
+        ]
         self.sessions[worker] = session
         out = self.d.hello(session, worker, slots=slots, running=running)
         for m in out.sends.get(session, []):
@@ -122,7 +124,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def history_is_safe(self) -> None:
-        new = self.d.records[self.seen:]
+        new = self.d.records[self.seen :]
         self.seen = len(self.d.records)
         for ev in new:
             if ev.action_id and ev.fencing_token:
@@ -130,10 +132,16 @@ class CoreMachine(RuleBasedStateMachine):
                 if ev.type == E.EVENT_TYPE_ACTION_LEASED:
                     assert ev.fencing_token > self.max_token.get(key, 0), "tokens only grow"
                     self.max_token[key] = ev.fencing_token
-        finished = Counter((e.workflow_id, e.action_id) for e in self.d.records
-                           if e.type in (E.EVENT_TYPE_ACTION_FINISHED,
-                                         E.EVENT_TYPE_ACTION_CANCELLED,
-                                         E.EVENT_TYPE_ACTION_SKIPPED))
+        finished = Counter(
+            (e.workflow_id, e.action_id)
+            for e in self.d.records
+            if e.type
+            in (
+                E.EVENT_TYPE_ACTION_FINISHED,
+                E.EVENT_TYPE_ACTION_CANCELLED,
+                E.EVENT_TYPE_ACTION_SKIPPED,
+            )
+        )
         assert not finished or max(finished.values()) == 1, "one terminal outcome per action"
         for wf in self.d.st.workflows.values():
             for a in wf.actions.values():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from plait.v1 import workflow_pb2 as pb
 
 from plait.coordinator.core import transitions as t
+from plait.v1 import workflow_pb2 as pb
 
 STATES = [v for k, v in pb.ActionState.items() if v != pb.ACTION_STATE_UNSPECIFIED]
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from plait.errors import InvalidArgumentError
-from plait.v1 import workflow_pb2 as pb
 
 from plait.coordinator.config import Limits
 from plait.coordinator.core.validate import find_cycle, validate_submit
+from plait.errors import InvalidArgumentError
+from plait.v1 import workflow_pb2 as pb
 
 
 def spec(*actions: tuple[str, list[str]]) -> pb.WorkflowSpec:
@@ -102,4 +102,4 @@ def test_exec_or_handler_required() -> None:
 
 def test_deep_chain_does_not_recurse() -> None:
     n = 5000
-    validate_submit(spec(*[(f"a{i}", [f"a{i-1}"] if i else []) for i in range(n)]), "", Limits())
+    validate_submit(spec(*[(f"a{i}", [f"a{i - 1}"] if i else []) for i in range(n)]), "", Limits())

@@ -1,0 +1,549 @@
+"""The exec executor with real processes: sandbox, outputs, tails, cancel, timeout, no zombies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plait.v1 import workflow_pb2
+from plait.v1 import worker_service_pb2 as pb
+from plait.worker.executor import AttemptResult, Code
+from plait.workerd.exec_executor import ExecExecutor, read_outputs
+from plait.workerd.keeper import Keeper, keep
+
+PY = sys.executable
+
+
+class FakeCtx:
+    """Collects the one result an attempt reports."""
+
+    def __init__(self, lease_id: str, kill_grace: float = 0.25) -> None:
+        self.lease_id = lease_id
+        self.kill_grace = kill_grace
+        self.results: list[AttemptResult] = []
+        self.reported = asyncio.Event()
+
+    def report(self, result: AttemptResult) -> None:
+        self.results.append(result)
+        self.reported.set()
+
+
+def exec_lease(
+    argv: list[str],
+    *,
+    shell: bool = False,
+    env: dict[str, str] | None = None,
+    static_input: Any = None,
+    inputs_json: str | None = None,
+    timeout: float | None = None,
+    lease_id: str = "lease-1",
+) -> pb.Lease:
+    spec = workflow_pb2.ActionSpec(id="act", exec=workflow_pb2.ExecAction(argv=argv, shell=shell))
+    if env:
+        spec.env.update(env)
+    if static_input is not None:
+        spec.input_json = json.dumps(static_input)
+    if timeout is not None:
+        spec.timeout.FromNanoseconds(int(timeout * 1e9))
+    if inputs_json is None:
+        inputs_json = json.dumps({"input": static_input, "needs": {}})
+    return pb.Lease(
+        lease_id=lease_id,
+        workflow_id="wf-1",
+        action_id="act",
+        attempt=2,
+        fencing_token=42,
+        action=spec,
+        inputs_json=inputs_json,
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        idempotency_key="wf-1/act",
+    )
+
+
+async def run_lease(
+    ex: ExecExecutor, lease: pb.Lease, kill_grace: float = 0.25, limit: float = 20.0
+) -> AttemptResult:
+    ctx = FakeCtx(lease.lease_id, kill_grace)
+    ex.start(lease, ctx)
+    await asyncio.wait_for(ctx.reported.wait(), limit)
+    assert len(ctx.results) == 1
+    return ctx.results[0]
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", textwrap.dedent(code)]
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+async def wait_dead(pid: int, limit: float = 5.0) -> bool:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if not alive(pid):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def wait_file(path: Path, limit: float = 10.0) -> str:
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{path} never appeared")
+
+
+@pytest.fixture
+async def executor(tmp_path: Path):
+    ex = ExecExecutor(tmp_root=str(tmp_path))
+    yield ex
+    await ex.aclose()
+
+
+async def test_outputs_from_plait_output(executor: ExecExecutor) -> None:
+    lease = exec_lease(
+        py("""
+        import json, os
+        json.dump({"answer": 42, "nested": {"ok": True}}, open(os.environ["PLAIT_OUTPUT"], "w"))
+        print("hello stdout")
+        """)
+    )
+    r = await run_lease(executor, lease)
+    assert r.outcome == pb.ACTION_OUTCOME_SUCCEEDED, r
+    assert json.loads(r.outputs_json) == {"answer": 42, "nested": {"ok": True}}
+    assert r.exit_code == 0
+    assert r.stdout_tail == "hello stdout\n"
+
+
+async def test_environment_is_scrubbed(
+    executor: ExecExecutor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PLAIT_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
+    lease = exec_lease(
+        py("""
+        import json, os
+        json.dump(dict(os.environ), open(os.environ["PLAIT_OUTPUT"], "w"))
+        """),
+        env={"MY_VAR": "from-spec"},
+        static_input={"k": "v"},
+    )
+    r = await run_lease(executor, lease)
+    env = json.loads(r.outputs_json)
+    expected = {
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "MY_VAR",
+        "PLAIT_WORKFLOW_ID",
+        "PLAIT_ACTION_ID",
+        "PLAIT_ATTEMPT",
+        "PLAIT_FENCING_TOKEN",
+        "PLAIT_IDEMPOTENCY_KEY",
+        "PLAIT_LEASE_ID",
+        "TRACEPARENT",
+        "PLAIT_OUTPUT",
+        "PLAIT_INPUTS",
+        "PLAIT_INPUTS_FILE",
+    }
+    assert set(env) == expected
+    assert "hunter2" not in json.dumps(env)
+    tmp = os.path.dirname(env["PLAIT_OUTPUT"])
+    assert env["HOME"] == env["TMPDIR"] == tmp
+    assert env["LANG"] == "C.UTF-8"
+    assert env["MY_VAR"] == "from-spec"
+    assert env["PLAIT_WORKFLOW_ID"] == "wf-1"
+    assert env["PLAIT_ACTION_ID"] == "act"
+    assert env["PLAIT_ATTEMPT"] == "2"
+    assert env["PLAIT_FENCING_TOKEN"] == "42"
+    assert env["PLAIT_IDEMPOTENCY_KEY"] == "wf-1/act"
+    assert env["PLAIT_LEASE_ID"] == "lease-1"
+    assert env["TRACEPARENT"].startswith("00-0af7")
+    assert json.loads(env["PLAIT_INPUTS"]) == {"input": {"k": "v"}, "needs": {}}
+
+
+async def test_inputs_on_stdin_env_and_file(executor: ExecExecutor) -> None:
+    inputs = {
+        "input": {"name": "x"},
+        "needs": {"a": {"state": "ACTION_STATE_SUCCEEDED", "outputs": {"n": 1}}},
+    }
+    lease = exec_lease(
+        py("""
+        import json, os, sys
+        out = {"stdin": sys.stdin.read(), "env": os.environ["PLAIT_INPUTS"],
+               "file": open(os.environ["PLAIT_INPUTS_FILE"]).read()}
+        json.dump(out, open(os.environ["PLAIT_OUTPUT"], "w"))
+        """),
+        inputs_json=json.dumps(inputs),
+    )
+    r = await run_lease(executor, lease)
+    out = json.loads(r.outputs_json)
+    assert json.loads(out["stdin"]) == inputs
+    assert out["env"] == out["stdin"] == out["file"]
+
+
+async def test_large_inputs_leave_plait_inputs_empty(executor: ExecExecutor) -> None:
+    big = {"blob": "x" * (100 * 1024)}
+    lease = exec_lease(
+        py("""
+        import json, os, sys
+        data = sys.stdin.read()
+        out = {"stdin_len": len(data), "env": os.environ["PLAIT_INPUTS"],
+               "file_len": len(open(os.environ["PLAIT_INPUTS_FILE"]).read())}
+        json.dump(out, open(os.environ["PLAIT_OUTPUT"], "w"))
+        """),
+        static_input=big,
+    )
+    r = await run_lease(executor, lease)
+    out = json.loads(r.outputs_json)
+    assert out["env"] == ""
+    assert out["stdin_len"] == out["file_len"] > 100 * 1024
+
+
+async def test_child_that_ignores_stdin_is_fine(executor: ExecExecutor) -> None:
+    lease = exec_lease(["/bin/true"], static_input={"blob": "y" * (300 * 1024)})
+    r = await run_lease(executor, lease)
+    assert r.outcome == pb.ACTION_OUTCOME_SUCCEEDED
+
+
+async def test_absent_output_file_means_empty_object(executor: ExecExecutor) -> None:
+    r = await run_lease(executor, exec_lease(["/bin/true"]))
+    assert r.outcome == pb.ACTION_OUTCOME_SUCCEEDED
+    assert r.outputs_json == "{}"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object, not an array"),
+        ('"text"', "must hold a JSON object, not a string"),
+        ("BIG", "over the 1048576-byte limit"),
+    ],
+)
+async def test_bad_outputs_fail_clearly(executor: ExecExecutor, content: str, message: str) -> None:
+    if content == "BIG":
+        content = '{"big": "' + "z" * (1 << 20) + '"}'
+    lease = exec_lease(
+        py("""
+        import os, sys
+        open(os.environ["PLAIT_OUTPUT"], "w").write(sys.stdin.read())
+        """),
+        inputs_json=content,
+    )
+    r = await run_lease(executor, lease)
+    assert r.outcome == pb.ACTION_OUTCOME_FAILED
+    assert message in r.error
+    assert "$PLAIT_OUTPUT" in r.error
+    assert r.error_code == Code.INVALID_ARGUMENT
+
+
+def test_read_outputs_edge_cases(tmp_path: Path) -> None:
+    f = tmp_path / "o.json"
+    assert read_outputs(str(f), 100) == ("{}", "")
+    f.write_text("  \n")
+    assert read_outputs(str(f), 100) == ("{}", "")
+    f.write_text('{"a": [1, 2]}')
+    assert read_outputs(str(f), 100) == ('{"a":[1,2]}', "")
+    f.write_text("null")
+    assert "not null" in read_outputs(str(f), 100)[1]
+
+
+async def test_temp_dir_is_fresh_and_removed(executor: ExecExecutor) -> None:
+    code = """
+        import json, os
+        tmp = os.environ["TMPDIR"]
+        listing = sorted(os.listdir(tmp))
+        open(os.path.join(tmp, "scratch.bin"), "wb").write(b"x" * 1000)
+        json.dump({"tmp": tmp, "listing": listing}, open(os.environ["PLAIT_OUTPUT"], "w"))
+        """
+    first = json.loads((await run_lease(executor, exec_lease(py(code)))).outputs_json)
+    second = json.loads(
+        (await run_lease(executor, exec_lease(py(code), lease_id="lease-2"))).outputs_json
+    )
+    assert first["tmp"] != second["tmp"]
+    assert first["listing"] == ["plait-inputs.json"]
+    assert not os.path.exists(first["tmp"])
+    assert not os.path.exists(second["tmp"])
+
+
+async def test_tails_are_bounded_and_a_chatty_child_never_blocks(tmp_path: Path) -> None:
+    ex = ExecExecutor(tmp_root=str(tmp_path), tail_bytes=1024)
+    try:
+        lease = exec_lease(
+            py("""
+            import sys
+            chunk = "a" * 65536
+            for _ in range(80):  # 5 MiB each way, far beyond any pipe buffer
+                sys.stdout.write(chunk)
+                sys.stderr.write(chunk)
+            sys.stdout.write("END-OUT")
+            sys.stderr.write("END-ERR")
+            """)
+        )
+        r = await run_lease(ex, lease)
+    finally:
+        await ex.aclose()
+    assert r.outcome == pb.ACTION_OUTCOME_SUCCEEDED
+    assert len(r.stdout_tail) == 1024 and r.stdout_tail.endswith("END-OUT")
+    assert len(r.stderr_tail) == 1024 and r.stderr_tail.endswith("END-ERR")
+
+
+async def test_default_tails_are_64_kib(executor: ExecExecutor) -> None:
+    lease = exec_lease(py("import sys; sys.stdout.write('b' * 200000)"))
+    r = await run_lease(executor, lease)
+    assert len(r.stdout_tail) == 64 * 1024
+
+
+async def test_non_zero_exit_fails_with_code(executor: ExecExecutor) -> None:
+    r = await run_lease(executor, exec_lease(["/bin/sh", "-c", "echo oops >&2; exit 3"]))
+    assert r.outcome == pb.ACTION_OUTCOME_FAILED
+    assert r.exit_code == 3
+    assert r.error == "exit code 3"
+    assert r.stderr_tail == "oops\n"
+
+
+async def test_death_by_signal_is_minus_n(executor: ExecExecutor) -> None:
+    r = await run_lease(executor, exec_lease(["/bin/sh", "-c", "kill -9 $$"]))
+    assert r.outcome == pb.ACTION_OUTCOME_FAILED
+    assert r.exit_code == -9
+    assert "SIGKILL" in r.error
+
+
+async def test_missing_program(executor: ExecExecutor) -> None:
+    r = await run_lease(executor, exec_lease(["/nonexistent/program"]))
+    assert r.outcome == pb.ACTION_OUTCOME_FAILED
+    assert r.exit_code == 127
+    assert "/nonexistent/program" in r.error
+
+
+async def test_argv_templates_and_shell(executor: ExecExecutor) -> None:
+    lease = exec_lease(
+        py("""
+        import json, os, sys
+        json.dump({"argv": sys.argv[1:]}, open(os.environ["PLAIT_OUTPUT"], "w"))
+        """)
+        + ["{{ input.name }}", "n={{input.n}}", "{{ input.deep.list.1 }}", "{{ input.obj }}"],
+        static_input={"name": "Ada", "n": 3, "deep": {"list": ["a", "b"]}, "obj": {"x": 1}},
+    )
+    r = await run_lease(executor, lease)
+    assert json.loads(r.outputs_json) == {"argv": ["Ada", "n=3", "b", '{"x":1}']}
+
+    shell = exec_lease(
+        [
+            'printf \'{"who": "%s", "arg": "%s"}\' "$PLAIT_ACTION_ID" "$1" > "$PLAIT_OUTPUT"',
+            "sh",
+            "A1",
+        ],
+        shell=True,
+        lease_id="lease-2",
+    )
+    r = await run_lease(executor, shell)
+    assert json.loads(r.outputs_json) == {"who": "act", "arg": "A1"}
+
+
+async def test_missing_template_key_fails_naming_it(executor: ExecExecutor) -> None:
+    r = await run_lease(
+        executor, exec_lease(["echo", "{{ input.missing }}"], static_input={"other": 1})
+    )
+    assert r.outcome == pb.ACTION_OUTCOME_FAILED
+    assert "exec.argv[1]" in r.error and "input.missing" in r.error
+
+
+async def test_cancel_terms_the_group(executor: ExecExecutor, tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    lease = exec_lease(["/bin/sh", "-c", f"echo $$ > {ready}; exec sleep 30"])
+    ctx = FakeCtx(lease.lease_id, kill_grace=5.0)
+    started = time.monotonic()
+    executor.start(lease, ctx)
+    await wait_file(ready)
+    executor.cancel(lease.lease_id, "user asked")
+    await asyncio.wait_for(ctx.reported.wait(), 10)
+    r = ctx.results[0]
+    assert r.outcome == pb.ACTION_OUTCOME_CANCELLED
+    assert r.exit_code == -signal.SIGTERM
+    assert r.error == "user asked"
+    assert time.monotonic() - started < 4.0  # TERM was enough; no wait for the grace
+
+
+async def test_cancel_kills_after_grace_when_term_is_ignored(
+    executor: ExecExecutor, tmp_path: Path
+) -> None:
+    ready = tmp_path / "ready"
+    pids = tmp_path / "pids"
+    script = f"trap '' TERM; sleep 60 & echo $! > {pids}; echo $$ > {ready}; wait; wait; wait"
+    lease = exec_lease(["/bin/sh", "-c", script])
+    ctx = FakeCtx(lease.lease_id, kill_grace=0.5)
+    executor.start(lease, ctx)
+    await wait_file(ready)
+    child = int(await wait_file(pids))
+    t0 = time.monotonic()
+    executor.cancel(lease.lease_id, "superseded")
+    await asyncio.wait_for(ctx.reported.wait(), 10)
+    elapsed = time.monotonic() - t0
+    r = ctx.results[0]
+    assert r.outcome == pb.ACTION_OUTCOME_CANCELLED
+    assert r.exit_code == -signal.SIGKILL
+    assert 0.45 <= elapsed < 3.0
+    assert await wait_dead(child)
+
+
+async def test_run_timeout_times_out(executor: ExecExecutor) -> None:
+    t0 = time.monotonic()
+    r = await run_lease(executor, exec_lease(["sleep", "30"], timeout=0.3))
+    assert r.outcome == pb.ACTION_OUTCOME_TIMED_OUT
+    assert "run timeout 300ms exceeded" in r.error
+    assert time.monotonic() - t0 < 5
+
+
+async def test_leftovers_in_the_group_die_with_the_attempt(
+    executor: ExecExecutor, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "bg"
+    r = await run_lease(
+        executor, exec_lease(["/bin/sh", "-c", f"sleep 300 > /dev/null 2>&1 & echo $! > {pidfile}"])
+    )
+    assert r.outcome == pb.ACTION_OUTCOME_SUCCEEDED
+    assert await wait_dead(int(pidfile.read_text()))
+
+
+async def test_aclose_kills_running_attempts(tmp_path: Path) -> None:
+    ex = ExecExecutor(tmp_root=str(tmp_path))
+    ctx = FakeCtx("l", kill_grace=0.2)
+    ex.start(exec_lease(["sleep", "30"], lease_id="l"), ctx)
+    await asyncio.sleep(0.2)
+    await ex.aclose()
+    assert ctx.results[0].outcome == pb.ACTION_OUTCOME_CANCELLED
+    assert ex.running == []
+
+
+async def test_many_true_actions_are_fast(tmp_path: Path) -> None:
+    ex = ExecExecutor(tmp_root=str(tmp_path))
+    n, width = 300, 4
+    sem = asyncio.Semaphore(width)
+
+    async def one(i: int) -> AttemptResult:
+        async with sem:
+            return await run_lease(ex, exec_lease(["/bin/true"], lease_id=f"l{i}"))
+
+    t0 = time.monotonic()
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        await ex.aclose()
+    rate = n / (time.monotonic() - t0)
+    print(f"exec /bin/true: {rate:.0f} actions/s")
+    assert all(r.outcome == pb.ACTION_OUTCOME_SUCCEEDED for r in results)
+    # Lenient: CI boxes are shared; `make bench`-style numbers are in docs/workerd.md.
+    assert rate > 40
+    assert os.listdir(tmp_path) == []
+
+
+def test_keeper_kills_registered_groups_on_eof() -> None:
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    spared = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        keep(
+            [f"+{victim.pid}\n".encode(), f"+{spared.pid}\n".encode(), f"-{spared.pid}\n".encode()]
+        )
+        assert victim.wait(timeout=5) == -signal.SIGKILL
+        assert spared.poll() is None
+    finally:
+        for p in (victim, spared):
+            p.kill()
+            p.wait()
+
+
+HARNESS = """
+import asyncio, sys
+from plait.workerd.exec_executor import ExecExecutor
+from plait.workerd.keeper import Keeper
+from plait.v1 import worker_service_pb2 as pb, workflow_pb2
+
+class Ctx:
+    lease_id = "l"
+    kill_grace = 1.0
+    def report(self, result):
+        pass
+
+async def main():
+    keeper = Keeper()
+    keeper.start()
+    print(keeper.pid, flush=True)
+    ex = ExecExecutor(keeper=keeper)
+    spec = workflow_pb2.ActionSpec(
+        id="a", exec=workflow_pb2.ExecAction(argv=["/bin/sh", "-c", sys.argv[1]]))
+    ex.start(pb.Lease(lease_id="l", action=spec), Ctx())
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_grandchildren_die_when_workerd_is_sigkilled(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    # The shell (a direct child, PDEATHSIG) starts a grandchild that only the keeper can kill;
+    # setsid would escape both, so the grandchild stays in the attempt's group as actions do.
+    script = f"sleep 300 & echo $$ $! > {pids}; wait"
+    harness = subprocess.Popen([PY, "-c", HARNESS, script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert harness.stdout is not None
+        keeper_pid = int(harness.stdout.readline())
+        shell_pid, grandchild = map(int, (await wait_file(pids)).split())
+        assert alive(shell_pid) and alive(grandchild) and alive(keeper_pid)
+        harness.send_signal(signal.SIGKILL)
+        harness.wait(timeout=5)
+        assert await wait_dead(shell_pid), "the direct child outlived workerd"
+        assert await wait_dead(grandchild), "the grandchild outlived workerd"
+        assert await wait_dead(keeper_pid), "the keeper did not exit"
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+        for pid in (locals().get("shell_pid"), locals().get("grandchild")):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_keeper_client_restarts_a_dead_keeper() -> None:
+    keeper = Keeper()
+    keeper.start()
+    victim = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        first = keeper.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        time.sleep(0.1)
+        keeper.register(victim.pid)  # notices the dead keeper and starts a new one
+        keeper.register(victim.pid)
+        assert keeper.pid not in (None, first)
+        keeper.close()  # EOF: the new keeper kills the registered group
+        assert victim.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        keeper.close()
+        victim.kill()
+        victim.wait()
+        if first:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(first, os.WNOHANG)
