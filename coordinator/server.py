@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 
 from plait.clock import Clock, SystemClock
 from plait.coordinator.config import CoordinatorConfig, split_host_port
+from plait.coordinator.core.events import DrainRequested
 from plait.coordinator.journal.store import open_store
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.runtime import Runtime
@@ -163,16 +164,15 @@ class CoordinatorServer:
             self._metrics_http.server_close()
 
     async def _drain_workers(self, grace: float) -> None:
-        from plait.coordinator.core.events import DrainRequested
-
         st = self.runtime.state
         for w in list(st.workers.values()):
             if w.connected and not w.draining:
                 self.runtime.post(DrainRequested(self.runtime.next_id("shutdown"), w.worker_id))
-        if not await self.runtime.sessions_closed(grace):
-            log.warning(
-                "%d workers still connected after %.1fs of drain", len(st.by_session), grace
-            )
+        try:
+            async with asyncio.timeout(grace):
+                await self.runtime.sessions_closed()
+        except TimeoutError:
+            log.warning("%d workers still connected after %.1fs", len(st.by_session), grace)
 
     async def wait(self) -> None:
         """Returns once :meth:`stop` has begun."""
