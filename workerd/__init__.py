@@ -1,0 +1,10 @@
+"""The Plait worker daemon, ``plait-workerd`` (workerd layer).
+
+It imports ``plait`` (and ``plait.worker``), never ``plait.coordinator``.
+
+It serves exec actions (:mod:`plait.workerd.exec_executor`, sandboxed by
+:mod:`plait.workerd.sandbox`, with no zombies thanks to :mod:`plait.workerd.keeper`) and,
+optionally, Python handlers, over one :class:`plait.worker.session.WorkerSession`.
+
+Kept import-free so that ``python -m plait.workerd.keeper`` starts fast.
+"""

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from plait.cli import local
 from plait.cli.main import build_parser, main
 

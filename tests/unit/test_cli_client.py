@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from plait import Client
 from plait.cli.main import main
 from plait.clock import ManualClock, SystemClock

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from rich.console import Console
+
 from plait.cli import render
 from plait.cli.progress import RunProgress, live_view
 from plait.v1 import workflow_pb2 as pb
-from rich.console import Console
 
 T0 = 1_700_000_000_000
 

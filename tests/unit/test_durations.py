@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 from google.protobuf import duration_pb2
+
 from plait.durations import format_duration, from_proto, parse_duration, to_proto
 
 

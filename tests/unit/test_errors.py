@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from grpc_status import rpc_status
+
 from plait.errors import (
     FailedPreconditionError,
     FieldViolation,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -11,13 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from plait.v1 import workflow_pb2
 from plait.v1 import worker_service_pb2 as pb
+from plait.v1 import workflow_pb2
 from plait.worker.executor import AttemptResult, Code
 from plait.workerd.exec_executor import ExecExecutor, read_outputs
 from plait.workerd.keeper import Keeper, keep
@@ -114,7 +114,7 @@ async def wait_file(path: Path, limit: float = 10.0) -> str:
 
 
 @pytest.fixture
-async def executor(tmp_path: Path):
+async def executor(tmp_path: Path) -> AsyncIterator[ExecExecutor]:
     ex = ExecExecutor(tmp_root=str(tmp_path))
     yield ex
     await ex.aclose()
@@ -340,11 +340,16 @@ async def test_missing_program(executor: ExecExecutor) -> None:
 
 async def test_argv_templates_and_shell(executor: ExecExecutor) -> None:
     lease = exec_lease(
-        py("""
-        import json, os, sys
-        json.dump({"argv": sys.argv[1:]}, open(os.environ["PLAIT_OUTPUT"], "w"))
-        """)
-        + ["{{ input.name }}", "n={{input.n}}", "{{ input.deep.list.1 }}", "{{ input.obj }}"],
+        [
+            *py("""
+            import json, os, sys
+            json.dump({"argv": sys.argv[1:]}, open(os.environ["PLAIT_OUTPUT"], "w"))
+            """),
+            "{{ input.name }}",
+            "n={{input.n}}",
+            "{{ input.deep.list.1 }}",
+            "{{ input.obj }}",
+        ],
         static_input={"name": "Ada", "n": 3, "deep": {"list": ["a", "b"]}, "obj": {"x": 1}},
     )
     r = await run_lease(executor, lease)
@@ -521,6 +526,8 @@ async def test_grandchildren_die_when_workerd_is_sigkilled(tmp_path: Path) -> No
         if harness.poll() is None:
             harness.kill()
             harness.wait()
+        if harness.stdout is not None:
+            harness.stdout.close()
         for pid in (locals().get("shell_pid"), locals().get("grandchild")):
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -544,6 +551,3 @@ def test_keeper_client_restarts_a_dead_keeper() -> None:
         keeper.close()
         victim.kill()
         victim.wait()
-        if first:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(first, os.WNOHANG)

@@ -18,6 +18,7 @@ from hypothesis.stateful import (
     invariant,
     rule,
 )
+
 from plait.clock import ManualClock
 from plait.hlc import (
     ZERO,

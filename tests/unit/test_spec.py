@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
 from plait import Workflow, load_workflow
 from plait.errors import InvalidArgumentError
 from plait.spec import (

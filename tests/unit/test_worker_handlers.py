@@ -1,4 +1,4 @@
-"""plait.Worker handlers: context parsing and the handler executor (sync, async, failures, cancel)."""
+"""plait.Worker handlers: context parsing and the handler executor (sync, async, cancel)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 import plait
-from plait.v1 import workflow_pb2
 from plait.v1 import worker_service_pb2 as pb
+from plait.v1 import workflow_pb2
 from plait.worker import ActionContext, HandlerExecutor, NeedResult, Worker
 from plait.worker.executor import AttemptResult, Code
 from plait.worker.handlers import parse_inputs
@@ -126,7 +127,7 @@ def test_registration_rules() -> None:
 
 
 @pytest.fixture
-async def executor():
+async def executor() -> AsyncIterator[HandlerExecutor]:
     w = Worker()
 
     @w.action("async-ok")

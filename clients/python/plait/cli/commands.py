@@ -1,0 +1,228 @@
+"""The ``plait`` commands that talk to a running coordinator (CLI layer).
+
+Each ``cmd_*`` takes the parsed arguments and returns an exit code; errors propagate as
+:mod:`plait.errors` exceptions and :mod:`plait.cli.main` turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from plait.cli import render
+from plait.client import Client, parse_workflow_state
+from plait.errors import FieldViolation, InvalidArgumentError
+from plait.spec import load_workflow
+from plait.v1 import workflow_pb2
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def _client_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="coordinator address (default: $PLAIT_COORDINATOR, else 127.0.0.1:7450)",
+    )
+    return parent
+
+
+def _output(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="output format"
+    )
+
+
+def add_parsers(sub: _SubParsers) -> None:
+    """Registers every client command."""
+    parent = _client_parent()
+
+    p = sub.add_parser("submit", parents=[parent], help="submit a workflow file")
+    p.add_argument("flow", metavar="FLOW.yaml")
+    p.add_argument(
+        "--idempotency-key", metavar="KEY", help="resubmitting KEY returns the same workflow"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--wait", action="store_true", help="wait for the outcome (exit 0 only if it succeeded)"
+    )
+    mode.add_argument("--watch", action="store_true", help="stream events until it finishes")
+    _output(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", parents=[parent], help="show a workflow and its actions")
+    p.add_argument("workflow_id", metavar="ID")
+    _output(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("list", parents=[parent], help="list workflows, newest first")
+    p.add_argument("--state", metavar="STATE", help="running, succeeded, failed or cancelled")
+    _output(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("events", parents=[parent], help="a workflow's history, in HLC order")
+    p.add_argument("workflow_id", metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming until it finishes")
+    p.add_argument("--after", type=int, default=0, metavar="SEQ", help="only events after SEQ")
+    _output(p)
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("logs", parents=[parent], help="an action's stdout/stderr tails")
+    p.add_argument("workflow_id", metavar="ID")
+    p.add_argument("action_id", metavar="ACTION")
+    _output(p)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", parents=[parent], help="cancel a workflow")
+    p.add_argument("workflow_id", metavar="ID")
+    p.add_argument("--reason", default="", help="recorded in the history")
+    _output(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("workers", parents=[parent], help="list connected workers")
+    _output(p)
+    p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("drain", parents=[parent], help="ask a worker to finish its work and leave")
+    p.add_argument("worker_id", metavar="WORKER")
+    p.set_defaults(func=cmd_drain)
+
+
+def _outcome(status: workflow_pb2.WorkflowStatus) -> int:
+    return EXIT_OK if status.state == workflow_pb2.WORKFLOW_STATE_SUCCEEDED else EXIT_FAILED
+
+
+def _print_status(status: workflow_pb2.WorkflowStatus) -> None:
+    out = render.console()
+    for line in render.workflow_header(status):
+        out.print(line, highlight=False)
+    if status.actions:
+        out.print()
+        out.print(render.actions_table(status.actions))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """``plait submit``."""
+    spec = load_workflow(args.flow)
+    with Client(args.coordinator) as client:
+        resp = client.submit(spec, idempotency_key=args.idempotency_key)
+        result: dict[str, Any] = {"workflow_id": resp.workflow_id, "created": resp.created}
+        if args.output == "table":
+            print(resp.workflow_id, flush=True)
+            if not resp.created:
+                print("(an existing workflow: same idempotency key)", file=sys.stderr)
+        if not (args.wait or args.watch):
+            if args.output == "json":
+                render.print_json(result)
+            return EXIT_OK
+        if args.watch:
+            _stream_events(client, resp.workflow_id, 0, follow=True, output=args.output)
+            status = client.get(resp.workflow_id)
+        else:
+            status = client.wait(resp.workflow_id)
+    if args.output == "json":
+        result["workflow"] = render.to_dict(status)
+        if args.watch:
+            render.print_json_line(result)
+        else:
+            render.print_json(result)
+    else:
+        print()
+        _print_status(status)
+    return _outcome(status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``plait status``."""
+    with Client(args.coordinator) as client:
+        status = client.get(args.workflow_id)
+    if args.output == "json":
+        render.print_json(render.to_dict(status))
+    else:
+        _print_status(status)
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``plait list``."""
+    try:
+        state = parse_workflow_state(args.state)
+    except ValueError as exc:
+        raise InvalidArgumentError([FieldViolation("state", str(exc))]) from None
+    with Client(args.coordinator) as client:
+        workflows = client.list(state=state)
+    if args.output == "json":
+        render.print_json({"workflows": [render.to_dict(w) for w in workflows]})
+    else:
+        render.console().print(render.workflows_table(workflows))
+    return EXIT_OK
+
+
+def _stream_events(
+    client: Client, workflow_id: str, after: int, *, follow: bool, output: str
+) -> None:
+    if output == "table":
+        print(render.EVENT_HEADER, flush=True)
+    for event in client.watch(workflow_id, after_sequence=after, follow=follow):
+        if output == "json":
+            render.print_json_line(render.to_dict(event))
+        else:
+            print(render.event_line(event), flush=True)
+        if follow and event.type == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED:
+            return
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """``plait events``."""
+    with Client(args.coordinator) as client:
+        _stream_events(client, args.workflow_id, args.after, follow=args.follow, output=args.output)
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """``plait logs``."""
+    with Client(args.coordinator) as client:
+        attempts = client.logs(args.workflow_id, args.action_id)
+    if args.output == "json":
+        render.print_json({"attempts": [render.to_dict(a) for a in attempts]})
+    elif attempts:
+        print(render.logs_text(attempts))
+    else:
+        print(f"no logs recorded for {args.action_id} yet", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """``plait cancel``."""
+    with Client(args.coordinator) as client:
+        state = client.cancel(args.workflow_id, reason=args.reason)
+    name = workflow_pb2.WorkflowState.Name(workflow_pb2.WorkflowState.ValueType(state))
+    if args.output == "json":
+        render.print_json({"workflow_id": args.workflow_id, "state": name})
+    else:
+        print(f"{args.workflow_id}: {render.short(name)}")
+    return EXIT_OK
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """``plait workers``."""
+    with Client(args.coordinator) as client:
+        workers = client.workers()
+    if args.output == "json":
+        render.print_json({"workers": [render.to_dict(w) for w in workers]})
+    else:
+        render.console().print(render.workers_table(workers))
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """``plait drain``."""
+    with Client(args.coordinator) as client:
+        client.drain(args.worker_id)
+    print(f"{args.worker_id}: draining")
+    return EXIT_OK

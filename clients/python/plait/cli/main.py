@@ -1,0 +1,93 @@
+"""The ``plait`` command (CLI layer): parses arguments, runs one command, maps errors to exits.
+
+Exit codes: 0 ok; 1 the workflow failed (or was cancelled), or another error; 2 usage or
+validation error (bad flags, a bad workflow file, an unknown id); 3 the coordinator is
+unreachable; 130 interrupted. ``plait coordinator`` and ``plait workerd`` hand their arguments to
+the daemons' own command lines unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from plait import __version__
+from plait.errors import InvalidArgumentError, NotFoundError, PlaitError, UnavailableError
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+_DAEMONS = {
+    "coordinator": "run the coordinator daemon (flags: plait coordinator --help)",
+    "workerd": "run a worker daemon (flags: plait workerd --help)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``plait`` argument parser."""
+    from plait.cli import commands, run
+
+    parser = argparse.ArgumentParser(
+        prog="plait",
+        description="Run DAGs of actions in parallel across many hosts.",
+        epilog="exit codes: 0 ok, 1 workflow failed, 2 usage or validation error, "
+        "3 coordinator unreachable. Environment: PLAIT_COORDINATOR, PLAIT_TOKEN.",
+    )
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run.add_parser(sub)
+    for name, help_text in _DAEMONS.items():
+        # Listed for --help; main() hands their arguments over before argparse sees them.
+        daemon = sub.add_parser(name, help=help_text, add_help=False)
+        daemon.add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parsers(sub)
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"plait: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``plait`` console script; returns the exit code."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in and args_in[0] in _DAEMONS:
+        from plait.cli import local
+
+        if args_in[0] == "coordinator":
+            return local.run_coordinator_main(args_in[1:])
+        return local.run_workerd_main(args_in[1:])
+    args = build_parser().parse_args(args_in)  # exits 2 on bad usage
+    try:
+        code: int = args.func(args)
+    except InvalidArgumentError as exc:  # includes a bad workflow file (SpecError)
+        return _fail(exc.message, EXIT_USAGE)
+    except NotFoundError as exc:
+        return _fail(exc.message, EXIT_USAGE)
+    except UnavailableError as exc:
+        return _fail(exc.message, EXIT_UNAVAILABLE)
+    except TimeoutError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except PlaitError as exc:
+        return _fail(f"{exc.code.name}: {exc.message}", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `plait events ID | head`: the reader left; not an error.
+        sys.stderr.close()
+        return EXIT_OK
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

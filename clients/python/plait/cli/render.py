@@ -1,0 +1,264 @@
+"""How the ``plait`` command shows things: JSON shapes, tables and event lines (CLI layer).
+
+JSON output is ``google.protobuf.json_format.MessageToDict`` of the documented message with
+``preserving_proto_field_name=True`` and ``always_print_fields_with_no_presence=True`` (so
+scalar keys are always there); docs/cli.md lists each command's shape. Tables are for people
+and may change; JSON is the stable interface.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from plait.v1 import admin_service_pb2, workflow_pb2, workflow_service_pb2
+
+_STATE_STYLE = {
+    "succeeded": "green",
+    "failed": "bold red",
+    "timed_out": "bold red",
+    "cancelled": "yellow",
+    "skipped": "magenta",
+    "running": "cyan",
+    "leased": "cyan",
+    "ready": "blue",
+    "pending": "dim",
+}
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    """The documented JSON form of a message."""
+    return json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def print_json(obj: Any, out: TextIO | None = None) -> None:
+    """One pretty JSON document."""
+    stream = out or sys.stdout
+    stream.write(json.dumps(obj, indent=2) + "\n")
+    stream.flush()
+
+
+def print_json_line(obj: Any, out: TextIO | None = None) -> None:
+    """One compact JSON document per line (JSON Lines), for streams."""
+    stream = out or sys.stdout
+    stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    stream.flush()
+
+
+def console(out: TextIO | None = None) -> Console:
+    """A rich console; wide and colourless when not writing to a terminal."""
+    stream = out or sys.stdout
+    if stream.isatty():
+        return Console(file=stream)
+    return Console(file=stream, width=200, no_color=True, highlight=False, soft_wrap=False)
+
+
+def short(enum_name: str) -> str:
+    """``ACTION_STATE_SUCCEEDED`` -> ``succeeded``; enum prefixes go, the rest is lowercased."""
+    for prefix in ("ACTION_STATE_", "WORKFLOW_STATE_", "EVENT_TYPE_"):
+        if enum_name.startswith(prefix):
+            return enum_name.removeprefix(prefix).lower()
+    return enum_name.lower()
+
+
+def action_state(value: int) -> str:
+    """Short name of an ``ActionState``."""
+    return short(workflow_pb2.ActionState.Name(workflow_pb2.ActionState.ValueType(value)))
+
+
+def workflow_state(value: int) -> str:
+    """Short name of a ``WorkflowState``."""
+    return short(workflow_pb2.WorkflowState.Name(workflow_pb2.WorkflowState.ValueType(value)))
+
+
+def event_type(value: int) -> str:
+    """Short name of an ``EventType``."""
+    return short(workflow_pb2.EventType.Name(workflow_pb2.EventType.ValueType(value)))
+
+
+def styled_state(name: str) -> Text:
+    """A state name coloured for a terminal."""
+    return Text(name, style=_STATE_STYLE.get(name, ""))
+
+
+def hlc(ts: Any) -> str:
+    """An ``HlcTimestamp`` as ``physical.logical``."""
+    return f"{ts.physical_ms}.{ts.logical}"
+
+
+def timestamp(msg: Any, has: bool) -> str:
+    """A ``Timestamp`` as ISO 8601 UTC, or empty when unset."""
+    if not has:
+        return ""
+    return str(msg.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z")
+
+
+def action_error(action: workflow_pb2.ActionStatus) -> str:
+    """Why an action is where it is: its error, else its reason."""
+    if action.HasField("error") and action.error.message:
+        return str(action.error.message)
+    return action.reason
+
+
+def workflow_header(status: workflow_pb2.WorkflowStatus) -> list[str]:
+    """Key lines above a workflow's action table."""
+    lines = [
+        f"workflow  {status.workflow_id}  ({status.name})",
+        f"state     {workflow_state(status.state)}",
+    ]
+    submitted = timestamp(status.submitted_at, status.HasField("submitted_at"))
+    finished = timestamp(status.finished_at, status.HasField("finished_at"))
+    if submitted:
+        lines.append(f"submitted {submitted}  hlc {hlc(status.submitted_hlc)}")
+    if finished:
+        lines.append(f"finished  {finished}  hlc {hlc(status.finished_hlc)}")
+    if status.action_counts:
+        counts = ", ".join(f"{short(k)} {v}" for k, v in sorted(status.action_counts.items()) if v)
+        lines.append(f"actions   {counts}")
+    if status.reason:
+        lines.append(f"reason    {status.reason}")
+    if status.idempotency_key:
+        lines.append(f"key       {status.idempotency_key}")
+    return lines
+
+
+def actions_table(
+    actions: Iterable[workflow_pb2.ActionStatus],
+    durations: Mapping[str, str] | None = None,
+    title: str | None = None,
+    exec_ids: frozenset[str] | None = None,
+) -> Table:
+    """One row per action: state, attempts, worker, duration/exit code, error or reason.
+
+    Exit codes show for ``exec_ids`` that finished (when known), else whenever non-zero.
+    """
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("action", "state", "attempts", "worker", "duration / exit", "error / reason"):
+        table.add_column(col, overflow="fold")
+    for a in actions:
+        parts = []
+        if durations and durations.get(a.action_id):
+            parts.append(durations[a.action_id])
+        finished = a.state in _FINISHED_EXEC_STATES
+        if (exec_ids is not None and a.action_id in exec_ids and finished) or a.exit_code:
+            parts.append(f"exit {a.exit_code}")
+        table.add_row(
+            a.action_id,
+            styled_state(action_state(a.state)),
+            str(a.attempt) + (f" (+{a.lease_losses} lost)" if a.lease_losses else ""),
+            a.worker_id,
+            " / ".join(parts),
+            action_error(a),
+        )
+    return table
+
+
+_FINISHED_EXEC_STATES = frozenset(
+    {workflow_pb2.ACTION_STATE_SUCCEEDED, workflow_pb2.ACTION_STATE_FAILED}
+)
+
+
+def workflows_table(workflows: Iterable[workflow_pb2.WorkflowStatus]) -> Table:
+    """One row per workflow for ``plait list``."""
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("workflow", "name", "state", "submitted", "finished", "actions", "reason"):
+        table.add_column(col, overflow="fold")
+    for w in workflows:
+        total = sum(w.action_counts.values())
+        done = w.action_counts.get("ACTION_STATE_SUCCEEDED", 0)
+        table.add_row(
+            w.workflow_id,
+            w.name,
+            styled_state(workflow_state(w.state)),
+            timestamp(w.submitted_at, w.HasField("submitted_at")),
+            timestamp(w.finished_at, w.HasField("finished_at")),
+            f"{done}/{total}" if total else "",
+            w.reason,
+        )
+    return table
+
+
+def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
+    """One row per connected worker for ``plait workers``."""
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("worker", "host", "slots", "free", "leases", "exec", "handlers", "state", "seen"):
+        table.add_column(col, overflow="fold")
+    for w in workers:
+        seen = w.last_seen_ago.ToTimedelta().total_seconds() if w.HasField("last_seen_ago") else 0
+        table.add_row(
+            w.worker_id,
+            w.hostname,
+            str(w.slots),
+            str(w.free_slots),
+            str(w.leases),
+            "yes" if w.exec_enabled else "no",
+            ", ".join(w.handlers),
+            "draining" if w.draining else "active",
+            f"{seen:.1f}s ago",
+        )
+    return table
+
+
+EVENT_HEADER = (
+    f"{'SEQ':>6}  {'HLC':<19}  {'TYPE':<22}  {'ACTION':<16}  {'STATE':<10}  {'WORKER':<10}  MESSAGE"
+)
+
+
+def event_message(e: workflow_pb2.HistoryEvent) -> str:
+    """The human part of an event: its message, error, exit code or backoff."""
+    parts = []
+    if e.message:
+        parts.append(e.message)
+    if e.HasField("error") and e.error.message and e.error.message not in e.message:
+        parts.append(e.error.message)
+    if e.type == workflow_pb2.EVENT_TYPE_ACTION_FINISHED and e.exit_code:
+        parts.append(f"exit {e.exit_code}")
+    if e.type == workflow_pb2.EVENT_TYPE_ACTION_RETRY_SCHEDULED and e.HasField("backoff"):
+        parts.append(f"backoff {e.backoff.ToTimedelta().total_seconds():g}s")
+    if e.attempt and e.type in (
+        workflow_pb2.EVENT_TYPE_ACTION_LEASED,
+        workflow_pb2.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
+    ):
+        parts.append(f"attempt {e.attempt} token {e.fencing_token}")
+    return "; ".join(parts)
+
+
+def event_line(e: workflow_pb2.HistoryEvent) -> str:
+    """One fixed-width line per event, in the columns of :data:`EVENT_HEADER`."""
+    if e.action_state:
+        state = action_state(e.action_state)
+    elif e.workflow_state:
+        state = workflow_state(e.workflow_state)
+    else:
+        state = ""
+    return (
+        f"{e.sequence:>6}  {hlc(e.hlc):<19}  {event_type(e.type):<22}  {e.action_id:<16}  "
+        f"{state:<10}  {e.worker_id:<10}  {event_message(e)}"
+    ).rstrip()
+
+
+def logs_text(attempts: Iterable[workflow_service_pb2.AttemptLogs]) -> str:
+    """Each attempt's stdout and stderr tails under a header line."""
+    chunks = []
+    for a in attempts:
+        chunks.append(
+            f"==> attempt {a.attempt} (token {a.fencing_token}, worker {a.worker_id},"
+            f" {action_state(a.state)}) <=="
+        )
+        if a.stdout_tail:
+            chunks.append("--- stdout ---")
+            chunks.append(a.stdout_tail.rstrip("\n"))
+        if a.stderr_tail:
+            chunks.append("--- stderr ---")
+            chunks.append(a.stderr_tail.rstrip("\n"))
+    return "\n".join(chunks)

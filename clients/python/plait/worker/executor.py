@@ -1,0 +1,137 @@
+"""What a worker session asks of whatever runs attempts (foundation layer: plait.worker).
+
+The session (:mod:`plait.worker.session`) speaks the protocol; an :class:`Executor` runs
+attempts. The Python SDK's handler executor (:mod:`plait.worker.handlers`) and workerd's exec
+executor (``plait.workerd.exec``) both implement this protocol, so one session serves both.
+
+Contract:
+
+* :meth:`Executor.start` is called on the event loop thread and must not block; it schedules the
+  attempt and returns a handle at once.
+* The executor calls :meth:`AttemptContext.report` exactly once per attempt, on the loop thread,
+  whatever happens (success, failure, cancellation, an internal error).
+* :meth:`Executor.cancel` asks an attempt to stop; it still reports (normally ``CANCELLED``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from plait.v1 import worker_service_pb2 as pb
+
+SUCCEEDED = pb.ACTION_OUTCOME_SUCCEEDED
+FAILED = pb.ACTION_OUTCOME_FAILED
+CANCELLED = pb.ACTION_OUTCOME_CANCELLED
+TIMED_OUT = pb.ACTION_OUTCOME_TIMED_OUT
+
+
+class Code(enum.IntEnum):
+    """The ``google.rpc.Code`` values results and acks use (fixed by google/rpc/code.proto)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+
+
+# google.rpc.Code of the error that goes with each outcome unless the executor chooses one.
+DEFAULT_ERROR_CODE: dict[int, int] = {
+    FAILED: Code.UNKNOWN,
+    CANCELLED: Code.CANCELLED,
+    TIMED_OUT: Code.DEADLINE_EXCEEDED,
+}
+
+# Largest outputs object an attempt may return (exec's $PLAIT_OUTPUT or a handler's dict).
+MAX_OUTPUT_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """How one attempt ended, before the session adds lease, token, duration and HLC."""
+
+    outcome: pb.ActionOutcome.ValueType
+    outputs_json: str = ""
+    error: str = ""
+    error_code: int = 0
+    exit_code: int = 0
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+
+    @classmethod
+    def failed(
+        cls,
+        message: str,
+        *,
+        code: int = Code.UNKNOWN,
+        exit_code: int = 0,
+        stdout_tail: str = "",
+        stderr_tail: str = "",
+    ) -> AttemptResult:
+        """A FAILED result with ``message`` as the error."""
+        return cls(
+            FAILED,
+            error=message,
+            error_code=code,
+            exit_code=exit_code,
+            stdout_tail=stdout_tail,
+            stderr_tail=stderr_tail,
+        )
+
+
+class AttemptContext(Protocol):
+    """What the session gives an executor for one attempt."""
+
+    @property
+    def lease_id(self) -> str:
+        """The attempt's lease."""
+        ...
+
+    @property
+    def kill_grace(self) -> float:
+        """Seconds between SIGTERM and SIGKILL (the coordinator's Welcome.kill_grace)."""
+        ...
+
+    def report(self, result: AttemptResult) -> None:
+        """Delivers the attempt's result; call exactly once, on the loop thread."""
+        ...
+
+
+class AttemptHandle(Protocol):
+    """A running attempt, as its executor returns it from :meth:`Executor.start`."""
+
+    def cancel(self, reason: str) -> None:
+        """Asks the attempt to stop; it still reports a result."""
+        ...
+
+
+class Executor(Protocol):
+    """Runs attempts of leases on behalf of a :class:`plait.worker.session.WorkerSession`."""
+
+    @property
+    def handlers(self) -> frozenset[str]:
+        """Handler names (``ActionSpec.handler``) this executor serves."""
+        ...
+
+    @property
+    def runs_exec(self) -> bool:
+        """Whether this executor runs ``exec`` actions."""
+        ...
+
+    def start(self, lease: pb.Lease, ctx: AttemptContext) -> AttemptHandle:
+        """Starts an attempt without blocking; the result arrives through ``ctx.report``."""
+        ...
+
+    def cancel(self, lease_id: str, reason: str) -> None:
+        """Stops the attempt of ``lease_id`` if it runs here (TERM, then KILL after grace)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stops every attempt still running and releases resources."""
+        ...

@@ -1,0 +1,111 @@
+"""Serving a worker session until it drains (foundation layer: plait.worker).
+
+Shared by :meth:`plait.Worker.run` and the worker daemon: builds the session, turns
+SIGTERM/SIGINT into a graceful drain (a second signal stops at once), and closes executors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from plait.clock import Clock
+from plait.worker.executor import Executor
+from plait.worker.session import DEFAULT_AGENT, SessionConfig, SessionStats, WorkerSession
+
+if TYPE_CHECKING:
+    from plait.worker.handlers import Worker
+
+log = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    """``<hostname>-<pid>``, limited to the characters a worker id allows."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]) or "worker"
+    return f"{host[:100]}-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def drain_on_signals(session: WorkerSession) -> Iterator[None]:
+    """SIGTERM/SIGINT drain the session; a second signal stops it (kills attempts) at once.
+
+    A no-op where signal handlers cannot be installed (not the main thread, Windows).
+    """
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not seen:
+            log.info("%s: draining; send it again to stop now", name)
+            session.drain(name)
+        else:
+            log.warning("%s again: killing running attempts and leaving", name)
+            session.stop(f"worker stopped by {name}")
+        seen.append(signum)
+
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, int(sig))
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            break
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def serve(
+    workers: Sequence[Worker] = (),
+    *,
+    coordinator: str = "127.0.0.1:7450",
+    worker_id: str | None = None,
+    slots: int | None = None,
+    labels: Mapping[str, str] | None = None,
+    executors: Sequence[Executor] = (),
+    clock: Clock | None = None,
+    reconnect_initial: timedelta = timedelta(milliseconds=200),
+    reconnect_max: timedelta = timedelta(seconds=10),
+    agent: str | None = None,
+    install_signal_handlers: bool = False,
+    on_session: Callable[[WorkerSession], None] | None = None,
+) -> SessionStats:
+    """Serves ``workers``' handlers (and ``executors``) until the session drains or stops."""
+    from plait.worker.handlers import HandlerExecutor
+
+    config = SessionConfig(
+        worker_id=worker_id or default_worker_id(),
+        coordinator=coordinator,
+        slots=slots or 0,
+        labels=dict(labels or {}),
+        reconnect_initial=reconnect_initial,
+        reconnect_max=reconnect_max,
+        agent=agent or DEFAULT_AGENT,
+    )
+    all_executors: list[Executor] = list(executors)
+    if workers:
+        all_executors.append(HandlerExecutor(list(workers), config.effective_slots))
+    session = WorkerSession(config, all_executors, clock=clock)
+    if on_session is not None:
+        on_session(session)
+    try:
+        if install_signal_handlers:
+            with drain_on_signals(session):
+                await session.run()
+        else:
+            await session.run()
+    finally:
+        for ex in all_executors:
+            await ex.aclose()
+    return session.stats

@@ -1,0 +1,223 @@
+"""Workerd configuration: flags, then `PLAIT_*` environment, checked at start-up (workerd layer).
+
+A bad value raises :class:`plait.errors.ConfigError` naming the flag; ``main`` turns it into a
+message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from plait.durations import parse_duration
+from plait.errors import ConfigError
+from plait.worker.handlers import Worker
+from plait.worker.serve import default_worker_id
+from plait.worker.session import WORKER_ID_RE
+
+DEFAULT_COORDINATOR = "127.0.0.1:7450"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_./-]{0,62}[A-Za-z0-9])?")
+_MAX_SLOTS = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerdConfig:
+    """Everything the daemon needs, checked once at start-up."""
+
+    coordinator: str = DEFAULT_COORDINATOR
+    worker_id: str = field(default_factory=default_worker_id)
+    slots: int = field(default_factory=lambda: os.cpu_count() or 1)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    handlers: tuple[str, ...] = ()
+    exec_enabled: bool = True
+    reconnect_initial: timedelta = timedelta(milliseconds=200)
+    reconnect_max: timedelta = timedelta(seconds=10)
+    log_level: str = "INFO"
+    clock_offset_ms: int = 0
+
+    def validate(self) -> None:
+        """Raises :class:`ConfigError` naming the flag of the first bad value."""
+        parse_coordinator(self.coordinator)
+        if not WORKER_ID_RE.fullmatch(self.worker_id):
+            raise ConfigError(
+                f"--id: {self.worker_id!r} must be 1 to 128 characters of [A-Za-z0-9_.-]"
+            )
+        if not 1 <= self.slots <= _MAX_SLOTS:
+            raise ConfigError(f"--slots: must be between 1 and {_MAX_SLOTS}, got {self.slots}")
+        for key in self.labels:
+            if not _LABEL_KEY.fullmatch(key):
+                raise ConfigError(f"--label: bad key {key!r} (1 to 64 of [A-Za-z0-9_./-])")
+        if self.reconnect_initial <= timedelta(0):
+            raise ConfigError("--reconnect-backoff: the initial delay must be positive")
+        if self.reconnect_max < self.reconnect_initial:
+            raise ConfigError("--reconnect-backoff: the maximum is below the initial delay")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
+        if not self.exec_enabled and not self.handlers:
+            raise ConfigError("--no-exec: nothing left to serve; add --handlers or drop --no-exec")
+
+
+def parse_coordinator(text: str) -> tuple[str, int]:
+    """Splits ``HOST:PORT`` (``[::1]:7450`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--coordinator: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def parse_clock_offset(text: str) -> int:
+    """``PLAIT_CLOCK_OFFSET``: a signed duration (``1h``, ``-90s``) or milliseconds (``-1500``)."""
+    s = text.strip()
+    if not s:
+        return 0
+    sign = -1 if s.startswith("-") else 1
+    body = s.lstrip("+-").strip()
+    if re.fullmatch(r"\d+", body):
+        return sign * int(body)
+    try:
+        return sign * round(parse_duration(body, field="PLAIT_CLOCK_OFFSET").total_seconds() * 1000)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def parse_backoff(text: str) -> tuple[timedelta, timedelta]:
+    """``200ms:10s`` -> (initial, maximum)."""
+    first, sep, second = text.partition(":")
+    if not sep:
+        raise ConfigError(
+            f"--reconnect-backoff: expected INITIAL:MAX such as 200ms:10s, got {text!r}"
+        )
+    try:
+        return (
+            parse_duration(first, field="--reconnect-backoff"),
+            parse_duration(second, field="--reconnect-backoff"),
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, str]:
+    """``k=v`` items into a dict."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label: expected KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The ``plait-workerd`` argument parser (defaults read from ``environ``)."""
+    p = argparse.ArgumentParser(
+        prog="plait-workerd",
+        description="Plait worker daemon: runs exec actions and Python handlers leased by a"
+        " coordinator.",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=environ.get("PLAIT_COORDINATOR") or DEFAULT_COORDINATOR,
+        metavar="HOST:PORT",
+        help="coordinator gRPC address (env PLAIT_COORDINATOR; default %(default)s)",
+    )
+    p.add_argument(
+        "--id",
+        dest="worker_id",
+        default=environ.get("PLAIT_WORKER_ID") or None,
+        metavar="NAME",
+        help="worker id, unique among connected workers (env PLAIT_WORKER_ID; default"
+        " HOSTNAME-PID)",
+    )
+    p.add_argument("--slots", type=int, default=None, help="concurrent slots (default: CPU count)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)"
+    )
+    p.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="module:attr or path/to/file.py[:attr] naming a plait.Worker whose handlers to"
+        " serve (attr defaults to 'worker'; repeatable)",
+    )
+    p.add_argument("--no-exec", action="store_true", help="do not run exec actions")
+    p.add_argument(
+        "--reconnect-backoff",
+        default="200ms:10s",
+        metavar="INITIAL:MAX",
+        help="full-jitter reconnect backoff (default %(default)s)",
+    )
+    p.add_argument(
+        "--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR"
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerdConfig:
+    """Builds and validates the config from parsed flags and the environment."""
+    initial, maximum = parse_backoff(args.reconnect_backoff)
+    config = WorkerdConfig(
+        coordinator=args.coordinator,
+        worker_id=args.worker_id or default_worker_id(),
+        slots=args.slots if args.slots is not None else (os.cpu_count() or 1),
+        labels=parse_labels(args.label),
+        handlers=tuple(args.handlers),
+        exec_enabled=not args.no_exec,
+        reconnect_initial=initial,
+        reconnect_max=maximum,
+        log_level=args.log_level,
+        clock_offset_ms=parse_clock_offset(environ.get("PLAIT_CLOCK_OFFSET", "")),
+    )
+    config.validate()
+    return config
+
+
+def load_worker(spec: str) -> Worker:
+    """Imports the :class:`plait.Worker` named by ``module:attr`` or ``file.py[:attr]``."""
+    attr = "worker"
+    try:
+        if ".py" in spec:
+            end = spec.rfind(".py") + 3
+            path, rest = spec[:end], spec[end:]
+            if rest:
+                if not rest.startswith(":") or len(rest) < 2:
+                    raise ConfigError(f"--handlers {spec}: expected path/to/file.py[:attr]")
+                attr = rest[1:]
+            file = Path(path).resolve()
+            if not file.is_file():
+                raise ConfigError(f"--handlers {spec}: no such file {path}")
+            name = f"plait_handlers_{re.sub(r'[^A-Za-z0-9_]', '_', file.stem)}_{abs(hash(file))}"
+            mod_spec = importlib.util.spec_from_file_location(name, file)
+            if mod_spec is None or mod_spec.loader is None:
+                raise ConfigError(f"--handlers {spec}: cannot load {path}")
+            module = importlib.util.module_from_spec(mod_spec)
+            # Let the file import its neighbours.
+            sys.path.insert(0, str(file.parent))
+            sys.modules[name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            mod_name, sep, attr_name = spec.partition(":")
+            if sep:
+                attr = attr_name
+            module = importlib.import_module(mod_name)
+        obj = getattr(module, attr, None)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(
+            f"--handlers {spec}: import failed: {type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(obj, Worker):
+        raise ConfigError(
+            f"--handlers {spec}: {attr!r} is {type(obj).__name__}, not a plait.Worker"
+        )
+    return obj

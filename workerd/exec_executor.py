@@ -1,0 +1,398 @@
+"""The exec executor: runs ``ActionSpec.exec`` commands as sandboxed processes (workerd layer).
+
+Per attempt: a fresh temp dir (``HOME``/``TMPDIR``; removed afterwards), a scrubbed environment
+(:mod:`plait.workerd.sandbox`), its own process group registered with the keeper, inputs on
+stdin, in ``$PLAIT_INPUTS`` (up to 64 KiB) and in ``$PLAIT_INPUTS_FILE``, outputs read from the
+JSON object written to ``$PLAIT_OUTPUT``, and bounded stdout/stderr tails read continuously.
+Cancelling (CancelLease, self-fencing, the local run timeout) sends SIGTERM to the group and
+SIGKILL after the kill grace. When the attempt's main process exits, anything it left in its
+group is killed.
+
+Processes are started with asyncio's subprocess machinery — no shell or Python shim per action.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import warnings
+from typing import Any
+
+from plait.durations import format_duration
+from plait.durations import from_proto as duration_from_proto
+from plait.v1 import worker_service_pb2 as pb
+from plait.worker.executor import (
+    CANCELLED,
+    MAX_OUTPUT_BYTES,
+    SUCCEEDED,
+    TIMED_OUT,
+    AttemptContext,
+    AttemptResult,
+    Code,
+)
+from plait.worker.handlers import parse_inputs
+from plait.workerd.keeper import Keeper
+from plait.workerd.sandbox import (
+    INPUTS_FILE_NAME,
+    OUTPUT_FILE_NAME,
+    TemplateError,
+    build_env,
+    env_without_nul,
+    expand_argv,
+    pdeathsig_wrapper,
+    resolve_program,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TAIL_BYTES = 64 * 1024
+DEFAULT_INPUTS_ENV_LIMIT = 64 * 1024
+_JSON_TYPE = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
+_watcher_installed = False
+
+
+def install_child_watcher() -> None:
+    """On Python 3.11, use asyncio's pidfd child watcher (3.12's default) when the kernel has it.
+
+    The 3.11 default starts one thread per child process to wait for it; pidfds cost nothing.
+    Call it before ``asyncio.run`` in the main thread: 3.11's pidfd watcher serves one loop,
+    which ``asyncio.run`` attaches.
+    """
+    global _watcher_installed
+    if _watcher_installed or sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+    _watcher_installed = True
+
+
+def read_outputs(path: str, limit: int) -> tuple[str, str]:
+    """(outputs JSON, "") or ("", error) for the file an action wrote to ``$PLAIT_OUTPUT``.
+
+    An absent or empty file means ``{}``.
+    """
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "{}", ""
+    if size > limit:
+        return "", f"$PLAIT_OUTPUT is {size} bytes, over the {limit}-byte limit"
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        return "", f"$PLAIT_OUTPUT is over the {limit}-byte limit"
+    if not data.strip():
+        return "{}", ""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        return "", f"$PLAIT_OUTPUT is not valid JSON: {err}"
+    if not isinstance(obj, dict):
+        kind = "null" if obj is None else _JSON_TYPE.get(type(obj), type(obj).__name__)
+        return "", f"$PLAIT_OUTPUT must hold a JSON object, not {kind}"
+    return json.dumps(obj, separators=(",", ":")), ""
+
+
+def exit_message(code: int) -> str:
+    """``exit code 3`` or ``killed by signal SIGKILL``."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    return f"killed by signal {name}"
+
+
+class _Pipes(asyncio.SubprocessProtocol):
+    """Keeps the last ``limit`` bytes of stdout and stderr; never stops reading."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.limit = limit
+        self.bufs = {1: bytearray(), 2: bytearray()}
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._open = 2
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        buf = self.bufs.get(fd)
+        if buf is None:
+            return
+        buf += data if isinstance(data, bytes) else data.encode()
+        if len(buf) > 2 * self.limit:
+            del buf[: -self.limit]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd in self.bufs:
+            self._open -= 1
+            if self._open <= 0 and not self.closed.done():
+                self.closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def tail(self, fd: int) -> str:
+        return bytes(self.bufs[fd][-self.limit :]).decode("utf-8", "replace")
+
+
+class ExecExecutor:
+    """Runs exec leases; one instance per workerd (see the module docstring)."""
+
+    runs_exec = True
+    handlers: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        keeper: Keeper | None = None,
+        tail_bytes: int = DEFAULT_TAIL_BYTES,
+        max_output_bytes: int = MAX_OUTPUT_BYTES,
+        inputs_env_limit: int = DEFAULT_INPUTS_ENV_LIMIT,
+        tmp_root: str | None = None,
+        path: str | None = None,
+        cwd: str | None = None,
+        pipe_drain_timeout: float = 1.0,
+        pdeathsig: bool = True,
+    ) -> None:
+        self.keeper = keeper
+        self.tail_bytes = tail_bytes
+        self.max_output_bytes = max_output_bytes
+        self.inputs_env_limit = inputs_env_limit
+        self.tmp_root = tmp_root
+        self.path = path if path is not None else os.environ.get("PATH", os.defpath)
+        self.cwd = cwd
+        self.pipe_drain_timeout = pipe_drain_timeout
+        self._wrapper = pdeathsig_wrapper(self.path) if pdeathsig else ()
+        if pdeathsig and not self._wrapper:
+            log.warning(
+                "setpriv (util-linux) not found: actions run without PR_SET_PDEATHSIG;"
+                " the keeper still kills them if workerd dies"
+            )
+        self._running: dict[str, _ExecAttempt] = {}
+
+    @property
+    def running(self) -> list[str]:
+        """Lease ids of attempts not yet reported."""
+        return list(self._running)
+
+    def start(self, lease: pb.Lease, ctx: AttemptContext) -> _ExecAttempt:
+        attempt = _ExecAttempt(self, lease, ctx)
+        self._running[lease.lease_id] = attempt
+        attempt.task = asyncio.get_running_loop().create_task(attempt.run())
+        return attempt
+
+    def cancel(self, lease_id: str, reason: str) -> None:
+        attempt = self._running.get(lease_id)
+        if attempt is not None:
+            attempt.cancel(reason)
+
+    async def aclose(self) -> None:
+        attempts = list(self._running.values())
+        for attempt in attempts:
+            attempt.cancel("worker exiting")
+        tasks = [a.task for a in attempts if a.task is not None]
+        if tasks:
+            grace = max(a.ctx.kill_grace for a in attempts)
+            await asyncio.wait(tasks, timeout=grace + self.pipe_drain_timeout + 2.0)
+
+
+class _ExecAttempt:
+    """One exec attempt; also the handle the session cancels through."""
+
+    def __init__(self, executor: ExecExecutor, lease: pb.Lease, ctx: AttemptContext) -> None:
+        self.ex = executor
+        self.lease = lease
+        self.ctx = ctx
+        self.task: asyncio.Task[None] | None = None
+        self.pgid = 0
+        self.exited = False
+        self.kill_outcome: pb.ActionOutcome.ValueType | None = None
+        self.kill_reason = ""
+        self.tmpdir = ""
+        self._timers: list[asyncio.TimerHandle] = []
+
+    def cancel(self, reason: str) -> None:
+        self.kill(CANCELLED, reason)
+
+    def kill(self, outcome: pb.ActionOutcome.ValueType, reason: str) -> None:
+        """TERM the group now, KILL it after the kill grace; the attempt reports ``outcome``."""
+        if self.kill_outcome is not None or self.exited:
+            return
+        self.kill_outcome, self.kill_reason = outcome, reason
+        if self.pgid:
+            self._begin_kill()
+
+    def _begin_kill(self) -> None:
+        log.debug(
+            "lease %s: SIGTERM to group %d (%s)", self.lease.lease_id, self.pgid, self.kill_reason
+        )
+        self._signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        self._timers.append(loop.call_later(self.ctx.kill_grace, self._signal, signal.SIGKILL))
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, sig)
+
+    async def run(self) -> None:
+        try:
+            result = await self._execute()
+        except Exception as err:
+            log.exception("lease %s: workerd failed to run the attempt", self.lease.lease_id)
+            result = AttemptResult.failed(
+                f"workerd could not run the attempt: {err}", code=Code.INTERNAL
+            )
+        finally:
+            for timer in self._timers:
+                timer.cancel()
+            if self.tmpdir:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.ex._running.pop(self.lease.lease_id, None)
+        self.ctx.report(result)
+
+    def _prepare(self) -> tuple[list[str], bytes, dict[str, str]] | AttemptResult:
+        lease, spec = self.lease, self.lease.action
+        argv = list(spec.exec.argv)
+        if not argv:
+            return AttemptResult.failed("exec.argv is empty", code=Code.INVALID_ARGUMENT)
+        try:
+            if any("{{" in a for a in argv):
+                static_input, _ = parse_inputs(lease.inputs_json, spec.input_json)
+                argv = expand_argv(argv, static_input)
+            inputs_text = lease.inputs_json or json.dumps(
+                {"input": json.loads(spec.input_json) if spec.input_json else None, "needs": {}}
+            )
+        except (TemplateError, ValueError) as err:
+            return AttemptResult.failed(str(err), code=Code.INVALID_ARGUMENT)
+        if spec.exec.shell:
+            # Extra argv items become $0, $1, ... of the script, as with `sh -c`.
+            argv = ["/bin/sh", "-c", *argv]
+        self.tmpdir = tempfile.mkdtemp(prefix="plait-attempt-", dir=self.ex.tmp_root)
+        inputs = inputs_text.encode()
+        inputs_file = os.path.join(self.tmpdir, INPUTS_FILE_NAME)
+        with open(inputs_file, "wb") as f:
+            f.write(inputs)
+        env = build_env(
+            lease,
+            tmpdir=self.tmpdir,
+            path=self.ex.path,
+            output_file=os.path.join(self.tmpdir, OUTPUT_FILE_NAME),
+            inputs_file=inputs_file,
+            inputs_env=inputs_text if len(inputs) <= self.ex.inputs_env_limit else "",
+        )
+        return argv, inputs, env_without_nul(env)
+
+    async def _execute(self) -> AttemptResult:
+        prepared = self._prepare()
+        if isinstance(prepared, AttemptResult):
+            return prepared
+        argv, inputs, env = prepared
+        if self.kill_outcome is not None:
+            return AttemptResult(self.kill_outcome, error=self.kill_reason)
+        if self.ex._wrapper:
+            program = resolve_program(argv[0], env["PATH"])
+            if program is None:
+                return AttemptResult.failed(f"cannot run {argv[0]!r}: no such file", exit_code=127)
+            argv = [*self.ex._wrapper, program, *argv[1:]]
+        loop = asyncio.get_running_loop()
+        pipes = _Pipes(self.ex.tail_bytes, loop)
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: pipes,
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=self.ex.cwd,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            return AttemptResult.failed(f"cannot run {argv[0]!r}: no such file", exit_code=127)
+        except PermissionError:
+            return AttemptResult.failed(f"cannot run {argv[0]!r}: permission denied", exit_code=126)
+        except OSError as err:
+            return AttemptResult.failed(
+                f"cannot run {argv[0]!r}: {err.strerror or err}", exit_code=126
+            )
+        try:
+            return await self._supervise(transport, pipes, inputs)
+        finally:
+            transport.close()
+
+    async def _supervise(
+        self, transport: asyncio.SubprocessTransport, pipes: _Pipes, inputs: bytes
+    ) -> AttemptResult:
+        self.pgid = transport.get_pid()
+        keeper = self.ex.keeper
+        if keeper is not None:
+            keeper.register(self.pgid)
+        try:
+            stdin: Any = transport.get_pipe_transport(0)
+            if stdin is not None:
+                if inputs:
+                    stdin.write(inputs)
+                stdin.close()
+            if self.kill_outcome is not None:
+                self._begin_kill()
+            spec = self.lease.action
+            if spec.HasField("timeout"):
+                timeout = duration_from_proto(spec.timeout)
+                if timeout.total_seconds() > 0:
+                    reason = f"run timeout {format_duration(timeout)} exceeded"
+                    loop = asyncio.get_running_loop()
+                    self._timers.append(
+                        loop.call_later(timeout.total_seconds(), self.kill, TIMED_OUT, reason)
+                    )
+            await pipes.exited
+            self.exited = True
+        finally:
+            # Whatever the attempt left in its group dies with it.
+            self._signal(signal.SIGKILL)
+            if keeper is not None:
+                keeper.unregister(self.pgid)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pipes.closed), self.ex.pipe_drain_timeout)
+        code = transport.get_returncode()
+        rc = code if code is not None else -int(signal.SIGKILL)
+        out, err = pipes.tail(1), pipes.tail(2)
+        if self.kill_outcome is not None:
+            return AttemptResult(
+                self.kill_outcome,
+                error=self.kill_reason,
+                exit_code=rc,
+                stdout_tail=out,
+                stderr_tail=err,
+            )
+        if rc != 0:
+            return AttemptResult.failed(
+                exit_message(rc), exit_code=rc, stdout_tail=out, stderr_tail=err
+            )
+        outputs, problem = read_outputs(
+            os.path.join(self.tmpdir, OUTPUT_FILE_NAME), self.ex.max_output_bytes
+        )
+        if problem:
+            return AttemptResult.failed(
+                problem, code=Code.INVALID_ARGUMENT, stdout_tail=out, stderr_tail=err
+            )
+        return AttemptResult(SUCCEEDED, outputs_json=outputs, stdout_tail=out, stderr_tail=err)

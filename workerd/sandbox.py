@@ -1,0 +1,117 @@
+"""The exec sandbox: argv templates, the scrubbed environment, the child's set-up (workerd layer).
+
+Nothing from workerd's own environment reaches an action except ``PATH``: the child gets
+``HOME`` and ``TMPDIR`` pointing at its own temp dir, ``LANG=C.UTF-8``, the spec's ``env``, and
+the ``PLAIT_*`` variables below. The child runs in a new session (its own process group) and
+asks the kernel for SIGKILL when workerd dies (``PR_SET_PDEATHSIG``, see :func:`pdeathsig_wrapper`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from plait.v1 import worker_service_pb2 as pb
+
+_TEMPLATE = re.compile(r"\{\{\s*input((?:\.[A-Za-z0-9_-]+)*)\s*\}\}")
+
+INPUTS_FILE_NAME = "plait-inputs.json"
+OUTPUT_FILE_NAME = "plait-output.json"
+
+
+class TemplateError(ValueError):
+    """An argv template names a key the input does not have."""
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def expand_argv(argv: Sequence[str], static_input: Any) -> list[str]:
+    """Replaces ``{{ input.KEY }}`` (dotted paths allowed, ``{{ input }}`` is all of it).
+
+    Strings are inserted as they are; other JSON values as compact JSON.
+
+    Raises:
+        TemplateError: naming the argv item and the missing key.
+    """
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if "{{" not in arg:
+            out.append(arg)
+            continue
+
+        def sub(m: re.Match[str], i: int = i) -> str:
+            value = static_input
+            path = [p for p in m.group(1).split(".") if p]
+            for depth, key in enumerate(path):
+                if isinstance(value, dict) and key in value:
+                    value = value[key]
+                elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+                    value = value[int(key)]
+                else:
+                    shown = "input." + ".".join(path[: depth + 1])
+                    raise TemplateError(f"exec.argv[{i}]: {m.group(0)}: the input has no {shown}")
+            return _render(value)
+
+        out.append(_TEMPLATE.sub(sub, arg))
+    return out
+
+
+def build_env(
+    lease: pb.Lease,
+    *,
+    tmpdir: str,
+    path: str,
+    output_file: str,
+    inputs_file: str,
+    inputs_env: str,
+) -> dict[str, str]:
+    """The whole environment of an exec attempt (nothing is inherited)."""
+    env = {"PATH": path, "HOME": tmpdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8"}
+    env.update(lease.action.env)
+    env.update(
+        {
+            "PLAIT_WORKFLOW_ID": lease.workflow_id,
+            "PLAIT_ACTION_ID": lease.action_id,
+            "PLAIT_ATTEMPT": str(lease.attempt),
+            "PLAIT_FENCING_TOKEN": str(lease.fencing_token),
+            "PLAIT_IDEMPOTENCY_KEY": lease.idempotency_key,
+            "PLAIT_LEASE_ID": lease.lease_id,
+            "TRACEPARENT": lease.traceparent,
+            "PLAIT_OUTPUT": output_file,
+            "PLAIT_INPUTS": inputs_env,
+            "PLAIT_INPUTS_FILE": inputs_file,
+        }
+    )
+    return env
+
+
+def env_without_nul(env: Mapping[str, str]) -> dict[str, str]:
+    """Drops variables the kernel cannot carry (NUL bytes, '=' in names)."""
+    return {k: v for k, v in env.items() if k and "=" not in k and "\0" not in k + v}
+
+
+def pdeathsig_wrapper(path: str) -> tuple[str, ...]:
+    """The argv prefix that sets ``PR_SET_PDEATHSIG=SIGKILL`` before exec'ing the action.
+
+    util-linux's ``setpriv --pdeathsig KILL --`` does the prctl and execs the command, so the
+    child needs no ``preexec_fn``: Python code between fork and exec is unsafe in a process
+    with gRPC's threads (it crashed in testing) and forces fork() instead of vfork(). Returns
+    ``()`` when setpriv is not installed; the keeper still kills every group if workerd dies.
+    """
+    found = shutil.which("setpriv", path=f"{path}:/usr/bin:/bin:/usr/sbin:/sbin")
+    return (found, "--pdeathsig", "KILL", "--") if found else ()
+
+
+def resolve_program(program: str, path: str) -> str | None:
+    """``program`` as exec would find it on ``path``, or ``None``."""
+    if "/" in program:
+        return program if os.path.isfile(program) else None
+    return shutil.which(program, path=path)
