@@ -142,16 +142,17 @@ class SchedulerState:
         self, wf: WorkflowRecord, type_: int, a: ActionRecord | None = None, **fields: object
     ) -> pb.HistoryEvent:
         """Appends a history event stamped with the next sequence and the coordinator's HLC."""
+        # Hot path (several events per action): plain attribute stores, no kwargs unpacking
+        # unless extra fields are given.
         self.sequence += 1
         ts = self.hlc.now()
-        ev = pb.HistoryEvent(
-            sequence=self.sequence,
-            workflow_id=wf.workflow_id,
-            type=type_,  # type: ignore[arg-type]
-            cause=self.cause,
-            **fields,  # type: ignore[arg-type]
-        )
-        ev.hlc.physical_ms, ev.hlc.logical = ts
+        ev = pb.HistoryEvent(**fields) if fields else pb.HistoryEvent()  # type: ignore[arg-type]
+        ev.sequence = self.sequence
+        ev.workflow_id = wf.workflow_id
+        ev.type = type_  # type: ignore[assignment]
+        ev.cause = self.cause
+        hlc = ev.hlc
+        hlc.physical_ms, hlc.logical = ts
         wall = self._clock.wall
         rec = ev.recorded_at
         rec.seconds, rec.nanos = wall // 1000, (wall % 1000) * 1_000_000
@@ -206,7 +207,9 @@ class SchedulerState:
         wf.remaining = len(wf.actions)
         for a in wf.actions.values():
             if a.unmet == 0:
-                self.make_ready(a, E.EVENT_TYPE_ACTION_READY)
+                # Ready at submit: implied by WORKFLOW_SUBMITTED, so not journalled again.
+                self.set_state(a, t.READY)
+                self.enqueue(a)
         out.reply(s.reply, (wf.workflow_id, True))
 
     def make_ready(self, a: ActionRecord, type_: int, **fields: object) -> None:

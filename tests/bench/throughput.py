@@ -110,11 +110,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--handlers", type=int, default=10_000, help="no-op handler actions (a)")
     p.add_argument("--exec", type=int, default=1_000, help="/bin/true exec actions (b)")
     p.add_argument("--chain", type=int, default=200, help="length of the handler chain (c)")
-    p.add_argument("--slots", type=int, default=os.cpu_count() or 4, help="slots per worker")
+    p.add_argument(
+        "--slots", type=int, default=2 * (os.cpu_count() or 2), help="slots per exec worker"
+    )
+    p.add_argument(
+        "--handler-slots",
+        type=int,
+        default=256,
+        help="slots per handler worker (async no-op handlers are not CPU-bound)",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per workflow")
     args = p.parse_args(argv)
 
     procs.become_subreaper()
+    # Handler actions run on 2 handler-only workers with many slots (async no-ops are not
+    # CPU-bound); exec actions on 2 exec workers with a few slots per core.
     benches: list[tuple[str, Callable[[int], wf.WorkflowSpec], int]] = [
         ("(a) independent handlers", independent_handlers, args.handlers),
         ("(b) independent exec true", independent_exec, args.exec),
@@ -125,12 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         cluster = Cluster(Path(tmp))
         try:
             cluster.start_coordinator()
-            for name in ("bench-w1", "bench-w2"):
-                cluster.add_worker(name, slots=args.slots, handlers=[HANDLERS], wait=False)
-            cluster.wait_workers(["bench-w1", "bench-w2"])
+            for name in ("handler-w1", "handler-w2"):
+                cluster.add_worker(
+                    name,
+                    slots=args.handler_slots,
+                    handlers=[HANDLERS],
+                    extra_args=["--no-exec"],
+                    wait=False,
+                )
+            for name in ("exec-w1", "exec-w2"):
+                cluster.add_worker(name, slots=args.slots, wait=False)
+            cluster.wait_workers(["handler-w1", "handler-w2", "exec-w1", "exec-w2"])
             print(
-                f"coordinator {cluster.grpc_target}, 2 workers x {args.slots} slots,"
-                " heartbeat 250ms, lease TTL 2s",
+                f"coordinator {cluster.grpc_target}; 2 handler workers x {args.handler_slots}"
+                f" slots, 2 exec workers x {args.slots} slots; heartbeat 250ms, lease TTL 2s",
                 file=sys.stderr,
             )
             for name, build, n in benches:

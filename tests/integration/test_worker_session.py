@@ -340,7 +340,8 @@ async def test_grants_run_results_acked_and_credit_returned(h: Harness) -> None:
     assert all(r.outcome == pb.ACTION_OUTCOME_SUCCEEDED for r in stream.results)
     assert all(r.finished_hlc.physical_ms > 0 and r.HasField("duration") for r in stream.results)
     started = {rep.lease_id for s in stream.of("action_started") for rep in s.leases}
-    assert started == {"l1", "l2"}
+    # A start report is skipped only when the result leaves in the same flush (it implies it).
+    assert started <= {"l1", "l2"}
     await h.coord.wait_for(lambda: stream.credit == 2)
     await h.coord.wait_for(lambda: not session.unacked)
     # Later heartbeats carry the grant sequence and no longer list the acked leases.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from plait.coordinator.config import Limits
@@ -17,7 +19,12 @@ def spec(*actions: tuple[str, list[str]]) -> pb.WorkflowSpec:
     return s
 
 
-def refused(s: pb.WorkflowSpec, limits: Limits = Limits(), key: str = "") -> InvalidArgumentError:
+DEFAULT_LIMITS = Limits()
+
+
+def refused(
+    s: pb.WorkflowSpec, limits: Limits = DEFAULT_LIMITS, key: str = ""
+) -> InvalidArgumentError:
     with pytest.raises(InvalidArgumentError) as info:
         validate_submit(s, key, limits)
     return info.value
@@ -42,7 +49,7 @@ def test_long_cycle_path_in_execution_order() -> None:
     assert path[0] == path[-1] and sorted(set(path)) == ["a", "b", "c"]
     # Every consecutive pair is a real edge in execution order (x -> y means y needs x).
     needs = {"a": ["c"], "b": ["a"], "c": ["b"]}
-    assert all(x in needs[y] for x, y in zip(path, path[1:], strict=False))
+    assert all(x in needs[y] for x, y in itertools.pairwise(path))
 
 
 def test_self_dependency() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 
 from google.protobuf import duration_pb2
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_SECONDS = 100 * 365 * 86400  # a century: anything longer is a typo
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
@@ -17,15 +19,27 @@ def parse_duration(text: str | int | float, *, field: str = "duration") -> timed
     Raises:
         ValueError: naming ``field`` and the text, when it is not a duration.
     """
+    bad = ValueError(f"{field}: expected a duration such as 250ms, 2s or 5m, got {text!r}")
     if isinstance(text, bool):
-        raise ValueError(f"{field}: expected a duration such as 250ms, 2s or 5m, got {text!r}")
+        raise bad
     if isinstance(text, int | float):
-        return timedelta(seconds=float(text))
-    s = text.strip()
-    try:
-        return timedelta(seconds=float(s))
-    except ValueError:
-        pass
+        seconds = float(text)
+    else:
+        s = text.strip()
+        try:
+            seconds = float(s)
+        except ValueError:
+            return _parse_units(s, bad)
+    return _bounded(seconds, bad)
+
+
+def _bounded(seconds: float, bad: ValueError) -> timedelta:
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SECONDS:
+        raise bad
+    return timedelta(seconds=seconds)
+
+
+def _parse_units(s: str, bad: ValueError) -> timedelta:
     pos, total = 0, 0.0
     for m in _PART.finditer(s):
         if m.start() != pos:
@@ -33,8 +47,8 @@ def parse_duration(text: str | int | float, *, field: str = "duration") -> timed
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     if pos != len(s) or not s:
-        raise ValueError(f"{field}: expected a duration such as 250ms, 2s or 5m, got {text!r}")
-    return timedelta(seconds=total)
+        raise bad
+    return _bounded(total, bad)
 
 
 def format_duration(d: timedelta) -> str:

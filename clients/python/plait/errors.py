@@ -141,9 +141,9 @@ def from_rpc_error(err: grpc.RpcError) -> PlaitError:
     """Turns a client-side ``grpc.RpcError`` back into the matching :class:`PlaitError`."""
     from grpc_status import rpc_status
 
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    details: str = err.details() or ""  # type: ignore[attr-defined]
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined,unused-ignore]
+    details: str = err.details() or ""  # type: ignore[attr-defined,unused-ignore]
+    status = rpc_status.from_call(err)  # type: ignore[arg-type,unused-ignore]
     cls = _BY_CODE.get(code)
     if cls is InvalidArgumentError:
         violations = violations_of(status) if status is not None else []

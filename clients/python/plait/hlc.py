@@ -52,11 +52,9 @@ class ClockOffsetError(Exception):
 class HybridLogicalClock:
     """A hybrid logical clock over an injected wall clock."""
 
-    __slots__ = ("_clock", "_l", "_c", "max_offset_ms")
+    __slots__ = ("_c", "_clock", "_l", "max_offset_ms")
 
-    def __init__(
-        self, clock: Clock, max_offset_ms: int = 500, floor: HlcTimestamp = ZERO
-    ) -> None:
+    def __init__(self, clock: Clock, max_offset_ms: int = 500, floor: HlcTimestamp = ZERO) -> None:
         self._clock = clock
         self.max_offset_ms = max_offset_ms
         # `floor` lets a restarted (or newly elected) coordinator start above the journal's

@@ -457,7 +457,9 @@ Global___Credit: _TypeAlias = Credit  # noqa: Y015
 
 @_typing.final
 class ActionStarted(_message.Message):
-    """ActionStarted reports attempts that began running."""
+    """ActionStarted reports attempts that began running. An attempt whose result goes out in the
+    same flush may skip its start report: a result implies the start.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -115,7 +115,9 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_WORKFLOW_SUBMITTED: _EventType.ValueType  # 1
     """The workflow was accepted; `spec` holds it."""
     EVENT_TYPE_ACTION_READY: _EventType.ValueType  # 2
-    """An action's needs are met (or its retry backoff is over)."""
+    """An action's needs are met. Not recorded for actions without needs: WORKFLOW_SUBMITTED
+    makes them ready.
+    """
     EVENT_TYPE_ACTION_LEASED: _EventType.ValueType  # 3
     """An attempt was leased to `worker_id` with `fencing_token`."""
     EVENT_TYPE_ACTION_STARTED: _EventType.ValueType  # 4
@@ -146,7 +148,9 @@ EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
 EVENT_TYPE_WORKFLOW_SUBMITTED: EventType.ValueType  # 1
 """The workflow was accepted; `spec` holds it."""
 EVENT_TYPE_ACTION_READY: EventType.ValueType  # 2
-"""An action's needs are met (or its retry backoff is over)."""
+"""An action's needs are met. Not recorded for actions without needs: WORKFLOW_SUBMITTED
+makes them ready.
+"""
 EVENT_TYPE_ACTION_LEASED: EventType.ValueType  # 3
 """An attempt was leased to `worker_id` with `fencing_token`."""
 EVENT_TYPE_ACTION_STARTED: EventType.ValueType  # 4

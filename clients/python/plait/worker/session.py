@@ -722,8 +722,14 @@ class WorkerSession:
             self._out_finished.clear()
             return
         if self._out_started:
-            msg = pb.ConnectRequest(action_started=pb.ActionStarted(leases=self._out_started))
-            self._send(stream, msg)
+            # An attempt that already finished needs no start report: its result implies it
+            # (and the coordinator journals one event fewer).
+            if self._out_finished:
+                done = {r.lease_id for r in self._out_finished}
+                self._out_started = [s for s in self._out_started if s.lease_id not in done]
+            if self._out_started:
+                msg = pb.ConnectRequest(action_started=pb.ActionStarted(leases=self._out_started))
+                self._send(stream, msg)
             self._out_started = []
         if self._out_finished:
             # The credit rides with the results, so the coordinator can lease the next actions
