@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -45,6 +46,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
+            handler.unary_stream
+        ):
+            # A streaming handler written with context.write() (e.g. grpc.health.v1 Watch).
+            inner_uw = handler.unary_stream
+
+            async def unary_write(request: Any, context: Any) -> None:
+                try:
+                    await inner_uw(request, context)
+                except PlaitError as e:
+                    await _abort(context, e)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_write,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
@@ -57,6 +75,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None and not inspect.isasyncgenfunction(
+            handler.stream_stream
+        ):
+            inner_sw = handler.stream_stream
+
+            async def stream_write(request_iterator: Any, context: Any) -> None:
+                try:
+                    await inner_sw(request_iterator, context)
+                except PlaitError as e:
+                    await _abort(context, e)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_write,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
