@@ -1,39 +1,68 @@
-"""The journal's storage contract (edge layer).
+"""The journal's storage contract, and leadership (edge layer).
 
 The coordinator is the journal's single writer. Events are appended in batches (one
 transaction per batch: group commit) in strictly increasing ``sequence``; an append returns
-only once the batch is durable. Readers fetch a workflow's history by sequence. Backends:
-SQLite (embedded default, :mod:`.sqlite`); PostgreSQL implements the same protocol later, and
-one contract test suite runs against every backend.
+only once the batch is durable. Readers fetch a workflow's history by sequence; a restarted or
+newly elected coordinator :meth:`JournalStore.replay`\\ s everything to rebuild its state.
+
+Only the leader writes. :class:`Leadership` decides who that is: a file lock for SQLite (a
+second coordinator on the same file waits as a standby), a lease row with a growing term for
+PostgreSQL. Every append is fenced by the term the store was opened with, so a deposed leader's
+writes are refused (:class:`DeposedError`) instead of interleaving with its successor's.
+
+Backends: SQLite (embedded default, :mod:`.sqlite`) and PostgreSQL (:mod:`.postgres`); one
+contract test suite (``tests/contract``) runs against both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from plait.errors import UnavailableError
 from plait.hlc import ZERO, HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
 
 
 @dataclass(frozen=True, slots=True)
 class JournalHead:
-    """Where the journal ends: the next writer continues above both numbers."""
+    """Where the journal ends: the next writer continues above every number here."""
 
     last_sequence: int = 0
     last_hlc: HlcTimestamp = ZERO
+    # Upper bound on every HLC reading the previous writer may have sent (see
+    # JournalStore.append); a new writer starts its clock above it.
+    hlc_ceiling_ms: int = 0
+
+    @property
+    def hlc_floor(self) -> HlcTimestamp:
+        """The reading a new writer's HLC must start above."""
+        return max(self.last_hlc, HlcTimestamp(self.hlc_ceiling_ms, 0))
+
+
+class DeposedError(UnavailableError):
+    """This coordinator's term is over: another leader has been elected. Stop at once."""
 
 
 class JournalStore(Protocol):
     """Durable, append-only history of every transition."""
 
-    async def open(self) -> JournalHead:
-        """Creates the schema if needed and returns the head of the journal."""
+    async def open(self, term: int) -> JournalHead:
+        """Creates the schema if needed, fences later appends by ``term``, returns the head."""
         ...
 
-    async def append(self, events: Sequence[pb.HistoryEvent]) -> None:
-        """Durably appends a batch in one transaction; all or nothing."""
+    async def append(
+        self, events: Sequence[pb.HistoryEvent], *, hlc_ceiling_ms: int | None = None
+    ) -> None:
+        """Durably appends a batch in one transaction; all or nothing.
+
+        ``hlc_ceiling_ms``, when given, is stored in the same transaction: the writer promises
+        not to hand out HLC readings above it until it has stored a higher one.
+
+        Raises:
+            DeposedError: the store's term is no longer current; nothing was written.
+        """
         ...
 
     async def read(
@@ -42,8 +71,36 @@ class JournalStore(Protocol):
         """A workflow's events with sequence > ``after_sequence``, in order."""
         ...
 
+    def replay(self, batch: int = 10_000) -> AsyncIterator[list[pb.HistoryEvent]]:
+        """Every event of every workflow still kept, in sequence order, in batches."""
+        ...
+
+    async def prune(self, workflow_ids: Sequence[str]) -> int:
+        """Deletes the events of finished workflows; returns how many rows went."""
+        ...
+
     async def close(self) -> None:
         """Flushes and releases the backend."""
+        ...
+
+
+class Leadership(Protocol):
+    """Who may write the journal: exactly one coordinator per journal at a time."""
+
+    async def campaign(self) -> int:
+        """Blocks until this coordinator leads; returns its term (strictly growing)."""
+        ...
+
+    async def hold(self) -> None:
+        """Renews leadership until it is lost, then returns (the caller must stop)."""
+        ...
+
+    async def leader(self) -> str | None:
+        """The gRPC address the current leader advertises, if known (for redirects)."""
+        ...
+
+    async def resign(self) -> None:
+        """Gives leadership up (clean shutdown) so a standby takes over at once."""
         ...
 
 
@@ -53,4 +110,8 @@ def open_store(url: str) -> JournalStore:
         from plait.coordinator.journal.sqlite import SqliteJournal
 
         return SqliteJournal(url.removeprefix("sqlite:///"))
-    raise ValueError(f"unsupported store {url!r}: expected sqlite:///PATH")
+    if url.startswith(("postgresql://", "postgres://")):
+        from plait.coordinator.journal.postgres import PostgresJournal
+
+        return PostgresJournal(url)
+    raise ValueError(f"unsupported store {url!r}: expected sqlite:///PATH or postgresql://...")

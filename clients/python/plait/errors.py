@@ -97,6 +97,49 @@ class UnavailableError(PlaitError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+LEADER_REASON = "NOT_LEADER"
+ERROR_DOMAIN = "plait.dev"
+
+
+class NotLeaderError(UnavailableError):
+    """This coordinator is a standby; ``leader`` is the address of the one to use, if known.
+
+    Travels as UNAVAILABLE with a ``google.rpc.ErrorInfo`` detail (reason ``NOT_LEADER``,
+    domain ``plait.dev``, metadata ``{"leader": "HOST:PORT"}``); clients and workers that were
+    given several coordinator addresses switch to the leader named there.
+    """
+
+    def __init__(self, leader: str | None) -> None:
+        self.leader = leader or None
+        where = f"; the leader is {leader}" if leader else "; no leader is known yet"
+        super().__init__("this coordinator is a standby" + where)
+
+    def to_status(self) -> status_pb2.Status:
+        status = super().to_status()
+        info = error_details_pb2.ErrorInfo(reason=LEADER_REASON, domain=ERROR_DOMAIN)
+        if self.leader:
+            info.metadata["leader"] = self.leader
+        status.details.add().Pack(info)
+        return status
+
+
+def not_leader(status: status_pb2.Status) -> NotLeaderError | None:
+    """The NotLeaderError a status carries (a standby's answer), if it is one."""
+    for any_detail in status.details:
+        if any_detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            any_detail.Unpack(info)
+            if info.reason == LEADER_REASON:
+                return NotLeaderError(info.metadata.get("leader"))
+    return None
+
+
+def leader_hint(status: status_pb2.Status) -> str | None:
+    """The leader address a standby named in a status, if any."""
+    err = not_leader(status)
+    return err.leader if err is not None else None
+
+
 class ConfigError(PlaitError):
     """A configuration is unsafe or malformed; daemons refuse to start (exit 2)."""
 
@@ -145,6 +188,10 @@ def from_rpc_error(err: grpc.RpcError) -> PlaitError:
     details: str = err.details() or ""  # type: ignore[attr-defined,unused-ignore]
     status = rpc_status.from_call(err)  # type: ignore[arg-type,unused-ignore]
     cls = _BY_CODE.get(code)
+    if cls is UnavailableError and status is not None:
+        standby = not_leader(status)
+        if standby is not None:
+            return standby
     if cls is InvalidArgumentError:
         violations = violations_of(status) if status is not None else []
         return InvalidArgumentError(violations or details)
