@@ -51,6 +51,8 @@ class CoordinatorConfig:
     lease_loss_budget: int = 3
     shutdown_grace: timedelta = timedelta(seconds=10)
     ready_file: str | None = None
+    advertise: str | None = None  # address standbys name as the leader's (default: listen)
+    retention: timedelta = timedelta(days=7)
     limits: Limits = field(default_factory=Limits)
 
     def validate(self) -> None:
@@ -82,10 +84,14 @@ class CoordinatorConfig:
                     f"{name} {addr!r} is not a loopback address: Plait refuses to listen beyond"
                     " this host until TLS and authentication are configured"
                 )
-        if not self.store.startswith("sqlite:///"):
+        if not self.store.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ConfigError(
-                f"store {self.store!r}: expected sqlite:///PATH (PostgreSQL comes later)"
+                f"store {self.store!r}: expected sqlite:///PATH or postgresql://USER@HOST/DB"
             )
+        if self.retention <= timedelta(0):
+            raise ConfigError("retention must be > 0")
+        if self.advertise is not None:
+            split_host_port(self.advertise, "advertise")
 
 
 def split_host_port(addr: str, name: str = "address") -> tuple[str, int]:
@@ -106,7 +112,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-_DURATIONS = {"heartbeat_interval", "lease_ttl", "kill_grace", "max_clock_offset", "shutdown_grace"}
+_DURATIONS = {
+    "heartbeat_interval",
+    "lease_ttl",
+    "kill_grace",
+    "max_clock_offset",
+    "shutdown_grace",
+    "retention",
+}
 _INTS = {"lease_loss_budget"}
 _LIMITS = {f.name for f in fields(Limits)}
 
@@ -144,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", help="time to drain workers on SIGTERM (default 10s)")
     p.add_argument("--max-actions", help="largest workflow accepted (default 100000)")
     p.add_argument("--ready-file", help="write {grpc, metrics, pid} JSON here once serving")
+    p.add_argument(
+        "--advertise", help="HOST:PORT standbys give clients for this leader (default: --listen)"
+    )
+    p.add_argument("--retention", help="keep finished workflows this long (default 7d)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     return p
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
+from plait.clock import SystemClock
 from plait.coordinator.config import load_config, parse_args
 from plait.coordinator.server import CoordinatorServer
+from plait.durations import parse_clock_offset
 from plait.errors import ConfigError
 
 log = logging.getLogger("plait.coordinator")
@@ -23,7 +26,7 @@ async def serve(server: CoordinatorServer) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    await server.start(wait_leader=False)
     waiter = asyncio.create_task(server.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -48,7 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plait coordinator: refusing to start: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return asyncio.run(serve(CoordinatorServer(config)))
+        # PLAIT_CLOCK_OFFSET skews this process's wall clock (clock-skew and failover tests).
+        offset_ms = parse_clock_offset(os.environ.get("PLAIT_CLOCK_OFFSET", ""))
+    except ValueError as e:
+        print(f"plait coordinator: refusing to start: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(serve(CoordinatorServer(config, SystemClock(offset_ms))))
     except OSError as e:
         print(f"plait coordinator: {e}", file=sys.stderr)
         return 1

@@ -22,11 +22,12 @@ from plait.clock import Clock
 from plait.coordinator.config import CoordinatorConfig
 from plait.coordinator.core.events import Instant, Stimulus, TimePassed, WorkerStreamClosed
 from plait.coordinator.core.model import Observation, Outcome
+from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import STATE_NAME, CoreConfig, SchedulerState
-from plait.coordinator.journal.store import JournalStore
+from plait.coordinator.journal.store import JournalHead, JournalStore
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.tracing import Tracing
-from plait.errors import NotFoundError, UnavailableError
+from plait.errors import NotFoundError, NotLeaderError, UnavailableError
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 _WATCH_QUEUE_LIMIT = 10_000  # commits a watcher may fall behind before its stream ends
 _WATCH_BATCH_BYTES = 1 << 20
+_CEILING_STEP_MS = 1000  # how far ahead each stored HLC ceiling reaches
+_RETENTION_EVERY = 60.0  # seconds between retention sweeps
 _ENDED = frozenset(
     {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
 )
@@ -89,23 +92,38 @@ class Runtime:
         self._stopping = False
         self._no_sessions = asyncio.Event()
         self.tick_interval = min(0.05, config.heartbeat_interval.total_seconds() / 5)
+        self._max_offset_ms = int(config.max_clock_offset.total_seconds() * 1000)
+        self._ceiling = 0
+        self._next_retention = 0.0
+        self.leader_hint: str | None = None
+        self.replayed_events = 0
+        self.replay_seconds = 0.0
 
     # ---- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> None:
-        head = await self.store.open()
-        self.core = SchedulerState(
+    async def start(self, head: JournalHead) -> None:
+        """Rebuilds the state from the journal (opened by the caller) and starts the loop."""
+        core = SchedulerState(
             CoreConfig(
                 heartbeat_interval=self.config.heartbeat_interval,
                 lease_ttl=self.config.lease_ttl,
                 kill_grace=self.config.kill_grace,
                 lease_loss_budget=self.config.lease_loss_budget,
             ),
-            max_clock_offset_ms=int(self.config.max_clock_offset.total_seconds() * 1000),
-            hlc_floor=head.last_hlc,
-            last_sequence=head.last_sequence,
+            max_clock_offset_ms=self._max_offset_ms,
+            hlc_floor=head.hlc_floor,
         )
-        self._durable = head.last_sequence
+        started = self.clock.monotonic()
+        at = Instant(started, self.clock.wall_ms())
+        async for events in self.store.replay():
+            self.replayed_events += replay(core, events, at)
+            await asyncio.sleep(0)  # a long replay must not starve the gRPC server
+        self.replay_seconds = self.clock.monotonic() - started
+        # Sequences are never reused, even when pruning removed the newest rows.
+        core.sequence = max(core.sequence, head.last_sequence)
+        self._ceiling = head.hlc_ceiling_ms
+        self._durable = core.sequence
+        self.core = core
         self._task = asyncio.create_task(self._run(), name="plait-runtime")
 
     async def stop(self) -> None:
@@ -122,7 +140,9 @@ class Runtime:
 
     @property
     def state(self) -> SchedulerState:
-        assert self.core is not None, "runtime not started"
+        """The core; a standby (no core yet) answers NotLeaderError naming the leader."""
+        if self.core is None:
+            raise NotLeaderError(self.leader_hint)
         return self.core
 
     # ---- stimuli in -------------------------------------------------------------------
@@ -237,15 +257,22 @@ class Runtime:
                     batch.append(TimePassed(self.next_id("tick")))
                     next_tick = now + self.tick_interval
                 out = core.handle_batch(batch, Instant(now, self.clock.wall_ms()))
-                if out.records:
+                ceiling = self._next_ceiling()
+                if out.records or ceiling is not None:
                     started = self.clock.monotonic()
-                    await self.store.append(out.records)
+                    await self.store.append(out.records, hlc_ceiling_ms=ceiling)
                     self.metrics.journal_commit.observe(self.clock.monotonic() - started)
                     self.metrics.journal_batch.observe(len(out.records))
-                    async with self._durable_cond:
-                        self._durable = out.records[-1].sequence
-                        self._durable_cond.notify_all()
+                    if ceiling is not None:
+                        self._ceiling = ceiling
+                    if out.records:
+                        async with self._durable_cond:
+                            self._durable = out.records[-1].sequence
+                            self._durable_cond.notify_all()
                 self._deliver(out)
+                if now >= self._next_retention:
+                    self._next_retention = now + _RETENTION_EVERY
+                    self._retire()
                 if self._stopping and not self._inbox:
                     return
         except Exception as e:  # a failed commit: state is ahead of the journal; stop at once
@@ -253,6 +280,34 @@ class Runtime:
             if self.on_fatal is not None:
                 self.on_fatal(e)
             raise
+
+    def _next_ceiling(self) -> int | None:
+        """A new HLC ceiling to store with this commit, when readings may soon pass the old one.
+
+        Every reading this coordinator hands out before its next commit is at most the current
+        reading plus ``max_clock_offset`` (a merged remote stamp), so keeping the stored ceiling
+        above that means a successor that starts above the ceiling never goes backwards.
+        """
+        top = self.state.hlc.last.physical_ms + self._max_offset_ms
+        if top < self._ceiling:
+            return None
+        return top + _CEILING_STEP_MS
+
+    def _retire(self) -> None:
+        """Forgets finished workflows past retention and prunes their rows in the background."""
+        core = self.state
+        horizon = self.clock.wall_ms() - int(self.config.retention.total_seconds() * 1000)
+        old = [
+            wf.workflow_id
+            for wf in core.workflows.values()
+            if wf.finished_wall_ms
+            and wf.finished_wall_ms < horizon
+            and wf.workflow_id not in self._watchers
+        ]
+        if old:
+            core.forget(old)
+            task = asyncio.create_task(self.store.prune(old), name="plait-prune")
+            task.add_done_callback(_log_prune)
 
     def _deliver(self, out: Outcome) -> None:
         self._observe_records(out.records)
@@ -378,6 +433,16 @@ class Runtime:
                     qs.discard(q)
                     q._queue.clear()  # type: ignore[attr-defined]
                     q.put_nowait(None)
+
+
+def _log_prune(task: asyncio.Task[int]) -> None:
+    if task.cancelled():
+        return
+    err = task.exception()
+    if err is not None:
+        log.error("pruning finished workflows failed: %s", err)
+    else:
+        log.info("pruned %d journal rows of finished workflows", task.result())
 
 
 def _loss_reason(detail: str) -> str:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from prometheus_client import start_http_server
 from plait.clock import Clock, SystemClock
 from plait.coordinator.config import CoordinatorConfig, split_host_port
 from plait.coordinator.core.events import DrainRequested
-from plait.coordinator.journal.store import open_store
+from plait.coordinator.journal.leadership import open_leadership
+from plait.coordinator.journal.store import DeposedError, Leadership, open_store
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.runtime import Runtime
 from plait.coordinator.services.admin import AdminService
@@ -34,6 +36,7 @@ from plait.coordinator.services.errors import ErrorInterceptor
 from plait.coordinator.services.worker import WorkerService
 from plait.coordinator.services.workflow import WorkflowService
 from plait.coordinator.tracing import Tracing
+from plait.errors import UnavailableError
 from plait.v1 import admin_service_pb2, worker_service_pb2, workflow_service_pb2
 from plait.v1 import admin_service_pb2_grpc as agrpc
 from plait.v1 import worker_service_pb2_grpc as wgrpc
@@ -78,19 +81,32 @@ class CoordinatorServer:
         )
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.leadership: Leadership | None = None
+        self.term = 0
         self.port = 0
         self.metrics_port = 0
         self._metrics_http: Any = None
+        self._lead_task: asyncio.Task[None] | None = None
+        self.leading = asyncio.Event()
         self.stopped = asyncio.Event()
         self.fatal: BaseException | None = None
+        self.started_at = 0.0
+        self._host = "127.0.0.1"
+        self.serving_after = 0.0  # seconds from start() to SERVING as leader
 
     def _fatal(self, err: BaseException) -> None:
-        self.fatal = err
+        if self.fatal is None:
+            self.fatal = err
         asyncio.get_running_loop().create_task(self.stop(0))
 
-    async def start(self) -> None:
-        """Opens the journal, starts the loop, and serves gRPC and /metrics."""
-        await self.runtime.start()
+    async def start(self, *, wait_leader: bool = True) -> None:
+        """Serves gRPC and /metrics at once (as a standby), then campaigns for leadership.
+
+        Once leader, it replays the journal and reports SERVING. With ``wait_leader`` (the
+        embedded default) this returns only then; daemons pass False and keep answering as
+        a standby, with the leader's address, until they win.
+        """
+        self.started_at = self.clock.monotonic()
         cfg = self.config
         server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
@@ -116,7 +132,7 @@ class CoordinatorServer:
         await server.start()
         self.server = server
         for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.metrics_listen:
             host, port = split_host_port(cfg.metrics_listen, "metrics_listen")
             httpd, _ = start_http_server(port, host, registry=self.metrics.registry)
@@ -129,14 +145,69 @@ class CoordinatorServer:
             self.port,
             f"{host}:{self.metrics_port}" if self.metrics_port else "off",
         )
+        self._host = host
         if cfg.ready_file:
-            self._write_ready_file(cfg.ready_file, host)
+            self._write_ready_file(cfg.ready_file, "standby")
+        advertise = cfg.advertise or f"{host}:{self.port}"
+        self.leadership = open_leadership(
+            cfg.store, holder=f"{advertise}/{os.getpid()}", advertise=advertise, ttl=cfg.lease_ttl
+        )
+        self._lead_task = asyncio.create_task(self._lead(), name="plait-leadership")
+        if wait_leader:
+            waiter = asyncio.create_task(self.leading.wait())
+            await asyncio.wait({waiter, self._lead_task}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if not self.leading.is_set():
+                self._lead_task.result()  # raises what stopped it
+                raise UnavailableError("stopped before becoming the leader")
 
-    def _write_ready_file(self, path: str, host: str) -> None:
+    async def _lead(self) -> None:
+        """Standby until elected; then leader until the term ends (then the process stops)."""
+        assert self.leadership is not None
+        hints = asyncio.create_task(self._follow_leader_hint(), name="plait-leader-hint")
+        try:
+            self.term = await self.leadership.campaign()
+        finally:
+            hints.cancel()
+        self.runtime.leader_hint = None
+        head = await self.store.open(self.term)
+        await self.runtime.start(head)
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving_after = self.clock.monotonic() - self.started_at
+        log.info(
+            "leader (term %d): replayed %d events in %.3fs; serving %.3fs after start",
+            self.term,
+            self.runtime.replayed_events,
+            self.runtime.replay_seconds,
+            self.serving_after,
+        )
+        self.leading.set()
+        if self.config.ready_file:
+            self._write_ready_file(self.config.ready_file, "leader")
+        await self.leadership.hold()
+        if not self.stopped.is_set():
+            log.critical("leadership lost (term %d): stopping so a standby can lead", self.term)
+            self._fatal(DeposedError(f"leadership of term {self.term} lost"))
+
+    async def _follow_leader_hint(self) -> None:
+        assert self.leadership is not None
+        while True:
+            try:
+                self.runtime.leader_hint = await self.leadership.leader()
+            except Exception as e:  # the database may be briefly away; keep the old hint
+                log.debug("could not read the leader's address: %s", e)
+            await asyncio.sleep(0.5)
+
+    def _write_ready_file(self, path: str, role: str) -> None:
+        """``{grpc, metrics, pid, role, term}``; rewritten (atomically) when elected."""
+        host = self._host
         body = {
             "grpc": f"{host}:{self.port}",
             "metrics": f"{host}:{self.metrics_port}" if self.metrics_port else None,
             "pid": os.getpid(),
+            "role": role,
+            "term": self.term,
         }
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ready-")
@@ -151,12 +222,17 @@ class CoordinatorServer:
         self.stopped.set()
         grace = self.config.shutdown_grace.total_seconds() if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self.server is not None and grace > 0 and self.fatal is None:
+        if self.server is not None and grace > 0 and self.fatal is None and self.leading.is_set():
             await self._drain_workers(grace)
         if self.server is not None:
             await self.server.stop(min(grace, 1.0))
-        if self.fatal is None:
+        if self.fatal is None and self.runtime.core is not None:
             await self.runtime.stop()
+        if self._lead_task is not None and not self._lead_task.done():
+            self._lead_task.cancel()
+        if self.leadership is not None:
+            with contextlib.suppress(Exception):
+                await self.leadership.resign()
         await self.store.close()
         self.tracing.shutdown()
         if self._metrics_http is not None:

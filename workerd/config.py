@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from plait import durations
 from plait.durations import parse_duration
 from plait.errors import ConfigError
 from plait.worker.handlers import Worker
@@ -76,15 +77,8 @@ def parse_coordinator(text: str) -> tuple[str, int]:
 
 def parse_clock_offset(text: str) -> int:
     """``PLAIT_CLOCK_OFFSET``: a signed duration (``1h``, ``-90s``) or milliseconds (``-1500``)."""
-    s = text.strip()
-    if not s:
-        return 0
-    sign = -1 if s.startswith("-") else 1
-    body = s.lstrip("+-").strip()
-    if re.fullmatch(r"\d+", body):
-        return sign * int(body)
     try:
-        return sign * round(parse_duration(body, field="PLAIT_CLOCK_OFFSET").total_seconds() * 1000)
+        return durations.parse_clock_offset(text)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

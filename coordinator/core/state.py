@@ -138,6 +138,19 @@ class SchedulerState:
 
     # ---- history ------------------------------------------------------------------------
 
+    def record_workflow(self, workflow_id: str, type_: int, **fields: object) -> pb.HistoryEvent:
+        """:meth:`record` for a workflow event before the workflow record exists."""
+        self.sequence += 1
+        ev = pb.HistoryEvent(**fields)  # type: ignore[arg-type]
+        ev.sequence = self.sequence
+        ev.workflow_id = workflow_id
+        ev.type = type_  # type: ignore[assignment]
+        ev.cause = self.cause
+        ev.hlc.physical_ms, ev.hlc.logical = self.hlc.now()
+        ev.recorded_at.FromMilliseconds(self._clock.wall)
+        self._out.records.append(ev)
+        return ev
+
     def record(
         self, wf: WorkflowRecord, type_: int, a: ActionRecord | None = None, **fields: object
     ) -> pb.HistoryEvent:
@@ -178,26 +191,29 @@ class SchedulerState:
         if s.idempotency_key and s.idempotency_key in self.by_idempotency_key:
             out.reply(s.reply, (self.by_idempotency_key[s.idempotency_key], False))
             return
-        spec = s.spec
-        wf = WorkflowRecord(
-            workflow_id=s.workflow_id,
-            spec=spec,
-            idempotency_key=s.idempotency_key,
-            submitted_wall_ms=self._clock.wall,
-            submitted_hlc=self.hlc.last,
-        )
-        self.workflows[wf.workflow_id] = wf
-        if s.idempotency_key:
-            self.by_idempotency_key[s.idempotency_key] = wf.workflow_id
-        ev = self.record(
-            wf,
+        ev = self.record_workflow(
+            s.workflow_id,
             E.EVENT_TYPE_WORKFLOW_SUBMITTED,
             workflow_state=W.WORKFLOW_STATE_RUNNING,
             idempotency_key=s.idempotency_key,
         )
-        ev.spec.CopyFrom(spec)
-        wf.submitted_hlc = HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical)
-        for a_spec in spec.actions:
+        ev.spec.CopyFrom(s.spec)
+        self.create_workflow(ev)
+        out.reply(s.reply, (s.workflow_id, True))
+
+    def create_workflow(self, submitted: pb.HistoryEvent) -> WorkflowRecord:
+        """Builds a workflow from its WORKFLOW_SUBMITTED event (live, or replayed)."""
+        wf = WorkflowRecord(
+            workflow_id=submitted.workflow_id,
+            spec=submitted.spec,
+            idempotency_key=submitted.idempotency_key,
+            submitted_wall_ms=submitted.recorded_at.ToMilliseconds(),
+            submitted_hlc=HlcTimestamp(submitted.hlc.physical_ms, submitted.hlc.logical),
+        )
+        self.workflows[wf.workflow_id] = wf
+        if wf.idempotency_key:
+            self.by_idempotency_key[wf.idempotency_key] = wf.workflow_id
+        for a_spec in wf.spec.actions:
             wf.actions[a_spec.id] = ActionRecord(workflow=wf, spec=a_spec, slots=a_spec.slots or 1)
         for a in wf.actions.values():
             a.needs = [wf.actions[n] for n in a.spec.needs]
@@ -210,7 +226,14 @@ class SchedulerState:
                 # Ready at submit: implied by WORKFLOW_SUBMITTED, so not journalled again.
                 self.set_state(a, t.READY)
                 self.enqueue(a)
-        out.reply(s.reply, (wf.workflow_id, True))
+        return wf
+
+    def forget(self, workflow_ids: Iterable[str]) -> None:
+        """Drops finished workflows from memory (retention); their journal rows go separately."""
+        for workflow_id in workflow_ids:
+            wf = self.workflows.pop(workflow_id, None)
+            if wf is not None and self.by_idempotency_key.get(wf.idempotency_key) == workflow_id:
+                del self.by_idempotency_key[wf.idempotency_key]
 
     def make_ready(self, a: ActionRecord, type_: int, **fields: object) -> None:
         """PENDING/LEASED/RUNNING -> READY, queued fairly (retries wait out their backoff)."""

@@ -1,16 +1,23 @@
-"""SQLite journal (edge layer): the embedded default.
+"""SQLite journal and file-lock leadership (edge layer): the embedded default.
 
 WAL mode with ``synchronous=FULL`` (NORMAL can lose commits on power loss). All writes happen
 on one dedicated thread with one connection, a batch per transaction; reads use a second
 connection on another thread, which WAL lets run beside the writer.
+
+Leadership is an exclusive ``flock`` on ``PATH.lock``: a second coordinator pointed at the same
+file waits as a standby and takes over the moment the first one dies (the kernel drops the lock
+with the process), so no term fencing is needed inside the database itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from plait.coordinator.journal.store import JournalHead
@@ -30,6 +37,15 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_workflow ON events (workflow_id, sequence);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_PRUNE_CHUNK = 200
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
 
 
 class SqliteJournal:
@@ -37,22 +53,15 @@ class SqliteJournal:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.term = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="plait-journal-w")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="plait-journal-r")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        return conn
-
     def _open(self) -> JournalHead:
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        conn = self._wconn = self._connect()
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        conn = self._wconn = _connect(self.path)
         conn.executescript(_SCHEMA)
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -61,17 +70,22 @@ class SqliteJournal:
         row = conn.execute(
             "SELECT sequence, hlc_physical, hlc_logical FROM events ORDER BY sequence DESC LIMIT 1"
         ).fetchone()
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        ceiling_ms = int(meta.get("hlc_ceiling_ms", 0))
+        # Pruning may have removed the newest rows; sequences are never reused.
+        pruned = int(meta.get("pruned_through_sequence", 0))
         if row is None:
-            return JournalHead()
-        return JournalHead(row[0], HlcTimestamp(row[1], row[2]))
+            return JournalHead(pruned, hlc_ceiling_ms=ceiling_ms)
+        return JournalHead(max(row[0], pruned), HlcTimestamp(row[1], row[2]), ceiling_ms)
 
-    async def open(self) -> JournalHead:
+    async def open(self, term: int) -> JournalHead:
+        self.term = term
         loop = asyncio.get_running_loop()
         head = await loop.run_in_executor(self._writer, self._open)
-        self._rconn = await loop.run_in_executor(self._reader, self._connect)
+        self._rconn = await loop.run_in_executor(self._reader, _connect, self.path)
         return head
 
-    def _append(self, events: Sequence[pb.HistoryEvent]) -> None:
+    def _append(self, events: Sequence[pb.HistoryEvent], ceiling_ms: int | None) -> None:
         conn = self._wconn
         assert conn is not None, "journal not open"
         rows = [
@@ -92,14 +106,24 @@ class SqliteJournal:
                 " payload) VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            if ceiling_ms is not None:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('hlc_ceiling_ms', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(ceiling_ms),),
+                )
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
-    async def append(self, events: Sequence[pb.HistoryEvent]) -> None:
-        if events:
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._append, events)
+    async def append(
+        self, events: Sequence[pb.HistoryEvent], *, hlc_ceiling_ms: int | None = None
+    ) -> None:
+        if events or hlc_ceiling_ms is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._append, events, hlc_ceiling_ms
+            )
 
     def _read(self, workflow_id: str, after: int, limit: int) -> list[pb.HistoryEvent]:
         conn = self._rconn
@@ -118,6 +142,52 @@ class SqliteJournal:
             self._reader, self._read, workflow_id, after_sequence, limit
         )
 
+    def _page(self, after: int, limit: int) -> list[pb.HistoryEvent]:
+        conn = self._rconn
+        assert conn is not None, "journal not open"
+        rows = conn.execute(
+            "SELECT payload FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [pb.HistoryEvent.FromString(r[0]) for r in rows]
+
+    async def replay(self, batch: int = 10_000) -> AsyncIterator[list[pb.HistoryEvent]]:
+        loop = asyncio.get_running_loop()
+        after = 0
+        while True:
+            page = await loop.run_in_executor(self._reader, self._page, after, batch)
+            if not page:
+                return
+            yield page
+            after = page[-1].sequence
+
+    def _prune(self, workflow_ids: Sequence[str]) -> int:
+        conn = self._wconn
+        assert conn is not None, "journal not open"
+        deleted = 0
+        for i in range(0, len(workflow_ids), _PRUNE_CHUNK):
+            chunk = list(workflow_ids[i : i + _PRUNE_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT INTO meta (key, value) SELECT 'pruned_through_sequence',"
+                f" COALESCE(MAX(sequence), 0) FROM events WHERE workflow_id IN ({marks})"
+                " ON CONFLICT (key) DO UPDATE SET value ="
+                " MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                chunk,
+            )
+            cur = conn.execute(f"DELETE FROM events WHERE workflow_id IN ({marks})", chunk)
+            conn.execute("COMMIT")
+            deleted += cur.rowcount
+        return deleted
+
+    async def prune(self, workflow_ids: Sequence[str]) -> int:
+        if not workflow_ids:
+            return 0
+        return await asyncio.get_running_loop().run_in_executor(
+            self._writer, self._prune, workflow_ids
+        )
+
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         for pool, attr in ((self._writer, "_wconn"), (self._reader, "_rconn")):
@@ -126,3 +196,79 @@ class SqliteJournal:
                 await loop.run_in_executor(pool, conn.close)
                 setattr(self, attr, None)
             pool.shutdown(wait=True)
+
+
+class FileLockLeadership:
+    """:class:`~plait.coordinator.journal.store.Leadership` for one SQLite file on one host."""
+
+    def __init__(self, path: str, *, advertise: str, poll_seconds: float = 0.1) -> None:
+        self.path = path
+        self.advertise = advertise
+        self.poll_seconds = poll_seconds
+        self._fd: int | None = None
+        self._lost = asyncio.Event()
+
+    def _try_lock(self) -> bool:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def _next_term(self) -> int:
+        conn = _connect(self.path)
+        try:
+            conn.executescript(_SCHEMA)
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'term'").fetchone()
+            term = (int(row[0]) if row else 0) + 1
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('term', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(term),),
+            )
+            conn.execute("COMMIT")
+            return term
+        finally:
+            conn.close()
+
+    def _elected(self) -> int:
+        term = self._next_term()
+        with open(self.path + ".leader", "w") as f:
+            json.dump({"address": self.advertise, "term": term, "pid": os.getpid()}, f)
+        return term
+
+    async def campaign(self) -> int:
+        # Polled: a blocking flock would pin a thread that cancellation cannot free.
+        while not self._try_lock():  # noqa: ASYNC110 - no event to await for a kernel lock
+            await asyncio.sleep(self.poll_seconds)
+        return await asyncio.to_thread(self._elected)
+
+    async def hold(self) -> None:
+        # The kernel holds the lock for as long as this process lives; only resign() ends it.
+        await self._lost.wait()
+
+    def _read_leader(self) -> str | None:
+        try:
+            with open(self.path + ".leader") as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return None
+        address = info.get("address")
+        return address if isinstance(address, str) else None
+
+    async def leader(self) -> str | None:
+        return await asyncio.to_thread(self._read_leader)
+
+    async def resign(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path + ".leader")
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        self._lost.set()

@@ -249,6 +249,8 @@ class Cluster:
                 data = json.loads(self.ready_file.read_text())
             except (OSError, ValueError):
                 return None
+            if data.get("role", "leader") != "leader":
+                return None  # serving as a standby: not ready for work yet
             return Endpoints(grpc=data["grpc"], metrics=data["metrics"], pid=int(data["pid"]))
 
         self.endpoints = wait_for("the coordinator's ready file", probe, START_TIMEOUT_S)

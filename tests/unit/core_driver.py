@@ -144,3 +144,23 @@ def independent(n: int, handler: str = "h") -> pb.WorkflowSpec:
     for i in range(n):
         s.actions.add(id=f"a{i}", handler=handler)
     return s
+
+
+def snapshot(st: SchedulerState) -> dict[str, object]:
+    """Everything replay must restore, per workflow and action."""
+    out: dict[str, object] = {}
+    for wf in st.workflows.values():
+        out[wf.workflow_id] = (wf.state, wf.cancel_requested, wf.remaining, wf.reason)
+        for a in wf.actions.values():
+            out[a.key] = (
+                a.state,
+                a.token,
+                a.attempt,
+                a.failures,
+                a.lease_losses,
+                a.committed_token,
+                a.outputs_json,
+                a.unmet,
+                a.lease.lease_id if a.lease else None,
+            )
+    return out

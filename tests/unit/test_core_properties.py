@@ -9,9 +9,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from plait.coordinator.core import transitions as t
+from plait.coordinator.core.events import Instant
+from plait.coordinator.core.replay import replay
+from plait.coordinator.core.state import SchedulerState
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
-from tests.unit.core_driver import Driver
+from tests.unit.core_driver import CONFIG, Driver, snapshot
 
 E = pb.EventType
 WORKERS = ["w1", "w2", "w3"]
@@ -156,6 +159,13 @@ class CoreMachine(RuleBasedStateMachine):
                 held = sum(l.slots for l in w.leases.values())
                 adopted = sum(l.slots for l in w.leases.values() if l.grant_seq == 0)
                 assert held + max(0, w.free) <= max(w.slots, adopted), "leased past capacity"
+
+
+    def teardown(self) -> None:
+        # Whatever happened, replaying the journal rebuilds exactly this state.
+        fresh = SchedulerState(CONFIG)
+        replay(fresh, self.d.records, Instant(self.d.mono, self.d.wall))
+        assert snapshot(fresh) == snapshot(self.d.st)
 
 
 CoreMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

@@ -51,6 +51,21 @@ def _parse_units(s: str, bad: ValueError) -> timedelta:
     return _bounded(total, bad)
 
 
+def parse_clock_offset(text: str, *, field: str = "PLAIT_CLOCK_OFFSET") -> int:
+    """A signed wall-clock offset in ms: ``1h``, ``-90s``, or plain milliseconds (``-1500``).
+
+    Used by ``PLAIT_CLOCK_OFFSET``, which skews a process's wall clock for clock-skew tests.
+    """
+    s = text.strip()
+    if not s:
+        return 0
+    sign = -1 if s.startswith("-") else 1
+    body = s.lstrip("+-").strip()
+    if body.isdigit():
+        return sign * int(body)
+    return sign * round(parse_duration(body, field=field).total_seconds() * 1000)
+
+
 def format_duration(d: timedelta) -> str:
     """Short human form: ``250ms``, ``2s``, ``1m30s``."""
     ms = round(d.total_seconds() * 1000)

@@ -1,0 +1,149 @@
+"""Rebuilding the scheduling core from its journal (pure core).
+
+A restarted (or newly elected) coordinator folds every journalled event, in sequence order,
+into a fresh :class:`~plait.coordinator.core.state.SchedulerState`. Each event re-applies the
+transition it recorded, through the same transition table; nothing is decided and nothing is
+recorded. What was live when the previous writer stopped comes back as it was, with two
+deliberate differences:
+
+* every live lease gets a fresh TTL from the replay instant: its worker could not reach us
+  while we were down, which says nothing about whether it is alive;
+* its holder appears as a disconnected worker, so the worker's reconnect (``Hello.running``)
+  re-adopts the lease when its fencing token is current, and expiry re-queues it otherwise.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from plait.coordinator.core import sessions
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.events import Instant
+from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
+from plait.coordinator.core.state import SchedulerState
+from plait.hlc import HlcTimestamp
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+E = pb  # EVENT_TYPE_* constants
+
+
+def replay(st: SchedulerState, events: Iterable[pb.HistoryEvent], at: Instant) -> int:
+    """Folds ``events`` (in sequence order) into ``st``; returns how many were applied."""
+    st._clock.wall, st._clock.mono = at.wall_ms, at.monotonic
+    st.now = at.monotonic
+    n = 0
+    for ev in events:
+        if ev.sequence <= st.sequence:
+            raise ValueError(f"journal out of order: {ev.sequence} after {st.sequence}")
+        st.sequence = ev.sequence
+        _apply(st, ev)
+        n += 1
+    return n
+
+
+def _ghost(st: SchedulerState, worker_id: str) -> WorkerRecord:
+    """The record of a worker known only from the journal: gone, until it says hello again."""
+    w = st.workers.get(worker_id)
+    if w is None:
+        w = WorkerRecord(
+            worker_id=worker_id,
+            session_id="",
+            hello=wpb.Hello(worker_id=worker_id),
+            labels={},
+            handlers=frozenset(),
+            exec_enabled=False,
+            slots=0,
+            free=0,
+            connected_at_wall_ms=0,
+            last_renewed=st.now,
+            last_seen=st.now,
+            connected=False,
+        )
+        st.workers[worker_id] = w
+    return w
+
+
+def _end_lease(st: SchedulerState, a: ActionRecord) -> None:
+    if a.lease is not None:
+        sessions.drop_lease(st, a.lease)
+
+
+def _apply(st: SchedulerState, ev: pb.HistoryEvent) -> None:
+    typ = ev.type
+    if typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
+        st.create_workflow(ev)
+        return
+    wf = st.workflows.get(ev.workflow_id)
+    if wf is None:
+        raise ValueError(f"event {ev.sequence} names unknown workflow {ev.workflow_id!r}")
+    if typ == E.EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED:
+        wf.cancel_requested = True
+        return
+    if typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
+        wf.state = ev.workflow_state
+        wf.reason = ev.message
+        wf.finished_hlc = HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical)
+        wf.finished_wall_ms = ev.recorded_at.ToMilliseconds()
+        return
+    _apply_action(st, wf.actions[ev.action_id], ev)
+
+
+def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> None:
+    typ = ev.type
+    if typ == E.EVENT_TYPE_ACTION_LEASED:
+        st.set_state(a, t.LEASED)
+        a.token, a.attempt, a.worker_id = ev.fencing_token, ev.attempt, ev.worker_id
+        w = _ghost(st, ev.worker_id)
+        lease = LeaseRecord(ev.lease_id, a, w, a.token, a.attempt, 0, st.now, a.slots)
+        a.lease = lease
+        w.leases[lease.lease_id] = lease
+        st.leases[lease.lease_id] = lease
+        timeout = st.run_timeout(a)
+        if timeout > 0:  # the run timeout restarts with the lease's fresh TTL
+            heapq.heappush(st.deadlines, (st.now + timeout, ev.sequence, lease.lease_id))
+    elif typ == E.EVENT_TYPE_ACTION_STARTED:
+        st.set_state(a, t.RUNNING)
+        if a.lease is not None:
+            a.lease.started = True
+    elif typ == E.EVENT_TYPE_ACTION_READY:
+        st.set_state(a, t.READY)
+        st.enqueue(a)
+    elif typ in (E.EVENT_TYPE_LEASE_LOST, E.EVENT_TYPE_ACTION_RETRY_SCHEDULED):
+        _end_lease(st, a)
+        st.set_state(a, t.READY)
+        if typ == E.EVENT_TYPE_LEASE_LOST:
+            a.lease_losses += 1
+            st.enqueue(a)
+        else:
+            a.failures += 1
+            # The backoff restarts from now: the time already waited is not known.
+            a.not_before = st.now + ev.backoff.ToNanoseconds() / 1e9
+            heapq.heappush(st.delayed, (a.not_before, ev.sequence, a))
+    elif typ in (
+        E.EVENT_TYPE_ACTION_FINISHED,
+        E.EVENT_TYPE_ACTION_CANCELLED,
+        E.EVENT_TYPE_ACTION_SKIPPED,
+    ):
+        _apply_end(st, a, ev)
+    # STALE_RESULT_REFUSED changes nothing.
+
+
+def _apply_end(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> None:
+    _end_lease(st, a)
+    st.set_state(a, ev.action_state)
+    a.error = ev.error if ev.HasField("error") else None
+    a.reason = ev.message
+    a.exit_code = ev.exit_code
+    if ev.worker_id:
+        a.worker_id = ev.worker_id
+    if ev.HasField("worker_hlc"):  # committed from a worker's result (not decided by us)
+        a.committed_token = ev.fencing_token
+    if ev.lease_id and ev.action_state in (t.FAILED, t.TIMED_OUT):
+        a.failures += 1  # an attempt failed (a lease-loss budget failure names no lease)
+    a.workflow.remaining -= 1
+    if ev.action_state == t.SUCCEEDED:
+        a.outputs_json = ev.outputs_json
+        for d in a.dependents:
+            d.unmet -= 1

@@ -1,0 +1,221 @@
+"""PostgreSQL journal (edge layer): the high-availability backend.
+
+Several coordinators point at one database; :mod:`.pg_leadership` elects one of them through
+the ``plait_leader`` row, whose ``term`` grows with every election. Every write here runs in one
+transaction that first takes a share lock on that row and compares its term with the one the
+store was opened with: an election (an ``UPDATE`` of the row) therefore either commits before
+the check, and the deposed writer rolls back with :class:`DeposedError`, or waits until the
+writer's commit is done. A deposed leader can never interleave its writes with its successor's.
+
+Two connections: the writer (appends, prunes) and the reader (``read``, ``replay``), so a
+history read never queues behind a commit. Batches go in with binary ``COPY``: measured against
+``executemany`` and ``INSERT ... SELECT unnest(...)``, it is as fast for one event (the commit's
+fsync dominates) and 2-4x faster for hundreds or thousands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from plait.coordinator.journal.store import DeposedError, JournalHead
+from plait.hlc import HlcTimestamp
+from plait.v1 import workflow_pb2 as pb
+
+SCHEMA_VERSION: Final = 1
+# Serialises schema creation: CREATE ... IF NOT EXISTS is not race-free between sessions.
+_SCHEMA_LOCK_KEY: Final = 0x706C6169_74000001
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS plait_events (
+        sequence     bigint PRIMARY KEY,
+        workflow_id  text   NOT NULL,
+        hlc_physical bigint NOT NULL,
+        hlc_logical  int    NOT NULL,
+        type         int    NOT NULL,
+        payload      bytea  NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS plait_events_by_workflow ON plait_events (workflow_id, sequence)",
+    "CREATE TABLE IF NOT EXISTS plait_meta (key text PRIMARY KEY, value text NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS plait_leader (
+        id         int         PRIMARY KEY CHECK (id = 1),
+        term       bigint      NOT NULL,
+        holder     text        NOT NULL,
+        address    text        NOT NULL,
+        expires_at timestamptz NOT NULL
+    )""",
+)
+_COLUMNS: Final = "sequence, workflow_id, hlc_physical, hlc_logical, type, payload"
+_COPY_TYPES: Final = ["int8", "text", "int8", "int4", "int4", "bytea"]
+# The head survives pruning the newest events: prune records it here first.
+_PRUNED_HEAD: Final = "pruned_head"
+_CEILING: Final = "hlc_ceiling_ms"
+_UPSERT_META: Final = (
+    "INSERT INTO plait_meta (key, value) VALUES (%s, %s)"
+    " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+
+
+async def ensure_schema(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+    """Creates every Plait table if missing; safe when several coordinators start at once."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+        for statement in _SCHEMA:
+            await conn.execute(statement)
+        await conn.execute(
+            "INSERT INTO plait_meta (key, value) VALUES ('schema_version', %s)"
+            " ON CONFLICT (key) DO NOTHING",
+            (str(SCHEMA_VERSION),),
+        )
+
+
+class PostgresJournal:
+    """A :class:`~plait.coordinator.journal.store.JournalStore` in a PostgreSQL database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._term: int | None = None
+        self._writer: psycopg.AsyncConnection[TupleRow] | None = None
+        self._reader: psycopg.AsyncConnection[TupleRow] | None = None
+        # One transaction at a time on the writer connection.
+        self._write_lock = asyncio.Lock()
+
+    async def open(self, term: int) -> JournalHead:
+        self._term = term
+        try:
+            self._writer = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            self._reader = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            await ensure_schema(self._writer)
+            return await self._head()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _head(self) -> JournalHead:
+        conn = self._conn()
+        async with conn.transaction(), conn.cursor() as cur:
+            await self._check_term(cur, "open")
+            await cur.execute(
+                "SELECT sequence, hlc_physical, hlc_logical FROM plait_events"
+                " ORDER BY sequence DESC LIMIT 1"
+            )
+            last = await cur.fetchone()
+            await cur.execute(
+                "SELECT key, value FROM plait_meta WHERE key IN (%s, %s)", (_CEILING, _PRUNED_HEAD)
+            )
+            meta = {str(k): str(v) for k, v in await cur.fetchall()}
+        head = (int(last[0]), int(last[1]), int(last[2])) if last else (0, 0, 0)
+        if _PRUNED_HEAD in meta:
+            seq, physical, logical = (int(x) for x in meta[_PRUNED_HEAD].split(","))
+            head = max(head, (seq, physical, logical))
+        return JournalHead(
+            last_sequence=head[0],
+            last_hlc=HlcTimestamp(head[1], head[2]),
+            hlc_ceiling_ms=int(meta.get(_CEILING, "0")),
+        )
+
+    async def _check_term(self, cur: psycopg.AsyncCursor[TupleRow], what: str) -> None:
+        """Raises DeposedError unless the leader row still carries our term.
+
+        ``FOR SHARE`` holds the row until the transaction ends, so no election can commit
+        between this check and our commit.
+        """
+        await cur.execute("SELECT term FROM plait_leader WHERE id = 1 FOR SHARE")
+        row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        if current != self._term:
+            raise DeposedError(f"journal {what} refused: term {self._term} superseded by {current}")
+
+    def _conn(self, reader: bool = False) -> psycopg.AsyncConnection[TupleRow]:
+        conn = self._reader if reader else self._writer
+        if conn is None:
+            raise RuntimeError("journal not open")
+        return conn
+
+    async def append(
+        self, events: Sequence[pb.HistoryEvent], *, hlc_ceiling_ms: int | None = None
+    ) -> None:
+        if not events and hlc_ceiling_ms is None:
+            return
+        rows = [
+            (
+                e.sequence,
+                e.workflow_id,
+                e.hlc.physical_ms,
+                e.hlc.logical,
+                e.type,
+                e.SerializeToString(),
+            )
+            for e in events
+        ]
+        conn = self._conn()
+        async with self._write_lock, conn.transaction(), conn.cursor() as cur:
+            await self._check_term(cur, "write")
+            if rows:
+                async with cur.copy(
+                    f"COPY plait_events ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+                ) as cp:
+                    cp.set_types(_COPY_TYPES)
+                    for row in rows:
+                        await cp.write_row(row)
+            if hlc_ceiling_ms is not None:
+                await cur.execute(_UPSERT_META, (_CEILING, str(hlc_ceiling_ms)))
+
+    async def read(
+        self, workflow_id: str, after_sequence: int = 0, limit: int = 10_000
+    ) -> list[pb.HistoryEvent]:
+        async with self._conn(reader=True).cursor(binary=True) as cur:
+            await cur.execute(
+                "SELECT payload FROM plait_events WHERE workflow_id = %s AND sequence > %s"
+                " ORDER BY sequence LIMIT %s",
+                (workflow_id, after_sequence, limit),
+            )
+            return [pb.HistoryEvent.FromString(r[0]) for r in await cur.fetchall()]
+
+    async def replay(self, batch: int = 10_000) -> AsyncIterator[list[pb.HistoryEvent]]:
+        # Keyset pagination: no transaction stays open between batches, however slowly the
+        # caller consumes them.
+        after = 0
+        while True:
+            async with self._conn(reader=True).cursor(binary=True) as cur:
+                await cur.execute(
+                    "SELECT sequence, payload FROM plait_events WHERE sequence > %s"
+                    " ORDER BY sequence LIMIT %s",
+                    (after, batch),
+                )
+                rows = await cur.fetchall()
+            if not rows:
+                return
+            after = int(rows[-1][0])
+            yield [pb.HistoryEvent.FromString(r[1]) for r in rows]
+            if len(rows) < batch:
+                return
+
+    async def prune(self, workflow_ids: Sequence[str]) -> int:
+        if not workflow_ids:
+            return 0
+        conn = self._conn()
+        async with self._write_lock, conn.transaction(), conn.cursor() as cur:
+            await self._check_term(cur, "prune")
+            # Keep the head even if the newest events go, so sequences are never reused.
+            await cur.execute(
+                "SELECT sequence, hlc_physical, hlc_logical FROM plait_events"
+                " ORDER BY sequence DESC LIMIT 1"
+            )
+            last = await cur.fetchone()
+            if last is not None:
+                await cur.execute(_UPSERT_META, (_PRUNED_HEAD, ",".join(str(x) for x in last)))
+            await cur.execute(
+                "DELETE FROM plait_events WHERE workflow_id = ANY(%s)", (list(workflow_ids),)
+            )
+            return cur.rowcount
+
+    async def close(self) -> None:
+        for attr in ("_writer", "_reader"):
+            conn: psycopg.AsyncConnection[TupleRow] | None = getattr(self, attr)
+            if conn is not None:
+                setattr(self, attr, None)
+                await conn.close()
