@@ -151,6 +151,8 @@ class Runtime:
         """Queues a stimulus for the next batch."""
         if self._stopping:
             raise UnavailableError("the coordinator is shutting down")
+        if self.core is None:
+            raise NotLeaderError(self.leader_hint)
         self._inbox.append(stimulus)
         self._wake.set()
 
@@ -174,6 +176,8 @@ class Runtime:
     # ---- worker sessions ----------------------------------------------------------------
 
     def open_session(self) -> tuple[str, asyncio.Queue[wpb.ConnectResponse | None]]:
+        if self.core is None:
+            raise NotLeaderError(self.leader_hint)
         session_id = self.next_id("session")
         q: asyncio.Queue[wpb.ConnectResponse | None] = asyncio.Queue()
         self._sessions[session_id] = q

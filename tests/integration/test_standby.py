@@ -87,3 +87,30 @@ async def test_hlc_never_goes_backwards_across_restarts(tmp_path: Path) -> None:
         assert events.submitted_hlc > high
     finally:
         await second.stop(0)
+
+
+async def test_standby_refuses_worker_streams_naming_the_leader(tmp_path: Path) -> None:
+    from plait.v1 import worker_service_pb2 as wpb
+    from plait.v1 import worker_service_pb2_grpc as wgrpc
+
+    leader = CoordinatorServer(config(tmp_path))
+    await leader.start()
+    standby = CoordinatorServer(config(tmp_path))
+    await standby.start(wait_leader=False)
+    try:
+        await asyncio.sleep(0.6)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{standby.port}") as ch:
+
+            async def hello() -> object:
+                yield wpb.ConnectRequest(hello=wpb.Hello(worker_id="w1", slots=1))
+                await asyncio.sleep(5)
+
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in wgrpc.WorkerServiceStub(ch).Connect(hello()):
+                    pass
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = rpc_status.from_call(info.value)
+        assert status is not None and leader_hint(status) == f"127.0.0.1:{leader.port}"
+    finally:
+        await standby.stop(0)
+        await leader.stop(0)
