@@ -99,12 +99,13 @@ class CoordinatorServer:
             self.fatal = err
         asyncio.get_running_loop().create_task(self.stop(0))
 
-    async def start(self, *, wait_leader: bool = True) -> None:
+    async def start(self, *, wait_leader: bool = True, leader_timeout: float | None = None) -> None:
         """Serves gRPC and /metrics at once (as a standby), then campaigns for leadership.
 
         Once leader, it replays the journal and reports SERVING. With ``wait_leader`` (the
-        embedded default) this returns only then; daemons pass False and keep answering as
-        a standby, with the leader's address, until they win.
+        embedded default) this returns only then (or raises UnavailableError after
+        ``leader_timeout`` seconds, e.g. when another coordinator holds the journal); daemons
+        pass False and keep answering as a standby, with the leader's address, until they win.
         """
         self.started_at = self.clock.monotonic()
         cfg = self.config
@@ -155,11 +156,21 @@ class CoordinatorServer:
         self._lead_task = asyncio.create_task(self._lead(), name="plait-leadership")
         if wait_leader:
             waiter = asyncio.create_task(self.leading.wait())
-            await asyncio.wait({waiter, self._lead_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {waiter, self._lead_task},
+                timeout=leader_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             waiter.cancel()
             if not self.leading.is_set():
-                self._lead_task.result()  # raises what stopped it
-                raise UnavailableError("stopped before becoming the leader")
+                if self._lead_task.done():
+                    self._lead_task.result()  # raises what stopped it
+                hint = self.runtime.leader_hint
+                await self.stop(0)
+                raise UnavailableError(
+                    f"not elected within {leader_timeout:g}s: another coordinator"
+                    f"{f' ({hint})' if hint else ''} holds the journal {cfg.store}"
+                )
 
     async def _lead(self) -> None:
         """Standby until elected; then leader until the term ends (then the process stops)."""

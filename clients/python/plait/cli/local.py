@@ -49,7 +49,7 @@ class _Server(Protocol):
     @property
     def port(self) -> int: ...
 
-    async def start(self) -> None: ...
+    async def start(self, *, leader_timeout: float | None = None) -> None: ...
 
     async def stop(self, grace: float | None) -> None: ...
 
@@ -177,7 +177,8 @@ class LocalCluster:
             metrics_listen="127.0.0.1:0" if self.config.metrics else None,
         )
         server: _Server = server_mod.CoordinatorServer(config)
-        await server.start()
+        # The journal file is locked by whichever coordinator uses it: don't wait forever.
+        await server.start(leader_timeout=5.0)
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._port = server.port
