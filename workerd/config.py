@@ -19,6 +19,7 @@ from pathlib import Path
 
 from plait import durations
 from plait.durations import parse_duration
+from plait.endpoints import parse_targets
 from plait.errors import ConfigError
 from plait.worker.handlers import Worker
 from plait.worker.serve import default_worker_id
@@ -67,12 +68,9 @@ class WorkerdConfig:
             raise ConfigError("--no-exec: nothing left to serve; add --handlers or drop --no-exec")
 
 
-def parse_coordinator(text: str) -> tuple[str, int]:
-    """Splits ``HOST:PORT`` (``[::1]:7450`` for IPv6)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"--coordinator: expected HOST:PORT, got {text!r}")
-    return host, int(port)
+def parse_coordinator(text: str) -> tuple[str, ...]:
+    """The coordinator addresses (``HOST:PORT``, comma-separated for several)."""
+    return parse_targets(text, "--coordinator")
 
 
 def parse_clock_offset(text: str) -> int:

@@ -339,13 +339,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 def test_cli_submit_prints_the_id(fake: Any, tmp_path: Any, capsys: Any) -> None:
-    target, _, _ = fake
+    target, workflows, _ = fake
     flow = tmp_path / "f.yaml"
     flow.write_text(FLOW)
     code, out, _ = run_cli(capsys, "submit", str(flow), "--coordinator", target)
     assert (code, out) == (0, "wf-1\n")
     code, out, _ = run_cli(capsys, "submit", str(flow), "--coordinator", target, "-o", "json")
-    assert json.loads(out) == {"workflow_id": "wf-1", "created": True}
+    # Each submit carries its own generated idempotency key, so two submits are two workflows.
+    assert json.loads(out) == {"workflow_id": "wf-2", "created": True}
+    keys = [r.idempotency_key for r in workflows.requests]
+    assert len(set(keys)) == 2 and all(keys)
 
 
 @pytest.mark.parametrize(

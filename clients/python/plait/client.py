@@ -5,6 +5,13 @@ logical clock: every request carries the client's reading and every response's r
 merged, so what a client does after seeing an event is ordered after that event. gRPC errors
 come back as :mod:`plait.errors` exceptions; an unreachable coordinator is
 :class:`plait.errors.UnavailableError`.
+
+The target may list several coordinators (``a:7450,b:7450``; see :mod:`plait.endpoints`). A
+call answered ``UNAVAILABLE`` -- a standby's ``NOT_LEADER`` refusal, or an address that does not
+answer -- is tried again on the leader the standby named, else on the next address, within a
+bounded number of hops, but only when repeating it cannot do anything twice: reads, watches,
+cancel and drain (idempotent), and submit, which always carries an idempotency key (one is
+generated per :meth:`Client.submit` call when the caller gives none).
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -21,6 +30,7 @@ import grpc
 
 from plait import hlc
 from plait.clock import Clock, SystemClock
+from plait.endpoints import DEFAULT_TARGET, Endpoints, Failover, not_leader_of, resolve_targets
 from plait.errors import PlaitError, UnavailableError, from_rpc_error
 from plait.v1 import (
     admin_service_pb2,
@@ -42,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET = "127.0.0.1:7450"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 TERMINAL_WORKFLOW_STATES = frozenset(
     {
@@ -58,8 +67,10 @@ class _ToSpec(Protocol):
 
 
 def resolve_target(target: str | None = None) -> str:
-    """``target``, else ``$PLAIT_COORDINATOR``, else ``127.0.0.1:7450``."""
-    return target or os.environ.get("PLAIT_COORDINATOR") or DEFAULT_TARGET
+    """``target``, else ``$PLAIT_COORDINATOR``, else ``127.0.0.1:7450``, as a comma-separated
+    list of checked ``HOST:PORT`` addresses (:class:`plait.endpoints.TargetError` if one is bad).
+    """
+    return ",".join(resolve_targets(target))
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -98,15 +109,29 @@ def parse_workflow_state(state: str | int | None) -> workflow_pb2.WorkflowState.
         ) from None
 
 
+class _Link:
+    """The channel and stubs for one coordinator address."""
+
+    __slots__ = ("admin", "channel", "workflows")
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.workflows = workflow_service_pb2_grpc.WorkflowServiceStub(self.channel)
+        self.admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
+
+
 class Client:
-    """A synchronous client of one coordinator.
+    """A synchronous client of a coordinator (or of several: a leader and its standbys).
 
     Args:
-        target: ``host:port`` of the coordinator; defaults to ``$PLAIT_COORDINATOR``, then
-            ``127.0.0.1:7450``.
+        target: ``host:port`` of the coordinator, or several comma-separated; defaults to
+            ``$PLAIT_COORDINATOR``, then ``127.0.0.1:7450``. A malformed entry raises
+            :class:`plait.endpoints.TargetError` (``--coordinator: 'x' is not HOST:PORT``).
         clock: time source of the client's HLC (tests inject a manual clock).
-        timeout: deadline in seconds of each unary call (``None``: no deadline).
+        timeout: deadline in seconds of each unary call, redirects included (``None``: none).
         token: bearer token sent with every call; defaults to ``$PLAIT_TOKEN``.
+        max_hops: how many times one call may move to another address (``None``: twice the
+            number of addresses, plus one; at least 3).
     """
 
     def __init__(
@@ -116,26 +141,49 @@ class Client:
         clock: Clock | None = None,
         timeout: float | None = 30.0,
         token: str | None = None,
+        max_hops: int | None = None,
     ) -> None:
-        self.target = resolve_target(target)
+        self.endpoints = Endpoints(resolve_targets(target))
         self.timeout = timeout
+        self.max_hops = max_hops
         self._clock: Clock = clock or SystemClock()
         self.hlc = hlc.HybridLogicalClock(self._clock)
         token = token if token is not None else os.environ.get("PLAIT_TOKEN", "")
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        self._channel = grpc.insecure_channel(self.target, options=channel_options())
-        self._workflows = workflow_service_pb2_grpc.WorkflowServiceStub(self._channel)
-        self._admin = admin_service_pb2_grpc.AdminServiceStub(self._channel)
+        self._links: dict[str, _Link] = {}
+        self._sleep: Callable[[float], None] = time.sleep
+
+    @property
+    def target(self) -> str:
+        """The coordinator address in use now (the leader, once a standby has named it)."""
+        return self.endpoints.current
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every coordinator address the client was given, in order."""
+        return self.endpoints.addresses
 
     # -- plumbing -------------------------------------------------------------------------
+
+    def _link(self) -> _Link:
+        address = self.endpoints.current
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _Link(address)
+        return link
 
     def _error(self, err: grpc.RpcError) -> PlaitError:
         out = from_rpc_error(err)
         if isinstance(out, UnavailableError):
             detail = out.message or "unavailable"
-            return UnavailableError(f"coordinator at {self.target} is unreachable: {detail}")
+            if len(self.endpoints) == 1:
+                return UnavailableError(f"coordinator at {self.target} is unreachable: {detail}")
+            return UnavailableError(
+                f"no coordinator of {self.endpoints} answered as the leader"
+                f" (last tried {self.target}: {detail})"
+            )
         return out
 
     def _observe(self, stamp: Any) -> None:
@@ -145,14 +193,55 @@ class Client:
             # A coordinator clock far ahead of ours: keep ours, say so once per response.
             log.warning("not merging the coordinator's HLC: %s", exc)
 
-    def _call(self, method: Any, request: Any) -> Any:
-        self.hlc.stamp(request.hlc)
-        try:
-            response = method(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise self._error(err) from None
-        self._observe(response.hlc)
-        return response
+    def _failover(self) -> Failover:
+        return Failover(self.endpoints, max_hops=self.max_hops)
+
+    def _hop(self, failover: Failover, err: grpc.RpcError, deadline_at: float | None) -> bool:
+        """After a failed try of a call that is safe to repeat: moves to the next address (or
+        the leader a standby named), waits out the backoff, and says whether to try again."""
+        code = err.code()  # type: ignore[attr-defined,unused-ignore]
+        if code != grpc.StatusCode.UNAVAILABLE:
+            return False
+        standby = not_leader_of(err)
+        was = self.endpoints.current
+        delay = failover.next_delay(
+            standby.leader if standby is not None else None, named=standby is not None
+        )
+        if delay is None:
+            return False
+        if deadline_at is not None and self._clock.monotonic() + delay >= deadline_at:
+            return False
+        if standby is not None:
+            log.info(
+                "coordinator at %s is a standby (leader: %s); trying %s",
+                was,
+                standby.leader or "unknown",
+                self.endpoints.current,
+            )
+        else:
+            log.info("coordinator at %s is unavailable; trying %s", was, self.endpoints.current)
+        if delay > 0:
+            self._sleep(delay)
+        return True
+
+    def _call(self, rpc: Callable[[_Link], Any], request: Any, *, retry: bool = True) -> Any:
+        """One unary call. ``retry``: repeating it cannot do anything twice, so an
+        ``UNAVAILABLE`` answer moves it to another coordinator address."""
+        deadline_at = None if self.timeout is None else self._clock.monotonic() + self.timeout
+        failover = self._failover()
+        while True:
+            self.hlc.stamp(request.hlc)
+            remaining = (
+                None if deadline_at is None else max(0.0, deadline_at - self._clock.monotonic())
+            )
+            try:
+                response = rpc(self._link())(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as err:
+                if retry and self._hop(failover, err, deadline_at):
+                    continue
+                raise self._error(err) from None
+            self._observe(response.hlc)
+            return response
 
     # -- workflows ------------------------------------------------------------------------
 
@@ -165,6 +254,11 @@ class Client:
 
         Returns the response: ``workflow_id`` and ``created`` (false when the idempotency key
         matched an existing workflow).
+
+        Without an ``idempotency_key`` one is generated for this call, so that trying it again
+        on another coordinator (after a standby's refusal or a lost connection) can never
+        create two workflows; a workflow found under a generated key was created by this very
+        call, so ``created`` is then true.
         """
         if isinstance(workflow, workflow_pb2.WorkflowSpec):
             spec = workflow
@@ -174,19 +268,22 @@ class Client:
             spec = load_workflow(workflow)
         else:
             spec = workflow.to_spec()
-        request = workflow_service_pb2.SubmitWorkflowRequest(
-            spec=spec, idempotency_key=idempotency_key or ""
-        )
+        generated = not idempotency_key
+        key = idempotency_key or f"plait-submit-{uuid.uuid4().hex}"
+        request = workflow_service_pb2.SubmitWorkflowRequest(spec=spec, idempotency_key=key)
         response: workflow_service_pb2.SubmitWorkflowResponse = self._call(
-            self._workflows.SubmitWorkflow, request
+            lambda c: c.workflows.SubmitWorkflow, request
         )
+        if generated and not response.created:
+            # An earlier try of this call reached the leader before its answer was lost.
+            response.created = True
         return response
 
     def get(self, workflow_id: str) -> workflow_pb2.WorkflowStatus:
         """The workflow's status with every action (``NotFoundError`` for an unknown id)."""
         request = workflow_service_pb2.GetWorkflowRequest(workflow_id=workflow_id)
         response: workflow_service_pb2.GetWorkflowResponse = self._call(
-            self._workflows.GetWorkflow, request
+            lambda c: c.workflows.GetWorkflow, request
         )
         return response.workflow
 
@@ -202,7 +299,7 @@ class Client:
                 page_size=page_size, page_token=token, state=wanted
             )
             page: workflow_service_pb2.ListWorkflowsResponse = self._call(
-                self._workflows.ListWorkflows, request
+                lambda c: c.workflows.ListWorkflows, request
             )
             out.extend(page.workflows)
             token = page.next_page_token
@@ -213,7 +310,7 @@ class Client:
         """Cancels a workflow; returns its ``WorkflowState`` after the request."""
         request = workflow_service_pb2.CancelWorkflowRequest(workflow_id=workflow_id, reason=reason)
         response: workflow_service_pb2.CancelWorkflowResponse = self._call(
-            self._workflows.CancelWorkflow, request
+            lambda c: c.workflows.CancelWorkflow, request
         )
         return response.state
 
@@ -227,20 +324,41 @@ class Client:
     def _watch(
         self, workflow_id: str, after_sequence: int, follow: bool, deadline: float | None
     ) -> Iterator[workflow_pb2.HistoryEvent]:
-        request = workflow_service_pb2.WatchWorkflowRequest(
-            workflow_id=workflow_id, after_sequence=after_sequence, follow=follow
-        )
-        self.hlc.stamp(request.hlc)
-        call = self._workflows.WatchWorkflow(request, timeout=deadline, metadata=self._metadata)
-        try:
-            for response in call:
-                self._observe(response.hlc)
-                # The coordinator sends the events of one journal commit together.
-                yield from response.events
-        except grpc.RpcError as err:
-            raise self._error(err) from None
-        finally:
-            call.cancel()
+        # A watch that loses its coordinator (a failover, a restart) re-opens on the leader
+        # and resumes after the last event it yielded, so no event is seen twice or skipped.
+        deadline_at = None if deadline is None else self._clock.monotonic() + deadline
+        failover = self._failover()
+        last = after_sequence
+        resumed = False
+        while True:
+            request = workflow_service_pb2.WatchWorkflowRequest(
+                workflow_id=workflow_id, after_sequence=last, follow=follow
+            )
+            self.hlc.stamp(request.hlc)
+            remaining = (
+                None if deadline_at is None else max(0.0, deadline_at - self._clock.monotonic())
+            )
+            call = self._link().workflows.WatchWorkflow(
+                request, timeout=remaining, metadata=self._metadata
+            )
+            try:
+                for response in call:
+                    self._observe(response.hlc)
+                    failover.progressed()
+                    # The coordinator sends the events of one journal commit together.
+                    for event in response.events:
+                        if resumed and event.sequence <= last:
+                            continue
+                        last = max(last, event.sequence)
+                        yield event
+                return
+            except grpc.RpcError as err:
+                if not self._hop(failover, err, deadline_at):
+                    raise self._error(err) from None
+                resumed = True
+                log.info("resuming the watch of %s after sequence %d", workflow_id, last)
+            finally:
+                call.cancel()
 
     def wait(self, workflow_id: str, timeout: float | None = None) -> workflow_pb2.WorkflowStatus:
         """Blocks until the workflow is terminal and returns its final status.
@@ -280,7 +398,7 @@ class Client:
             workflow_id=workflow_id, action_id=action_id
         )
         response: workflow_service_pb2.GetActionLogsResponse = self._call(
-            self._workflows.GetActionLogs, request
+            lambda c: c.workflows.GetActionLogs, request
         )
         return list(response.attempts)
 
@@ -289,21 +407,26 @@ class Client:
     def workers(self) -> builtins.list[admin_service_pb2.WorkerInfo]:
         """The connected workers."""
         response: admin_service_pb2.ListWorkersResponse = self._call(
-            self._admin.ListWorkers, admin_service_pb2.ListWorkersRequest()
+            lambda c: c.admin.ListWorkers, admin_service_pb2.ListWorkersRequest()
         )
         return list(response.workers)
 
     def drain(self, worker_id: str) -> None:
-        """Asks a worker to take no new work, finish what it holds and leave."""
+        """Asks a worker to take no new work, finish what it holds and leave.
+
+        Idempotent (draining a draining worker changes nothing), so it follows the leader too.
+        """
         self._call(
-            self._admin.DrainWorker, admin_service_pb2.DrainWorkerRequest(worker_id=worker_id)
+            lambda c: c.admin.DrainWorker, admin_service_pb2.DrainWorkerRequest(worker_id=worker_id)
         )
 
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes the channel (cancelling any open watch)."""
-        self._channel.close()
+        """Closes the channels (cancelling any open watch)."""
+        links, self._links = self._links, {}
+        for link in links.values():
+            link.channel.close()
 
     def __enter__(self) -> Client:
         return self

@@ -13,7 +13,13 @@ import sys
 from collections.abc import Sequence
 
 from plait import __version__
-from plait.errors import InvalidArgumentError, NotFoundError, PlaitError, UnavailableError
+from plait.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    NotFoundError,
+    PlaitError,
+    UnavailableError,
+)
 
 __all__ = [
     "EXIT_FAILED",
@@ -43,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         "3 coordinator unreachable. Environment: PLAIT_COORDINATOR, PLAIT_TOKEN.",
     )
     parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    # Also accepted before the command (`plait --coordinator a,b status ID`); a different dest,
+    # because a subcommand's default would overwrite this one.
+    parser.add_argument(
+        "--coordinator",
+        dest="global_coordinator",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="coordinator address(es), leader or standbys (default: $PLAIT_COORDINATOR, "
+        "else 127.0.0.1:7450)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run.add_parser(sub)
     for name, help_text in _DAEMONS.items():
@@ -68,9 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return local.run_coordinator_main(args_in[1:])
         return local.run_workerd_main(args_in[1:])
     args = build_parser().parse_args(args_in)  # exits 2 on bad usage
+    if getattr(args, "coordinator", None) is None and args.global_coordinator is not None:
+        args.coordinator = args.global_coordinator
     try:
         code: int = args.func(args)
-    except InvalidArgumentError as exc:  # includes a bad workflow file (SpecError)
+    except (InvalidArgumentError, ConfigError) as exc:  # a bad workflow file, a bad address
         return _fail(exc.message, EXIT_USAGE)
     except NotFoundError as exc:
         return _fail(exc.message, EXIT_USAGE)

@@ -16,6 +16,9 @@ The rules it keeps (see docs/workerd.md):
 * **Ack means durable.** A result is kept until a ``ResultAck`` for its (lease, token) and is
   re-sent after every reconnect.
 * **Batching.** Starts and results that happen in one loop turn leave in one message each.
+* **Several coordinators.** ``SessionConfig.coordinator`` may list a leader and its standbys,
+  comma-separated; a standby's ``NOT_LEADER`` refusal is followed to the leader it names at once,
+  anything else rotates addresses with the backoff (:mod:`plait.worker.connect`).
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ import grpc
 from plait import __version__
 from plait.clock import Clock, SystemClock
 from plait.durations import from_proto as duration_from_proto
+from plait.endpoints import not_leader_of, parse_targets
 from plait.hlc import ClockOffsetError, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.v1 import worker_service_pb2_grpc as pb_grpc
 from plait.worker.backoff import Backoff
+from plait.worker.connect import CoordinatorLinks
 from plait.worker.executor import (
     DEFAULT_ERROR_CODE,
     SUCCEEDED,
@@ -64,6 +69,7 @@ class SessionConfig:
 
     worker_id: str
     coordinator: str = "127.0.0.1:7450"
+    """``HOST:PORT`` of the coordinator, or of a leader and its standbys, comma-separated."""
     slots: int = 0
     """Total slots; 0 means ``os.cpu_count()``."""
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -86,6 +92,7 @@ class SessionConfig:
             )
         if self.slots < 0:
             raise ValueError(f"slots must be >= 1 (or 0 for the CPU count), got {self.slots}")
+        parse_targets(self.coordinator, "coordinator")  # TargetError is a ValueError
 
     @property
     def effective_slots(self) -> int:
@@ -225,8 +232,15 @@ class WorkerSession:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._links: CoordinatorLinks | None = None
+        self._end_error: BaseException | None = None
 
     # ----------------------------------------------------------------- public view
+
+    @property
+    def address(self) -> str:
+        """The coordinator address in use (or dialled next)."""
+        return self._links.address if self._links is not None else self.config.coordinator
 
     @property
     def slots(self) -> int:
@@ -300,16 +314,15 @@ class WorkerSession:
             ("grpc.max_send_message_length", size),
             ("grpc.max_receive_message_length", size),
         ]
-        channel = grpc.aio.insecure_channel(self.config.coordinator, options=options)
-        stub = pb_grpc.WorkerServiceStub(channel)
+        links = self._links = CoordinatorLinks(self.config.coordinator, self._backoff, options)
         fence = asyncio.create_task(self._fence_loop(), name="plait-worker-fence")
         try:
             while not self._done.is_set():
-                await self._connect_once(stub)
+                ended_by = await self._connect_once(links.stub())
                 if self._done.is_set():
                     break
-                delay = self._backoff.next_delay()
-                log.info("reconnecting to %s in %.2fs", self.config.coordinator, delay)
+                delay = links.next_delay(ended_by)
+                log.info("reconnecting to %s in %.2fs", links.address, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._done.wait(), delay)
         finally:
@@ -318,12 +331,13 @@ class WorkerSession:
             if self._attempts:
                 self.stop("worker exiting")
                 await self._wait_idle(self.kill_grace + 2.0)
-            await channel.close()
+            await links.close()
 
     # ----------------------------------------------------------------- connection
 
-    async def _connect_once(self, stub: pb_grpc.WorkerServiceStub) -> None:
-        """One stream from Hello to its end; logs why it ended."""
+    async def _connect_once(self, stub: pb_grpc.WorkerServiceStub) -> BaseException | None:
+        """One stream from Hello to its end; logs why it ended and returns the error, if any."""
+        self._end_error = None
         # grpc.aio allows a stream call without a request iterator (then call.write/read);
         # the generated stubs only type the iterator form.
         connect: Any = stub.Connect
@@ -340,6 +354,8 @@ class WorkerSession:
             if first.WhichOneof("message") != "welcome":
                 raise ProtocolError(f"expected Welcome, got {first.WhichOneof('message')}")
             self._on_welcome(first.welcome, hello_sent, stream)
+            if self._links is not None:
+                self._links.connected()
             reader = asyncio.create_task(self._read_loop(call), name="plait-worker-reader")
             heartbeats = asyncio.create_task(self._heartbeat_loop(stream))
             done = asyncio.create_task(self._done.wait())
@@ -358,6 +374,7 @@ class WorkerSession:
                 task.cancel()
             call.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        return self._end_error
 
     async def _close_gracefully(
         self, stream: _Stream, writer: asyncio.Task[None], reader: asyncio.Task[None]
@@ -374,28 +391,30 @@ class WorkerSession:
         self, stream: _Stream, reader: asyncio.Task[None], writer: asyncio.Task[None]
     ) -> None:
         if stream.abort_reason:
-            log.warning(
-                "dropping the stream to %s: %s", self.config.coordinator, stream.abort_reason
-            )
+            log.warning("dropping the stream to %s: %s", self.address, stream.abort_reason)
             return
         for task in (reader, writer):
             if task.done() and not task.cancelled() and task.exception() is not None:
                 self._log_error(task.exception())
                 return
-        log.warning("the coordinator at %s closed the stream", self.config.coordinator)
+        log.warning("the coordinator at %s closed the stream", self.address)
 
     def _log_error(self, err: BaseException | None) -> None:
-        if isinstance(err, grpc.aio.AioRpcError):
+        self._end_error = err
+        standby = not_leader_of(err) if err is not None else None
+        if standby is not None:
+            log.info("coordinator at %s refused the stream: %s", self.address, standby.message)
+        elif isinstance(err, grpc.aio.AioRpcError):
             log.warning(
                 "connection to %s failed: %s: %s",
-                self.config.coordinator,
+                self.address,
                 err.code().name,
                 err.details(),
             )
         elif isinstance(err, TimeoutError):
-            log.warning("no Welcome from %s in time", self.config.coordinator)
+            log.warning("no Welcome from %s in time", self.address)
         else:
-            log.warning("connection to %s failed: %s", self.config.coordinator, err)
+            log.warning("connection to %s failed: %s", self.address, err)
 
     async def _read_loop(self, call: Any) -> None:
         while True:
@@ -465,7 +484,7 @@ class WorkerSession:
         log.info(
             "connected to %s as %s (session %s): heartbeat %.3gs, lease TTL %.3gs, kill grace"
             " %.3gs; %d lease(s) adopted, %d killed, %d result(s) to re-send",
-            self.config.coordinator,
+            self.address,
             self.config.worker_id,
             self.session_id,
             self.heartbeat_interval,
