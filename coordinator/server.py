@@ -181,6 +181,8 @@ class CoordinatorServer:
         finally:
             hints.cancel()
         self.runtime.leader_hint = None
+        # Renew from the moment we are elected: a long replay must not let the lease lapse.
+        holding = asyncio.create_task(self.leadership.hold(), name="plait-leadership-hold")
         head = await self.store.open(self.term)
         await self.runtime.start(head)
         for name in ("", *SERVICE_NAMES):
@@ -196,7 +198,7 @@ class CoordinatorServer:
         self.leading.set()
         if self.config.ready_file:
             self._write_ready_file(self.config.ready_file, "leader")
-        await self.leadership.hold()
+        await holding
         if not self.stopped.is_set():
             log.critical("leadership lost (term %d): stopping so a standby can lead", self.term)
             self._fatal(DeposedError(f"leadership of term {self.term} lost"))

@@ -146,9 +146,12 @@ class PostgresLeadership:
         if term is None:
             return
         ttl = self.ttl.total_seconds()
+        # After a failed renewal, retry sooner: the deadline is getting close.
+        every, retry = self.renew_every.total_seconds(), ttl / 10
+        failed = False
         while True:
             deadline = self._renewed_at + ttl
-            wait = min(self.renew_every.total_seconds(), deadline - self._clock.monotonic())
+            wait = min(retry if failed else every, deadline - self._clock.monotonic())
             if wait > 0:
                 try:
                     async with asyncio.timeout(wait):
@@ -167,11 +170,12 @@ class PostgresLeadership:
                     cur = await self._execute(_RENEW, (self.ttl, term, self.holder))
             except (TimeoutError, psycopg.Error) as e:
                 log.warning("leadership renewal failed: %s", e)
+                failed = True
                 continue
             if cur.rowcount != 1:
                 log.error("leadership lost: term %d superseded or expired", term)
                 return
-            self._renewed_at = sent
+            self._renewed_at, failed = sent, False
 
     async def leader(self) -> str | None:
         try:
@@ -188,6 +192,7 @@ class PostgresLeadership:
         term, self._term = self._term, None
         self._resigned.set()
         if term is None:
+            await self.close()
             return
         try:
             async with asyncio.timeout(self.ttl.total_seconds()):

@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from plait.coordinator.journal.store import JournalHead
+from plait.coordinator.journal.store import DeposedError, JournalHead
 from plait.hlc import HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
 
@@ -101,6 +101,7 @@ class SqliteJournal:
         ]
         conn.execute("BEGIN IMMEDIATE")
         try:
+            self._check_term(conn)
             conn.executemany(
                 "INSERT INTO events (sequence, workflow_id, hlc_physical, hlc_logical, type,"
                 " payload) VALUES (?, ?, ?, ?, ?, ?)",
@@ -116,6 +117,14 @@ class SqliteJournal:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def _check_term(self, conn: sqlite3.Connection) -> None:
+        # Belt and braces beside the file lock: a writer whose term was superseded (its lock
+        # lost to a successor, e.g. the lock file removed) must not write.
+        row = conn.execute("SELECT value FROM meta WHERE key = 'term'").fetchone()
+        current = int(row[0]) if row else 0
+        if current != self.term:
+            raise DeposedError(f"journal write refused: term {self.term} superseded by {current}")
 
     async def append(
         self, events: Sequence[pb.HistoryEvent], *, hlc_ceiling_ms: int | None = None
@@ -169,6 +178,11 @@ class SqliteJournal:
             chunk = list(workflow_ids[i : i + _PRUNE_CHUNK])
             marks = ",".join("?" * len(chunk))
             conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._check_term(conn)
+            except DeposedError:
+                conn.execute("ROLLBACK")
+                raise
             conn.execute(
                 "INSERT INTO meta (key, value) SELECT 'pruned_through_sequence',"
                 f" COALESCE(MAX(sequence), 0) FROM events WHERE workflow_id IN ({marks})"

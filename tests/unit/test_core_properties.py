@@ -160,7 +160,6 @@ class CoreMachine(RuleBasedStateMachine):
                 adopted = sum(l.slots for l in w.leases.values() if l.grant_seq == 0)
                 assert held + max(0, w.free) <= max(w.slots, adopted), "leased past capacity"
 
-
     def teardown(self) -> None:
         # Whatever happened, replaying the journal rebuilds exactly this state.
         fresh = SchedulerState(CONFIG)
