@@ -10,15 +10,22 @@ The rules it keeps (see docs/workerd.md):
 * **Self-fencing.** Each heartbeat's local monotonic send time is remembered; the ``Ack`` that
   echoes heartbeat *N* moves the fence deadline to ``send_time(N) + lease_ttl`` (a ``Welcome``
   does the same for the ``Hello`` it answers). At ``deadline - kill_grace - margin`` every running
-  attempt is killed, connected or not, and reports ``CANCELLED``; fencing decides its fate.
+  attempt is killed, connected or not, and reports ``CANCELLED``; fencing decides its fate
+  (:mod:`plait.worker.fence`).
 * **Credits are deltas.** The coordinator starts from ``slots - sum(slots of Hello.running)``;
   every slot freed after that ``Hello`` goes back in a ``Credit`` (coalesced per loop turn).
 * **Ack means durable.** A result is kept until a ``ResultAck`` for its (lease, token) and is
-  re-sent after every reconnect.
+  re-sent after every reconnect (:mod:`plait.worker.attempts`).
 * **Batching.** Starts and results that happen in one loop turn leave in one message each.
 * **Several coordinators.** ``SessionConfig.coordinator`` may list a leader and its standbys,
   comma-separated; a standby's ``NOT_LEADER`` refusal is followed to the leader it names at once,
   anything else rotates addresses with the backoff (:mod:`plait.worker.connect`).
+
+This module is the session core: the stream, Hello/Welcome, heartbeats, dispatch of coordinator
+messages, batching, reconnect and drain. Attempts and their results live in
+:mod:`plait.worker.attempts`, the fence deadline in :mod:`plait.worker.fence`, the writer and the
+per-turn batches in :mod:`plait.worker.outgoing`, and the config and counters in
+:mod:`plait.worker.session_config` (re-exported here).
 """
 
 from __future__ import annotations
@@ -27,153 +34,46 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
-import re
-import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from plait import __version__
 from plait.clock import Clock, SystemClock
 from plait.durations import from_proto as duration_from_proto
-from plait.endpoints import not_leader_of, parse_targets
+from plait.endpoints import not_leader_of
 from plait.hlc import ClockOffsetError, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.v1 import worker_service_pb2_grpc as pb_grpc
+from plait.worker.attempts import AttemptBook
 from plait.worker.backoff import Backoff
 from plait.worker.connect import CoordinatorLinks
-from plait.worker.executor import (
-    DEFAULT_ERROR_CODE,
-    SUCCEEDED,
-    AttemptHandle,
-    AttemptResult,
-    Code,
-    Executor,
+from plait.worker.executor import Executor
+from plait.worker.fence import SelfFence
+from plait.worker.outgoing import ConnectStream, Outbox, result_messages
+from plait.worker.session_config import (
+    DEFAULT_AGENT,
+    WORKER_ID_RE,
+    SessionConfig,
+    SessionStats,
 )
+
+__all__ = [
+    "DEFAULT_AGENT",
+    "WORKER_ID_RE",
+    "ProtocolError",
+    "SessionConfig",
+    "SessionStats",
+    "WorkerSession",
+]
 
 log = logging.getLogger(__name__)
 
-WORKER_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_BATCH_BYTES = 3 << 20  # ActionFinished chunks stay well under the 4 MiB message limit
 _OFFSET_LOG_EVERY = 10.0  # seconds between warnings about a coordinator clock too far ahead
-DEFAULT_AGENT = f"plait-python/{__version__}"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionConfig:
-    """How a worker introduces itself and (re)connects. Timing comes from the coordinator."""
-
-    worker_id: str
-    coordinator: str = "127.0.0.1:7450"
-    """``HOST:PORT`` of the coordinator, or of a leader and its standbys, comma-separated."""
-    slots: int = 0
-    """Total slots; 0 means ``os.cpu_count()``."""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    agent: str = DEFAULT_AGENT
-    hostname: str = field(default_factory=socket.gethostname)
-    reconnect_initial: timedelta = timedelta(milliseconds=200)
-    reconnect_max: timedelta = timedelta(seconds=10)
-    welcome_timeout: timedelta = timedelta(seconds=10)
-    """How long to wait for the ``Welcome`` after sending ``Hello``."""
-    close_timeout: timedelta = timedelta(seconds=5)
-    """How long to wait for the coordinator to end the stream after ``Goodbye``."""
-    fence_margin: timedelta | None = None
-    """Extra head start for self-fencing; ``None`` means one heartbeat interval."""
-    max_message_bytes: int = 4 << 20
-
-    def __post_init__(self) -> None:
-        if not WORKER_ID_RE.fullmatch(self.worker_id):
-            raise ValueError(
-                f"worker_id {self.worker_id!r} must be 1 to 128 characters of [A-Za-z0-9_.-]"
-            )
-        if self.slots < 0:
-            raise ValueError(f"slots must be >= 1 (or 0 for the CPU count), got {self.slots}")
-        parse_targets(self.coordinator, "coordinator")  # TargetError is a ValueError
-
-    @property
-    def effective_slots(self) -> int:
-        """``slots``, or the CPU count when it is 0."""
-        return self.slots or os.cpu_count() or 1
-
-
-@dataclass(slots=True)
-class SessionStats:
-    """Counters a caller may export; the session only increments them."""
-
-    connects: int = 0
-    heartbeats_sent: int = 0
-    results_sent: int = 0
-    results_acked: int = 0
-    results_refused: int = 0
-    over_grants: int = 0
-    self_fenced: int = 0
-    clock_offset_errors: int = 0
 
 
 class ProtocolError(Exception):
     """The coordinator broke the protocol (the stream is dropped and re-opened)."""
-
-
-class _Attempt:
-    """One running attempt; also the :class:`AttemptContext` its executor reports through."""
-
-    __slots__ = (
-        "_session",
-        "cancelling",
-        "done",
-        "handle",
-        "lease_id",
-        "slots",
-        "started",
-        "token",
-    )
-
-    def __init__(
-        self, session: WorkerSession, lease_id: str, token: int, slots: int, started: float
-    ) -> None:
-        self._session = session
-        self.lease_id = lease_id
-        self.token = token
-        self.slots = slots
-        self.started = started
-        self.handle: AttemptHandle | None = None
-        self.done = False
-        self.cancelling = False
-
-    @property
-    def kill_grace(self) -> float:
-        return self._session.kill_grace
-
-    def report(self, result: AttemptResult) -> None:
-        self._session._finish(self, result)
-
-
-class _Stream:
-    """One Connect call: a single writer task drains the queue, so writes never interleave."""
-
-    __slots__ = ("abort_reason", "call", "queue")
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-        self.queue: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
-        self.abort_reason = ""
-
-    async def write_loop(self) -> None:
-        while True:
-            msg = await self.queue.get()
-            if msg is None:
-                await self.call.done_writing()
-                return
-            await self.call.write(msg)
-
-    def abort(self, reason: str) -> None:
-        if not self.abort_reason:
-            self.abort_reason = reason
-            self.call.cancel()
 
 
 class WorkerSession:
@@ -197,33 +97,29 @@ class WorkerSession:
         self.stats = SessionStats()
         self._clock = clock or SystemClock()
         self._hlc = hlc or HybridLogicalClock(self._clock)
-        self._slots = config.effective_slots
         self._backoff = backoff or Backoff(config.reconnect_initial, config.reconnect_max)
-        self._exec: Executor | None = None
-        self._by_handler: dict[str, Executor] = {}
-        for ex in executors:
-            if ex.runs_exec and self._exec is None:
-                self._exec = ex
-            for name in ex.handlers:
-                if name in self._by_handler:
-                    raise ValueError(f"handler {name!r} is served by two executors")
-                self._by_handler[name] = ex
+        self._outbox = Outbox()
+        self._book = AttemptBook(
+            config.worker_id,
+            config.effective_slots,
+            executors,
+            clock=self._clock,
+            hlc=self._hlc,
+            stats=self.stats,
+            kill_grace=lambda: self.kill_grace,
+            on_started=self._outbox.started,
+            on_finished=self._on_finished,
+            flush_soon=self._schedule_flush,
+        )
         # Timing: RELIABILITY.md defaults until the coordinator's Welcome sets them.
         self.heartbeat_interval = 5.0
         self.lease_ttl = 30.0
         self.kill_grace = 10.0
         self.session_id = ""
-        self._attempts: dict[str, _Attempt] = {}
-        self._used = 0
-        self._unacked: dict[tuple[str, int], pb.ActionResult] = {}
-        self._out_started: list[pb.LeaseReport] = []
-        self._out_finished: list[pb.ActionResult] = []
-        self._out_credit = 0
         self._flush_scheduled = False
-        self._stream: _Stream | None = None
+        self._stream: ConnectStream | None = None
         self._hb_seq = 0
-        self._hb_sent: dict[int, float] = {}
-        self._fence_deadline = -math.inf
+        self._fence = SelfFence()
         self._last_grant_seq = 0
         self._last_offset_log = -math.inf
         self._draining = False
@@ -245,22 +141,22 @@ class WorkerSession:
     @property
     def slots(self) -> int:
         """Total slots advertised in Hello."""
-        return self._slots
+        return self._book.slots
 
     @property
     def free_slots(self) -> int:
         """Slots not held by a running attempt."""
-        return self._slots - self._used
+        return self._book.slots - self._book.used
 
     @property
     def running(self) -> list[str]:
         """Lease ids of attempts still running."""
-        return list(self._attempts)
+        return list(self._book.attempts)
 
     @property
     def unacked(self) -> list[tuple[str, int]]:
         """(lease_id, fencing_token) of results not yet acknowledged."""
-        return list(self._unacked)
+        return list(self._book.unacked)
 
     @property
     def connected(self) -> bool:
@@ -270,7 +166,7 @@ class WorkerSession:
     @property
     def fence_deadline(self) -> float:
         """Monotonic time by which every attempt must be dead unless a newer ack arrives."""
-        return self._fence_deadline
+        return self._fence.deadline
 
     @property
     def draining(self) -> bool:
@@ -284,12 +180,12 @@ class WorkerSession:
         if self._draining:
             return
         self._draining = True
-        self._out_credit = 0
+        self._outbox.forget_credit()
         log.info(
             "draining (%s): %d attempt(s) running, %d result(s) awaiting ack",
             reason,
-            len(self._attempts),
-            len(self._unacked),
+            len(self._book.attempts),
+            len(self._book.unacked),
         )
         self._maybe_finish()
 
@@ -299,11 +195,10 @@ class WorkerSession:
             return
         self._stopping = True
         self._draining = True
-        self._out_credit = 0
-        if self._attempts:
-            log.warning("stopping: killing %d attempt(s)", len(self._attempts))
-        for att in list(self._attempts.values()):
-            self._cancel(att, reason)
+        self._outbox.forget_credit()
+        if self._book.attempts:
+            log.warning("stopping: killing %d attempt(s)", len(self._book.attempts))
+        self._book.cancel_all(reason)
         self._maybe_finish()
 
     async def run(self) -> None:
@@ -328,7 +223,7 @@ class WorkerSession:
         finally:
             fence.cancel()
             await asyncio.gather(fence, return_exceptions=True)
-            if self._attempts:
+            if self._book.attempts:
                 self.stop("worker exiting")
                 await self._wait_idle(self.kill_grace + 2.0)
             await links.close()
@@ -342,7 +237,7 @@ class WorkerSession:
         # the generated stubs only type the iterator form.
         connect: Any = stub.Connect
         call = connect()
-        stream = _Stream(call)
+        stream = ConnectStream(call)
         writer = asyncio.create_task(stream.write_loop(), name="plait-worker-writer")
         tasks: list[asyncio.Task[Any]] = [writer]
         try:
@@ -369,7 +264,7 @@ class WorkerSession:
             self._log_error(err)
         finally:
             self._stream = None
-            self._hb_sent.clear()
+            self._fence.forget_heartbeats()
             for task in tasks:
                 task.cancel()
             call.cancel()
@@ -377,7 +272,7 @@ class WorkerSession:
         return self._end_error
 
     async def _close_gracefully(
-        self, stream: _Stream, writer: asyncio.Task[None], reader: asyncio.Task[None]
+        self, stream: ConnectStream, writer: asyncio.Task[None], reader: asyncio.Task[None]
     ) -> None:
         timeout = self.config.close_timeout.total_seconds()
         if self._stopping:
@@ -388,7 +283,7 @@ class WorkerSession:
         await asyncio.wait({writer, reader}, timeout=timeout)
 
     def _log_stream_end(
-        self, stream: _Stream, reader: asyncio.Task[None], writer: asyncio.Task[None]
+        self, stream: ConnectStream, reader: asyncio.Task[None], writer: asyncio.Task[None]
     ) -> None:
         if stream.abort_reason:
             log.warning("dropping the stream to %s: %s", self.address, stream.abort_reason)
@@ -423,41 +318,36 @@ class WorkerSession:
                 return
             self._dispatch(msg)
 
-    async def _heartbeat_loop(self, stream: _Stream) -> None:
+    async def _heartbeat_loop(self, stream: ConnectStream) -> None:
         while True:
             self._send_heartbeat(stream)
             await asyncio.sleep(self.heartbeat_interval)
 
-    def _send(self, stream: _Stream, msg: pb.ConnectRequest) -> None:
+    def _send(self, stream: ConnectStream, msg: pb.ConnectRequest) -> None:
         self._hlc.stamp(msg.hlc)
         stream.queue.put_nowait(msg)
 
-    def _send_hello(self, stream: _Stream) -> float:
+    def _send_hello(self, stream: ConnectStream) -> float:
         cfg = self.config
         hello = pb.Hello(
             worker_id=cfg.worker_id,
             labels=dict(cfg.labels),
-            slots=self._slots,
-            handlers=sorted(self._by_handler),
-            exec_enabled=self._exec is not None,
-            running=[
-                pb.LeaseReport(lease_id=a.lease_id, fencing_token=a.token)
-                for a in self._attempts.values()
-            ],
+            slots=self._book.slots,
+            handlers=self._book.handlers,
+            exec_enabled=self._book.runs_exec,
+            running=self._book.running_reports(),
             agent=cfg.agent,
             hostname=cfg.hostname,
         )
         # The coordinator's ledger restarts from this Hello: slots - running.
-        self._out_credit = 0
-        self._out_started.clear()
-        self._out_finished.clear()
+        self._outbox.reset()
         self._last_grant_seq = 0
-        self._hb_sent.clear()
+        self._fence.forget_heartbeats()
         sent = self._clock.monotonic()
         self._send(stream, pb.ConnectRequest(hello=hello))
         return sent
 
-    def _on_welcome(self, welcome: pb.Welcome, hello_sent: float, stream: _Stream) -> None:
+    def _on_welcome(self, welcome: pb.Welcome, hello_sent: float, stream: ConnectStream) -> None:
         if welcome.HasField("heartbeat_interval"):
             self.heartbeat_interval = duration_from_proto(
                 welcome.heartbeat_interval
@@ -468,15 +358,9 @@ class WorkerSession:
             self.kill_grace = duration_from_proto(welcome.kill_grace).total_seconds()
         self.session_id = welcome.session_id
         # Welcome answers Hello: every lease it adopts is renewed no earlier than Hello was sent.
-        self._fence_deadline = max(self._fence_deadline, hello_sent + self.lease_ttl)
-        killed = 0
-        for report in welcome.kill:
-            att = self._attempts.get(report.lease_id)
-            if att is not None:
-                killed += 1
-                self._cancel(
-                    att, "the coordinator does not adopt this lease (superseded or unknown)"
-                )
+        self._fence.welcomed(hello_sent, self.lease_ttl)
+        not_adopted = "the coordinator does not adopt this lease (superseded or unknown)"
+        killed = sum(self._book.cancel(r.lease_id, not_adopted) for r in welcome.kill)
         self._stream = stream
         self._backoff.reset()
         self.stats.connects += 1
@@ -492,56 +376,34 @@ class WorkerSession:
             self.kill_grace,
             len(welcome.adopted),
             killed,
-            len(self._unacked),
+            len(self._book.unacked),
         )
-        if self._unacked:
-            self._send_results(stream, list(self._unacked.values()))
-        self._out_finished.clear()
+        if self._book.unacked:
+            self._send_results(stream, list(self._book.unacked.values()))
+        self._outbox.forget_results()
         self._flush()
         self._maybe_finish()
 
-    def _send_heartbeat(self, stream: _Stream) -> None:
+    def _send_heartbeat(self, stream: ConnectStream) -> None:
         self._hb_seq += 1
         seq = self._hb_seq
-        leases = [
-            pb.LeaseReport(lease_id=a.lease_id, fencing_token=a.token)
-            for a in self._attempts.values()
-        ]
-        leases += [pb.LeaseReport(lease_id=lid, fencing_token=tok) for lid, tok in self._unacked]
         hb = pb.Heartbeat(
-            leases=leases,
+            leases=self._book.held_reports(),
             last_grant_sequence=self._last_grant_seq,
-            free_slots=max(0, self._slots - self._used),
+            free_slots=max(0, self.free_slots),
             sequence=seq,
         )
         # Taken before the send, so the fence deadline derived from it is never late.
-        self._hb_sent[seq] = self._clock.monotonic()
+        self._fence.heartbeat_sent(seq, self._clock.monotonic())
         self.stats.heartbeats_sent += 1
         self._send(stream, pb.ConnectRequest(heartbeat=hb))
 
     def _send_results(
-        self, stream: _Stream, results: Sequence[pb.ActionResult], credit: int = 0
+        self, stream: ConnectStream, results: Sequence[pb.ActionResult], credit: int = 0
     ) -> None:
         """Sends results in ActionFinished chunks; ``credit`` rides with the first chunk."""
-        batch: list[pb.ActionResult] = []
-        size = 0
-        for r in results:
-            approx = (
-                len(r.outputs_json)
-                + len(r.stdout_tail)
-                + len(r.stderr_tail)
-                + len(r.error.message)
-                + 128
-            )
-            if batch and size + approx > _BATCH_BYTES:
-                finished = pb.ActionFinished(results=batch, credit=credit)
-                self._send(stream, pb.ConnectRequest(action_finished=finished))
-                batch, size, credit = [], 0, 0
-            batch.append(r)
-            size += approx
-        if batch:
-            finished = pb.ActionFinished(results=batch, credit=credit)
-            self._send(stream, pb.ConnectRequest(action_finished=finished))
+        for msg in result_messages(results, credit):
+            self._send(stream, msg)
         self.stats.results_sent += len(results)
 
     # ----------------------------------------------------------------- incoming
@@ -569,12 +431,10 @@ class WorkerSession:
             self._on_grant(msg.lease_grant)
         elif kind == "cancel_lease":
             for c in msg.cancel_lease.leases:
-                att = self._attempts.get(c.lease_id)
-                if att is not None:
+                if c.lease_id in self._book.attempts:
                     reason = pb.CancelReason.Name(c.reason)
-                    self._cancel(
-                        att, f"cancelled by the coordinator ({reason}) {c.message}".strip()
-                    )
+                    why = f"cancelled by the coordinator ({reason}) {c.message}".strip()
+                    self._book.cancel(c.lease_id, why)
         elif kind == "drain":
             self.drain(f"coordinator: {msg.drain.reason or 'drain'}")
         elif kind == "welcome":
@@ -583,144 +443,22 @@ class WorkerSession:
             log.warning("ignoring an unknown coordinator message (%s)", kind)
 
     def _on_ack(self, ack: pb.Ack) -> None:
-        seq = ack.heartbeat_sequence
-        if seq:
-            sent = self._hb_sent.get(seq)
-            if sent is not None:
-                deadline = sent + self.lease_ttl
-                self._fence_deadline = max(self._fence_deadline, deadline)
-                for s in [s for s in self._hb_sent if s <= seq]:
-                    del self._hb_sent[s]
-        for r in ack.results:
-            key = (r.lease_id, r.fencing_token)
-            if key not in self._unacked:
-                continue
-            code = r.status.code
-            if code == Code.OK:
-                self.stats.results_acked += 1
-            elif code == Code.FAILED_PRECONDITION:
-                self.stats.results_refused += 1
-                log.warning(
-                    "result of lease %s (token %d) refused: %s",
-                    r.lease_id,
-                    r.fencing_token,
-                    r.status.message,
-                )
-            else:
-                # Not committed and not refused: keep it for the next reconnect.
-                log.warning(
-                    "result of lease %s (token %d) not committed (code %d: %s); keeping it",
-                    r.lease_id,
-                    r.fencing_token,
-                    code,
-                    r.status.message,
-                )
-                continue
-            del self._unacked[key]
+        self._fence.acked(ack.heartbeat_sequence, self.lease_ttl)
+        self._book.acked(ack.results)
         if self._draining:
             self._maybe_finish()
 
     def _on_grant(self, grant: pb.LeaseGrant) -> None:
         for lease in grant.leases:
-            self._start(lease)
+            self._book.start(lease)
         self._last_grant_seq = max(self._last_grant_seq, grant.sequence)
 
-    # ----------------------------------------------------------------- attempts
+    # ----------------------------------------------------------------- outgoing batches
 
-    def _start(self, lease: pb.Lease) -> None:
-        lid, token = lease.lease_id, lease.fencing_token
-        if lid in self._attempts or (lid, token) in self._unacked:
-            log.warning("ignoring a second grant of lease %s (token %d)", lid, token)
-            return
-        need = lease.action.slots or 1
-        att = _Attempt(self, lid, token, need, self._clock.monotonic())
-        if self._used + need > self._slots:
-            self.stats.over_grants += 1
-            log.error(
-                "over-grant (protocol error): lease %s needs %d slot(s), %d of %d free;"
-                " reporting it FAILED",
-                lid,
-                need,
-                self._slots - self._used,
-                self._slots,
-            )
-            # It never held a slot, so no credit comes back for it.
-            att.slots = 0
-            self._finish(
-                att,
-                AttemptResult.failed(
-                    f"worker {self.config.worker_id} was granted a lease needing {need} slot(s)"
-                    f" with {self._slots - self._used} of {self._slots} free (over-grant)",
-                    code=Code.RESOURCE_EXHAUSTED,
-                ),
-            )
-            return
-        self._attempts[lid] = att
-        self._used += need
-        executor = self._route(lease)
-        if isinstance(executor, str):
-            self._finish(att, AttemptResult.failed(executor, code=Code.UNIMPLEMENTED))
-            return
-        self._out_started.append(pb.LeaseReport(lease_id=lid, fencing_token=token))
-        try:
-            att.handle = executor.start(lease, att)
-        except Exception as err:
-            log.exception("could not start lease %s", lid)
-            self._finish(
-                att,
-                AttemptResult.failed(
-                    f"worker could not start the attempt: {err}", code=Code.INTERNAL
-                ),
-            )
-            return
+    def _on_finished(self, result: pb.ActionResult, freed_slots: int) -> None:
+        self._outbox.finished(result, 0 if self._draining else freed_slots)
         self._schedule_flush()
-
-    def _route(self, lease: pb.Lease) -> Executor | str:
-        kind = lease.action.WhichOneof("kind")
-        if kind == "exec":
-            return self._exec or f"worker {self.config.worker_id} does not run exec actions"
-        if kind == "handler":
-            name = lease.action.handler
-            return self._by_handler.get(name) or (
-                f"worker {self.config.worker_id} does not serve handler {name!r}"
-            )
-        return f"action {lease.action.id!r} has neither exec nor handler"
-
-    def _cancel(self, att: _Attempt, reason: str) -> None:
-        if att.cancelling or att.done:
-            return
-        att.cancelling = True
-        if att.handle is not None:
-            att.handle.cancel(reason)
-
-    def _finish(self, att: _Attempt, result: AttemptResult) -> None:
-        if att.done:
-            return
-        att.done = True
-        self._attempts.pop(att.lease_id, None)
-        if att.slots:
-            self._used -= att.slots
-            if not self._draining:
-                self._out_credit += att.slots
-        outcome = result.outcome
-        r = pb.ActionResult(
-            lease_id=att.lease_id,
-            fencing_token=att.token,
-            outcome=outcome,
-            outputs_json=result.outputs_json or ("{}" if outcome == SUCCEEDED else ""),
-            exit_code=result.exit_code,
-            stdout_tail=result.stdout_tail,
-            stderr_tail=result.stderr_tail,
-        )
-        if outcome != SUCCEEDED or result.error:
-            r.error.code = result.error_code or DEFAULT_ERROR_CODE.get(outcome, Code.UNKNOWN)
-            r.error.message = result.error
-        r.duration.FromNanoseconds(int((self._clock.monotonic() - att.started) * 1e9))
-        self._hlc.stamp(r.finished_hlc)
-        self._unacked[(att.lease_id, att.token)] = r
-        self._out_finished.append(r)
-        self._schedule_flush()
-        if not self._attempts:
+        if not self._book.attempts:
             self._idle.set()
             if self._draining:
                 self._maybe_finish()
@@ -737,34 +475,22 @@ class WorkerSession:
         stream = self._stream
         if stream is None:
             # Covered after the next Welcome: Hello.running and the re-send of unacked results.
-            self._out_started.clear()
-            self._out_finished.clear()
+            self._outbox.forget_reports()
             return
-        if self._out_started:
-            # An attempt that already finished needs no start report: its result implies it
-            # (and the coordinator journals one event fewer).
-            if self._out_finished:
-                done = {r.lease_id for r in self._out_finished}
-                self._out_started = [s for s in self._out_started if s.lease_id not in done]
-            if self._out_started:
-                msg = pb.ConnectRequest(action_started=pb.ActionStarted(leases=self._out_started))
-                self._send(stream, msg)
-            self._out_started = []
-        if self._out_finished:
+        started, finished, credit = self._outbox.take(draining=self._draining)
+        if started:
+            self._send(stream, pb.ConnectRequest(action_started=pb.ActionStarted(leases=started)))
+        if finished:
             # The credit rides with the results, so the coordinator can lease the next actions
             # in the same commit (ActionFinished.credit).
-            credit = 0 if self._draining else self._out_credit
-            self._send_results(stream, self._out_finished, credit)
-            self._out_finished = []
-            self._out_credit = 0
-        if self._out_credit > 0 and not self._draining:
-            self._send(stream, pb.ConnectRequest(credit=pb.Credit(slots=self._out_credit)))
-        self._out_credit = 0
+            self._send_results(stream, finished, credit)
+        elif credit > 0:
+            self._send(stream, pb.ConnectRequest(credit=pb.Credit(slots=credit)))
 
     def _maybe_finish(self) -> None:
-        if self._done.is_set() or not self._draining or self._attempts:
+        if self._done.is_set() or not self._draining or self._book.attempts:
             return
-        if self._unacked and not self._stopping:
+        if self._book.unacked and not self._stopping:
             return
         self._flush()
         if self._stream is not None:
@@ -775,7 +501,7 @@ class WorkerSession:
 
     async def _wait_idle(self, limit: float) -> None:
         self._idle.clear()
-        if self._attempts:
+        if self._book.attempts:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), limit)
 
@@ -792,25 +518,28 @@ class WorkerSession:
             if self.config.fence_margin is not None
             else self.heartbeat_interval
         )
-        kill_at = self._fence_deadline - self.kill_grace - margin
-        if now >= kill_at:
-            victims = [a for a in self._attempts.values() if not a.cancelling]
+        check = self._fence.check(
+            now,
+            kill_grace=self.kill_grace,
+            margin=margin,
+            heartbeat_interval=self.heartbeat_interval,
+        )
+        if check.kill:
+            victims = [a for a in self._book.attempts.values() if not a.cancelling]
             if victims:
                 self.stats.self_fenced += len(victims)
                 log.warning(
                     "self-fencing: no heartbeat acknowledged in time (leases may be lost in"
                     " %.2fs); killing %d attempt(s)",
-                    max(0.0, self._fence_deadline - now),
+                    max(0.0, self._fence.deadline - now),
                     len(victims),
                 )
                 for att in victims:
-                    self._cancel(att, "self-fenced: the lease could not be renewed in time")
+                    att.cancel("self-fenced: the lease could not be renewed in time")
         stream = self._stream
-        if stream is not None and now >= self._fence_deadline:
+        if stream is not None and check.abort:
             stream.abort(f"no heartbeat acknowledged for a lease TTL ({self.lease_ttl:.3g}s)")
-        if kill_at > now:
-            return min(kill_at - now, self.heartbeat_interval)
-        return self.heartbeat_interval
+        return check.next_check
 
     async def _fence_loop(self) -> None:
         while True:

@@ -1,9 +1,8 @@
-"""Workflow files and the workflow builder (SDK layer, on top of the protocol).
+"""The workflow converter: a parsed document to a ``WorkflowSpec`` (SDK layer: plait.spec).
 
-A YAML workflow file maps 1:1 onto ``plait.v1.WorkflowSpec``; :func:`load_workflow` reads one and
-:class:`Workflow` builds the same spec from Python. Both go through one converter, so a key means
-the same thing in either place and every mistake is reported the same way: naming the file (or
-the builder), the action (index and id) and the field, for example::
+A workflow document (what YAML or JSON gives, or what :class:`~plait.spec.builder.Workflow`
+collects) maps 1:1 onto ``plait.v1.WorkflowSpec``. Every mistake is collected, not just the
+first, and reported naming the source, the action (index and id) and the field, for example::
 
     flow.yaml: actions[2] (id 'resize'): timeout: expected a duration such as 250ms, 2s or 5m,
     got 'soon'
@@ -16,14 +15,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from plait import durations
 from plait.errors import FieldViolation, InvalidArgumentError
@@ -32,14 +27,15 @@ from plait.v1 import workflow_pb2
 __all__ = [
     "ACTION_KEYS",
     "DEFAULTS_KEYS",
+    "LATER_KEYS",
     "RETRY_KEYS",
     "TOP_LEVEL_KEYS",
-    "WORKFLOW_DIR_ENV",
     "ActionRef",
+    "Problems",
     "SpecError",
-    "Workflow",
-    "load_workflow",
-    "loads_workflow",
+    "build_spec",
+    "convert_action",
+    "convert_defaults",
     "spec_from_dict",
 ]
 
@@ -60,10 +56,6 @@ ACTION_KEYS = (
 RETRY_KEYS = ("max_attempts", "backoff", "max_backoff", "multiplier", "retryable_exit_codes")
 # Keys of later versions of the format: refused with a message that says so.
 LATER_KEYS = frozenset({"map", "join", "pipeline", "speculate"})
-
-# Set on every exec action of a file loaded by load_workflow (unless the file sets it), so a flow
-# can run scripts kept beside it when its workers share the filesystem (as `plait run`'s do).
-WORKFLOW_DIR_ENV = "PLAIT_WORKFLOW_DIR"
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MAX_ATTEMPTS = 100
@@ -94,13 +86,14 @@ class ActionRef:
         return self.id
 
 
-class _Problems:
+class Problems:
     """Collects every violation of one conversion, so the user sees them all at once."""
 
     def __init__(self) -> None:
         self.items: list[tuple[FieldViolation, str]] = []
 
     def add(self, path: str, where: str, description: str) -> None:
+        """Records one violation: its field path and how to say where it is to a person."""
         self.items.append((FieldViolation(path, description), f"{where}: {description}"))
 
 
@@ -136,7 +129,7 @@ def _describe(value: Any) -> str:
 
 
 def _check_keys(
-    raw: Mapping[Any, Any], allowed: Sequence[str], loc: _Loc, what: str, probs: _Problems
+    raw: Mapping[Any, Any], allowed: Sequence[str], loc: _Loc, what: str, probs: Problems
 ) -> None:
     for key in raw:
         if key in allowed:
@@ -157,7 +150,7 @@ def _check_keys(
             )
 
 
-def _duration(value: Any, loc: _Loc, probs: _Problems, *, positive: bool) -> Any:
+def _duration(value: Any, loc: _Loc, probs: Problems, *, positive: bool) -> Any:
     try:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             d = durations.parse_duration(value)
@@ -174,7 +167,7 @@ def _duration(value: Any, loc: _Loc, probs: _Problems, *, positive: bool) -> Any
     return None
 
 
-def _int(value: Any, loc: _Loc, probs: _Problems, lo: int, hi: int) -> int | None:
+def _int(value: Any, loc: _Loc, probs: Problems, lo: int, hi: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         probs.add(loc.path, loc.where, f"expected a whole number, got {_describe(value)}")
         return None
@@ -195,7 +188,7 @@ def _scalar_str(value: Any) -> str | None:
     return None
 
 
-def _str_map(value: Any, loc: _Loc, probs: _Problems) -> dict[str, str]:
+def _str_map(value: Any, loc: _Loc, probs: Problems) -> dict[str, str]:
     if not isinstance(value, Mapping):
         probs.add(
             loc.path, loc.where, f"expected a mapping of names to strings, got {_describe(value)}"
@@ -215,7 +208,7 @@ def _str_map(value: Any, loc: _Loc, probs: _Problems) -> dict[str, str]:
     return out
 
 
-def _retry(value: Any, loc: _Loc, probs: _Problems) -> workflow_pb2.RetryPolicy | None:
+def _retry(value: Any, loc: _Loc, probs: Problems) -> workflow_pb2.RetryPolicy | None:
     if not isinstance(value, Mapping):
         probs.add(
             loc.path,
@@ -258,7 +251,8 @@ def _retry(value: Any, loc: _Loc, probs: _Problems) -> workflow_pb2.RetryPolicy 
     return policy
 
 
-def _defaults(value: Any, probs: _Problems) -> workflow_pb2.ActionDefaults:
+def convert_defaults(value: Any, probs: Problems) -> workflow_pb2.ActionDefaults:
+    """Converts the ``defaults`` mapping; problems go to ``probs``."""
     loc = _Loc("defaults", field="defaults")
     out = workflow_pb2.ActionDefaults()
     if not isinstance(value, Mapping):
@@ -280,7 +274,7 @@ def _defaults(value: Any, probs: _Problems) -> workflow_pb2.ActionDefaults:
     return out
 
 
-def _needs(value: Any, loc: _Loc, probs: _Problems) -> list[str]:
+def _needs(value: Any, loc: _Loc, probs: Problems) -> list[str]:
     items: list[Any]
     if isinstance(value, str | ActionRef):
         items = [value]
@@ -304,7 +298,7 @@ def _needs(value: Any, loc: _Loc, probs: _Problems) -> list[str]:
     return out
 
 
-def _run(value: Any, loc: _Loc, probs: _Problems) -> workflow_pb2.ExecAction | None:
+def _run(value: Any, loc: _Loc, probs: Problems) -> workflow_pb2.ExecAction | None:
     if isinstance(value, str):
         if not value.strip():
             probs.add(loc.path, loc.where, "expected a command, got an empty string")
@@ -332,7 +326,7 @@ def _run(value: Any, loc: _Loc, probs: _Problems) -> workflow_pb2.ExecAction | N
 
 
 def _kind(
-    raw: Mapping[str, Any], loc: _Loc, spec: workflow_pb2.ActionSpec, probs: _Problems
+    raw: Mapping[str, Any], loc: _Loc, spec: workflow_pb2.ActionSpec, probs: Problems
 ) -> None:
     """Fills the ``kind`` oneof: exactly one of ``run`` and ``handler``."""
     has_run, has_handler = "run" in raw, "handler" in raw
@@ -354,7 +348,7 @@ def _kind(
 
 
 def _options(
-    raw: Mapping[str, Any], loc: _Loc, spec: workflow_pb2.ActionSpec, probs: _Problems
+    raw: Mapping[str, Any], loc: _Loc, spec: workflow_pb2.ActionSpec, probs: Problems
 ) -> None:
     """Fills the optional fields every kind of action shares."""
     if "input" in raw:
@@ -381,7 +375,8 @@ def _options(
         spec.selector.update(_str_map(raw["selector"], loc.child("selector"), probs))
 
 
-def _action(raw: Any, index: int, probs: _Problems) -> workflow_pb2.ActionSpec | None:
+def convert_action(raw: Any, index: int, probs: Problems) -> workflow_pb2.ActionSpec | None:
+    """Converts ``actions[index]``; problems go to ``probs`` (None if it is not a mapping)."""
     loc = _Loc(f"actions[{index}]", f"actions[{index}]")
     if not isinstance(raw, Mapping):
         probs.add(
@@ -414,7 +409,7 @@ def _action(raw: Any, index: int, probs: _Problems) -> workflow_pb2.ActionSpec |
     return spec
 
 
-def _check_graph(actions: Sequence[workflow_pb2.ActionSpec], probs: _Problems) -> None:
+def _check_graph(actions: Sequence[workflow_pb2.ActionSpec], probs: Problems) -> None:
     seen: dict[str, int] = {}
     for i, a in enumerate(actions):
         if not a.id:
@@ -437,8 +432,9 @@ def _check_graph(actions: Sequence[workflow_pb2.ActionSpec], probs: _Problems) -
                 probs.add(f"actions[{i}].needs[{j}]", where, f"unknown action id {need!r}")
 
 
-def _build(doc: Any, source: str, default_name: str) -> workflow_pb2.WorkflowSpec:
-    probs = _Problems()
+def build_spec(doc: Any, source: str, default_name: str) -> workflow_pb2.WorkflowSpec:
+    """Converts a whole document, or raises :class:`SpecError` with every problem found."""
+    probs = Problems()
     spec = workflow_pb2.WorkflowSpec()
     if not isinstance(doc, Mapping):
         probs.add(
@@ -454,7 +450,7 @@ def _build(doc: Any, source: str, default_name: str) -> workflow_pb2.WorkflowSpe
     else:
         spec.name = name
     if "defaults" in doc:
-        spec.defaults.CopyFrom(_defaults(doc["defaults"], probs))
+        spec.defaults.CopyFrom(convert_defaults(doc["defaults"], probs))
     if "labels" in doc:
         spec.labels.update(_str_map(doc["labels"], _Loc("labels", field="labels"), probs))
     raw_actions = doc.get("actions")
@@ -463,7 +459,7 @@ def _build(doc: Any, source: str, default_name: str) -> workflow_pb2.WorkflowSpe
         probs.add("actions", "actions", f"expected a non-empty list of actions, got {got}")
     else:
         for i, raw in enumerate(raw_actions):
-            action = _action(raw, i, probs)
+            action = convert_action(raw, i, probs)
             if action is not None:
                 spec.actions.append(action)
         if not probs.items:
@@ -481,154 +477,4 @@ def spec_from_dict(
     Raises:
         SpecError: every problem found, each naming ``source``, the action and the field.
     """
-    return _build(doc, source, default_name)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key repeated in one mapping instead of keeping the last."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue  # `<<: *anchor` keys may be overridden; only literal repeats are mistakes
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice in one mapping", mark
-            )
-        seen.add(key)
-    loader.flatten_mapping(node)
-    return loader.construct_mapping(node, deep=True)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
-
-
-def loads_workflow(
-    text: str, *, source: str = "<string>", workflow_dir: str | None = None
-) -> workflow_pb2.WorkflowSpec:
-    """Parses YAML text as a workflow; ``source`` names it in errors.
-
-    When ``workflow_dir`` is given it becomes ``$PLAIT_WORKFLOW_DIR`` of every exec action that
-    does not set that variable itself.
-    """
-    try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(
-            source, [(FieldViolation("", f"{at}{problem}"), f"invalid YAML: {at}{problem}")]
-        ) from None
-    default_name = Path(source).stem or "workflow"
-    spec = _build(doc, source, default_name)
-    if workflow_dir is not None:
-        for action in spec.actions:
-            if action.WhichOneof("kind") == "exec" and WORKFLOW_DIR_ENV not in action.env:
-                action.env[WORKFLOW_DIR_ENV] = workflow_dir
-    return spec
-
-
-def load_workflow(path: str | os.PathLike[str]) -> workflow_pb2.WorkflowSpec:
-    """Reads a YAML workflow file into a ``WorkflowSpec``.
-
-    The workflow's name defaults to the file's stem. Every exec action gets
-    ``$PLAIT_WORKFLOW_DIR`` (the file's absolute directory) unless it sets it.
-
-    Raises:
-        SpecError: (an ``InvalidArgumentError``) the file cannot be read or is malformed; the
-            message names the file, the action and the field.
-    """
-    p = Path(path)
-    source = os.fspath(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SpecError(source, [(FieldViolation("", reason), f"cannot read: {reason}")]) from None
-    return loads_workflow(text, source=source, workflow_dir=str(p.resolve().parent))
-
-
-Needs = str | ActionRef | Iterable[str | ActionRef] | None
-
-
-class Workflow:
-    """Builds a ``WorkflowSpec`` from Python; the same keys and checks as a YAML file.
-
-    >>> wf = Workflow("thumbnails", defaults={"retry": {"max_attempts": 3}, "timeout": "5m"})
-    >>> listing = wf.exec("list", ["python3", "list_images.py"])
-    >>> index = wf.handler("index", "build-index", needs=[listing])
-    >>> spec = wf.to_spec()
-    """
-
-    def __init__(
-        self,
-        name: str,
-        *,
-        defaults: Mapping[str, Any] | None = None,
-        labels: Mapping[str, str] | None = None,
-    ) -> None:
-        self.name = name
-        self._doc: dict[str, Any] = {"name": name}
-        if defaults is not None:
-            self._doc["defaults"] = dict(defaults)
-        if labels is not None:
-            self._doc["labels"] = dict(labels)
-        self._actions: list[dict[str, Any]] = []
-        self._source = f"Workflow({name!r})"
-        # Fail at the call that is wrong, not at to_spec().
-        probs = _Problems()
-        if defaults is not None:
-            _defaults(self._doc["defaults"], probs)
-        if probs.items:
-            raise SpecError(self._source, probs.items)
-
-    def exec(
-        self,
-        id: str,
-        argv: Sequence[str] | str,
-        *,
-        shell: bool = False,
-        **options: Any,
-    ) -> ActionRef:
-        """Adds an exec action; ``argv`` is run directly, or by ``/bin/sh -c`` when ``shell``.
-
-        ``options``: needs, input, env, timeout, retry, slots, selector (as in YAML).
-        """
-        run: Any = argv if isinstance(argv, str) else list(argv)
-        if shell and not isinstance(run, str):
-            run = " ".join(run)
-        return self._add({"id": id, "run": run, **options})
-
-    def handler(self, id: str, name: str, **options: Any) -> ActionRef:
-        """Adds an action run by the named handler of an SDK worker (``options`` as in exec)."""
-        return self._add({"id": id, "handler": name, **options})
-
-    def _add(self, raw: dict[str, Any]) -> ActionRef:
-        if "needs" in raw:
-            needs = raw["needs"]
-            if needs is None:
-                del raw["needs"]
-            elif isinstance(needs, ActionRef):
-                raw["needs"] = needs.id
-            elif not isinstance(needs, str) and isinstance(needs, Iterable):
-                raw["needs"] = [n.id if isinstance(n, ActionRef) else n for n in needs]
-        for key in [k for k, v in raw.items() if v is None]:
-            del raw[key]
-        probs = _Problems()
-        _action(raw, len(self._actions), probs)
-        if probs.items:
-            raise SpecError(self._source, probs.items)
-        self._actions.append(raw)
-        return ActionRef(raw["id"])
-
-    def to_spec(self) -> workflow_pb2.WorkflowSpec:
-        """The ``WorkflowSpec`` to submit (checks duplicate ids and unknown needs)."""
-        return _build({**self._doc, "actions": self._actions}, self._source, self.name)
+    return build_spec(doc, source, default_name)

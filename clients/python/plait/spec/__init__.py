@@ -1,0 +1,50 @@
+"""Workflow files and the workflow builder (SDK layer, on top of the protocol).
+
+A YAML workflow file maps 1:1 onto ``plait.v1.WorkflowSpec``; :func:`load_workflow` reads one and
+:class:`Workflow` builds the same spec from Python. Both go through one converter, so a key means
+the same thing in either place and every mistake is reported the same way: naming the file (or
+the builder), the action (index and id) and the field, for example::
+
+    flow.yaml: actions[2] (id 'resize'): timeout: expected a duration such as 250ms, 2s or 5m,
+    got 'soon'
+
+The package is split by what each part handles:
+
+* :mod:`plait.spec.convert` — a parsed document to a ``WorkflowSpec``, with field-path errors
+  (:class:`SpecError`, :class:`ActionRef`, :func:`spec_from_dict`);
+* :mod:`plait.spec.files` — YAML files and text (:func:`load_workflow`, :func:`loads_workflow`);
+* :mod:`plait.spec.builder` — the Python builder (:class:`Workflow`).
+
+Everything public is re-exported here, so ``from plait.spec import ...`` is the import to use.
+"""
+
+from __future__ import annotations
+
+from plait.spec.builder import Needs as Needs
+from plait.spec.builder import Workflow
+from plait.spec.convert import (
+    ACTION_KEYS,
+    DEFAULTS_KEYS,
+    RETRY_KEYS,
+    TOP_LEVEL_KEYS,
+    ActionRef,
+    SpecError,
+    spec_from_dict,
+)
+from plait.spec.convert import LATER_KEYS as LATER_KEYS
+from plait.spec.files import WORKFLOW_DIR_ENV, load_workflow, loads_workflow
+
+# `Needs` and `LATER_KEYS` stay importable from here, as before, but out of `import *`.
+__all__ = [
+    "ACTION_KEYS",
+    "DEFAULTS_KEYS",
+    "RETRY_KEYS",
+    "TOP_LEVEL_KEYS",
+    "WORKFLOW_DIR_ENV",
+    "ActionRef",
+    "SpecError",
+    "Workflow",
+    "load_workflow",
+    "loads_workflow",
+    "spec_from_dict",
+]

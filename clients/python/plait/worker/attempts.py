@@ -1,0 +1,276 @@
+"""The worker's attempts and their results (foundation layer: plait.worker).
+
+An :class:`AttemptBook` owns what a worker is doing and what it still owes the coordinator: the
+running attempts and the slots they hold, the executor each lease is routed to, and every result
+until a ``ResultAck`` for its (lease, token) arrives (**ack means durable**: the
+:class:`~plait.worker.session.WorkerSession` re-sends unacked results after every reconnect).
+
+It sends nothing itself. It tells the session through callbacks when an attempt has started
+(queue a start report), when one has finished (queue its result, credit the slots it freed) and
+when queued reports should leave; the session batches them onto the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+from plait.clock import Clock
+from plait.hlc import HybridLogicalClock
+from plait.v1 import worker_service_pb2 as pb
+from plait.worker.executor import (
+    DEFAULT_ERROR_CODE,
+    SUCCEEDED,
+    AttemptHandle,
+    AttemptResult,
+    Code,
+    Executor,
+)
+from plait.worker.session_config import SessionStats
+
+__all__ = ["Attempt", "AttemptBook"]
+
+# The session's logger: these lines always came from it, and log formats print the name.
+log = logging.getLogger("plait.worker.session")
+
+
+class Attempt:
+    """One running attempt; also the :class:`AttemptContext` its executor reports through."""
+
+    __slots__ = (
+        "_book",
+        "cancelling",
+        "done",
+        "handle",
+        "lease_id",
+        "slots",
+        "started",
+        "token",
+    )
+
+    def __init__(
+        self, book: AttemptBook, lease_id: str, token: int, slots: int, started: float
+    ) -> None:
+        self._book = book
+        self.lease_id = lease_id
+        self.token = token
+        self.slots = slots
+        self.started = started
+        self.handle: AttemptHandle | None = None
+        self.done = False
+        self.cancelling = False
+
+    @property
+    def kill_grace(self) -> float:
+        """Seconds between SIGTERM and SIGKILL, as the coordinator's Welcome set them."""
+        return self._book.kill_grace()
+
+    def report(self, result: AttemptResult) -> None:
+        """The executor's report that the attempt has ended."""
+        self._book.finish(self, result)
+
+    def cancel(self, reason: str) -> None:
+        """Asks the executor to kill the attempt (once); it still reports how it ended."""
+        if self.cancelling or self.done:
+            return
+        self.cancelling = True
+        if self.handle is not None:
+            self.handle.cancel(reason)
+
+
+class AttemptBook:
+    """Running attempts, the slots they hold, and results not yet acknowledged.
+
+    ``on_started`` gets the start report of an attempt its executor is about to start;
+    ``on_finished`` gets each result and the slots its attempt freed; ``flush_soon`` asks for the
+    queued reports to be sent. Every method must be called on the session's event loop.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        slots: int,
+        executors: Sequence[Executor],
+        *,
+        clock: Clock,
+        hlc: HybridLogicalClock,
+        stats: SessionStats,
+        kill_grace: Callable[[], float],
+        on_started: Callable[[pb.LeaseReport], None],
+        on_finished: Callable[[pb.ActionResult, int], None],
+        flush_soon: Callable[[], None],
+    ) -> None:
+        self.worker_id = worker_id
+        self.slots = slots
+        self.kill_grace = kill_grace
+        self._clock = clock
+        self._hlc = hlc
+        self._stats = stats
+        self._on_started = on_started
+        self._on_finished = on_finished
+        self._flush_soon = flush_soon
+        self._exec: Executor | None = None
+        self._by_handler: dict[str, Executor] = {}
+        for ex in executors:
+            if ex.runs_exec and self._exec is None:
+                self._exec = ex
+            for name in ex.handlers:
+                if name in self._by_handler:
+                    raise ValueError(f"handler {name!r} is served by two executors")
+                self._by_handler[name] = ex
+        self.attempts: dict[str, Attempt] = {}
+        """Running attempts by lease id."""
+        self.used = 0
+        """Slots held by running attempts."""
+        self.unacked: dict[tuple[str, int], pb.ActionResult] = {}
+        """Results by (lease_id, fencing_token) until the coordinator acknowledges them."""
+
+    @property
+    def handlers(self) -> list[str]:
+        """Names of the handlers served, sorted (for Hello)."""
+        return sorted(self._by_handler)
+
+    @property
+    def runs_exec(self) -> bool:
+        """Whether some executor runs exec actions (for Hello)."""
+        return self._exec is not None
+
+    def running_reports(self) -> list[pb.LeaseReport]:
+        """A report of every running attempt's lease and token."""
+        return [
+            pb.LeaseReport(lease_id=a.lease_id, fencing_token=a.token)
+            for a in self.attempts.values()
+        ]
+
+    def held_reports(self) -> list[pb.LeaseReport]:
+        """Every lease the worker holds: running attempts, then results not yet acked."""
+        reports = self.running_reports()
+        reports += [pb.LeaseReport(lease_id=lid, fencing_token=tok) for lid, tok in self.unacked]
+        return reports
+
+    def cancel(self, lease_id: str, reason: str) -> bool:
+        """Kills the attempt of ``lease_id``; False if none is running."""
+        att = self.attempts.get(lease_id)
+        if att is None:
+            return False
+        att.cancel(reason)
+        return True
+
+    def cancel_all(self, reason: str) -> None:
+        """Kills every running attempt."""
+        for att in list(self.attempts.values()):
+            att.cancel(reason)
+
+    def start(self, lease: pb.Lease) -> None:
+        """Starts an attempt of a granted lease on its executor, or reports why it cannot run."""
+        lid, token = lease.lease_id, lease.fencing_token
+        if lid in self.attempts or (lid, token) in self.unacked:
+            log.warning("ignoring a second grant of lease %s (token %d)", lid, token)
+            return
+        need = lease.action.slots or 1
+        att = Attempt(self, lid, token, need, self._clock.monotonic())
+        if self.used + need > self.slots:
+            self._stats.over_grants += 1
+            log.error(
+                "over-grant (protocol error): lease %s needs %d slot(s), %d of %d free;"
+                " reporting it FAILED",
+                lid,
+                need,
+                self.slots - self.used,
+                self.slots,
+            )
+            # It never held a slot, so no credit comes back for it.
+            att.slots = 0
+            self.finish(
+                att,
+                AttemptResult.failed(
+                    f"worker {self.worker_id} was granted a lease needing {need} slot(s)"
+                    f" with {self.slots - self.used} of {self.slots} free (over-grant)",
+                    code=Code.RESOURCE_EXHAUSTED,
+                ),
+            )
+            return
+        self.attempts[lid] = att
+        self.used += need
+        executor = self._route(lease)
+        if isinstance(executor, str):
+            self.finish(att, AttemptResult.failed(executor, code=Code.UNIMPLEMENTED))
+            return
+        self._on_started(pb.LeaseReport(lease_id=lid, fencing_token=token))
+        try:
+            att.handle = executor.start(lease, att)
+        except Exception as err:
+            log.exception("could not start lease %s", lid)
+            self.finish(
+                att,
+                AttemptResult.failed(
+                    f"worker could not start the attempt: {err}", code=Code.INTERNAL
+                ),
+            )
+            return
+        self._flush_soon()
+
+    def _route(self, lease: pb.Lease) -> Executor | str:
+        kind = lease.action.WhichOneof("kind")
+        if kind == "exec":
+            return self._exec or f"worker {self.worker_id} does not run exec actions"
+        if kind == "handler":
+            name = lease.action.handler
+            return self._by_handler.get(name) or (
+                f"worker {self.worker_id} does not serve handler {name!r}"
+            )
+        return f"action {lease.action.id!r} has neither exec nor handler"
+
+    def finish(self, att: Attempt, result: AttemptResult) -> None:
+        """Records how an attempt ended (once) and keeps its result until it is acked."""
+        if att.done:
+            return
+        att.done = True
+        self.attempts.pop(att.lease_id, None)
+        self.used -= att.slots
+        outcome = result.outcome
+        r = pb.ActionResult(
+            lease_id=att.lease_id,
+            fencing_token=att.token,
+            outcome=outcome,
+            outputs_json=result.outputs_json or ("{}" if outcome == SUCCEEDED else ""),
+            exit_code=result.exit_code,
+            stdout_tail=result.stdout_tail,
+            stderr_tail=result.stderr_tail,
+        )
+        if outcome != SUCCEEDED or result.error:
+            r.error.code = result.error_code or DEFAULT_ERROR_CODE.get(outcome, Code.UNKNOWN)
+            r.error.message = result.error
+        r.duration.FromNanoseconds(int((self._clock.monotonic() - att.started) * 1e9))
+        self._hlc.stamp(r.finished_hlc)
+        self.unacked[(att.lease_id, att.token)] = r
+        self._on_finished(r, att.slots)
+
+    def acked(self, acks: Iterable[pb.ResultAck]) -> None:
+        """Forgets results the coordinator committed or refused; keeps the rest for a re-send."""
+        for r in acks:
+            key = (r.lease_id, r.fencing_token)
+            if key not in self.unacked:
+                continue
+            code = r.status.code
+            if code == Code.OK:
+                self._stats.results_acked += 1
+            elif code == Code.FAILED_PRECONDITION:
+                self._stats.results_refused += 1
+                log.warning(
+                    "result of lease %s (token %d) refused: %s",
+                    r.lease_id,
+                    r.fencing_token,
+                    r.status.message,
+                )
+            else:
+                # Not committed and not refused: keep it for the next reconnect.
+                log.warning(
+                    "result of lease %s (token %d) not committed (code %d: %s); keeping it",
+                    r.lease_id,
+                    r.fencing_token,
+                    code,
+                    r.status.message,
+                )
+                continue
+            del self.unacked[key]

@@ -1,0 +1,132 @@
+"""What a worker session sends, and how (foundation layer: plait.worker).
+
+:class:`ConnectStream` wraps one ``WorkerService.Connect`` call with a single writer task, so
+writes never interleave. :class:`Outbox` holds what happened in one event-loop turn -- attempts
+started, results, slots freed -- until the :class:`~plait.worker.session.WorkerSession` flushes it
+on the next turn, as one message of each kind (**batching**); :func:`result_messages` cuts
+results into ``ActionFinished`` chunks that stay under the message size limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from plait.v1 import worker_service_pb2 as pb
+
+__all__ = ["ConnectStream", "Outbox", "OutboxBatch", "result_messages"]
+
+_BATCH_BYTES = 3 << 20  # ActionFinished chunks stay well under the 4 MiB message limit
+
+
+class ConnectStream:
+    """One Connect call: a single writer task drains the queue, so writes never interleave."""
+
+    __slots__ = ("abort_reason", "call", "queue")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.queue: asyncio.Queue[pb.ConnectRequest | None] = asyncio.Queue()
+        self.abort_reason = ""
+
+    async def write_loop(self) -> None:
+        """Writes queued messages in order; ``None`` half-closes the stream and ends the loop."""
+        while True:
+            msg = await self.queue.get()
+            if msg is None:
+                await self.call.done_writing()
+                return
+            await self.call.write(msg)
+
+    def abort(self, reason: str) -> None:
+        """Cancels the call (once), remembering why."""
+        if not self.abort_reason:
+            self.abort_reason = reason
+            self.call.cancel()
+
+
+def result_messages(results: Sequence[pb.ActionResult], credit: int = 0) -> list[pb.ConnectRequest]:
+    """Results in ActionFinished chunks; ``credit`` rides with the first chunk."""
+    out: list[pb.ConnectRequest] = []
+    batch: list[pb.ActionResult] = []
+    size = 0
+    for r in results:
+        approx = (
+            len(r.outputs_json)
+            + len(r.stdout_tail)
+            + len(r.stderr_tail)
+            + len(r.error.message)
+            + 128
+        )
+        if batch and size + approx > _BATCH_BYTES:
+            finished = pb.ActionFinished(results=batch, credit=credit)
+            out.append(pb.ConnectRequest(action_finished=finished))
+            batch, size, credit = [], 0, 0
+        batch.append(r)
+        size += approx
+    if batch:
+        finished = pb.ActionFinished(results=batch, credit=credit)
+        out.append(pb.ConnectRequest(action_finished=finished))
+    return out
+
+
+class OutboxBatch(NamedTuple):
+    """What one flush sends."""
+
+    started: list[pb.LeaseReport]
+    """Start reports of attempts that have not already finished."""
+    finished: list[pb.ActionResult]
+    credit: int
+    """Slots freed (0 while draining): with the results if there are any, else on its own."""
+
+
+class Outbox:
+    """Start reports, results and freed slots of one loop turn, until they leave together."""
+
+    __slots__ = ("_credit", "_finished", "_started")
+
+    def __init__(self) -> None:
+        self._started: list[pb.LeaseReport] = []
+        self._finished: list[pb.ActionResult] = []
+        self._credit = 0
+
+    def started(self, report: pb.LeaseReport) -> None:
+        """Queues the start report of an attempt."""
+        self._started.append(report)
+
+    def finished(self, result: pb.ActionResult, credit: int) -> None:
+        """Queues a result and the slots it gives back to the coordinator."""
+        self._credit += credit
+        self._finished.append(result)
+
+    def forget_credit(self) -> None:
+        """Drops the queued credit: a draining worker takes no new work."""
+        self._credit = 0
+
+    def forget_results(self) -> None:
+        """Drops the queued results: they were just re-sent with every other unacked one."""
+        self._finished.clear()
+
+    def forget_reports(self) -> None:
+        """Drops start reports and results (not credit): no stream to send them on."""
+        self._started.clear()
+        self._finished.clear()
+
+    def reset(self) -> None:
+        """Drops everything: the coordinator's ledger restarts from a new Hello."""
+        self._credit = 0
+        self._started.clear()
+        self._finished.clear()
+
+    def take(self, *, draining: bool) -> OutboxBatch:
+        """Empties the outbox into what to send now."""
+        started, finished = self._started, self._finished
+        if started and finished:
+            # An attempt that already finished needs no start report: its result implies it
+            # (and the coordinator journals one event fewer).
+            done = {r.lease_id for r in finished}
+            started = [s for s in started if s.lease_id not in done]
+        credit = 0 if draining else self._credit
+        self._started, self._finished, self._credit = [], [], 0
+        return OutboxBatch(started, finished, credit)

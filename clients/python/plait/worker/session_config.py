@@ -1,0 +1,75 @@
+"""How a worker session introduces itself, and what it counts (foundation layer: plait.worker).
+
+:class:`SessionConfig` is the worker's side of ``Hello`` plus its reconnect and close timing;
+protocol timing (heartbeat interval, lease TTL, kill grace) comes from the coordinator's
+``Welcome``. :class:`SessionStats` are the counters a
+:class:`~plait.worker.session.WorkerSession` increments for its caller to export.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from plait import __version__
+from plait.endpoints import parse_targets
+
+__all__ = ["DEFAULT_AGENT", "WORKER_ID_RE", "SessionConfig", "SessionStats"]
+
+WORKER_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+DEFAULT_AGENT = f"plait-python/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """How a worker introduces itself and (re)connects. Timing comes from the coordinator."""
+
+    worker_id: str
+    coordinator: str = "127.0.0.1:7450"
+    """``HOST:PORT`` of the coordinator, or of a leader and its standbys, comma-separated."""
+    slots: int = 0
+    """Total slots; 0 means ``os.cpu_count()``."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    agent: str = DEFAULT_AGENT
+    hostname: str = field(default_factory=socket.gethostname)
+    reconnect_initial: timedelta = timedelta(milliseconds=200)
+    reconnect_max: timedelta = timedelta(seconds=10)
+    welcome_timeout: timedelta = timedelta(seconds=10)
+    """How long to wait for the ``Welcome`` after sending ``Hello``."""
+    close_timeout: timedelta = timedelta(seconds=5)
+    """How long to wait for the coordinator to end the stream after ``Goodbye``."""
+    fence_margin: timedelta | None = None
+    """Extra head start for self-fencing; ``None`` means one heartbeat interval."""
+    max_message_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        if not WORKER_ID_RE.fullmatch(self.worker_id):
+            raise ValueError(
+                f"worker_id {self.worker_id!r} must be 1 to 128 characters of [A-Za-z0-9_.-]"
+            )
+        if self.slots < 0:
+            raise ValueError(f"slots must be >= 1 (or 0 for the CPU count), got {self.slots}")
+        parse_targets(self.coordinator, "coordinator")  # TargetError is a ValueError
+
+    @property
+    def effective_slots(self) -> int:
+        """``slots``, or the CPU count when it is 0."""
+        return self.slots or os.cpu_count() or 1
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Counters a caller may export; the session only increments them."""
+
+    connects: int = 0
+    heartbeats_sent: int = 0
+    results_sent: int = 0
+    results_acked: int = 0
+    results_refused: int = 0
+    over_grants: int = 0
+    self_fenced: int = 0
+    clock_offset_errors: int = 0
