@@ -75,7 +75,7 @@ class CoordinatorServer:
         self.clock = clock or SystemClock()
         self.metrics = CoordinatorMetrics()
         self.tracing = Tracing()
-        self.store = open_store(config.store)
+        self.store = open_store(config.store, lease_ttl=config.lease_ttl)
         self.runtime = Runtime(
             config, self.store, self.clock, self.metrics, self.tracing, on_fatal=self._fatal
         )

@@ -129,7 +129,7 @@ def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: 
     welcome.kill_grace.FromTimedelta(st.config.kill_grace)
     welcome.session_id = session_id
     for r in hello.running:
-        w.free -= max(1, r.slots)
+        w.free -= r.slots  # 0 for a finished attempt whose result is not yet acked
         held = st.leases.get(r.lease_id)
         if (
             held is not None

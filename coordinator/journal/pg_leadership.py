@@ -90,10 +90,14 @@ class PostgresLeadership:
 
     async def _connection(self) -> psycopg.AsyncConnection[TupleRow]:
         if self._conn is None or self._conn.closed:
+            # A lock held by a paused writer must not stall the campaign: give up waiting
+            # after a fraction of the TTL and retry (the writer's own timeouts free it).
+            lock_ms = max(50, int(self.ttl.total_seconds() * 200))
             conn = await psycopg.AsyncConnection.connect(
                 self.url,
                 autocommit=True,
                 connect_timeout=max(2, int(self.ttl.total_seconds())),
+                options=f"-c lock_timeout={lock_ms}",
             )
             try:
                 await ensure_schema(conn)
@@ -131,7 +135,7 @@ class PostgresLeadership:
                     cur = await self._execute(_CAMPAIGN, (self.holder, self.advertise, self.ttl))
                     row = await cur.fetchone()
             except (TimeoutError, psycopg.Error) as e:
-                log.warning("leadership campaign failed, retrying: %s", e)
+                log.warning("leadership campaign failed, retrying: %r", e)
                 row = None
             if row is not None:
                 self._term = int(row[0])

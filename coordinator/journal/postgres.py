@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from typing import Final
 
 import psycopg
@@ -75,8 +76,13 @@ async def ensure_schema(conn: psycopg.AsyncConnection[TupleRow]) -> None:
 class PostgresJournal:
     """A :class:`~plait.coordinator.journal.store.JournalStore` in a PostgreSQL database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, hold_limit: timedelta = timedelta(seconds=10)) -> None:
         self.url = url
+        # No statement or open transaction may outlive this: a writer paused mid-commit
+        # (SIGSTOP, a GC pause) must not keep its row lock on plait_leader, or the election of
+        # its successor would wait for it. Keep it below the leadership TTL.
+        ms = max(100, int(hold_limit.total_seconds() * 1000))
+        self._options = f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
         self._term: int | None = None
         self._writer: psycopg.AsyncConnection[TupleRow] | None = None
         self._reader: psycopg.AsyncConnection[TupleRow] | None = None
@@ -86,8 +92,12 @@ class PostgresJournal:
     async def open(self, term: int) -> JournalHead:
         self._term = term
         try:
-            self._writer = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-            self._reader = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            self._writer = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, options=self._options
+            )
+            self._reader = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, options=self._options
+            )
             await ensure_schema(self._writer)
             return await self._head()
         except BaseException:

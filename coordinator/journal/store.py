@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
 from plait.errors import UnavailableError
@@ -104,8 +105,8 @@ class Leadership(Protocol):
         ...
 
 
-def open_store(url: str) -> JournalStore:
-    """The store a ``--store`` URL names."""
+def open_store(url: str, *, lease_ttl: timedelta = timedelta(seconds=30)) -> JournalStore:
+    """The store a ``--store`` URL names (``lease_ttl`` bounds how long a write may hold locks)."""
     if url.startswith("sqlite:///"):
         from plait.coordinator.journal.sqlite import SqliteJournal
 
@@ -113,5 +114,5 @@ def open_store(url: str) -> JournalStore:
     if url.startswith(("postgresql://", "postgres://")):
         from plait.coordinator.journal.postgres import PostgresJournal
 
-        return PostgresJournal(url)
+        return PostgresJournal(url, hold_limit=lease_ttl / 2)
     raise ValueError(f"unsupported store {url!r}: expected sqlite:///PATH or postgresql://...")

@@ -245,8 +245,9 @@ class LeaseReport(_message.Message):
     fencing_token: _builtins.int
     """The fencing token the lease was granted with."""
     slots: _builtins.int
-    """Slots the attempt occupies (its ActionSpec.slots, at least 1). In Hello.running, the
-    coordinator takes Hello.slots minus the sum of these as the worker's initial credit.
+    """Slots the attempt occupies (its ActionSpec.slots, at least 1 while it runs; 0 once it has
+    finished). In Hello.running, the coordinator takes Hello.slots minus the sum of these as the
+    worker's initial credit.
     """
     def __init__(
         self,
@@ -317,7 +318,11 @@ class Hello(_message.Message):
 
     @_builtins.property
     def running(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]:
-        """Set by the worker: leases it still runs from before a reconnect."""
+        """Set by the worker: leases it still holds from before a reconnect: attempts still running
+        (with their slots) and finished attempts whose results are not yet acked (slots 0). The
+        coordinator re-adopts those whose fencing tokens are current, so a result that was in
+        flight when the stream broke can still commit after the reconnect.
+        """
 
     def __init__(
         self,

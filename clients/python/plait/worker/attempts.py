@@ -138,12 +138,16 @@ class AttemptBook:
     def running_reports(self) -> list[pb.LeaseReport]:
         """A report of every running attempt's lease and token."""
         return [
-            pb.LeaseReport(lease_id=a.lease_id, fencing_token=a.token)
+            pb.LeaseReport(lease_id=a.lease_id, fencing_token=a.token, slots=a.slots)
             for a in self.attempts.values()
         ]
 
     def held_reports(self) -> list[pb.LeaseReport]:
-        """Every lease the worker holds: running attempts, then results not yet acked."""
+        """Every lease the worker holds: running attempts, then results not yet acked.
+
+        Finished ones report 0 slots: they hold none, but their leases must stay granted
+        until the re-sent result is committed (Hello.running after a reconnect).
+        """
         reports = self.running_reports()
         reports += [pb.LeaseReport(lease_id=lid, fencing_token=tok) for lid, tok in self.unacked]
         return reports

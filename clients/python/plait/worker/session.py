@@ -335,7 +335,7 @@ class WorkerSession:
             slots=self._book.slots,
             handlers=self._book.handlers,
             exec_enabled=self._book.runs_exec,
-            running=self._book.running_reports(),
+            running=self._book.held_reports(),
             agent=cfg.agent,
             hostname=cfg.hostname,
         )

@@ -1,0 +1,41 @@
+"""Helpers shared by the coordinator restart and failover system tests.
+
+``marked`` actions record every attempt that ran to completion (``workflow action token`` lines
+in a file), so a test can compare what workers finished with what the journal committed
+(:func:`tests.system.journal_check.check_completed_attempts_committed`); ``health`` asks a
+coordinator's standard gRPC health service whether it serves (the leader) or not (a standby).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from plait.v1 import workflow_pb2 as wf
+from tests.system.harness import command_action
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A completing exec attempt appends "workflow action token" to the file named by argv $1.
+MARK = 'echo "$PLAIT_WORKFLOW_ID $PLAIT_ACTION_ID $PLAIT_FENCING_TOKEN" >> "$1"'
+
+
+def marked(action_id: str, marks: Path, sleep_s: float, needs: Sequence[str] = ()) -> wf.ActionSpec:
+    """An exec action that sleeps, then records its completion (workflow, action, token)."""
+    script = f"sleep {sleep_s}; {MARK}"
+    return command_action(action_id, ["sh", "-c", script, "mark", str(marks)], needs=list(needs))
+
+
+def health(target: str, timeout: float = 1.0) -> int | None:
+    """The coordinator's overall health status, or None when it does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+        return int(reply.status)

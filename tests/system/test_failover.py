@@ -1,0 +1,444 @@
+"""High availability: two coordinators on one PostgreSQL journal, one leader, one standby.
+
+RELIABILITY.md guarantee 7 (with PostgreSQL) and guarantee 5 across failovers:
+
+- only the leader reports health SERVING; a standby refuses RPCs with UNAVAILABLE and the
+  leader's address in a ``google.rpc.ErrorInfo`` (``NOT_LEADER``);
+- when the leader is SIGKILLed, the standby takes over within about one to two lease TTLs,
+  workers and the client (given both addresses) follow it, the workflow completes, and the whole
+  PostgreSQL journal satisfies the invariants of :mod:`tests.system.journal_check`;
+- a standby whose wall clock is 5 minutes behind (``PLAIT_CLOCK_OFFSET=-5m``) still orders every
+  event it writes after its predecessor's (its HLC starts above the journal's stored ceiling);
+- a leader paused (SIGSTOP) past its leadership is deposed — even when the pause catches it
+  inside a journal write whose transaction has locked the leader row — and once resumed it
+  writes nothing more, the journal it left stays as it was, and it stops or turns standby.
+
+Each test gets its own throwaway PostgreSQL server (:mod:`tests.system.pg`, ~1 s to start) and
+the test timing profile (heartbeat 250 ms, lease TTL 2 s, kill grace 250 ms).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+import plait
+from plait.errors import not_leader
+from plait.v1 import workflow_pb2 as wf
+from plait.v1 import workflow_service_pb2 as ws
+from plait.v1 import workflow_service_pb2_grpc as ws_grpc
+from tests import procs
+from tests.system import journal_check, pg
+from tests.system.harness import (
+    Cluster,
+    Daemon,
+    HarnessError,
+    coordinator_argv,
+    daemon_env,
+    describe,
+    wait_for,
+)
+from tests.system.invariants import hlc as invariants_hlc
+from tests.system.invariants import show
+from tests.system.recovery import NOT_SERVING, SERVING, health, marked
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.timeout(90),
+    pytest.mark.usefixtures("workerd_available"),
+]
+
+TTL_S = 2.0
+MINUTE_MS = 60_000
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class HaCluster(Cluster):
+    """Coordinators ``c1``, ``c2``... on one PostgreSQL journal, and workers given them all.
+
+    The PostgreSQL server is our descendant too (we are a subreaper); its process group is
+    left out of the cluster's leak checks, and the ``pg_server`` fixture stops it.
+    """
+
+    dsn: str = ""
+    foreign_pgids: set[int] = field(default_factory=set)
+    addresses: dict[str, str] = field(default_factory=dict)
+    current: str = ""
+
+    # ----- coordinators ----------------------------------------------------------------------
+
+    def start_named(self, name: str, env: dict[str, str] | None = None) -> str:
+        """Starts coordinator ``name`` on a free port; returns once it answers health checks
+        (SERVING as the leader or NOT_SERVING as a standby)."""
+        address = f"127.0.0.1:{pg.free_port()}"
+        argv = coordinator_argv(
+            store=self.dsn,
+            ready_file=self.tmp / f"{name}.ready.json",
+            overrides={"--listen": address},
+        )
+        daemon = Daemon(name, argv, daemon_env(env), self.tmp / f"{name}.log")
+        self.daemons[name] = daemon
+        self.addresses[name] = address
+        daemon.start()
+        self._start_watcher()
+
+        def probe() -> bool:
+            if not daemon.running():
+                raise AssertionError(f"{name} exited:\n{daemon.log_tail()}")
+            return health(address) is not None
+
+        wait_for(f"{name} to answer health checks", probe, timeout=30)
+        return address
+
+    def status(self, name: str) -> int | None:
+        return health(self.addresses[name])
+
+    def wait_leader(self, name: str, timeout: float) -> float:
+        """Waits until ``name`` is SERVING; returns how long that took."""
+        started = time.monotonic()
+        wait_for(f"{name} to lead", lambda: self.status(name) == SERVING, timeout, 0.02)
+        self.current = name
+        self._reset_channel()
+        return time.monotonic() - started
+
+    @property
+    def grpc_target(self) -> str:
+        """What workers and clients are given: every coordinator, comma-separated."""
+        return ",".join(self.addresses.values())
+
+    def _reset_channel(self) -> None:
+        # The harness's raw stubs (ListWorkers, histories) talk to the current leader.
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = grpc.insecure_channel(self.addresses[self.current])
+
+    def client(self) -> plait.Client:
+        return plait.Client(self.grpc_target, timeout=30)
+
+    # ----- the journal ---------------------------------------------------------------------
+
+    def rows(self) -> list[journal_check.Row]:
+        return journal_check.read_postgres(self.dsn)
+
+    def open_transactions(self) -> list[str]:
+        """Other sessions' open transactions (a paused leader's would block elections)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid, state, wait_event_type, wait_event, now() - xact_start,"
+                " left(query, 80) FROM pg_stat_activity"
+                " WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return [" | ".join(map(str, r)) for r in rows]
+
+    def leader_row_lockers(self) -> list[str]:
+        """Other sessions whose open transaction has locked the leader row (FOR SHARE takes a
+        RowShareLock on the table): an election's UPDATE of that row waits for them."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT a.pid, a.state, now() - a.xact_start, left(a.query, 80)"
+                " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                " JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE c.relname = 'plait_leader' AND l.mode = 'RowShareLock' AND l.granted"
+                " AND a.pid <> pg_backend_pid()"
+            ).fetchall()
+        return [" | ".join(map(str, r)) for r in rows]
+
+    def leader_row(self) -> tuple[int, str, str]:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT term, holder, address FROM plait_leader").fetchone()
+        assert row is not None, "no plait_leader row"
+        return int(row[0]), str(row[1]), str(row[2])
+
+    # ----- leak checks: PostgreSQL is not ours to judge ----------------------------------
+
+    def _record_groups(self) -> None:
+        super()._record_groups()
+        self._pgids -= self.foreign_pgids
+
+    def _leftovers(self) -> list[procs.Proc]:
+        return [p for p in super()._leftovers() if p.pgid not in self.foreign_pgids]
+
+    def close(self) -> None:
+        # Workers first, while a coordinator is still up to see them go.
+        for daemon in self.daemons.values():
+            if daemon.name.startswith("w"):
+                daemon.stop()
+        super().close()
+
+
+@pytest.fixture
+def pg_server() -> Iterator[pg.PgServer]:
+    reason = pg.available()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL unavailable: {reason}")
+    server = pg.PgServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        procs.reap_adopted_zombies()
+
+
+@pytest.fixture
+def ha(tmp_path: Path, pg_server: pg.PgServer, coordinator_available: None) -> Iterator[HaCluster]:
+    assert pg_server.pgid is not None
+    cluster = HaCluster(tmp_path, dsn=pg_server.dsn, foreign_pgids={pg_server.pgid})
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def start_pair(ha: HaCluster, c2_env: dict[str, str] | None = None) -> None:
+    """c1 leads, c2 stands by; two workers given both addresses."""
+    ha.start_named("c1")
+    ha.wait_leader("c1", timeout=15)
+    ha.start_named("c2", env=c2_env)
+    assert ha.status("c2") == NOT_SERVING
+    ha.add_worker("w1", slots=4, wait=False)
+    ha.add_worker("w2", slots=4, wait=False)
+    ha.wait_workers(["w1", "w2"])
+
+
+def fanout(marks: Path, width: int, long_s: float, name: str) -> wf.WorkflowSpec:
+    """src -> width short actions and 2 long ones -> end; each records its completion."""
+    actions = [marked("src", marks, 0)]
+    actions += [marked(f"s-{i}", marks, 0.1, ["src"]) for i in range(width)]
+    actions += [marked(f"long-{k}", marks, long_s, ["src"]) for k in range(2)]
+    ends = [f"s-{i}" for i in range(width)] + ["long-0", "long-1"]
+    actions.append(marked("end", marks, 0, ends))
+    return plait_workflow(name, actions)
+
+
+def plait_workflow(name: str, actions: list[wf.ActionSpec]) -> wf.WorkflowSpec:
+    return wf.WorkflowSpec(name=name, actions=actions)
+
+
+def finished_count(rows: list[journal_check.Row]) -> int:
+    return sum(r.type == wf.EVENT_TYPE_ACTION_FINISHED for r in rows)
+
+
+def after(rows: list[journal_check.Row], sequence: int) -> list[wf.HistoryEvent]:
+    return [r.event for r in rows if r.sequence > sequence]
+
+
+def recorded_ms(event: wf.HistoryEvent) -> int:
+    return event.recorded_at.seconds * 1000 + event.recorded_at.nanos // 1_000_000
+
+
+# ----- (d) only the leader serves ---------------------------------------------------------------
+
+
+def test_only_the_leader_serves_and_standby_names_it(ha: HaCluster) -> None:
+    c1 = ha.start_named("c1")
+    ha.wait_leader("c1", timeout=15)
+    c2 = ha.start_named("c2")
+    time.sleep(3 * 0.25)  # a few leadership renewals: the standby stays one
+    assert (ha.status("c1"), ha.status("c2")) == (SERVING, NOT_SERVING)
+    term, _, advertised = ha.leader_row()
+    assert advertised == c1, f"leader row advertises {advertised!r}, c1 listens on {c1}"
+    assert term >= 1
+
+    with grpc.insecure_channel(c2) as channel:
+        stub = ws_grpc.WorkflowServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ListWorkflows(ws.ListWorkflowsRequest(page_size=1), timeout=5)
+    err = raised.value
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err  # type: ignore[attr-defined]
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "the standby's refusal carries no rich status"
+    refusal = not_leader(status)
+    assert refusal is not None, f"no NOT_LEADER ErrorInfo in {status}"
+    assert refusal.leader == c1
+
+    # A client given the standby first still reaches the leader.
+    with plait.Client(f"{c2},{c1}", timeout=10) as client:
+        client.list()
+        assert client.target == c1
+
+
+# ----- (a) SIGKILL the leader mid-workflow ------------------------------------------------------
+
+
+def test_leader_sigkill_standby_takes_over(ha: HaCluster, tmp_path: Path) -> None:
+    start_pair(ha)
+    marks = tmp_path / "marks.txt"
+    spec = fanout(marks, width=40, long_s=4.0, name="failover")
+    with ha.client() as client:
+        workflow_id = client.submit(spec).workflow_id
+        wait_for("some progress", lambda: finished_count(ha.rows()) >= 8, timeout=30)
+        before = ha.rows()
+        killed_at = wall_ms()
+        ha.kill("c1")
+        takeover_s = ha.wait_leader("c2", timeout=6 * TTL_S)
+        first = wait_for(
+            "the new leader's first lease",
+            lambda: next(
+                (
+                    e
+                    for e in after(ha.rows(), before[-1].sequence)
+                    if e.type == wf.EVENT_TYPE_ACTION_LEASED
+                ),
+                None,
+            ),
+            timeout=20,
+        )
+        status = client.wait(workflow_id, timeout=60)
+    print(
+        f"failover: standby SERVING {takeover_s:.2f}s after SIGKILL of the leader;"
+        f" first lease {(recorded_ms(first) - killed_at) / 1000:.2f}s after it"
+    )
+    assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)
+    assert takeover_s <= 2 * TTL_S + 1.0, f"takeover took {takeover_s:.2f}s (TTL {TTL_S}s)"
+    term, _, advertised = ha.leader_row()
+    assert advertised == ha.addresses["c2"] and term >= 2
+
+    rows = ha.rows()
+    assert rows[: len(before)] == before, "rows committed before the failover changed"
+    summary = journal_check.check_journal(rows)
+    assert summary.workflows == 1
+    assert len(summary.committed) == len(spec.actions)
+    journal_check.check_completed_attempts_committed(summary, journal_check.read_marks(marks))
+    lost = [e for e in after(rows, before[-1].sequence) if e.type == wf.EVENT_TYPE_LEASE_LOST]
+    assert not lost, "leases lost although every worker followed the new leader:\n  " + (
+        "\n  ".join(f"{show(e)} {e.message!r}" for e in lost)
+    )
+
+
+# ----- (b) the standby's clock is 5 minutes behind ----------------------------------------------
+
+
+def test_standby_with_clock_behind_keeps_hlc_order(ha: HaCluster, tmp_path: Path) -> None:
+    start_pair(ha, c2_env={"PLAIT_CLOCK_OFFSET": "-5m"})
+    marks = tmp_path / "marks.txt"
+    spec = fanout(marks, width=20, long_s=1.0, name="failover-skew")
+    with ha.client() as client:
+        workflow_id = client.submit(spec).workflow_id
+        wait_for("some progress", lambda: finished_count(ha.rows()) >= 5, timeout=30)
+        before = ha.rows()
+        ha.kill("c1")
+        ha.wait_leader("c2", timeout=6 * TTL_S)
+        status = client.wait(workflow_id, timeout=60)
+    assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)
+
+    rows = ha.rows()
+    journal_check.check_journal(rows)  # I8 across the takeover, among the rest
+    now = wall_ms()
+    # The new leader's events are those stamped by its skewed wall clock (recorded_at); the
+    # old leader may have committed a few more between our snapshot and its death.
+    mine = [e for e in after(rows, before[-1].sequence) if recorded_ms(e) < now - 4 * MINUTE_MS]
+    assert mine, (
+        "no event recorded ~5 minutes in the past: the coordinator ignored"
+        " PLAIT_CLOCK_OFFSET=-5m, so this test did not skew it"
+    )
+    old = [e for e in (r.event for r in rows) if recorded_ms(e) >= now - 4 * MINUTE_MS]
+    assert max(e.sequence for e in old) < mine[0].sequence, "the two leaders' events interleave"
+    # Its HLC continued above its predecessor's last stamp (near real time), never falling
+    # back to its own wall clock.
+    assert invariants_hlc(mine[0]) > max(invariants_hlc(e) for e in old), show(mine[0])
+    for e in mine:
+        assert e.hlc.physical_ms >= recorded_ms(e) + 4 * MINUTE_MS, (
+            f"HLC fell back to the standby's wall clock: {show(e)}"
+        )
+    print(f"skewed standby: {len(mine)} events, all above its predecessor's {len(old)}")
+
+
+# ----- (c) a deposed leader cannot write --------------------------------------------------------
+
+
+def pause_mid_commit(ha: HaCluster, name: str, tries: int = 200) -> list[str]:
+    """SIGSTOPs ``name``, preferably inside a journal write whose transaction has locked the
+    leader row (the hard case: the lock outlives the leadership); returns what it holds."""
+    for _ in range(tries):
+        ha.stop(name)
+        found = ha.leader_row_lockers()
+        if found:
+            return found
+        ha.cont(name)
+        time.sleep(0.01)
+    ha.stop(name)
+    return ha.open_transactions()
+
+
+def test_paused_leader_is_deposed_and_cannot_write(ha: HaCluster, tmp_path: Path) -> None:
+    # The leader's clock is 5 minutes behind: anything it wrote after being deposed would show
+    # (recorded_at minutes behind the new leader's, and an HLC below the journal's head).
+    ha.start_named("c1", env={"PLAIT_CLOCK_OFFSET": "-5m"})
+    ha.wait_leader("c1", timeout=15)
+    ha.start_named("c2")
+    ha.add_worker("w1", slots=4, wait=False)
+    ha.add_worker("w2", slots=4, wait=False)
+    ha.wait_workers(["w1", "w2"])
+    term_before, _, _ = ha.leader_row()
+    marks = tmp_path / "marks.txt"
+    spec = fanout(marks, width=30, long_s=6.0, name="deposed")
+    with ha.client() as client:
+        workflow_id = client.submit(spec).workflow_id
+        wait_for("some progress", lambda: finished_count(ha.rows()) >= 5, timeout=30)
+        at_pause = pause_mid_commit(ha, "c1")
+        paused_at = wall_ms()
+        paused = ha.rows()
+        try:
+            print("open transactions at the pause:", at_pause or "none")
+            try:
+                ha.wait_leader("c2", timeout=6 * TTL_S)
+            except HarnessError as err:
+                raise AssertionError(
+                    f"{err}: the standby could not be elected while the old leader was paused."
+                    f"\nOpen transactions at the pause: {at_pause}"
+                    f"\nnow: {ha.open_transactions()}"
+                ) from None
+            # The new leader commits something of its own before the old one wakes up.
+            wait_for(
+                "the new leader's first commits",
+                lambda: len(after(ha.rows(), paused[-1].sequence)) >= 3,
+                timeout=20,
+            )
+            time.sleep(max(0.0, 2.5 * TTL_S - 0.5))  # paused for well over 2 TTLs
+            resumed = ha.rows()
+        finally:
+            ha.cont("c1")
+        # The old leader wakes with expired leases and dead streams: it must not write.
+        wait_for(
+            "the resumed old leader to step down",
+            lambda: not ha.daemon("c1").running() or ha.status("c1") in (NOT_SERVING, None),
+            timeout=10,
+        )
+        time.sleep(TTL_S)
+        status = client.wait(workflow_id, timeout=60)
+    assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)
+    term, _, advertised = ha.leader_row()
+    assert term > term_before and advertised == ha.addresses["c2"]
+    assert ha.daemon("c2").running() and ha.status("c2") == SERVING
+    old_state = "exited" if not ha.daemon("c1").running() else "standby"
+    print(f"the deposed leader {old_state}; terms {term_before} -> {term}")
+    for line in ha.daemon("c1").log_tail().splitlines():
+        if any(word in line.lower() for word in ("depose", "superseded", "leadership")):
+            print("c1:", line)
+
+    rows = ha.rows()
+    assert rows[: len(resumed)] == resumed, "rows committed before the old leader woke changed"
+    journal_check.check_journal(rows)
+    # The new leader's clock is right; the old one's is 5 minutes behind.
+    stray = [e for e in after(rows, paused[-1].sequence) if recorded_ms(e) < paused_at - MINUTE_MS]
+    assert not stray, "the deposed leader wrote after its successor took over:\n  " + (
+        "\n  ".join(map(show, stray))
+    )
+    if ha.daemon("c1").running():
+        assert ha.status("c1") == NOT_SERVING
