@@ -114,7 +114,8 @@ def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> N
         _end_lease(st, a)
         st.set_state(a, t.READY)
         if typ == E.EVENT_TYPE_LEASE_LOST:
-            a.lease_losses += 1
+            if ev.message != sessions.UNDELIVERED:  # the one loss not charged to the budget
+                a.lease_losses += 1
             st.enqueue(a)
         else:
             a.failures += 1

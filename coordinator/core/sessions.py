@@ -33,6 +33,7 @@ E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slo
 O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
 R = wpb  # CANCEL_REASON_* constants
 OK = status_pb2.Status(code=code_pb2.OK)
+UNDELIVERED = "granted just before a coordinator restart; the worker never had it"
 MAX_OUTPUT_BYTES = 1024 * 1024
 
 
@@ -119,8 +120,15 @@ def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: 
     reported = {r.lease_id: r for r in hello.running}
     if old is not None:
         w.clock_rejections = old.clock_rejections
+        replayed = old.session_id == ""  # known only from the journal: we restarted
         for lease in list(old.leases.values()):
-            if lease.lease_id not in reported:
+            if lease.lease_id in reported:
+                continue
+            if replayed:
+                # Journalled, then the coordinator stopped before (or while) sending it: the
+                # worker never had it. Not the worker's fault, so not charged to the budget.
+                lose_lease(st, lease, UNDELIVERED, out, cancel=False, charge=False)
+            else:
                 lose_lease(st, lease, "worker reconnected without it", out, cancel=False)
     welcome_msg = wpb.ConnectResponse()
     welcome = welcome_msg.welcome
@@ -239,6 +247,7 @@ def lose_lease(
     *,
     cancel: bool,
     restore_credit: bool = False,
+    charge: bool = True,
 ) -> None:
     """A lease is lost: fence the holder, then re-queue the action (or fail it past budget)."""
     drop_lease(st, lease)
@@ -247,13 +256,21 @@ def lose_lease(
         w.free = min(w.slots, w.free + lease.slots)
     if cancel and w.connected:
         out.cancel(w.session_id, lease, R.CANCEL_REASON_SUPERSEDED, reason)
-    requeue_after_loss(st, lease.action, reason, w.worker_id, out)
+    requeue_after_loss(st, lease.action, reason, w.worker_id, out, charge=charge)
 
 
 def requeue_after_loss(
-    st: SchedulerState, a: ActionRecord, reason: str, worker_id: str, out: Outcome
+    st: SchedulerState,
+    a: ActionRecord,
+    reason: str,
+    worker_id: str,
+    out: Outcome,
+    *,
+    charge: bool = True,
 ) -> None:
-    a.lease_losses += 1
+    """Re-queues an action whose lease was lost (charged to its lease-loss budget)."""
+    if charge:
+        a.lease_losses += 1
     out.observe("lease_lost", worker_id=worker_id, detail=reason)
     budget = st.config.lease_loss_budget
     if a.lease_losses > budget:

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 import plait
+from plait.coordinator.core.sessions import UNDELIVERED
 from plait.v1 import workflow_pb2 as wf
 from tests.system import journal_check, pg
 from tests.system.harness import (
@@ -76,10 +77,28 @@ def restart_coordinator(cluster: Cluster) -> float:
 
 
 def no_lease_lost(rows: list[journal_check.Row]) -> None:
-    lost = [r.event for r in rows if r.event.type == wf.EVENT_TYPE_LEASE_LOST]
+    """No lease a worker held was lost, though every worker came back.
+
+    The one loss allowed: a grant journalled just before a crash that never reached its worker
+    (the coordinator sends grants only after their commit). Such a lease has no start report.
+    """
+    started = {
+        (r.event.workflow_id, r.event.action_id, r.event.fencing_token)
+        for r in rows
+        if r.event.type == wf.EVENT_TYPE_ACTION_STARTED
+    }
+    lost = [
+        r.event
+        for r in rows
+        if r.event.type == wf.EVENT_TYPE_LEASE_LOST
+        and (
+            r.event.message != UNDELIVERED
+            or (r.event.workflow_id, r.event.action_id, r.event.fencing_token) in started
+        )
+    ]
     assert not lost, (
         f"{len(lost)} lease(s) lost across restarts although every worker came back:\n  "
-        + ("\n  ".join(map(show, lost[:20])))
+        + ("\n  ".join(f"{show(e)} ({e.message})" for e in lost[:20]))
     )
 
 
