@@ -49,8 +49,25 @@ _SCHEMA: Final = (
         expires_at timestamptz NOT NULL
     )""",
 )
-_COLUMNS: Final = "sequence, workflow_id, hlc_physical, hlc_logical, type, payload"
-_COPY_TYPES: Final = ["int8", "text", "int8", "int4", "int4", "bytea"]
+_FENCED_APPEND: Final = """
+WITH leader AS (SELECT term FROM plait_leader WHERE id = 1 FOR SHARE),
+ok AS (SELECT 1 FROM leader WHERE term = %(term)s),
+events AS (
+    INSERT INTO plait_events (sequence, workflow_id, hlc_physical, hlc_logical, type, payload)
+    SELECT * FROM unnest(%(seq)s::bigint[], %(wf)s::text[], %(phys)s::bigint[],
+                         %(logical)s::int[], %(typ)s::int[], %(payload)s::bytea[])
+    WHERE EXISTS (SELECT 1 FROM ok)
+    RETURNING 1
+),
+ceiling AS (
+    INSERT INTO plait_meta (key, value)
+    SELECT 'hlc_ceiling_ms', %(ceiling)s::text
+    WHERE %(ceiling)s::text IS NOT NULL AND EXISTS (SELECT 1 FROM ok)
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value
+    RETURNING 1
+)
+SELECT (SELECT term FROM leader), (SELECT count(*) FROM events), (SELECT count(*) FROM ceiling)
+"""
 # The head survives pruning the newest events: prune records it here first.
 _PRUNED_HEAD: Final = "pruned_head"
 _CEILING: Final = "hlc_ceiling_ms"
@@ -64,6 +81,14 @@ async def ensure_schema(conn: psycopg.AsyncConnection[TupleRow]) -> None:
     """Creates every Plait table if missing; safe when several coordinators start at once."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+        cur = await conn.execute(
+            "SELECT to_regclass('plait_events') IS NOT NULL"
+            " AND to_regclass('plait_events_by_workflow') IS NOT NULL"
+            " AND to_regclass('plait_meta') IS NOT NULL AND to_regclass('plait_leader') IS NOT NULL"
+        )
+        found = await cur.fetchone()
+        if found is not None and found[0]:
+            return  # no DDL: it would queue behind any lock a paused writer holds
         for statement in _SCHEMA:
             await conn.execute(statement)
         await conn.execute(
@@ -161,18 +186,26 @@ class PostgresJournal:
             )
             for e in events
         ]
-        conn = self._conn()
-        async with self._write_lock, conn.transaction(), conn.cursor() as cur:
-            await self._check_term(cur, "write")
-            if rows:
-                async with cur.copy(
-                    f"COPY plait_events ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-                ) as cp:
-                    cp.set_types(_COPY_TYPES)
-                    for row in rows:
-                        await cp.write_row(row)
-            if hlc_ceiling_ms is not None:
-                await cur.execute(_UPSERT_META, (_CEILING, str(hlc_ceiling_ms)))
+        # ONE statement in autocommit: the term check, the inserts and the ceiling commit or
+        # fail together, and no lock is ever held while the server waits on this client (a
+        # COPY, or a transaction spanning several statements, would keep the leader row locked
+        # through a SIGSTOP or a GC pause and stall the election of a successor).
+        params = {
+            "term": self._term,
+            "seq": [r[0] for r in rows],
+            "wf": [r[1] for r in rows],
+            "phys": [r[2] for r in rows],
+            "logical": [r[3] for r in rows],
+            "typ": [r[4] for r in rows],
+            "payload": [r[5] for r in rows],
+            "ceiling": None if hlc_ceiling_ms is None else str(hlc_ceiling_ms),
+        }
+        async with self._write_lock, self._conn().cursor() as cur:
+            await cur.execute(_FENCED_APPEND, params)
+            row = await cur.fetchone()
+        if row is None or row[0] is None or int(row[0]) != self._term:
+            current = int(row[0]) if row and row[0] is not None else 0
+            raise DeposedError(f"journal write refused: term {self._term} superseded by {current}")
 
     async def read(
         self, workflow_id: str, after_sequence: int = 0, limit: int = 10_000
