@@ -275,7 +275,9 @@ class Runtime:
                             self._durable_cond.notify_all()
                 self._deliver(out)
                 if now >= self._next_retention:
-                    self._next_retention = now + _RETENTION_EVERY
+                    self._next_retention = now + min(
+                        _RETENTION_EVERY, self.config.retention.total_seconds() / 10
+                    )
                     self._retire()
                 if self._stopping and not self._inbox:
                     return

@@ -114,3 +114,47 @@ async def test_standby_refuses_worker_streams_naming_the_leader(tmp_path: Path) 
     finally:
         await standby.stop(0)
         await leader.stop(0)
+
+
+async def test_finished_workflows_are_pruned_after_retention(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from tests.integration.protocol_worker import ProtocolWorker
+
+    cfg = config(tmp_path)
+    server = CoordinatorServer(
+        CoordinatorConfig(
+            listen=cfg.listen,
+            store=cfg.store,
+            metrics_listen=None,
+            retention=timedelta(milliseconds=500),
+        )
+    )
+    await server.start()
+    target = f"127.0.0.1:{server.port}"
+    worker = ProtocolWorker(target, "w1", slots=1)
+    try:
+        await worker.connect()
+        spec = pb.WorkflowSpec(name="short-lived")
+        spec.actions.add(id="a", handler="noop")
+        done_id, _ = await submit(target, spec, key="gone")
+        (lease,) = await worker.grants(1)
+        worker.finish(lease)
+        kept = pb.WorkflowSpec(name="still-running")
+        kept.actions.add(id="b", handler="other")  # nobody serves it: stays READY
+        kept_id, _ = await submit(target, kept)
+        for _ in range(60):
+            if done_id not in server.runtime.state.workflows:
+                break
+            await asyncio.sleep(0.1)
+        assert done_id not in server.runtime.state.workflows
+        for _ in range(30):
+            if not await server.store.read(done_id):
+                break
+            await asyncio.sleep(0.1)
+        assert await server.store.read(done_id) == []
+        assert (await get(target, kept_id)).state == pb.WORKFLOW_STATE_RUNNING
+        assert await server.store.read(kept_id)
+    finally:
+        await worker.close()
+        await server.stop(0)
