@@ -126,6 +126,7 @@ class ConnectRequest(_message.Message):
     ACTION_STARTED_FIELD_NUMBER: _builtins.int
     ACTION_FINISHED_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
+    ACTION_PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """Set by the worker: its HLC reading when it sent the message."""
@@ -154,6 +155,10 @@ class ConnectRequest(_message.Message):
     def goodbye(self) -> Global___Goodbye:
         """The worker is leaving: stop granting; it will finish or cancel what it holds."""
 
+    @_builtins.property
+    def action_progress(self) -> Global___ActionProgress:
+        """Progress reports of running attempts (handlers calling heartbeat(details))."""
+
     def __init__(
         self,
         *,
@@ -164,16 +169,71 @@ class ConnectRequest(_message.Message):
         action_started: Global___ActionStarted | None = ...,
         action_finished: Global___ActionFinished | None = ...,
         goodbye: Global___Goodbye | None = ...,
+        action_progress: Global___ActionProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_progress", b"action_progress", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_progress", b"action_progress", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "action_started", "action_finished", "goodbye"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "action_started", "action_finished", "goodbye", "action_progress"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class LeaseProgress(_message.Message):
+    """LeaseProgress is one attempt's progress report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    DETAILS_JSON_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """Set by the worker: the lease."""
+    fencing_token: _builtins.int
+    """Set by the worker: its fencing token."""
+    details_json: _builtins.str
+    """Set by the worker: free-form progress details, a JSON value (bounded, 64 KiB)."""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        details_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details_json", b"details_json", "fencing_token", b"fencing_token", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseProgress: _TypeAlias = LeaseProgress  # noqa: Y015
+
+@_typing.final
+class ActionProgress(_message.Message):
+    """ActionProgress reports attempts that made progress; it resets their heartbeat_timeout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseProgress]:
+        """Set by the worker: one entry per attempt."""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[Global___LeaseProgress] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionProgress: _TypeAlias = ActionProgress  # noqa: Y015
 
 @_typing.final
 class ConnectResponse(_message.Message):
@@ -290,6 +350,26 @@ class Hello(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ResourcesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
@@ -298,6 +378,7 @@ class Hello(_message.Message):
     RUNNING_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Set by the worker: stable name, unique among connected workers (1 to 128 of [A-Za-z0-9_.-])."""
     slots: _builtins.int
@@ -324,6 +405,12 @@ class Hello(_message.Message):
         flight when the stream broke can still commit after the reconnect.
         """
 
+    @_builtins.property
+    def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Set by the worker: resources it offers (e.g. {"cpu": 8, "memory_mb": 32000, "gpu": 2});
+        matched against ActionSpec.resources. Unset resources are treated as 0.
+        """
+
     def __init__(
         self,
         *,
@@ -335,10 +422,11 @@ class Hello(_message.Message):
         running: _abc.Iterable[Global___LeaseReport] | None = ...,
         agent: _builtins.str = ...,
         hostname: _builtins.str = ...,
+        resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "exec_enabled", b"exec_enabled", "handlers", b"handlers", "hostname", b"hostname", "labels", b"labels", "running", b"running", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "exec_enabled", b"exec_enabled", "handlers", b"handlers", "hostname", b"hostname", "labels", b"labels", "resources", b"resources", "running", b"running", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

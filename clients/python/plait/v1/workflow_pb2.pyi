@@ -90,6 +90,10 @@ class _WorkflowStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Workflo
     """Terminal: at least one action failed, timed out or was skipped; WorkflowStatus names them."""
     WORKFLOW_STATE_CANCELLED: _WorkflowState.ValueType  # 4
     """Terminal: cancelled by a user."""
+    WORKFLOW_STATE_PARTIALLY_SUCCEEDED: _WorkflowState.ValueType  # 5
+    """Terminal: every sink action (one nothing depends on) succeeded, but some actions failed,
+    timed out or were skipped where a join (any, at_least) tolerated it; `reason` names them.
+    """
 
 class WorkflowState(_WorkflowState, metaclass=_WorkflowStateEnumTypeWrapper):
     """WorkflowState is the state of a whole workflow."""
@@ -103,7 +107,39 @@ WORKFLOW_STATE_FAILED: WorkflowState.ValueType  # 3
 """Terminal: at least one action failed, timed out or was skipped; WorkflowStatus names them."""
 WORKFLOW_STATE_CANCELLED: WorkflowState.ValueType  # 4
 """Terminal: cancelled by a user."""
+WORKFLOW_STATE_PARTIALLY_SUCCEEDED: WorkflowState.ValueType  # 5
+"""Terminal: every sink action (one nothing depends on) succeeded, but some actions failed,
+timed out or were skipped where a join (any, at_least) tolerated it; `reason` names them.
+"""
 Global___WorkflowState: _TypeAlias = WorkflowState  # noqa: Y015
+
+class _JoinKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JoinKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JoinKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOIN_KIND_UNSPECIFIED: _JoinKind.ValueType  # 0
+    """Same as JOIN_KIND_ALL."""
+    JOIN_KIND_ALL: _JoinKind.ValueType  # 1
+    """Every need must succeed; a failed need skips this action."""
+    JOIN_KIND_ANY: _JoinKind.ValueType  # 2
+    """The first need to succeed is enough; the action runs once one has."""
+    JOIN_KIND_AT_LEAST: _JoinKind.ValueType  # 3
+    """At least `at_least_count` (or `at_least_fraction` of the needs) must succeed."""
+
+class JoinKind(_JoinKind, metaclass=_JoinKindEnumTypeWrapper):
+    """JoinKind says when an action with several needs may run."""
+
+JOIN_KIND_UNSPECIFIED: JoinKind.ValueType  # 0
+"""Same as JOIN_KIND_ALL."""
+JOIN_KIND_ALL: JoinKind.ValueType  # 1
+"""Every need must succeed; a failed need skips this action."""
+JOIN_KIND_ANY: JoinKind.ValueType  # 2
+"""The first need to succeed is enough; the action runs once one has."""
+JOIN_KIND_AT_LEAST: JoinKind.ValueType  # 3
+"""At least `at_least_count` (or `at_least_fraction` of the needs) must succeed."""
+Global___JoinKind: _TypeAlias = JoinKind  # noqa: Y015
 
 class _EventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -138,6 +174,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A result carrying a superseded fencing token was refused."""
     EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED: _EventType.ValueType  # 11
     """A user asked for the workflow to be cancelled."""
+    EVENT_TYPE_ACTION_MAPPED: _EventType.ValueType  # 13
+    """A map action's list was read: `spec.actions` holds the children created."""
     EVENT_TYPE_WORKFLOW_FINISHED: _EventType.ValueType  # 12
     """The workflow reached a terminal state (`workflow_state`)."""
 
@@ -171,9 +209,118 @@ EVENT_TYPE_STALE_RESULT_REFUSED: EventType.ValueType  # 10
 """A result carrying a superseded fencing token was refused."""
 EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED: EventType.ValueType  # 11
 """A user asked for the workflow to be cancelled."""
+EVENT_TYPE_ACTION_MAPPED: EventType.ValueType  # 13
+"""A map action's list was read: `spec.actions` holds the children created."""
 EVENT_TYPE_WORKFLOW_FINISHED: EventType.ValueType  # 12
 """The workflow reached a terminal state (`workflow_state`)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+@_typing.final
+class JoinPolicy(_message.Message):
+    """JoinPolicy is how an action joins its needs. Whatever the policy, the action receives every
+    need's outcome (state, outputs, error) in its inputs, so partial success is explicit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    AT_LEAST_COUNT_FIELD_NUMBER: _builtins.int
+    AT_LEAST_FRACTION_FIELD_NUMBER: _builtins.int
+    CANCEL_REMAINING_FIELD_NUMBER: _builtins.int
+    kind: Global___JoinKind.ValueType
+    """Set by the submitter: the kind of join."""
+    at_least_count: _builtins.int
+    """Set by the submitter: for JOIN_KIND_AT_LEAST, how many needs must succeed (1..N)."""
+    at_least_fraction: _builtins.float
+    """Set by the submitter: for JOIN_KIND_AT_LEAST, the fraction of needs that must succeed,
+    (0, 1]; rounded up. Exactly one of at_least_count and at_least_fraction is set.
+    """
+    cancel_remaining: _builtins.bool
+    """Set by the submitter: once the join is met, cancel needs still pending or running."""
+    def __init__(
+        self,
+        *,
+        kind: Global___JoinKind.ValueType = ...,
+        at_least_count: _builtins.int = ...,
+        at_least_fraction: _builtins.float = ...,
+        cancel_remaining: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_least_count", b"at_least_count", "at_least_fraction", b"at_least_fraction", "cancel_remaining", b"cancel_remaining", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinPolicy: _TypeAlias = JoinPolicy  # noqa: Y015
+
+@_typing.final
+class MapSpec(_message.Message):
+    """MapSpec makes one child action per item of a list an upstream action produced (dynamic
+    fan-out). Children are named `<id>.<index>` and run the action's exec/handler with `item` in
+    their inputs (and `{{ item }}` expanded in argv). The mapping action itself succeeds when its
+    children's join is met; its outputs are `{"items": [<each child's outputs or null>]}`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OVER_FIELD_NUMBER: _builtins.int
+    MAX_PARALLEL_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    over: _builtins.str
+    """Set by the submitter: `<need id>.<dot.path>` into that need's outputs, naming a JSON list."""
+    max_parallel: _builtins.int
+    """Set by the submitter: at most this many children run at once (0: no limit)."""
+    max_items: _builtins.int
+    """Set by the submitter: refuse lists longer than this (0: the coordinator's max_actions)."""
+    def __init__(
+        self,
+        *,
+        over: _builtins.str = ...,
+        max_parallel: _builtins.int = ...,
+        max_items: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_items", b"max_items", "max_parallel", b"max_parallel", "over", b"over"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MapSpec: _TypeAlias = MapSpec  # noqa: Y015
+
+@_typing.final
+class SemaphoreRequest(_message.Message):
+    """SemaphoreRequest takes permits of a named semaphore shared across workflows. Every
+    semaphore an action names is acquired at once at dispatch, or none is (no hold-and-wait, so
+    no deadlock). A lock is a semaphore of capacity 1.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PERMITS_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Set by the submitter: the semaphore's name (1 to 128 of [A-Za-z0-9_.-])."""
+    permits: _builtins.int
+    """Set by the submitter: permits this action holds while it runs (default 1)."""
+    capacity: _builtins.int
+    """Set by the submitter: the semaphore's capacity (default 1). Actions that disagree on the
+    capacity of one name get the smallest.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        permits: _builtins.int = ...,
+        capacity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "name", b"name", "permits", b"permits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SemaphoreRequest: _TypeAlias = SemaphoreRequest  # noqa: Y015
 
 @_typing.final
 class RetryPolicy(_message.Message):
@@ -301,6 +448,26 @@ class ActionSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ResourcesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NEEDS_FIELD_NUMBER: _builtins.int
     EXEC_FIELD_NUMBER: _builtins.int
@@ -311,6 +478,13 @@ class ActionSpec(_message.Message):
     RETRY_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
+    MAP_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    SEMAPHORES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Set by the submitter: unique in the workflow; 1 to 128 characters of [A-Za-z0-9_.-],
     starting with a letter or digit.
@@ -321,6 +495,8 @@ class ActionSpec(_message.Message):
     """Set by the submitter: static input, a JSON value, passed to the action as `input`."""
     slots: _builtins.int
     """Set by the submitter: worker slots the action occupies, default 1."""
+    priority: _builtins.int
+    """Set by the submitter: higher runs first among ready actions of all workflows (default 0)."""
     @_builtins.property
     def needs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Set by the submitter: ids of the actions this one needs (edges of the DAG)."""
@@ -347,6 +523,36 @@ class ActionSpec(_message.Message):
     def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Set by the submitter: labels a worker must carry (exact match) to be leased this action."""
 
+    @_builtins.property
+    def join(self) -> Global___JoinPolicy:
+        """Set by the submitter: how this action joins its needs (default: all)."""
+
+    @_builtins.property
+    def map(self) -> Global___MapSpec:
+        """Set by the submitter: dynamic fan-out over an upstream list."""
+
+    @_builtins.property
+    def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Set by the submitter: resources the action needs on its worker (e.g. {"cpu": 2,
+        "memory_mb": 4096, "gpu": 1}); a worker is leased it only if it has them free.
+        """
+
+    @_builtins.property
+    def queue_timeout(self) -> _duration_pb2.Duration:
+        """Set by the submitter: fail (TIMED_OUT) if not started within this long of becoming ready
+        (schedule-to-start), e.g. because no connected worker can run it.
+        """
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """Set by the submitter: for handlers that report progress (ActionProgress), fail the attempt
+        when no progress arrives for this long.
+        """
+
+    @_builtins.property
+    def semaphores(self) -> _containers.RepeatedCompositeFieldContainer[Global___SemaphoreRequest]:
+        """Set by the submitter: named semaphores to hold while running (acquired all at once)."""
+
     def __init__(
         self,
         *,
@@ -360,10 +566,17 @@ class ActionSpec(_message.Message):
         retry: Global___RetryPolicy | None = ...,
         slots: _builtins.int = ...,
         selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        join: Global___JoinPolicy | None = ...,
+        map: Global___MapSpec | None = ...,
+        resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        queue_timeout: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        priority: _builtins.int = ...,
+        semaphores: _abc.Iterable[Global___SemaphoreRequest] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "kind", b"kind", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "join", b"join", "kind", b"kind", "map", b"map", "queue_timeout", b"queue_timeout", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "id", b"id", "input_json", b"input_json", "kind", b"kind", "needs", b"needs", "retry", b"retry", "selector", b"selector", "slots", b"slots", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input_json", b"input_json", "join", b"join", "kind", b"kind", "map", b"map", "needs", b"needs", "priority", b"priority", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "selector", b"selector", "semaphores", b"semaphores", "slots", b"slots", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["exec", "handler"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -431,8 +644,20 @@ class WorkflowSpec(_message.Message):
     ACTIONS_FIELD_NUMBER: _builtins.int
     DEFAULTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    FAIL_FAST_FIELD_NUMBER: _builtins.int
+    MAX_PARALLEL_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Set by the submitter: a human name, not unique; 1 to 128 characters."""
+    fail_fast: _builtins.bool
+    """Set by the submitter: when an action fails (and its retries are spent), cancel every
+    running action and skip the rest: the workflow ends FAILED at once.
+    """
+    max_parallel: _builtins.int
+    """Set by the submitter: at most this many of the workflow's actions run at once (0: no cap)."""
+    priority: _builtins.int
+    """Set by the submitter: default priority of its actions."""
     @_builtins.property
     def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActionSpec]:
         """Set by the submitter: the actions; at least one."""
@@ -445,6 +670,12 @@ class WorkflowSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Set by the submitter: free-form labels shown in listings."""
 
+    @_builtins.property
+    def deadline(self) -> _duration_pb2.Duration:
+        """Set by the submitter: the whole workflow must end within this long of submission, judged on
+        the coordinator's monotonic clock; then what is left is cancelled and it ends FAILED.
+        """
+
     def __init__(
         self,
         *,
@@ -452,10 +683,14 @@ class WorkflowSpec(_message.Message):
         actions: _abc.Iterable[Global___ActionSpec] | None = ...,
         defaults: Global___ActionDefaults | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        fail_fast: _builtins.bool = ...,
+        max_parallel: _builtins.int = ...,
+        deadline: _duration_pb2.Duration | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "defaults", b"defaults"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "defaults", b"defaults", "labels", b"labels", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "deadline", b"deadline", "defaults", b"defaults", "fail_fast", b"fail_fast", "labels", b"labels", "max_parallel", b"max_parallel", "name", b"name", "priority", b"priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,6 +712,7 @@ class ActionStatus(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     LEASE_LOSSES_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     """The action's id."""
     state: Global___ActionState.ValueType
@@ -495,6 +731,8 @@ class ActionStatus(_message.Message):
     """Human-readable reason for the current state (for example why it is still pending)."""
     lease_losses: _builtins.int
     """Times the action's lease was lost (worker died, partitioned, or stopped reporting it)."""
+    parent_id: _builtins.str
+    """For a child of a map: the mapping action's id."""
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Why the action failed, was skipped, cancelled or timed out."""
@@ -512,10 +750,11 @@ class ActionStatus(_message.Message):
         exit_code: _builtins.int = ...,
         reason: _builtins.str = ...,
         lease_losses: _builtins.int = ...,
+        parent_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "attempt", b"attempt", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "lease_losses", b"lease_losses", "outputs_json", b"outputs_json", "reason", b"reason", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "attempt", b"attempt", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "lease_losses", b"lease_losses", "outputs_json", b"outputs_json", "parent_id", b"parent_id", "reason", b"reason", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
