@@ -31,7 +31,8 @@ class ActionRecord:
     token: int = 0  # highest fencing token granted; only grows
     failures: int = 0  # failed attempts (the retry budget)
     lease_losses: int = 0  # lost leases (their own budget)
-    unmet: int = 0  # needs not yet succeeded
+    unmet: int = 0  # needs (or map children) not yet succeeded
+    failed_needs: int = 0  # needs (or map children) that ended without success
     needs: list[ActionRecord] = field(default_factory=list)
     dependents: list[ActionRecord] = field(default_factory=list)
     lease: LeaseRecord | None = None
@@ -43,6 +44,11 @@ class ActionRecord:
     reason: str = ""
     slots: int = 1
     not_before: float = 0.0  # monotonic; retry backoff
+    parent: ActionRecord | None = None  # the map action that made this child
+    children: list[ActionRecord] | None = None  # a map action's children, once expanded
+    running_children: int = 0  # a map action's children holding leases
+    item_json: str = ""  # a map child's item
+    priority: int = 0
 
     @property
     def id(self) -> str:
@@ -67,6 +73,8 @@ class WorkflowRecord:
     state: int = RUNNING_WF
     remaining: int = 0  # actions not yet terminal
     cancel_requested: bool = False
+    failing: str = ""  # why the workflow is being ended early (fail_fast, deadline)
+    leased: int = 0  # actions of this workflow holding leases (max_parallel)
     finished_wall_ms: int = 0
     finished_hlc: HlcTimestamp = ZERO
     reason: str = ""
@@ -85,6 +93,7 @@ class LeaseRecord:
     granted_at: float  # coordinator monotonic
     slots: int
     started: bool = False
+    last_progress: float = 0.0  # coordinator monotonic time of the last progress report
 
 
 @dataclass(slots=True, eq=False)
@@ -103,6 +112,8 @@ class WorkerRecord:
     last_renewed: float  # monotonic: last heartbeat (renews every lease)
     last_seen: float
     leases: dict[str, LeaseRecord] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)  # offered
+    used: dict[str, float] = field(default_factory=dict)  # held by its leases
     connected: bool = True
     draining: bool = False
     said_goodbye: bool = False

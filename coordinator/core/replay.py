@@ -15,9 +15,10 @@ deliberate differences:
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Iterable
 
-from plait.coordinator.core import sessions
+from plait.coordinator.core import joins, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import Instant
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
@@ -110,6 +111,10 @@ def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> N
     elif typ == E.EVENT_TYPE_ACTION_READY:
         st.set_state(a, t.READY)
         st.enqueue(a)
+    elif typ == E.EVENT_TYPE_ACTION_MAPPED:
+        st.set_state(a, t.RUNNING)
+        items = json.loads(ev.outputs_json or "[]")
+        joins.make_children(st, a, [json.dumps(i, separators=(",", ":")) for i in items])
     elif typ in (E.EVENT_TYPE_LEASE_LOST, E.EVENT_TYPE_ACTION_RETRY_SCHEDULED):
         _end_lease(st, a)
         st.set_state(a, t.READY)
@@ -148,3 +153,6 @@ def _apply_end(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> None
         a.outputs_json = ev.outputs_json
         for d in a.dependents:
             d.unmet -= 1
+    else:
+        for d in a.dependents:
+            d.failed_needs += 1

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from google.protobuf import duration_pb2
-from google.rpc import code_pb2, status_pb2
+from google.rpc import status_pb2
 
-from plait.coordinator.core import sessions
+from plait.coordinator.core import joins, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
@@ -91,8 +91,10 @@ class SchedulerState:
         hlc_floor: HlcTimestamp = ZERO,
         last_sequence: int = 0,
         rng: random.Random | None = None,
+        max_map_items: int = 100_000,
     ) -> None:
         self.config = config
+        self.max_map_items = max_map_items
         self.ttl = config.lease_ttl.total_seconds()
         self._clock = _EventClock()
         self.hlc = HybridLogicalClock(self._clock, max_clock_offset_ms, floor=hlc_floor)
@@ -259,27 +261,10 @@ class SchedulerState:
         if wf.state == W.WORKFLOW_STATE_RUNNING and not wf.cancel_requested:
             wf.cancel_requested = True
             self.record(wf, E.EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED, message=s.reason)
-            error = status_pb2.Status(code=code_pb2.CANCELLED, message=s.reason or "cancelled")
+            why = s.reason or "workflow cancelled"
             for a in list(wf.actions.values()):
-                if a.state in t.TERMINAL:
-                    continue
-                if a.lease is not None:
-                    lease = a.lease
-                    sessions.drop_lease(self, lease)
-                    if lease.worker.connected:
-                        out.cancel(
-                            lease.worker.session_id,
-                            lease,
-                            wpb.CancelReason.CANCEL_REASON_USER,
-                            s.reason or "cancelled",
-                        )
-                self.finish_action(
-                    a,
-                    t.CANCELLED,
-                    E.EVENT_TYPE_ACTION_CANCELLED,
-                    error=error,
-                    reason=s.reason or "workflow cancelled",
-                )
+                if a.state not in t.TERMINAL:
+                    joins.end_early(self, a, why, wpb.CANCEL_REASON_USER)
         out.reply(s.reply, wf.state)
 
     def finish_action(
@@ -293,30 +278,15 @@ class SchedulerState:
         **fields: object,
     ) -> None:
         """Moves an action to a terminal state, propagates to dependents, maybe ends the flow."""
-        self._terminal(a, state, type_, error, reason, fields)
+        self.terminal(a, state, type_, error, reason, fields)
         wf = a.workflow
-        if state == t.SUCCEEDED:
-            for d in a.dependents:
-                d.unmet -= 1
-                if d.unmet == 0 and d.state == t.PENDING:
-                    self.make_ready(d, E.EVENT_TYPE_ACTION_READY)
-        elif not wf.cancel_requested:  # on cancel, the cancel itself ends every action
-            # Under the default join (all), nothing downstream can run: skip it, iteratively
-            # (a chain may be thousands deep).
-            stack = [a]
-            while stack:
-                x = stack.pop()
-                ended = STATE_NAME[x.state].removeprefix("ACTION_STATE_")
-                why = f"needs {x.spec.id!r}, which ended {ended}"
-                skip = status_pb2.Status(code=code_pb2.ABORTED, message=why)
-                for d in x.dependents:
-                    if d.state == t.PENDING:
-                        self._terminal(d, t.SKIPPED, E.EVENT_TYPE_ACTION_SKIPPED, skip, why, {})
-                        stack.append(d)
-        if wf.remaining == 0:
+        joins.propagate(self, a)
+        if state in (t.FAILED, t.TIMED_OUT) and wf.spec.fail_fast and a.parent is None:
+            joins.fail_fast(self, wf, a)
+        if wf.remaining == 0 and wf.state == W.WORKFLOW_STATE_RUNNING:
             self.finish_workflow(wf)
 
-    def _terminal(
+    def terminal(
         self,
         a: ActionRecord,
         state: int,
@@ -325,6 +295,7 @@ class SchedulerState:
         reason: str,
         fields: dict[str, object],
     ) -> None:
+        """Records an action's terminal state (no propagation)."""
         self.set_state(a, state)
         a.error = error
         a.reason = reason
@@ -334,19 +305,29 @@ class SchedulerState:
         a.workflow.remaining -= 1
 
     def finish_workflow(self, wf: WorkflowRecord) -> None:
+        """Ends a workflow whose actions all ended: the verdict names every one that failed."""
         bad = [a for a in wf.actions.values() if a.state != t.SUCCEEDED]
+        listed = "; ".join(
+            f"{a.spec.id} {STATE_NAME[a.state].removeprefix('ACTION_STATE_')}"
+            + (f": {a.reason}" if a.reason else "")
+            for a in bad
+            if a.parent is None or a.state != t.CANCELLED
+        )
+        sinks_ok = all(a.state == t.SUCCEEDED for a in wf.actions.values() if not a.dependents)
         if wf.cancel_requested:
             wf.state = W.WORKFLOW_STATE_CANCELLED
-            wf.reason = "cancelled"
-        elif bad:
+            wf.reason = "cancelled" + (f"; {listed}" if listed else "")
+        elif wf.failing:
             wf.state = W.WORKFLOW_STATE_FAILED
-            wf.reason = "; ".join(
-                f"{a.spec.id} {STATE_NAME[a.state].removeprefix('ACTION_STATE_')}"
-                + (f": {a.reason}" if a.reason else "")
-                for a in bad
-            )
-        else:
+            wf.reason = f"{wf.failing}; {listed}"
+        elif not bad:
             wf.state = W.WORKFLOW_STATE_SUCCEEDED
+        elif sinks_ok:
+            wf.state = W.WORKFLOW_STATE_PARTIALLY_SUCCEEDED
+            wf.reason = "tolerated by joins: " + listed
+        else:
+            wf.state = W.WORKFLOW_STATE_FAILED
+            wf.reason = listed
         ev = self.record(
             wf, E.EVENT_TYPE_WORKFLOW_FINISHED, workflow_state=wf.state, message=wf.reason
         )
@@ -462,13 +443,17 @@ class SchedulerState:
         return not sel or all(w.labels.get(k) == v for k, v in sel.items())
 
     def inputs_json(self, a: ActionRecord) -> str:
-        """``{"input": ..., "needs": {id: {"state": ..., "outputs": ...}}}`` without re-parsing."""
-        parts = [
-            f'"{n.spec.id}":{{"state":"{STATE_NAME[n.state]}","outputs":{n.outputs_json or "{}"}}}'
-            for n in a.needs
-        ]
-        return f'{{"input":{a.spec.input_json or "null"},"needs":{{{",".join(parts)}}}}}'
+        """``{"input": …, ["item": …,] "needs": {id: {"state", "outputs"[, "error"]}}}``.
 
-    @staticmethod
-    def dumps(value: object) -> str:
-        return json.dumps(value, separators=(",", ":"))
+        Built by concatenation (every piece is already JSON) so the hot path parses nothing.
+        Every need appears, whatever its state: a join sees partial success explicitly.
+        """
+        parts = []
+        for n in a.needs:
+            err = f',"error":{json.dumps(n.error.message)}' if n.error is not None else ""
+            parts.append(
+                f'"{n.spec.id}":{{"state":"{STATE_NAME[n.state]}",'
+                f'"outputs":{n.outputs_json or "{}"}{err}}}'
+            )
+        item = f',"item":{a.item_json}' if a.parent is not None else ""
+        return f'{{"input":{a.spec.input_json or "null"}{item},"needs":{{{",".join(parts)}}}}}'

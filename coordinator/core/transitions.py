@@ -26,10 +26,12 @@ TERMINAL: frozenset[int] = frozenset({SUCCEEDED, FAILED, CANCELLED, SKIPPED, TIM
 TRANSITIONS: dict[tuple[int, int], str] = {
     (PENDING, READY): "every need succeeded",
     (PENDING, SKIPPED): "a need did not succeed, so the join can never be met",
-    (PENDING, CANCELLED): "workflow cancelled",
+    (PENDING, CANCELLED): "workflow cancelled, or cancelled once a dependent's join was met",
+    (PENDING, RUNNING): "a map action's list arrived: it runs as its children",
     (READY, LEASED): "granted to a worker with free slots",
     (READY, CANCELLED): "workflow cancelled",
     (READY, FAILED): "no attempt can be made (lease-loss budget spent while waiting)",
+    (READY, TIMED_OUT): "queue timeout: not started in time (no worker could run it)",
     (LEASED, RUNNING): "the worker reported the start",
     (LEASED, SUCCEEDED): "result arrived before (or instead of) the start report",
     (LEASED, FAILED): "result arrived before the start report",
@@ -41,6 +43,7 @@ TRANSITIONS: dict[tuple[int, int], str] = {
     (RUNNING, TIMED_OUT): "the last allowed attempt ran past its timeout",
     (RUNNING, READY): "lease lost, or retry after failure",
     (RUNNING, CANCELLED): "workflow cancelled",
+    (PENDING, FAILED): "a map action's list could not be read",
 }
 
 

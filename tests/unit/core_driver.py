@@ -161,6 +161,8 @@ def snapshot(st: SchedulerState) -> dict[str, object]:
                 a.committed_token,
                 a.outputs_json,
                 a.unmet,
+                a.failed_needs,
+                a.item_json,
                 a.lease.lease_id if a.lease else None,
             )
     return out

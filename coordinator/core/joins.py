@@ -1,0 +1,249 @@
+"""Joins, failure propagation, map fan-out and early endings (pure core, join aggregate).
+
+When an action ends, each dependent still PENDING counts the outcome against its join:
+
+* ``all`` (default): ready when every need succeeded; skipped as soon as one did not;
+* ``any``: ready at the first success; skipped when every need ended without one;
+* ``at_least`` M (or a fraction of N, rounded up): ready at M successes; skipped once fewer
+  than M can still succeed.
+
+A ``map`` action is a join over children made at runtime: when its own needs are met it reads
+the list an upstream action produced and becomes one child per item (``<id>.<index>``), then
+ends when its children's join is met (SUCCEEDED, outputs ``{"items": [...]}``) or can no
+longer be (FAILED). ``cancel_remaining`` cancels what a met join no longer needs;
+``fail_fast`` ends the whole workflow at the first failure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+from google.rpc import code_pb2, status_pb2
+
+from plait.coordinator.core import sessions
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.model import ActionRecord, WorkflowRecord
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.state import SchedulerState
+
+E = pb  # EVENT_TYPE_* constants
+READY, WAITING, IMPOSSIBLE = "ready", "waiting", "impossible"
+
+
+def required(a: ActionRecord, n: int) -> int:
+    """How many of ``n`` needs (or children) must succeed under the action's join."""
+    j = a.spec.join
+    if j.kind == pb.JOIN_KIND_ANY:
+        return min(1, n)
+    if j.kind == pb.JOIN_KIND_AT_LEAST:
+        if j.at_least_fraction:
+            return min(n, math.ceil(j.at_least_fraction * n - 1e-9))
+        return min(n, j.at_least_count)
+    return n
+
+
+def verdict(a: ActionRecord) -> str:
+    """Whether ``a``'s join is met, still open, or can no longer be met."""
+    n = len(a.children) if a.children is not None else len(a.needs)
+    need = required(a, n)
+    succeeded = n - a.unmet
+    if succeeded >= need:
+        return READY
+    if n - a.failed_needs < need:
+        return IMPOSSIBLE
+    return WAITING
+
+
+def _ended_word(a: ActionRecord) -> str:
+    return t.S.Name(a.state).removeprefix("ACTION_STATE_")  # type: ignore[arg-type]
+
+
+def propagate(st: SchedulerState, ended: ActionRecord) -> None:
+    """Counts ``ended``'s outcome in every dependent's join; readies, skips or ends them."""
+    wf = ended.workflow
+    stack = [ended]
+    while stack:
+        x = stack.pop()
+        ok = x.state == t.SUCCEEDED
+        for d in x.dependents:
+            if ok:
+                d.unmet -= 1
+            else:
+                d.failed_needs += 1
+            if wf.cancel_requested or wf.failing:
+                continue  # the workflow is being ended: its own loop ends every action
+            if d.children is not None:  # a running map action: x is one of its children
+                if d.state == t.RUNNING:
+                    _settle_map(st, d)
+                continue
+            if d.state != t.PENDING:
+                continue
+            v = verdict(d)
+            if v == READY:
+                if d.spec.HasField("map"):
+                    expand(st, d)
+                else:
+                    st.make_ready(d, E.EVENT_TYPE_ACTION_READY)
+                if d.spec.join.cancel_remaining:
+                    cancel_remaining(st, d, d.needs)
+            elif v == IMPOSSIBLE:
+                why = _skip_reason(d, x)
+                skip = status_pb2.Status(code=code_pb2.ABORTED, message=why)
+                st.terminal(d, t.SKIPPED, E.EVENT_TYPE_ACTION_SKIPPED, skip, why, {})
+                stack.append(d)
+
+
+def _skip_reason(d: ActionRecord, last: ActionRecord) -> str:
+    if d.spec.join.kind in (pb.JOIN_KIND_UNSPECIFIED, pb.JOIN_KIND_ALL):
+        return f"needs {last.spec.id!r}, which ended {_ended_word(last)}"
+    failed = [n.spec.id for n in d.needs if n.state in t.TERMINAL and n.state != t.SUCCEEDED]
+    n = len(d.needs)
+    return (
+        f"join needs {required(d, n)} of {n} to succeed; {len(failed)} did not"
+        f" ({', '.join(failed[:10])}{'…' if len(failed) > 10 else ''})"
+    )
+
+
+def cancel_remaining(st: SchedulerState, joined: ActionRecord, others: list[ActionRecord]) -> None:
+    """Cancels the needs (or children) ``joined`` no longer waits for."""
+    why = f"not needed: the join of {joined.spec.id!r} was met"
+    for n in others:
+        if n.state not in t.TERMINAL:
+            end_early(st, n, why, wpb.CANCEL_REASON_USER)
+
+
+def end_early(st: SchedulerState, a: ActionRecord, why: str, cancel_reason: int) -> None:
+    """Cancels one non-terminal action, fencing its lease if it holds one."""
+    if a.lease is not None:
+        lease = a.lease
+        sessions.drop_lease(st, lease)
+        if lease.worker.connected:
+            st._out.cancel(lease.worker.session_id, lease, cancel_reason, why)
+    if a.children is not None:
+        for c in a.children:
+            if c.state not in t.TERMINAL:
+                end_early(st, c, why, cancel_reason)
+        if a.state in t.TERMINAL:
+            return
+    err = status_pb2.Status(code=code_pb2.CANCELLED, message=why)
+    st.finish_action(a, t.CANCELLED, E.EVENT_TYPE_ACTION_CANCELLED, error=err, reason=why)
+
+
+def fail_fast(st: SchedulerState, wf: WorkflowRecord, failed: ActionRecord) -> None:
+    """Ends a fail_fast workflow at its first failure: everything still open is cancelled."""
+    end_workflow_early(st, wf, f"fail_fast: {failed.spec.id} {_ended_word(failed)}")
+
+
+def end_workflow_early(st: SchedulerState, wf: WorkflowRecord, why: str) -> None:
+    """Cancels every open action of ``wf``; the workflow then ends FAILED with ``why``."""
+    if wf.failing or wf.cancel_requested:
+        return
+    wf.failing = why
+    for a in list(wf.actions.values()):
+        if a.state not in t.TERMINAL:
+            end_early(st, a, why, wpb.CANCEL_REASON_USER)
+
+
+# ---- map ----------------------------------------------------------------------------------
+
+
+def items_of(a: ActionRecord) -> list[object] | str:
+    """The list ``a.spec.map.over`` names, or why it cannot be read."""
+    over = a.spec.map.over
+    need_id, _, path = over.partition(".")
+    src = next((n for n in a.needs if n.spec.id == need_id), None)
+    if src is None:
+        return f"map.over {over!r}: {need_id!r} is not one of its needs"
+    if src.state != t.SUCCEEDED:
+        return f"map.over {over!r}: {need_id!r} ended {_ended_word(src)}"
+    value: object = json.loads(src.outputs_json or "{}")
+    for key in path.split(".") if path else []:
+        if not isinstance(value, dict) or key not in value:
+            return f"map.over {over!r}: the outputs of {need_id!r} have no {key!r}"
+        value = value[key]
+    if not isinstance(value, list):
+        return f"map.over {over!r}: expected a list, got {type(value).__name__}"
+    return value
+
+
+def expand(st: SchedulerState, a: ActionRecord) -> None:
+    """Turns a map action whose needs are met into one child per item (journalled)."""
+    items = items_of(a)
+    limit = a.spec.map.max_items or st.max_map_items
+    if isinstance(items, list) and len(items) > limit:
+        items = f"map.over {a.spec.map.over!r}: {len(items)} items; the limit max_items is {limit}"
+    if isinstance(items, str):
+        err = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=items)
+        st.finish_action(a, t.FAILED, E.EVENT_TYPE_ACTION_FINISHED, error=err, reason=items)
+        return
+    st.set_state(a, t.RUNNING)
+    st.record(
+        a.workflow,
+        E.EVENT_TYPE_ACTION_MAPPED,
+        a,
+        outputs_json=json.dumps(items),
+        message=f"{len(items)} children",
+    )
+    make_children(st, a, [json.dumps(i, separators=(",", ":")) for i in items])
+    _settle_map(st, a)
+
+
+def make_children(st: SchedulerState, a: ActionRecord, items: list[str]) -> None:
+    """Creates (and readies) a map action's children; also used by replay."""
+    wf = a.workflow
+    spec = a.spec
+    a.children = []
+    a.unmet, a.failed_needs = len(items), 0
+    for i, item in enumerate(items):
+        child_spec = pb.ActionSpec()
+        child_spec.CopyFrom(spec)
+        child_spec.id = f"{spec.id}.{i}"
+        del child_spec.needs[:]
+        child_spec.ClearField("map")
+        child_spec.ClearField("join")
+        child = ActionRecord(
+            workflow=wf,
+            spec=child_spec,
+            slots=child_spec.slots or 1,
+            parent=a,
+            item_json=item,
+            priority=a.priority,
+        )
+        child.needs = a.needs  # its inputs show the parent's needs
+        child.dependents = [a]
+        wf.actions[child_spec.id] = child
+        a.children.append(child)
+        wf.remaining += 1
+        st.set_state(child, t.READY)
+        st.enqueue(child)
+
+
+def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
+    """Ends a running map action once its children's join is met or impossible."""
+    assert a.children is not None
+    v = verdict(a)
+    done = all(c.state in t.TERMINAL for c in a.children)
+    if v == READY and (done or a.spec.join.cancel_remaining or not a.children):
+        if a.spec.join.cancel_remaining:
+            cancel_remaining(st, a, a.children)
+        items = ",".join(
+            (c.outputs_json or "{}") if c.state == t.SUCCEEDED else "null" for c in a.children
+        )
+        outputs = f'{{"items":[{items}]}}'
+        a.outputs_json = outputs
+        a.committed_token = 0
+        st.finish_action(a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs)
+    elif v == IMPOSSIBLE:
+        n = len(a.children)
+        why = f"map: {a.failed_needs} of {n} children did not succeed (needs {required(a, n)})"
+        for c in a.children:
+            if c.state not in t.TERMINAL:
+                end_early(st, c, why, wpb.CANCEL_REASON_USER)
+        if a.state not in t.TERMINAL:
+            err = status_pb2.Status(code=code_pb2.ABORTED, message=why)
+            st.finish_action(a, t.FAILED, E.EVENT_TYPE_ACTION_FINISHED, error=err, reason=why)
