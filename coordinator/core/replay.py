@@ -18,7 +18,7 @@ import heapq
 import json
 from collections.abc import Iterable
 
-from plait.coordinator.core import joins, sessions
+from plait.coordinator.core import joins, limits, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import Instant
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
@@ -101,6 +101,7 @@ def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> N
         a.lease = lease
         w.leases[lease.lease_id] = lease
         st.leases[lease.lease_id] = lease
+        limits.acquire(st, lease)
         timeout = st.run_timeout(a)
         if timeout > 0:  # the run timeout restarts with the lease's fresh TTL
             heapq.heappush(st.deadlines, (st.now + timeout, ev.sequence, lease.lease_id))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2, status_pb2
 
+from plait.coordinator.core import limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome, WorkerRecord
@@ -78,6 +79,11 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     elif kind == "goodbye":
         w.draining = True
         w.said_goodbye = True
+    elif kind == "action_progress":
+        for p in msg.action_progress.leases:
+            lease = w.leases.get(p.lease_id)
+            if lease is not None and lease.token == p.fencing_token:
+                lease.last_progress = st.now
 
 
 def observe_hlc(
@@ -108,6 +114,7 @@ def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: 
         labels=dict(hello.labels),
         handlers=frozenset(hello.handlers),
         exec_enabled=hello.exec_enabled,
+        resources=dict(hello.resources),
         slots=hello.slots,
         free=hello.slots,
         connected_at_wall_ms=st.hlc.last.physical_ms,
@@ -213,6 +220,8 @@ def grant(st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome) ->
     w.leases[lease_id] = lease
     st.leases[lease_id] = lease
     w.free -= a.slots
+    limits.acquire(st, lease)
+    lease.last_progress = st.now
     st.record(a.workflow, E.EVENT_TYPE_ACTION_LEASED, a, worker_id=w.worker_id, lease_id=lease_id)
     lp = g.leases.add(
         lease_id=lease_id,
@@ -229,11 +238,35 @@ def grant(st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome) ->
     timeout = st.run_timeout(a)
     if timeout > 0:
         heapq.heappush(st.deadlines, (st.now + timeout, st.sequence, lease_id))
+    arm_progress(st, lease)
+
+
+def arm_progress(st: SchedulerState, lease: LeaseRecord) -> None:
+    """Schedules the heartbeat_timeout check of a lease whose action asks for one."""
+    spec = lease.action.spec
+    if spec.HasField("heartbeat_timeout"):
+        hb = spec.heartbeat_timeout.ToTimedelta().total_seconds()
+        heapq.heappush(
+            st.progress_deadlines, (lease.last_progress + hb, st.sequence, lease.lease_id)
+        )
+
+
+def check_progress(st: SchedulerState, lease_id: str, out: Outcome) -> None:
+    """Fails an attempt that reported no progress within its heartbeat_timeout."""
+    lease = st.leases.get(lease_id)
+    if lease is None:
+        return
+    hb = lease.action.spec.heartbeat_timeout.ToTimedelta().total_seconds()
+    if lease.last_progress + hb > st.now:  # progress arrived since: check again later
+        arm_progress(st, lease)
+        return
+    time_out(st, lease, f"no progress for {hb:g}s (heartbeat_timeout)", out)
 
 
 def drop_lease(st: SchedulerState, lease: LeaseRecord) -> None:
-    """Forgets a lease everywhere (it is no longer live)."""
-    st.leases.pop(lease.lease_id, None)
+    """Forgets a lease everywhere (it is no longer live) and releases what it held."""
+    if st.leases.pop(lease.lease_id, None) is not None:
+        limits.release(st, lease)
     lease.worker.leases.pop(lease.lease_id, None)
     if lease.action.lease is lease:
         lease.action.lease = None
@@ -309,10 +342,16 @@ def on_run_timeout(st: SchedulerState, lease_id: str, out: Outcome) -> None:
     lease = st.leases.get(lease_id)
     if lease is None:
         return
+    seconds = st.run_timeout(lease.action)
+    time_out(st, lease, f"run timeout of {seconds:g}s exceeded", out)
+
+
+def time_out(st: SchedulerState, lease: LeaseRecord, why: str, out: Outcome) -> None:
+    """An attempt ran out of time: fence it, then retry or end the action TIMED_OUT."""
     a = lease.action
+    lease_id = lease.lease_id
     drop_lease(st, lease)
-    seconds = st.run_timeout(a)
-    msg = f"run timeout of {seconds:g}s exceeded (attempt {a.attempt})"
+    msg = f"{why} (attempt {a.attempt})"
     if lease.worker.connected:
         out.cancel(lease.worker.session_id, lease, R.CANCEL_REASON_TIMEOUT, msg)
     err = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=msg)

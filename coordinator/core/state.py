@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from google.protobuf import duration_pb2
-from google.rpc import status_pb2
+from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import joins, sessions
+from plait.coordinator.core import joins, limits, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
@@ -108,6 +108,12 @@ class SchedulerState:
         self.active: deque[WorkflowRecord] = deque()  # workflows with ready actions, fair ring
         self.delayed: list[tuple[float, int, ActionRecord]] = []  # retry backoff heap
         self.deadlines: list[tuple[float, int, str]] = []  # run-timeout heap (lease ids)
+        self.semaphores: dict[str, tuple[int, int]] = {}  # name -> (capacity, permits held)
+        self.prioritized = False  # some workflow uses priorities (costlier dispatch)
+        # (due, seq, action, token at ready): queue (schedule-to-start) timeouts
+        self.queue_deadlines: list[tuple[float, int, ActionRecord, int]] = []
+        self.workflow_deadlines: list[tuple[float, int, str]] = []  # (due, seq, workflow id)
+        self.progress_deadlines: list[tuple[float, int, str]] = []  # heartbeat_timeout
         self.now = 0.0
         self.cause = ""
         self._ttl_pb = duration_pb2.Duration()
@@ -215,8 +221,15 @@ class SchedulerState:
         self.workflows[wf.workflow_id] = wf
         if wf.idempotency_key:
             self.by_idempotency_key[wf.idempotency_key] = wf.workflow_id
+        if wf.spec.priority or any(a.priority for a in wf.spec.actions):
+            self.prioritized = True  # from now on dispatch looks for the highest priority
         for a_spec in wf.spec.actions:
-            wf.actions[a_spec.id] = ActionRecord(workflow=wf, spec=a_spec, slots=a_spec.slots or 1)
+            wf.actions[a_spec.id] = ActionRecord(
+                workflow=wf,
+                spec=a_spec,
+                slots=a_spec.slots or 1,
+                priority=a_spec.priority or wf.spec.priority,
+            )
         for a in wf.actions.values():
             a.needs = [wf.actions[n] for n in a.spec.needs]
             a.unmet = len(a.needs)
@@ -228,6 +241,12 @@ class SchedulerState:
                 # Ready at submit: implied by WORKFLOW_SUBMITTED, so not journalled again.
                 self.set_state(a, t.READY)
                 self.enqueue(a)
+                self.arm_queue_timeout(a)
+        if wf.spec.HasField("deadline"):
+            # Judged on our monotonic clock from now (after a restart: from the replay).
+            d = wf.spec.deadline
+            due = self.now + d.seconds + d.nanos / 1e9
+            heapq.heappush(self.workflow_deadlines, (due, self.sequence, wf.workflow_id))
         return wf
 
     def forget(self, workflow_ids: Iterable[str]) -> None:
@@ -241,16 +260,28 @@ class SchedulerState:
         """PENDING/LEASED/RUNNING -> READY, queued fairly (retries wait out their backoff)."""
         self.set_state(a, t.READY)
         self.record(a.workflow, type_, a, **fields)
+        self.arm_queue_timeout(a)
         if a.not_before > self.now:
             heapq.heappush(self.delayed, (a.not_before, self.sequence, a))
         else:
             self.enqueue(a)
 
     def enqueue(self, a: ActionRecord) -> None:
+        """Queues a ready action: higher priority first within its workflow, FIFO otherwise."""
         wf = a.workflow
         if not wf.ready:
             self.active.append(wf)
-        wf.ready.append(a)
+        if a.priority > 0 and wf.ready and a.priority > wf.ready[0].priority:
+            wf.ready.appendleft(a)
+        else:
+            wf.ready.append(a)
+
+    def arm_queue_timeout(self, a: ActionRecord) -> None:
+        """Starts the schedule-to-start clock of a ready action, if it has a queue timeout."""
+        qt = a.spec.queue_timeout
+        if a.spec.HasField("queue_timeout"):
+            due = self.now + qt.seconds + qt.nanos / 1e9
+            heapq.heappush(self.queue_deadlines, (due, self.sequence, a, a.token))
 
     def on_cancel(self, s: CancelRequested, out: Outcome) -> None:
         self._out = out
@@ -335,6 +366,16 @@ class SchedulerState:
         wf.finished_wall_ms = self._clock.wall
         self._out.observe("workflow_finished", detail=pb.WorkflowState.Name(wf.state))
 
+    def queue_timed_out(self, a: ActionRecord) -> None:
+        """A ready action not started within its queue timeout fails, saying why it waited."""
+        from plait.coordinator.core.views import why_waiting  # views builds on this module
+
+        live = [w for w in self.workers.values() if w.connected and not w.draining]
+        qt = a.spec.queue_timeout.ToTimedelta().total_seconds()
+        why = f"queue timeout of {qt:g}s: not started ({why_waiting(self, a, live)})"
+        err = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=why)
+        self.finish_action(a, t.TIMED_OUT, E.EVENT_TYPE_ACTION_FINISHED, error=err, reason=why)
+
     # ---- results, retries -----------------------------------------------------------------
 
     def retry_delay(self, a: ActionRecord) -> float:
@@ -385,6 +426,23 @@ class SchedulerState:
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, lease_id = heapq.heappop(self.deadlines)
             sessions.on_run_timeout(self, lease_id, out)
+        while self.progress_deadlines and self.progress_deadlines[0][0] <= now:
+            _, _, lease_id = heapq.heappop(self.progress_deadlines)
+            sessions.check_progress(self, lease_id, out)
+        while self.queue_deadlines and self.queue_deadlines[0][0] <= now:
+            _, _, a, token = heapq.heappop(self.queue_deadlines)
+            if (
+                a.state == t.READY
+                and a.token == token
+                and a.workflow.state == W.WORKFLOW_STATE_RUNNING
+            ):
+                self.queue_timed_out(a)
+        while self.workflow_deadlines and self.workflow_deadlines[0][0] <= now:
+            _, _, workflow_id = heapq.heappop(self.workflow_deadlines)
+            wf = self.workflows.get(workflow_id)
+            if wf is not None and wf.state == W.WORKFLOW_STATE_RUNNING:
+                d = wf.spec.deadline.ToTimedelta().total_seconds()
+                joins.end_workflow_early(self, wf, f"deadline of {d:g}s exceeded")
         sessions.expire_leases(self, out)
 
     def dispatch(self, out: Outcome) -> None:
@@ -397,6 +455,8 @@ class SchedulerState:
                 continue
             misses = 0
             while w.free > 0 and self.active and misses < len(self.active):
+                if self.prioritized and misses == 0:
+                    self._front_highest_priority()
                 wf = self.active[0]
                 a = self._take_fitting(wf, w)
                 if a is None:
@@ -412,6 +472,15 @@ class SchedulerState:
             if not self.active:
                 return
 
+    def _front_highest_priority(self) -> None:
+        """Rotates the fair ring to the next workflow whose head has the highest priority."""
+        active = self.active
+        best, at = None, 0
+        for i, wf in enumerate(active):
+            if wf.ready and (best is None or wf.ready[0].priority > best):
+                best, at = wf.ready[0].priority, i
+        active.rotate(-at)
+
     _SCAN = 64  # how deep a worker looks into one workflow's queue for an action it can run
 
     def _take_fitting(self, wf: WorkflowRecord, w: WorkerRecord) -> ActionRecord | None:
@@ -421,26 +490,12 @@ class SchedulerState:
         for i, a in enumerate(ready):
             if i >= self._SCAN:
                 return None
-            if a.state == t.READY and self.fits(a, w):
+            if a.state == t.READY and limits.fits(self, a, w):
                 if i == 0:
                     return ready.popleft()
                 del ready[i]
                 return a
         return None
-
-    @staticmethod
-    def fits(a: ActionRecord, w: WorkerRecord) -> bool:
-        """Whether worker ``w`` can run ``a`` now (kind, handler, labels, free slots)."""
-        spec = a.spec
-        if a.slots > w.free:
-            return False
-        if spec.handler:
-            if spec.handler not in w.handlers:
-                return False
-        elif not w.exec_enabled:
-            return False
-        sel = spec.selector
-        return not sel or all(w.labels.get(k) == v for k, v in sel.items())
 
     def inputs_json(self, a: ActionRecord) -> str:
         """``{"input": …, ["item": …,] "needs": {id: {"state", "outputs"[, "error"]}}}``.

@@ -87,12 +87,56 @@ def _action_violations(
             f"has {len(a.needs)} entries; the limit max_fan_in is {limits.max_fan_in}",
         )
     yield from _duration_violation(f"{path}.timeout", a.timeout, a.HasField("timeout"))
+    for name in ("queue_timeout", "heartbeat_timeout"):
+        yield from _duration_violation(f"{path}.{name}", getattr(a, name), a.HasField(name))
+    yield from _pattern_violations(path, a)
     if a.HasField("retry"):
         yield from _retry_violations(f"{path}.retry", a.retry)
     yield from _json_violation(f"{path}.input_json", a.input_json, limits.max_input_bytes)
     for key in a.env:
         if not key or "=" in key or "\0" in key:
             yield FieldViolation(f"{path}.env", f"bad variable name {key!r}")
+
+
+def _pattern_violations(path: str, a: workflow_pb2.ActionSpec) -> Iterator[FieldViolation]:
+    """Joins, map, resources and semaphores."""
+    j = a.join
+    n = len(a.needs)
+    if j.kind == workflow_pb2.JOIN_KIND_AT_LEAST:
+        if bool(j.at_least_count) == bool(j.at_least_fraction):
+            yield FieldViolation(
+                f"{path}.join", "at_least needs exactly one of at_least_count or at_least_fraction"
+            )
+        elif j.at_least_count and not (a.HasField("map") or 1 <= j.at_least_count <= n):
+            yield FieldViolation(
+                f"{path}.join.at_least_count", f"is {j.at_least_count}; must be 1 to {n} (needs)"
+            )
+        elif j.at_least_fraction and not 0 < j.at_least_fraction <= 1:
+            yield FieldViolation(
+                f"{path}.join.at_least_fraction", f"is {j.at_least_fraction}; must be in (0, 1]"
+            )
+    elif j.at_least_count or j.at_least_fraction:
+        yield FieldViolation(f"{path}.join", "at_least_count/fraction need kind AT_LEAST")
+    if a.HasField("map"):
+        need_id = a.map.over.partition(".")[0]
+        if need_id not in a.needs:
+            yield FieldViolation(
+                f"{path}.map.over", f"{a.map.over!r} must start with one of the needs ({need_id!r})"
+            )
+    for name, amount in a.resources.items():
+        if describe_id(name) or not amount >= 0:
+            yield FieldViolation(
+                f"{path}.resources[{name!r}]", "needs a name of [A-Za-z0-9_.-] and an amount >= 0"
+            )
+    for i, req in enumerate(a.semaphores):
+        why = describe_id(req.name)
+        if why:
+            yield FieldViolation(f"{path}.semaphores[{i}].name", why)
+        if (req.permits or 1) > (req.capacity or 1):
+            yield FieldViolation(
+                f"{path}.semaphores[{i}].permits",
+                f"is {req.permits}; more than the capacity {req.capacity or 1}",
+            )
 
 
 def find_cycle(ids: list[str], needs: dict[str, list[str]]) -> list[str] | None:
@@ -187,6 +231,7 @@ def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limit
                 )
             ]
         )
+    v.extend(_duration_violation("spec.deadline", spec.deadline, spec.HasField("deadline")))
     if spec.HasField("defaults"):
         d = spec.defaults
         v.extend(_duration_violation("spec.defaults.timeout", d.timeout, d.HasField("timeout")))

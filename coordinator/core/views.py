@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from datetime import timedelta
 
+from plait.coordinator.core import limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, WorkerRecord, WorkflowRecord
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
@@ -66,7 +67,7 @@ def why_waiting(st: SchedulerState, a: ActionRecord, live: list[WorkerRecord]) -
             return f"retry backoff: {a.not_before - st.now:.1f}s left"
         if not live:
             return "waiting for a worker: none connected"
-        can = [w for w in live if _could_run(a, w)]
+        can = [w for w in live if limits.could_ever_run(a, w)]
         if not can:
             need = f"handler {a.spec.handler!r}" if a.spec.handler else "exec"
             sel = dict(a.spec.selector)
@@ -79,17 +80,6 @@ def why_waiting(st: SchedulerState, a: ActionRecord, live: list[WorkerRecord]) -
     if a.state in (t.LEASED, t.RUNNING):
         return f"attempt {a.attempt} on {a.worker_id}"
     return ""  # terminal actions carry their own reason
-
-
-def _could_run(a: ActionRecord, w: WorkerRecord) -> bool:
-    spec = a.spec
-    if a.slots > w.slots:
-        return False
-    if spec.handler and spec.handler not in w.handlers:
-        return False
-    if not spec.handler and not w.exec_enabled:
-        return False
-    return all(w.labels.get(k) == v for k, v in spec.selector.items())
 
 
 def worker_info(st: SchedulerState, w: WorkerRecord) -> apb.WorkerInfo:

@@ -1,0 +1,98 @@
+"""Capacity and limits at dispatch (pure core, the limits aggregate).
+
+A ready action is leased to a worker only if everything it needs is free right now: slots,
+resources (cpu, memory, gpu, any named count), labels, the workflow's ``max_parallel``, its map's
+width, and the permits of every semaphore it names. All of it is acquired together at the grant
+and released together when the lease ends, so nothing is ever held while waiting for something
+else (no hold-and-wait, hence no deadlock between semaphores).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.state import SchedulerState
+
+
+def fits(st: SchedulerState, a: ActionRecord, w: WorkerRecord) -> bool:
+    """Whether worker ``w`` can run ``a`` now."""
+    spec = a.spec
+    if a.slots > w.free:
+        return False
+    if spec.handler:
+        if spec.handler not in w.handlers:
+            return False
+    elif not w.exec_enabled:
+        return False
+    if spec.selector and not all(w.labels.get(k) == v for k, v in spec.selector.items()):
+        return False
+    if spec.resources:
+        used = w.used
+        for name, amount in spec.resources.items():
+            if w.resources.get(name, 0.0) - used.get(name, 0.0) < amount - 1e-9:
+                return False
+    wf = a.workflow
+    if wf.spec.max_parallel and wf.leased >= wf.spec.max_parallel:
+        return False
+    parent = a.parent
+    width = parent.spec.map.max_parallel if parent is not None else 0
+    if parent is not None and width and parent.running_children >= width:
+        return False
+    return not spec.semaphores or semaphores_free(st, a)
+
+
+def could_ever_run(a: ActionRecord, w: WorkerRecord) -> bool:
+    """Whether ``w`` could run ``a`` once it is idle (for "why is it waiting")."""
+    spec = a.spec
+    if a.slots > w.slots:
+        return False
+    if spec.handler and spec.handler not in w.handlers:
+        return False
+    if not spec.handler and not w.exec_enabled:
+        return False
+    if any(w.resources.get(k, 0.0) < v - 1e-9 for k, v in spec.resources.items()):
+        return False
+    return all(w.labels.get(k) == v for k, v in spec.selector.items())
+
+
+def semaphores_free(st: SchedulerState, a: ActionRecord) -> bool:
+    for req in a.spec.semaphores:
+        cap, held = st.semaphores.get(req.name, (req.capacity or 1, 0))
+        cap = min(cap, req.capacity or 1)
+        if held + (req.permits or 1) > cap:
+            return False
+    return True
+
+
+def acquire(st: SchedulerState, lease: LeaseRecord) -> None:
+    """Takes everything ``lease``'s action holds while it runs (slots are the worker's)."""
+    a, w = lease.action, lease.worker
+    for name, amount in a.spec.resources.items():
+        w.used[name] = w.used.get(name, 0.0) + amount
+    a.workflow.leased += 1
+    if a.parent is not None:
+        a.parent.running_children += 1
+    for req in a.spec.semaphores:
+        cap, held = st.semaphores.get(req.name, (req.capacity or 1, 0))
+        st.semaphores[req.name] = (min(cap, req.capacity or 1), held + (req.permits or 1))
+
+
+def release(st: SchedulerState, lease: LeaseRecord) -> None:
+    """Gives back what :func:`acquire` took."""
+    a, w = lease.action, lease.worker
+    for name, amount in a.spec.resources.items():
+        w.used[name] = w.used.get(name, 0.0) - amount
+    a.workflow.leased -= 1
+    if a.parent is not None:
+        a.parent.running_children -= 1
+    for req in a.spec.semaphores:
+        cap, held = st.semaphores[req.name]
+        st.semaphores[req.name] = (cap, held - (req.permits or 1))
+
+
+def usage(st: SchedulerState) -> dict[str, tuple[int, int]]:
+    """Semaphores in use: name -> (capacity, permits held), for status and metrics."""
+    return dict(st.semaphores)
