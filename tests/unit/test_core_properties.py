@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from plait.coordinator.core import joins
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import Instant
 from plait.coordinator.core.replay import replay
@@ -46,16 +47,36 @@ class CoreMachine(RuleBasedStateMachine):
                     for c in m.cancel_lease.leases:
                         self.held[worker].pop(c.lease_id, None)
 
-    @rule(width=st.integers(1, 4), depth=st.integers(1, 3), retries=st.integers(1, 2))
-    def submit(self, width: int, depth: int, retries: int) -> None:
+    @rule(
+        width=st.integers(1, 4),
+        depth=st.integers(1, 3),
+        retries=st.integers(1, 2),
+        join=st.sampled_from([pb.JOIN_KIND_ALL, pb.JOIN_KIND_ANY, pb.JOIN_KIND_AT_LEAST]),
+        cancel_remaining=st.booleans(),
+        fail_fast=st.booleans(),
+    )
+    def submit(
+        self,
+        width: int,
+        depth: int,
+        retries: int,
+        join: int,
+        cancel_remaining: bool,
+        fail_fast: bool,
+    ) -> None:
         self.n_wf += 1
-        spec = pb.WorkflowSpec(name="p")
+        spec = pb.WorkflowSpec(name="p", fail_fast=fail_fast)
         prev: list[str] = []
         for layer in range(depth):
             ids = [f"l{layer}n{i}" for i in range(width)]
             for aid in ids:
                 a = spec.actions.add(id=aid, handler="h", needs=prev[:2])
                 a.retry.max_attempts = retries
+                if len(a.needs) > 1:
+                    a.join.kind = join  # type: ignore[assignment]
+                    a.join.cancel_remaining = cancel_remaining
+                    if join == pb.JOIN_KIND_AT_LEAST:
+                        a.join.at_least_count = 1
                 a.retry.initial_backoff.FromMilliseconds(100)
             prev = ids
         self._absorb(self.d.submit(spec, f"wf-{self.n_wf}"))
@@ -150,7 +171,8 @@ class CoreMachine(RuleBasedStateMachine):
             for a in wf.actions.values():
                 if a.state == t.SUCCEEDED:
                     assert a.committed_token == a.token, "the committed token is the highest"
-                    assert all(n.state == t.SUCCEEDED for n in a.needs), "DAG order"
+                    ok = sum(n.state == t.SUCCEEDED for n in a.needs)
+                    assert ok >= joins.required(a, len(a.needs)), "DAG order: join was met"
 
     @invariant()
     def slots_never_overbooked(self) -> None:
