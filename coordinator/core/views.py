@@ -45,6 +45,7 @@ def workflow_status(
                 exit_code=a.exit_code,
                 reason=a.reason or why_waiting(st, a, live),
                 lease_losses=a.lease_losses,
+                parent_id=a.parent.spec.id if a.parent is not None else "",
             )
             if a.error is not None:
                 s.error.CopyFrom(a.error)
@@ -76,10 +77,27 @@ def why_waiting(st: SchedulerState, a: ActionRecord, live: list[WorkerRecord]) -
                 + (f", labels {sel}" if sel else "")
                 + ")"
             )
-        return "waiting for a free slot"
+        return _what_is_full(st, a)
     if a.state in (t.LEASED, t.RUNNING):
         return f"attempt {a.attempt} on {a.worker_id}"
     return ""  # terminal actions carry their own reason
+
+
+def _what_is_full(st: SchedulerState, a: ActionRecord) -> str:
+    """Names the limit a ready action that some worker could run is waiting on."""
+    wf = a.workflow
+    if wf.spec.max_parallel and wf.leased >= wf.spec.max_parallel:
+        return f"workflow max_parallel {wf.spec.max_parallel} reached"
+    p = a.parent
+    if p is not None and p.spec.map.max_parallel and p.running_children >= p.spec.map.max_parallel:
+        return f"map max_parallel {p.spec.map.max_parallel} of {p.spec.id!r} reached"
+    for req in a.spec.semaphores:
+        cap, held = st.semaphores.get(req.name, (req.capacity or 1, 0))
+        if held + (req.permits or 1) > cap:
+            return f"waiting for semaphore {req.name!r} ({held} of {cap} permits held)"
+    if a.spec.resources:
+        return f"waiting for a worker with free slots and resources {dict(a.spec.resources)}"
+    return "waiting for a free slot"
 
 
 def worker_info(st: SchedulerState, w: WorkerRecord) -> apb.WorkerInfo:
