@@ -174,3 +174,18 @@ def test_bad_pattern_fields_are_refused_naming_the_field(mutate: object, field: 
     mutate(b)  # type: ignore[operator]
     err: InvalidArgumentError = refused(s)
     assert any(v.field == f"spec.actions[1].{field}" for v in err.violations), err.violations
+
+
+def test_status_names_the_limit_a_ready_action_waits_on() -> None:
+    from plait.coordinator.core import views
+
+    d = Driver()
+    s = independent(3)
+    for a in s.actions:
+        a.semaphores.add(name="db", capacity=1)
+    d.submit(s)
+    hello(d, "s1", "w1", slots=8)
+    status = views.workflow_status(d.st, d.st.workflows["wf-1"])
+    reasons = sorted(a.reason for a in status.actions)
+    assert reasons[0].startswith("attempt 1 on w1")
+    assert reasons[1:] == ["waiting for semaphore 'db' (1 of 1 permits held)"] * 2
