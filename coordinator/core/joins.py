@@ -35,9 +35,23 @@ E = pb  # EVENT_TYPE_* constants
 READY, WAITING, IMPOSSIBLE = "ready", "waiting", "impossible"
 
 
+NOT_NEEDED = "not needed: "
+
+
+def join_of(a: ActionRecord) -> pb.JoinPolicy:
+    """The action's join; a map without one takes the join of a dependent that needs only it,
+    so ``index: {needs: [resize], join: {at_least: 0.9}}`` counts resize's items (DESIGN §8)."""
+    if a.spec.join.kind != pb.JOIN_KIND_UNSPECIFIED or a.children is None:
+        return a.spec.join
+    for d in a.dependents:
+        if len(d.needs) == 1 and d.spec.join.kind != pb.JOIN_KIND_UNSPECIFIED:
+            return d.spec.join
+    return a.spec.join
+
+
 def required(a: ActionRecord, n: int) -> int:
     """How many of ``n`` needs (or children) must succeed under the action's join."""
-    j = a.spec.join
+    j = join_of(a)
     if j.kind == pb.JOIN_KIND_ANY:
         return min(1, n)
     if j.kind == pb.JOIN_KIND_AT_LEAST:
@@ -111,7 +125,7 @@ def _skip_reason(d: ActionRecord, last: ActionRecord) -> str:
 
 def cancel_remaining(st: SchedulerState, joined: ActionRecord, others: list[ActionRecord]) -> None:
     """Cancels the needs (or children) ``joined`` no longer waits for."""
-    why = f"not needed: the join of {joined.spec.id!r} was met"
+    why = f"{NOT_NEEDED}the join of {joined.spec.id!r} was met"
     for n in others:
         if n.state not in t.TERMINAL:
             end_early(st, n, why, wpb.CANCEL_REASON_USER)
@@ -228,8 +242,9 @@ def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
     assert a.children is not None
     v = verdict(a)
     done = all(c.state in t.TERMINAL for c in a.children)
-    if v == READY and (done or a.spec.join.cancel_remaining or not a.children):
-        if a.spec.join.cancel_remaining:
+    cancel = join_of(a).cancel_remaining
+    if v == READY and (done or cancel or not a.children):
+        if cancel:
             cancel_remaining(st, a, a.children)
         items = ",".join(
             (c.outputs_json or "{}") if c.state == t.SUCCEEDED else "null" for c in a.children

@@ -337,7 +337,13 @@ class SchedulerState:
 
     def finish_workflow(self, wf: WorkflowRecord) -> None:
         """Ends a workflow whose actions all ended: the verdict names every one that failed."""
-        bad = [a for a in wf.actions.values() if a.state != t.SUCCEEDED]
+        # An action a met join cancelled (a race's losers) was not needed: not a failure.
+        bad = [
+            a
+            for a in wf.actions.values()
+            if a.state != t.SUCCEEDED
+            and not (a.state == t.CANCELLED and a.reason.startswith(joins.NOT_NEEDED))
+        ]
         listed = "; ".join(
             f"{a.spec.id} {STATE_NAME[a.state].removeprefix('ACTION_STATE_')}"
             + (f": {a.reason}" if a.reason else "")
@@ -396,10 +402,20 @@ class SchedulerState:
         return delay * (0.5 + 0.5 * self.rng.random())
 
     def retry_policy(self, a: ActionRecord) -> pb.RetryPolicy:
-        if a.spec.HasField("retry") and a.spec.retry.max_attempts:
-            return a.spec.retry
+        """The action's retry policy, each unset field taken from the workflow's defaults."""
         d = a.workflow.spec.defaults
-        return d.retry if d.HasField("retry") else a.spec.retry
+        if not d.HasField("retry"):
+            return a.spec.retry
+        if not a.spec.HasField("retry"):
+            return d.retry
+        merged = pb.RetryPolicy()
+        merged.CopyFrom(d.retry)
+        codes = list(a.spec.retry.retryable_exit_codes)
+        merged.MergeFrom(a.spec.retry)
+        if codes:  # the action's list replaces the default's, it does not extend it
+            del merged.retryable_exit_codes[:]
+            merged.retryable_exit_codes.extend(codes)
+        return merged
 
     def may_retry(self, a: ActionRecord, exit_code: int, outcome: int) -> bool:
         r = self.retry_policy(a)

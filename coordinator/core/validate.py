@@ -66,7 +66,7 @@ def _json_violation(path: str, text: str, limit: int) -> Iterator[FieldViolation
 
 
 def _action_violations(
-    i: int, a: workflow_pb2.ActionSpec, limits: Limits
+    i: int, a: workflow_pb2.ActionSpec, limits: Limits, maps_a_need: bool = False
 ) -> Iterator[FieldViolation]:
     path = f"spec.actions[{i}]"
     why = describe_id(a.id)
@@ -89,7 +89,7 @@ def _action_violations(
     yield from _duration_violation(f"{path}.timeout", a.timeout, a.HasField("timeout"))
     for name in ("queue_timeout", "heartbeat_timeout"):
         yield from _duration_violation(f"{path}.{name}", getattr(a, name), a.HasField(name))
-    yield from _pattern_violations(path, a)
+    yield from _pattern_violations(path, a, maps_a_need)
     if a.HasField("retry"):
         yield from _retry_violations(f"{path}.retry", a.retry)
     yield from _json_violation(f"{path}.input_json", a.input_json, limits.max_input_bytes)
@@ -98,8 +98,15 @@ def _action_violations(
             yield FieldViolation(f"{path}.env", f"bad variable name {key!r}")
 
 
-def _pattern_violations(path: str, a: workflow_pb2.ActionSpec) -> Iterator[FieldViolation]:
-    """Joins, map, resources and semaphores."""
+def _pattern_violations(
+    path: str, a: workflow_pb2.ActionSpec, maps_a_need: bool = False
+) -> Iterator[FieldViolation]:
+    """Joins, map, resources, semaphores, priority.
+
+    ``maps_a_need``: the action needs a map action, whose items its join counts.
+    """
+    if not -1000 <= a.priority <= 1000:
+        yield FieldViolation(f"{path}.priority", f"is {a.priority}; must be -1000 to 1000")
     j = a.join
     n = len(a.needs)
     if j.kind == workflow_pb2.JOIN_KIND_AT_LEAST:
@@ -107,7 +114,9 @@ def _pattern_violations(path: str, a: workflow_pb2.ActionSpec) -> Iterator[Field
             yield FieldViolation(
                 f"{path}.join", "at_least needs exactly one of at_least_count or at_least_fraction"
             )
-        elif j.at_least_count and not (a.HasField("map") or 1 <= j.at_least_count <= n):
+        elif j.at_least_count and not (
+            a.HasField("map") or maps_a_need or 1 <= j.at_least_count <= n
+        ):
             yield FieldViolation(
                 f"{path}.join.at_least_count", f"is {j.at_least_count}; must be 1 to {n} (needs)"
             )
@@ -239,8 +248,9 @@ def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limit
             v.extend(_retry_violations("spec.defaults.retry", d.retry))
     index: dict[str, int] = {}
     edges = 0
+    mapped = {a.id for a in spec.actions if a.HasField("map")}
     for i, a in enumerate(spec.actions):
-        v.extend(_action_violations(i, a, limits))
+        v.extend(_action_violations(i, a, limits, any(n in mapped for n in a.needs)))
         if a.id in index:
             v.append(
                 FieldViolation(

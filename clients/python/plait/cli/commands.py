@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
+# Success, including success with failures a join tolerated.
+SUCCESS_STATES = frozenset(
+    {workflow_pb2.WORKFLOW_STATE_SUCCEEDED, workflow_pb2.WORKFLOW_STATE_PARTIALLY_SUCCEEDED}
+)
+
+
 def _client_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
@@ -94,7 +100,7 @@ def add_parsers(sub: _SubParsers) -> None:
 
 
 def _outcome(status: workflow_pb2.WorkflowStatus) -> int:
-    return EXIT_OK if status.state == workflow_pb2.WORKFLOW_STATE_SUCCEEDED else EXIT_FAILED
+    return EXIT_OK if status.state in SUCCESS_STATES else EXIT_FAILED
 
 
 def _print_status(status: workflow_pb2.WorkflowStatus) -> None:

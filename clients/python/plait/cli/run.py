@@ -36,6 +36,12 @@ EXIT_INTERRUPTED = 130
 _POLL_S = 0.25
 
 
+# Success, including success with failures a join tolerated.
+SUCCESS_STATES = frozenset(
+    {workflow_pb2.WORKFLOW_STATE_SUCCEEDED, workflow_pb2.WORKFLOW_STATE_PARTIALLY_SUCCEEDED}
+)
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Registers ``plait run``."""
     p = sub.add_parser(
@@ -137,11 +143,11 @@ def cmd_run(args: argparse.Namespace, clock: Clock | None = None) -> int:
         out.print()
         for line in render.workflow_header(status):
             out.print(line, highlight=False)
-        if status.state != workflow_pb2.WORKFLOW_STATE_SUCCEEDED:
+        if status.state not in SUCCESS_STATES:
             err.print(f"logs: {log_dir}/", highlight=False)
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if status.state == workflow_pb2.WORKFLOW_STATE_SUCCEEDED else EXIT_FAILED
+    return EXIT_OK if status.state in SUCCESS_STATES else EXIT_FAILED
 
 
 def _follow(

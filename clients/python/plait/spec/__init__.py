@@ -12,16 +12,19 @@ The package is split by what each part handles:
 
 * :mod:`plait.spec.convert` — a parsed document to a ``WorkflowSpec``, with field-path errors
   (:class:`SpecError`, :class:`ActionRef`, :func:`spec_from_dict`);
+* :mod:`plait.spec.patterns` — the keys that say how actions run together: ``join``, ``map``,
+  ``resources``, ``concurrency_key``, ``lock``, ``semaphores``;
+* :mod:`plait.spec.fields` — the field checks and error collection the converters share;
 * :mod:`plait.spec.files` — YAML files and text (:func:`load_workflow`, :func:`loads_workflow`);
-* :mod:`plait.spec.builder` — the Python builder (:class:`Workflow`).
+* :mod:`plait.spec.builder` — the Python builder (:class:`Workflow`, :class:`Join`).
 
 Everything public is re-exported here, so ``from plait.spec import ...`` is the import to use.
 """
 
 from __future__ import annotations
 
+from plait.spec.builder import ActionOptions, Join, Workflow
 from plait.spec.builder import Needs as Needs
-from plait.spec.builder import Workflow
 from plait.spec.convert import (
     ACTION_KEYS,
     DEFAULTS_KEYS,
@@ -33,15 +36,21 @@ from plait.spec.convert import (
 )
 from plait.spec.convert import LATER_KEYS as LATER_KEYS
 from plait.spec.files import WORKFLOW_DIR_ENV, load_workflow, loads_workflow
+from plait.spec.patterns import JOIN_KEYS, MAP_KEYS, SEMAPHORE_KEYS
 
 # `Needs` and `LATER_KEYS` stay importable from here, as before, but out of `import *`.
 __all__ = [
     "ACTION_KEYS",
     "DEFAULTS_KEYS",
+    "JOIN_KEYS",
+    "MAP_KEYS",
     "RETRY_KEYS",
+    "SEMAPHORE_KEYS",
     "TOP_LEVEL_KEYS",
     "WORKFLOW_DIR_ENV",
+    "ActionOptions",
     "ActionRef",
+    "Join",
     "SpecError",
     "Workflow",
     "load_workflow",
