@@ -12,7 +12,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +22,12 @@ from plait.durations import parse_duration
 from plait.endpoints import parse_targets
 from plait.errors import ConfigError
 from plait.worker.handlers import Worker
+from plait.worker.resources import (
+    RESOURCE_NAME_RE,
+    detect_resources,
+    merge_resources,
+    parse_resource,
+)
 from plait.worker.serve import default_worker_id
 from plait.worker.session import WORKER_ID_RE
 
@@ -45,6 +51,10 @@ class WorkerdConfig:
     reconnect_max: timedelta = timedelta(seconds=10)
     log_level: str = "INFO"
     clock_offset_ms: int = 0
+    resources: Mapping[str, float] = field(default_factory=detect_resources)
+    """``Hello.resources``: detected ``cpu``/``memory_mb`` with ``--resource`` on top."""
+    adaptive: bool = True
+    """Withhold slots while the host is overloaded (``--adaptive/--no-adaptive``)."""
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the flag of the first bad value."""
@@ -64,6 +74,11 @@ class WorkerdConfig:
             raise ConfigError("--reconnect-backoff: the maximum is below the initial delay")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
+        for name, amount in self.resources.items():
+            if not RESOURCE_NAME_RE.fullmatch(name):
+                raise ConfigError(f"--resource: bad name {name!r}")
+            if not 0 <= amount < float("inf"):
+                raise ConfigError(f"--resource: {name} must be a finite number >= 0")
         if not self.exec_enabled and not self.handlers:
             raise ConfigError("--no-exec: nothing left to serve; add --handlers or drop --no-exec")
 
@@ -108,6 +123,18 @@ def parse_labels(items: Sequence[str]) -> dict[str, str]:
     return labels
 
 
+def parse_resources(items: Sequence[str]) -> dict[str, float]:
+    """``NAME=N`` items into a dict (a later item wins)."""
+    out: dict[str, float] = {}
+    for item in items:
+        try:
+            name, amount = parse_resource(item)
+        except ValueError as err:
+            raise ConfigError(f"--resource: {err}") from None
+        out[name] = amount
+    return out
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """The ``plait-workerd`` argument parser (defaults read from ``environ``)."""
     p = argparse.ArgumentParser(
@@ -141,6 +168,21 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="module:attr or path/to/file.py[:attr] naming a plait.Worker whose handlers to"
         " serve (attr defaults to 'worker'; repeatable)",
     )
+    p.add_argument(
+        "--resource",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="a resource offered in Hello.resources, e.g. gpu=2; adds to or overrides the"
+        " detected cpu and memory_mb (repeatable)",
+    )
+    p.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="withhold slots while the host is overloaded (load per CPU > 1.5, MemAvailable"
+        " < 10%%, or memory PSI; default on)",
+    )
     p.add_argument("--no-exec", action="store_true", help="do not run exec actions")
     p.add_argument(
         "--reconnect-backoff",
@@ -154,9 +196,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerdConfig:
-    """Builds and validates the config from parsed flags and the environment."""
+def config_from_args(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    detect: Callable[[], Mapping[str, float]] = detect_resources,
+) -> WorkerdConfig:
+    """Builds and validates the config from parsed flags and the environment.
+
+    ``detect`` measures the host's resources (injectable for tests).
+    """
     initial, maximum = parse_backoff(args.reconnect_backoff)
+    overrides = parse_resources(args.resource)
     config = WorkerdConfig(
         coordinator=args.coordinator,
         worker_id=args.worker_id or default_worker_id(),
@@ -168,6 +218,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Wo
         reconnect_max=maximum,
         log_level=args.log_level,
         clock_offset_ms=parse_clock_offset(environ.get("PLAIT_CLOCK_OFFSET", "")),
+        resources=merge_resources(detect(), overrides),
+        adaptive=args.adaptive,
     )
     config.validate()
     return config

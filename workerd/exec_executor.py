@@ -37,10 +37,11 @@ from plait.worker.executor import (
     AttemptResult,
     Code,
 )
-from plait.worker.handlers import parse_inputs
+from plait.worker.handlers import parse_inputs, parse_item
 from plait.workerd.keeper import Keeper
 from plait.workerd.sandbox import (
     INPUTS_FILE_NAME,
+    NO_ITEM,
     OUTPUT_FILE_NAME,
     TemplateError,
     build_env,
@@ -275,10 +276,15 @@ class _ExecAttempt:
         argv = list(spec.exec.argv)
         if not argv:
             return AttemptResult.failed("exec.argv is empty", code=Code.INVALID_ARGUMENT)
+        has_item, item = False, None
+        if '"item"' in lease.inputs_json:
+            # Malformed inputs only fail an attempt whose argv templates need them.
+            with contextlib.suppress(ValueError):
+                has_item, item = parse_item(lease.inputs_json)
         try:
             if any("{{" in a for a in argv):
                 static_input, _ = parse_inputs(lease.inputs_json, spec.input_json)
-                argv = expand_argv(argv, static_input)
+                argv = expand_argv(argv, static_input, item if has_item else NO_ITEM)
             inputs_text = lease.inputs_json or json.dumps(
                 {"input": json.loads(spec.input_json) if spec.input_json else None, "needs": {}}
             )
@@ -299,8 +305,14 @@ class _ExecAttempt:
             output_file=os.path.join(self.tmpdir, OUTPUT_FILE_NAME),
             inputs_file=inputs_file,
             inputs_env=inputs_text if len(inputs) <= self.ex.inputs_env_limit else "",
+            item_env=self._item_env(item) if has_item else None,
         )
         return argv, inputs, env_without_nul(env)
+
+    def _item_env(self, item: Any) -> str:
+        """``$PLAIT_ITEM``: the item as compact JSON, empty when over the env limit."""
+        text = json.dumps(item, separators=(",", ":"))
+        return text if len(text.encode()) <= self.ex.inputs_env_limit else ""
 
     async def _execute(self) -> AttemptResult:
         prepared = self._prepare()

@@ -42,10 +42,13 @@ async def run(
         keeper.start()
         executors.append(ExecExecutor(keeper=keeper))
     log.info(
-        "plait-workerd %s: worker %s, %d slot(s), exec %s, %d handler(s), coordinator %s",
+        "plait-workerd %s: worker %s, %d slot(s) (adaptive %s), resources %s, exec %s,"
+        " %d handler(s), coordinator %s",
         __version__,
         config.worker_id,
         config.slots,
+        "on" if config.adaptive else "off",
+        ", ".join(f"{k}={v:g}" for k, v in sorted(config.resources.items())) or "none",
         "on" if config.exec_enabled else "off",
         sum(len(w.handlers) for w in workers),
         config.coordinator,
@@ -57,6 +60,9 @@ async def run(
             worker_id=config.worker_id,
             slots=config.slots,
             labels=config.labels,
+            resources=config.resources,
+            detect=False,
+            adaptive=config.adaptive,
             executors=executors,
             clock=SystemClock(offset_ms=config.clock_offset_ms),
             reconnect_initial=config.reconnect_initial,

@@ -17,14 +17,24 @@ from typing import Any
 
 from plait.v1 import worker_service_pb2 as pb
 
-_TEMPLATE = re.compile(r"\{\{\s*input((?:\.[A-Za-z0-9_-]+)*)\s*\}\}")
+_TEMPLATE = re.compile(r"\{\{\s*(input|item)((?:\.[A-Za-z0-9_-]+)*)\s*\}\}")
 
 INPUTS_FILE_NAME = "plait-inputs.json"
 OUTPUT_FILE_NAME = "plait-output.json"
 
 
 class TemplateError(ValueError):
-    """An argv template names a key the input does not have."""
+    """An argv template names a key the input (or item) does not have."""
+
+
+class _Missing:
+    """No item: the action is not a map child."""
+
+    def __repr__(self) -> str:
+        return "NO_ITEM"
+
+
+NO_ITEM: Any = _Missing()
 
 
 def _render(value: Any) -> str:
@@ -33,13 +43,19 @@ def _render(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def expand_argv(argv: Sequence[str], static_input: Any) -> list[str]:
-    """Replaces ``{{ input.KEY }}`` (dotted paths allowed, ``{{ input }}`` is all of it).
+def render_json(value: Any) -> str:
+    """A template value as text: a string as it is, anything else as compact JSON."""
+    return _render(value)
 
+
+def expand_argv(argv: Sequence[str], static_input: Any, item: Any = NO_ITEM) -> list[str]:
+    """Replaces ``{{ input.KEY }}`` and ``{{ item.KEY }}`` (dotted paths allowed).
+
+    ``{{ input }}`` is the whole static input, ``{{ item }}`` a map child's whole item.
     Strings are inserted as they are; other JSON values as compact JSON.
 
     Raises:
-        TemplateError: naming the argv item and the missing key.
+        TemplateError: naming the argv item and the missing key (or the missing item).
     """
     out: list[str] = []
     for i, arg in enumerate(argv):
@@ -48,16 +64,21 @@ def expand_argv(argv: Sequence[str], static_input: Any) -> list[str]:
             continue
 
         def sub(m: re.Match[str], i: int = i) -> str:
-            value = static_input
-            path = [p for p in m.group(1).split(".") if p]
+            root = m.group(1)
+            value = static_input if root == "input" else item
+            if value is NO_ITEM:
+                raise TemplateError(
+                    f"exec.argv[{i}]: {m.group(0)}: the action has no item (not a map child)"
+                )
+            path = [p for p in m.group(2).split(".") if p]
             for depth, key in enumerate(path):
                 if isinstance(value, dict) and key in value:
                     value = value[key]
                 elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
                     value = value[int(key)]
                 else:
-                    shown = "input." + ".".join(path[: depth + 1])
-                    raise TemplateError(f"exec.argv[{i}]: {m.group(0)}: the input has no {shown}")
+                    shown = f"{root}." + ".".join(path[: depth + 1])
+                    raise TemplateError(f"exec.argv[{i}]: {m.group(0)}: the {root} has no {shown}")
             return _render(value)
 
         out.append(_TEMPLATE.sub(sub, arg))
@@ -72,8 +93,12 @@ def build_env(
     output_file: str,
     inputs_file: str,
     inputs_env: str,
+    item_env: str | None = None,
 ) -> dict[str, str]:
-    """The whole environment of an exec attempt (nothing is inherited)."""
+    """The whole environment of an exec attempt (nothing is inherited).
+
+    ``item_env`` is ``$PLAIT_ITEM`` (a map child's item as JSON); ``None`` leaves it unset.
+    """
     env = {"PATH": path, "HOME": tmpdir, "TMPDIR": tmpdir, "LANG": "C.UTF-8"}
     env.update(lease.action.env)
     env.update(
@@ -90,6 +115,8 @@ def build_env(
             "PLAIT_INPUTS_FILE": inputs_file,
         }
     )
+    if item_env is not None:
+        env["PLAIT_ITEM"] = item_env
     return env
 
 

@@ -28,6 +28,7 @@ from plait.v1 import worker_service_pb2 as pb
 from plait.v1 import worker_service_pb2_grpc as pb_grpc
 from plait.v1 import workflow_pb2
 from plait.worker import ActionContext, SessionConfig, Worker, WorkerSession
+from plait.worker.adaptive import AdaptiveConfig, LoadReading
 from plait.workerd.exec_executor import ExecExecutor
 from plait.workerd.keeper import Keeper
 
@@ -239,7 +240,38 @@ def make_worker(release: asyncio.Event) -> Worker:
         await release.wait()
         return {"released": True}
 
+    @w.action("progress")
+    async def progress(ctx: ActionContext) -> dict[str, Any]:
+        for pct in range(5, 101, 5):
+            ctx.heartbeat({"pct": pct})
+            await asyncio.sleep(0.01)
+        await release.wait()
+        return {"item": ctx.item}
+
+    @w.action("progress_sync")
+    def progress_sync(ctx: ActionContext) -> dict[str, Any]:
+        ctx.heartbeat({"pct": 50, "sync": True})
+        try:
+            ctx.heartbeat({"blob": "x" * (64 * 1024)})
+        except ValueError as err:
+            return {"refused": str(err)}
+        return {}
+
     return w
+
+
+class FakeProbe:
+    """Load readings chosen by the test."""
+
+    def __init__(self) -> None:
+        self.reading = LoadReading(load_per_cpu=0.2, mem_available=0.6)
+
+    def read(self) -> LoadReading:
+        return self.reading
+
+
+HEALTHY = LoadReading(load_per_cpu=0.2, mem_available=0.6)
+OVERLOADED = LoadReading(load_per_cpu=3.0, mem_available=0.6)
 
 
 class Harness:
@@ -260,7 +292,9 @@ class Harness:
         self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         await self.server.start()
 
-    def start_session(self, slots: int = 4, **kw: Any) -> WorkerSession:
+    def start_session(
+        self, slots: int = 4, load_probe: FakeProbe | None = None, **kw: Any
+    ) -> WorkerSession:
         self.keeper.start()
         self.executors = [
             make_worker(self.release).executor(slots),
@@ -275,7 +309,7 @@ class Harness:
             reconnect_max=timedelta(seconds=1),
             **kw,
         )
-        self.session = WorkerSession(config, self.executors)
+        self.session = WorkerSession(config, self.executors, load_probe=load_probe)
         self.task = asyncio.create_task(self.session.run())
         return self.session
 
@@ -316,7 +350,7 @@ async def test_hello_welcome_and_heartbeats(h: Harness) -> None:
     assert hello is not None
     assert stream.received[0].WhichOneof("message") == "hello"
     assert (hello.worker_id, hello.slots, dict(hello.labels)) == ("w1", 3, {"zone": "test"})
-    assert list(hello.handlers) == ["blocked", "noop", "sync"]
+    assert list(hello.handlers) == ["blocked", "noop", "progress", "progress_sync", "sync"]
     assert hello.exec_enabled and hello.agent.startswith("plait-python/") and hello.hostname
     assert list(hello.running) == []
     await h.coord.wait_for(lambda: len(stream.of("heartbeat")) >= 4)
@@ -327,6 +361,13 @@ async def test_hello_welcome_and_heartbeats(h: Harness) -> None:
     assert session.kill_grace == GRACE and session.session_id == "s1"
     # The fence deadline follows the acked heartbeats.
     assert session.fence_deadline > time.monotonic() + TTL - 3 * HEARTBEAT
+
+
+async def test_hello_advertises_resources(h: Harness) -> None:
+    h.start_session(slots=2, resources={"cpu": 2.5, "memory_mb": 4096, "gpu": 1})
+    stream = await connected(h)
+    assert stream.hello is not None
+    assert dict(stream.hello.resources) == {"cpu": 2.5, "memory_mb": 4096, "gpu": 1}
 
 
 async def test_grants_run_results_acked_and_credit_returned(h: Harness) -> None:
@@ -634,3 +675,101 @@ async def test_workerd_serves_exec_and_handlers_and_drains_on_sigterm(h: Harness
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- adaptive concurrency
+
+
+async def test_adaptive_concurrency_withholds_then_releases_credit(h: Harness) -> None:
+    probe = FakeProbe()
+    # The interval is an hour: the test drives every reading through session.adapt().
+    session = h.start_session(
+        slots=4, load_probe=probe, adaptive=AdaptiveConfig(interval=timedelta(hours=1))
+    )
+    stream = await connected(h)
+    assert session.stats.offered_slots == 4 and session.adapt().limit == 4  # healthy, at slots
+    stream.grant(*(handler_lease("blocked", f"b{i}") for i in range(4)))
+    await h.coord.wait_for(lambda: len(session.running) == 4)
+
+    probe.reading = OVERLOADED
+    assert [session.adapt().limit for _ in range(3)] == [2, 1, 1]  # halves, never below 1
+    assert session.stats.offered_slots == 1 and session.stats.adaptive_decreases == 2
+
+    # All four finish: only one slot goes back; three are withheld (running < limit again).
+    h.release.set()
+    await h.coord.wait_for(lambda: len(stream.results) == 4 and stream.credit == 1)
+    await asyncio.sleep(0.2)
+    assert stream.credit == 1
+    assert session.withheld_slots == 3 and session.stats.withheld_slots == 3
+
+    # Recovery: +1 per reading, each step credited at once, never above the slots.
+    probe.reading = HEALTHY
+    for expected in (2, 3, 4):
+        adj = session.adapt()
+        assert (adj.limit, adj.release) == (expected, 1)
+        await h.coord.wait_for(lambda expected=expected: stream.credit == expected)
+    adj = session.adapt()
+    assert (adj.limit, adj.release) == (4, 0)
+    await asyncio.sleep(0.2)
+    assert stream.credit == 4 and session.withheld_slots == 0
+    assert sum(c.slots for c in stream.of("credit")) == 3  # the releases were plain Credits
+
+
+async def test_adaptive_limit_survives_a_reconnect(h: Harness) -> None:
+    probe = FakeProbe()
+    session = h.start_session(
+        slots=4, load_probe=probe, adaptive=AdaptiveConfig(interval=timedelta(hours=1))
+    )
+    first = await connected(h)
+    probe.reading = OVERLOADED
+    assert session.adapt().limit == 2
+    first.end()
+    await h.coord.wait_for(lambda: len(h.coord.streams) == 2 and h.coord.stream.of("heartbeat"))
+    second = h.coord.stream
+    # Hello restarts the coordinator's ledger from every slot; the limit is re-imposed by
+    # withholding the first freed slots.
+    assert second.hello is not None and second.hello.slots == 4
+    second.grant(*(handler_lease("noop", f"n{i}") for i in range(4)))
+    await h.coord.wait_for(lambda: len(second.results) == 4 and second.credit == 2)
+    await asyncio.sleep(0.2)
+    assert second.credit == 2 and session.withheld_slots == 2
+
+
+# ---------------------------------------------------------------- progress heartbeats
+
+
+async def test_progress_heartbeats_are_batched_onto_the_stream(h: Harness) -> None:
+    session = h.start_session(progress_interval=timedelta(milliseconds=150))
+    stream = await connected(h)
+    child = handler_lease("progress", "p1", token=3)
+    child.inputs_json = json.dumps({"input": None, "item": {"name": "a"}, "needs": {}})
+    stream.grant(child, handler_lease("progress_sync", "p2", token=4))
+
+    def progress() -> list[pb.LeaseProgress]:
+        return [p for m in stream.of("action_progress") for p in m.leases]
+
+    # The handler reports 20 times over ~0.2 s+; the coordinator sees the latest at the end.
+    await h.coord.wait_for(
+        lambda: any(
+            p.lease_id == "p1" and json.loads(p.details_json) == {"pct": 100} for p in progress()
+        )
+    )
+    messages = stream.of("action_progress")
+    assert len(messages) <= 5  # throttled: at most one ActionProgress per 150 ms
+    for m in messages:
+        assert len({p.lease_id for p in m.leases}) == len(m.leases)  # latest per lease only
+    p1 = [p for p in progress() if p.lease_id == "p1"]
+    assert all(p.fencing_token == 3 for p in p1) and len(p1) < 20
+    pcts = [json.loads(p.details_json)["pct"] for p in p1]
+    assert pcts == sorted(pcts)
+
+    # The sync handler's heartbeat (from a pool thread) arrived; its oversized one was refused.
+    (p2,) = [p for p in progress() if p.lease_id == "p2"]
+    assert p2.fencing_token == 4 and json.loads(p2.details_json) == {"pct": 50, "sync": True}
+    r2 = await h.coord.wait_for(lambda: next((r for r in stream.results if r.lease_id == "p2"), 0))
+    assert "over the 64 KiB (65536-byte) limit" in json.loads(r2.outputs_json)["refused"]
+
+    h.release.set()
+    r1 = await h.coord.wait_for(lambda: next((r for r in stream.results if r.lease_id == "p1"), 0))
+    assert json.loads(r1.outputs_json) == {"item": {"name": "a"}}  # ctx.item
+    assert session.stats.progress_sent == len(progress())

@@ -368,6 +368,42 @@ async def test_argv_templates_and_shell(executor: ExecExecutor) -> None:
     assert json.loads(r.outputs_json) == {"who": "act", "arg": "A1"}
 
 
+async def test_item_templates_and_plait_item(executor: ExecExecutor) -> None:
+    script = py("""
+        import json, os, sys
+        out = {"argv": sys.argv[1:], "env": os.environ.get("PLAIT_ITEM")}
+        json.dump(out, open(os.environ["PLAIT_OUTPUT"], "w"))
+        """)
+    inputs = {"input": {"mode": "fast"}, "item": {"name": "b.txt", "size": 3}, "needs": {}}
+    lease = exec_lease(
+        [*script, "{{ item }}", "{{ item.name }}", "--size={{item.size}}", "{{ input.mode }}"],
+        inputs_json=json.dumps(inputs),
+    )
+    r = await run_lease(executor, lease)
+    out = json.loads(r.outputs_json)
+    assert out["argv"] == ['{"name":"b.txt","size":3}', "b.txt", "--size=3", "fast"]
+    assert json.loads(out["env"]) == {"name": "b.txt", "size": 3}
+
+    # A string item goes in as it is; $PLAIT_ITEM holds it as JSON.
+    inputs = {"input": None, "item": "a b", "needs": {}}
+    lease = exec_lease([*script, "{{ item }}"], inputs_json=json.dumps(inputs), lease_id="l2")
+    out = json.loads((await run_lease(executor, lease)).outputs_json)
+    assert out == {"argv": ["a b"], "env": '"a b"'}
+
+    # Not a map child: no $PLAIT_ITEM, and {{ item }} fails the attempt naming it.
+    out = json.loads((await run_lease(executor, exec_lease(script, lease_id="l3"))).outputs_json)
+    assert out == {"argv": [], "env": None}
+    r = await run_lease(executor, exec_lease(["echo", "{{ item }}"], lease_id="l4"))
+    assert r.outcome == pb.ACTION_OUTCOME_FAILED and r.error_code == Code.INVALID_ARGUMENT
+    assert "exec.argv[1]" in r.error and "no item" in r.error
+    inputs = {"input": None, "item": {"name": "x"}, "needs": {}}
+    r = await run_lease(
+        executor,
+        exec_lease(["echo", "{{ item.size }}"], inputs_json=json.dumps(inputs), lease_id="l5"),
+    )
+    assert r.outcome == pb.ACTION_OUTCOME_FAILED and "the item has no item.size" in r.error
+
+
 async def test_missing_template_key_fails_naming_it(executor: ExecExecutor) -> None:
     r = await run_lease(
         executor, exec_lease(["echo", "{{ input.missing }}"], static_input={"other": 1})

@@ -96,6 +96,20 @@ def test_flags() -> None:
     assert c.reconnect_max == timedelta(seconds=1)
 
 
+def test_resources_and_adaptive_flags() -> None:
+    env: dict[str, str] = {}
+    args = build_parser(env).parse_args(
+        ["--resource", "gpu=2", "--resource", "cpu=3.5", "--resource", "gpu=4"]
+    )
+    c = config_from_args(args, env, detect=lambda: {"cpu": 8.0, "memory_mb": 16000.0})
+    # Flags add to the detected resources or override them; a later flag wins.
+    assert dict(c.resources) == {"cpu": 3.5, "memory_mb": 16000.0, "gpu": 4.0}
+    assert c.adaptive
+    assert not config(["--no-adaptive"]).adaptive
+    detected = config([]).resources
+    assert detected["cpu"] > 0 and set(detected) <= {"cpu", "memory_mb"}
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
@@ -107,6 +121,9 @@ def test_flags() -> None:
         (["--reconnect-backoff", "2s:1s"], "--reconnect-backoff"),
         (["--log-level", "chatty"], "--log-level"),
         (["--no-exec"], "--no-exec"),
+        (["--resource", "gpu"], "--resource"),
+        (["--resource", "gpu=-1"], "--resource"),
+        (["--resource", "1gpu=1"], "--resource"),
     ],
 )
 def test_bad_values_name_the_flag(argv: list[str], flag: str) -> None:

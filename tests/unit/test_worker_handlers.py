@@ -26,11 +26,15 @@ class FakeCtx:
         self.results: list[AttemptResult] = []
         self.reported = asyncio.Event()
         self.thread: threading.Thread | None = None
+        self.progress_reports: list[tuple[str, threading.Thread]] = []
 
     def report(self, result: AttemptResult) -> None:
         self.thread = threading.current_thread()
         self.results.append(result)
         self.reported.set()
+
+    def progress(self, details_json: str) -> None:
+        self.progress_reports.append((details_json, threading.current_thread()))
 
 
 def handler_lease(
@@ -49,8 +53,8 @@ def handler_lease(
     )
 
 
-async def run(ex: HandlerExecutor, lease: pb.Lease) -> AttemptResult:
-    ctx = FakeCtx(lease.lease_id)
+async def run(ex: HandlerExecutor, lease: pb.Lease, ctx: FakeCtx | None = None) -> AttemptResult:
+    ctx = ctx or FakeCtx(lease.lease_id)
     ex.start(lease, ctx)
     await asyncio.wait_for(ctx.reported.wait(), 10)
     assert ctx.thread is threading.main_thread()  # reported on the loop thread
@@ -98,6 +102,34 @@ def test_context_from_lease() -> None:
     assert ctx.cancelled
     # Without inputs_json the static input of the spec is used.
     assert ActionContext.from_lease(handler_lease("h")).input == {"static": True}
+
+
+def test_context_item() -> None:
+    child = handler_lease("h", {"input": None, "item": {"name": "b", "n": 2}, "needs": {}})
+    assert ActionContext.from_lease(child).item == {"name": "b", "n": 2}
+    assert ActionContext.from_lease(handler_lease("h", {"input": 1, "item": "s"})).item == "s"
+    # Not a map child: None.
+    assert ActionContext.from_lease(handler_lease("h", {"input": 1, "needs": {}})).item is None
+    assert ActionContext.from_lease(handler_lease("h")).item is None
+
+
+def test_heartbeat_details_are_json_and_bounded() -> None:
+    sent: list[str] = []
+    ctx = ActionContext(progress=sent.append)
+    ctx.heartbeat({"pct": 50})
+    ctx.heartbeat()
+    assert sent == ['{"pct":50}', "null"]
+    # Exactly 64 KiB of JSON is fine; one byte more is refused, naming the limit.
+    at_limit = "x" * (64 * 1024 - 2)  # plus the two quotes
+    ctx.heartbeat(at_limit)
+    assert len(sent[-1]) == 64 * 1024
+    with pytest.raises(ValueError, match=r"65537 bytes of JSON, over the 64 KiB \(65536-byte\)"):
+        ctx.heartbeat(at_limit + "x")
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        ctx.heartbeat({"when": object()})
+    assert len(sent) == 3
+    # Without a session (a context built by hand) heartbeats go nowhere.
+    ActionContext().heartbeat({"pct": 1})
 
 
 def test_context_log_is_bounded() -> None:
@@ -171,9 +203,45 @@ async def executor() -> AsyncIterator[HandlerExecutor]:
             time.sleep(0.01)
         return {"partial": True}
 
+    @w.action("beats")
+    async def beats(ctx: ActionContext) -> dict[str, Any]:
+        ctx.heartbeat({"pct": 10})
+        await asyncio.sleep(0)
+        ctx.heartbeat({"pct": 20})
+        return {"item": ctx.item}
+
+    @w.action("sync-beats")
+    def sync_beats(ctx: ActionContext) -> dict[str, Any]:
+        ctx.heartbeat({"thread": threading.current_thread().name})
+        try:
+            ctx.heartbeat("x" * (70 * 1024))
+        except ValueError as err:
+            return {"error": str(err), "item": ctx.item}
+        return {}
+
     ex = w.executor(slots=4)
     yield ex
     await ex.aclose()
+
+
+async def test_heartbeats_reach_the_attempt_context_on_the_loop_thread(
+    executor: HandlerExecutor,
+) -> None:
+    ctx = FakeCtx("l1")
+    r = await run(executor, handler_lease("beats", {"input": 1, "item": [1, 2]}), ctx)
+    assert json.loads(r.outputs_json) == {"item": [1, 2]}
+    assert [d for d, _ in ctx.progress_reports] == ['{"pct":10}', '{"pct":20}']
+    assert all(t is threading.main_thread() for _, t in ctx.progress_reports)
+
+    ctx = FakeCtx("l2")
+    lease = handler_lease("sync-beats", {"input": 1, "item": "it"}, lease_id="l2")
+    r = await run(executor, lease, ctx)
+    out = json.loads(r.outputs_json)
+    assert "over the 64 KiB" in out["error"] and out["item"] == "it"
+    # Sent from a pool thread, delivered on the loop thread, before the result.
+    ((details, thread),) = ctx.progress_reports
+    assert json.loads(details)["thread"].startswith("plait-handler")
+    assert thread is threading.main_thread()
 
 
 async def test_async_handler_outputs(executor: HandlerExecutor) -> None:

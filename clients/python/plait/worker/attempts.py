@@ -6,8 +6,9 @@ until a ``ResultAck`` for its (lease, token) arrives (**ack means durable**: the
 :class:`~plait.worker.session.WorkerSession` re-sends unacked results after every reconnect).
 
 It sends nothing itself. It tells the session through callbacks when an attempt has started
-(queue a start report), when one has finished (queue its result, credit the slots it freed) and
-when queued reports should leave; the session batches them onto the stream.
+(queue a start report), made progress (queue a progress report), has finished (queue its
+result, credit the slots it freed) and when queued reports should leave; the session batches
+them onto the stream.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class Attempt:
         """The executor's report that the attempt has ended."""
         self._book.finish(self, result)
 
+    def progress(self, details_json: str) -> None:
+        """The executor's progress report (dropped once the attempt has ended)."""
+        if not self.done:
+            self._book.progress(self, details_json)
+
     def cancel(self, reason: str) -> None:
         """Asks the executor to kill the attempt (once); it still reports how it ended."""
         if self.cancelling or self.done:
@@ -99,6 +105,7 @@ class AttemptBook:
         on_started: Callable[[pb.LeaseReport], None],
         on_finished: Callable[[pb.ActionResult, int], None],
         flush_soon: Callable[[], None],
+        on_progress: Callable[[pb.LeaseProgress], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.slots = slots
@@ -109,6 +116,7 @@ class AttemptBook:
         self._on_started = on_started
         self._on_finished = on_finished
         self._flush_soon = flush_soon
+        self._on_progress = on_progress
         self._exec: Executor | None = None
         self._by_handler: dict[str, Executor] = {}
         for ex in executors:
@@ -224,6 +232,16 @@ class AttemptBook:
                 f"worker {self.worker_id} does not serve handler {name!r}"
             )
         return f"action {lease.action.id!r} has neither exec nor handler"
+
+    def progress(self, att: Attempt, details_json: str) -> None:
+        """Queues a progress report of a running attempt."""
+        if self._on_progress is None or self.attempts.get(att.lease_id) is not att:
+            return
+        self._on_progress(
+            pb.LeaseProgress(
+                lease_id=att.lease_id, fencing_token=att.token, details_json=details_json
+            )
+        )
 
     def finish(self, att: Attempt, result: AttemptResult) -> None:
         """Records how an attempt ended (once) and keeps its result until it is acked."""

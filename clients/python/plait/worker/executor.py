@@ -51,6 +51,9 @@ DEFAULT_ERROR_CODE: dict[int, int] = {
 # Largest outputs object an attempt may return (exec's $PLAIT_OUTPUT or a handler's dict).
 MAX_OUTPUT_BYTES = 1 << 20
 
+# Largest progress details (LeaseProgress.details_json, UTF-8) an attempt may report.
+MAX_PROGRESS_BYTES = 64 * 1024
+
 
 @dataclass(slots=True)
 class AttemptResult:
@@ -100,6 +103,14 @@ class AttemptContext(Protocol):
 
     def report(self, result: AttemptResult) -> None:
         """Delivers the attempt's result; call exactly once, on the loop thread."""
+        ...
+
+    def progress(self, details_json: str) -> None:
+        """Queues a progress report (``LeaseProgress``); on the loop thread, any number of times.
+
+        ``details_json`` is a JSON value of at most :data:`MAX_PROGRESS_BYTES`; the executor
+        checks the bound. Reports after the result are ignored.
+        """
         ...
 
 

@@ -5,11 +5,16 @@ A handler is a function registered with ``@worker.action("name")`` that takes an
 handlers run as tasks on the session's event loop (cancellation cancels the task); sync
 handlers run in a thread pool sized to the worker's slots and are cancelled cooperatively
 through ``ctx.cancelled`` — a late result is simply refused by fencing.
+
+``ctx.heartbeat(details)`` reports progress from either kind of handler (from any thread): the
+session batches it into ``ActionProgress`` and the coordinator resets the attempt's
+``heartbeat_timeout``. ``ctx.item`` is a map child's item (``"item"`` in ``Lease.inputs_json``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -24,6 +29,7 @@ from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
     CANCELLED,
     MAX_OUTPUT_BYTES,
+    MAX_PROGRESS_BYTES,
     SUCCEEDED,
     AttemptContext,
     AttemptResult,
@@ -87,6 +93,24 @@ def parse_inputs(inputs_json: str, input_json: str = "") -> tuple[Any, dict[str,
     return doc.get("input"), needs
 
 
+def parse_item(inputs_json: str) -> tuple[bool, Any]:
+    """``(True, item)`` for a map child's ``Lease.inputs_json``, ``(False, None)`` without one.
+
+    Raises:
+        ValueError: the JSON is malformed.
+    """
+    if not inputs_json:
+        return False, None
+    doc = json.loads(inputs_json)
+    if not isinstance(doc, dict) or "item" not in doc:
+        return False, None
+    return True, doc["item"]
+
+
+ProgressSink = Callable[[str], None]
+"""Takes a progress report's details JSON; safe to call from any thread."""
+
+
 class ActionContext:
     """What a handler knows about the attempt it runs."""
 
@@ -94,9 +118,11 @@ class ActionContext:
         "_input",
         "_input_json",
         "_inputs_json",
+        "_item",
         "_log",
         "_log_chars",
         "_needs",
+        "_progress",
         "action_id",
         "attempt",
         "cancel_reason",
@@ -120,6 +146,7 @@ class ActionContext:
         lease_id: str = "",
         inputs_json: str = "",
         input_json: str = "",
+        progress: ProgressSink | None = None,
     ) -> None:
         self.workflow_id = workflow_id
         self.action_id = action_id
@@ -134,12 +161,14 @@ class ActionContext:
         self._input_json = input_json
         self._input: Any = None
         self._needs: dict[str, NeedResult] | None = None
+        self._item: tuple[bool, Any] | None = None
+        self._progress = progress
         self._log: list[str] = []
         self._log_chars = 0
 
     @classmethod
-    def from_lease(cls, lease: pb.Lease) -> ActionContext:
-        """The context of one granted lease."""
+    def from_lease(cls, lease: pb.Lease, progress: ProgressSink | None = None) -> ActionContext:
+        """The context of one granted lease; ``progress`` receives its heartbeats."""
         return cls(
             workflow_id=lease.workflow_id,
             action_id=lease.action_id,
@@ -150,6 +179,7 @@ class ActionContext:
             lease_id=lease.lease_id,
             inputs_json=lease.inputs_json,
             input_json=lease.action.input_json,
+            progress=progress,
         )
 
     def _parse(self) -> None:
@@ -168,6 +198,35 @@ class ActionContext:
         self._parse()
         assert self._needs is not None
         return self._needs
+
+    @property
+    def item(self) -> Any:
+        """A map child's item (parsed JSON), or ``None`` when the action is not a map child."""
+        if self._item is None:
+            self._item = parse_item(self._inputs_json)
+        return self._item[1]
+
+    def heartbeat(self, details: Any = None) -> None:
+        """Reports progress; the coordinator resets the attempt's ``heartbeat_timeout``.
+
+        Never blocks and may be called from any thread (sync handlers run in a pool). Reports
+        are batched: the coordinator gets at most one per lease per flush, the latest.
+
+        Raises:
+            ValueError: ``details`` is not JSON-serialisable, or its JSON is over 64 KiB.
+        """
+        try:
+            text = json.dumps(details, separators=(",", ":"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"heartbeat details are not JSON-serialisable: {err}") from None
+        size = len(text.encode())
+        if size > MAX_PROGRESS_BYTES:
+            raise ValueError(
+                f"heartbeat details are {size} bytes of JSON, over the 64 KiB"
+                f" ({MAX_PROGRESS_BYTES}-byte) limit"
+            )
+        if self._progress is not None:
+            self._progress(text)
 
     def log(self, msg: str) -> None:
         """Adds a line to the attempt's log (reported as its stdout tail, bounded)."""
@@ -272,13 +331,18 @@ class Worker:
         worker_id: str | None = None,
         slots: int | None = None,
         labels: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
+        adaptive: bool = False,
         **options: Any,
     ) -> None:
         """Serves the handlers until SIGINT/SIGTERM (graceful drain; a second one stops now).
 
-        ``options`` go to :func:`plait.worker.serve` (``executors``, ``clock``,
-        ``reconnect_initial``, ``reconnect_max``, ...). Exec actions are not run unless an
-        exec executor is passed in ``executors``.
+        ``resources`` add to (or override) the detected ``cpu`` and ``memory_mb`` advertised in
+        ``Hello.resources``, e.g. ``{"gpu": 2}``. ``adaptive=True`` withholds slots while the
+        host is overloaded (docs/workerd.md, "Adaptive concurrency"). ``options`` go to
+        :func:`plait.worker.serve` (``executors``, ``clock``, ``reconnect_initial``,
+        ``reconnect_max``, ``load_probe``, ...). Exec actions are not run unless an exec
+        executor is passed in ``executors``.
         """
         from plait.worker.serve import serve
 
@@ -289,6 +353,8 @@ class Worker:
                 worker_id=worker_id,
                 slots=slots,
                 labels=labels,
+                resources=resources,
+                adaptive=adaptive,
                 install_signal_handlers=True,
                 **options,
             )
@@ -333,16 +399,21 @@ class HandlerExecutor:
 
     def start(self, lease: pb.Lease, ctx: AttemptContext) -> _Running:
         reg = self._handlers[lease.action.handler]
-        actx = ActionContext.from_lease(lease)
+        loop = asyncio.get_running_loop()
+
+        def progress(details_json: str) -> None:
+            # Sync handlers call this from pool threads; the session lives on the loop.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(ctx.progress, details_json)
+
+        actx = ActionContext.from_lease(lease, progress)
         if reg.is_async:
             running = _Running(actx, None)
-            running.task = asyncio.get_running_loop().create_task(
-                self._run_async(reg.fn, actx, ctx)
-            )
+            running.task = loop.create_task(self._run_async(reg.fn, actx, ctx))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._slots, thread_name_prefix="plait-handler")
-            fut = asyncio.get_running_loop().run_in_executor(self._pool, reg.fn, actx)
+            fut = loop.run_in_executor(self._pool, reg.fn, actx)
             running = _Running(actx, fut)
             fut.add_done_callback(lambda f: self._sync_done(f, actx, ctx))
         self._running[lease.lease_id] = running

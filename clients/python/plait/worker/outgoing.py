@@ -4,7 +4,9 @@
 writes never interleave. :class:`Outbox` holds what happened in one event-loop turn -- attempts
 started, results, slots freed -- until the :class:`~plait.worker.session.WorkerSession` flushes it
 on the next turn, as one message of each kind (**batching**); :func:`result_messages` cuts
-results into ``ActionFinished`` chunks that stay under the message size limit.
+results into ``ActionFinished`` chunks that stay under the message size limit. Progress reports
+(``ActionProgress``) wait in the outbox too, the latest per lease, until the session's
+progress throttle lets them out (:func:`progress_messages`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, NamedTuple
 
 from plait.v1 import worker_service_pb2 as pb
 
-__all__ = ["ConnectStream", "Outbox", "OutboxBatch", "result_messages"]
+__all__ = ["ConnectStream", "Outbox", "OutboxBatch", "progress_messages", "result_messages"]
 
 _BATCH_BYTES = 3 << 20  # ActionFinished chunks stay well under the 4 MiB message limit
 
@@ -71,6 +73,23 @@ def result_messages(results: Sequence[pb.ActionResult], credit: int = 0) -> list
     return out
 
 
+def progress_messages(reports: Sequence[pb.LeaseProgress]) -> list[pb.ConnectRequest]:
+    """Progress reports in ActionProgress chunks under the message size limit."""
+    out: list[pb.ConnectRequest] = []
+    batch: list[pb.LeaseProgress] = []
+    size = 0
+    for p in reports:
+        approx = len(p.details_json) + len(p.lease_id) + 32
+        if batch and size + approx > _BATCH_BYTES:
+            out.append(pb.ConnectRequest(action_progress=pb.ActionProgress(leases=batch)))
+            batch, size = [], 0
+        batch.append(p)
+        size += approx
+    if batch:
+        out.append(pb.ConnectRequest(action_progress=pb.ActionProgress(leases=batch)))
+    return out
+
+
 class OutboxBatch(NamedTuple):
     """What one flush sends."""
 
@@ -84,21 +103,43 @@ class OutboxBatch(NamedTuple):
 class Outbox:
     """Start reports, results and freed slots of one loop turn, until they leave together."""
 
-    __slots__ = ("_credit", "_finished", "_started")
+    __slots__ = ("_credit", "_finished", "_progress", "_started")
 
     def __init__(self) -> None:
         self._started: list[pb.LeaseReport] = []
         self._finished: list[pb.ActionResult] = []
         self._credit = 0
+        self._progress: dict[str, pb.LeaseProgress] = {}
+
+    def credit(self, slots: int) -> None:
+        """Queues credit that no result carries (slots released by adaptive concurrency)."""
+        self._credit += slots
+
+    def progress(self, report: pb.LeaseProgress) -> None:
+        """Queues a progress report; a newer one for the same lease replaces it."""
+        self._progress.pop(report.lease_id, None)
+        self._progress[report.lease_id] = report
+
+    @property
+    def has_progress(self) -> bool:
+        """Whether progress reports wait to be sent."""
+        return bool(self._progress)
+
+    def take_progress(self) -> list[pb.LeaseProgress]:
+        """Empties the queued progress reports, oldest lease first."""
+        reports = list(self._progress.values())
+        self._progress.clear()
+        return reports
 
     def started(self, report: pb.LeaseReport) -> None:
         """Queues the start report of an attempt."""
         self._started.append(report)
 
     def finished(self, result: pb.ActionResult, credit: int) -> None:
-        """Queues a result and the slots it gives back to the coordinator."""
+        """Queues a result and the slots it gives back; its pending progress is moot."""
         self._credit += credit
         self._finished.append(result)
+        self._progress.pop(result.lease_id, None)
 
     def forget_credit(self) -> None:
         """Drops the queued credit: a draining worker takes no new work."""
@@ -109,15 +150,17 @@ class Outbox:
         self._finished.clear()
 
     def forget_reports(self) -> None:
-        """Drops start reports and results (not credit): no stream to send them on."""
+        """Drops start, progress reports and results (not credit): no stream to send them on."""
         self._started.clear()
         self._finished.clear()
+        self._progress.clear()
 
     def reset(self) -> None:
         """Drops everything: the coordinator's ledger restarts from a new Hello."""
         self._credit = 0
         self._started.clear()
         self._finished.clear()
+        self._progress.clear()
 
     def take(self, *, draining: bool) -> OutboxBatch:
         """Empties the outbox into what to send now."""

@@ -18,7 +18,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from plait.clock import Clock
+from plait.worker.adaptive import AdaptiveConfig, LoadProbe
 from plait.worker.executor import Executor
+from plait.worker.resources import detect_resources, merge_resources
 from plait.worker.session import DEFAULT_AGENT, SessionConfig, SessionStats, WorkerSession
 
 if TYPE_CHECKING:
@@ -80,10 +82,24 @@ async def serve(
     agent: str | None = None,
     install_signal_handlers: bool = False,
     on_session: Callable[[WorkerSession], None] | None = None,
+    resources: Mapping[str, float] | None = None,
+    detect: bool = True,
+    adaptive: bool | AdaptiveConfig = False,
+    load_probe: LoadProbe | None = None,
 ) -> SessionStats:
-    """Serves ``workers``' handlers (and ``executors``) until the session drains or stops."""
+    """Serves ``workers``' handlers (and ``executors``) until the session drains or stops.
+
+    ``Hello.resources`` are the detected ``cpu`` and ``memory_mb``
+    (:func:`plait.worker.resources.detect_resources`) with ``resources`` added or overriding;
+    with ``detect=False`` they are ``resources`` alone. ``adaptive`` turns on adaptive
+    concurrency (``True`` for the default thresholds, or an :class:`AdaptiveConfig`).
+    """
     from plait.worker.handlers import HandlerExecutor
 
+    advertised = dict(resources or {})
+    if detect:
+        advertised = merge_resources(detect_resources(), advertised)
+    adaptive_config = AdaptiveConfig() if adaptive is True else (adaptive or None)
     config = SessionConfig(
         worker_id=worker_id or default_worker_id(),
         coordinator=coordinator,
@@ -92,11 +108,13 @@ async def serve(
         reconnect_initial=reconnect_initial,
         reconnect_max=reconnect_max,
         agent=agent or DEFAULT_AGENT,
+        resources=advertised,
+        adaptive=adaptive_config,
     )
     all_executors: list[Executor] = list(executors)
     if workers:
         all_executors.append(HandlerExecutor(list(workers), config.effective_slots))
-    session = WorkerSession(config, all_executors, clock=clock)
+    session = WorkerSession(config, all_executors, clock=clock, load_probe=load_probe)
     if on_session is not None:
         on_session(session)
     try:

@@ -16,7 +16,12 @@ The rules it keeps (see docs/workerd.md):
   every slot freed after that ``Hello`` goes back in a ``Credit`` (coalesced per loop turn).
 * **Ack means durable.** A result is kept until a ``ResultAck`` for its (lease, token) and is
   re-sent after every reconnect (:mod:`plait.worker.attempts`).
-* **Batching.** Starts and results that happen in one loop turn leave in one message each.
+* **Batching.** Starts and results that happen in one loop turn leave in one message each;
+  progress reports (``ActionProgress``, latest details per lease) at most once per
+  ``SessionConfig.progress_interval``.
+* **Adaptive concurrency.** With ``SessionConfig.adaptive`` set, a :class:`LoadProbe` is read
+  every interval and freed slots are withheld while the host is overloaded
+  (:mod:`plait.worker.adaptive`); the coordinator only ever sees smaller credits.
 * **Several coordinators.** ``SessionConfig.coordinator`` may list a leader and its standbys,
   comma-separated; a standby's ``NOT_LEADER`` refusal is followed to the leader it names at once,
   anything else rotates addresses with the backoff (:mod:`plait.worker.connect`).
@@ -45,12 +50,13 @@ from plait.endpoints import not_leader_of
 from plait.hlc import ClockOffsetError, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.v1 import worker_service_pb2_grpc as pb_grpc
+from plait.worker.adaptive import AdaptiveCredit, Adjustment, LoadProbe, SystemLoadProbe
 from plait.worker.attempts import AttemptBook
 from plait.worker.backoff import Backoff
 from plait.worker.connect import CoordinatorLinks
 from plait.worker.executor import Executor
 from plait.worker.fence import SelfFence
-from plait.worker.outgoing import ConnectStream, Outbox, result_messages
+from plait.worker.outgoing import ConnectStream, Outbox, progress_messages, result_messages
 from plait.worker.session_config import (
     DEFAULT_AGENT,
     WORKER_ID_RE,
@@ -92,6 +98,7 @@ class WorkerSession:
         clock: Clock | None = None,
         hlc: HybridLogicalClock | None = None,
         backoff: Backoff | None = None,
+        load_probe: LoadProbe | None = None,
     ) -> None:
         self.config = config
         self.stats = SessionStats()
@@ -110,7 +117,15 @@ class WorkerSession:
             on_started=self._outbox.started,
             on_finished=self._on_finished,
             flush_soon=self._schedule_flush,
+            on_progress=self._on_progress,
         )
+        self._credit = AdaptiveCredit(self._book.slots, config.adaptive)
+        self._probe: LoadProbe | None = None
+        if config.adaptive is not None:
+            self._probe = load_probe or SystemLoadProbe(cpus=config.resources.get("cpu"))
+        self.stats.offered_slots = self._credit.limit
+        self._next_progress = -math.inf
+        self._progress_timer: asyncio.TimerHandle | None = None
         # Timing: RELIABILITY.md defaults until the coordinator's Welcome sets them.
         self.heartbeat_interval = 5.0
         self.lease_ttl = 30.0
@@ -169,6 +184,16 @@ class WorkerSession:
         return self._fence.deadline
 
     @property
+    def offered_slots(self) -> int:
+        """The offered limit: ``slots`` unless adaptive concurrency has lowered it."""
+        return self._credit.limit
+
+    @property
+    def withheld_slots(self) -> int:
+        """Freed slots not credited back since the last Hello (the limit is below the offer)."""
+        return self._credit.withheld
+
+    @property
     def draining(self) -> bool:
         """Whether the session takes no new work and leaves once its results are acked."""
         return self._draining
@@ -211,6 +236,11 @@ class WorkerSession:
         ]
         links = self._links = CoordinatorLinks(self.config.coordinator, self._backoff, options)
         fence = asyncio.create_task(self._fence_loop(), name="plait-worker-fence")
+        background = [fence]
+        if self._probe is not None:
+            background.append(
+                asyncio.create_task(self._adaptive_loop(), name="plait-worker-adaptive")
+            )
         try:
             while not self._done.is_set():
                 ended_by = await self._connect_once(links.stub())
@@ -221,8 +251,11 @@ class WorkerSession:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._done.wait(), delay)
         finally:
-            fence.cancel()
-            await asyncio.gather(fence, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if self._progress_timer is not None:
+                self._progress_timer.cancel()
             if self._book.attempts:
                 self.stop("worker exiting")
                 await self._wait_idle(self.kill_grace + 2.0)
@@ -338,9 +371,12 @@ class WorkerSession:
             running=self._book.held_reports(),
             agent=cfg.agent,
             hostname=cfg.hostname,
+            resources=dict(cfg.resources),
         )
         # The coordinator's ledger restarts from this Hello: slots - running.
         self._outbox.reset()
+        self._credit.reset()
+        self.stats.withheld_slots = 0
         self._last_grant_seq = 0
         self._fence.forget_heartbeats()
         sent = self._clock.monotonic()
@@ -456,7 +492,9 @@ class WorkerSession:
     # ----------------------------------------------------------------- outgoing batches
 
     def _on_finished(self, result: pb.ActionResult, freed_slots: int) -> None:
-        self._outbox.finished(result, 0 if self._draining else freed_slots)
+        credit = 0 if self._draining else self._credit.freed(freed_slots)
+        self.stats.withheld_slots = self._credit.withheld
+        self._outbox.finished(result, credit)
         self._schedule_flush()
         if not self._book.attempts:
             self._idle.set()
@@ -480,12 +518,38 @@ class WorkerSession:
         started, finished, credit = self._outbox.take(draining=self._draining)
         if started:
             self._send(stream, pb.ConnectRequest(action_started=pb.ActionStarted(leases=started)))
+        if self._outbox.has_progress:
+            self._flush_progress(stream)
         if finished:
             # The credit rides with the results, so the coordinator can lease the next actions
             # in the same commit (ActionFinished.credit).
             self._send_results(stream, finished, credit)
         elif credit > 0:
             self._send(stream, pb.ConnectRequest(credit=pb.Credit(slots=credit)))
+
+    def _on_progress(self, report: pb.LeaseProgress) -> None:
+        self._outbox.progress(report)
+        self._schedule_flush()
+
+    def _flush_progress(self, stream: ConnectStream) -> None:
+        """Sends queued progress, at most once per ``progress_interval`` (else later)."""
+        now = self._clock.monotonic()
+        if now < self._next_progress:
+            if self._progress_timer is None:
+                loop = self._loop or asyncio.get_running_loop()
+                self._progress_timer = loop.call_later(
+                    self._next_progress - now, self._progress_due
+                )
+            return
+        reports = self._outbox.take_progress()
+        for msg in progress_messages(reports):
+            self._send(stream, msg)
+        self.stats.progress_sent += len(reports)
+        self._next_progress = now + self.config.progress_interval.total_seconds()
+
+    def _progress_due(self) -> None:
+        self._progress_timer = None
+        self._schedule_flush()
 
     def _maybe_finish(self) -> None:
         if self._done.is_set() or not self._draining or self._book.attempts:
@@ -540,6 +604,47 @@ class WorkerSession:
         if stream is not None and check.abort:
             stream.abort(f"no heartbeat acknowledged for a lease TTL ({self.lease_ttl:.3g}s)")
         return check.next_check
+
+    # ----------------------------------------------------------------- adaptive concurrency
+
+    def adapt(self) -> Adjustment:
+        """Takes one load reading and moves the offered limit (AIMD); returns the decision.
+
+        Runs every ``SessionConfig.adaptive.interval`` from the session's own task; exposed so
+        tests can drive it with an injected :class:`LoadProbe`. Without adaptive concurrency it
+        changes nothing.
+        """
+        if self._probe is None:
+            return Adjustment(self._credit.limit, 0, "")
+        before = self._credit.limit
+        adj = self._credit.observe(self._probe.read())
+        self.stats.offered_slots = adj.limit
+        self.stats.withheld_slots = self._credit.withheld
+        if adj.limit < before:
+            self.stats.adaptive_decreases += 1
+            log.info(
+                "overloaded (%s): offering %d of %d slot(s), was %d",
+                adj.overload,
+                adj.limit,
+                self._credit.slots,
+                before,
+            )
+        elif adj.limit > before:
+            log.debug("healthy: offering %d of %d slot(s)", adj.limit, self._credit.slots)
+        if adj.release and not self._draining:
+            self._outbox.credit(adj.release)
+            self._schedule_flush()
+        return adj
+
+    async def _adaptive_loop(self) -> None:
+        assert self.config.adaptive is not None
+        interval = self.config.adaptive.interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.adapt()
+            except Exception:
+                log.exception("adaptive concurrency: reading the load failed")
 
     async def _fence_loop(self) -> None:
         while True:

@@ -17,6 +17,8 @@ from datetime import timedelta
 
 from plait import __version__
 from plait.endpoints import parse_targets
+from plait.worker.adaptive import AdaptiveConfig
+from plait.worker.resources import RESOURCE_NAME_RE
 
 __all__ = ["DEFAULT_AGENT", "WORKER_ID_RE", "SessionConfig", "SessionStats"]
 
@@ -45,6 +47,12 @@ class SessionConfig:
     fence_margin: timedelta | None = None
     """Extra head start for self-fencing; ``None`` means one heartbeat interval."""
     max_message_bytes: int = 4 << 20
+    resources: Mapping[str, float] = field(default_factory=dict)
+    """``Hello.resources`` exactly as sent (e.g. ``{"cpu": 8, "memory_mb": 32000}``)."""
+    adaptive: AdaptiveConfig | None = None
+    """Adaptive concurrency (:mod:`plait.worker.adaptive`); ``None`` offers every slot always."""
+    progress_interval: timedelta = timedelta(milliseconds=500)
+    """At most one ``ActionProgress`` leaves per this interval (latest details per lease)."""
 
     def __post_init__(self) -> None:
         if not WORKER_ID_RE.fullmatch(self.worker_id):
@@ -54,6 +62,13 @@ class SessionConfig:
         if self.slots < 0:
             raise ValueError(f"slots must be >= 1 (or 0 for the CPU count), got {self.slots}")
         parse_targets(self.coordinator, "coordinator")  # TargetError is a ValueError
+        for name, amount in self.resources.items():
+            if not RESOURCE_NAME_RE.fullmatch(name):
+                raise ValueError(
+                    f"resource name {name!r}: a letter, then up to 62 of [A-Za-z0-9_.-]"
+                )
+            if not amount >= 0 or amount == float("inf"):
+                raise ValueError(f"resource {name}: must be a finite number >= 0, got {amount}")
 
     @property
     def effective_slots(self) -> int:
@@ -73,3 +88,10 @@ class SessionStats:
     over_grants: int = 0
     self_fenced: int = 0
     clock_offset_errors: int = 0
+    offered_slots: int = 0
+    """Gauge: the offered limit (``slots`` unless adaptive concurrency lowered it)."""
+    withheld_slots: int = 0
+    """Gauge: freed slots not credited back because the limit is below what was offered."""
+    adaptive_decreases: int = 0
+    progress_sent: int = 0
+    """Progress reports (one per lease per flush) sent."""
