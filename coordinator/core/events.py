@@ -43,6 +43,15 @@ class CancelRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryRequested:
+    """A client asked to re-run what did not succeed."""
+
+    cause: str
+    workflow_id: str
+    reply: object = None
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerMessageReceived:
     """A message arrived on a worker's stream (the first one is always ``hello``)."""
 
@@ -78,6 +87,7 @@ class TimePassed:
 Stimulus = (
     WorkflowSubmitted
     | CancelRequested
+    | RetryRequested
     | WorkerMessageReceived
     | WorkerStreamClosed
     | DrainRequested

@@ -18,7 +18,7 @@ import heapq
 import json
 from collections.abc import Iterable
 
-from plait.coordinator.core import joins, limits, sessions
+from plait.coordinator.core import joins, limits, retry, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import Instant
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
@@ -79,6 +79,10 @@ def _apply(st: SchedulerState, ev: pb.HistoryEvent) -> None:
     wf = st.workflows.get(ev.workflow_id)
     if wf is None:
         raise ValueError(f"event {ev.sequence} names unknown workflow {ev.workflow_id!r}")
+    if typ == E.EVENT_TYPE_WORKFLOW_RETRIED:
+        ids = json.loads(ev.outputs_json or "[]")
+        retry.reset(st, wf, [wf.actions[i] for i in ids])
+        return
     if typ == E.EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED:
         wf.cancel_requested = True
         return

@@ -23,12 +23,13 @@ from datetime import timedelta
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import joins, limits, sessions
+from plait.coordinator.core import joins, limits, retry, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
     DrainRequested,
     Instant,
+    RetryRequested,
     Stimulus,
     TimePassed,
     WorkerMessageReceived,
@@ -42,6 +43,7 @@ from plait.coordinator.core.model import (
     WorkerRecord,
     WorkflowRecord,
 )
+from plait.errors import FailedPreconditionError
 from plait.hlc import ZERO, HlcTimestamp, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -136,6 +138,8 @@ class SchedulerState:
                 self.on_time_passed(out)
             elif isinstance(s, CancelRequested):
                 self.on_cancel(s, out)
+            elif isinstance(s, RetryRequested):
+                self.on_retry(s, out)
             elif isinstance(s, WorkerStreamClosed):
                 sessions.on_stream_closed(self, s, out)
             elif isinstance(s, DrainRequested):
@@ -297,6 +301,24 @@ class SchedulerState:
                 if a.state not in t.TERMINAL:
                     joins.end_early(self, a, why, wpb.CANCEL_REASON_USER)
         out.reply(s.reply, wf.state)
+
+    def on_retry(self, s: RetryRequested, out: Outcome) -> None:
+        self._out = out
+        wf = self.workflows.get(s.workflow_id)
+        if wf is None:
+            out.reply(s.reply, KeyError(s.workflow_id))
+        elif wf.state not in retry.RETRYABLE:
+            state_name = pb.WorkflowState.Name(wf.state)  # type: ignore[arg-type]
+            name = state_name.removeprefix("WORKFLOW_STATE_")
+            out.reply(
+                s.reply,
+                FailedPreconditionError(
+                    f"workflow {wf.workflow_id} is {name}: only a workflow that ended without"
+                    " success can be retried"
+                ),
+            )
+        else:
+            out.reply(s.reply, retry.retry_workflow(self, wf))
 
     def finish_action(
         self,

@@ -21,6 +21,15 @@ SKIPPED = S.ACTION_STATE_SKIPPED
 TIMED_OUT = S.ACTION_STATE_TIMED_OUT
 
 TERMINAL: frozenset[int] = frozenset({SUCCEEDED, FAILED, CANCELLED, SKIPPED, TIMED_OUT})
+RETRY_MOVES: frozenset[tuple[int, int]] = frozenset(
+    {
+        (FAILED, PENDING),
+        (TIMED_OUT, PENDING),
+        (SKIPPED, PENDING),
+        (CANCELLED, PENDING),
+        (FAILED, RUNNING),
+    }
+)
 
 # (from, to) -> why the move exists. Keep it small: each line is a rule of the lifecycle.
 TRANSITIONS: dict[tuple[int, int], str] = {
@@ -44,6 +53,12 @@ TRANSITIONS: dict[tuple[int, int], str] = {
     (RUNNING, READY): "lease lost, or retry after failure",
     (RUNNING, CANCELLED): "workflow cancelled",
     (PENDING, FAILED): "a map action's list could not be read",
+    # `plait retry`: the one way back from a terminal state, journalled as WORKFLOW_RETRIED.
+    (FAILED, PENDING): "workflow retry",
+    (TIMED_OUT, PENDING): "workflow retry",
+    (SKIPPED, PENDING): "workflow retry",
+    (CANCELLED, PENDING): "workflow retry",
+    (FAILED, RUNNING): "workflow retry of a map action: its children that failed run again",
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from plait.coordinator.config import Limits
 from plait.coordinator.core import views
-from plait.coordinator.core.events import CancelRequested, WorkflowSubmitted
+from plait.coordinator.core.events import CancelRequested, RetryRequested, WorkflowSubmitted
 from plait.coordinator.core.validate import describe_id, validate_submit
 from plait.coordinator.runtime import Runtime
 from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
@@ -117,6 +117,17 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
             )
         )
         return self._stamp(wspb.CancelWorkflowResponse(state=state))  # type: ignore[no-any-return]
+
+    async def RetryWorkflow(
+        self, request: wspb.RetryWorkflowRequest, context: Any
+    ) -> wspb.RetryWorkflowResponse:
+        merge_client_hlc(self.runtime, request.hlc)
+        self._workflow(request.workflow_id)
+        rt = self.runtime
+        ids = await rt.call(
+            lambda reply: RetryRequested(rt.next_id("retry"), request.workflow_id, reply)
+        )
+        return self._stamp(wspb.RetryWorkflowResponse(action_ids=ids))  # type: ignore[no-any-return]
 
     async def WatchWorkflow(self, request: wspb.WatchWorkflowRequest, context: Any) -> Any:
         merge_client_hlc(self.runtime, request.hlc)

@@ -158,3 +158,35 @@ async def test_idempotency_key_returns_existing_workflow(coordinator: Coordinato
     first = await submit(target, fan_spec(2), key="k-1")
     again = await submit(target, fan_spec(2), key="k-1")
     assert first[1] and not again[1] and first[0] == again[0]
+
+
+async def test_retry_workflow_over_grpc(coordinator: CoordinatorServer) -> None:
+    target = f"127.0.0.1:{coordinator.port}"
+    w = ProtocolWorker(target, "w1", slots=2)
+    await w.connect()
+    spec = pb.WorkflowSpec(name="retry")
+    spec.actions.add(id="a", handler="noop")
+    wf_id, _ = await submit(target, spec)
+    (first,) = await w.grants(1)
+    w.finish(first, outcome=wpb.ACTION_OUTCOME_FAILED)
+    w.credit(1)
+    for _ in range(50):
+        if (await get(target, wf_id)).state == pb.WORKFLOW_STATE_FAILED:
+            break
+        await asyncio.sleep(0.05)
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = wsgrpc.WorkflowServiceStub(ch)
+        resp = await stub.RetryWorkflow(wspb.RetryWorkflowRequest(workflow_id=wf_id))
+        assert list(resp.action_ids) == ["a"]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.RetryWorkflow(wspb.RetryWorkflowRequest(workflow_id=wf_id))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    (second,) = await w.grants(1)
+    assert second.fencing_token == 2
+    w.finish(second)
+    for _ in range(50):
+        if (await get(target, wf_id)).state == pb.WORKFLOW_STATE_SUCCEEDED:
+            break
+        await asyncio.sleep(0.05)
+    assert (await get(target, wf_id)).state == pb.WORKFLOW_STATE_SUCCEEDED
+    await w.close()

@@ -314,6 +314,17 @@ class Client:
         )
         return response.state
 
+    def retry(self, workflow_id: str) -> builtins.list[str]:
+        """Re-runs what did not succeed in a finished workflow; returns the action ids reset.
+
+        Safe to repeat: a workflow already running again answers FAILED_PRECONDITION.
+        """
+        request = workflow_service_pb2.RetryWorkflowRequest(workflow_id=workflow_id)
+        response: workflow_service_pb2.RetryWorkflowResponse = self._call(
+            lambda c: c.workflows.RetryWorkflow, request
+        )
+        return list(response.action_ids)
+
     def watch(
         self, workflow_id: str, after_sequence: int = 0, follow: bool = True
     ) -> Iterator[workflow_pb2.HistoryEvent]:

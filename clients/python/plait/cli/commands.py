@@ -90,6 +90,14 @@ def add_parsers(sub: _SubParsers) -> None:
     _output(p)
     p.set_defaults(func=cmd_cancel)
 
+    p = sub.add_parser(
+        "retry", parents=[parent], help="re-run the actions of a workflow that did not succeed"
+    )
+    p.add_argument("workflow_id", metavar="ID")
+    p.add_argument("--wait", action="store_true", help="wait for the outcome (exit code)")
+    _output(p)
+    p.set_defaults(func=cmd_retry)
+
     p = sub.add_parser("workers", parents=[parent], help="list connected workers")
     _output(p)
     p.set_defaults(func=cmd_workers)
@@ -213,6 +221,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     else:
         print(f"{args.workflow_id}: {render.short(name)}")
     return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """``plait retry``: keeps committed outputs, re-runs failed/skipped/cancelled actions."""
+    with Client(args.coordinator) as client:
+        ids = client.retry(args.workflow_id)
+        if args.output == "json":
+            render.print_json({"workflow_id": args.workflow_id, "retried": ids})
+        else:
+            print(f"{args.workflow_id}: re-running {len(ids)} action(s): {', '.join(ids)}")
+        if not args.wait:
+            return EXIT_OK
+        status = client.wait(args.workflow_id)
+    return EXIT_OK if status.state in SUCCESS_STATES else EXIT_FAILED
 
 
 def cmd_workers(args: argparse.Namespace) -> int:

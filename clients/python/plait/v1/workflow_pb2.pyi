@@ -175,7 +175,9 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED: _EventType.ValueType  # 11
     """A user asked for the workflow to be cancelled."""
     EVENT_TYPE_ACTION_MAPPED: _EventType.ValueType  # 13
-    """A map action's list was read: `spec.actions` holds the children created."""
+    """A map action's list was read: `outputs_json` holds the items, one child each."""
+    EVENT_TYPE_WORKFLOW_RETRIED: _EventType.ValueType  # 14
+    """A user re-ran the workflow (`plait retry`): `outputs_json` lists the actions reset."""
     EVENT_TYPE_WORKFLOW_FINISHED: _EventType.ValueType  # 12
     """The workflow reached a terminal state (`workflow_state`)."""
 
@@ -210,7 +212,9 @@ EVENT_TYPE_STALE_RESULT_REFUSED: EventType.ValueType  # 10
 EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED: EventType.ValueType  # 11
 """A user asked for the workflow to be cancelled."""
 EVENT_TYPE_ACTION_MAPPED: EventType.ValueType  # 13
-"""A map action's list was read: `spec.actions` holds the children created."""
+"""A map action's list was read: `outputs_json` holds the items, one child each."""
+EVENT_TYPE_WORKFLOW_RETRIED: EventType.ValueType  # 14
+"""A user re-ran the workflow (`plait retry`): `outputs_json` lists the actions reset."""
 EVENT_TYPE_WORKFLOW_FINISHED: EventType.ValueType  # 12
 """The workflow reached a terminal state (`workflow_state`)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015

@@ -277,6 +277,64 @@ class CancelWorkflowResponse(_message.Message):
 Global___CancelWorkflowResponse: _TypeAlias = CancelWorkflowResponse  # noqa: Y015
 
 @_typing.final
+class RetryWorkflowRequest(_message.Message):
+    """RetryWorkflowRequest asks to re-run what did not succeed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """The workflow's id."""
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the client: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        workflow_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryWorkflowRequest: _TypeAlias = RetryWorkflowRequest  # noqa: Y015
+
+@_typing.final
+class RetryWorkflowResponse(_message.Message):
+    """RetryWorkflowResponse names what runs again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    ACTION_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the coordinator: its HLC reading."""
+
+    @_builtins.property
+    def action_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The actions that will run again (their budgets start afresh; fencing tokens keep growing)."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        action_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_ids", b"action_ids", "hlc", b"hlc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryWorkflowResponse: _TypeAlias = RetryWorkflowResponse  # noqa: Y015
+
+@_typing.final
 class WatchWorkflowRequest(_message.Message):
     """WatchWorkflowRequest opens a history stream."""
 

@@ -58,6 +58,11 @@ class WorkflowServiceStub:
                 request_serializer=plait_dot_v1_dot_workflow__service__pb2.CancelWorkflowRequest.SerializeToString,
                 response_deserializer=plait_dot_v1_dot_workflow__service__pb2.CancelWorkflowResponse.FromString,
                 _registered_method=True)
+        self.RetryWorkflow = channel.unary_unary(
+                '/plait.v1.WorkflowService/RetryWorkflow',
+                request_serializer=plait_dot_v1_dot_workflow__service__pb2.RetryWorkflowRequest.SerializeToString,
+                response_deserializer=plait_dot_v1_dot_workflow__service__pb2.RetryWorkflowResponse.FromString,
+                _registered_method=True)
         self.WatchWorkflow = channel.unary_stream(
                 '/plait.v1.WorkflowService/WatchWorkflow',
                 request_serializer=plait_dot_v1_dot_workflow__service__pb2.WatchWorkflowRequest.SerializeToString,
@@ -106,6 +111,14 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryWorkflow(self, request, context):
+        """Re-runs a finished workflow's failed, timed-out, skipped and cancelled actions, keeping
+        every committed output. FAILED_PRECONDITION unless the workflow ended without success.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchWorkflow(self, request, context):
         """Replays the workflow's history after `after_sequence`, in journal (= HLC) order, then streams
         live events until the workflow finishes (unless `follow` is false) or the client leaves.
@@ -143,6 +156,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.CancelWorkflow,
                     request_deserializer=plait_dot_v1_dot_workflow__service__pb2.CancelWorkflowRequest.FromString,
                     response_serializer=plait_dot_v1_dot_workflow__service__pb2.CancelWorkflowResponse.SerializeToString,
+            ),
+            'RetryWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWorkflow,
+                    request_deserializer=plait_dot_v1_dot_workflow__service__pb2.RetryWorkflowRequest.FromString,
+                    response_serializer=plait_dot_v1_dot_workflow__service__pb2.RetryWorkflowResponse.SerializeToString,
             ),
             'WatchWorkflow': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchWorkflow,
@@ -267,6 +285,33 @@ class WorkflowService:
             '/plait.v1.WorkflowService/CancelWorkflow',
             plait_dot_v1_dot_workflow__service__pb2.CancelWorkflowRequest.SerializeToString,
             plait_dot_v1_dot_workflow__service__pb2.CancelWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.v1.WorkflowService/RetryWorkflow',
+            plait_dot_v1_dot_workflow__service__pb2.RetryWorkflowRequest.SerializeToString,
+            plait_dot_v1_dot_workflow__service__pb2.RetryWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

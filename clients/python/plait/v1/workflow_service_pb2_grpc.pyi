@@ -47,6 +47,10 @@ class WorkflowServiceStub:
     """Lists workflows, newest first, without per-action detail."""
     CancelWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRequest, _workflow_service_pb2.CancelWorkflowResponse]
     """Cancels every action that has not finished; running actions get CancelLease."""
+    RetryWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.RetryWorkflowRequest, _workflow_service_pb2.RetryWorkflowResponse]
+    """Re-runs a finished workflow's failed, timed-out, skipped and cancelled actions, keeping
+    every committed output. FAILED_PRECONDITION unless the workflow ended without success.
+    """
     WatchWorkflow: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowRequest, _workflow_service_pb2.WatchWorkflowResponse]
     """Replays the workflow's history after `after_sequence`, in journal (= HLC) order, then streams
     live events until the workflow finishes (unless `follow` is false) or the client leaves.
@@ -73,6 +77,10 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """Lists workflows, newest first, without per-action detail."""
     CancelWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRequest, _workflow_service_pb2.CancelWorkflowResponse]  # type: ignore[assignment]
     """Cancels every action that has not finished; running actions get CancelLease."""
+    RetryWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.RetryWorkflowRequest, _workflow_service_pb2.RetryWorkflowResponse]  # type: ignore[assignment]
+    """Re-runs a finished workflow's failed, timed-out, skipped and cancelled actions, keeping
+    every committed output. FAILED_PRECONDITION unless the workflow ended without success.
+    """
     WatchWorkflow: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowRequest, _workflow_service_pb2.WatchWorkflowResponse]  # type: ignore[assignment]
     """Replays the workflow's history after `after_sequence`, in journal (= HLC) order, then streams
     live events until the workflow finishes (unless `follow` is false) or the client leaves.
@@ -120,6 +128,16 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.CancelWorkflowResponse, _abc.Awaitable[_workflow_service_pb2.CancelWorkflowResponse]]:
         """Cancels every action that has not finished; running actions get CancelLease."""
+
+    @_abc_1.abstractmethod
+    def RetryWorkflow(
+        self,
+        request: _workflow_service_pb2.RetryWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.RetryWorkflowResponse, _abc.Awaitable[_workflow_service_pb2.RetryWorkflowResponse]]:
+        """Re-runs a finished workflow's failed, timed-out, skipped and cancelled actions, keeping
+        every committed output. FAILED_PRECONDITION unless the workflow ended without success.
+        """
 
     @_abc_1.abstractmethod
     def WatchWorkflow(

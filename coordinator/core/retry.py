@@ -1,0 +1,95 @@
+"""``plait retry``: re-running what did not succeed (pure core, the retry aggregate).
+
+A workflow that ended FAILED, PARTIALLY_SUCCEEDED or CANCELLED can be retried: every action
+that did not succeed goes back to PENDING (a map whose children partly failed goes back to
+RUNNING with only those children reset), with fresh retry and lease-loss budgets. Succeeded
+actions keep their committed outputs, and fencing tokens keep growing, so a straggling result
+of an earlier attempt is still refused. One WORKFLOW_RETRIED event records the reset; the
+readiness that follows is journalled as usual, so replay applies the reset and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from plait.coordinator.core import joins
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.model import ActionRecord, WorkflowRecord
+from plait.v1 import workflow_pb2 as pb
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.state import SchedulerState
+
+RETRYABLE = frozenset(
+    {
+        pb.WORKFLOW_STATE_FAILED,
+        pb.WORKFLOW_STATE_PARTIALLY_SUCCEEDED,
+        pb.WORKFLOW_STATE_CANCELLED,
+    }
+)
+
+
+def to_reset(wf: WorkflowRecord) -> list[ActionRecord]:
+    """Every action that did not succeed, in spec order (map children after their parent).
+
+    A race's losers (cancelled because a join no longer needed them) stay as they are.
+    """
+    return [
+        a
+        for a in wf.actions.values()
+        if a.state in t.TERMINAL
+        and a.state != t.SUCCEEDED
+        and not (a.state == t.CANCELLED and a.reason.startswith(joins.NOT_NEEDED))
+    ]
+
+
+def reset(st: SchedulerState, wf: WorkflowRecord, actions: list[ActionRecord]) -> None:
+    """Puts ``actions`` back to PENDING (a partly-run map: RUNNING) and reopens the workflow."""
+    wf.state = pb.WORKFLOW_STATE_RUNNING
+    wf.cancel_requested = False
+    wf.failing = ""
+    wf.reason = ""
+    wf.finished_wall_ms = 0
+    chosen = {id(a) for a in actions}
+    for a in actions:
+        mapped = a.children is not None
+        st.set_state(a, t.RUNNING if mapped else t.PENDING)
+        a.failures = a.lease_losses = 0
+        a.error = None
+        a.reason = ""
+        a.committed_token = 0
+        a.outputs_json = ""
+        a.not_before = 0.0
+        wf.remaining += 1
+    # Recount every join over the needs' (and children's) states as they are now.
+    for a in wf.actions.values():
+        if id(a) in chosen or any(id(n) in chosen for n in a.needs):
+            over = a.children if a.children is not None else a.needs
+            a.unmet = sum(1 for n in over if n.state != t.SUCCEEDED)
+            a.failed_needs = sum(
+                1 for n in over if n.state in t.TERMINAL and n.state != t.SUCCEEDED
+            )
+
+
+def retry_workflow(st: SchedulerState, wf: WorkflowRecord) -> list[str]:
+    """Journals and applies a retry; readies what can run now. Returns the ids reset."""
+    actions = to_reset(wf)
+    ids = [a.spec.id for a in actions]
+    st.record(
+        wf,
+        pb.EVENT_TYPE_WORKFLOW_RETRIED,
+        workflow_state=pb.WORKFLOW_STATE_RUNNING,
+        outputs_json=json.dumps(ids),
+        message=f"re-running {len(ids)} actions",
+    )
+    reset(st, wf, actions)
+    for a in actions:
+        if a.state != t.PENDING:
+            continue
+        if a.parent is not None or joins.verdict(a) == joins.READY:
+            if a.spec.HasField("map"):
+                joins.expand(st, a)
+            else:
+                st.make_ready(a, pb.EVENT_TYPE_ACTION_READY)
+    return ids
