@@ -84,6 +84,7 @@ def propagate(st: SchedulerState, ended: ActionRecord) -> None:
     while stack:
         x = stack.pop()
         ok = x.state == t.SUCCEEDED
+        close_item(x)
         for d in x.dependents:
             if ok:
                 d.unmet -= 1
@@ -99,7 +100,7 @@ def propagate(st: SchedulerState, ended: ActionRecord) -> None:
                 continue
             v = verdict(d)
             if v == READY:
-                if d.spec.HasField("map"):
+                if d.spec.HasField("map") or d.spec.HasField("pipeline"):
                     expand(st, d)
                 else:
                     st.make_ready(d, E.EVENT_TYPE_ACTION_READY)
@@ -166,9 +167,16 @@ def end_workflow_early(st: SchedulerState, wf: WorkflowRecord, why: str) -> None
 # ---- map ----------------------------------------------------------------------------------
 
 
+def fan_over(a: ActionRecord) -> tuple[str, int]:
+    """``over`` and ``max_items`` of a map or pipeline action."""
+    if a.spec.HasField("pipeline"):
+        return a.spec.pipeline.over, a.spec.pipeline.max_items
+    return a.spec.map.over, a.spec.map.max_items
+
+
 def items_of(a: ActionRecord) -> list[object] | str:
-    """The list ``a.spec.map.over`` names, or why it cannot be read."""
-    over = a.spec.map.over
+    """The list ``over`` names, or why it cannot be read."""
+    over = fan_over(a)[0]
     need_id, _, path = over.partition(".")
     src = next((n for n in a.needs if n.spec.id == need_id), None)
     if src is None:
@@ -188,9 +196,10 @@ def items_of(a: ActionRecord) -> list[object] | str:
 def expand(st: SchedulerState, a: ActionRecord) -> None:
     """Turns a map action whose needs are met into one child per item (journalled)."""
     items = items_of(a)
-    limit = a.spec.map.max_items or st.max_map_items
+    over, max_items = fan_over(a)
+    limit = max_items or st.max_map_items
     if isinstance(items, list) and len(items) > limit:
-        items = f"map.over {a.spec.map.over!r}: {len(items)} items; the limit max_items is {limit}"
+        items = f"{over!r}: {len(items)} items; the limit max_items is {limit}"
     if isinstance(items, str):
         err = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=items)
         st.finish_action(a, t.FAILED, E.EVENT_TYPE_ACTION_FINISHED, error=err, reason=items)
@@ -209,6 +218,9 @@ def expand(st: SchedulerState, a: ActionRecord) -> None:
 
 def make_children(st: SchedulerState, a: ActionRecord, items: list[str]) -> None:
     """Creates (and readies) a map action's children; also used by replay."""
+    if a.spec.HasField("pipeline"):
+        make_pipeline(st, a, items)
+        return
     wf = a.workflow
     spec = a.spec
     a.children = []
@@ -235,6 +247,55 @@ def make_children(st: SchedulerState, a: ActionRecord, items: list[str]) -> None
         wf.remaining += 1
         st.set_state(child, t.READY)
         st.enqueue(child)
+
+
+def make_pipeline(st: SchedulerState, a: ActionRecord, items: list[str]) -> None:
+    """One chain of stage actions per item, ``<id>.<index>.<stage>``; the pipeline joins over
+    each chain's last stage."""
+    wf = a.workflow
+    stages = a.spec.pipeline.stages
+    a.children = []
+    a.unmet, a.failed_needs = len(items), 0
+    for i, item in enumerate(items):
+        prev: ActionRecord | None = None
+        first: ActionRecord | None = None
+        for k, stage in enumerate(stages):
+            spec = pb.ActionSpec()
+            spec.CopyFrom(stage)
+            spec.id = f"{a.spec.id}.{i}.{stage.id}"
+            del spec.needs[:]
+            s = ActionRecord(
+                workflow=wf,
+                spec=spec,
+                slots=spec.slots or 1,
+                parent=a,
+                item_json=item,
+                priority=spec.priority or a.priority,
+                stage=k,
+            )
+            s.first = first or s
+            first = s.first
+            wf.actions[spec.id] = s
+            wf.remaining += 1
+            if prev is None:
+                s.needs = a.needs  # inputs show the pipeline's needs
+                st.set_state(s, t.READY)
+                st.enqueue(s)
+            else:
+                s.needs = [prev]
+                s.unmet = 1
+                prev.dependents.append(s)
+            prev = s
+        assert prev is not None
+        prev.last_stage = True
+        prev.dependents.append(a)
+        a.children.append(prev)
+
+
+def close_item(x: ActionRecord) -> None:
+    """A pipeline item's last stage ended: its place in flight is free again."""
+    if x.last_stage and x.first is not None and x.first.opened and x.parent is not None:
+        x.parent.in_flight -= 1
 
 
 def _settle_map(st: SchedulerState, a: ActionRecord) -> None:

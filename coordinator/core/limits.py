@@ -38,9 +38,13 @@ def fits(st: SchedulerState, a: ActionRecord, w: WorkerRecord) -> bool:
     if wf.spec.max_parallel and wf.leased >= wf.spec.max_parallel:
         return False
     parent = a.parent
-    width = parent.spec.map.max_parallel if parent is not None else 0
-    if parent is not None and width and parent.running_children >= width:
-        return False
+    if parent is not None:
+        width = parent.spec.map.max_parallel
+        if width and parent.running_children >= width:
+            return False
+        flight = parent.spec.pipeline.max_in_flight
+        if flight and a.stage == 0 and not a.opened and parent.in_flight >= flight:
+            return False  # back-pressure: no new item enters a full pipeline
     return not spec.semaphores or semaphores_free(st, a)
 
 
@@ -75,6 +79,9 @@ def acquire(st: SchedulerState, lease: LeaseRecord) -> None:
     a.workflow.leased += 1
     if a.parent is not None:
         a.parent.running_children += 1
+        if a.stage == 0 and not a.opened:
+            a.opened = True
+            a.parent.in_flight += 1
     for req in a.spec.semaphores:
         cap, held = st.semaphores.get(req.name, (req.capacity or 1, 0))
         st.semaphores[req.name] = (min(cap, req.capacity or 1), held + (req.permits or 1))

@@ -49,6 +49,11 @@ class ActionRecord:
     running_children: int = 0  # a map action's children holding leases
     item_json: str = ""  # a map child's item
     priority: int = 0
+    stage: int = -1  # a pipeline stage action's position in its chain
+    first: ActionRecord | None = None  # a pipeline stage action's item's first stage
+    opened: bool = False  # a first stage whose item entered the pipeline (was leased)
+    last_stage: bool = False  # a pipeline stage action that ends its item's chain
+    in_flight: int = 0  # a pipeline's items between first-stage start and last-stage end
 
     @property
     def id(self) -> str:

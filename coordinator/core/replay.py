@@ -143,6 +143,7 @@ def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> N
 
 def _apply_end(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> None:
     _end_lease(st, a)
+    joins.close_item(a)
     st.set_state(a, ev.action_state)
     a.error = ev.error if ev.HasField("error") else None
     a.reason = ev.message

@@ -24,6 +24,7 @@ from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome, WorkerRecord
 from plait.hlc import ClockOffsetError, HlcTimestamp
+from plait.v1 import hlc_pb2
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
@@ -459,6 +460,9 @@ def on_result(
         exit_code=res.exit_code,
         stdout_tail=res.stdout_tail,
         stderr_tail=res.stderr_tail,
+        # The worker's own stamp, kept beside ours; it also marks the outcome as committed
+        # from a result (replay restores committed_token from it).
+        worker_hlc=hlc_pb2.HlcTimestamp(physical_ms=remote.physical_ms, logical=remote.logical),
     )
     error = res.error if res.HasField("error") else None
     if outcome == O.ACTION_OUTCOME_SUCCEEDED:
@@ -470,7 +474,6 @@ def on_result(
             st.finish_action(
                 a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs, **fields
             )
-            _stamp_worker(st, remote)
             return
         outcome = O.ACTION_OUTCOME_FAILED
         error = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=problem)
@@ -485,14 +488,6 @@ def on_result(
     st.finish_action(
         a, state, E.EVENT_TYPE_ACTION_FINISHED, error=error, reason=error.message, **fields
     )
-    _stamp_worker(st, remote)
-
-
-def _stamp_worker(st: SchedulerState, remote: HlcTimestamp) -> None:
-    for ev in reversed(st._out.records):
-        if ev.type == E.EVENT_TYPE_ACTION_FINISHED:
-            ev.worker_hlc.physical_ms, ev.worker_hlc.logical = remote
-            return
 
 
 def check_outputs(outputs: str) -> str | None:

@@ -68,12 +68,21 @@ def _json_violation(path: str, text: str, limit: int) -> Iterator[FieldViolation
 def _action_violations(
     i: int, a: workflow_pb2.ActionSpec, limits: Limits, maps_a_need: bool = False
 ) -> Iterator[FieldViolation]:
-    path = f"spec.actions[{i}]"
+    yield from _spec_violations(f"spec.actions[{i}]", a, limits, maps_a_need)
+
+
+def _spec_violations(
+    path: str, a: workflow_pb2.ActionSpec, limits: Limits, maps_a_need: bool = False
+) -> Iterator[FieldViolation]:
     why = describe_id(a.id)
     if why:
         yield FieldViolation(f"{path}.id", why)
     kind = a.WhichOneof("kind")
-    if kind is None:
+    if a.HasField("pipeline"):
+        yield from _pipeline_violations(path, a, limits)
+        if kind is not None:
+            yield FieldViolation(path, f"action {a.id!r}: a pipeline runs its stages, not {kind}")
+    elif kind is None:
         yield FieldViolation(
             f"{path}", f"action {a.id!r}: exactly one of exec or handler is needed"
         )
@@ -98,15 +107,9 @@ def _action_violations(
             yield FieldViolation(f"{path}.env", f"bad variable name {key!r}")
 
 
-def _pattern_violations(
-    path: str, a: workflow_pb2.ActionSpec, maps_a_need: bool = False
+def _join_violations(
+    path: str, a: workflow_pb2.ActionSpec, maps_a_need: bool
 ) -> Iterator[FieldViolation]:
-    """Joins, map, resources, semaphores, priority.
-
-    ``maps_a_need``: the action needs a map action, whose items its join counts.
-    """
-    if not -1000 <= a.priority <= 1000:
-        yield FieldViolation(f"{path}.priority", f"is {a.priority}; must be -1000 to 1000")
     j = a.join
     n = len(a.needs)
     if j.kind == workflow_pb2.JOIN_KIND_AT_LEAST:
@@ -126,12 +129,29 @@ def _pattern_violations(
             )
     elif j.at_least_count or j.at_least_fraction:
         yield FieldViolation(f"{path}.join", "at_least_count/fraction need kind AT_LEAST")
-    if a.HasField("map"):
-        need_id = a.map.over.partition(".")[0]
-        if need_id not in a.needs:
-            yield FieldViolation(
-                f"{path}.map.over", f"{a.map.over!r} must start with one of the needs ({need_id!r})"
-            )
+
+
+def _pattern_violations(
+    path: str, a: workflow_pb2.ActionSpec, maps_a_need: bool = False
+) -> Iterator[FieldViolation]:
+    """Joins, map, resources, semaphores, priority.
+
+    ``maps_a_need``: the action needs a map action, whose items its join counts.
+    """
+    if not -1000 <= a.priority <= 1000:
+        yield FieldViolation(f"{path}.priority", f"is {a.priority}; must be -1000 to 1000")
+    yield from _join_violations(path, a, maps_a_need)
+    for name in ("map", "pipeline"):
+        if a.HasField(name):
+            over = getattr(a, name).over
+            need_id = over.partition(".")[0]
+            if need_id not in a.needs:
+                yield FieldViolation(
+                    f"{path}.{name}.over",
+                    f"{over!r} must start with one of the needs ({need_id!r})",
+                )
+    if a.HasField("map") and a.HasField("pipeline"):
+        yield FieldViolation(path, "an action is a map or a pipeline, not both")
     for name, amount in a.resources.items():
         if describe_id(name) or not amount >= 0:
             yield FieldViolation(
@@ -146,6 +166,27 @@ def _pattern_violations(
                 f"{path}.semaphores[{i}].permits",
                 f"is {req.permits}; more than the capacity {req.capacity or 1}",
             )
+
+
+def _pipeline_violations(
+    path: str, a: workflow_pb2.ActionSpec, limits: Limits
+) -> Iterator[FieldViolation]:
+    stages = a.pipeline.stages
+    if not stages:
+        yield FieldViolation(f"{path}.pipeline.stages", "a pipeline needs at least one stage")
+    seen: set[str] = set()
+    for k, stage in enumerate(stages):
+        where = f"{path}.pipeline.stages[{k}]"
+        why = describe_id(stage.id)
+        if why:
+            yield FieldViolation(f"{where}.id", why)
+        if stage.id in seen:
+            yield FieldViolation(f"{where}.id", f"duplicate stage id {stage.id!r}")
+        seen.add(stage.id)
+        if stage.needs or stage.HasField("map") or stage.HasField("pipeline"):
+            yield FieldViolation(where, "a stage has no needs, map or pipeline of its own")
+        else:
+            yield from _spec_violations(where, stage, limits)
 
 
 def find_cycle(ids: list[str], needs: dict[str, list[str]]) -> list[str] | None:

@@ -233,3 +233,60 @@ def test_a_race_whose_losers_were_cancelled_succeeds() -> None:
     (joined,) = grants(d.finish("s1", leases["b2"]))
     d.finish("s1", joined)
     assert d.st.workflows["wf-1"].state == pb.WORKFLOW_STATE_SUCCEEDED
+
+
+def pipeline_spec(max_in_flight: int = 0) -> pb.WorkflowSpec:
+    s = pb.WorkflowSpec(name="etl")
+    s.actions.add(id="list", handler="h")
+    p = s.actions.add(id="etl", needs=["list"])
+    p.pipeline.over = "list.items"
+    p.pipeline.max_in_flight = max_in_flight
+    for stage in ("fetch", "parse", "load"):
+        p.pipeline.stages.add(id=stage, handler="h")
+    s.actions.add(id="report", handler="h", needs=["etl"])
+    return s
+
+
+def test_pipeline_has_no_barrier_between_stages() -> None:
+    d = Driver()
+    (lst,) = start(d, pipeline_spec()).values()
+    first = {c.action_id: c for c in finish(d, lst, OK, '{"items": ["a", "b"]}')}
+    assert set(first) == {"etl.0.fetch", "etl.1.fetch"}
+    (parse0,) = finish(d, first["etl.0.fetch"], OK, '{"raw": "a"}')
+    assert parse0.action_id == "etl.0.parse"  # item 0 in stage 2 while item 1 is in stage 1
+    assert d.state("etl.1.fetch") == "ACTION_STATE_LEASED"
+    inputs = json.loads(parse0.inputs_json)
+    assert inputs["item"] == "a" and inputs["needs"]["etl.0.fetch"]["outputs"] == {"raw": "a"}
+
+
+def test_pipeline_bounds_items_in_flight_and_joins_last_stages() -> None:
+    d = Driver()
+    (lst,) = start(d, pipeline_spec(max_in_flight=2)).values()
+    leased = finish(d, lst, OK, '{"items": [1, 2, 3, 4]}')
+    assert sorted(c.action_id for c in leased) == ["etl.0.fetch", "etl.1.fetch"]
+    pending = {c.action_id: c for c in leased}
+    report = []
+    while pending:
+        lid, lease = pending.popitem()
+        for nxt in finish(d, lease, OK, json.dumps({"by": lid})):
+            if nxt.action_id == "report":
+                report.append(nxt)
+            else:
+                pending[nxt.action_id] = nxt
+        assert d.st.workflows["wf-1"].actions["etl"].in_flight <= 2
+    (rep,) = report
+    items = json.loads(rep.inputs_json)["needs"]["etl"]["outputs"]["items"]
+    assert [i["by"] for i in items] == [f"etl.{i}.load" for i in range(4)]
+
+
+def test_pipeline_stage_failure_skips_the_rest_of_that_item_only() -> None:
+    d = Driver()
+    (lst,) = start(d, pipeline_spec()).values()
+    first = {c.action_id: c for c in finish(d, lst, OK, '{"items": ["a", "b"]}')}
+    finish(d, first["etl.0.fetch"], FAIL)
+    assert d.state("etl.0.parse") == "ACTION_STATE_SKIPPED"
+    assert d.state("etl.0.load") == "ACTION_STATE_SKIPPED"
+    assert d.state("etl") == "ACTION_STATE_FAILED"  # join all over the items
+    fresh = SchedulerState(CONFIG)
+    replay(fresh, d.records, Instant(d.mono, d.wall))
+    assert snapshot(fresh) == snapshot(d.st)

@@ -292,6 +292,51 @@ class MapSpec(_message.Message):
 Global___MapSpec: _TypeAlias = MapSpec  # noqa: Y015
 
 @_typing.final
+class PipelineSpec(_message.Message):
+    """PipelineSpec runs every item of an upstream list through a chain of stages, with no barrier
+    between stages: item 2 may be in stage 1 while item 1 is in stage 2. Stage actions are named
+    `<id>.<index>.<stage id>`; each sees `item` and the previous stage's outcome in its inputs.
+    The pipeline action ends when its items' last stages' join is met, with outputs
+    `{"items": [<each item's last-stage outputs or null>]}`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OVER_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    over: _builtins.str
+    """Set by the submitter: `<need id>.<dot.path>` naming a JSON list, as MapSpec.over."""
+    max_in_flight: _builtins.int
+    """Set by the submitter: at most this many items between their first stage's start and their
+    last stage's end (back-pressure; 0: no limit).
+    """
+    max_items: _builtins.int
+    """Set by the submitter: refuse lists longer than this (0: the coordinator's max_actions)."""
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActionSpec]:
+        """Set by the submitter: the stages, in order; each is an action without needs, map or
+        pipeline of its own.
+        """
+
+    def __init__(
+        self,
+        *,
+        over: _builtins.str = ...,
+        max_in_flight: _builtins.int = ...,
+        stages: _abc.Iterable[Global___ActionSpec] | None = ...,
+        max_items: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_in_flight", b"max_in_flight", "max_items", b"max_items", "over", b"over", "stages", b"stages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineSpec: _TypeAlias = PipelineSpec  # noqa: Y015
+
+@_typing.final
 class SemaphoreRequest(_message.Message):
     """SemaphoreRequest takes permits of a named semaphore shared across workflows. Every
     semaphore an action names is acquired at once at dispatch, or none is (no hold-and-wait, so
@@ -489,6 +534,7 @@ class ActionSpec(_message.Message):
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     SEMAPHORES_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Set by the submitter: unique in the workflow; 1 to 128 characters of [A-Za-z0-9_.-],
     starting with a letter or digit.
@@ -557,6 +603,12 @@ class ActionSpec(_message.Message):
     def semaphores(self) -> _containers.RepeatedCompositeFieldContainer[Global___SemaphoreRequest]:
         """Set by the submitter: named semaphores to hold while running (acquired all at once)."""
 
+    @_builtins.property
+    def pipeline(self) -> Global___PipelineSpec:
+        """Set by the submitter: per-item chains of stages over an upstream list (instead of running
+        exec/handler itself).
+        """
+
     def __init__(
         self,
         *,
@@ -577,10 +629,11 @@ class ActionSpec(_message.Message):
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
         priority: _builtins.int = ...,
         semaphores: _abc.Iterable[Global___SemaphoreRequest] | None = ...,
+        pipeline: Global___PipelineSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "join", b"join", "kind", b"kind", "map", b"map", "queue_timeout", b"queue_timeout", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "join", b"join", "kind", b"kind", "map", b"map", "pipeline", b"pipeline", "queue_timeout", b"queue_timeout", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input_json", b"input_json", "join", b"join", "kind", b"kind", "map", b"map", "needs", b"needs", "priority", b"priority", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "selector", b"selector", "semaphores", b"semaphores", "slots", b"slots", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input_json", b"input_json", "join", b"join", "kind", b"kind", "map", b"map", "needs", b"needs", "pipeline", b"pipeline", "priority", b"priority", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "selector", b"selector", "semaphores", b"semaphores", "slots", b"slots", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["exec", "handler"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
