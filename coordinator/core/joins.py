@@ -316,8 +316,11 @@ def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
         st.finish_action(a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs)
     elif v == IMPOSSIBLE:
         n = len(a.children)
-        why = f"map: {a.failed_needs} of {n} children did not succeed (needs {required(a, n)})"
-        for c in a.children:
+        what = "items" if a.spec.HasField("pipeline") else "children"
+        kind = "pipeline" if a.spec.HasField("pipeline") else "map"
+        why = f"{kind}: {a.failed_needs} of {n} {what} did not succeed (needs {required(a, n)})"
+        # Every open stage of every item (a map's children are its only stages).
+        for c in [x for x in a.workflow.actions.values() if x.parent is a]:
             if c.state not in t.TERMINAL:
                 end_early(st, c, why, wpb.CANCEL_REASON_USER)
         if a.state not in t.TERMINAL:

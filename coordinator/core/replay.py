@@ -114,6 +114,8 @@ def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> N
         if a.lease is not None:
             a.lease.started = True
     elif typ == E.EVENT_TYPE_ACTION_READY:
+        if a.state == t.READY:
+            return  # journals before 0.1's last change also recorded READY at submit
         st.set_state(a, t.READY)
         st.enqueue(a)
     elif typ == E.EVENT_TYPE_ACTION_MAPPED:

@@ -164,7 +164,7 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path: Path) -> None:
             "  - id: resize\n    run: [x]\n    pipeline: {}\n",
             "actions[2].pipeline",
             "actions[2] (id 'resize'): pipeline:",
-            "not supported yet",
+            "a pipeline runs its stages",
         ),
         (
             "  - id: resize\n    run: [x]\n    command: [y]\n",

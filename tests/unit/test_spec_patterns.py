@@ -244,8 +244,9 @@ def test_workflow_keys_default_to_unset() -> None:
             "lock",
             "already requested by concurrency_key",
         ),
+        ("run: [x], pipeline: {}", "pipeline", "a pipeline runs its stages"),
+        ("pipeline: {over: a.items}", "pipeline.stages", "non-empty list of stages"),
         # still refused
-        ("run: [x], pipeline: {}", "pipeline", "is not supported yet"),
         ("run: [x], speculate: 1s", "speculate", "is not supported yet"),
     ],
 )
@@ -478,3 +479,27 @@ def test_pattern_examples_load(name: str, check: object) -> None:
         if a.WhichOneof("kind") == "exec" and "$PLAIT_WORKFLOW_DIR/" in a.exec.argv[0]:
             script = a.exec.argv[0].split("$PLAIT_WORKFLOW_DIR/", 1)[1].split('"', 1)[0]
             assert (EXAMPLES / script).is_file(), script
+
+
+def test_pipeline_yaml_maps_to_the_spec(tmp_path: Path) -> None:
+    from plait.spec import load_workflow
+
+    path = tmp_path / "etl.yaml"
+    path.write_text(
+        "name: etl\n"
+        "actions:\n"
+        "  - id: plan\n    run: [python3, plan.py]\n"
+        "  - id: etl\n    needs: [plan]\n"
+        "    pipeline:\n"
+        "      over: plan.numbers\n      max_in_flight: 3\n"
+        "      stages:\n"
+        "        - {id: fetch, run: [python3, fetch.py]}\n"
+        "        - {id: parse, handler: parse, timeout: 5s}\n"
+    )
+    spec = load_workflow(str(path))
+    p = spec.actions[1].pipeline
+    assert (p.over, p.max_in_flight) == ("plan.numbers", 3)
+    assert [s.id for s in p.stages] == ["fetch", "parse"]
+    assert p.stages[0].env["PLAIT_WORKFLOW_DIR"] == str(tmp_path)
+    assert p.stages[1].handler == "parse" and p.stages[1].timeout.seconds == 5
+    assert spec.actions[1].WhichOneof("kind") is None

@@ -95,6 +95,7 @@ ACTION_KEYS = (
     "concurrency_limit",
     "lock",
     "semaphores",
+    "pipeline",
 )
 RETRY_KEYS = ("max_attempts", "backoff", "max_backoff", "multiplier", "retryable_exit_codes")
 # Keys reserved for features not built yet: refused with a message that says so.
@@ -222,6 +223,11 @@ def _run(value: Any, loc: Loc, probs: Problems) -> workflow_pb2.ExecAction | Non
 def _kind(raw: Mapping[str, Any], loc: Loc, spec: workflow_pb2.ActionSpec, probs: Problems) -> None:
     """Fills the ``kind`` oneof: exactly one of ``run`` and ``handler``."""
     has_run, has_handler = "run" in raw, "handler" in raw
+    if "pipeline" in raw:  # a pipeline runs its stages, not a command of its own
+        if has_run or has_handler:
+            at = loc.child("pipeline")
+            probs.add(at.path, at.where, "a pipeline runs its stages: drop run/handler here")
+        return
     if has_run == has_handler:
         what = "both" if has_run else "neither"
         at = loc.child("run")
@@ -300,14 +306,55 @@ def _patterns(
         mapping = convert_map(raw["map"], list(spec.needs), loc.child("map"), probs)
         if mapping is not None:
             spec.map.CopyFrom(mapping)
+    if "pipeline" in raw:
+        _pipeline(raw["pipeline"], list(spec.needs), loc.child("pipeline"), spec, probs)
     if "resources" in raw:
         spec.resources.update(convert_resources(raw["resources"], loc.child("resources"), probs))
     spec.semaphores.extend(convert_semaphores(raw, loc, probs))
 
 
-def convert_action(raw: Any, index: int, probs: Problems) -> workflow_pb2.ActionSpec | None:
-    """Converts ``actions[index]``; problems go to ``probs`` (None if it is not a mapping)."""
-    loc = Loc(f"actions[{index}]", f"actions[{index}]")
+PIPELINE_KEYS = ("over", "max_in_flight", "max_items", "stages")
+
+
+def _pipeline(
+    value: Any, needs: list[str], loc: Loc, spec: workflow_pb2.ActionSpec, probs: Problems
+) -> None:
+    """``pipeline: {over: list.items, max_in_flight: N, stages: [<action>, ...]}``."""
+    if not isinstance(value, Mapping):
+        loc.add(probs, f"expected a mapping with keys {', '.join(PIPELINE_KEYS)}")
+        return
+    check_keys(value, PIPELINE_KEYS, loc, "pipeline", probs)
+    mapping = convert_map(
+        {k: v for k, v in value.items() if k in ("over", "max_items")}, needs, loc, probs
+    )
+    if mapping is not None:
+        spec.pipeline.over = mapping.over
+        spec.pipeline.max_items = mapping.max_items
+    if "max_in_flight" in value:
+        n = whole_number(value["max_in_flight"], loc.child("max_in_flight"), probs, 1, MAX_COUNT)
+        if n is not None:
+            spec.pipeline.max_in_flight = n
+    stages = value.get("stages")
+    at = loc.child("stages")
+    if not isinstance(stages, list) or not stages:
+        at.add(probs, "expected a non-empty list of stages, each an action (id, run or handler)")
+        return
+    for k, raw_stage in enumerate(stages):
+        stage_loc = at.item(k)
+        if isinstance(raw_stage, Mapping):
+            for key in ("needs", "map", "pipeline"):
+                if key in raw_stage:
+                    stage_loc.child(key).add(probs, "a stage has no needs, map or pipeline")
+        stage = convert_action(raw_stage, k, probs, loc=stage_loc)
+        if stage is not None:
+            spec.pipeline.stages.append(stage)
+
+
+def convert_action(
+    raw: Any, index: int, probs: Problems, *, loc: Loc | None = None
+) -> workflow_pb2.ActionSpec | None:
+    """Converts ``actions[index]`` (or a stage at ``loc``); problems go to ``probs``."""
+    loc = loc or Loc(f"actions[{index}]", f"actions[{index}]")
     if not isinstance(raw, Mapping):
         probs.add(
             loc.path,

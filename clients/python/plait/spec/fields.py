@@ -40,7 +40,6 @@ __all__ = [
 
 # Keys the format reserves for features not built yet: refused with a message that says so.
 UNSUPPORTED_KEYS: Mapping[str, str] = {
-    "pipeline": "per-item chains with no stage barrier",
     "speculate": "hedged attempts on another worker",
 }
 

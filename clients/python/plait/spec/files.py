@@ -71,8 +71,9 @@ def loads_workflow(
     spec = build_spec(doc, source, default_name)
     if workflow_dir is not None:
         for action in spec.actions:
-            if action.WhichOneof("kind") == "exec" and WORKFLOW_DIR_ENV not in action.env:
-                action.env[WORKFLOW_DIR_ENV] = workflow_dir
+            for runs in (action, *action.pipeline.stages):
+                if runs.WhichOneof("kind") == "exec" and WORKFLOW_DIR_ENV not in runs.env:
+                    runs.env[WORKFLOW_DIR_ENV] = workflow_dir
     return spec
 
 
