@@ -1,9 +1,10 @@
 """The exec executor: runs ``ActionSpec.exec`` commands as sandboxed processes (workerd layer).
 
-Per attempt: a fresh temp dir (``HOME``/``TMPDIR``; removed afterwards), a scrubbed environment
-(:mod:`plait.workerd.sandbox`), its own process group registered with the keeper, inputs on
-stdin, in ``$PLAIT_INPUTS`` (up to 64 KiB) and in ``$PLAIT_INPUTS_FILE``, outputs read from the
-JSON object written to ``$PLAIT_OUTPUT``, and bounded stdout/stderr tails read continuously.
+Per attempt: a fresh temp dir (``HOME``/``TMPDIR`` and the working directory; removed
+afterwards), a scrubbed environment (:mod:`plait.workerd.sandbox`), its own process group
+registered with the keeper, inputs on stdin, in ``$PLAIT_INPUTS`` (up to 64 KiB) and in
+``$PLAIT_INPUTS_FILE``, outputs read from the JSON object written to ``$PLAIT_OUTPUT``, and
+bounded stdout/stderr tails read continuously.
 Cancelling (CancelLease, self-fencing, the local run timeout) sends SIGTERM to the group and
 SIGKILL after the kill grace. When the attempt's main process exits, anything it left in its
 group is killed.
@@ -231,6 +232,11 @@ class _ExecAttempt:
         self.tmpdir = ""
         self._timers: list[asyncio.TimerHandle] = []
 
+    @property
+    def cwd(self) -> str:
+        """The command's working directory: the executor's ``cwd`` if set, else the temp dir."""
+        return self.ex.cwd if self.ex.cwd is not None else self.tmpdir
+
     def cancel(self, reason: str) -> None:
         self.kill(CANCELLED, reason)
 
@@ -293,7 +299,11 @@ class _ExecAttempt:
         if spec.exec.shell:
             # Extra argv items become $0, $1, ... of the script, as with `sh -c`.
             argv = ["/bin/sh", "-c", *argv]
-        self.tmpdir = tempfile.mkdtemp(prefix="plait-attempt-", dir=self.ex.tmp_root)
+        # Absolute: it is also the working directory, so a relative path in the environment
+        # would point somewhere else from inside it.
+        self.tmpdir = os.path.abspath(
+            tempfile.mkdtemp(prefix="plait-attempt-", dir=self.ex.tmp_root)
+        )
         inputs = inputs_text.encode()
         inputs_file = os.path.join(self.tmpdir, INPUTS_FILE_NAME)
         with open(inputs_file, "wb") as f:
@@ -322,7 +332,7 @@ class _ExecAttempt:
         if self.kill_outcome is not None:
             return AttemptResult(self.kill_outcome, error=self.kill_reason)
         if self.ex._wrapper:
-            program = resolve_program(argv[0], env["PATH"])
+            program = resolve_program(argv[0], env["PATH"], cwd=self.cwd)
             if program is None:
                 return AttemptResult.failed(f"cannot run {argv[0]!r}: no such file", exit_code=127)
             argv = [*self.ex._wrapper, program, *argv[1:]]
@@ -336,7 +346,7 @@ class _ExecAttempt:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                cwd=self.ex.cwd,
+                cwd=self.cwd,
                 start_new_session=True,
             )
         except FileNotFoundError:

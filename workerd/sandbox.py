@@ -137,8 +137,12 @@ def pdeathsig_wrapper(path: str) -> tuple[str, ...]:
     return (found, "--pdeathsig", "KILL", "--") if found else ()
 
 
-def resolve_program(program: str, path: str) -> str | None:
-    """``program`` as exec would find it on ``path``, or ``None``."""
+def resolve_program(program: str, path: str, cwd: str | None = None) -> str | None:
+    """``program`` as exec would find it on ``path`` (started in ``cwd``), or ``None``.
+
+    A name with a slash is returned as given; a relative one must exist under ``cwd`` (by
+    default, this process's working directory).
+    """
     if "/" in program:
-        return program if os.path.isfile(program) else None
+        return program if os.path.isfile(os.path.join(cwd or "", program)) else None
     return shutil.which(program, path=path)

@@ -288,6 +288,41 @@ async def test_temp_dir_is_fresh_and_removed(executor: ExecExecutor) -> None:
     assert not os.path.exists(second["tmp"])
 
 
+async def test_relative_paths_land_in_the_temp_dir(
+    executor: ExecExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "workerd-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code = """
+        import json, os
+        with open("result.txt", "w") as f:
+            f.write("written relative")
+        tmp = os.environ["TMPDIR"]
+        out = {"cwd": os.getcwd(), "tmp": tmp, "listing": sorted(os.listdir(tmp))}
+        json.dump(out, open(os.environ["PLAIT_OUTPUT"], "w"))
+        """
+    r = await run_lease(executor, exec_lease(py(code)))
+    assert r.outcome == pb.ACTION_OUTCOME_SUCCEEDED, r
+    out = json.loads(r.outputs_json)
+    assert os.path.realpath(out["cwd"]) == os.path.realpath(out["tmp"])
+    assert "result.txt" in out["listing"]
+    assert not (elsewhere / "result.txt").exists()
+    assert not os.path.exists(out["tmp"])  # removed with the temp dir
+
+
+async def test_a_relative_program_is_looked_up_in_the_temp_dir(
+    executor: ExecExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = tmp_path / "tool.sh"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    r = await run_lease(executor, exec_lease(["./tool.sh"]))
+    assert r.exit_code == 127, r
+    assert "no such file" in r.error
+
+
 async def test_tails_are_bounded_and_a_chatty_child_never_blocks(tmp_path: Path) -> None:
     ex = ExecExecutor(tmp_root=str(tmp_path), tail_bytes=1024)
     try:

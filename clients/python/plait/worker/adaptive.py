@@ -17,28 +17,41 @@ limit rises, withheld slots are released as extra credit. Readings come from a
 :class:`LoadProbe`, so tests drive the decisions without an overloaded machine;
 :class:`SystemLoadProbe` reads ``os.getloadavg()``, ``/proc/meminfo`` and
 ``/proc/pressure/memory``.
+
+:class:`AdaptiveSlots` is what a :class:`~plait.worker.session.WorkerSession` holds: the ledger,
+the probe it reads every interval, the counters it keeps in
+:class:`~plait.worker.session_config.SessionStats` and the log line of each decision.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from plait.worker.resources import ReadText, meminfo_kib, read_text
+
+if TYPE_CHECKING:
+    from plait.worker.session_config import SessionStats
 
 __all__ = [
     "AdaptiveConfig",
     "AdaptiveCredit",
+    "AdaptiveSlots",
     "Adjustment",
     "LoadProbe",
     "LoadReading",
     "SystemLoadProbe",
     "parse_psi_some_avg10",
 ]
+
+# The session's logger: these lines always came from it, and log formats print the name.
+session_log = logging.getLogger("plait.worker.session")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +203,68 @@ class AdaptiveCredit:
         release = min(self.withheld, max(0, self.limit - self.offered))
         self.withheld -= release
         return Adjustment(self.limit, release, overload)
+
+
+class AdaptiveSlots:
+    """A session's adaptive concurrency: the ledger, its probe, its counters and log lines.
+
+    Without a probe (adaptive concurrency off) the limit stays at ``slots`` and every freed
+    slot is credited.
+    """
+
+    __slots__ = ("_stats", "credit", "probe")
+
+    def __init__(
+        self,
+        slots: int,
+        config: AdaptiveConfig | None,
+        stats: SessionStats,
+        probe: LoadProbe | None,
+    ) -> None:
+        self.credit = AdaptiveCredit(slots, config)
+        self.probe = probe
+        self._stats = stats
+        stats.offered_slots = self.credit.limit
+
+    def reset(self) -> None:
+        """A new ``Hello``: nothing is withheld any more."""
+        self.credit.reset()
+        self._stats.withheld_slots = 0
+
+    def freed(self, slots: int) -> int:
+        """Slots an attempt freed; returns how many of them to credit now."""
+        credit = self.credit.freed(slots)
+        self._stats.withheld_slots = self.credit.withheld
+        return credit
+
+    def adapt(self) -> Adjustment:
+        """Takes one reading and moves the offered limit; the caller credits ``release``."""
+        if self.probe is None:
+            return Adjustment(self.credit.limit, 0, "")
+        before = self.credit.limit
+        adj = self.credit.observe(self.probe.read())
+        self._stats.offered_slots = adj.limit
+        self._stats.withheld_slots = self.credit.withheld
+        if adj.limit < before:
+            self._stats.adaptive_decreases += 1
+            session_log.info(
+                "overloaded (%s): offering %d of %d slot(s), was %d",
+                adj.overload,
+                adj.limit,
+                self.credit.slots,
+                before,
+            )
+        elif adj.limit > before:
+            session_log.debug("healthy: offering %d of %d slot(s)", adj.limit, self.credit.slots)
+        return adj
+
+    async def run(self, adapt: Callable[[], object]) -> None:
+        """Calls ``adapt`` every ``AdaptiveConfig.interval``, forever (a failure is logged)."""
+        assert self.credit.config is not None
+        interval = self.credit.config.interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                adapt()
+            except Exception:
+                session_log.exception("adaptive concurrency: reading the load failed")

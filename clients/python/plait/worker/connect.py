@@ -1,4 +1,10 @@
-"""Which coordinator a worker dials next (foundation layer: plait.worker).
+"""The connection lifecycle of a worker session (foundation layer: plait.worker).
+
+:class:`CoordinatorLinks` runs a :class:`~plait.worker.session.WorkerSession`'s streams: it
+opens one ``WorkerService.Connect`` call at a time, waits for the ``Welcome`` that answers the
+session's ``Hello``, feeds what the coordinator sends to the session while the session's
+heartbeats run, closes the stream gracefully when the session is done, logs why a stream ended,
+and dials again. The session's side of each step comes in as :class:`StreamHandlers`.
 
 A worker may be given several coordinator addresses (a leader and its warm standbys,
 comma-separated). :class:`CoordinatorLinks` keeps one ``grpc.aio`` channel per address and,
@@ -16,24 +22,57 @@ answered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from plait.endpoints import Endpoints, not_leader_of
+from plait.v1 import worker_service_pb2 as pb
 from plait.v1 import worker_service_pb2_grpc as pb_grpc
 from plait.worker.backoff import Backoff
+from plait.worker.outgoing import ConnectStream
 
-__all__ = ["CoordinatorLinks"]
+__all__ = ["CoordinatorLinks", "ProtocolError", "StreamHandlers"]
 
 log = logging.getLogger(__name__)
+# The session's logger for stream lifecycle lines: they always came from it, and log formats
+# print the name.
+session_log = logging.getLogger("plait.worker.session")
+
+
+class ProtocolError(Exception):
+    """The coordinator broke the protocol (the stream is dropped and re-opened)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHandlers:
+    """The session's side of one stream, called by :meth:`CoordinatorLinks.serve`."""
+
+    hello: Callable[[ConnectStream], float]
+    """Queues ``Hello`` on a fresh stream; returns the monotonic time it was sent."""
+    observe: Callable[[pb.ConnectResponse], None]
+    """Takes the HLC of the first coordinator message (before it is checked to be Welcome)."""
+    welcome: Callable[[pb.Welcome, float, ConnectStream], None]
+    """Takes the ``Welcome`` (and the Hello send time); the stream is up from now on."""
+    receive: Callable[[pb.ConnectResponse], None]
+    """Takes every later coordinator message."""
+    heartbeats: Callable[[ConnectStream], Coroutine[Any, Any, None]]
+    """Sends heartbeats on the stream until cancelled."""
+    close_timeout: Callable[[], float]
+    """Seconds to wait for the coordinator to end the stream after Goodbye."""
+    closed: Callable[[], None]
+    """The stream is gone (whatever the reason)."""
 
 
 class CoordinatorLinks:
     """The worker's channels to each coordinator address, and the choice of the next one."""
 
-    __slots__ = ("_backoff", "_channels", "_options", "_redirects", "endpoints")
+    __slots__ = ("_backoff", "_channels", "_ended_by", "_options", "_redirects", "endpoints")
 
     def __init__(
         self, coordinator: str, backoff: Backoff, options: Sequence[tuple[str, int]] = ()
@@ -43,6 +82,7 @@ class CoordinatorLinks:
         self._options = list(options)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._redirects = 0
+        self._ended_by: BaseException | None = None
 
     @property
     def address(self) -> str:
@@ -87,3 +127,112 @@ class CoordinatorLinks:
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()
+
+    # ----------------------------------------------------------------- streams
+
+    async def serve(
+        self, handlers: StreamHandlers, done: asyncio.Event, *, welcome_timeout: float
+    ) -> None:
+        """Runs one stream after another, with the reconnect delay between, until ``done``."""
+        while not done.is_set():
+            ended_by = await self._stream_once(handlers, done, welcome_timeout)
+            if done.is_set():
+                break
+            delay = self.next_delay(ended_by)
+            session_log.info("reconnecting to %s in %.2fs", self.address, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), delay)
+
+    async def _stream_once(
+        self, handlers: StreamHandlers, done: asyncio.Event, welcome_timeout: float
+    ) -> BaseException | None:
+        """One stream from Hello to its end; logs why it ended and returns the error, if any."""
+        self._ended_by = None
+        # grpc.aio allows a stream call without a request iterator (then call.write/read);
+        # the generated stubs only type the iterator form.
+        connect: Any = self.stub().Connect
+        call = connect()
+        stream = ConnectStream(call)
+        writer = asyncio.create_task(stream.write_loop(), name="plait-worker-writer")
+        tasks: list[asyncio.Task[Any]] = [writer]
+        try:
+            hello_sent = handlers.hello(stream)
+            first = await asyncio.wait_for(call.read(), welcome_timeout)
+            if first is grpc.aio.EOF:
+                raise ProtocolError("the coordinator closed the stream before Welcome")
+            handlers.observe(first)
+            if first.WhichOneof("message") != "welcome":
+                raise ProtocolError(f"expected Welcome, got {first.WhichOneof('message')}")
+            handlers.welcome(first.welcome, hello_sent, stream)
+            self.connected()
+            reader = asyncio.create_task(
+                _read_loop(call, handlers.receive), name="plait-worker-reader"
+            )
+            heartbeats = asyncio.create_task(handlers.heartbeats(stream))
+            finished = asyncio.create_task(done.wait())
+            tasks += [reader, heartbeats, finished]
+            await asyncio.wait({reader, writer, finished}, return_when=asyncio.FIRST_COMPLETED)
+            if done.is_set() and not writer.done():
+                await _close_gracefully(stream, writer, reader, handlers.close_timeout())
+            elif not done.is_set():
+                self._log_stream_end(stream, reader, writer)
+        except (grpc.aio.AioRpcError, ProtocolError, TimeoutError, OSError) as err:
+            self._log_error(err)
+        finally:
+            handlers.closed()
+            for task in tasks:
+                task.cancel()
+            call.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return self._ended_by
+
+    def _log_stream_end(
+        self, stream: ConnectStream, reader: asyncio.Task[None], writer: asyncio.Task[None]
+    ) -> None:
+        if stream.abort_reason:
+            session_log.warning("dropping the stream to %s: %s", self.address, stream.abort_reason)
+            return
+        for task in (reader, writer):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                self._log_error(task.exception())
+                return
+        session_log.warning("the coordinator at %s closed the stream", self.address)
+
+    def _log_error(self, err: BaseException | None) -> None:
+        self._ended_by = err
+        standby = not_leader_of(err) if err is not None else None
+        if standby is not None:
+            session_log.info(
+                "coordinator at %s refused the stream: %s", self.address, standby.message
+            )
+        elif isinstance(err, grpc.aio.AioRpcError):
+            session_log.warning(
+                "connection to %s failed: %s: %s",
+                self.address,
+                err.code().name,
+                err.details(),
+            )
+        elif isinstance(err, TimeoutError):
+            session_log.warning("no Welcome from %s in time", self.address)
+        else:
+            session_log.warning("connection to %s failed: %s", self.address, err)
+
+
+async def _read_loop(call: Any, receive: Callable[[pb.ConnectResponse], None]) -> None:
+    while True:
+        msg = await call.read()
+        if msg is grpc.aio.EOF:
+            return
+        receive(msg)
+
+
+async def _close_gracefully(
+    stream: ConnectStream,
+    writer: asyncio.Task[None],
+    reader: asyncio.Task[None],
+    wait_seconds: float,
+) -> None:
+    stream.queue.put_nowait(None)
+    # Wait for the coordinator to end the stream after Goodbye; past the timeout the
+    # caller cancels the call.
+    await asyncio.wait({writer, reader}, timeout=wait_seconds)

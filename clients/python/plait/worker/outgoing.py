@@ -5,19 +5,29 @@ writes never interleave. :class:`Outbox` holds what happened in one event-loop t
 started, results, slots freed -- until the :class:`~plait.worker.session.WorkerSession` flushes it
 on the next turn, as one message of each kind (**batching**); :func:`result_messages` cuts
 results into ``ActionFinished`` chunks that stay under the message size limit. Progress reports
-(``ActionProgress``) wait in the outbox too, the latest per lease, until the session's
-progress throttle lets them out (:func:`progress_messages`).
+(``ActionProgress``) wait in the outbox too, the latest per lease, until the
+:class:`ProgressThrottle` lets them out, at most once per ``SessionConfig.progress_interval``
+(:func:`progress_messages`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from plait.clock import Clock
 from plait.v1 import worker_service_pb2 as pb
 
-__all__ = ["ConnectStream", "Outbox", "OutboxBatch", "progress_messages", "result_messages"]
+__all__ = [
+    "ConnectStream",
+    "Outbox",
+    "OutboxBatch",
+    "ProgressThrottle",
+    "progress_messages",
+    "result_messages",
+]
 
 _BATCH_BYTES = 3 << 20  # ActionFinished chunks stay well under the 4 MiB message limit
 
@@ -88,6 +98,41 @@ def progress_messages(reports: Sequence[pb.LeaseProgress]) -> list[pb.ConnectReq
     if batch:
         out.append(pb.ConnectRequest(action_progress=pb.ActionProgress(leases=batch)))
     return out
+
+
+class ProgressThrottle:
+    """Lets queued progress out at most once per interval; when held back, flushes again later."""
+
+    __slots__ = ("_clock", "_interval", "_next", "_timer", "_wake")
+
+    def __init__(self, clock: Clock, interval: float, wake: Callable[[], None]) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._wake = wake
+        self._next = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+
+    def ready(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether progress may be sent now (then the next send waits an interval).
+
+        If not, ``wake`` is called on ``loop`` once it may (one timer at a time).
+        """
+        now = self._clock.monotonic()
+        if now < self._next:
+            if self._timer is None:
+                self._timer = loop.call_later(self._next - now, self._due)
+            return False
+        self._next = now + self._interval
+        return True
+
+    def cancel(self) -> None:
+        """Cancels a pending wake-up (the session is ending)."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _due(self) -> None:
+        self._timer = None
+        self._wake()
 
 
 class OutboxBatch(NamedTuple):

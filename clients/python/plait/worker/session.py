@@ -26,11 +26,13 @@ The rules it keeps (see docs/workerd.md):
   comma-separated; a standby's ``NOT_LEADER`` refusal is followed to the leader it names at once,
   anything else rotates addresses with the backoff (:mod:`plait.worker.connect`).
 
-This module is the session core: the stream, Hello/Welcome, heartbeats, dispatch of coordinator
-messages, batching, reconnect and drain. Attempts and their results live in
-:mod:`plait.worker.attempts`, the fence deadline in :mod:`plait.worker.fence`, the writer and the
-per-turn batches in :mod:`plait.worker.outgoing`, and the config and counters in
-:mod:`plait.worker.session_config` (re-exported here).
+This module is the session core: Hello/Welcome, heartbeats, dispatch of coordinator messages,
+batching, self-fencing and drain. Attempts and their results live in
+:mod:`plait.worker.attempts`, the fence deadline in :mod:`plait.worker.fence`, the writer, the
+per-turn batches and the progress throttle in :mod:`plait.worker.outgoing`, adaptive concurrency
+in :mod:`plait.worker.adaptive`, the stream lifecycle and reconnects in
+:mod:`plait.worker.connect` (``ProtocolError`` is re-exported from there), and the config and
+counters in :mod:`plait.worker.session_config` (re-exported here).
 """
 
 from __future__ import annotations
@@ -40,23 +42,24 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
-
-import grpc
 
 from plait.clock import Clock, SystemClock
 from plait.durations import from_proto as duration_from_proto
-from plait.endpoints import not_leader_of
 from plait.hlc import ClockOffsetError, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
-from plait.v1 import worker_service_pb2_grpc as pb_grpc
-from plait.worker.adaptive import AdaptiveCredit, Adjustment, LoadProbe, SystemLoadProbe
+from plait.worker.adaptive import AdaptiveSlots, Adjustment, LoadProbe, SystemLoadProbe
 from plait.worker.attempts import AttemptBook
 from plait.worker.backoff import Backoff
-from plait.worker.connect import CoordinatorLinks
+from plait.worker.connect import CoordinatorLinks, ProtocolError, StreamHandlers
 from plait.worker.executor import Executor
 from plait.worker.fence import SelfFence
-from plait.worker.outgoing import ConnectStream, Outbox, progress_messages, result_messages
+from plait.worker.outgoing import (
+    ConnectStream,
+    Outbox,
+    ProgressThrottle,
+    progress_messages,
+    result_messages,
+)
 from plait.worker.session_config import (
     DEFAULT_AGENT,
     WORKER_ID_RE,
@@ -76,10 +79,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OFFSET_LOG_EVERY = 10.0  # seconds between warnings about a coordinator clock too far ahead
-
-
-class ProtocolError(Exception):
-    """The coordinator broke the protocol (the stream is dropped and re-opened)."""
 
 
 class WorkerSession:
@@ -119,13 +118,13 @@ class WorkerSession:
             flush_soon=self._schedule_flush,
             on_progress=self._on_progress,
         )
-        self._credit = AdaptiveCredit(self._book.slots, config.adaptive)
-        self._probe: LoadProbe | None = None
+        probe: LoadProbe | None = None
         if config.adaptive is not None:
-            self._probe = load_probe or SystemLoadProbe(cpus=config.resources.get("cpu"))
-        self.stats.offered_slots = self._credit.limit
-        self._next_progress = -math.inf
-        self._progress_timer: asyncio.TimerHandle | None = None
+            probe = load_probe or SystemLoadProbe(cpus=config.resources.get("cpu"))
+        self._adaptive = AdaptiveSlots(self._book.slots, config.adaptive, self.stats, probe)
+        self._progress = ProgressThrottle(
+            self._clock, config.progress_interval.total_seconds(), self._schedule_flush
+        )
         # Timing: RELIABILITY.md defaults until the coordinator's Welcome sets them.
         self.heartbeat_interval = 5.0
         self.lease_ttl = 30.0
@@ -144,7 +143,6 @@ class WorkerSession:
         self._idle = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._links: CoordinatorLinks | None = None
-        self._end_error: BaseException | None = None
 
     # ----------------------------------------------------------------- public view
 
@@ -186,12 +184,12 @@ class WorkerSession:
     @property
     def offered_slots(self) -> int:
         """The offered limit: ``slots`` unless adaptive concurrency has lowered it."""
-        return self._credit.limit
+        return self._adaptive.credit.limit
 
     @property
     def withheld_slots(self) -> int:
         """Freed slots not credited back since the last Hello (the limit is below the offer)."""
-        return self._credit.withheld
+        return self._adaptive.credit.withheld
 
     @property
     def draining(self) -> bool:
@@ -235,121 +233,43 @@ class WorkerSession:
             ("grpc.max_receive_message_length", size),
         ]
         links = self._links = CoordinatorLinks(self.config.coordinator, self._backoff, options)
+        handlers = StreamHandlers(
+            hello=self._send_hello,
+            observe=self._observe,
+            welcome=self._on_welcome,
+            receive=self._dispatch,
+            heartbeats=self._heartbeat_loop,
+            close_timeout=self._close_timeout,
+            closed=self._stream_closed,
+        )
         fence = asyncio.create_task(self._fence_loop(), name="plait-worker-fence")
         background = [fence]
-        if self._probe is not None:
+        if self._adaptive.probe is not None:
             background.append(
-                asyncio.create_task(self._adaptive_loop(), name="plait-worker-adaptive")
+                asyncio.create_task(self._adaptive.run(self.adapt), name="plait-worker-adaptive")
             )
         try:
-            while not self._done.is_set():
-                ended_by = await self._connect_once(links.stub())
-                if self._done.is_set():
-                    break
-                delay = links.next_delay(ended_by)
-                log.info("reconnecting to %s in %.2fs", links.address, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._done.wait(), delay)
+            welcome_timeout = self.config.welcome_timeout.total_seconds()
+            await links.serve(handlers, self._done, welcome_timeout=welcome_timeout)
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if self._progress_timer is not None:
-                self._progress_timer.cancel()
+            self._progress.cancel()
             if self._book.attempts:
                 self.stop("worker exiting")
                 await self._wait_idle(self.kill_grace + 2.0)
             await links.close()
 
-    # ----------------------------------------------------------------- connection
+    # ----------------------------------------------------------------- stream (connect.py runs it)
 
-    async def _connect_once(self, stub: pb_grpc.WorkerServiceStub) -> BaseException | None:
-        """One stream from Hello to its end; logs why it ended and returns the error, if any."""
-        self._end_error = None
-        # grpc.aio allows a stream call without a request iterator (then call.write/read);
-        # the generated stubs only type the iterator form.
-        connect: Any = stub.Connect
-        call = connect()
-        stream = ConnectStream(call)
-        writer = asyncio.create_task(stream.write_loop(), name="plait-worker-writer")
-        tasks: list[asyncio.Task[Any]] = [writer]
-        try:
-            hello_sent = self._send_hello(stream)
-            first = await asyncio.wait_for(call.read(), self.config.welcome_timeout.total_seconds())
-            if first is grpc.aio.EOF:
-                raise ProtocolError("the coordinator closed the stream before Welcome")
-            self._observe(first)
-            if first.WhichOneof("message") != "welcome":
-                raise ProtocolError(f"expected Welcome, got {first.WhichOneof('message')}")
-            self._on_welcome(first.welcome, hello_sent, stream)
-            if self._links is not None:
-                self._links.connected()
-            reader = asyncio.create_task(self._read_loop(call), name="plait-worker-reader")
-            heartbeats = asyncio.create_task(self._heartbeat_loop(stream))
-            done = asyncio.create_task(self._done.wait())
-            tasks += [reader, heartbeats, done]
-            await asyncio.wait({reader, writer, done}, return_when=asyncio.FIRST_COMPLETED)
-            if self._done.is_set() and not writer.done():
-                await self._close_gracefully(stream, writer, reader)
-            elif not self._done.is_set():
-                self._log_stream_end(stream, reader, writer)
-        except (grpc.aio.AioRpcError, ProtocolError, TimeoutError, OSError) as err:
-            self._log_error(err)
-        finally:
-            self._stream = None
-            self._fence.forget_heartbeats()
-            for task in tasks:
-                task.cancel()
-            call.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return self._end_error
-
-    async def _close_gracefully(
-        self, stream: ConnectStream, writer: asyncio.Task[None], reader: asyncio.Task[None]
-    ) -> None:
+    def _close_timeout(self) -> float:
         timeout = self.config.close_timeout.total_seconds()
-        if self._stopping:
-            timeout = min(timeout, 1.0)
-        stream.queue.put_nowait(None)
-        # Wait for the coordinator to end the stream after Goodbye; past the timeout the
-        # caller cancels the call.
-        await asyncio.wait({writer, reader}, timeout=timeout)
+        return min(timeout, 1.0) if self._stopping else timeout
 
-    def _log_stream_end(
-        self, stream: ConnectStream, reader: asyncio.Task[None], writer: asyncio.Task[None]
-    ) -> None:
-        if stream.abort_reason:
-            log.warning("dropping the stream to %s: %s", self.address, stream.abort_reason)
-            return
-        for task in (reader, writer):
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                self._log_error(task.exception())
-                return
-        log.warning("the coordinator at %s closed the stream", self.address)
-
-    def _log_error(self, err: BaseException | None) -> None:
-        self._end_error = err
-        standby = not_leader_of(err) if err is not None else None
-        if standby is not None:
-            log.info("coordinator at %s refused the stream: %s", self.address, standby.message)
-        elif isinstance(err, grpc.aio.AioRpcError):
-            log.warning(
-                "connection to %s failed: %s: %s",
-                self.address,
-                err.code().name,
-                err.details(),
-            )
-        elif isinstance(err, TimeoutError):
-            log.warning("no Welcome from %s in time", self.address)
-        else:
-            log.warning("connection to %s failed: %s", self.address, err)
-
-    async def _read_loop(self, call: Any) -> None:
-        while True:
-            msg = await call.read()
-            if msg is grpc.aio.EOF:
-                return
-            self._dispatch(msg)
+    def _stream_closed(self) -> None:
+        self._stream = None
+        self._fence.forget_heartbeats()
 
     async def _heartbeat_loop(self, stream: ConnectStream) -> None:
         while True:
@@ -375,8 +295,7 @@ class WorkerSession:
         )
         # The coordinator's ledger restarts from this Hello: slots - running.
         self._outbox.reset()
-        self._credit.reset()
-        self.stats.withheld_slots = 0
+        self._adaptive.reset()
         self._last_grant_seq = 0
         self._fence.forget_heartbeats()
         sent = self._clock.monotonic()
@@ -492,8 +411,7 @@ class WorkerSession:
     # ----------------------------------------------------------------- outgoing batches
 
     def _on_finished(self, result: pb.ActionResult, freed_slots: int) -> None:
-        credit = 0 if self._draining else self._credit.freed(freed_slots)
-        self.stats.withheld_slots = self._credit.withheld
+        credit = 0 if self._draining else self._adaptive.freed(freed_slots)
         self._outbox.finished(result, credit)
         self._schedule_flush()
         if not self._book.attempts:
@@ -505,8 +423,7 @@ class WorkerSession:
         # Everything that happens in this loop turn leaves together on the next one.
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop = self._loop or asyncio.get_running_loop()
-            loop.call_soon(self._flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -533,23 +450,12 @@ class WorkerSession:
 
     def _flush_progress(self, stream: ConnectStream) -> None:
         """Sends queued progress, at most once per ``progress_interval`` (else later)."""
-        now = self._clock.monotonic()
-        if now < self._next_progress:
-            if self._progress_timer is None:
-                loop = self._loop or asyncio.get_running_loop()
-                self._progress_timer = loop.call_later(
-                    self._next_progress - now, self._progress_due
-                )
+        if not self._progress.ready(self._loop or asyncio.get_running_loop()):
             return
         reports = self._outbox.take_progress()
         for msg in progress_messages(reports):
             self._send(stream, msg)
         self.stats.progress_sent += len(reports)
-        self._next_progress = now + self.config.progress_interval.total_seconds()
-
-    def _progress_due(self) -> None:
-        self._progress_timer = None
-        self._schedule_flush()
 
     def _maybe_finish(self) -> None:
         if self._done.is_set() or not self._draining or self._book.attempts:
@@ -605,6 +511,13 @@ class WorkerSession:
             stream.abort(f"no heartbeat acknowledged for a lease TTL ({self.lease_ttl:.3g}s)")
         return check.next_check
 
+    async def _fence_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            delay = self.check_fence()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(delay, 0.005))
+
     # ----------------------------------------------------------------- adaptive concurrency
 
     def adapt(self) -> Adjustment:
@@ -614,41 +527,8 @@ class WorkerSession:
         tests can drive it with an injected :class:`LoadProbe`. Without adaptive concurrency it
         changes nothing.
         """
-        if self._probe is None:
-            return Adjustment(self._credit.limit, 0, "")
-        before = self._credit.limit
-        adj = self._credit.observe(self._probe.read())
-        self.stats.offered_slots = adj.limit
-        self.stats.withheld_slots = self._credit.withheld
-        if adj.limit < before:
-            self.stats.adaptive_decreases += 1
-            log.info(
-                "overloaded (%s): offering %d of %d slot(s), was %d",
-                adj.overload,
-                adj.limit,
-                self._credit.slots,
-                before,
-            )
-        elif adj.limit > before:
-            log.debug("healthy: offering %d of %d slot(s)", adj.limit, self._credit.slots)
+        adj = self._adaptive.adapt()
         if adj.release and not self._draining:
             self._outbox.credit(adj.release)
             self._schedule_flush()
         return adj
-
-    async def _adaptive_loop(self) -> None:
-        assert self.config.adaptive is not None
-        interval = self.config.adaptive.interval.total_seconds()
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.adapt()
-            except Exception:
-                log.exception("adaptive concurrency: reading the load failed")
-
-    async def _fence_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            delay = self.check_fence()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(delay, 0.005))
