@@ -72,9 +72,11 @@ def why_waiting(st: SchedulerState, a: ActionRecord, live: list[WorkerRecord]) -
         if not can:
             need = f"handler {a.spec.handler!r}" if a.spec.handler else "exec"
             sel = dict(a.spec.selector)
+            res = {k: v for k, v in a.spec.resources.items() if v}
             return (
                 f"no connected worker can run it ({need}, {a.slots} slots"
                 + (f", labels {sel}" if sel else "")
+                + (", resources " + ", ".join(f"{k}={v:g}" for k, v in res.items()) if res else "")
                 + ")"
             )
         return _what_is_full(st, a)

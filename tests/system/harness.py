@@ -40,7 +40,12 @@ from tests import procs
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL_WORKFLOW = frozenset(
-    {wf.WORKFLOW_STATE_SUCCEEDED, wf.WORKFLOW_STATE_FAILED, wf.WORKFLOW_STATE_CANCELLED}
+    {
+        wf.WORKFLOW_STATE_SUCCEEDED,
+        wf.WORKFLOW_STATE_PARTIALLY_SUCCEEDED,
+        wf.WORKFLOW_STATE_FAILED,
+        wf.WORKFLOW_STATE_CANCELLED,
+    }
 )
 # A process must be gone this long after teardown signalled it: kill grace (250 ms) + 1 s (I9).
 EXIT_DEADLINE_S = 1.25

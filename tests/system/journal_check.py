@@ -39,6 +39,8 @@ EXPECTED_STATE: dict[int, frozenset[int] | None] = {
     wf.EVENT_TYPE_LEASE_LOST: frozenset({wf.ACTION_STATE_READY}),
     wf.EVENT_TYPE_ACTION_CANCELLED: frozenset({wf.ACTION_STATE_CANCELLED}),
     wf.EVENT_TYPE_ACTION_SKIPPED: frozenset({wf.ACTION_STATE_SKIPPED}),
+    # A map action runs as its children once its list is read.
+    wf.EVENT_TYPE_ACTION_MAPPED: frozenset({wf.ACTION_STATE_RUNNING}),
 }
 # I1: the events that end an action (exactly one of them per action).
 TERMINAL_EVENTS = frozenset(
@@ -169,7 +171,8 @@ def check_rows(rows: Sequence[Row]) -> None:
 
 def check_transitions(events: Sequence[wf.HistoryEvent], spec: wf.WorkflowSpec) -> None:
     """I6: each action's journalled states follow TRANSITIONS, and each event type leaves the
-    state it means (an action without needs is READY from WORKFLOW_SUBMITTED on)."""
+    state it means (an action without needs is READY from WORKFLOW_SUBMITTED on; a map child
+    is READY from its map action's ACTION_MAPPED on)."""
     state = {
         a.id: wf.ACTION_STATE_READY if not a.needs else wf.ACTION_STATE_PENDING
         for a in spec.actions
@@ -177,6 +180,10 @@ def check_transitions(events: Sequence[wf.HistoryEvent], spec: wf.WorkflowSpec) 
     for e in events:
         if not e.action_id:
             continue
+        if e.type == wf.EVENT_TYPE_ACTION_MAPPED:
+            for child in invariants.mapped_children(e):
+                assert child not in state, f"I6 {show(e)} creates {child}, which exists"
+                state[child] = wf.ACTION_STATE_READY
         assert e.action_id in state, f"I6 event for an action not in the spec: {show(e)}"
         old, new = state[e.action_id], int(e.action_state)
         if e.type == wf.EVENT_TYPE_STALE_RESULT_REFUSED:
@@ -245,7 +252,9 @@ def check_journal(
             continue
         assert len(submitted) == 1, f"{workflow_id} submitted {len(submitted)} times"
         assert evs[0] is submitted[0], f"{workflow_id}: {show(evs[0])} before its submission"
-        spec = submitted[0].spec
+        # Map children count as actions from their ACTION_MAPPED on.
+        invariants.check_map_children(evs, submitted[0].spec)
+        spec = invariants.expand_maps(evs, submitted[0].spec)
         summary.workflows += 1
         summary.actions += len(spec.actions)
         done = invariants.of_type(evs, wf.EVENT_TYPE_WORKFLOW_FINISHED)
@@ -253,12 +262,12 @@ def check_journal(
         if require_finished:
             assert done, f"I10 {workflow_id} ({spec.name}) never finished; last: {show(evs[-1])}"
         check_one_terminal_event(evs, spec, finished=bool(done))
-        invariants.check_fencing(evs)  # I2
+        invariants.check_fencing(evs, invariants.map_actions(spec))  # I2
         invariants.check_single_lease(evs)  # I5
         invariants.check_nothing_after_terminal(evs)
         invariants.check_edges(evs, spec)  # I4
         invariants.check_workflow_finished_once(evs)
-        check_transitions(evs, spec)  # I6
+        check_transitions(evs, submitted[0].spec)  # I6
         check_attempts(evs, spec, lease_loss_budget)  # I7
         for e in evs:
             key = (workflow_id, e.action_id)

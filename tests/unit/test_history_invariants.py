@@ -106,3 +106,86 @@ def test_each_broken_history_is_caught(
 
     with pytest.raises(AssertionError, match=invariant):
         invariants.check_history(history, SPEC)
+
+
+# ----- map children and partial joins ------------------------------------------------------------
+
+MAP_SPEC = wf.WorkflowSpec(
+    name="map",
+    actions=[
+        wf.ActionSpec(id="list", handler="h"),
+        wf.ActionSpec(id="m", handler="h", needs=["list"], map=wf.MapSpec(over="list.xs")),
+        wf.ActionSpec(id="x", handler="h"),
+        wf.ActionSpec(
+            id="j", handler="h", needs=["m", "x"], join=wf.JoinPolicy(kind=wf.JOIN_KIND_ANY)
+        ),
+    ],
+)
+
+
+def map_history() -> list[wf.HistoryEvent]:
+    """list -> m (two children) -> j, an any-join leased before its other need x finished."""
+    S = wf.ActionState
+    events = [
+        ev(E.EVENT_TYPE_WORKFLOW_SUBMITTED),
+        ev(E.EVENT_TYPE_ACTION_LEASED, "list", 1, S.ACTION_STATE_LEASED),
+        ev(E.EVENT_TYPE_ACTION_LEASED, "x", 1, S.ACTION_STATE_LEASED),
+        ev(E.EVENT_TYPE_ACTION_FINISHED, "list", 1, S.ACTION_STATE_SUCCEEDED),
+        ev(E.EVENT_TYPE_ACTION_MAPPED, "m", 0, S.ACTION_STATE_RUNNING),
+        ev(E.EVENT_TYPE_ACTION_LEASED, "m.0", 1, S.ACTION_STATE_LEASED),
+        ev(E.EVENT_TYPE_ACTION_LEASED, "m.1", 1, S.ACTION_STATE_LEASED),
+        ev(E.EVENT_TYPE_ACTION_FINISHED, "m.0", 1, S.ACTION_STATE_SUCCEEDED),
+        ev(E.EVENT_TYPE_ACTION_FINISHED, "m.1", 1, S.ACTION_STATE_SUCCEEDED),
+        ev(E.EVENT_TYPE_ACTION_FINISHED, "m", 0, S.ACTION_STATE_SUCCEEDED),
+        ev(E.EVENT_TYPE_ACTION_LEASED, "j", 1, S.ACTION_STATE_LEASED),
+        ev(E.EVENT_TYPE_ACTION_FINISHED, "x", 1, S.ACTION_STATE_SUCCEEDED),
+        ev(E.EVENT_TYPE_ACTION_FINISHED, "j", 1, S.ACTION_STATE_SUCCEEDED),
+        ev(E.EVENT_TYPE_WORKFLOW_FINISHED),
+    ]
+    events[4].outputs_json = '["a", "b"]'
+    events[9].outputs_json = '{"items": [{}, {}]}'
+    for i, e in enumerate(events, start=1):
+        e.sequence = i
+        e.hlc.physical_ms, e.hlc.logical = 1_700_000_000_000 + i, 0
+        e.worker_id = "w1" if e.type == E.EVENT_TYPE_ACTION_LEASED else ""
+    return events
+
+
+def test_a_good_map_history_passes() -> None:
+    history = map_history()
+    invariants.check_history(history, MAP_SPEC)
+    expanded = invariants.expand_maps(history, MAP_SPEC)
+    assert [a.id for a in expanded.actions][-2:] == ["m.0", "m.1"]
+
+
+def child_before_map(h: list[wf.HistoryEvent]) -> None:
+    _swap(h, 4, 5)
+
+
+def map_done_before_child(h: list[wf.HistoryEvent]) -> None:
+    _swap(h, 8, 9)
+
+
+def map_leased(h: list[wf.HistoryEvent]) -> None:
+    h[5].action_id = "m"
+
+
+def any_join_too_early(h: list[wf.HistoryEvent]) -> None:
+    _swap(h, 9, 10)  # j leased before m (its one succeeded need) finished
+
+
+def missing_child(h: list[wf.HistoryEvent]) -> None:
+    h[4].outputs_json = '["a", "b", "c"]'
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [child_before_map, map_done_before_child, map_leased, any_join_too_early, missing_child],
+)
+def test_map_and_join_violations_are_caught(
+    corrupt: Callable[[list[wf.HistoryEvent]], None],
+) -> None:
+    history = map_history()
+    corrupt(history)
+    with pytest.raises(AssertionError):
+        invariants.check_history(history, MAP_SPEC)

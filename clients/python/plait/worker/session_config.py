@@ -40,7 +40,9 @@ class SessionConfig:
     hostname: str = field(default_factory=socket.gethostname)
     reconnect_initial: timedelta = timedelta(milliseconds=200)
     reconnect_max: timedelta = timedelta(seconds=10)
-    welcome_timeout: timedelta = timedelta(seconds=10)
+    # A coordinator that accepts the stream but never welcomes us (paused, or a stale leader
+    # hint) is given up on quickly so the worker moves to the next address.
+    welcome_timeout: timedelta = timedelta(seconds=3)
     """How long to wait for the ``Welcome`` after sending ``Hello``."""
     close_timeout: timedelta = timedelta(seconds=5)
     """How long to wait for the coordinator to end the stream after ``Goodbye``."""
