@@ -133,8 +133,8 @@ def cancel_remaining(st: SchedulerState, joined: ActionRecord, others: list[Acti
 
 
 def end_early(st: SchedulerState, a: ActionRecord, why: str, cancel_reason: int) -> None:
-    """Cancels one non-terminal action, fencing its lease if it holds one."""
-    if a.lease is not None:
+    """Cancels one non-terminal action, fencing its leases (two, when hedged)."""
+    while a.lease is not None:
         lease = a.lease
         sessions.drop_lease(st, lease)
         if lease.worker.connected:

@@ -36,6 +36,7 @@ class ActionRecord:
     needs: list[ActionRecord] = field(default_factory=list)
     dependents: list[ActionRecord] = field(default_factory=list)
     lease: LeaseRecord | None = None
+    hedge: LeaseRecord | None = None  # a second live lease (speculation)
     worker_id: str = ""
     outputs_json: str = ""
     committed_token: int = 0  # token of the result that committed, 0 if none did

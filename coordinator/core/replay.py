@@ -67,7 +67,7 @@ def _ghost(st: SchedulerState, worker_id: str) -> WorkerRecord:
 
 
 def _end_lease(st: SchedulerState, a: ActionRecord) -> None:
-    if a.lease is not None:
+    while a.lease is not None:  # both, when hedged
         sessions.drop_lease(st, a.lease)
 
 
@@ -95,24 +95,35 @@ def _apply(st: SchedulerState, ev: pb.HistoryEvent) -> None:
     _apply_action(st, wf.actions[ev.action_id], ev)
 
 
+def _apply_leased(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> None:
+    hedge = a.lease is not None  # a second live lease: speculation
+    if not hedge:
+        st.set_state(a, t.LEASED)
+    a.token, a.attempt, a.worker_id = ev.fencing_token, ev.attempt, ev.worker_id
+    w = _ghost(st, ev.worker_id)
+    lease = LeaseRecord(ev.lease_id, a, w, a.token, a.attempt, 0, st.now, a.slots)
+    if hedge:
+        a.hedge = lease
+    else:
+        a.lease = lease
+    w.leases[lease.lease_id] = lease
+    st.leases[lease.lease_id] = lease
+    limits.acquire(st, lease)
+    timeout = st.run_timeout(a)
+    if timeout > 0:  # the run timeout restarts with the lease's fresh TTL
+        heapq.heappush(st.deadlines, (st.now + timeout, ev.sequence, lease.lease_id))
+
+
 def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> None:
     typ = ev.type
     if typ == E.EVENT_TYPE_ACTION_LEASED:
-        st.set_state(a, t.LEASED)
-        a.token, a.attempt, a.worker_id = ev.fencing_token, ev.attempt, ev.worker_id
-        w = _ghost(st, ev.worker_id)
-        lease = LeaseRecord(ev.lease_id, a, w, a.token, a.attempt, 0, st.now, a.slots)
-        a.lease = lease
-        w.leases[lease.lease_id] = lease
-        st.leases[lease.lease_id] = lease
-        limits.acquire(st, lease)
-        timeout = st.run_timeout(a)
-        if timeout > 0:  # the run timeout restarts with the lease's fresh TTL
-            heapq.heappush(st.deadlines, (st.now + timeout, ev.sequence, lease.lease_id))
+        _apply_leased(st, a, ev)
     elif typ == E.EVENT_TYPE_ACTION_STARTED:
-        st.set_state(a, t.RUNNING)
-        if a.lease is not None:
-            a.lease.started = True
+        if a.state == t.LEASED:
+            st.set_state(a, t.RUNNING)
+        started = st.leases.get(ev.lease_id)
+        if started is not None:
+            started.started = True
     elif typ == E.EVENT_TYPE_ACTION_READY:
         if a.state == t.READY:
             return  # journals before 0.1's last change also recorded READY at submit
@@ -122,6 +133,8 @@ def _apply_action(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> N
         st.set_state(a, t.RUNNING)
         items = json.loads(ev.outputs_json or "[]")
         joins.make_children(st, a, [json.dumps(i, separators=(",", ":")) for i in items])
+    elif typ == E.EVENT_TYPE_LEASE_LOST and a.hedge is not None and ev.lease_id in st.leases:
+        sessions.drop_lease(st, st.leases[ev.lease_id])  # one of two hedged attempts ended
     elif typ in (E.EVENT_TYPE_LEASE_LOST, E.EVENT_TYPE_ACTION_RETRY_SCHEDULED):
         _end_lease(st, a)
         st.set_state(a, t.READY)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import limits
+from plait.coordinator.core import hedges, limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome, WorkerRecord
@@ -63,20 +63,7 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     elif kind == "credit":
         w.free = min(w.slots, w.free + msg.credit.slots)
     elif kind == "action_started":
-        for r in msg.action_started.leases:
-            lease = w.leases.get(r.lease_id)
-            if lease is not None and not lease.started and lease.token == r.fencing_token:
-                lease.started = True
-                a = lease.action
-                st.set_state(a, t.RUNNING)
-                ev = st.record(
-                    a.workflow,
-                    E.EVENT_TYPE_ACTION_STARTED,
-                    a,
-                    worker_id=w.worker_id,
-                    lease_id=lease.lease_id,
-                )
-                ev.worker_hlc.physical_ms, ev.worker_hlc.logical = remote
+        on_started(st, w, msg.action_started, remote)
     elif kind == "goodbye":
         w.draining = True
         w.said_goodbye = True
@@ -85,6 +72,27 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
             lease = w.leases.get(p.lease_id)
             if lease is not None and lease.token == p.fencing_token:
                 lease.last_progress = st.now
+
+
+def on_started(
+    st: SchedulerState, w: WorkerRecord, started: wpb.ActionStarted, remote: HlcTimestamp
+) -> None:
+    """Attempts the worker started: LEASED -> RUNNING, journalled with the worker's stamp."""
+    for r in started.leases:
+        lease = w.leases.get(r.lease_id)
+        if lease is not None and not lease.started and lease.token == r.fencing_token:
+            lease.started = True
+            a = lease.action
+            if a.state == t.LEASED:  # a hedge may start while the other attempt runs
+                st.set_state(a, t.RUNNING)
+            ev = st.record(
+                a.workflow,
+                E.EVENT_TYPE_ACTION_STARTED,
+                a,
+                worker_id=w.worker_id,
+                lease_id=lease.lease_id,
+            )
+            ev.worker_hlc.physical_ms, ev.worker_hlc.logical = remote
 
 
 def observe_hlc(
@@ -205,8 +213,13 @@ def action_for_lease_id(st: SchedulerState, lease_id: str) -> ActionRecord | Non
     return wf.actions.get(parts[1]) if wf is not None else None
 
 
-def grant(st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome) -> None:
-    """Leases ``a`` to ``w`` with a new fencing token; the grant is sent after the commit."""
+def grant(
+    st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome, *, hedge: bool = False
+) -> None:
+    """Leases ``a`` to ``w`` with a new fencing token; the grant is sent after the commit.
+
+    ``hedge``: a second attempt beside the running one (speculation); the state stays.
+    """
     a.token += 1
     a.attempt += 1
     wf_id = a.workflow.workflow_id
@@ -215,8 +228,11 @@ def grant(st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome) ->
         w.grant_seq += 1
     g = out.grant(w.session_id, w.grant_seq)
     lease = LeaseRecord(lease_id, a, w, a.token, a.attempt, w.grant_seq, st.now, a.slots)
-    st.set_state(a, t.LEASED)
-    a.lease = lease
+    if hedge:
+        a.hedge = lease
+    else:
+        st.set_state(a, t.LEASED)
+        a.lease = lease
     a.worker_id = w.worker_id
     w.leases[lease_id] = lease
     st.leases[lease_id] = lease
@@ -240,6 +256,8 @@ def grant(st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome) ->
     if timeout > 0:
         heapq.heappush(st.deadlines, (st.now + timeout, st.sequence, lease_id))
     arm_progress(st, lease)
+    if not hedge:
+        hedges.arm(st, lease)
 
 
 def arm_progress(st: SchedulerState, lease: LeaseRecord) -> None:
@@ -269,8 +287,11 @@ def drop_lease(st: SchedulerState, lease: LeaseRecord) -> None:
     if st.leases.pop(lease.lease_id, None) is not None:
         limits.release(st, lease)
     lease.worker.leases.pop(lease.lease_id, None)
-    if lease.action.lease is lease:
-        lease.action.lease = None
+    a = lease.action
+    if a.lease is lease:  # a hedge, if any, becomes the primary
+        a.lease, a.hedge = a.hedge, None
+    elif a.hedge is lease:
+        a.hedge = None
 
 
 def lose_lease(
@@ -284,6 +305,8 @@ def lose_lease(
     charge: bool = True,
 ) -> None:
     """A lease is lost: fence the holder, then re-queue the action (or fail it past budget)."""
+    if hedges.end_one(st, lease, reason, out):
+        return
     drop_lease(st, lease)
     w = lease.worker
     if restore_credit:
@@ -349,6 +372,8 @@ def on_run_timeout(st: SchedulerState, lease_id: str, out: Outcome) -> None:
 
 def time_out(st: SchedulerState, lease: LeaseRecord, why: str, out: Outcome) -> None:
     """An attempt ran out of time: fence it, then retry or end the action TIMED_OUT."""
+    if hedges.end_one(st, lease, why, out):
+        return
     a = lease.action
     lease_id = lease.lease_id
     drop_lease(st, lease)
@@ -438,9 +463,6 @@ def on_result(
         _refuse(st, w, res, ack, out)
         return
     a = lease.action
-    drop_lease(st, lease)
-    a.worker_id = w.worker_id
-    a.exit_code = res.exit_code
     outcome = res.outcome
     out.observe(
         "action_duration",
@@ -448,6 +470,16 @@ def on_result(
         value=res.duration.ToNanoseconds() / 1e9,
         lease_id=lease.lease_id,
     )
+    outputs = res.outputs_json or "{}"
+    problem = check_outputs(outputs) if outcome == O.ACTION_OUTCOME_SUCCEEDED else None
+    if (outcome != O.ACTION_OUTCOME_SUCCEEDED or problem) and a.hedge is not None:
+        # Hedged: this attempt did not make it, but the other one still runs.
+        ended = "failed" if problem is None else problem
+        hedges.end_one(st, lease, f"attempt {lease.attempt} {ended}", out, cancel=False)
+        return
+    drop_lease(st, lease)
+    a.worker_id = w.worker_id
+    a.exit_code = res.exit_code
     if outcome == O.ACTION_OUTCOME_CANCELLED:
         # The worker gave the attempt up (self-fencing) while its lease was still current.
         requeue_after_loss(
@@ -457,6 +489,7 @@ def on_result(
     fields: dict[str, Any] = dict(
         worker_id=w.worker_id,
         lease_id=lease.lease_id,
+        fencing_token=res.fencing_token,
         exit_code=res.exit_code,
         stdout_tail=res.stdout_tail,
         stderr_tail=res.stderr_tail,
@@ -466,9 +499,9 @@ def on_result(
     )
     error = res.error if res.HasField("error") else None
     if outcome == O.ACTION_OUTCOME_SUCCEEDED:
-        outputs = res.outputs_json or "{}"
-        problem = check_outputs(outputs)
         if problem is None:
+            hedges.observe(st, lease)
+            hedges.cancel_sibling(st, a, out)  # a hedge race: the loser is fenced
             a.committed_token = res.fencing_token
             a.outputs_json = outputs
             st.finish_action(

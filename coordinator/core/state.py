@@ -23,7 +23,7 @@ from datetime import timedelta
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import joins, limits, retry, sessions
+from plait.coordinator.core import hedges, joins, limits, retry, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
@@ -112,6 +112,9 @@ class SchedulerState:
         self.deadlines: list[tuple[float, int, str]] = []  # run-timeout heap (lease ids)
         self.semaphores: dict[str, tuple[int, int]] = {}  # name -> (capacity, permits held)
         self.prioritized = False  # some workflow uses priorities (costlier dispatch)
+        self.hedge_deadlines: list[tuple[float, int, str]] = []  # (due, seq, primary lease id)
+        self.hedges_wanted: list[ActionRecord] = []
+        self.durations: dict[str, deque[float]] = {}  # successful run times, for p95 hedges
         # (due, seq, action, token at ready): queue (schedule-to-start) timeouts
         self.queue_deadlines: list[tuple[float, int, ActionRecord, int]] = []
         self.workflow_deadlines: list[tuple[float, int, str]] = []  # (due, seq, workflow id)
@@ -185,7 +188,8 @@ class SchedulerState:
             ev.action_id = a.spec.id
             ev.action_state = a.state  # type: ignore[assignment]
             ev.attempt = a.attempt
-            ev.fencing_token = a.token
+            if "fencing_token" not in fields:  # a result names its own (hedges: maybe older)
+                ev.fencing_token = a.token
         self._out.records.append(ev)
         return ev
 
@@ -464,6 +468,9 @@ class SchedulerState:
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, lease_id = heapq.heappop(self.deadlines)
             sessions.on_run_timeout(self, lease_id, out)
+        while self.hedge_deadlines and self.hedge_deadlines[0][0] <= now:
+            _, _, lease_id = heapq.heappop(self.hedge_deadlines)
+            hedges.due(self, lease_id)
         while self.progress_deadlines and self.progress_deadlines[0][0] <= now:
             _, _, lease_id = heapq.heappop(self.progress_deadlines)
             sessions.check_progress(self, lease_id, out)
@@ -486,6 +493,8 @@ class SchedulerState:
     def dispatch(self, out: Outcome) -> None:
         """Leases ready actions against workers' credited slots, fairly across workflows."""
         self._out = out
+        if self.hedges_wanted:
+            hedges.dispatch(self, out)
         if not self.active:
             return
         for w in sorted(self.workers.values(), key=lambda w: -w.free):

@@ -247,6 +247,8 @@ EXAMPLES = [
     ("fail_fast", (), 1, "WORKFLOW_STATE_FAILED"),
     ("semaphores", (), 0, "WORKFLOW_STATE_SUCCEEDED"),
     ("retries_timeouts", (), 0, "WORKFLOW_STATE_SUCCEEDED"),
+    ("pipeline", (), 0, "WORKFLOW_STATE_SUCCEEDED"),
+    ("speculate", (), 0, "WORKFLOW_STATE_SUCCEEDED"),
     (
         "thumbnails",
         ("--handlers", "examples/thumbnails/handlers.py"),
@@ -692,3 +694,39 @@ def test_map_and_quorum_survive_a_coordinator_restart(cluster: Cluster, tmp_path
         assert len(leases) == 1, f"{child} leased again: {[invariants.show(e) for e in leases]}"
         assert summary.committed[(workflow_id, child)].fencing_token == leases[0].fencing_token
     invariants.check_history(cluster.history(workflow_id), spec)
+
+
+def test_speculation_hedges_a_straggler_and_fences_it(cluster: Cluster, tmp_path: Path) -> None:
+    """speculate 500ms: the first attempt hangs; a hedge on the other worker commits; the
+    straggler is cancelled (its process gone) and the workflow ends long before it would."""
+    start(cluster, "w1", "w2", slots=2)
+    script = Path(__file__).resolve().parents[2] / "examples" / "patterns" / "straggler.py"
+    flow = plait.Workflow("hedge")
+    flow.exec("fetch", ["python3", str(script)], speculate="500ms", timeout="2m")
+    began = time.monotonic()
+    workflow_id = cluster.submit(flow.to_spec())
+    status = wait_done(cluster, workflow_id, timeout=20)
+    assert time.monotonic() - began < 15
+    assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)
+    got = outputs(actions_of(status)["fetch"])
+    assert got == {"attempt": 2, "token": 2}
+    events = cluster.history(workflow_id)
+    leased = [e for e in events if e.type == wf.EVENT_TYPE_ACTION_LEASED]
+    assert [e.fencing_token for e in leased] == [1, 2]
+    assert leased[0].worker_id != leased[1].worker_id
+    finished = [e for e in events if e.type == wf.EVENT_TYPE_ACTION_FINISHED]
+    assert [e.fencing_token for e in finished] == [2]
+
+    def straggler_alive() -> bool:
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and str(script) in (entry / "cmdline").read_text():
+                    return True
+            except OSError:
+                continue
+        return False
+
+    deadline = time.monotonic() + 5
+    while straggler_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not straggler_alive(), "the losing attempt's process outlived its cancellation"

@@ -246,8 +246,8 @@ def test_workflow_keys_default_to_unset() -> None:
         ),
         ("run: [x], pipeline: {}", "pipeline", "a pipeline runs its stages"),
         ("pipeline: {over: a.items}", "pipeline.stages", "non-empty list of stages"),
-        # still refused
-        ("run: [x], speculate: 1s", "speculate", "is not supported yet"),
+        ("run: [x], speculate: {}", "speculate", "needs after (a duration), p95: true"),
+        ("run: [x], speculate: {p95: maybe}", "speculate.p95", "expected true or false"),
     ],
 )
 def test_bad_shapes_name_file_action_and_field(
@@ -503,3 +503,16 @@ def test_pipeline_yaml_maps_to_the_spec(tmp_path: Path) -> None:
     assert p.stages[0].env["PLAIT_WORKFLOW_DIR"] == str(tmp_path)
     assert p.stages[1].handler == "parse" and p.stages[1].timeout.seconds == 5
     assert spec.actions[1].WhichOneof("kind") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "after_ms", "p95"),
+    [("2s", 2000, False), ("p95", 0, True), ("{after: 500ms, p95: true}", 500, True)],
+)
+def test_speculate_forms(tmp_path: Path, value: str, after_ms: int, p95: bool) -> None:
+    from plait.spec import load_workflow
+
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nactions:\n  - id: a\n    run: [x]\n    speculate: {value}\n")
+    sp = load_workflow(str(path)).actions[0].speculate
+    assert (sp.after.ToMilliseconds(), sp.after_p95) == (after_ms, p95)

@@ -96,6 +96,7 @@ class ActionOptions(TypedDict, total=False):
     concurrency_limit: int | None
     lock: str | Sequence[str] | None
     semaphores: Sequence[str | Mapping[str, Any]] | None
+    speculate: Duration | str | Mapping[str, Any] | None
 
 
 class Workflow:

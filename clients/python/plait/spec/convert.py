@@ -96,6 +96,7 @@ ACTION_KEYS = (
     "lock",
     "semaphores",
     "pipeline",
+    "speculate",
 )
 RETRY_KEYS = ("max_attempts", "backoff", "max_backoff", "multiplier", "retryable_exit_codes")
 # Keys reserved for features not built yet: refused with a message that says so.
@@ -308,12 +309,40 @@ def _patterns(
             spec.map.CopyFrom(mapping)
     if "pipeline" in raw:
         _pipeline(raw["pipeline"], list(spec.needs), loc.child("pipeline"), spec, probs)
+    if "speculate" in raw:
+        _speculate(raw["speculate"], loc.child("speculate"), spec, probs)
     if "resources" in raw:
         spec.resources.update(convert_resources(raw["resources"], loc.child("resources"), probs))
     spec.semaphores.extend(convert_semaphores(raw, loc, probs))
 
 
 PIPELINE_KEYS = ("over", "max_in_flight", "max_items", "stages")
+SPECULATE_KEYS = ("after", "p95")
+
+
+def _speculate(value: Any, loc: Loc, spec: workflow_pb2.ActionSpec, probs: Problems) -> None:
+    """``speculate: 2s`` | ``speculate: p95`` | ``{after: 2s, p95: true}`` (hedge slow attempts)."""
+    sp = spec.speculate
+    if value == "p95":
+        sp.after_p95 = True
+        return
+    if isinstance(value, Mapping):
+        check_keys(value, SPECULATE_KEYS, loc, "speculate", probs)
+        if "p95" in value:
+            if isinstance(value["p95"], bool):
+                sp.after_p95 = value["p95"]
+            else:
+                loc.child("p95").add(probs, f"expected true or false, got {describe(value['p95'])}")
+        if "after" in value:
+            d = duration(value["after"], loc.child("after"), probs, positive=True)
+            if d is not None:
+                sp.after.CopyFrom(d)
+        if not sp.after_p95 and not sp.HasField("after"):
+            loc.add(probs, "needs after (a duration), p95: true, or both")
+        return
+    d = duration(value, loc, probs, positive=True)
+    if d is not None:
+        sp.after.CopyFrom(d)
 
 
 def _pipeline(

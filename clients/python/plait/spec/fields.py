@@ -39,9 +39,7 @@ __all__ = [
 ]
 
 # Keys the format reserves for features not built yet: refused with a message that says so.
-UNSUPPORTED_KEYS: Mapping[str, str] = {
-    "speculate": "hedged attempts on another worker",
-}
+UNSUPPORTED_KEYS: Mapping[str, str] = {}
 
 # Names of actions, semaphores and resources: 1 to 128 of [A-Za-z0-9_.-], starting with a
 # letter or digit.

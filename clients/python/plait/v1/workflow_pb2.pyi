@@ -337,6 +337,41 @@ class PipelineSpec(_message.Message):
 Global___PipelineSpec: _TypeAlias = PipelineSpec  # noqa: Y015
 
 @_typing.final
+class SpeculationPolicy(_message.Message):
+    """SpeculationPolicy starts a hedge: a second attempt of a slow action on another worker. The
+    first of the two to succeed commits; the other is cancelled and fenced (its token is older
+    or newer, but no longer live). A failed attempt does not fail the action while the other
+    still runs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    AFTER_P95_FIELD_NUMBER: _builtins.int
+    after_p95: _builtins.bool
+    """Set by the submitter: hedge once the attempt has run longer than the 95th percentile of
+    this action's observed successful attempts (across workflows and map children; from 5
+    samples on; until then `after`, if set).
+    """
+    @_builtins.property
+    def after(self) -> _duration_pb2.Duration:
+        """Set by the submitter: hedge once the first attempt has run this long (coordinator clock)."""
+
+    def __init__(
+        self,
+        *,
+        after: _duration_pb2.Duration | None = ...,
+        after_p95: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "after_p95", b"after_p95"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeculationPolicy: _TypeAlias = SpeculationPolicy  # noqa: Y015
+
+@_typing.final
 class SemaphoreRequest(_message.Message):
     """SemaphoreRequest takes permits of a named semaphore shared across workflows. Every
     semaphore an action names is acquired at once at dispatch, or none is (no hold-and-wait, so
@@ -535,6 +570,7 @@ class ActionSpec(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     SEMAPHORES_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
+    SPECULATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Set by the submitter: unique in the workflow; 1 to 128 characters of [A-Za-z0-9_.-],
     starting with a letter or digit.
@@ -609,6 +645,10 @@ class ActionSpec(_message.Message):
         exec/handler itself).
         """
 
+    @_builtins.property
+    def speculate(self) -> Global___SpeculationPolicy:
+        """Set by the submitter: hedge slow attempts on another worker."""
+
     def __init__(
         self,
         *,
@@ -630,10 +670,11 @@ class ActionSpec(_message.Message):
         priority: _builtins.int = ...,
         semaphores: _abc.Iterable[Global___SemaphoreRequest] | None = ...,
         pipeline: Global___PipelineSpec | None = ...,
+        speculate: Global___SpeculationPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "join", b"join", "kind", b"kind", "map", b"map", "pipeline", b"pipeline", "queue_timeout", b"queue_timeout", "retry", b"retry", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "join", b"join", "kind", b"kind", "map", b"map", "pipeline", b"pipeline", "queue_timeout", b"queue_timeout", "retry", b"retry", "speculate", b"speculate", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input_json", b"input_json", "join", b"join", "kind", b"kind", "map", b"map", "needs", b"needs", "pipeline", b"pipeline", "priority", b"priority", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "selector", b"selector", "semaphores", b"semaphores", "slots", b"slots", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input_json", b"input_json", "join", b"join", "kind", b"kind", "map", b"map", "needs", b"needs", "pipeline", b"pipeline", "priority", b"priority", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "selector", b"selector", "semaphores", b"semaphores", "slots", b"slots", "speculate", b"speculate", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["exec", "handler"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015

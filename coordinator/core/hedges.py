@@ -1,0 +1,138 @@
+"""Speculative execution: hedged attempts (pure core, the hedge aggregate).
+
+An action with ``speculate`` whose attempt runs past a threshold (a fixed time, or the 95th
+percentile of that action's observed successful attempts) gets a second lease on another
+worker, with the next fencing token. Whichever succeeds first commits; the other lease is
+cancelled and fenced. While both run, one failing (or being lost) ends only that lease, and is
+journalled as a LEASE_LOST naming it; the action goes on with the other.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+from plait.coordinator.core import limits
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.state import SchedulerState
+
+SAMPLES = 100  # durations kept per action for the p95
+MIN_SAMPLES = 5
+
+
+def key(a: ActionRecord) -> str:
+    """What durations are pooled by: the action's id (a map's children pool under the map)."""
+    return (a.parent or a).spec.id
+
+
+def observe(st: SchedulerState, lease: LeaseRecord) -> None:
+    """Records a successful attempt's run time (grant to result, coordinator clock)."""
+    if lease.action.spec.HasField("speculate"):
+        d = st.durations.setdefault(key(lease.action), deque(maxlen=SAMPLES))
+        d.append(st.now - lease.granted_at)
+
+
+def threshold(st: SchedulerState, a: ActionRecord) -> float | None:
+    """Seconds after which an attempt of ``a`` is hedged, or None (not yet known/asked)."""
+    sp = a.spec.speculate
+    if sp.after_p95:
+        samples = st.durations.get(key(a))
+        if samples is not None and len(samples) >= MIN_SAMPLES:
+            ordered = sorted(samples)
+            return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+    if sp.HasField("after"):
+        return sp.after.ToNanoseconds() / 1e9
+    return None
+
+
+def arm(st: SchedulerState, lease: LeaseRecord) -> None:
+    """Schedules the hedge check of a primary lease whose action asks for speculation."""
+    a = lease.action
+    if not a.spec.HasField("speculate") or a.hedge is not None:
+        return
+    after = threshold(st, a)
+    if after is not None:
+        heapq.heappush(st.hedge_deadlines, (st.now + after, st.sequence, lease.lease_id))
+
+
+def due(st: SchedulerState, lease_id: str) -> None:
+    """A primary ran past its threshold: ask dispatch for a hedge."""
+    lease = st.leases.get(lease_id)
+    if lease is None:
+        return
+    a = lease.action
+    if a.lease is lease and a.hedge is None and a.state in (t.LEASED, t.RUNNING):
+        st.hedges_wanted.append(a)
+
+
+def dispatch(st: SchedulerState, out: Outcome) -> None:
+    """Grants the hedges asked for, each on a worker other than its primary's."""
+    from plait.coordinator.core import sessions
+
+    still: list[ActionRecord] = []
+    for a in st.hedges_wanted:
+        primary = a.lease
+        if primary is None or a.hedge is not None or a.state not in (t.LEASED, t.RUNNING):
+            continue
+        w = next(
+            (
+                w
+                for w in st.workers.values()
+                if w.connected
+                and not w.draining
+                and w is not primary.worker
+                and limits.fits(st, a, w)
+            ),
+            None,
+        )
+        if w is None:
+            still.append(a)  # no other worker has room now: try at the next dispatch
+        else:
+            sessions.grant(st, w, a, out, hedge=True)
+    st.hedges_wanted = still
+
+
+def end_one(
+    st: SchedulerState, lease: LeaseRecord, why: str, out: Outcome, *, cancel: bool = True
+) -> bool:
+    """Ends ``lease`` alone when the other attempt still runs; False if it is the only one."""
+    from plait.coordinator.core import sessions
+
+    a = lease.action
+    if a.hedge is None or lease not in (a.lease, a.hedge):
+        return False
+    sessions.drop_lease(st, lease)
+    if cancel and lease.worker.connected:
+        out.cancel(lease.worker.session_id, lease, wpb.CANCEL_REASON_SUPERSEDED, why)
+    st.record(
+        a.workflow,
+        pb.EVENT_TYPE_LEASE_LOST,
+        a,
+        lease_id=lease.lease_id,
+        worker_id=lease.worker.worker_id,
+        message=f"{why}; the other attempt continues",
+    )
+    return True
+
+
+def cancel_sibling(st: SchedulerState, a: ActionRecord, out: Outcome) -> None:
+    """After a commit, cancels and fences the attempt that lost the race."""
+    from plait.coordinator.core import sessions
+
+    for lease in (a.lease, a.hedge):
+        if lease is not None:
+            sessions.drop_lease(st, lease)
+            if lease.worker.connected:
+                out.cancel(
+                    lease.worker.session_id,
+                    lease,
+                    wpb.CANCEL_REASON_SUPERSEDED,
+                    "another attempt of this action committed first",
+                )
