@@ -513,7 +513,7 @@ def on_result(
     if error is None:
         error = status_pb2.Status(code=code_pb2.UNKNOWN, message=f"exit code {res.exit_code}")
     a.failures += 1
-    if st.may_retry(a, res.exit_code, outcome):
+    if st.may_retry(a, res.exit_code, outcome, error):
         retry(st, a, error, w.worker_id, res)
         return
     a.committed_token = res.fencing_token

@@ -54,6 +54,8 @@ STATE_NAME: dict[int, str] = {int(v): k for k, v in pb.ActionState.items()}
 DEFAULT_BACKOFF = 1.0
 DEFAULT_MAX_BACKOFF = 100.0
 DEFAULT_MULTIPLIER = 2.0
+DEFAULT_JITTER = 0.5
+_CODES = frozenset(code_pb2.Code.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +427,8 @@ class SchedulerState:
         )
         mult = r.backoff_multiplier or DEFAULT_MULTIPLIER
         delay = min(cap, initial * mult ** max(0, a.failures - 1))
-        return delay * (0.5 + 0.5 * self.rng.random())
+        jitter = r.jitter if r.HasField("jitter") else DEFAULT_JITTER
+        return delay * (1.0 - jitter * self.rng.random())
 
     def retry_policy(self, a: ActionRecord) -> pb.RetryPolicy:
         """The action's retry policy, each unset field taken from the workflow's defaults."""
@@ -436,19 +439,36 @@ class SchedulerState:
             return d.retry
         merged = pb.RetryPolicy()
         merged.CopyFrom(d.retry)
-        codes = list(a.spec.retry.retryable_exit_codes)
         merged.MergeFrom(a.spec.retry)
-        if codes:  # the action's list replaces the default's, it does not extend it
-            del merged.retryable_exit_codes[:]
-            merged.retryable_exit_codes.extend(codes)
+        for name in ("retryable_exit_codes", "retryable_errors"):
+            own = getattr(a.spec.retry, name)
+            if own:  # the action's list replaces the default's, it does not extend it
+                field = getattr(merged, name)
+                del field[:]
+                field.extend(own)
         return merged
 
-    def may_retry(self, a: ActionRecord, exit_code: int, outcome: int) -> bool:
+    def may_retry(
+        self,
+        a: ActionRecord,
+        exit_code: int,
+        outcome: int,
+        error: status_pb2.Status | None = None,
+    ) -> bool:
+        """Whether another attempt may follow a failed one (budget, exit code, error type)."""
         r = self.retry_policy(a)
         if a.failures >= max(1, r.max_attempts):
             return False
-        codes = r.retryable_exit_codes
-        return not codes or outcome != wpb.ActionOutcome.ACTION_OUTCOME_FAILED or exit_code in codes
+        codes, kinds = r.retryable_exit_codes, r.retryable_errors
+        if outcome != wpb.ACTION_OUTCOME_FAILED or not (codes or kinds):
+            return True  # timeouts, and any failure when no list narrows it
+        if codes and exit_code in codes:
+            return True
+        if kinds and error is not None:
+            type_name = error.message.partition(":")[0].strip()
+            code_name = code_pb2.Code.Name(error.code) if error.code in _CODES else ""
+            return type_name in kinds or code_name in kinds
+        return False
 
     def run_timeout(self, a: ActionRecord) -> float:
         if a.spec.HasField("timeout"):

@@ -47,6 +47,8 @@ def _retry_violations(path: str, r: workflow_pb2.RetryPolicy) -> Iterator[FieldV
         )
     if r.backoff_multiplier and r.backoff_multiplier < 1:
         yield FieldViolation(f"{path}.backoff_multiplier", "must be >= 1")
+    if r.HasField("jitter") and not 0 <= r.jitter <= 1:
+        yield FieldViolation(f"{path}.jitter", f"is {r.jitter}; must be between 0 and 1")
     for name in ("initial_backoff", "max_backoff"):
         d = getattr(r, name)
         if r.HasField(name) and (d.seconds < 0 or d.nanos < 0):

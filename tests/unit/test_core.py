@@ -273,3 +273,33 @@ def test_idempotency_key_returns_the_existing_workflow() -> None:
     out = d.submit(independent(1), "wf-2", key="k")
     assert out.replies[0][1] == ("wf-1", False) and "wf-2" not in d.st.workflows
     assert out.records == []
+
+
+def test_retryable_errors_name_exception_types_or_codes() -> None:
+    d = Driver()
+    d.hello("s1", "w1", slots=2)
+    s = independent(2)
+    for a in s.actions:
+        a.retry.max_attempts = 3
+        a.retry.retryable_errors.extend(["TimeoutError", "UNAVAILABLE"])
+        a.retry.jitter = 0.0
+        a.retry.initial_backoff.FromMilliseconds(100)
+    leases = {lease.action_id: lease for lease in grants(d.submit(s))}
+    for aid, message, code in (("a0", "TimeoutError: slow mirror", 2), ("a1", "KeyError: 'x'", 2)):
+        d.msg(
+            "s1",
+            action_finished=wpb.ActionFinished(
+                results=[
+                    wpb.ActionResult(
+                        lease_id=leases[aid].lease_id,
+                        fencing_token=1,
+                        outcome=wpb.ACTION_OUTCOME_FAILED,
+                        error={"code": code, "message": message},
+                    )
+                ]
+            ),
+        )
+    assert d.state("a0") == "ACTION_STATE_READY"  # retried: a listed exception type
+    assert d.state("a1") == "ACTION_STATE_FAILED"  # not listed
+    a0 = d.st.workflows["wf-1"].actions["a0"]
+    assert abs(a0.not_before - d.mono - 0.1) < 1e-9  # jitter 0: exactly the backoff

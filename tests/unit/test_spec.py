@@ -329,11 +329,10 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path: Path) -> None:
             "expected a whole number",
         ),
         (
-            "  - id: resize\n    run: [x]\n    retry: {jitter: 1}\n",
+            "  - id: resize\n    run: [x]\n    retry: {jitter: 2}\n",
             "actions[2].retry.jitter",
             "actions[2] (id 'resize'): retry.jitter:",
-            "allowed retry keys: max_attempts, backoff, max_backoff, multiplier,"
-            " retryable_exit_codes",
+            "must be from 0 to 1",
         ),
         (
             "  - just a string\n",

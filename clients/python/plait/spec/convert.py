@@ -98,7 +98,15 @@ ACTION_KEYS = (
     "pipeline",
     "speculate",
 )
-RETRY_KEYS = ("max_attempts", "backoff", "max_backoff", "multiplier", "retryable_exit_codes")
+RETRY_KEYS = (
+    "max_attempts",
+    "backoff",
+    "max_backoff",
+    "multiplier",
+    "jitter",
+    "retryable_exit_codes",
+    "retryable_errors",
+)
 # Keys reserved for features not built yet: refused with a message that says so.
 LATER_KEYS = frozenset(UNSUPPORTED_KEYS)
 
@@ -144,7 +152,32 @@ def _retry(value: Any, loc: Loc, probs: Problems) -> workflow_pb2.RetryPolicy | 
                 got = whole_number(c, at.item(i), probs, 0, 255)
                 if got is not None:
                     policy.retryable_exit_codes.append(got)
+    _retry_extras(value, loc, policy, probs)
     return policy
+
+
+def _retry_extras(
+    value: Mapping[str, Any], loc: Loc, policy: workflow_pb2.RetryPolicy, probs: Problems
+) -> None:
+    """``jitter`` (0 to 1) and ``retryable_errors`` (exception type or status code names)."""
+    if "jitter" in value:
+        at = loc.child("jitter")
+        got = number(value["jitter"], at, probs, what="a number from 0 to 1")
+        if got is not None and not 0 <= got <= 1:
+            at.add(probs, f"must be from 0 to 1, got {value['jitter']}")
+        elif got is not None:
+            policy.jitter = got
+    if "retryable_errors" in value:
+        kinds = value["retryable_errors"]
+        at = loc.child("retryable_errors")
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        if not isinstance(kinds, list | tuple) or not all(
+            isinstance(k, str) and k.isidentifier() for k in kinds
+        ):
+            at.add(probs, "expected a list of error type names such as TimeoutError, UNAVAILABLE")
+        else:
+            policy.retryable_errors.extend(kinds)
 
 
 def convert_defaults(value: Any, probs: Problems) -> workflow_pb2.ActionDefaults:

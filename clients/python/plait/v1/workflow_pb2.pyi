@@ -419,12 +419,18 @@ class RetryPolicy(_message.Message):
     MAX_BACKOFF_FIELD_NUMBER: _builtins.int
     BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
     RETRYABLE_EXIT_CODES_FIELD_NUMBER: _builtins.int
+    RETRYABLE_ERRORS_FIELD_NUMBER: _builtins.int
+    JITTER_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Set by the submitter: total attempts allowed for action failures, 1 to 100. 0 means
     "inherit the workflow default", whose own default is 1 (no retry).
     """
     backoff_multiplier: _builtins.float
     """Set by the submitter: factor applied to the delay after every attempt, >= 1. Default 2."""
+    jitter: _builtins.float
+    """Set by the submitter: the share of each delay that is randomised, 0 to 1 (unset: 0.5, so
+    the delay is uniform in [d/2, d]); spreads retries of many actions apart.
+    """
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration:
         """Set by the submitter: delay before the second attempt. Default 1 s."""
@@ -435,8 +441,15 @@ class RetryPolicy(_message.Message):
 
     @_builtins.property
     def retryable_exit_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Set by the submitter: exit codes (exec) that may be retried. Empty means every failure is
-        retryable while attempts remain.
+        """Set by the submitter: exit codes (exec) that may be retried. Empty (and no
+        retryable_errors) means every failure is retryable while attempts remain.
+        """
+
+    @_builtins.property
+    def retryable_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Set by the submitter: error types that may be retried: a handler's exception type name
+        (`TimeoutError`, the text before ":" in the error message) or a google.rpc code name
+        (`UNAVAILABLE`). Timeouts are retryable whatever these lists say.
         """
 
     def __init__(
@@ -447,12 +460,16 @@ class RetryPolicy(_message.Message):
         max_backoff: _duration_pb2.Duration | None = ...,
         backoff_multiplier: _builtins.float = ...,
         retryable_exit_codes: _abc.Iterable[_builtins.int] | None = ...,
+        retryable_errors: _abc.Iterable[_builtins.str] | None = ...,
+        jitter: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_backoff", b"max_backoff"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "retryable_exit_codes", b"retryable_exit_codes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_jitter", b"_jitter", "backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "retryable_errors", b"retryable_errors", "retryable_exit_codes", b"retryable_exit_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__jitter: _TypeAlias = _typing.Literal["jitter"]  # noqa: Y015
+    _WhichOneofArgType__jitter: _TypeAlias = _typing.Literal["_jitter", b"_jitter"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__jitter) -> _WhichOneofReturnType__jitter | None: ...
 
 Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
