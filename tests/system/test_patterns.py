@@ -730,3 +730,38 @@ def test_speculation_hedges_a_straggler_and_fences_it(cluster: Cluster, tmp_path
     while straggler_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not straggler_alive(), "the losing attempt's process outlived its cancellation"
+
+
+def test_plait_retry_reruns_what_failed_keeping_committed_outputs(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A flaky step fails the workflow; `plait retry --wait` re-runs it (and what it skipped)
+    but not the step that already succeeded."""
+    start(cluster, "w1", slots=2)
+    runs = tmp_path / "runs.log"
+    marker = tmp_path / "fixed"
+    step = (
+        f'echo "$PLAIT_ACTION_ID $PLAIT_FENCING_TOKEN" >> {runs};'
+        f" [ $PLAIT_ACTION_ID != flaky ] || [ -e {marker} ]"
+    )
+    flow = plait.Workflow("retry-me")
+    flow.exec("first", step)
+    flow.exec("flaky", step, needs=["first"])
+    flow.exec("last", step, needs=["flaky"])
+    workflow_id = cluster.submit(flow.to_spec())
+    status = wait_done(cluster, workflow_id)
+    assert status.state == wf.WORKFLOW_STATE_FAILED, describe(status)
+    marker.write_text("fixed\n")
+    done = plait_cli("retry", workflow_id, "--wait", "-o", "json", coordinator=cluster.grpc_target)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    first, _ = json.JSONDecoder().raw_decode(done.stdout)
+    assert first["retried"] == ["flaky", "last"]
+    status = wait_done(cluster, workflow_id)
+    assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)
+    ran = runs.read_text().split()
+    assert list(zip(ran[::2], ran[1::2], strict=True)) == [
+        ("first", "1"),
+        ("flaky", "1"),
+        ("flaky", "2"),
+        ("last", "1"),
+    ]

@@ -385,11 +385,11 @@ class Client:
                 raise TimeoutError(f"workflow {workflow_id} did not finish within {timeout:g}s")
             finished = False
             try:
+                # Read to the end of the stream: a retried workflow's history holds an earlier
+                # WORKFLOW_FINISHED; the coordinator ends the stream at the current one.
                 for event in self._watch(workflow_id, last, True, remaining):
                     last = max(last, event.sequence)
-                    if event.type == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED:
-                        finished = True
-                        break
+                    finished = event.type == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED
             except PlaitError as exc:
                 if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(
