@@ -8,6 +8,7 @@ import pytest
 
 from plait.coordinator.config import CoordinatorConfig
 from plait.coordinator.server import CoordinatorServer
+from tests.integration.worker_session_support import Harness
 
 
 @pytest.fixture
@@ -28,3 +29,14 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[CoordinatorServer]:
         yield server
     finally:
         await server.stop(0)
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    """A WorkerSession harness: the in-test coordinator's server started, no session yet."""
+    harness = Harness(tmp_path)
+    await harness.start_server()
+    try:
+        yield harness
+    finally:
+        await harness.close()
