@@ -97,16 +97,30 @@ def _spec_violations(
             f"{path}.needs",
             f"has {len(a.needs)} entries; the limit max_fan_in is {limits.max_fan_in}",
         )
-    yield from _duration_violation(f"{path}.timeout", a.timeout, a.HasField("timeout"))
-    for name in ("queue_timeout", "heartbeat_timeout"):
-        yield from _duration_violation(f"{path}.{name}", getattr(a, name), a.HasField(name))
-    yield from _pattern_violations(path, a, maps_a_need)
+    # Only what is set is checked: a 10,000-action submit is validated on the request path.
+    for name in ("timeout", "queue_timeout", "heartbeat_timeout"):
+        if a.HasField(name):
+            yield from _duration_violation(f"{path}.{name}", getattr(a, name), True)
+    if _has_pattern(a):
+        yield from _pattern_violations(path, a, maps_a_need)
     if a.HasField("retry"):
         yield from _retry_violations(f"{path}.retry", a.retry)
-    yield from _json_violation(f"{path}.input_json", a.input_json, limits.max_input_bytes)
+    if a.input_json:
+        yield from _json_violation(f"{path}.input_json", a.input_json, limits.max_input_bytes)
     for key in a.env:
         if not key or "=" in key or "\0" in key:
             yield FieldViolation(f"{path}.env", f"bad variable name {key!r}")
+
+
+def _has_pattern(a: workflow_pb2.ActionSpec) -> bool:
+    return bool(
+        a.priority
+        or a.resources
+        or a.semaphores
+        or a.HasField("join")
+        or a.HasField("map")
+        or a.HasField("pipeline")
+    )
 
 
 def _join_violations(
