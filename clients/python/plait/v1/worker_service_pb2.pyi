@@ -379,6 +379,7 @@ class Hello(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Set by the worker: stable name, unique among connected workers (1 to 128 of [A-Za-z0-9_.-])."""
     slots: _builtins.int
@@ -389,6 +390,13 @@ class Hello(_message.Message):
     """Set by the worker: implementation and version, for display."""
     hostname: _builtins.str
     """Set by the worker: host name, for display."""
+    resume_token: _builtins.str
+    """Set by the worker on a reconnect: the Welcome.resume_token of its previous stream. While
+    that stream still looks live to the coordinator (its end not yet detected), a new stream
+    may replace it only if it is authenticated as this worker (certificate or token) or
+    presents this token; otherwise the Hello is refused with ALREADY_EXISTS. Empty on a first
+    connect.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Set by the worker: labels matched against ActionSpec.selector."""
@@ -423,10 +431,11 @@ class Hello(_message.Message):
         agent: _builtins.str = ...,
         hostname: _builtins.str = ...,
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "exec_enabled", b"exec_enabled", "handlers", b"handlers", "hostname", b"hostname", "labels", b"labels", "resources", b"resources", "running", b"running", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "exec_enabled", b"exec_enabled", "handlers", b"handlers", "hostname", b"hostname", "labels", b"labels", "resources", b"resources", "resume_token", b"resume_token", "running", b"running", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,8 +453,14 @@ class Welcome(_message.Message):
     ADOPTED_FIELD_NUMBER: _builtins.int
     KILL_FIELD_NUMBER: _builtins.int
     KILL_GRACE_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Set by the coordinator: identifies this stream, for logs."""
+    resume_token: _builtins.str
+    """Set by the coordinator: a secret for this stream (256 random bits, URL-safe). The worker
+    keeps it and sends it as Hello.resume_token when it reconnects, to prove that the new
+    stream comes from the same worker and may replace this one. Never logged.
+    """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """Set by the coordinator: send a heartbeat this often."""
@@ -475,10 +490,11 @@ class Welcome(_message.Message):
         adopted: _abc.Iterable[Global___LeaseReport] | None = ...,
         kill: _abc.Iterable[Global___LeaseReport] | None = ...,
         kill_grace: _duration_pb2.Duration | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "heartbeat_interval", b"heartbeat_interval", "kill", b"kill", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "heartbeat_interval", b"heartbeat_interval", "kill", b"kill", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "resume_token", b"resume_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -871,8 +887,10 @@ class ResultAck(_message.Message):
     @_builtins.property
     def status(self) -> _status_pb2.Status:
         """Set by the coordinator: OK when committed (or committed before: same ack);
-        FAILED_PRECONDITION when the token was superseded ("lease token 3 superseded by 4").
-        Either way the worker may forget the result.
+        FAILED_PRECONDITION when the token was superseded ("lease token 3 superseded by 4"), or
+        when another session holds the lease (google.rpc.ErrorInfo reason LEASE_NOT_HELD, metadata
+        lease_id and holder: nothing is journalled for such a result). Either way the worker may
+        forget the result.
         """
 
     def __init__(
@@ -898,6 +916,7 @@ class Ack(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
     heartbeat_sequence: _builtins.int
     """Set by the coordinator: the sequence of the heartbeat this ack answers (0 when it answers
     only results). Every heartbeat gets an ack after the coordinator has renewed the leases.
@@ -906,15 +925,24 @@ class Ack(_message.Message):
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
         """Set by the coordinator: one per result."""
 
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
+        """Set by the coordinator: ActionStarted and ActionProgress reports it refused, one per
+        lease: FAILED_PRECONDITION with a google.rpc.ErrorInfo (domain "plait.dev", reason
+        LEASE_NOT_HELD, metadata lease_id and holder) when this session does not hold the lease.
+        Nothing is journalled for them; the worker should stop the attempt if it runs one.
+        """
+
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___ResultAck] | None = ...,
         heartbeat_sequence: _builtins.int = ...,
+        refused: _abc.Iterable[Global___ResultAck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_sequence", b"heartbeat_sequence", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_sequence", b"heartbeat_sequence", "refused", b"refused", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
