@@ -53,7 +53,23 @@ class CoordinatorConfig:
     ready_file: str | None = None
     advertise: str | None = None  # address standbys name as the leader's (default: listen)
     retention: timedelta = timedelta(days=7)
+    tls_cert: str | None = None  # PEM certificate chain served on gRPC (and /metrics)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mTLS: every connection presents a cert from this CA
+    auth_tokens: str | None = None  # hashed bearer-token file (reloaded on SIGHUP)
+    reflection: bool = False  # gRPC server reflection (describes the API; role read)
+    metrics_public: bool = False  # allow /metrics on a non-loopback address
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def tls(self) -> bool:
+        """The gRPC port serves TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Callers must authenticate (client certificates and/or bearer tokens)."""
+        return self.tls_client_ca is not None or self.auth_tokens is not None
 
     def validate(self) -> None:
         """Refuses unsafe or inconsistent settings, naming the rule that failed."""
@@ -74,16 +90,7 @@ class CoordinatorConfig:
             raise ConfigError("max_clock_offset must be > 0")
         if not 0 <= self.lease_loss_budget <= 100:
             raise ConfigError("lease_loss_budget must be between 0 and 100")
-        for name in ("listen", "metrics_listen"):
-            addr = getattr(self, name)
-            if addr is None:
-                continue
-            host, _ = split_host_port(addr, name)
-            if not is_loopback(host):
-                raise ConfigError(
-                    f"{name} {addr!r} is not a loopback address: Plait refuses to listen beyond"
-                    " this host until TLS and authentication are configured"
-                )
+        self._validate_security()
         if not self.store.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ConfigError(
                 f"store {self.store!r}: expected sqlite:///PATH or postgresql://USER@HOST/DB"
@@ -92,6 +99,47 @@ class CoordinatorConfig:
             raise ConfigError("retention must be > 0")
         if self.advertise is not None:
             split_host_port(self.advertise, "advertise")
+
+    def _validate_security(self) -> None:
+        """Secure by default: beyond loopback only with TLS and authentication."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key must be given together (--tls-cert, --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                "tls_client_ca needs tls_cert and tls_key: client certificates are checked"
+                " only over TLS"
+            )
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{name} {path!r}: no such file")
+        host, _ = split_host_port(self.listen, "listen")
+        if not is_loopback(host):
+            missing = [
+                what
+                for what, ok in (
+                    ("TLS (--tls-cert and --tls-key)", self.tls),
+                    (
+                        "authentication (--tls-client-ca and/or --auth-tokens)",
+                        self.auth_enabled,
+                    ),
+                )
+                if not ok
+            ]
+            if missing:
+                raise ConfigError(
+                    f"listen {self.listen!r} is not a loopback address: Plait listens beyond"
+                    f" this host only with {' and '.join(missing)}; see docs/security.md"
+                    " (`plait certs init` makes a CA and certificates)"
+                )
+        if self.metrics_listen is not None:
+            mhost, _ = split_host_port(self.metrics_listen, "metrics_listen")
+            if not is_loopback(mhost) and not self.metrics_public:
+                raise ConfigError(
+                    f"metrics_listen {self.metrics_listen!r} is not a loopback address: pass"
+                    " --metrics-public to serve /metrics beyond this host (over TLS when"
+                    " --tls-cert is given)"
+                )
 
 
 def split_host_port(addr: str, name: str = "address") -> tuple[str, int]:
@@ -121,6 +169,8 @@ _DURATIONS = {
     "retention",
 }
 _INTS = {"lease_loss_budget"}
+_BOOLS = {"reflection", "metrics_public"}
+_PATHS = {"tls_cert", "tls_key", "tls_client_ca", "auth_tokens"}
 _LIMITS = {f.name for f in fields(Limits)}
 
 
@@ -130,6 +180,15 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return parse_duration(value, field=name)
         if name in _INTS or name in _LIMITS:
             return int(value)
+        if name in _BOOLS:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(f"{name}: expected true or false, got {value!r}")
+            return text in {"1", "true", "yes", "on"}
+        if name in _PATHS and str(value).strip() == "":
+            return None
         if name == "metrics_listen" and str(value).lower() in {"", "off", "none"}:
             return None
         return str(value)
@@ -161,6 +220,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--advertise", help="HOST:PORT standbys give clients for this leader (default: --listen)"
     )
     p.add_argument("--retention", help="keep finished workflows this long (default 7d)")
+    p.add_argument("--tls-cert", help="PEM certificate (chain) this coordinator serves")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        help="CA whose client certificates are required on every connection (mTLS; workers"
+        " need it: WorkerService takes a worker's identity from its certificate)",
+    )
+    p.add_argument(
+        "--auth-tokens", help="hashed bearer-token file (`plait tokens create`); SIGHUP reloads"
+    )
+    p.add_argument(
+        "--reflection",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve gRPC server reflection (off by default; needs role read)",
+    )
+    p.add_argument(
+        "--metrics-public",
+        action="store_const",
+        const=True,
+        default=None,
+        help="allow --metrics-listen on a non-loopback address (TLS when --tls-cert is given)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     return p
 

@@ -26,6 +26,12 @@ async def serve(server: CoordinatorServer) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
+    if not server.authenticator.enabled:
+        log.warning(
+            "authentication is off: any process on this host may submit, operate and serve as"
+            " a worker (configure --tls-client-ca and/or --auth-tokens; docs/security.md)"
+        )
     await server.start(wait_leader=False)
     waiter = asyncio.create_task(server.wait())
     stopper = asyncio.create_task(stop.wait())
@@ -57,7 +63,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plait coordinator: refusing to start: {e}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return asyncio.run(serve(CoordinatorServer(config, SystemClock(offset_ms))))
+        server = CoordinatorServer(config, SystemClock(offset_ms))
+    except ConfigError as e:  # e.g. a malformed token file
+        print(f"plait coordinator: refusing to start: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(serve(server))
     except OSError as e:
         print(f"plait coordinator: {e}", file=sys.stderr)
         return 1

@@ -68,6 +68,19 @@ class CoordinatorMetrics:
             "Results refused because their fencing token was superseded.",
             registry=r,
         )
+        self.reports_refused = Counter(
+            "plait_worker_reports_refused_total",
+            "Worker reports (started, progress, result) for a lease the session does not hold;"
+            " nothing was journalled.",
+            ["report"],
+            registry=r,
+        )
+        self.hellos_refused = Counter(
+            "plait_worker_hellos_refused_total",
+            "Hellos refused because the worker id was connected and the new stream did not prove"
+            " to be that worker.",
+            registry=r,
+        )
         self.clock_offset_rejections = Counter(
             "plait_clock_offset_rejections_total",
             "Messages whose HLC was too far ahead to merge (max_clock_offset).",

@@ -12,6 +12,7 @@ worker sees it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import defaultdict
@@ -21,7 +22,7 @@ from typing import Any
 from plait.clock import Clock
 from plait.coordinator.config import CoordinatorConfig
 from plait.coordinator.core.events import Instant, Stimulus, TimePassed, WorkerStreamClosed
-from plait.coordinator.core.model import Observation, Outcome
+from plait.coordinator.core.model import Observation, Outcome, SessionEnd
 from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import STATE_NAME, CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
@@ -32,6 +33,9 @@ from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
 log = logging.getLogger(__name__)
+# What a worker's outbox carries: a message, the coordinator ending the stream with a status, or
+# None (the stream ended by itself).
+Outbound = wpb.ConnectResponse | SessionEnd | None
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 _WATCH_QUEUE_LIMIT = 10_000  # commits a watcher may fall behind before its stream ends
@@ -82,7 +86,7 @@ class Runtime:
         self._inbox: list[Stimulus] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._sessions: dict[str, asyncio.Queue[wpb.ConnectResponse | None]] = {}
+        self._sessions: dict[str, asyncio.Queue[Outbound]] = {}
         self._watchers: dict[str, set[asyncio.Queue[list[pb.HistoryEvent] | None]]] = defaultdict(
             set
         )
@@ -175,11 +179,11 @@ class Runtime:
 
     # ---- worker sessions ----------------------------------------------------------------
 
-    def open_session(self) -> tuple[str, asyncio.Queue[wpb.ConnectResponse | None]]:
+    def open_session(self) -> tuple[str, asyncio.Queue[Outbound]]:
         if self.core is None:
             raise NotLeaderError(self.leader_hint)
         session_id = self.next_id("session")
-        q: asyncio.Queue[wpb.ConnectResponse | None] = asyncio.Queue()
+        q: asyncio.Queue[Outbound] = asyncio.Queue()
         self._sessions[session_id] = q
         return session_id, q
 
@@ -327,10 +331,10 @@ class Runtime:
                     self._trace_grants(msg.lease_grant, session_id)
                 core.hlc.stamp(msg.hlc)
                 q.put_nowait(msg)
-        for session_id in out.closes:
-            q = self._sessions.get(session_id)
+        for end in out.closes:
+            q = self._sessions.get(end.session_id)
             if q is not None:
-                q.put_nowait(None)
+                q.put_nowait(end)
         for token, value in out.replies:
             fut: asyncio.Future[Any] = token  # type: ignore[assignment]
             if fut.done():
@@ -381,6 +385,29 @@ class Runtime:
                 log.info("worker %s connected", o.worker_id, extra={"worker_id": o.worker_id})
             elif kind == "worker_disconnected":
                 log.info("worker %s disconnected", o.worker_id, extra={"worker_id": o.worker_id})
+                if o.worker_id not in self.state.workers:
+                    # Per-worker series live only while the worker does: a caller that makes up
+                    # worker ids must not grow the label set without bound.
+                    with contextlib.suppress(KeyError):
+                        m.clock_offset_rejections.remove(o.worker_id)
+            elif kind == "report_refused":
+                m.reports_refused.labels(o.detail).inc()
+                log.warning(
+                    "refused %s report from worker %s for lease %s: the session does not hold it",
+                    o.detail,
+                    o.worker_id,
+                    o.lease_id,
+                    extra={"worker_id": o.worker_id, "lease_id": o.lease_id},
+                )
+            elif kind == "hello_refused":
+                m.hellos_refused.inc()
+                log.warning(
+                    "refused hello from %s: worker id %s is connected and the new stream did not"
+                    " prove to be it",
+                    o.detail or "?",
+                    o.worker_id,
+                    extra={"worker_id": o.worker_id},
+                )
 
     def _trace_grants(self, grant: wpb.LeaseGrant, session_id: str) -> None:
         w = self.state.by_session.get(session_id)

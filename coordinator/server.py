@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from plait.clock import Clock, SystemClock
+from plait.coordinator.auth import Authenticator, AuthInterceptor
 from plait.coordinator.config import CoordinatorConfig, split_host_port
 from plait.coordinator.core.events import DrainRequested
 from plait.coordinator.journal.leadership import open_leadership
@@ -36,7 +37,7 @@ from plait.coordinator.services.errors import ErrorInterceptor
 from plait.coordinator.services.worker import WorkerService
 from plait.coordinator.services.workflow import WorkflowService
 from plait.coordinator.tracing import Tracing
-from plait.errors import UnavailableError
+from plait.errors import ConfigError, UnavailableError
 from plait.v1 import admin_service_pb2, worker_service_pb2, workflow_service_pb2
 from plait.v1 import admin_service_pb2_grpc as agrpc
 from plait.v1 import worker_service_pb2_grpc as wgrpc
@@ -66,6 +67,29 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def server_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials:
+    """TLS for the gRPC port; with ``tls_client_ca`` every peer must present a certificate.
+
+    gRPC Python can only require client certificates or not ask for them at all, so with a
+    client CA the whole port is mTLS (clients included; a token may still name the caller).
+    """
+    assert cfg.tls_cert is not None and cfg.tls_key is not None
+
+    def read(path: str, name: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ConfigError(f"{name} {path}: {e.strerror or e}") from e
+
+    ca = read(cfg.tls_client_ca, "tls_client_ca") if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(read(cfg.tls_key, "tls_key"), read(cfg.tls_cert, "tls_cert"))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
 class CoordinatorServer:
     """A running coordinator: start it, read its ports, stop it."""
 
@@ -78,6 +102,11 @@ class CoordinatorServer:
         self.store = open_store(config.store, lease_ttl=config.lease_ttl)
         self.runtime = Runtime(
             config, self.store, self.clock, self.metrics, self.tracing, on_fatal=self._fatal
+        )
+        self.authenticator = Authenticator(
+            tls=config.tls,
+            mtls=config.tls_client_ca is not None,
+            token_file=config.auth_tokens,
         )
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -109,25 +138,32 @@ class CoordinatorServer:
         """
         self.started_at = self.clock.monotonic()
         cfg = self.config
+        # ErrorInterceptor first: it turns the AuthInterceptor's refusals into statuses.
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(), AuthInterceptor(self.authenticator)],
             options=server_options(cfg.limits.max_message_bytes),
         )
         wsgrpc.add_WorkflowServiceServicer_to_server(
             WorkflowService(self.runtime, cfg.limits), server
         )
-        wgrpc.add_WorkerServiceServicer_to_server(WorkerService(self.runtime), server)
+        wgrpc.add_WorkerServiceServicer_to_server(
+            WorkerService(self.runtime, auth_enabled=self.authenticator.enabled), server
+        )
         agrpc.add_AdminServiceServicer_to_server(AdminService(self.runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
-        self.port = server.add_insecure_port(cfg.listen)
+        if cfg.reflection:
+            reflection.enable_server_reflection(
+                (
+                    *SERVICE_NAMES,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            self.port = server.add_secure_port(cfg.listen, server_credentials(cfg))
+        else:
+            self.port = server.add_insecure_port(cfg.listen)
         if self.port == 0:
             raise OSError(f"could not listen on {cfg.listen}")
         await server.start()
@@ -136,14 +172,24 @@ class CoordinatorServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.metrics_listen:
             host, port = split_host_port(cfg.metrics_listen, "metrics_listen")
-            httpd, _ = start_http_server(port, host, registry=self.metrics.registry)
+            # Over TLS with the gRPC certificate when there is one (client certificates are
+            # not required there: Prometheus scrapers rarely carry the cluster's).
+            httpd, _ = start_http_server(
+                port,
+                host,
+                registry=self.metrics.registry,
+                certfile=cfg.tls_cert,
+                keyfile=cfg.tls_key,
+            )
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
         host = split_host_port(cfg.listen, "listen")[0]
         log.info(
-            "coordinator serving gRPC on %s:%d, metrics on %s",
+            "coordinator serving gRPC%s on %s:%d (authentication %s), metrics on %s",
+            " over TLS" if cfg.tls else "",
             host,
             self.port,
+            self._auth_summary(),
             f"{host}:{self.metrics_port}" if self.metrics_port else "off",
         )
         self._host = host
@@ -171,6 +217,27 @@ class CoordinatorServer:
                     f"not elected within {leader_timeout:g}s: another coordinator"
                     f"{f' ({hint})' if hint else ''} holds the journal {cfg.store}"
                 )
+
+    def _auth_summary(self) -> str:
+        cfg = self.config
+        ways = [
+            w
+            for w, on in (
+                ("client certificates", cfg.tls_client_ca is not None),
+                (f"{len(self.authenticator.tokens)} bearer tokens", cfg.auth_tokens is not None),
+            )
+            if on
+        ]
+        return " + ".join(ways) if ways else "off: loopback only, every caller has every role"
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: re-reads the token file; a bad file keeps the tokens in force and says why."""
+        try:
+            count = self.authenticator.reload()
+        except ConfigError as e:
+            log.error("token file not reloaded, the previous tokens stay in force: %s", e.message)
+            return
+        log.info("token file reloaded: %d tokens", count)
 
     async def _lead(self) -> None:
         """Standby until elected; then leader until the term ends (then the process stops)."""

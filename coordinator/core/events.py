@@ -58,6 +58,11 @@ class WorkerMessageReceived:
     cause: str
     session_id: str
     message: wpb.ConnectRequest
+    # For a hello only: the worker id the stream authenticated as (certificate or token; ""
+    # when authentication is off), where it came from, and the new session's resume token.
+    identity: str = ""
+    peer: str = ""
+    resume_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,7 @@ class ActionRecord:
     opened: bool = False  # a first stage whose item entered the pipeline (was leased)
     last_stage: bool = False  # a pipeline stage action that ends its item's chain
     in_flight: int = 0  # a pipeline's items between first-stage start and last-stage end
+    holders: dict[int, str] | None = None  # fencing token -> worker id it was granted to
 
     @property
     def id(self) -> str:
@@ -126,6 +127,17 @@ class WorkerRecord:
     grant_seq: int = 0
     clock_rejections: int = 0
     last_hlc: HlcTimestamp = ZERO
+    resume_token: str = ""  # Welcome.resume_token of its live session (proves a reconnect)
+    identity: str = ""  # principal the session authenticated as ("" when auth is off)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """The coordinator ends a worker's stream with this status (``code`` a google.rpc code)."""
+
+    session_id: str
+    code: int
+    message: str
 
 
 @dataclass(slots=True)
@@ -149,7 +161,7 @@ class Outcome:
         self.sends: dict[str, list[wpb.ConnectResponse]] = {}
         self.replies: list[tuple[object, object]] = []
         self.observations: list[Observation] = []
-        self.closes: list[str] = []
+        self.closes: list[SessionEnd] = []
         self._grants: dict[str, wpb.LeaseGrant] = {}
         self._acks: dict[str, wpb.Ack] = {}
 
@@ -189,6 +201,10 @@ class Outcome:
             message=message,
         )
         self.send(session_id, msg)
+
+    def close(self, session_id: str, code: int, message: str) -> None:
+        """Ends a worker's stream, after this outcome's messages, with ``code`` and ``message``."""
+        self.closes.append(SessionEnd(session_id, code, message))
 
     def reply(self, token: object, value: object) -> None:
         """Answers an RPC once the journal has committed this outcome."""

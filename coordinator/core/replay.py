@@ -100,6 +100,7 @@ def _apply_leased(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> N
     if not hedge:
         st.set_state(a, t.LEASED)
     a.token, a.attempt, a.worker_id = ev.fencing_token, ev.attempt, ev.worker_id
+    sessions.record_holder(a, a.token, ev.worker_id)
     w = _ghost(st, ev.worker_id)
     lease = LeaseRecord(ev.lease_id, a, w, a.token, a.attempt, 0, st.now, a.slots)
     if hedge:

@@ -14,15 +14,17 @@ Functions here take the :class:`~plait.coordinator.core.state.SchedulerState` an
 from __future__ import annotations
 
 import heapq
+import hmac
 import json
 from typing import TYPE_CHECKING, Any
 
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from plait.coordinator.core import hedges, limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome, WorkerRecord
+from plait.errors import ERROR_DOMAIN
 from plait.hlc import ClockOffsetError, HlcTimestamp
 from plait.v1 import hlc_pb2
 from plait.v1 import worker_service_pb2 as wpb
@@ -37,6 +39,7 @@ R = wpb  # CANCEL_REASON_* constants
 OK = status_pb2.Status(code=code_pb2.OK)
 UNDELIVERED = "granted just before a coordinator restart; the worker never had it"
 MAX_OUTPUT_BYTES = 1024 * 1024
+LEASE_NOT_HELD = "LEASE_NOT_HELD"
 
 
 def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None:
@@ -45,7 +48,7 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     msg = s.message
     kind = msg.WhichOneof("message")
     if kind == "hello":
-        on_hello(st, s.session_id, msg, out)
+        on_hello(st, s, out)
         return
     w = st.by_session.get(s.session_id)
     if w is None:  # replaced by a newer session of the same worker: ignore its stragglers
@@ -63,7 +66,7 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     elif kind == "credit":
         w.free = min(w.slots, w.free + msg.credit.slots)
     elif kind == "action_started":
-        on_started(st, w, msg.action_started, remote)
+        on_started(st, w, msg.action_started, remote, out)
     elif kind == "goodbye":
         w.draining = True
         w.said_goodbye = True
@@ -72,15 +75,65 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
             lease = w.leases.get(p.lease_id)
             if lease is not None and lease.token == p.fencing_token:
                 lease.last_progress = st.now
+            else:
+                refuse_report(st, w, p.lease_id, p.fencing_token, "progress", out)
+
+
+def not_held_status(st: SchedulerState, lease_id: str, token: int) -> status_pb2.Status:
+    """FAILED_PRECONDITION for a report about a lease the reporting session does not hold.
+
+    Names the lease and its holder (the worker id, or "nobody" once it has ended), with a
+    ``google.rpc.ErrorInfo`` (reason LEASE_NOT_HELD) so workers match on details, not text.
+    """
+    live = st.leases.get(lease_id)
+    a = action_for_lease_id(st, lease_id)
+    if live is not None and live.token == token:
+        holder = live.worker.worker_id
+    elif a is not None and a.holders and token in a.holders:
+        holder = a.holders[token] + " (ended)"
+    else:
+        holder = "nobody"
+    status = status_pb2.Status(
+        code=code_pb2.FAILED_PRECONDITION,
+        message=f"lease {lease_id!r} (token {token}) is not held by this session; holder: {holder}",
+    )
+    info = error_details_pb2.ErrorInfo(reason=LEASE_NOT_HELD, domain=ERROR_DOMAIN)
+    info.metadata["lease_id"] = lease_id
+    info.metadata["holder"] = holder
+    status.details.add().Pack(info)
+    return status
+
+
+def refuse_report(
+    st: SchedulerState, w: WorkerRecord, lease_id: str, token: int, what: str, out: Outcome
+) -> None:
+    """Answers a start or progress report for a lease this session does not hold.
+
+    Nothing is journalled: the report is not the holder's, so no workflow's history changes.
+    """
+    status = not_held_status(st, lease_id, token)
+    ref = out.ack(w.session_id).refused.add(lease_id=lease_id, fencing_token=token)
+    ref.status.CopyFrom(status)
+    out.observe("report_refused", worker_id=w.worker_id, detail=what, lease_id=lease_id)
 
 
 def on_started(
-    st: SchedulerState, w: WorkerRecord, started: wpb.ActionStarted, remote: HlcTimestamp
+    st: SchedulerState,
+    w: WorkerRecord,
+    started: wpb.ActionStarted,
+    remote: HlcTimestamp,
+    out: Outcome,
 ) -> None:
-    """Attempts the worker started: LEASED -> RUNNING, journalled with the worker's stamp."""
+    """Attempts the worker started: LEASED -> RUNNING, journalled with the worker's stamp.
+
+    A start for a lease this session does not hold is refused (``Ack.refused``), unjournalled.
+    """
     for r in started.leases:
         lease = w.leases.get(r.lease_id)
-        if lease is not None and not lease.started and lease.token == r.fencing_token:
+        if lease is None or lease.token != r.fencing_token:
+            refuse_report(st, w, r.lease_id, r.fencing_token, "started", out)
+            continue
+        if not lease.started:
             lease.started = True
             a = lease.action
             if a.state == t.LEASED:  # a hedge may start while the other attempt runs
@@ -109,13 +162,46 @@ def observe_hlc(
     return remote
 
 
-def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: Outcome) -> None:
+def may_replace(old: WorkerRecord, s: WorkerMessageReceived) -> bool:
+    """Whether a new stream may take over a live session of the same worker id.
+
+    Only a stream authenticated as that worker (its certificate or token names it) or one
+    that presents the live session's resume token (the same worker process reconnecting before
+    the old stream's death was noticed). Anyone else could otherwise evict a worker and adopt
+    its leases just by saying its name.
+    """
+    hello = s.message.hello
+    if s.identity and s.identity == hello.worker_id:
+        return True
+    token = hello.resume_token
+    return bool(token) and bool(old.resume_token) and hmac.compare_digest(token, old.resume_token)
+
+
+def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None:
+    """Welcomes a worker: re-adopts what it still runs, kills what it must not."""
+    msg = s.message
+    session_id = s.session_id
     hello = msg.hello
     old = st.workers.get(hello.worker_id)
     if old is not None and old.connected:
-        # A reconnect that beat the detection of the old stream's death: the new one wins.
+        if not may_replace(old, s):
+            out.close(
+                session_id,
+                code_pb2.ALREADY_EXISTS,
+                f"worker id {hello.worker_id!r} is connected (session {old.session_id}); a new"
+                " stream may replace it only when authenticated as that worker or with the"
+                " live session's resume token",
+            )
+            out.observe("hello_refused", worker_id=hello.worker_id, detail=s.peer)
+            return
+        # The same worker, proven, reconnecting before the old stream's death was noticed.
         st.by_session.pop(old.session_id, None)
-        out.closes.append(old.session_id)
+        out.close(
+            old.session_id,
+            code_pb2.ABORTED,
+            f"replaced by session {session_id} of worker {hello.worker_id!r}"
+            + (f" from {s.peer}" if s.peer else ""),
+        )
     w = WorkerRecord(
         worker_id=hello.worker_id,
         session_id=session_id,
@@ -129,6 +215,8 @@ def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: 
         connected_at_wall_ms=st.hlc.last.physical_ms,
         last_renewed=st.now,
         last_seen=st.now,
+        resume_token=s.resume_token,
+        identity=s.identity,
     )
     st.workers[w.worker_id] = w
     st.by_session[session_id] = w
@@ -152,6 +240,7 @@ def on_hello(st: SchedulerState, session_id: str, msg: wpb.ConnectRequest, out: 
     welcome.lease_ttl.FromTimedelta(st.config.lease_ttl)
     welcome.kill_grace.FromTimedelta(st.config.kill_grace)
     welcome.session_id = session_id
+    welcome.resume_token = s.resume_token
     for r in hello.running:
         w.free -= r.slots  # 0 for a finished attempt whose result is not yet acked
         held = st.leases.get(r.lease_id)
@@ -234,6 +323,7 @@ def grant(
         st.set_state(a, t.LEASED)
         a.lease = lease
     a.worker_id = w.worker_id
+    record_holder(a, a.token, w.worker_id)
     w.leases[lease_id] = lease
     st.leases[lease_id] = lease
     w.free -= a.slots
@@ -258,6 +348,13 @@ def grant(
     arm_progress(st, lease)
     if not hedge:
         hedges.arm(st, lease)
+
+
+def record_holder(a: ActionRecord, token: int, worker_id: str) -> None:
+    """Remembers which worker a token was granted to (who may report on it later)."""
+    if a.holders is None:
+        a.holders = {}
+    a.holders[token] = worker_id
 
 
 def arm_progress(st: SchedulerState, lease: LeaseRecord) -> None:
@@ -421,8 +518,16 @@ def retry(
 def _refuse(
     st: SchedulerState, w: WorkerRecord, res: wpb.ActionResult, ack: wpb.ResultAck, out: Outcome
 ) -> None:
+    """Answers a result that cannot commit; journals it only when it is the holder's own."""
     a = action_for_lease_id(st, res.lease_id)
     token = res.fencing_token
+    holder = a.holders.get(token) if a is not None and a.holders else None
+    if holder != w.worker_id:
+        # Not a result this worker was ever granted (a forged lease id, a guessed token):
+        # refused without a word in any workflow's history.
+        ack.status.CopyFrom(not_held_status(st, res.lease_id, token))
+        out.observe("report_refused", worker_id=w.worker_id, detail="result", lease_id=res.lease_id)
+        return
     if a is not None and a.committed_token == token and token:
         ack.status.code = code_pb2.OK  # the same result again: the same ack
         return
@@ -459,6 +564,11 @@ def on_result(
     """Commits a result whose token is current; refuses stale ones (compare-and-set)."""
     ack = out.ack(session_id).results.add(lease_id=res.lease_id, fencing_token=res.fencing_token)
     lease = st.leases.get(res.lease_id)
+    if lease is not None and lease.worker.session_id != session_id:
+        # Live, but another session holds it: only the holder may report on a lease.
+        ack.status.CopyFrom(not_held_status(st, res.lease_id, res.fencing_token))
+        out.observe("report_refused", worker_id=w.worker_id, detail="result", lease_id=res.lease_id)
+        return
     if lease is None or lease.token != res.fencing_token:
         _refuse(st, w, res, ack, out)
         return

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+from google.rpc import code_pb2
+
+from plait.coordinator.auth import current_principal
 from plait.coordinator.core.events import WorkerMessageReceived
+from plait.coordinator.core.model import SessionEnd
 from plait.coordinator.core.validate import describe_id
 from plait.coordinator.runtime import Runtime
-from plait.errors import FieldViolation, InvalidArgumentError
+from plait.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    FieldViolation,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    PlaitError,
+)
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import worker_service_pb2_grpc as wgrpc
 
@@ -45,11 +57,39 @@ def check_hello(msg: wpb.ConnectRequest) -> None:
         raise InvalidArgumentError(v)
 
 
+def check_identity(worker_id: str, enabled: bool) -> str:
+    """The identity a stream proved, which must be the worker id its Hello claims.
+
+    Returns the authenticated worker id ("" when authentication is off).
+
+    Raises:
+        PermissionDeniedError: the certificate or token names another worker (or none).
+    """
+    principal = current_principal()
+    if not enabled:
+        return ""
+    if principal.worker_id != worker_id:
+        proven = f"worker {principal.worker_id!r}" if principal.worker_id else "no worker identity"
+        raise PermissionDeniedError(
+            f"hello.worker_id {worker_id!r} does not match the caller's identity:"
+            f" {principal.describe()} proves {proven}"
+        )
+    return worker_id
+
+
+def _ended(end: SessionEnd) -> PlaitError:
+    """The error a stream the coordinator ends is closed with."""
+    if end.code == code_pb2.ALREADY_EXISTS:
+        return AlreadyExistsError(end.message)
+    return AbortedError(end.message)
+
+
 class WorkerService(wgrpc.WorkerServiceServicer):
     """Moves worker messages into the core and the core's messages out to workers."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, auth_enabled: bool = False) -> None:
         self.runtime = runtime
+        self.auth_enabled = auth_enabled
 
     async def Connect(
         self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: Any
@@ -61,11 +101,21 @@ class WorkerService(wgrpc.WorkerServiceServicer):
                 [FieldViolation("message", f"no hello within {HELLO_TIMEOUT:g}s")]
             ) from None
         check_hello(first)
-        rt = self.runtime
         worker_id = first.hello.worker_id
+        identity = check_identity(worker_id, self.auth_enabled)
+        rt = self.runtime
         session_id, outbox = rt.open_session()
         cause = f"worker-{worker_id}"
-        rt.post(WorkerMessageReceived(f"hello-{worker_id}", session_id, first))
+        rt.post(
+            WorkerMessageReceived(
+                f"hello-{worker_id}",
+                session_id,
+                first,
+                identity=identity,
+                peer=str(context.peer() or ""),
+                resume_token=secrets.token_urlsafe(32),
+            )
+        )
 
         async def pump() -> None:
             try:
@@ -82,6 +132,11 @@ class WorkerService(wgrpc.WorkerServiceServicer):
                 msg = await outbox.get()
                 if msg is None:
                     return
+                if isinstance(msg, SessionEnd):
+                    log.warning(
+                        "worker %s stream ended by the coordinator: %s", worker_id, msg.message
+                    )
+                    raise _ended(msg)
                 yield msg
         finally:
             reader.cancel()

@@ -42,8 +42,8 @@ async def test_health_serving_then_not_serving_on_shutdown(tmp_path: Path) -> No
         await stopping
 
 
-async def test_reflection_lists_every_service(coordinator: CoordinatorServer) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as ch:
+async def _reflected_services(port: int) -> set[str]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
 
         async def ask() -> object:
@@ -52,12 +52,35 @@ async def test_reflection_lists_every_service(coordinator: CoordinatorServer) ->
         names = set()
         async for resp in stub.ServerReflectionInfo(ask()):
             names |= {s.name for s in resp.list_services_response.service}
-        assert {
-            "plait.v1.WorkflowService",
-            "plait.v1.WorkerService",
-            "plait.v1.AdminService",
-            "grpc.health.v1.Health",
-        } <= names
+        return names
+
+
+async def test_reflection_is_off_by_default(coordinator: CoordinatorServer) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _reflected_services(coordinator.port)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_reflection_lists_every_service_when_asked(tmp_path: Path) -> None:
+    server = CoordinatorServer(
+        CoordinatorConfig(
+            listen="127.0.0.1:0",
+            store=f"sqlite:///{tmp_path}/j.db",
+            metrics_listen=None,
+            reflection=True,
+        )
+    )
+    await server.start()
+    try:
+        names = await _reflected_services(server.port)
+    finally:
+        await server.stop(0)
+    assert {
+        "plait.v1.WorkflowService",
+        "plait.v1.WorkerService",
+        "plait.v1.AdminService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 async def test_metrics_count_what_happened(coordinator: CoordinatorServer) -> None:

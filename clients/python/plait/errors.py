@@ -140,6 +140,24 @@ def leader_hint(status: status_pb2.Status) -> str | None:
     return err.leader if err is not None else None
 
 
+class UnauthenticatedError(PlaitError):
+    """No credentials, or credentials that prove nothing (a bad token, no client certificate)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(PlaitError):
+    """The caller is known but its roles do not allow the RPC; the message names both."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class AbortedError(PlaitError):
+    """The call was ended by something newer (a worker stream replaced by a newer session)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ConfigError(PlaitError):
     """A configuration is unsafe or malformed; daemons refuse to start (exit 2)."""
 
@@ -155,6 +173,9 @@ _BY_CODE: dict[grpc.StatusCode, type[PlaitError]] = {
         AlreadyExistsError,
         ResourceExhaustedError,
         UnavailableError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        AbortedError,
     )
 }
 
