@@ -247,7 +247,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler: Any = await continuation(handler_call_details)
         if handler is None:
             return None
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         for attr, factory in _FACTORIES:
             behavior = getattr(handler, attr)
             if behavior is not None:

@@ -27,6 +27,8 @@ class ProtocolWorker:
         handlers: tuple[str, ...] = ("noop",),
         exec_enabled: bool = False,
         running: list[wpb.LeaseReport] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+        resume_token: str = "",
     ) -> None:
         self.target = target
         self.worker_id = worker_id
@@ -41,7 +43,9 @@ class ProtocolWorker:
             handlers=handlers,
             exec_enabled=exec_enabled,
             running=running or [],
+            resume_token=resume_token,
         )
+        self.metadata = metadata
         self.welcome: wpb.Welcome | None = None
         self.hb_seq = 0
         self.grant_seq = 0
@@ -61,7 +65,7 @@ class ProtocolWorker:
                     return
                 yield msg
 
-        self.call = stub.Connect(requests())
+        self.call = stub.Connect(requests(), metadata=self.metadata or None)
 
         async def read() -> None:
             async for msg in self.call:
@@ -72,7 +76,7 @@ class ProtocolWorker:
                 await self.inbox.put(msg)
 
         self._reader = asyncio.create_task(read())
-        msg = await self.next("welcome")
+        msg = await self.next("welcome", fail_fast=True)
         self.welcome = msg.welcome
         return msg.welcome
 
@@ -81,8 +85,13 @@ class ProtocolWorker:
         self.hlc.stamp(msg.hlc)
         self.outbox.put_nowait(msg)
 
-    async def next(self, kind: str, timeout: float = 5.0) -> wpb.ConnectResponse:
-        """The next message of ``kind`` (others are skipped)."""
+    async def next(
+        self, kind: str, timeout: float = 5.0, *, fail_fast: bool = False
+    ) -> wpb.ConnectResponse:
+        """The next message of ``kind`` (others are skipped).
+
+        ``fail_fast``: if the stream ends first, raise its error (a refused hello) at once.
+        """
 
         async def find() -> wpb.ConnectResponse:
             while True:
@@ -90,7 +99,19 @@ class ProtocolWorker:
                 if msg.WhichOneof("message") == kind:
                     return msg
 
-        return await asyncio.wait_for(find(), timeout)
+        if not fail_fast or self._reader is None:
+            return await asyncio.wait_for(find(), timeout)
+        finder = asyncio.ensure_future(find())
+        done, _ = await asyncio.wait(
+            {finder, self._reader}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if finder in done:
+            return finder.result()
+        finder.cancel()
+        if self._reader in done:
+            self._reader.result()  # raises the stream's error
+            raise EOFError("the stream ended without a welcome")
+        raise TimeoutError(f"no {kind} within {timeout}s")
 
     async def grants(self, n: int, timeout: float = 5.0) -> list[wpb.Lease]:
         """Waits until ``n`` leases have been granted in total, returns the new ones."""

@@ -150,7 +150,7 @@ def identity_from_pem(pem: bytes) -> CertIdentity:
         ValueError: the bytes are not a certificate.
     """
     from cryptography import x509
-    from cryptography.x509.oid import ExtensionOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     cert = x509.load_pem_x509_certificate(pem)
     ous = [
@@ -164,7 +164,7 @@ def identity_from_pem(pem: bytes) -> CertIdentity:
             continue  # OU=coordinator and unrelated OUs grant no client role
     kind = name = ""
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
