@@ -182,7 +182,12 @@ UNSAFE_CONFIGS = [
         id="ttl-under-5x-heartbeat",
     ),
     pytest.param({"--kill-grace": "1s"}, ("kill", "grace"), id="kill-grace-over-ttl-third"),
-    pytest.param({"--listen": "0.0.0.0:0"}, ("tls",), id="non-loopback-without-tls"),
+    pytest.param(
+        {"--listen": "0.0.0.0:0"}, ("tls", "authentication"), id="non-loopback-without-tls"
+    ),
+    pytest.param(
+        {"--metrics-listen": "0.0.0.0:0"}, ("--metrics-public",), id="public-metrics-unasked"
+    ),
 ]
 
 
