@@ -57,11 +57,14 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_concurrent_streams", 10_000),
-        # Keepalive: accept client pings every 10 s; we ping idle peers every 30 s.
+        # Per connection: a worker uses one stream, a client a few watches at most.
+        ("grpc.max_concurrent_streams", 1_000),
+        # Keepalive: accept client pings every 10 s; we ping idle peers every 30 s; a peer that
+        # pings more often than allowed twice in a row is disconnected (GOAWAY).
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ]
