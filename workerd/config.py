@@ -2,6 +2,11 @@
 
 A bad value raises :class:`plait.errors.ConfigError` naming the flag; ``main`` turns it into a
 message on stderr and exit status 2.
+
+Credentials: TLS files from ``--tls-ca --tls-cert --tls-key --tls-server-name`` (else
+``PLAIT_TLS_CA``/``_CERT``/``_KEY``/``_SERVER_NAME``), and a bearer token from the first line of
+``--token-file`` (else ``$PLAIT_TOKEN``). Start-up refuses a certificate without its key, a
+missing file, and a token bound for a non-loopback coordinator without TLS.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from plait import durations
 from plait.durations import parse_duration
 from plait.endpoints import parse_targets
 from plait.errors import ConfigError
+from plait.security import TlsFiles, check_token_transport, tls_from_env
 from plait.worker.handlers import Worker
 from plait.worker.resources import (
     RESOURCE_NAME_RE,
@@ -55,10 +61,15 @@ class WorkerdConfig:
     """``Hello.resources``: detected ``cpu``/``memory_mb`` with ``--resource`` on top."""
     adaptive: bool = True
     """Withhold slots while the host is overloaded (``--adaptive/--no-adaptive``)."""
+    tls: TlsFiles | None = None
+    """TLS to the coordinator (``--tls-*``); ``None``: plaintext."""
+    token: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
+    """Bearer token (``--token-file`` or ``$PLAIT_TOKEN``); empty: none."""
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the flag of the first bad value."""
-        parse_coordinator(self.coordinator)
+        addresses = parse_coordinator(self.coordinator)
+        check_token_transport(addresses, self.tls, self.token)
         if not WORKER_ID_RE.fullmatch(self.worker_id):
             raise ConfigError(
                 f"--id: {self.worker_id!r} must be 1 to 128 characters of [A-Za-z0-9_.-]"
@@ -110,6 +121,20 @@ def parse_backoff(text: str) -> tuple[timedelta, timedelta]:
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def read_token_file(path: str) -> str:
+    """The token on the first line of ``path`` (surrounding whitespace stripped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline().strip()
+    except OSError as err:
+        raise ConfigError(f"--token-file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--token-file {path}: not a text file") from None
+    if not first:
+        raise ConfigError(f"--token-file {path}: the first line is empty; expected the token")
+    return first
 
 
 def parse_labels(items: Sequence[str]) -> dict[str, str]:
@@ -193,6 +218,30 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR"
     )
+    tls = p.add_argument_group("credentials")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="CA certificate that signed the coordinator's; turns TLS on (env PLAIT_TLS_CA)",
+    )
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="this worker's certificate, for mTLS; needs --tls-key (env PLAIT_TLS_CERT)",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="the key of --tls-cert (env PLAIT_TLS_KEY)")
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name to check the coordinator's certificate against instead of the address's"
+        " host (env PLAIT_TLS_SERVER_NAME)",
+    )
+    tls.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file whose first line is this worker's bearer token (default: $PLAIT_TOKEN);"
+        " sent only over TLS or to a loopback coordinator",
+    )
     return p
 
 
@@ -207,6 +256,11 @@ def config_from_args(
     """
     initial, maximum = parse_backoff(args.reconnect_backoff)
     overrides = parse_resources(args.resource)
+    # Flags first, then PLAIT_TLS_* (tls_from_env checks the files and the cert/key pairing).
+    tls = tls_from_env(
+        args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name, environ=environ
+    )
+    token = read_token_file(args.token_file) if args.token_file else environ.get("PLAIT_TOKEN", "")
     config = WorkerdConfig(
         coordinator=args.coordinator,
         worker_id=args.worker_id or default_worker_id(),
@@ -220,6 +274,8 @@ def config_from_args(
         clock_offset_ms=parse_clock_offset(environ.get("PLAIT_CLOCK_OFFSET", "")),
         resources=merge_resources(detect(), overrides),
         adaptive=args.adaptive,
+        tls=tls,
+        token=token.strip(),
     )
     config.validate()
     return config

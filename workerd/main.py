@@ -43,7 +43,7 @@ async def run(
         executors.append(ExecExecutor(keeper=keeper))
     log.info(
         "plait-workerd %s: worker %s, %d slot(s) (adaptive %s), resources %s, exec %s,"
-        " %d handler(s), coordinator %s",
+        " %d handler(s), coordinator %s (%s%s)",
         __version__,
         config.worker_id,
         config.slots,
@@ -52,6 +52,8 @@ async def run(
         "on" if config.exec_enabled else "off",
         sum(len(w.handlers) for w in workers),
         config.coordinator,
+        "plaintext" if config.tls is None else "TLS",
+        "" if config.tls is None or config.tls.cert is None else " with a client certificate",
     )
     try:
         return await serve(
@@ -70,6 +72,8 @@ async def run(
             agent=f"plait-workerd/{__version__}",
             install_signal_handlers=install_signal_handlers,
             on_session=on_session,
+            tls=config.tls,
+            token=config.token,
         )
     finally:
         if keeper is not None:

@@ -209,12 +209,12 @@ class Leader:
         self.server: grpc.aio.Server | None = None
         self.address = ""
 
-    async def start(self) -> Leader:
+    async def start(self, port: int = 0) -> Leader:
         self.server = grpc.aio.server()
         workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(self.workflows, self.server)
         admin_service_pb2_grpc.add_AdminServiceServicer_to_server(LeaderAdmin(), self.server)
         wpb_grpc.add_WorkerServiceServicer_to_server(self.workers, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         await self.server.start()
         self.address = f"127.0.0.1:{port}"
         return self
@@ -243,8 +243,10 @@ async def leaders() -> AsyncIterator[Callable[..., Awaitable[Leader]]]:
     journal = Journal()
     started: list[Leader] = []
 
-    async def start(name: str = "leader", ack_results: bool = True) -> Leader:
-        leader = await Leader(journal, name, ack_results).start()
+    async def start(name: str = "leader", ack_results: bool = True, at: str = "") -> Leader:
+        """A leader on a free port, or on ``at`` (an address reserved with dead_address)."""
+        port = int(at.rpartition(":")[2]) if at else 0
+        leader = await Leader(journal, name, ack_results).start(port)
         started.append(leader)
         return leader
 
@@ -290,17 +292,24 @@ async def test_client_given_standby_first_reaches_the_leader(
     assert handler.refused == ["GetWorkflow"]
 
 
-async def test_client_follows_a_leader_that_is_not_in_its_list(
-    standby: tuple[Standby, str], leaders: Any
+async def test_client_does_not_follow_a_leader_that_is_not_in_its_list(
+    standby: tuple[Standby, str], leaders: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Without TLS nothing proves that an unlisted address is a coordinator: a bad standby
+    # could send the client (and its token) anywhere. tests/integration/test_client_tls.py
+    # covers following one whose certificate proves it.
     handler, standby_at = standby
     leader = await leaders()
     handler.leader = leader.address
-    with Client(standby_at) as client:
-        status = await asyncio.to_thread(client.get, "wf-1")
-        assert status.workflow_id == "wf-1"
-        assert client.target == leader.address
-        assert client.targets == (standby_at,)
+    with Client(standby_at, max_hops=2) as client:
+        client._sleep = lambda _s: None
+        with pytest.raises(UnavailableError):
+            await asyncio.to_thread(client.get, "wf-1")
+        assert client.target == standby_at
+    assert leader.workflows.journal.created == []
+    assert f"not following leader hint {leader.address}: not in the --coordinator list" in (
+        caplog.text
+    )
 
 
 async def test_client_given_a_dead_address_first_reaches_the_leader(leaders: Any) -> None:
@@ -388,14 +397,17 @@ async def test_watch_resumes_after_the_last_sequence_on_the_new_leader(
         seen += [e.sequence for e in events]
         return seen
 
-    with Client(f"{standby_at},{first.address}") as client:
+    # The next leader will serve on another port; every coordinator is listed (a hint outside
+    # the list is not followed without TLS).
+    second_at = dead_address()
+    with Client(f"{standby_at},{first.address},{second_at}") as client:
         consumer = asyncio.ensure_future(asyncio.to_thread(consume, client))
         assert await asyncio.to_thread(have_three.wait, 10)
         await first.stop()
-        # The journal moved on while nobody led; the next leader serves on another port.
+        # The journal moved on while nobody led.
         journal.add_event()
         journal.add_event(workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED)
-        second = await leaders("second")
+        second = await leaders("second", at=second_at)
         handler.leader = second.address
         restarted.set()
         seen = await asyncio.wait_for(consumer, 20)
@@ -503,7 +515,8 @@ async def test_worker_follows_the_hint_to_a_new_leader_and_resends_results(
     first = await leaders("first", ack_results=False)
     handler.leader = first.address
     release = asyncio.Event()
-    async with Running(f"{standby_at},{first.address}", release) as session:
+    second_at = dead_address()  # where the next leader will serve; listed, as it must be
+    async with Running(f"{standby_at},{first.address},{second_at}", release) as session:
         await until(lambda: session.connected and session.address == first.address)
         first.workers.grant(blocked_lease("L1"))
         await until(lambda: session.running == ["L1"])
@@ -511,9 +524,9 @@ async def test_worker_follows_the_hint_to_a_new_leader_and_resends_results(
         await until(lambda: first.workers.results)
         assert session.unacked == [("L1", 7)]  # the first leader never acked it
         await first.stop()
-        second = await leaders("second")
+        second = await leaders("second", at=second_at)
         handler.leader = second.address
-        # Rotates to the standby, which names the new leader: followed at once.
+        # Reaches the new leader by rotation, or through the standby's hint (followed at once).
         await until(lambda: session.connected and session.address == second.address)
         await until(lambda: not session.unacked)
         assert [(r.lease_id, r.fencing_token) for r in second.workers.results] == [("L1", 7)]

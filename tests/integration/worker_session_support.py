@@ -45,6 +45,8 @@ class FakeStream:
         self.goodbye = False
         self.ended = False
         self.grant_seq = 0
+        self.metadata: dict[str, str] = {}
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
 
     def send(self, **kw: Any) -> None:
         msg = pb.ConnectResponse(**kw)
@@ -57,6 +59,11 @@ class FakeStream:
 
     def end(self) -> None:
         """The coordinator closes the stream (status OK)."""
+        self.outbox.put_nowait(None)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        """The coordinator ends the stream with an error status (e.g. ABORTED: replaced)."""
+        self.aborted = (code, details)
         self.outbox.put_nowait(None)
 
     def of(self, kind: str) -> list[Any]:
@@ -85,6 +92,9 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         self.ack_results = True
         self.result_status = OK
         self.kill_on_hello: set[str] = set()
+        self.refuse_connects = 0
+        """Refuse this many Connect calls with ALREADY_EXISTS (a live session holds the id)."""
+        self.refused_connects = 0
 
     @property
     def stream(self) -> FakeStream:
@@ -106,7 +116,14 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Any
     ) -> AsyncIterator[pb.ConnectResponse]:
+        if self.refused_connects < self.refuse_connects:
+            self.refused_connects += 1
+            self.changed.set()
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, "worker w1 is connected (session s1)"
+            )
         stream = FakeStream(self)
+        stream.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         self.streams.append(stream)
         reader = asyncio.create_task(self._read(stream, request_iterator))
         try:
@@ -115,6 +132,8 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
                 if msg is None:
                     break
                 yield msg
+            if stream.aborted is not None:
+                await context.abort(*stream.aborted)
         finally:
             stream.ended = True
             reader.cancel()
@@ -135,7 +154,10 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         kind = req.WhichOneof("message")
         if kind == "hello":
             stream.hello = req.hello
-            welcome = pb.Welcome(session_id=f"s{len(self.streams)}")
+            # A distinct resume token per stream, so a test can tell which one came back.
+            welcome = pb.Welcome(
+                session_id=f"s{len(self.streams)}", resume_token=f"resume-{len(self.streams)}"
+            )
             welcome.heartbeat_interval.FromTimedelta(timedelta(seconds=HEARTBEAT))
             welcome.lease_ttl.FromTimedelta(timedelta(seconds=TTL))
             welcome.kill_grace.FromTimedelta(timedelta(seconds=GRACE))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,3 +226,89 @@ def test_nothing_but_local_imports_the_daemons() -> None:
             if "import_module(" in code and any(b in code for b in banned):
                 offenders.append(f"{path}:{n}: {code}")
     assert offenders == []
+
+
+# ---------------------------------------------------------------- credentials
+
+
+class _Seen(Exception):
+    """Raised by the stand-in Client once it has recorded how it was built."""
+
+
+@pytest.fixture
+def client_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
+    """Replaces the CLI's Client with one that records its arguments and stops the command."""
+    from plait.cli import commands
+
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def fake_client(target: Any = None, **kw: Any) -> Any:
+        calls.append((target, kw))
+        raise _Seen
+
+    monkeypatch.setattr(commands, "Client", fake_client)
+    for name in ("PLAIT_TLS_CA", "PLAIT_TLS_CERT", "PLAIT_TLS_KEY", "PLAIT_TLS_SERVER_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_tls_flags_reach_the_client(
+    client_calls: list[tuple[Any, dict[str, Any]]], tmp_path: Path
+) -> None:
+    ca, cert, key = (tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem"))
+    for f in (ca, cert, key):
+        f.write_text("placeholder\n")
+    tls_flags = ["--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
+    tls_flags += ["--tls-server-name", "coord.internal"]
+    for argv in (
+        [*tls_flags, "--coordinator", "c.example:7450", "status", "wf-1"],
+        ["workers", "--coordinator", "c.example:7450", *tls_flags],
+    ):
+        with pytest.raises(_Seen):
+            main(argv)
+    for target, kw in client_calls:
+        tls = kw["tls"]
+        assert target == "c.example:7450"
+        assert (tls.ca, tls.cert, tls.key, tls.server_name) == (
+            str(ca),
+            str(cert),
+            str(key),
+            "coord.internal",
+        )
+    # After the command wins over before it.
+    other = tmp_path / "other.pem"
+    other.write_text("placeholder\n")
+    with pytest.raises(_Seen):
+        main(["--tls-ca", str(ca), "list", "--tls-ca", str(other)])
+    assert client_calls[-1][1]["tls"].ca == str(other)
+
+
+def test_tls_environment_reaches_the_client(
+    client_calls: list[tuple[Any, dict[str, Any]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("placeholder\n")
+    monkeypatch.setenv("PLAIT_TLS_CA", str(ca))
+    with pytest.raises(_Seen):
+        main(["status", "wf-1"])
+    assert client_calls[-1][1]["tls"].ca == str(ca)
+
+
+def test_bad_tls_flags_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--tls-ca", str(tmp_path / "nope.pem"), "status", "wf-1"]) == 2
+    assert f"--tls-ca {tmp_path / 'nope.pem'}: no such file" in capsys.readouterr().err
+    assert main(["--tls-cert", str(tmp_path / "c.pem"), "status", "wf-1"]) == 2
+    assert "--tls-cert/--tls-key need --tls-ca" in capsys.readouterr().err
+
+
+def test_token_in_plaintext_beyond_loopback_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PLAIT_TLS_CA", raising=False)
+    monkeypatch.setenv("PLAIT_TOKEN", "plait_secret")
+    assert main(["status", "wf-1", "--coordinator", "10.9.8.7:7450"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to send a bearer token to 10.9.8.7:7450 without TLS" in err
+    assert "plait_secret" not in err

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+import threading
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +22,7 @@ from plait.endpoints import (
     resolve_targets,
 )
 from plait.errors import ConfigError, NotLeaderError
+from plait.security import TlsFiles
 from plait.worker import SessionConfig
 from plait.worker.backoff import Backoff
 from plait.worker.connect import CoordinatorLinks
@@ -111,14 +116,66 @@ def test_endpoints_follow_and_rotate() -> None:
     assert ep.rotate() == "b:2"
     assert ep.follow("c:3") and ep.current == "c:3"
     assert ep.rotate() == "a:1"
-    # A leader outside the list is followed; from it, rotation goes back to the listed
-    # address that named it, then on.
-    assert ep.follow("d:4") and ep.current == "d:4"
-    assert ep.rotate() == "a:1"
-    assert ep.rotate() == "b:2"
     # Hints that are not addresses are not dialled.
     assert not ep.follow("") and not ep.follow(None) and not ep.follow("garbage")
-    assert ep.current == "b:2"
+    assert ep.current == "a:1"
+
+
+def test_unlisted_hint_is_not_followed_without_tls(caplog: pytest.LogCaptureFixture) -> None:
+    ep = Endpoints("a:1,b:2")
+    caplog.set_level(logging.WARNING, "plait.endpoints")
+    assert not ep.follow("evil.example:7450")
+    assert not ep.follow("evil.example:7450")
+    assert ep.current == "a:1"
+    assert ep.unlisted("evil.example:7450") is None  # nothing to check: refused outright
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        "not following leader hint evil.example:7450: not in the --coordinator list (a:1,b:2)"
+        " and without TLS it cannot be verified as a coordinator"
+    ]  # once per address
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> TlsFiles:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read: the verify function is replaced\n")
+    return TlsFiles(str(ca))
+
+
+def test_unlisted_hint_is_followed_once_its_certificate_verifies(tls: TlsFiles) -> None:
+    checked: list[str] = []
+
+    def verify(address: str, files: TlsFiles) -> str | None:
+        checked.append(address)
+        return None if address == "d:4" else "its certificate is not a coordinator's"
+
+    ep = Endpoints("a:1,b:2,c:3", tls=tls, verify=verify)
+    ep.rotate()
+    # A listed leader needs no handshake.
+    assert ep.follow("c:3") and checked == []
+    ep.rotate()
+    assert ep.unlisted("d:4") == "d:4" and ep.unlisted("a:1") is None
+    assert ep.follow("d:4") and ep.current == "d:4"
+    # From it, rotation goes back to the listed address that named it, then on.
+    assert ep.rotate() == "a:1"
+    assert ep.rotate() == "b:2"
+    # A pass counts once: the next redirect there is checked again.
+    assert ep.follow("d:4") and checked == ["d:4", "d:4"]
+    ep.rotate()
+    assert not ep.follow("e:5") and ep.current == "b:2"
+
+
+def test_non_blocking_follow_uses_only_an_earlier_check(tls: TlsFiles) -> None:
+    checked: list[str] = []
+
+    def verify(address: str, files: TlsFiles) -> str | None:
+        checked.append(address)
+        return None
+
+    ep = Endpoints("a:1", tls=tls, verify=verify)
+    assert not ep.follow("d:4", blocking=False) and checked == []
+    assert ep.check_hint("d:4") is None
+    assert ep.follow("d:4", blocking=False) and ep.current == "d:4"
 
 
 def test_not_leader_of_reads_the_hint() -> None:
@@ -169,9 +226,14 @@ def test_failover_with_one_address() -> None:
     # A standby with no leader yet: wait for the election, within the budget.
     walk = Failover(ep, max_hops=2, backoff=quick())
     assert walk.next_delay(None, named=True) is not None
-    # A standby naming the leader: go there.
+    # A standby naming a listed leader: go there.
+    ep = Endpoints("a:1,l:9")
     assert Failover(ep, backoff=quick()).next_delay("l:9", named=True) == 0.0
     assert ep.current == "l:9"
+    # One naming a leader it was not given (and no TLS to verify it): stay, back off.
+    ep = Endpoints("a:1")
+    delay = Failover(ep, backoff=quick()).next_delay("l:9", named=True)
+    assert ep.current == "a:1" and delay is not None and delay > 0
 
 
 def test_failover_starts_afresh_after_progress() -> None:
@@ -207,3 +269,49 @@ def test_worker_links_follow_refusals_at_once_and_back_off_otherwise() -> None:
         delays.append(links.next_delay(refusal(other)))
     assert delays[:3] == [0.0, 0.0, 0.0]
     assert backoff.failures == 1
+
+
+async def test_worker_links_check_an_unlisted_hint_off_the_event_loop(
+    tls: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+
+    def verify(address: str, files: TlsFiles) -> str | None:
+        threads.append(threading.current_thread())
+        return None
+
+    monkeypatch.setattr("plait.trust.verify_coordinator", verify)
+    links = CoordinatorLinks("s:1", quick(), tls=tls)
+    # Without the check first, the hint is not followed (and nothing blocks).
+    assert links.next_delay(refusal("l:2")) > 0 and links.address == "s:1"
+    await links.check_hint(refusal("l:2"))
+    assert threads and threads[0] is not threading.main_thread()
+    assert links.next_delay(refusal("l:2")) == 0.0 and links.address == "l:2"
+    await asyncio.sleep(0)
+
+
+# ---------------------------------------------------------------- the token rule
+
+
+def test_client_refuses_a_token_in_plaintext_beyond_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("PLAIT_TLS_CA", "PLAIT_TLS_CERT", "PLAIT_TLS_KEY", "PLAIT_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as info:
+        Client("127.0.0.1:7450,10.0.0.2:7450", token="plait_secret")
+    message = info.value.message
+    assert "10.0.0.2:7450" in message and "without TLS" in message and "--tls-ca" in message
+    monkeypatch.setenv("PLAIT_TOKEN", "plait_secret")
+    with pytest.raises(ConfigError, match=r"coord\.example:7450"):
+        Client("coord.example:7450")
+    # Loopback, or no token at all, is fine.
+    Client("127.0.0.1:7450,localhost:7451,[::1]:7452").close()
+    monkeypatch.delenv("PLAIT_TOKEN")
+    Client("coord.example:7450").close()
+
+
+def test_worker_session_refuses_a_token_in_plaintext_beyond_loopback() -> None:
+    with pytest.raises(ConfigError, match=r"coord\.example:7450"):
+        SessionConfig("w1", coordinator="coord.example:7450", token="plait_secret")
+    assert "plait_secret" not in repr(SessionConfig("w1", token="plait_secret"))

@@ -175,3 +175,120 @@ def test_load_worker_from_file_and_module(tmp_path: Path, monkeypatch: pytest.Mo
         load_worker(str(tmp_path / "missing.py"))
     with pytest.raises(ConfigError, match="import failed"):
         load_worker("no_such_module_xyz:worker")
+
+
+# ---------------------------------------------------------------- credentials
+
+_NO_CREDENTIALS = ("PLAIT_TLS_CA", "PLAIT_TLS_CERT", "PLAIT_TLS_KEY", "PLAIT_TLS_SERVER_NAME")
+
+
+@pytest.fixture
+def pem_files(tmp_path: Path) -> dict[str, str]:
+    """Placeholder ca/cert/key files (start-up checks that they exist, not their contents)."""
+    out = {}
+    for name in ("ca", "cert", "key", "other-ca"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("placeholder\n")
+        out[name] = str(path)
+    return out
+
+
+def test_tls_flags_and_environment(pem_files: dict[str, str]) -> None:
+    assert config([]).tls is None
+    c = config(
+        [
+            "--tls-ca",
+            pem_files["ca"],
+            "--tls-cert",
+            pem_files["cert"],
+            "--tls-key",
+            pem_files["key"],
+            "--tls-server-name",
+            "coord.internal",
+        ]
+    )
+    assert c.tls is not None
+    assert (c.tls.ca, c.tls.cert, c.tls.key, c.tls.server_name) == (
+        pem_files["ca"],
+        pem_files["cert"],
+        pem_files["key"],
+        "coord.internal",
+    )
+    env = {
+        "PLAIT_TLS_CA": pem_files["ca"],
+        "PLAIT_TLS_CERT": pem_files["cert"],
+        "PLAIT_TLS_KEY": pem_files["key"],
+        "PLAIT_TLS_SERVER_NAME": "from-env",
+    }
+    c = config([], env)
+    assert c.tls is not None and c.tls.cert == pem_files["cert"]
+    assert c.tls.server_name == "from-env"
+    # Flags win over the environment.
+    c = config(["--tls-ca", pem_files["other-ca"]], env)
+    assert c.tls is not None and c.tls.ca == pem_files["other-ca"]
+
+
+def test_token_from_file_or_environment(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("plait_from-file\nignored second line\n")
+    assert config([]).token == ""
+    assert config([], {"PLAIT_TOKEN": "plait_env"}).token == "plait_env"
+    # The file wins over the environment; the token stays out of the config's repr.
+    c = config(["--token-file", str(token_file)], {"PLAIT_TOKEN": "plait_env"})
+    assert c.token == "plait_from-file"
+    assert "plait_from-file" not in repr(c)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--tls-cert", "{cert}"], {}, "--tls-cert/--tls-key need --tls-ca"),
+        (
+            ["--tls-ca", "{ca}", "--tls-cert", "{cert}"],
+            {},
+            "--tls-cert and --tls-key must be given together",
+        ),
+        (["--tls-ca", "{missing}"], {}, "--tls-ca {missing}: no such file"),
+        ([], {"PLAIT_TLS_CA": "{missing}"}, "--tls-ca {missing}: no such file"),
+        (["--token-file", "{missing}"], {}, "--token-file {missing}: No such file"),
+        (["--token-file", "{empty}"], {}, "--token-file {empty}: the first line is empty"),
+        (
+            ["--coordinator", "10.0.0.5:7450"],
+            {"PLAIT_TOKEN": "plait_x"},
+            "refusing to send a bearer token to 10.0.0.5:7450 without TLS",
+        ),
+    ],
+)
+def test_bad_credentials_are_refused_at_start_up(
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+    pem_files: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "empty").write_text("\n")
+    paths = {**pem_files, "missing": str(tmp_path / "nope.pem"), "empty": str(tmp_path / "empty")}
+    argv = [a.format(**paths) for a in argv]
+    env = {k: v.format(**paths) for k, v in env.items()}
+    with pytest.raises(ConfigError) as info:
+        config(argv, env)
+    assert message.format(**paths) in info.value.message
+
+
+def test_token_with_tls_or_to_loopback_is_accepted(pem_files: dict[str, str]) -> None:
+    env = {"PLAIT_TOKEN": "plait_x"}
+    assert config(["--coordinator", "127.0.0.1:7450,[::1]:7450"], env).token == "plait_x"
+    c = config(["--coordinator", "10.0.0.5:7450", "--tls-ca", pem_files["ca"]], env)
+    assert c.tls is not None and c.token == "plait_x"
+
+
+def test_main_exits_2_on_a_token_in_plaintext(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in _NO_CREDENTIALS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PLAIT_TOKEN", "plait_x")
+    assert main(["--coordinator", "coord.example:7450"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to send a bearer token to coord.example:7450 without TLS" in err
+    assert "plait_x" not in err

@@ -8,10 +8,16 @@ come back as :mod:`plait.errors` exceptions; an unreachable coordinator is
 
 The target may list several coordinators (``a:7450,b:7450``; see :mod:`plait.endpoints`). A
 call answered ``UNAVAILABLE`` -- a standby's ``NOT_LEADER`` refusal, or an address that does not
-answer -- is tried again on the leader the standby named, else on the next address, within a
-bounded number of hops, but only when repeating it cannot do anything twice: reads, watches,
-cancel and drain (idempotent), and submit, which always carries an idempotency key (one is
-generated per :meth:`Client.submit` call when the caller gives none).
+answer -- is tried again on the leader the standby named (if it is listed, or proves over TLS
+to be a coordinator: :mod:`plait.endpoints`), else on the next address, within a bounded number
+of hops, but only when repeating it cannot do anything twice: reads, watches, cancel and drain
+(idempotent), and submit, which always carries an idempotency key (one is generated per
+:meth:`Client.submit` call when the caller gives none).
+
+Transport: with TLS files (the ``tls`` argument, else ``PLAIT_TLS_CA``/``_CERT``/``_KEY``/
+``_SERVER_NAME``) every channel is TLS, with a client certificate when one is given; without,
+plaintext. A bearer token (``token``, else ``$PLAIT_TOKEN``) is never sent in plaintext beyond
+loopback: such a client refuses to start (:class:`plait.errors.ConfigError`).
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from typing import Any, Protocol
 
 import grpc
 
-from plait import hlc
+from plait import hlc, security
 from plait.clock import Clock, SystemClock
 from plait.endpoints import DEFAULT_TARGET, Endpoints, Failover, not_leader_of, resolve_targets
 from plait.errors import PlaitError, UnavailableError, from_rpc_error
+from plait.security import TlsFiles
 from plait.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -114,8 +121,15 @@ class _Link:
 
     __slots__ = ("admin", "channel", "workflows")
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+    def __init__(self, address: str, tls: TlsFiles | None) -> None:
+        if tls is None:
+            self.channel = grpc.insecure_channel(address, options=channel_options())
+        else:
+            self.channel = grpc.secure_channel(
+                address,
+                security.channel_credentials(tls),
+                options=channel_options() + security.channel_options_for(tls),
+            )
         self.workflows = workflow_service_pb2_grpc.WorkflowServiceStub(self.channel)
         self.admin = admin_service_pb2_grpc.AdminServiceStub(self.channel)
 
@@ -130,8 +144,14 @@ class Client:
         clock: time source of the client's HLC (tests inject a manual clock).
         timeout: deadline in seconds of each unary call, redirects included (``None``: none).
         token: bearer token sent with every call; defaults to ``$PLAIT_TOKEN``.
+        tls: CA (and optionally client certificate and key) for TLS channels; defaults to
+            :func:`plait.security.tls_from_env` (``PLAIT_TLS_CA``...), else plaintext.
         max_hops: how many times one call may move to another address (``None``: twice the
             number of addresses, plus one; at least 3).
+
+    Raises:
+        ConfigError: a token would go in plaintext to a host beyond loopback, or a TLS file
+            from the environment is missing.
     """
 
     def __init__(
@@ -141,14 +161,19 @@ class Client:
         clock: Clock | None = None,
         timeout: float | None = 30.0,
         token: str | None = None,
+        tls: TlsFiles | None = None,
         max_hops: int | None = None,
     ) -> None:
-        self.endpoints = Endpoints(resolve_targets(target))
+        self.tls = tls if tls is not None else security.tls_from_env()
+        self.endpoints = Endpoints(resolve_targets(target), tls=self.tls)
         self.timeout = timeout
         self.max_hops = max_hops
         self._clock: Clock = clock or SystemClock()
         self.hlc = hlc.HybridLogicalClock(self._clock)
         token = token if token is not None else os.environ.get("PLAIT_TOKEN", "")
+        # Checked against the listed addresses; a followed leader outside the list is reached
+        # only over TLS (plait.endpoints), so the rule holds for it too.
+        security.check_token_transport(self.endpoints.addresses, self.tls, token)
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -171,7 +196,7 @@ class Client:
         address = self.endpoints.current
         link = self._links.get(address)
         if link is None:
-            link = self._links[address] = _Link(address)
+            link = self._links[address] = _Link(address, self.tls)
         return link
 
     def _error(self, err: grpc.RpcError) -> PlaitError:

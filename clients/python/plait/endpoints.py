@@ -9,19 +9,26 @@ one in use and moves to the leader a standby names, or to the next address in th
 leader is named or the address is unreachable. :class:`Failover` is one call's bounded walk over
 them, with full-jitter backoff once every address has been tried. Both :class:`plait.Client` and
 :class:`plait.worker.WorkerSession` use this module.
+
+A leader hint is trusted only as far as the list: a named leader that is listed is followed; one
+that is not is followed only with TLS configured and only after its certificate has proved it a
+coordinator (:func:`plait.trust.verify_coordinator`). Without that rule one bad standby could
+send every client, and the bearer token it carries, to any host.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from plait.errors import ConfigError, NotLeaderError, not_leader
+from plait.security import TlsFiles
 
 if TYPE_CHECKING:
     from plait.worker.backoff import Backoff
@@ -37,6 +44,8 @@ __all__ = [
     "parse_targets",
     "resolve_targets",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "127.0.0.1:7450"
 ENV_VAR = "PLAIT_COORDINATOR"
@@ -125,26 +134,55 @@ def not_leader_of(err: BaseException) -> NotLeaderError | None:
 class Endpoints:
     """The coordinator addresses a process was given, and the one it uses now.
 
-    ``current`` starts at the first address. :meth:`follow` moves to a leader a standby named
-    (which need not be in the list: a leader may advertise an address the operator did not
-    write down); :meth:`rotate` moves to the next listed address. The choice sticks, so after
-    one redirect every later call goes straight to the leader.
+    ``current`` starts at the first address. :meth:`follow` moves to a leader a standby named;
+    :meth:`rotate` moves to the next listed address. The choice sticks, so after one redirect
+    every later call goes straight to the leader.
+
+    A named leader outside the list is followed only when ``tls`` is set and the address's
+    certificate verifies as a coordinator's (a TLS handshake of at most two seconds, see
+    :mod:`plait.trust`); without TLS it is never followed: list every coordinator instead.
+    ``verify`` replaces the check (tests).
     """
 
-    __slots__ = ("_current", "_index", "addresses")
+    __slots__ = (
+        "_current",
+        "_field",
+        "_index",
+        "_verified",
+        "_verify",
+        "_warned",
+        "addresses",
+        "tls",
+    )
 
-    def __init__(self, addresses: str | Sequence[str], field: str = "--coordinator") -> None:
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        field: str = "--coordinator",
+        *,
+        tls: TlsFiles | None = None,
+        verify: Callable[[str, TlsFiles], str | None] | None = None,
+    ) -> None:
         if isinstance(addresses, str):
             self.addresses = parse_targets(addresses, field)
         else:
             self.addresses = parse_targets(",".join(addresses), field)
+        self.tls = tls
+        self._field = field
         self._index = 0
         self._current = self.addresses[0]
+        self._verify = verify
+        # Unlisted addresses whose certificate passed, not yet followed: each pass is used
+        # once, so a later redirect to the same address is checked again.
+        self._verified: set[str] = set()
+        self._warned: set[str] = set()
 
     @classmethod
-    def resolve(cls, target: str | Sequence[str] | None = None) -> Endpoints:
+    def resolve(
+        cls, target: str | Sequence[str] | None = None, *, tls: TlsFiles | None = None
+    ) -> Endpoints:
         """From ``target``, else ``$PLAIT_COORDINATOR``, else the default address."""
-        return cls(resolve_targets(target))
+        return cls(resolve_targets(target), tls=tls)
 
     @property
     def current(self) -> str:
@@ -157,18 +195,68 @@ class Endpoints:
     def __str__(self) -> str:
         return ",".join(self.addresses)
 
-    def follow(self, leader: str | None) -> bool:
-        """Moves to the named leader; returns False (and stays) when the hint is unusable.
+    def unlisted(self, leader: str | None) -> str | None:
+        """The hint's address when following it needs a certificate check first, else None.
+
+        That is an unlisted ``HOST:PORT`` with TLS configured (without TLS an unlisted hint is
+        refused outright, which needs no check).
+        """
+        address = _hint_address(leader)
+        if address is None or address in self.addresses or self.tls is None:
+            return None
+        return address
+
+    def check_hint(self, address: str) -> str | None:
+        """Why ``address`` must not be followed, or None when it may (blocks: a handshake).
+
+        A listed address always may. An unlisted one needs TLS and a coordinator's
+        certificate; a pass is remembered for the next :meth:`follow` only. A refusal is logged
+        once per address at WARNING.
+        """
+        if address in self.addresses:
+            return None
+        if self.tls is None:
+            why: str | None = "without TLS it cannot be verified as a coordinator"
+        else:
+            verify = self._verify
+            if verify is None:
+                from plait.trust import verify_coordinator
+
+                verify = verify_coordinator
+            why = verify(address, self.tls)
+        if why is None:
+            self._verified.add(address)
+            return None
+        if address not in self._warned:
+            self._warned.add(address)
+            log.warning(
+                "not following leader hint %s: not in the %s list (%s) and %s",
+                address,
+                self._field,
+                self,
+                why,
+            )
+        return why
+
+    def follow(self, leader: str | None, *, blocking: bool = True) -> bool:
+        """Moves to the named leader; returns False (and stays) when the hint is not followed.
 
         A hint that is not ``HOST:PORT`` (a coordinator misconfigured to advertise something
-        else) is ignored rather than dialled.
+        else) is ignored rather than dialled. A listed address is followed. An unlisted one is
+        followed only if it passes :meth:`check_hint` -- run here unless ``blocking`` is False,
+        in which case only a pass recorded by an earlier :meth:`check_hint` counts (callers on
+        an event loop run that check in a thread first).
         """
-        if not leader:
+        address = _hint_address(leader)
+        if address is None:
             return False
-        try:
-            address = parse_address(leader, "leader")
-        except TargetError:
-            return False
+        if address not in self.addresses:
+            passed = address in self._verified or (
+                (blocking or self.tls is None) and self.check_hint(address) is None
+            )
+            self._verified.discard(address)
+            if not passed:
+                return False
         self._current = address
         if address in self.addresses:
             self._index = self.addresses.index(address)
@@ -184,6 +272,16 @@ class Endpoints:
             self._index = (self._index + 1) % len(self.addresses)
         self._current = self.addresses[self._index]
         return self._current
+
+
+def _hint_address(leader: str | None) -> str | None:
+    """The checked ``HOST:PORT`` of a leader hint, or None when it is not one."""
+    if not leader:
+        return None
+    try:
+        return parse_address(leader, "leader")
+    except TargetError:
+        return None
 
 
 class Failover:

@@ -1,7 +1,10 @@
 """The ``plait`` commands that talk to a running coordinator (CLI layer).
 
 Each ``cmd_*`` takes the parsed arguments and returns an exit code; errors propagate as
-:mod:`plait.errors` exceptions and :mod:`plait.cli.main` turns them into exit codes.
+:mod:`plait.errors` exceptions and :mod:`plait.cli.main` turns them into exit codes. Every one
+dials the coordinator through :func:`client_for`: ``--coordinator`` and the TLS flags
+(``--tls-ca --tls-cert --tls-key --tls-server-name``, else ``PLAIT_TLS_*``), the token from
+``$PLAIT_TOKEN``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from plait.cli import render
 from plait.client import Client, parse_workflow_state
 from plait.errors import FieldViolation, InvalidArgumentError
+from plait.security import tls_from_env
 from plait.spec import load_workflow
 from plait.v1 import workflow_pb2
 
@@ -28,6 +32,28 @@ SUCCESS_STATES = frozenset(
 )
 
 
+# (flag, metavar, help) of the client's TLS flags; dest is the flag's name with underscores.
+TLS_FLAGS = (
+    ("--tls-ca", "FILE", "CA certificate that signed the coordinator's; turns TLS on"),
+    ("--tls-cert", "FILE", "client certificate (mTLS); needs --tls-key"),
+    ("--tls-key", "FILE", "the key of --tls-cert"),
+    ("--tls-server-name", "NAME", "name to check the coordinator's certificate against"),
+)
+
+
+def add_tls_flags(p: argparse.ArgumentParser, dest_prefix: str = "") -> None:
+    """Adds ``--tls-ca --tls-cert --tls-key --tls-server-name`` (dest ``tls_ca``... after
+    ``dest_prefix``); unset, each falls back to its ``PLAIT_TLS_*`` variable."""
+    for flag, metavar, help_text in TLS_FLAGS:
+        env = "PLAIT_" + flag.removeprefix("--").replace("-", "_").upper()
+        p.add_argument(
+            flag,
+            dest=dest_prefix + flag.removeprefix("--").replace("-", "_"),
+            metavar=metavar,
+            help=f"{help_text} (default: ${env})",
+        )
+
+
 def _client_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
@@ -35,7 +61,19 @@ def _client_parent() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="coordinator address (default: $PLAIT_COORDINATOR, else 127.0.0.1:7450)",
     )
+    add_tls_flags(parent)
     return parent
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    """The :class:`Client` the parsed flags describe (flags, then ``PLAIT_*`` environment)."""
+    tls = tls_from_env(
+        getattr(args, "tls_ca", None),
+        getattr(args, "tls_cert", None),
+        getattr(args, "tls_key", None),
+        getattr(args, "tls_server_name", None),
+    )
+    return Client(args.coordinator, tls=tls)
 
 
 def _output(p: argparse.ArgumentParser) -> None:
@@ -123,7 +161,7 @@ def _print_status(status: workflow_pb2.WorkflowStatus) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     """``plait submit``."""
     spec = load_workflow(args.flow)
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         resp = client.submit(spec, idempotency_key=args.idempotency_key)
         result: dict[str, Any] = {"workflow_id": resp.workflow_id, "created": resp.created}
         if args.output == "table":
@@ -153,7 +191,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``plait status``."""
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         status = client.get(args.workflow_id)
     if args.output == "json":
         render.print_json(render.to_dict(status))
@@ -168,7 +206,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         state = parse_workflow_state(args.state)
     except ValueError as exc:
         raise InvalidArgumentError([FieldViolation("state", str(exc))]) from None
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         workflows = client.list(state=state)
     if args.output == "json":
         render.print_json({"workflows": [render.to_dict(w) for w in workflows]})
@@ -193,14 +231,14 @@ def _stream_events(
 
 def cmd_events(args: argparse.Namespace) -> int:
     """``plait events``."""
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         _stream_events(client, args.workflow_id, args.after, follow=args.follow, output=args.output)
     return EXIT_OK
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """``plait logs``."""
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         attempts = client.logs(args.workflow_id, args.action_id)
     if args.output == "json":
         render.print_json({"attempts": [render.to_dict(a) for a in attempts]})
@@ -213,7 +251,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """``plait cancel``."""
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         state = client.cancel(args.workflow_id, reason=args.reason)
     name = workflow_pb2.WorkflowState.Name(workflow_pb2.WorkflowState.ValueType(state))
     if args.output == "json":
@@ -225,7 +263,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """``plait retry``: keeps committed outputs, re-runs failed/skipped/cancelled actions."""
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         ids = client.retry(args.workflow_id)
         if args.output == "json":
             render.print_json({"workflow_id": args.workflow_id, "retried": ids})
@@ -239,7 +277,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_workers(args: argparse.Namespace) -> int:
     """``plait workers``."""
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         workers = client.workers()
     if args.output == "json":
         render.print_json({"workers": [render.to_dict(w) for w in workers]})
@@ -250,7 +288,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     """``plait drain``."""
-    with Client(args.coordinator) as client:
+    with client_for(args) as client:
         client.drain(args.worker_id)
     print(f"{args.worker_id}: draining")
     return EXIT_OK

@@ -40,13 +40,14 @@ _DAEMONS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``plait`` argument parser."""
-    from plait.cli import commands, run
+    from plait.cli import commands, run, secure
 
     parser = argparse.ArgumentParser(
         prog="plait",
         description="Run DAGs of actions in parallel across many hosts.",
         epilog="exit codes: 0 ok, 1 workflow failed, 2 usage or validation error, "
-        "3 coordinator unreachable. Environment: PLAIT_COORDINATOR, PLAIT_TOKEN.",
+        "3 coordinator unreachable. Environment: PLAIT_COORDINATOR, PLAIT_TOKEN, PLAIT_TLS_CA, "
+        "PLAIT_TLS_CERT, PLAIT_TLS_KEY, PLAIT_TLS_SERVER_NAME.",
     )
     parser.add_argument("--version", action="version", version=f"plait {__version__}")
     # Also accepted before the command (`plait --coordinator a,b status ID`); a different dest,
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="coordinator address(es), leader or standbys (default: $PLAIT_COORDINATOR, "
         "else 127.0.0.1:7450)",
     )
+    commands.add_tls_flags(parser, dest_prefix="global_")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run.add_parser(sub)
     for name, help_text in _DAEMONS.items():
@@ -65,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         daemon = sub.add_parser(name, help=help_text, add_help=False)
         daemon.add_argument("args", nargs=argparse.REMAINDER)
     commands.add_parsers(sub)
+    secure.add_parsers(sub)
     return parser
+
+
+# Flags accepted before the command as well as after it (dest "global_<name>" before).
+_GLOBAL_FLAGS = ("coordinator", "tls_ca", "tls_cert", "tls_key", "tls_server_name")
 
 
 def _fail(message: str, code: int) -> int:
@@ -83,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return local.run_coordinator_main(args_in[1:])
         return local.run_workerd_main(args_in[1:])
     args = build_parser().parse_args(args_in)  # exits 2 on bad usage
-    if getattr(args, "coordinator", None) is None and args.global_coordinator is not None:
-        args.coordinator = args.global_coordinator
+    for name in _GLOBAL_FLAGS:
+        # A flag given after the command wins over the same flag given before it.
+        if getattr(args, name, None) is None and getattr(args, "global_" + name) is not None:
+            setattr(args, name, getattr(args, "global_" + name))
     try:
         code: int = args.func(args)
     except (InvalidArgumentError, ConfigError) as exc:  # a bad workflow file, a bad address

@@ -168,6 +168,31 @@ class AttemptBook:
         att.cancel(reason)
         return True
 
+    def refused(self, refusals: Iterable[pb.ResultAck]) -> int:
+        """Kills the attempts whose start or progress the coordinator refused; returns how many.
+
+        ``Ack.refused`` names leases this session does not hold (another session of the same
+        worker does, or nobody): running one here would do the work twice, so it stops as if
+        cancelled. Its result is then refused too and forgotten.
+        """
+        killed = 0
+        for r in refusals:
+            att = self.attempts.get(r.lease_id)
+            if att is None or (r.fencing_token and r.fencing_token != att.token):
+                continue  # not running here, or a refusal of another grant of the lease
+            if att.cancelling or att.done:
+                continue  # already being killed: later refusals of its reports say nothing new
+            why = r.status.message or "lease not held by this session"
+            log.warning(
+                "lease %s (token %d) refused by the coordinator: %s; killing the attempt",
+                r.lease_id,
+                att.token,
+                why,
+            )
+            att.cancel(f"refused by the coordinator: {why}")
+            killed += 1
+        return killed
+
     def cancel_all(self, reason: str) -> None:
         """Kills every running attempt."""
         for att in list(self.attempts.values()):

@@ -15,6 +15,15 @@ after each stream ends, decides where and when to dial again:
 * anything else (an unreachable address, a dropped stream, a standby that knows no leader yet)
   moves to the next address after the session's full-jitter backoff.
 
+A hint naming an address outside the list is followed only with TLS and after the address's
+certificate has proved it a coordinator (:mod:`plait.endpoints`); that handshake runs in a
+thread, so the event loop keeps serving attempts and the fence meanwhile.
+
+With ``tls`` the channels are TLS (mTLS with a client certificate); with a ``token`` every
+``Connect`` carries ``authorization: Bearer <token>``. A stream refused with ``ALREADY_EXISTS``
+(another live session holds this worker id) or ended with ``ABORTED`` (a newer session of the
+same worker replaced it) is logged and dialled again with the backoff like any other failure.
+
 Everything else about reconnecting -- ``Hello.running`` re-adoption, re-sending unacked
 results, the self-fencing clock -- is the session's and does not depend on which address
 answered.
@@ -31,7 +40,9 @@ from typing import Any
 
 import grpc
 
+from plait import security
 from plait.endpoints import Endpoints, not_leader_of
+from plait.security import TlsFiles
 from plait.v1 import worker_service_pb2 as pb
 from plait.v1 import worker_service_pb2_grpc as pb_grpc
 from plait.worker.backoff import Backoff
@@ -72,14 +83,36 @@ class StreamHandlers:
 class CoordinatorLinks:
     """The worker's channels to each coordinator address, and the choice of the next one."""
 
-    __slots__ = ("_backoff", "_channels", "_ended_by", "_options", "_redirects", "endpoints")
+    __slots__ = (
+        "_backoff",
+        "_channels",
+        "_ended_by",
+        "_metadata",
+        "_options",
+        "_redirects",
+        "_tls",
+        "_worker_id",
+        "endpoints",
+    )
 
     def __init__(
-        self, coordinator: str, backoff: Backoff, options: Sequence[tuple[str, int]] = ()
+        self,
+        coordinator: str,
+        backoff: Backoff,
+        options: Sequence[tuple[str, int]] = (),
+        *,
+        tls: TlsFiles | None = None,
+        token: str = "",
+        worker_id: str = "",
     ) -> None:
-        self.endpoints = Endpoints(coordinator, field="coordinator")
+        self.endpoints = Endpoints(coordinator, field="coordinator", tls=tls)
         self._backoff = backoff
-        self._options = list(options)
+        self._options: list[tuple[str, Any]] = list(options) + security.channel_options_for(tls)
+        self._tls = tls
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._worker_id = worker_id
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._redirects = 0
         self._ended_by: BaseException | None = None
@@ -94,7 +127,11 @@ class CoordinatorLinks:
         address = self.endpoints.current
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            if self._tls is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                creds = security.channel_credentials(self._tls)
+                channel = grpc.aio.secure_channel(address, creds, options=self._options)
             self._channels[address] = channel
         return pb_grpc.WorkerServiceStub(channel)
 
@@ -102,8 +139,22 @@ class CoordinatorLinks:
         """A coordinator welcomed the worker: redirects start counting afresh."""
         self._redirects = 0
 
+    async def check_hint(self, err: BaseException | None) -> None:
+        """Checks the certificate of an unlisted leader a standby named, off the event loop.
+
+        :meth:`next_delay` follows such a hint only after this check passed; the handshake
+        takes up to two seconds, which must not stall the attempts and the fence.
+        """
+        standby = not_leader_of(err) if err is not None else None
+        address = self.endpoints.unlisted(standby.leader if standby is not None else None)
+        if address is not None and self._redirects <= len(self.endpoints):
+            await asyncio.to_thread(self.endpoints.check_hint, address)
+
     def next_delay(self, err: BaseException | None) -> float:
-        """After a stream ended (``err``: why, if it failed): moves on; seconds to wait first."""
+        """After a stream ended (``err``: why, if it failed): moves on; seconds to wait first.
+
+        An unlisted leader is followed only if :meth:`check_hint` passed it just before.
+        """
         standby = not_leader_of(err) if err is not None else None
         leader = standby.leader if standby is not None else None
         was = self.endpoints.current
@@ -113,7 +164,7 @@ class CoordinatorLinks:
             leader
             and leader != was
             and self._redirects <= len(self.endpoints)
-            and self.endpoints.follow(leader)
+            and self.endpoints.follow(leader, blocking=False)
         ):
             self._redirects += 1
             log.info("coordinator at %s is a standby; following the leader at %s", was, leader)
@@ -138,6 +189,7 @@ class CoordinatorLinks:
             ended_by = await self._stream_once(handlers, done, welcome_timeout)
             if done.is_set():
                 break
+            await self.check_hint(ended_by)
             delay = self.next_delay(ended_by)
             session_log.info("reconnecting to %s in %.2fs", self.address, delay)
             with contextlib.suppress(TimeoutError):
@@ -151,7 +203,7 @@ class CoordinatorLinks:
         # grpc.aio allows a stream call without a request iterator (then call.write/read);
         # the generated stubs only type the iterator form.
         connect: Any = self.stub().Connect
-        call = connect()
+        call = connect(metadata=self._metadata)
         stream = ConnectStream(call)
         writer = asyncio.create_task(stream.write_loop(), name="plait-worker-writer")
         tasks: list[asyncio.Task[Any]] = [writer]
@@ -206,16 +258,44 @@ class CoordinatorLinks:
                 "coordinator at %s refused the stream: %s", self.address, standby.message
             )
         elif isinstance(err, grpc.aio.AioRpcError):
-            session_log.warning(
-                "connection to %s failed: %s: %s",
-                self.address,
-                err.code().name,
-                err.details(),
-            )
+            self._log_rpc_error(err)
         elif isinstance(err, TimeoutError):
             session_log.warning("no Welcome from %s in time", self.address)
         else:
             session_log.warning("connection to %s failed: %s", self.address, err)
+
+    def _log_rpc_error(self, err: grpc.aio.AioRpcError) -> None:
+        code = err.code()
+        if code == grpc.StatusCode.ALREADY_EXISTS:
+            # Two processes configured with one worker id, or this worker's previous stream not
+            # yet seen to be gone by the coordinator: retrying with the backoff covers both.
+            session_log.error(
+                "worker id %s is already connected from another session; the coordinator at"
+                " %s refused this one (%s). Retrying with backoff; if another process uses"
+                " this id, give each worker its own --id",
+                self._worker_id or "?",
+                self.address,
+                err.details(),
+            )
+        elif code == grpc.StatusCode.ABORTED:
+            session_log.warning(
+                "the coordinator at %s replaced this session of worker %s by a newer one (%s);"
+                " reconnecting",
+                self.address,
+                self._worker_id or "?",
+                err.details(),
+            )
+        elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            session_log.error(
+                "the coordinator at %s refused the worker's credentials: %s: %s",
+                self.address,
+                code.name,
+                err.details(),
+            )
+        else:
+            session_log.warning(
+                "connection to %s failed: %s: %s", self.address, code.name, err.details()
+            )
 
 
 async def _read_loop(call: Any, receive: Callable[[pb.ConnectResponse], None]) -> None:

@@ -18,6 +18,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import threading
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -343,8 +344,18 @@ class Worker:
         :func:`plait.worker.serve` (``executors``, ``clock``, ``reconnect_initial``,
         ``reconnect_max``, ``load_probe``, ...). Exec actions are not run unless an exec
         executor is passed in ``executors``.
+
+        Credentials, unless ``options`` give them: ``tls`` from ``PLAIT_TLS_CA``/``_CERT``/
+        ``_KEY``/``_SERVER_NAME`` (:func:`plait.security.tls_from_env`) and ``token`` from
+        ``$PLAIT_TOKEN``, as :class:`plait.Client` does.
         """
+        from plait.security import tls_from_env
         from plait.worker.serve import serve
+
+        if "tls" not in options:
+            options["tls"] = tls_from_env()
+        if "token" not in options:
+            options["token"] = os.environ.get("PLAIT_TOKEN", "")
 
         asyncio.run(
             serve(

@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from plait.clock import Clock
+from plait.security import TlsFiles
 from plait.worker.adaptive import AdaptiveConfig, LoadProbe
 from plait.worker.executor import Executor
 from plait.worker.resources import detect_resources, merge_resources
@@ -86,6 +87,8 @@ async def serve(
     detect: bool = True,
     adaptive: bool | AdaptiveConfig = False,
     load_probe: LoadProbe | None = None,
+    tls: TlsFiles | None = None,
+    token: str = "",
 ) -> SessionStats:
     """Serves ``workers``' handlers (and ``executors``) until the session drains or stops.
 
@@ -93,6 +96,8 @@ async def serve(
     (:func:`plait.worker.resources.detect_resources`) with ``resources`` added or overriding;
     with ``detect=False`` they are ``resources`` alone. ``adaptive`` turns on adaptive
     concurrency (``True`` for the default thresholds, or an :class:`AdaptiveConfig`).
+    ``tls`` and ``token`` are the session's credentials (:class:`SessionConfig`); a token to a
+    host beyond loopback without TLS raises :class:`plait.errors.ConfigError`.
     """
     from plait.worker.handlers import HandlerExecutor
 
@@ -110,6 +115,8 @@ async def serve(
         agent=agent or DEFAULT_AGENT,
         resources=advertised,
         adaptive=adaptive_config,
+        tls=tls,
+        token=token,
     )
     all_executors: list[Executor] = list(executors)
     if workers:

@@ -22,6 +22,11 @@ The rules it keeps (see docs/workerd.md):
 * **Adaptive concurrency.** With ``SessionConfig.adaptive`` set, a :class:`LoadProbe` is read
   every interval and freed slots are withheld while the host is overloaded
   (:mod:`plait.worker.adaptive`); the coordinator only ever sees smaller credits.
+* **Identity continuity.** The last ``Welcome.resume_token`` goes back in ``Hello.resume_token``
+  on every reconnect, so the coordinator lets the new stream replace this worker's previous one
+  while that still looks live. It is a secret and never logged.
+* **Refused reports.** A lease named in ``Ack.refused`` (its start or progress was refused: this
+  session does not hold it) is killed like a cancelled one, if it runs here.
 * **Several coordinators.** ``SessionConfig.coordinator`` may list a leader and its standbys,
   comma-separated; a standby's ``NOT_LEADER`` refusal is followed to the leader it names at once,
   anything else rotates addresses with the backoff (:mod:`plait.worker.connect`).
@@ -130,6 +135,8 @@ class WorkerSession:
         self.lease_ttl = 30.0
         self.kill_grace = 10.0
         self.session_id = ""
+        # Welcome.resume_token of the last stream, sent back in the next Hello. A secret.
+        self._resume_token = ""
         self._flush_scheduled = False
         self._stream: ConnectStream | None = None
         self._hb_seq = 0
@@ -232,7 +239,14 @@ class WorkerSession:
             ("grpc.max_send_message_length", size),
             ("grpc.max_receive_message_length", size),
         ]
-        links = self._links = CoordinatorLinks(self.config.coordinator, self._backoff, options)
+        links = self._links = CoordinatorLinks(
+            self.config.coordinator,
+            self._backoff,
+            options,
+            tls=self.config.tls,
+            token=self.config.token,
+            worker_id=self.config.worker_id,
+        )
         handlers = StreamHandlers(
             hello=self._send_hello,
             observe=self._observe,
@@ -292,6 +306,7 @@ class WorkerSession:
             agent=cfg.agent,
             hostname=cfg.hostname,
             resources=dict(cfg.resources),
+            resume_token=self._resume_token,
         )
         # The coordinator's ledger restarts from this Hello: slots - running.
         self._outbox.reset()
@@ -312,6 +327,7 @@ class WorkerSession:
         if welcome.HasField("kill_grace"):
             self.kill_grace = duration_from_proto(welcome.kill_grace).total_seconds()
         self.session_id = welcome.session_id
+        self._resume_token = welcome.resume_token
         # Welcome answers Hello: every lease it adopts is renewed no earlier than Hello was sent.
         self._fence.welcomed(hello_sent, self.lease_ttl)
         not_adopted = "the coordinator does not adopt this lease (superseded or unknown)"
@@ -400,6 +416,8 @@ class WorkerSession:
     def _on_ack(self, ack: pb.Ack) -> None:
         self._fence.acked(ack.heartbeat_sequence, self.lease_ttl)
         self._book.acked(ack.results)
+        if ack.refused:
+            self._book.refused(ack.refused)
         if self._draining:
             self._maybe_finish()
 

@@ -1,8 +1,8 @@
 """How a worker session introduces itself, and what it counts (foundation layer: plait.worker).
 
-:class:`SessionConfig` is the worker's side of ``Hello`` plus its reconnect and close timing;
-protocol timing (heartbeat interval, lease TTL, kill grace) comes from the coordinator's
-``Welcome``. :class:`SessionStats` are the counters a
+:class:`SessionConfig` is the worker's side of ``Hello`` plus its reconnect and close timing and
+its credentials (TLS files, bearer token); protocol timing (heartbeat interval, lease TTL, kill
+grace) comes from the coordinator's ``Welcome``. :class:`SessionStats` are the counters a
 :class:`~plait.worker.session.WorkerSession` increments for its caller to export.
 """
 
@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from plait import __version__
 from plait.endpoints import parse_targets
+from plait.security import TlsFiles, check_token_transport
 from plait.worker.adaptive import AdaptiveConfig
 from plait.worker.resources import RESOURCE_NAME_RE
 
@@ -55,6 +56,11 @@ class SessionConfig:
     """Adaptive concurrency (:mod:`plait.worker.adaptive`); ``None`` offers every slot always."""
     progress_interval: timedelta = timedelta(milliseconds=500)
     """At most one ``ActionProgress`` leaves per this interval (latest details per lease)."""
+    tls: TlsFiles | None = None
+    """TLS to the coordinator (a client certificate proves the worker's identity); ``None``:
+    plaintext."""
+    token: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
+    """Bearer token sent as ``authorization`` metadata on every ``Connect``; empty: none."""
 
     def __post_init__(self) -> None:
         if not WORKER_ID_RE.fullmatch(self.worker_id):
@@ -63,7 +69,9 @@ class SessionConfig:
             )
         if self.slots < 0:
             raise ValueError(f"slots must be >= 1 (or 0 for the CPU count), got {self.slots}")
-        parse_targets(self.coordinator, "coordinator")  # TargetError is a ValueError
+        addresses = parse_targets(self.coordinator, "coordinator")  # TargetError: ValueError
+        # ConfigError: a token must not travel in plaintext beyond loopback.
+        check_token_transport(addresses, self.tls, self.token)
         for name, amount in self.resources.items():
             if not RESOURCE_NAME_RE.fullmatch(name):
                 raise ValueError(
