@@ -170,6 +170,19 @@ _DURATIONS = {
 }
 _INTS = {"lease_loss_budget"}
 _BOOLS = {"reflection", "metrics_public"}
+# The server's own TLS files have their own variables: PLAIT_TLS_CERT/_KEY name a client's
+# certificate (workerd, the CLI), and a coordinator started from an operator's shell must not
+# serve the operator's client certificate.
+_ENV_NAMES = {
+    "tls_cert": "PLAIT_SERVER_TLS_CERT",
+    "tls_key": "PLAIT_SERVER_TLS_KEY",
+    "tls_client_ca": "PLAIT_SERVER_TLS_CLIENT_CA",
+}
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a config field (``PLAIT_`` + its name, but for TLS)."""
+    return _ENV_NAMES.get(name, "PLAIT_" + name.upper())
 _PATHS = {"tls_cert", "tls_key", "tls_client_ca", "auth_tokens"}
 _LIMITS = {f.name for f in fields(Limits)}
 
@@ -275,7 +288,7 @@ def load_config(
                 raise ConfigError(f"config file {config_path}: unknown key {key!r}")
             put(name, value, f"{config_path}: {key}")
     for name in names:
-        var = "PLAIT_" + name.upper()
+        var = env_var(name)
         if var in env:
             put(name, env[var], var)
     for name in names:

@@ -26,7 +26,7 @@ from plait import durations
 from plait.durations import parse_duration
 from plait.endpoints import parse_targets
 from plait.errors import ConfigError
-from plait.security import TlsFiles, check_token_transport, tls_from_env
+from plait.security import TlsFiles, check_token_transport, identity_from_pem, tls_from_env
 from plait.worker.handlers import Worker
 from plait.worker.resources import (
     RESOURCE_NAME_RE,
@@ -263,7 +263,7 @@ def config_from_args(
     token = read_token_file(args.token_file) if args.token_file else environ.get("PLAIT_TOKEN", "")
     config = WorkerdConfig(
         coordinator=args.coordinator,
-        worker_id=args.worker_id or default_worker_id(),
+        worker_id=worker_id_for(args.worker_id, tls),
         slots=args.slots if args.slots is not None else (os.cpu_count() or 1),
         labels=parse_labels(args.label),
         handlers=tuple(args.handlers),
@@ -279,6 +279,31 @@ def config_from_args(
     )
     config.validate()
     return config
+
+
+def worker_id_for(given: str | None, tls: TlsFiles | None) -> str:
+    """The worker id: ``--id``, else the one the certificate names, else HOSTNAME-PID.
+
+    With a worker certificate the coordinator accepts only the id it proves, so a different
+    ``--id`` is refused here, at start-up, naming both.
+
+    Raises:
+        ConfigError: ``--id`` disagrees with the certificate, or the certificate is unreadable.
+    """
+    cert_id = ""
+    if tls is not None and tls.cert is not None:
+        try:
+            ident = identity_from_pem(tls.read("cert"))
+        except ValueError as e:
+            raise ConfigError(f"--tls-cert {tls.cert}: not a PEM certificate ({e})") from None
+        cert_id = ident.name if ident.kind == "worker" else ""
+        if given and cert_id and given != cert_id:
+            raise ConfigError(
+                f"--id {given!r} does not match the worker id {cert_id!r} that --tls-cert"
+                f" {tls.cert} proves; the coordinator would refuse it (drop --id, or use"
+                f" the certificate of worker {given!r})"
+            )
+    return given or cert_id or default_worker_id()
 
 
 def load_worker(spec: str) -> Worker:

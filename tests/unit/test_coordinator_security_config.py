@@ -97,3 +97,16 @@ def test_a_malformed_token_file_refuses_to_start(tmp_path: Path) -> None:
     bad.write_text('[[tokens]]\nname = "x"\nroles = ["root"]\nsha256 = "' + "0" * 64 + '"\n')
     code = main(["--auth-tokens", str(bad), "--store", f"sqlite:///{tmp_path}/j.db"])
     assert code == 2
+
+
+def test_server_tls_files_come_from_their_own_variables(pki: Pki) -> None:  # noqa: F811
+    # PLAIT_TLS_CERT/KEY are a client's own certificate; the coordinator ignores them.
+    client_env = {"PLAIT_TLS_CERT": str(pki.user("operator").cert)}
+    assert load_config(parse_args([]), environ=client_env).tls_cert is None
+    server_env = {
+        "PLAIT_SERVER_TLS_CERT": str(pki.coordinator.cert),
+        "PLAIT_SERVER_TLS_KEY": str(pki.coordinator.key),
+        "PLAIT_SERVER_TLS_CLIENT_CA": str(pki.ca),
+    }
+    cfg = load_config(parse_args(["--listen", "0.0.0.0:7450"]), environ=server_env)
+    assert cfg.tls_cert == str(pki.coordinator.cert) and cfg.tls_client_ca == str(pki.ca)

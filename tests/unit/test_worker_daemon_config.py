@@ -20,6 +20,7 @@ from plait.workerd.config import (
     parse_clock_offset,
 )
 from plait.workerd.main import main
+from tests.tlsfixtures import Pki, pki  # noqa: F401
 
 
 def config(argv: list[str], env: dict[str, str] | None = None) -> WorkerdConfig:
@@ -183,14 +184,25 @@ _NO_CREDENTIALS = ("PLAIT_TLS_CA", "PLAIT_TLS_CERT", "PLAIT_TLS_KEY", "PLAIT_TLS
 
 
 @pytest.fixture
-def pem_files(tmp_path: Path) -> dict[str, str]:
-    """Placeholder ca/cert/key files (start-up checks that they exist, not their contents)."""
-    out = {}
-    for name in ("ca", "cert", "key", "other-ca"):
-        path = tmp_path / f"{name}.pem"
-        path.write_text("placeholder\n")
-        out[name] = str(path)
-    return out
+def pem_files(pki: Pki) -> dict[str, str]:  # noqa: F811
+    """A CA, worker w1's certificate and key, and another CA (from the test PKI)."""
+    w1 = pki.worker("w1")
+    return {
+        "ca": str(pki.ca),
+        "cert": str(w1.cert),
+        "key": str(w1.key),
+        "other-ca": str(pki.untrusted_ca),
+    }
+
+
+def test_worker_id_defaults_to_the_certificates(pem_files: dict[str, str]) -> None:
+    tls = ["--tls-ca", pem_files["ca"], "--tls-cert", pem_files["cert"]]
+    tls += ["--tls-key", pem_files["key"]]
+    assert config(tls).worker_id == "w1"
+    assert config([*tls, "--id", "w1"]).worker_id == "w1"
+    with pytest.raises(ConfigError) as e:
+        config([*tls, "--id", "w2"])
+    assert "'w2'" in e.value.message and "'w1'" in e.value.message
 
 
 def test_tls_flags_and_environment(pem_files: dict[str, str]) -> None:

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import grpc
 
@@ -146,6 +146,8 @@ class Client:
         token: bearer token sent with every call; defaults to ``$PLAIT_TOKEN``.
         tls: CA (and optionally client certificate and key) for TLS channels; defaults to
             :func:`plait.security.tls_from_env` (``PLAIT_TLS_CA``...), else plaintext.
+            ``False``: plaintext whatever the environment says (an embedded loopback
+            coordinator, as ``plait run`` starts).
         max_hops: how many times one call may move to another address (``None``: twice the
             number of addresses, plus one; at least 3).
 
@@ -161,10 +163,12 @@ class Client:
         clock: Clock | None = None,
         timeout: float | None = 30.0,
         token: str | None = None,
-        tls: TlsFiles | None = None,
+        tls: TlsFiles | Literal[False] | None = None,
         max_hops: int | None = None,
     ) -> None:
-        self.tls = tls if tls is not None else security.tls_from_env()
+        self.tls: TlsFiles | None = (
+            None if tls is False else tls if tls is not None else security.tls_from_env()
+        )
         self.endpoints = Endpoints(resolve_targets(target), tls=self.tls)
         self.timeout = timeout
         self.max_hops = max_hops

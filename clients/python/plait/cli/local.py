@@ -146,7 +146,14 @@ class LocalCluster:
         worker_id = f"local-{index}"
         log_path = self.config.log_dir / f"workerd-{worker_id}.log"
         log_file = log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.config.worker_env}
+        # Local workers talk to the embedded plaintext coordinator: a shell's TLS settings and
+        # token are for a remote cluster, not for this one.
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("PLAIT_TLS_") and k not in {"PLAIT_TOKEN", "PLAIT_COORDINATOR"}
+        }
+        env = {**inherited, "PYTHONUNBUFFERED": "1", **self.config.worker_env}
         process = subprocess.Popen(
             self.config.worker_argv(self._port, index),
             stdin=subprocess.DEVNULL,

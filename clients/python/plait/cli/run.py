@@ -127,7 +127,8 @@ def cmd_run(args: argparse.Namespace, clock: Clock | None = None) -> int:
             target = cluster.start()
         except RuntimeError as exc:
             raise PlaitError(str(exc)) from exc
-        with Client(target, clock=clock) as client:
+        # The embedded coordinator is plaintext on loopback, whatever PLAIT_TLS_* say.
+        with Client(target, clock=clock, tls=False, token="") as client:
             submitted = client.submit(spec)
             progress = RunProgress(spec, submitted.workflow_id)
             interrupted = _follow(client, cluster, progress, args.output, clock)
