@@ -56,6 +56,8 @@ RPC_ROLES: Mapping[str, Role | str] = {
     WORKER_CONNECT: Role.WORKER,
     _ADMIN + "ListWorkers": Role.READ,
     _ADMIN + "DrainWorker": Role.OPERATE,
+    _ADMIN + "RevokeWorker": Role.OPERATE,
+    _ADMIN + "ReinstateWorker": Role.OPERATE,
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     # Reflection is served only with --reflection; it describes the API, nothing else.

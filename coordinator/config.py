@@ -183,6 +183,8 @@ _ENV_NAMES = {
 def env_var(name: str) -> str:
     """The environment variable of a config field (``PLAIT_`` + its name, but for TLS)."""
     return _ENV_NAMES.get(name, "PLAIT_" + name.upper())
+
+
 _PATHS = {"tls_cert", "tls_key", "tls_client_ca", "auth_tokens"}
 _LIMITS = {f.name for f in fields(Limits)}
 

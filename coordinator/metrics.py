@@ -90,6 +90,11 @@ class CoordinatorMetrics:
         self.workers_connected = Gauge(
             "plait_workers_connected", "Worker streams currently open.", registry=r
         )
+        self.workers_revoked = Gauge(
+            "plait_workers_revoked",
+            "Worker ids revoked by an operator and refused until reinstated.",
+            registry=r,
+        )
         self.ready_actions = Gauge(
             "plait_ready_actions", "Actions ready and waiting for a slot.", registry=r
         )

@@ -21,8 +21,15 @@ from typing import Any
 
 from plait.clock import Clock
 from plait.coordinator.config import CoordinatorConfig
-from plait.coordinator.core.events import Instant, Stimulus, TimePassed, WorkerStreamClosed
-from plait.coordinator.core.model import Observation, Outcome, SessionEnd
+from plait.coordinator.core.events import (
+    Instant,
+    Stimulus,
+    TimePassed,
+    WorkerReinstated,
+    WorkerRevoked,
+    WorkerStreamClosed,
+)
+from plait.coordinator.core.model import Observation, Outcome, Revocation, SessionEnd
 from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import STATE_NAME, CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
@@ -123,6 +130,10 @@ class Runtime:
             self.replayed_events += replay(core, events, at)
             await asyncio.sleep(0)  # a long replay must not starve the gRPC server
         self.replay_seconds = self.clock.monotonic() - started
+        core.revoked = {
+            worker_id: Revocation.from_json(record)
+            for worker_id, record in (await self.store.revocations()).items()
+        }
         # Sequences are never reused, even when pruning removed the newest rows.
         core.sequence = max(core.sequence, head.last_sequence)
         self._ceiling = head.hlc_ceiling_ms
@@ -176,6 +187,42 @@ class Runtime:
             return
         async with self._durable_cond:
             await self._durable_cond.wait_for(lambda: self._durable >= sequence)
+
+    # ---- revocation -----------------------------------------------------------------------
+
+    async def revoke_worker(self, worker_id: str, reason: str, by: str) -> tuple[bool, int]:
+        """Revokes a worker id: durable in the store first, then the core cuts it off.
+
+        Returns whether it was connected and how many leases were queued again.
+        """
+        if self.core is None:
+            raise NotLeaderError(self.leader_hint)
+        record = Revocation(reason, by, self.clock.wall_ms())
+        await self.store.set_revocation(worker_id, record.to_json())
+        result: tuple[bool, int] = await self.call(
+            lambda reply: WorkerRevoked(self.next_id("revoke"), worker_id, record, reply)
+        )
+        log.warning(
+            "worker %s revoked by %s: %s (%d leases queued again)",
+            worker_id,
+            by,
+            reason or "no reason given",
+            result[1],
+            extra={"worker_id": worker_id},
+        )
+        return result
+
+    async def reinstate_worker(self, worker_id: str, by: str) -> bool:
+        """Accepts a revoked worker id again (removed from the store first)."""
+        if self.core is None:
+            raise NotLeaderError(self.leader_hint)
+        await self.store.set_revocation(worker_id, None)
+        was: bool = await self.call(
+            lambda reply: WorkerReinstated(self.next_id("reinstate"), worker_id, reply)
+        )
+        if was:
+            log.warning("worker %s reinstated by %s", worker_id, by, extra={"worker_id": worker_id})
+        return was
 
     # ---- worker sessions ----------------------------------------------------------------
 
@@ -348,6 +395,7 @@ class Runtime:
         self._observe(out.observations)
         m = self.metrics
         m.workers_connected.set(len(core.by_session))
+        m.workers_revoked.set(len(core.revoked))
         m.ready_actions.set(sum(len(wf.ready) for wf in core.active) + len(core.delayed))
 
     def _observe(self, observations: list[Observation]) -> None:
@@ -481,6 +529,8 @@ def _log_prune(task: asyncio.Task[int]) -> None:
 def _loss_reason(detail: str) -> str:
     if detail.startswith("lease expired"):
         return "expired"
+    if detail.startswith("worker revoked"):
+        return "worker_revoked"
     if "self-fencing" in detail:
         return "worker_cancelled"
     if "did not report" in detail:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from plait.coordinator.core.model import Revocation
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
@@ -83,6 +84,25 @@ class DrainRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkerRevoked:
+    """An operator revoked a worker id; the revocation is already durable in the store."""
+
+    cause: str
+    worker_id: str
+    revocation: Revocation
+    reply: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReinstated:
+    """An operator reinstated a revoked worker id (already removed from the store)."""
+
+    cause: str
+    worker_id: str
+    reply: object = None
+
+
+@dataclass(frozen=True, slots=True)
 class TimePassed:
     """Periodic stimulus: expire leases, fire timeouts, end backoffs."""
 
@@ -96,5 +116,7 @@ Stimulus = (
     | WorkerMessageReceived
     | WorkerStreamClosed
     | DrainRequested
+    | WorkerRevoked
+    | WorkerReinstated
     | TimePassed
 )

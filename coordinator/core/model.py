@@ -7,8 +7,9 @@ replies go out in an :class:`Outcome` that the runtime journals first and delive
 
 from __future__ import annotations
 
+import json
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from google.rpc import status_pb2
 
@@ -129,6 +130,37 @@ class WorkerRecord:
     last_hlc: HlcTimestamp = ZERO
     resume_token: str = ""  # Welcome.resume_token of its live session (proves a reconnect)
     identity: str = ""  # principal the session authenticated as ("" when auth is off)
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Why, by whom and when a worker id was revoked (kept as JSON text in the store)."""
+
+    reason: str
+    revoked_by: str
+    at_wall_ms: int
+
+    def refusal(self, worker_id: str) -> str:
+        """The message a revoked worker's stream (and every later Hello) is refused with."""
+        why = f": {self.reason}" if self.reason else ""
+        return (
+            f"worker {worker_id!r} is revoked (by {self.revoked_by or 'an operator'}{why}); an"
+            f" operator may `plait reinstate {worker_id}`"
+        )
+
+    def to_json(self) -> str:
+        """The record as the store keeps it."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Revocation:
+        """The record from the store (missing fields default, so old records still load)."""
+        raw = json.loads(text or "{}")
+        return cls(
+            str(raw.get("reason", "")),
+            str(raw.get("revoked_by", "")),
+            int(raw.get("at_wall_ms", 0)),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from plait.coordinator.core import hedges, limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
-from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome, WorkerRecord
+from plait.coordinator.core.model import (
+    ActionRecord,
+    LeaseRecord,
+    Outcome,
+    WorkerRecord,
+)
 from plait.errors import ERROR_DOMAIN
 from plait.hlc import ClockOffsetError, HlcTimestamp
 from plait.v1 import hlc_pb2
@@ -182,6 +187,11 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
     msg = s.message
     session_id = s.session_id
     hello = msg.hello
+    revoked = st.revoked.get(hello.worker_id)
+    if revoked is not None:
+        out.close(session_id, code_pb2.PERMISSION_DENIED, revoked.refusal(hello.worker_id))
+        out.observe("hello_refused", worker_id=hello.worker_id, detail=s.peer)
+        return
     old = st.workers.get(hello.worker_id)
     if old is not None and old.connected:
         if not may_replace(old, s):

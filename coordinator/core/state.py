@@ -23,7 +23,7 @@ from datetime import timedelta
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import hedges, joins, limits, retry, sessions
+from plait.coordinator.core import hedges, joins, limits, retry, revocation, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
@@ -33,6 +33,8 @@ from plait.coordinator.core.events import (
     Stimulus,
     TimePassed,
     WorkerMessageReceived,
+    WorkerReinstated,
+    WorkerRevoked,
     WorkerStreamClosed,
     WorkflowSubmitted,
 )
@@ -40,6 +42,7 @@ from plait.coordinator.core.model import (
     ActionRecord,
     LeaseRecord,
     Outcome,
+    Revocation,
     WorkerRecord,
     WorkflowRecord,
 )
@@ -108,6 +111,7 @@ class SchedulerState:
         self.by_idempotency_key: dict[str, str] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.by_session: dict[str, WorkerRecord] = {}
+        self.revoked: dict[str, Revocation] = {}  # worker ids refused until reinstated
         self.leases: dict[str, LeaseRecord] = {}
         self.active: deque[WorkflowRecord] = deque()  # workflows with ready actions, fair ring
         self.delayed: list[tuple[float, int, ActionRecord]] = []  # retry backoff heap
@@ -149,6 +153,10 @@ class SchedulerState:
                 sessions.on_stream_closed(self, s, out)
             elif isinstance(s, DrainRequested):
                 sessions.on_drain(self, s, out)
+            elif isinstance(s, WorkerRevoked):
+                revocation.on_revoked(self, s, out)
+            elif isinstance(s, WorkerReinstated):
+                revocation.on_reinstated(self, s, out)
         self.cause = "dispatch"
         self.dispatch(out)
         return out

@@ -23,7 +23,7 @@ from typing import Final
 import psycopg
 from psycopg.rows import TupleRow
 
-from plait.coordinator.journal.store import DeposedError, JournalHead
+from plait.coordinator.journal.store import REVOKED_PREFIX, DeposedError, JournalHead
 from plait.hlc import HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
 
@@ -255,6 +255,26 @@ class PostgresJournal:
                 "DELETE FROM plait_events WHERE workflow_id = ANY(%s)", (list(workflow_ids),)
             )
             return cur.rowcount
+
+    async def revocations(self) -> dict[str, str]:
+        async with self._conn(reader=True).cursor() as cur:
+            await cur.execute(
+                "SELECT key, value FROM plait_meta WHERE starts_with(key, %s)", (REVOKED_PREFIX,)
+            )
+            return {str(k)[len(REVOKED_PREFIX) :]: str(v) for k, v in await cur.fetchall()}
+
+    async def set_revocation(self, worker_id: str, record: str | None) -> None:
+        conn = self._conn()
+        # Rare, short, and fenced like prune: the term check holds the leader row only for
+        # this transaction (the writer's statement timeouts bound it).
+        async with self._write_lock, conn.transaction(), conn.cursor() as cur:
+            await self._check_term(cur, "revocation")
+            if record is None:
+                await cur.execute(
+                    "DELETE FROM plait_meta WHERE key = %s", (REVOKED_PREFIX + worker_id,)
+                )
+            else:
+                await cur.execute(_UPSERT_META, (REVOKED_PREFIX + worker_id, record))
 
     async def close(self) -> None:
         for attr in ("_writer", "_reader"):

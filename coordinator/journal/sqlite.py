@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from plait.coordinator.journal.store import DeposedError, JournalHead
+from plait.coordinator.journal.store import REVOKED_PREFIX, DeposedError, JournalHead
 from plait.hlc import HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
 
@@ -200,6 +200,42 @@ class SqliteJournal:
             return 0
         return await asyncio.get_running_loop().run_in_executor(
             self._writer, self._prune, workflow_ids
+        )
+
+    def _revocations(self) -> dict[str, str]:
+        conn = self._wconn
+        assert conn is not None, "journal not open"
+        rows = conn.execute(
+            "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+            (len(REVOKED_PREFIX), REVOKED_PREFIX),
+        ).fetchall()
+        return {str(k)[len(REVOKED_PREFIX) :]: str(v) for k, v in rows}
+
+    async def revocations(self) -> dict[str, str]:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._revocations)
+
+    def _set_revocation(self, worker_id: str, record: str | None) -> None:
+        conn = self._wconn
+        assert conn is not None, "journal not open"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._check_term(conn)
+            if record is None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (REVOKED_PREFIX + worker_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (REVOKED_PREFIX + worker_id, record),
+                )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    async def set_revocation(self, worker_id: str, record: str | None) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer, self._set_revocation, worker_id, record
         )
 
     async def close(self) -> None:

@@ -80,9 +80,24 @@ class JournalStore(Protocol):
         """Deletes the events of finished workflows; returns how many rows went."""
         ...
 
+    async def revocations(self) -> dict[str, str]:
+        """Revoked worker ids and their records (JSON text), as :meth:`set_revocation` left them."""
+        ...
+
+    async def set_revocation(self, worker_id: str, record: str | None) -> None:
+        """Durably revokes ``worker_id`` (``record``: JSON text) or reinstates it (``None``).
+
+        Raises:
+            DeposedError: the store's term is no longer current; nothing was written.
+        """
+        ...
+
     async def close(self) -> None:
         """Flushes and releases the backend."""
         ...
+
+
+REVOKED_PREFIX = "revoked_worker:"  # meta key of a revoked worker id
 
 
 class Leadership(Protocol):

@@ -81,6 +81,8 @@ def _ended(end: SessionEnd) -> PlaitError:
     """The error a stream the coordinator ends is closed with."""
     if end.code == code_pb2.ALREADY_EXISTS:
         return AlreadyExistsError(end.message)
+    if end.code == code_pb2.PERMISSION_DENIED:
+        return PermissionDeniedError(end.message)
     return AbortedError(end.message)
 
 

@@ -446,10 +446,34 @@ class Client:
 
     def workers(self) -> builtins.list[admin_service_pb2.WorkerInfo]:
         """The connected workers."""
+        return list(self.list_workers().workers)
+
+    def list_workers(self) -> admin_service_pb2.ListWorkersResponse:
+        """The connected workers and the revoked worker ids, in one call."""
         response: admin_service_pb2.ListWorkersResponse = self._call(
             lambda c: c.admin.ListWorkers, admin_service_pb2.ListWorkersRequest()
         )
-        return list(response.workers)
+        return response
+
+    def revoke(self, worker_id: str, reason: str = "") -> admin_service_pb2.RevokeWorkerResponse:
+        """Cuts a worker off now and refuses its id until :meth:`reinstate` (role operate).
+
+        Its stream ends, its leases run elsewhere, and the revocation survives restarts and
+        failovers. Repeating it changes nothing but the reason, so it follows the leader too.
+        """
+        response: admin_service_pb2.RevokeWorkerResponse = self._call(
+            lambda c: c.admin.RevokeWorker,
+            admin_service_pb2.RevokeWorkerRequest(worker_id=worker_id, reason=reason),
+        )
+        return response
+
+    def reinstate(self, worker_id: str) -> bool:
+        """Accepts a revoked worker id again; False when it was not revoked (role operate)."""
+        response: admin_service_pb2.ReinstateWorkerResponse = self._call(
+            lambda c: c.admin.ReinstateWorker,
+            admin_service_pb2.ReinstateWorkerRequest(worker_id=worker_id),
+        )
+        return response.was_revoked
 
     def drain(self, worker_id: str) -> None:
         """Asks a worker to take no new work, finish what it holds and leave.

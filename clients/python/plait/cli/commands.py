@@ -136,13 +136,37 @@ def add_parsers(sub: _SubParsers) -> None:
     _output(p)
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser("workers", parents=[parent], help="list connected workers")
+    _add_worker_parsers(sub, parent)
+
+
+def _add_worker_parsers(sub: _SubParsers, parent: argparse.ArgumentParser) -> None:
+    """``workers``, ``drain``, ``revoke``, ``reinstate``."""
+    p = sub.add_parser(
+        "workers", parents=[parent], help="list connected workers and revoked worker ids"
+    )
     _output(p)
     p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("drain", parents=[parent], help="ask a worker to finish its work and leave")
     p.add_argument("worker_id", metavar="WORKER")
     p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser(
+        "revoke",
+        parents=[parent],
+        help="cut a worker off now and refuse its id until reinstated (role operate)",
+        description="End the worker's stream, run its leases elsewhere, and refuse its id until"
+        " `plait reinstate`; survives coordinator restarts and failovers.",
+    )
+    p.add_argument("worker_id", metavar="WORKER")
+    p.add_argument("--reason", default="", help="why, for the record (at most 1 KiB)")
+    p.set_defaults(func=cmd_revoke)
+
+    p = sub.add_parser(
+        "reinstate", parents=[parent], help="accept a revoked worker id again (role operate)"
+    )
+    p.add_argument("worker_id", metavar="WORKER")
+    p.set_defaults(func=cmd_reinstate)
 
 
 def _outcome(status: workflow_pb2.WorkflowStatus) -> int:
@@ -278,11 +302,36 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_workers(args: argparse.Namespace) -> int:
     """``plait workers``."""
     with client_for(args) as client:
-        workers = client.workers()
+        listing = client.list_workers()
     if args.output == "json":
-        render.print_json({"workers": [render.to_dict(w) for w in workers]})
+        render.print_json(
+            {
+                "workers": [render.to_dict(w) for w in listing.workers],
+                "revoked": [render.to_dict(r) for r in listing.revoked],
+            }
+        )
     else:
-        render.console().print(render.workers_table(workers))
+        out = render.console()
+        out.print(render.workers_table(listing.workers))
+        if listing.revoked:
+            out.print(render.revoked_table(listing.revoked))
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """``plait revoke``."""
+    with client_for(args) as client:
+        resp = client.revoke(args.worker_id, args.reason)
+    state = "was connected, now cut off" if resp.was_connected else "not connected"
+    print(f"{args.worker_id}: revoked ({state}; {resp.leases_requeued} lease(s) queued again)")
+    return EXIT_OK
+
+
+def cmd_reinstate(args: argparse.Namespace) -> int:
+    """``plait reinstate``."""
+    with client_for(args) as client:
+        was = client.reinstate(args.worker_id)
+    print(f"{args.worker_id}: {'reinstated' if was else 'was not revoked'}")
     return EXIT_OK
 
 

@@ -209,6 +209,20 @@ def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
     return table
 
 
+def revoked_table(revoked: Iterable[admin_service_pb2.RevokedWorker]) -> Table:
+    """One row per revoked worker id for ``plait workers``."""
+    table = Table(title="revoked", show_edge=False, pad_edge=False)
+    for col in ("worker", "by", "at", "reason"):
+        table.add_column(col, overflow="fold")
+    for r in revoked:
+        at = (
+            r.revoked_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ") if r.revoked_at.seconds else ""
+        )
+        # Text, not markup: the reason and the principal are other people's strings.
+        table.add_row(Text(r.worker_id), Text(r.revoked_by), at, Text(r.reason))
+    return table
+
+
 EVENT_HEADER = (
     f"{'SEQ':>6}  {'HLC':<19}  {'TYPE':<22}  {'ACTION':<16}  {'STATE':<10}  {'WORKER':<10}  MESSAGE"
 )

@@ -157,6 +157,7 @@ class ListWorkersResponse(_message.Message):
 
     HLC_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """Set by the coordinator: its HLC reading."""
@@ -165,19 +166,60 @@ class ListWorkersResponse(_message.Message):
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
         """The workers, by id."""
 
+    @_builtins.property
+    def revoked(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedWorker]:
+        """Worker ids that are revoked, by id."""
+
     def __init__(
         self,
         *,
         hlc: _hlc_pb2.HlcTimestamp | None = ...,
         workers: _abc.Iterable[Global___WorkerInfo] | None = ...,
+        revoked: _abc.Iterable[Global___RevokedWorker] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "revoked", b"revoked", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class RevokedWorker(_message.Message):
+    """RevokedWorker is a worker id refused until an operator reinstates it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REVOKED_BY_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """Set by the coordinator: the worker id."""
+    reason: _builtins.str
+    """Set by the coordinator: the reason the operator gave."""
+    revoked_by: _builtins.str
+    """Set by the coordinator: who revoked it (the caller's authenticated principal)."""
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp:
+        """Set by the coordinator: when, for display."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        revoked_by: _builtins.str = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "revoked_at", b"revoked_at", "revoked_by", b"revoked_by", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedWorker: _TypeAlias = RevokedWorker  # noqa: Y015
 
 @_typing.final
 class DrainWorkerRequest(_message.Message):
@@ -230,3 +272,125 @@ class DrainWorkerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DrainWorkerResponse: _TypeAlias = DrainWorkerResponse  # noqa: Y015
+
+@_typing.final
+class RevokeWorkerRequest(_message.Message):
+    """RevokeWorkerRequest names a worker to cut off."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """Set by the client: the worker id (connected or not)."""
+    reason: _builtins.str
+    """Set by the client: why, for the record and for the refused worker's error (at most 1 KiB)."""
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the client: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        worker_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "reason", b"reason", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeWorkerRequest: _TypeAlias = RevokeWorkerRequest  # noqa: Y015
+
+@_typing.final
+class RevokeWorkerResponse(_message.Message):
+    """RevokeWorkerResponse says what the revocation cut off."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WAS_CONNECTED_FIELD_NUMBER: _builtins.int
+    LEASES_REQUEUED_FIELD_NUMBER: _builtins.int
+    was_connected: _builtins.bool
+    """Set by the coordinator: the worker had a live stream, now ended."""
+    leases_requeued: _builtins.int
+    """Set by the coordinator: leases taken from it and queued again (not charged to the
+    actions' lease-loss budgets).
+    """
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the coordinator: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        was_connected: _builtins.bool = ...,
+        leases_requeued: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "leases_requeued", b"leases_requeued", "was_connected", b"was_connected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeWorkerResponse: _TypeAlias = RevokeWorkerResponse  # noqa: Y015
+
+@_typing.final
+class ReinstateWorkerRequest(_message.Message):
+    """ReinstateWorkerRequest names a revoked worker id to accept again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """Set by the client: the worker id."""
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the client: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        worker_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReinstateWorkerRequest: _TypeAlias = ReinstateWorkerRequest  # noqa: Y015
+
+@_typing.final
+class ReinstateWorkerResponse(_message.Message):
+    """ReinstateWorkerResponse acknowledges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WAS_REVOKED_FIELD_NUMBER: _builtins.int
+    was_revoked: _builtins.bool
+    """Set by the coordinator: the id was revoked (false: nothing to do)."""
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the coordinator: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        was_revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "was_revoked", b"was_revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReinstateWorkerResponse: _TypeAlias = ReinstateWorkerResponse  # noqa: Y015

@@ -45,6 +45,16 @@ class AdminServiceStub:
                 request_serializer=plait_dot_v1_dot_admin__service__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=plait_dot_v1_dot_admin__service__pb2.DrainWorkerResponse.FromString,
                 _registered_method=True)
+        self.RevokeWorker = channel.unary_unary(
+                '/plait.v1.AdminService/RevokeWorker',
+                request_serializer=plait_dot_v1_dot_admin__service__pb2.RevokeWorkerRequest.SerializeToString,
+                response_deserializer=plait_dot_v1_dot_admin__service__pb2.RevokeWorkerResponse.FromString,
+                _registered_method=True)
+        self.ReinstateWorker = channel.unary_unary(
+                '/plait.v1.AdminService/ReinstateWorker',
+                request_serializer=plait_dot_v1_dot_admin__service__pb2.ReinstateWorkerRequest.SerializeToString,
+                response_deserializer=plait_dot_v1_dot_admin__service__pb2.ReinstateWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -65,6 +75,21 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeWorker(self, request, context):
+        """Cuts a worker off now (its stream ends PERMISSION_DENIED, its leases run elsewhere) and
+        refuses its id until ReinstateWorker; durable across restarts and failovers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReinstateWorker(self, request, context):
+        """Lets a revoked worker id connect again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +102,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DrainWorker,
                     request_deserializer=plait_dot_v1_dot_admin__service__pb2.DrainWorkerRequest.FromString,
                     response_serializer=plait_dot_v1_dot_admin__service__pb2.DrainWorkerResponse.SerializeToString,
+            ),
+            'RevokeWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeWorker,
+                    request_deserializer=plait_dot_v1_dot_admin__service__pb2.RevokeWorkerRequest.FromString,
+                    response_serializer=plait_dot_v1_dot_admin__service__pb2.RevokeWorkerResponse.SerializeToString,
+            ),
+            'ReinstateWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReinstateWorker,
+                    request_deserializer=plait_dot_v1_dot_admin__service__pb2.ReinstateWorkerRequest.FromString,
+                    response_serializer=plait_dot_v1_dot_admin__service__pb2.ReinstateWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +169,60 @@ class AdminService:
             '/plait.v1.AdminService/DrainWorker',
             plait_dot_v1_dot_admin__service__pb2.DrainWorkerRequest.SerializeToString,
             plait_dot_v1_dot_admin__service__pb2.DrainWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.v1.AdminService/RevokeWorker',
+            plait_dot_v1_dot_admin__service__pb2.RevokeWorkerRequest.SerializeToString,
+            plait_dot_v1_dot_admin__service__pb2.RevokeWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReinstateWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.v1.AdminService/ReinstateWorker',
+            plait_dot_v1_dot_admin__service__pb2.ReinstateWorkerRequest.SerializeToString,
+            plait_dot_v1_dot_admin__service__pb2.ReinstateWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,12 @@ class AdminServiceStub:
     """Lists connected workers."""
     DrainWorker: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DrainWorkerRequest, _admin_service_pb2.DrainWorkerResponse]
     """Asks a worker to take no new work, finish what it holds and leave."""
+    RevokeWorker: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeWorkerRequest, _admin_service_pb2.RevokeWorkerResponse]
+    """Cuts a worker off now (its stream ends PERMISSION_DENIED, its leases run elsewhere) and
+    refuses its id until ReinstateWorker; durable across restarts and failovers.
+    """
+    ReinstateWorker: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ReinstateWorkerRequest, _admin_service_pb2.ReinstateWorkerResponse]
+    """Lets a revoked worker id connect again."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -47,6 +53,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Lists connected workers."""
     DrainWorker: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DrainWorkerRequest, _admin_service_pb2.DrainWorkerResponse]  # type: ignore[assignment]
     """Asks a worker to take no new work, finish what it holds and leave."""
+    RevokeWorker: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeWorkerRequest, _admin_service_pb2.RevokeWorkerResponse]  # type: ignore[assignment]
+    """Cuts a worker off now (its stream ends PERMISSION_DENIED, its leases run elsewhere) and
+    refuses its id until ReinstateWorker; durable across restarts and failovers.
+    """
+    ReinstateWorker: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ReinstateWorkerRequest, _admin_service_pb2.ReinstateWorkerResponse]  # type: ignore[assignment]
+    """Lets a revoked worker id connect again."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService is for operators. grpc.health.v1 and server reflection are served beside it."""
@@ -66,5 +78,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.DrainWorkerResponse, _abc.Awaitable[_admin_service_pb2.DrainWorkerResponse]]:
         """Asks a worker to take no new work, finish what it holds and leave."""
+
+    @_abc_1.abstractmethod
+    def RevokeWorker(
+        self,
+        request: _admin_service_pb2.RevokeWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RevokeWorkerResponse, _abc.Awaitable[_admin_service_pb2.RevokeWorkerResponse]]:
+        """Cuts a worker off now (its stream ends PERMISSION_DENIED, its leases run elsewhere) and
+        refuses its id until ReinstateWorker; durable across restarts and failovers.
+        """
+
+    @_abc_1.abstractmethod
+    def ReinstateWorker(
+        self,
+        request: _admin_service_pb2.ReinstateWorkerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ReinstateWorkerResponse, _abc.Awaitable[_admin_service_pb2.ReinstateWorkerResponse]]:
+        """Lets a revoked worker id connect again."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
