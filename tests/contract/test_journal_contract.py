@@ -151,3 +151,38 @@ async def test_a_deposed_leaders_append_is_refused_and_writes_nothing(backend: B
     await new_store.close()
     head = await backend.store().open(new_term)
     assert head.hlc_ceiling_ms != 1_900_000_000_000
+
+
+async def test_revocations_are_durable_and_reinstating_removes_them(backend: Backend) -> None:
+    me = await backend.leader_store()
+    store = me.store
+    assert await store.revocations() == {}
+    await store.set_revocation("w3", '{"reason": "host compromised"}')
+    await store.set_revocation("w4", "{}")
+    await store.set_revocation("w3", '{"reason": "again"}')  # the latest record wins
+    await store.set_revocation("w4", None)
+    await store.set_revocation("never-revoked", None)  # reinstating nothing is fine
+    await store.close()
+
+    reopened = backend.store()
+    await reopened.open(me.term)
+    assert await reopened.revocations() == {"w3": '{"reason": "again"}'}
+    await reopened.close()
+
+
+async def test_a_deposed_leader_cannot_revoke_or_reinstate(backend: Backend) -> None:
+    old = await backend.leader_store("old")
+    old_lead, old_store = old.lead, old.store
+    await old_store.set_revocation("w1", "{}")
+    await old_lead.resign()
+    new_term = await backend.leadership("new").campaign()
+    new_store = backend.store()
+    await new_store.open(new_term)
+
+    with pytest.raises(DeposedError, match="superseded"):
+        await old_store.set_revocation("w2", "{}")
+    with pytest.raises(DeposedError, match="superseded"):
+        await old_store.set_revocation("w1", None)
+
+    assert await new_store.revocations() == {"w1": "{}"}
+    await new_store.close()

@@ -92,7 +92,9 @@ async def test_revoke_cuts_a_worker_off_durably_until_reinstated(tmp_path: Path)
     assert server.metrics.registry.get_sample_value("plait_workers_revoked") == 1
 
     # The CLI lists it, and reinstates it.
-    listing = await asyncio.to_thread(plait_main, ["--coordinator", target, "workers", "-o", "json"])
+    listing = await asyncio.to_thread(
+        plait_main, ["--coordinator", target, "workers", "-o", "json"]
+    )
     assert listing == 0
     code = await asyncio.to_thread(plait_main, ["--coordinator", target, "reinstate", "w3"])
     assert code == 0
