@@ -23,7 +23,7 @@ from datetime import timedelta
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import hedges, joins, limits, retry, revocation, sessions
+from plait.coordinator.core import hedges, joins, limits, retry, revocation, sessions, workers
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
@@ -140,7 +140,7 @@ class SchedulerState:
         for s in stimuli:
             self.cause = s.cause
             if isinstance(s, WorkerMessageReceived):
-                sessions.on_worker_message(self, s, out)
+                workers.on_worker_message(self, s, out)
             elif isinstance(s, WorkflowSubmitted):
                 self.on_submit(s, out)
             elif isinstance(s, TimePassed):
@@ -150,9 +150,9 @@ class SchedulerState:
             elif isinstance(s, RetryRequested):
                 self.on_retry(s, out)
             elif isinstance(s, WorkerStreamClosed):
-                sessions.on_stream_closed(self, s, out)
+                workers.on_stream_closed(self, s, out)
             elif isinstance(s, DrainRequested):
-                sessions.on_drain(self, s, out)
+                workers.on_drain(self, s, out)
             elif isinstance(s, WorkerRevoked):
                 revocation.on_revoked(self, s, out)
             elif isinstance(s, WorkerReinstated):

@@ -1,0 +1,209 @@
+"""Results and report refusals (pure core, the lease aggregate of SchedulerState).
+
+A result commits only if it comes from the session holding the lease and its fencing token is
+the action's current one (compare-and-set); the same result twice gets the same ack; an older
+token from the worker that held it is refused, journalled and counted; a report from any other
+session is refused with ``LEASE_NOT_HELD`` and journalled nowhere. Like the rest of the core
+this does no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from plait.coordinator.core import hedges
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.model import Outcome, WorkerRecord
+from plait.coordinator.core.sessions import (
+    action_for_lease_id,
+    drop_lease,
+    requeue_after_loss,
+    retry,
+)
+from plait.errors import ERROR_DOMAIN
+from plait.hlc import HlcTimestamp
+from plait.v1 import hlc_pb2
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.state import SchedulerState
+
+E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
+O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
+MAX_OUTPUT_BYTES = 1024 * 1024
+LEASE_NOT_HELD = "LEASE_NOT_HELD"
+
+
+def not_held_status(st: SchedulerState, lease_id: str, token: int) -> status_pb2.Status:
+    """FAILED_PRECONDITION for a report about a lease the reporting session does not hold.
+
+    Names the lease and its holder (the worker id, or "nobody" once it has ended), with a
+    ``google.rpc.ErrorInfo`` (reason LEASE_NOT_HELD) so workers match on details, not text.
+    """
+    live = st.leases.get(lease_id)
+    a = action_for_lease_id(st, lease_id)
+    if live is not None and live.token == token:
+        holder = live.worker.worker_id
+    elif a is not None and a.holders and token in a.holders:
+        holder = a.holders[token] + " (ended)"
+    else:
+        holder = "nobody"
+    status = status_pb2.Status(
+        code=code_pb2.FAILED_PRECONDITION,
+        message=f"lease {lease_id!r} (token {token}) is not held by this session; holder: {holder}",
+    )
+    info = error_details_pb2.ErrorInfo(reason=LEASE_NOT_HELD, domain=ERROR_DOMAIN)
+    info.metadata["lease_id"] = lease_id
+    info.metadata["holder"] = holder
+    status.details.add().Pack(info)
+    return status
+
+
+def refuse_report(
+    st: SchedulerState, w: WorkerRecord, lease_id: str, token: int, what: str, out: Outcome
+) -> None:
+    """Answers a start or progress report for a lease this session does not hold.
+
+    Nothing is journalled: the report is not the holder's, so no workflow's history changes.
+    """
+    status = not_held_status(st, lease_id, token)
+    ref = out.ack(w.session_id).refused.add(lease_id=lease_id, fencing_token=token)
+    ref.status.CopyFrom(status)
+    out.observe("report_refused", worker_id=w.worker_id, detail=what, lease_id=lease_id)
+
+
+def _refuse(
+    st: SchedulerState, w: WorkerRecord, res: wpb.ActionResult, ack: wpb.ResultAck, out: Outcome
+) -> None:
+    """Answers a result that cannot commit; journals it only when it is the holder's own."""
+    a = action_for_lease_id(st, res.lease_id)
+    token = res.fencing_token
+    holder = a.holders.get(token) if a is not None and a.holders else None
+    if holder != w.worker_id:
+        # Not a result this worker was ever granted (a forged lease id, a guessed token):
+        # refused without a word in any workflow's history.
+        ack.status.CopyFrom(not_held_status(st, res.lease_id, token))
+        out.observe("report_refused", worker_id=w.worker_id, detail="result", lease_id=res.lease_id)
+        return
+    if a is not None and a.committed_token == token and token:
+        ack.status.code = code_pb2.OK  # the same result again: the same ack
+        return
+    if a is None:
+        message = f"unknown lease {res.lease_id!r}"
+    elif a.token > token:
+        message = f"lease token {token} superseded by {a.token}"
+    else:
+        message = f"lease {res.lease_id!r} is no longer live (action {t.S.Name(a.state)})"  # type: ignore[arg-type]
+    ack.status.code = code_pb2.FAILED_PRECONDITION
+    ack.status.message = message
+    out.observe("stale_result", worker_id=w.worker_id, detail=message, lease_id=res.lease_id)
+    if a is not None:
+        ev = st.record(
+            a.workflow,
+            E.EVENT_TYPE_STALE_RESULT_REFUSED,
+            a,
+            worker_id=w.worker_id,
+            lease_id=res.lease_id,
+            message=message,
+        )
+        ev.fencing_token = token
+        ev.error.CopyFrom(ack.status)
+
+
+def on_result(
+    st: SchedulerState,
+    w: WorkerRecord,
+    session_id: str,
+    res: wpb.ActionResult,
+    remote: HlcTimestamp,
+    out: Outcome,
+) -> None:
+    """Commits a result whose token is current; refuses stale ones (compare-and-set)."""
+    ack = out.ack(session_id).results.add(lease_id=res.lease_id, fencing_token=res.fencing_token)
+    lease = st.leases.get(res.lease_id)
+    if lease is not None and lease.worker.session_id != session_id:
+        # Live, but another session holds it: only the holder may report on a lease.
+        ack.status.CopyFrom(not_held_status(st, res.lease_id, res.fencing_token))
+        out.observe("report_refused", worker_id=w.worker_id, detail="result", lease_id=res.lease_id)
+        return
+    if lease is None or lease.token != res.fencing_token:
+        _refuse(st, w, res, ack, out)
+        return
+    a = lease.action
+    outcome = res.outcome
+    out.observe(
+        "action_duration",
+        worker_id=w.worker_id,
+        value=res.duration.ToNanoseconds() / 1e9,
+        lease_id=lease.lease_id,
+    )
+    outputs = res.outputs_json or "{}"
+    problem = check_outputs(outputs) if outcome == O.ACTION_OUTCOME_SUCCEEDED else None
+    if (outcome != O.ACTION_OUTCOME_SUCCEEDED or problem) and a.hedge is not None:
+        # Hedged: this attempt did not make it, but the other one still runs.
+        ended = "failed" if problem is None else problem
+        hedges.end_one(st, lease, f"attempt {lease.attempt} {ended}", out, cancel=False)
+        return
+    drop_lease(st, lease)
+    a.worker_id = w.worker_id
+    a.exit_code = res.exit_code
+    if outcome == O.ACTION_OUTCOME_CANCELLED:
+        # The worker gave the attempt up (self-fencing) while its lease was still current.
+        requeue_after_loss(
+            st, a, "the worker cancelled the attempt (self-fencing)", w.worker_id, out
+        )
+        return
+    fields: dict[str, Any] = dict(
+        worker_id=w.worker_id,
+        lease_id=lease.lease_id,
+        fencing_token=res.fencing_token,
+        exit_code=res.exit_code,
+        stdout_tail=res.stdout_tail,
+        stderr_tail=res.stderr_tail,
+        # The worker's own stamp, kept beside ours; it also marks the outcome as committed
+        # from a result (replay restores committed_token from it).
+        worker_hlc=hlc_pb2.HlcTimestamp(physical_ms=remote.physical_ms, logical=remote.logical),
+    )
+    error = res.error if res.HasField("error") else None
+    if outcome == O.ACTION_OUTCOME_SUCCEEDED:
+        if problem is None:
+            hedges.observe(st, lease)
+            hedges.cancel_sibling(st, a, out)  # a hedge race: the loser is fenced
+            a.committed_token = res.fencing_token
+            a.outputs_json = outputs
+            st.finish_action(
+                a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs, **fields
+            )
+            return
+        outcome = O.ACTION_OUTCOME_FAILED
+        error = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=problem)
+    if error is None:
+        error = status_pb2.Status(code=code_pb2.UNKNOWN, message=f"exit code {res.exit_code}")
+    a.failures += 1
+    if st.may_retry(a, res.exit_code, outcome, error):
+        retry(st, a, error, w.worker_id, res)
+        return
+    a.committed_token = res.fencing_token
+    state = t.TIMED_OUT if outcome == O.ACTION_OUTCOME_TIMED_OUT else t.FAILED
+    st.finish_action(
+        a, state, E.EVENT_TYPE_ACTION_FINISHED, error=error, reason=error.message, **fields
+    )
+
+
+def check_outputs(outputs: str) -> str | None:
+    """Why outputs are unacceptable (size, not a JSON object), or None."""
+    if len(outputs) > MAX_OUTPUT_BYTES:
+        return f"outputs are {len(outputs)} bytes; the limit max_output_bytes is {MAX_OUTPUT_BYTES}"
+    if outputs == "{}":
+        return None
+    try:
+        value = json.loads(outputs)
+    except ValueError as e:
+        return f"outputs are not valid JSON: {e}"
+    if not isinstance(value, dict):
+        return "outputs must be a JSON object"
+    return None
