@@ -22,6 +22,7 @@ help:
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "==> setting up $(VENV): Plait and its dev tools (first run or pyproject.toml changed; about a minute)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
