@@ -25,7 +25,8 @@ from typing import Any, Final
 
 import grpc
 
-from plait.errors import PermissionDeniedError, UnauthenticatedError
+from plait.clock import Clock
+from plait.errors import PermissionDeniedError, PlaitError, UnauthenticatedError
 from plait.security import (
     CertIdentity,
     Role,
@@ -231,15 +232,51 @@ _FACTORIES = (
 )
 
 
+class RefusalLog:
+    """Logs refusals at WARNING, at most once a minute per (peer host, RPC, code), and counts
+    every one (``plait_auth_refusals_total``; labels bounded by the RPC table).
+
+    A client retrying with a revoked token must not flood the log, but the first refusal of
+    each kind from each host is what an operator needs to see.
+    """
+
+    INTERVAL = 60.0
+
+    def __init__(self, clock: Clock, counter: Any = None) -> None:
+        self.clock = clock
+        self.counter = counter
+        self._last: dict[tuple[str, str, str], float] = {}
+
+    def refused(self, method: str, context: Any, err: PlaitError) -> None:
+        """Records one refusal of ``method`` (an RPC in the table) with ``err``."""
+        rpc = method.rsplit(".", 1)[-1].replace("/", ".")
+        code = err.code.name
+        if self.counter is not None:
+            self.counter.labels(rpc, code).inc()
+        peer = str(context.peer() or "")
+        host = peer.rpartition(":")[0] or peer
+        key = (host, rpc, code)
+        now = self.clock.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.INTERVAL:
+            return
+        if len(self._last) > 10_000:  # bounded: peers come and go
+            self._last.clear()
+        self._last[key] = now
+        log.warning("refused %s from %s: %s %s", rpc, peer or "?", code, err.message)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates and authorizes every call before its handler runs.
 
     Sits inside :class:`~plait.coordinator.services.errors.ErrorInterceptor`, which turns the
-    refusals into statuses.
+    refusals into statuses. Refusals (here, or a worker's id that its credentials do not prove,
+    raised by the servicer) are logged and counted by ``refusals``.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, refusals: RefusalLog | None = None) -> None:
         self.authenticator = authenticator
+        self.refusals = refusals
 
     async def intercept_service(
         self,
@@ -262,17 +299,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         auth = self.authenticator
+        refusals = self.refusals
         if inspect.isasyncgenfunction(behavior):
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                _current.set(auth.authenticate(method, context))
-                async for item in behavior(request, context):
-                    yield item
+                try:
+                    _current.set(auth.authenticate(method, context))
+                    async for item in behavior(request, context):
+                        yield item
+                except (UnauthenticatedError, PermissionDeniedError) as e:
+                    if refusals is not None:
+                        refusals.refused(method, context, e)
+                    raise
 
             return stream
 
         async def call(request: Any, context: Any) -> Any:
-            _current.set(auth.authenticate(method, context))
-            return await behavior(request, context)
+            try:
+                _current.set(auth.authenticate(method, context))
+                return await behavior(request, context)
+            except (UnauthenticatedError, PermissionDeniedError) as e:
+                if refusals is not None:
+                    refusals.refused(method, context, e)
+                raise
 
         return call

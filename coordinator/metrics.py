@@ -75,6 +75,12 @@ class CoordinatorMetrics:
             ["report"],
             registry=r,
         )
+        self.auth_refusals = Counter(
+            "plait_auth_refusals_total",
+            "Calls refused UNAUTHENTICATED or PERMISSION_DENIED, by RPC (from the one RPC table).",
+            ["rpc", "code"],
+            registry=r,
+        )
         self.hellos_refused = Counter(
             "plait_worker_hellos_refused_total",
             "Hellos refused because the worker id was connected and the new stream did not prove"

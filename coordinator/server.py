@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from plait.clock import Clock, SystemClock
-from plait.coordinator.auth import Authenticator, AuthInterceptor
+from plait.coordinator.auth import Authenticator, AuthInterceptor, RefusalLog
 from plait.coordinator.config import CoordinatorConfig, split_host_port
 from plait.coordinator.core.events import DrainRequested
 from plait.coordinator.journal.leadership import open_leadership
@@ -143,7 +143,12 @@ class CoordinatorServer:
         cfg = self.config
         # ErrorInterceptor first: it turns the AuthInterceptor's refusals into statuses.
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), AuthInterceptor(self.authenticator)],
+            interceptors=[
+                ErrorInterceptor(),
+                AuthInterceptor(
+                    self.authenticator, RefusalLog(self.clock, self.metrics.auth_refusals)
+                ),
+            ],
             options=server_options(cfg.limits.max_message_bytes),
         )
         wsgrpc.add_WorkflowServiceServicer_to_server(

@@ -96,6 +96,10 @@ class WorkerService(wgrpc.WorkerServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: Any
     ) -> AsyncIterator[wpb.ConnectResponse]:
+        # Accepted (the interceptor authorized the call): say so before reading hello, so a
+        # worker that waits for this before writing never races a refusal with its hello
+        # (gRPC may then report the refusal as INTERNAL instead of its real status).
+        await context.send_initial_metadata(())
         try:
             first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
         except (StopAsyncIteration, TimeoutError):

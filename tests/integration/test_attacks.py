@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -245,8 +246,9 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 @pytest.mark.timeout(60)
 async def test_anonymous_and_wrong_role_calls_are_refused(
-    secured: tuple[CoordinatorServer, dict[str, str]],
+    secured: tuple[CoordinatorServer, dict[str, str]], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, "plait.coordinator.auth")
     server, tokens = secured
     target = f"127.0.0.1:{server.port}"
     async with grpc.aio.insecure_channel(target) as ch:
@@ -283,6 +285,15 @@ async def test_anonymous_and_wrong_role_calls_are_refused(
         )
         assert got.workflow.workflow_id == resp.workflow_id
     assert server.runtime.state.workers == {}  # nothing connected, nothing drained
+    # Counted per RPC and code; logged at WARNING once a minute per (host, RPC, code).
+    sample = server.metrics.registry.get_sample_value
+    labels = {"rpc": "WorkflowService.SubmitWorkflow", "code": "UNAUTHENTICATED"}
+    assert sample("plait_auth_refusals_total", labels) == 2  # anonymous, then a bad token
+    drain = {"rpc": "AdminService.DrainWorker", "code": "PERMISSION_DENIED"}
+    assert sample("plait_auth_refusals_total", drain) == 1
+    refused = [r for r in caplog.records if "refused WorkflowService.SubmitWorkflow" in r.message]
+    assert len(refused) == 1 and refused[0].levelno == logging.WARNING
+    assert tokens["nobody"] not in caplog.text
 
 
 @pytest.mark.timeout(60)

@@ -161,6 +161,7 @@ class LeaderWorkers(wpb_grpc.WorkerServiceServicer):
         )
 
     async def Connect(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        await context.send_initial_metadata(())  # accepted, as the real coordinator says
         outbox: asyncio.Queue[wpb.ConnectResponse | None] = asyncio.Queue()
         self.outboxes.append(outbox)
 

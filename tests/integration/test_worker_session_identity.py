@@ -4,12 +4,19 @@ and streams refused because another session holds the worker id (or replaced by 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 
+from plait.coordinator.config import CoordinatorConfig
+from plait.coordinator.server import CoordinatorServer
+from plait.security import Role, TokenEntry, hash_token, new_token, token_file_text
 from plait.v1 import worker_service_pb2 as pb
+from plait.worker import SessionConfig, WorkerSession
 from tests.integration.worker_session_support import (
     FAILED_PRECONDITION,
     Harness,
@@ -100,3 +107,68 @@ async def test_a_replaced_session_reconnects(h: Harness, caplog: pytest.LogCaptu
     await h.coord.wait_for(lambda: len(h.coord.streams) == 2 and h.coord.stream.of("heartbeat"))
     assert session.stats.connects == 2
     assert any("replaced this session of worker w1" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_refused_worker_logs_the_coordinators_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real coordinator with tokens refuses an unknown token in its interceptor; the worker
+    # waits to be accepted before writing Hello, so it always sees UNAUTHENTICATED and the
+    # reason, never gRPC's INTERNAL for a call ended under a write.
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        token_file_text([TokenEntry("w1", frozenset({Role.WORKER}), hash_token(new_token()))])
+    )
+    server = CoordinatorServer(
+        CoordinatorConfig(
+            listen="127.0.0.1:0",
+            store=f"sqlite:///{tmp_path}/j.db",
+            metrics_listen=None,
+            auth_tokens=str(tokens),
+        )
+    )
+    await server.start()
+    caplog.set_level(logging.INFO, "plait.worker")
+    config = SessionConfig(
+        worker_id="w1",
+        coordinator=f"127.0.0.1:{server.port}",
+        slots=1,
+        reconnect_initial=timedelta(milliseconds=10),
+        reconnect_max=timedelta(milliseconds=20),
+        token=new_token(),  # not in the file
+    )
+    refusals = RefusalCounter(20)
+    logging.getLogger("plait.worker").addHandler(refusals)
+    session = WorkerSession(config, [])
+    task = asyncio.create_task(session.run())
+    try:
+        await asyncio.wait_for(refusals.enough.wait(), 30)
+        assert "INTERNAL" not in caplog.text
+        assert "UNAUTHENTICATED" in caplog.text
+    finally:
+        logging.getLogger("plait.worker").removeHandler(refusals)
+        session.stop("test over")
+        await asyncio.wait_for(task, 10)
+        await server.stop(0)
+
+
+class RefusalCounter(logging.Handler):
+    """Sets ``enough`` once ``n`` records have said the token was refused."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(logging.INFO)
+        self.n = n
+        self.enough = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "bearer token is not valid" in record.getMessage():
+            self.n -= 1
+            if self.n <= 0:
+                self.enough.set()
+
+
+async def test_an_older_coordinator_without_early_metadata_still_welcomes(h: Harness) -> None:
+    h.coord.early_metadata = False  # nothing before Welcome: the wait gives up after a second
+    h.start_session()
+    stream = await connected(h)
+    assert stream.hello is not None and stream.hello.worker_id

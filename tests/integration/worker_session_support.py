@@ -95,6 +95,8 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
         self.refuse_connects = 0
         """Refuse this many Connect calls with ALREADY_EXISTS (a live session holds the id)."""
         self.refused_connects = 0
+        self.early_metadata = True
+        """Send initial metadata on accepting a stream (False: like an older coordinator)."""
 
     @property
     def stream(self) -> FakeStream:
@@ -122,6 +124,8 @@ class FakeCoordinator(pb_grpc.WorkerServiceServicer):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, "worker w1 is connected (session s1)"
             )
+        if self.early_metadata:  # as the real coordinator does once it accepts a stream
+            await context.send_initial_metadata(())
         stream = FakeStream(self)
         stream.metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         self.streams.append(stream)

@@ -208,6 +208,7 @@ class CoordinatorLinks:
         writer = asyncio.create_task(stream.write_loop(), name="plait-worker-writer")
         tasks: list[asyncio.Task[Any]] = [writer]
         try:
+            await self._accepted(call, welcome_timeout)
             hello_sent = handlers.hello(stream)
             first = await asyncio.wait_for(call.read(), welcome_timeout)
             if first is grpc.aio.EOF:
@@ -237,6 +238,21 @@ class CoordinatorLinks:
             call.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         return self._ended_by
+
+    @staticmethod
+    async def _accepted(call: Any, welcome_timeout: float) -> None:
+        """Waits until the coordinator accepts the stream, before Hello is written.
+
+        The coordinator sends initial metadata once it has authorized the stream; a refusal
+        (UNAUTHENTICATED, PERMISSION_DENIED, a standby's UNAVAILABLE) ends the call first, and
+        reading then raises it with its real status. Writing Hello into a call being refused
+        can make gRPC report INTERNAL instead. A coordinator that sends no early metadata (an
+        older one) costs at most a second here.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(call.initial_metadata(), min(1.0, welcome_timeout))
+        if call.done():
+            await call.read()  # raises the refusal (AioRpcError) with its status
 
     def _log_stream_end(
         self, stream: ConnectStream, reader: asyncio.Task[None], writer: asyncio.Task[None]
