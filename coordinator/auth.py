@@ -26,6 +26,7 @@ from typing import Any, Final
 import grpc
 
 from plait.clock import Clock
+from plait.coordinator.services.errors import rewrap
 from plait.errors import PermissionDeniedError, PlaitError, UnauthenticatedError
 from plait.security import (
     CertIdentity,
@@ -224,14 +225,6 @@ class Authenticator:
         )
 
 
-_FACTORIES = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler),
-)
-
-
 class RefusalLog:
     """Logs refusals at WARNING, at most once a minute per (peer host, RPC, code), and counts
     every one (``plait_auth_refusals_total``; labels bounded by the RPC table).
@@ -287,15 +280,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
-        for attr, factory in _FACTORIES:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return factory(
-                    self._wrap(method, behavior),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        return rewrap(handler, lambda behavior: self._wrap(method, behavior))
 
     def _wrap(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         auth = self.authenticator

@@ -8,7 +8,6 @@ Precedence: command-line flags, then ``PLAIT_*`` environment variables, then a T
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 
 from plait.durations import format_duration, parse_duration
 from plait.errors import ConfigError
+from plait.security import is_loopback_host
 
 DEFAULT_LISTEN = "127.0.0.1:7450"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9450"
@@ -114,7 +114,7 @@ class CoordinatorConfig:
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{name} {path!r}: no such file")
         host, _ = split_host_port(self.listen, "listen")
-        if not is_loopback(host):
+        if not is_loopback_host(host):
             missing = [
                 what
                 for what, ok in (
@@ -134,7 +134,7 @@ class CoordinatorConfig:
                 )
         if self.metrics_listen is not None:
             mhost, _ = split_host_port(self.metrics_listen, "metrics_listen")
-            if not is_loopback(mhost) and not self.metrics_public:
+            if not is_loopback_host(mhost) and not self.metrics_public:
                 raise ConfigError(
                     f"metrics_listen {self.metrics_listen!r} is not a loopback address: pass"
                     " --metrics-public to serve /metrics beyond this host (over TLS when"
@@ -148,16 +148,6 @@ def split_host_port(addr: str, name: str = "address") -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"{name} {addr!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback IPs."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 _DURATIONS = {

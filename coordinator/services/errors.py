@@ -49,6 +49,19 @@ def _wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def rewrap(handler: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """The same RPC method handler with its behavior replaced by ``wrap(behavior)``."""
+    for attr, factory in _FACTORIES:
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return factory(
+                wrap(behavior),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns :class:`plait.errors.PlaitError` into its status with ``google.rpc`` details."""
 
@@ -58,14 +71,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        for attr, factory in _FACTORIES:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return factory(
-                    _wrap(behavior),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
+        return None if handler is None else rewrap(handler, _wrap)
