@@ -62,12 +62,23 @@ class Driver:
         slots: int = 4,
         handlers: tuple[str, ...] = ("h",),
         running: list[wpb.LeaseReport] | None = None,
+        resume_token: str = "",
+        identity: str = "",
     ) -> Outcome:
-        return self.msg(
-            session,
+        """A Hello on a new stream; like the servicer, gives the session the resume token
+        ``rt-SESSION`` (``resume_token`` is the one the worker presents)."""
+        m = wpb.ConnectRequest(
             hello=wpb.Hello(
-                worker_id=worker_id, slots=slots, handlers=handlers, running=running or []
-            ),
+                worker_id=worker_id,
+                slots=slots,
+                handlers=handlers,
+                running=running or [],
+                resume_token=resume_token,
+            )
+        )
+        m.hlc.physical_ms = self.wall
+        return self.handle(
+            WorkerMessageReceived("w", session, m, identity=identity, resume_token=f"rt-{session}")
         )
 
     def heartbeat(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from google.rpc import code_pb2
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -89,8 +90,17 @@ class CoreMachine(RuleBasedStateMachine):
             wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
             for l in self.held[worker].values()
         ]
+        # Like a real worker: the last Welcome's resume token proves it is the same worker if
+        # its previous stream still looks live.
+        previous = self.sessions.get(worker)
         self.sessions[worker] = session
-        out = self.d.hello(session, worker, slots=slots, running=running)
+        out = self.d.hello(
+            session,
+            worker,
+            slots=slots,
+            running=running,
+            resume_token=f"rt-{previous}" if previous else "",
+        )
         for m in out.sends.get(session, []):
             if m.HasField("welcome"):
                 for r in m.welcome.kill:
@@ -122,12 +132,40 @@ class CoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.all_leases))
     @rule(data=st.data())
     def zombie_report(self, data: st.DataObject) -> None:
-        """Any old lease reported again, by whoever is connected (a zombie or a duplicate)."""
+        """Any old lease reported again, by whoever is connected (a zombie or a duplicate).
+
+        A report from a worker that was never granted that token changes nothing and is
+        journalled nowhere (LEASE_NOT_HELD).
+        """
         if not self.sessions:
             return
-        _, lease = data.draw(st.sampled_from(self.all_leases))
-        session = data.draw(st.sampled_from(sorted(self.sessions.values())))
-        self._absorb(self.d.finish(session, lease))
+        granted_to, lease = data.draw(st.sampled_from(self.all_leases))
+        reporter = data.draw(st.sampled_from(sorted(self.sessions)))
+        before = snapshot(self.d.st)
+        out = self.d.finish(self.sessions[reporter], lease)
+        if reporter != granted_to:
+            assert out.records == []
+            assert snapshot(self.d.st) == before
+            (ack,) = [m.ack for m in out.sends[self.sessions[reporter]] if m.HasField("ack")]
+            assert ack.results[0].status.code == code_pb2.FAILED_PRECONDITION
+        self._absorb(out)
+
+    @rule(worker=st.sampled_from(WORKERS), data=st.data())
+    def impostor_hello(self, worker: str, data: st.DataObject) -> None:
+        """A stream says hello with a connected worker's id, unproven: refused, nothing moves."""
+        if worker not in self.sessions:
+            return
+        self.n_sessions += 1
+        stolen = [
+            wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
+            for l in self.held[worker].values()
+        ]
+        guess = data.draw(st.sampled_from(["", "rt-s0", "x" * 43]))
+        before = snapshot(self.d.st)
+        out = self.d.hello(f"s{self.n_sessions}", worker, running=stolen, resume_token=guess)
+        assert out.records == [] and snapshot(self.d.st) == before
+        assert [c.code for c in out.closes] == [code_pb2.ALREADY_EXISTS]
+        assert self.sessions[worker] not in {c.session_id for c in out.closes}
 
     @rule(seconds=st.sampled_from([0.05, 0.5, 2.0, 6.0]))
     def advance(self, seconds: float) -> None:
