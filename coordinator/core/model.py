@@ -170,6 +170,7 @@ class SessionEnd:
     session_id: str
     code: int
     message: str
+    field: str = ""  # for INVALID_ARGUMENT: the request field at fault
 
 
 @dataclass(slots=True)
@@ -234,9 +235,10 @@ class Outcome:
         )
         self.send(session_id, msg)
 
-    def close(self, session_id: str, code: int, message: str) -> None:
-        """Ends a worker's stream, after this outcome's messages, with ``code`` and ``message``."""
-        self.closes.append(SessionEnd(session_id, code, message))
+    def close(self, session_id: str, code: int, message: str, field: str = "") -> None:
+        """Ends a worker's stream, after this outcome's messages, with ``code`` and ``message``
+        (``field``: the request field at fault, for INVALID_ARGUMENT)."""
+        self.closes.append(SessionEnd(session_id, code, message, field))
 
     def reply(self, token: object, value: object) -> None:
         """Answers an RPC once the journal has committed this outcome."""

@@ -45,6 +45,16 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     msg = s.message
     kind = msg.WhichOneof("message")
     if kind == "hello":
+        if s.session_id in st.by_session:
+            # One hello per stream: a second one is a protocol error, not a reconnect.
+            out.close(
+                s.session_id,
+                code_pb2.INVALID_ARGUMENT,
+                f"a second hello on session {s.session_id}; hello must be the first message"
+                " and only the first",
+                field="message",
+            )
+            return
         on_hello(st, s, out)
         return
     w = st.by_session.get(s.session_id)

@@ -83,6 +83,8 @@ def _ended(end: SessionEnd) -> PlaitError:
         return AlreadyExistsError(end.message)
     if end.code == code_pb2.PERMISSION_DENIED:
         return PermissionDeniedError(end.message)
+    if end.code == code_pb2.INVALID_ARGUMENT:
+        return InvalidArgumentError([FieldViolation(end.field or "message", end.message)])
     return AbortedError(end.message)
 
 

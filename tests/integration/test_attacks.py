@@ -357,3 +357,19 @@ async def test_token_file_reload_revokes_and_a_bad_file_keeps_the_old_tokens(
             await call(wspb.ListWorkflowsRequest(), metadata=bearer(tokens["reader"]))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         await call(wspb.ListWorkflowsRequest(), metadata=bearer(tokens["operator"]))
+
+
+@pytest.mark.timeout(30)
+async def test_a_second_hello_on_a_stream_ends_it_as_a_protocol_error(
+    coordinator: CoordinatorServer,
+) -> None:
+    target = f"127.0.0.1:{coordinator.port}"
+    w = ProtocolWorker(target, "twice", slots=1)
+    await w.connect()
+    w.send(hello=wpb.Hello(worker_id="twice", slots=1, handlers=["noop"]))
+    assert w._reader is not None
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(w._reader, 10)
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "second hello" in (ended.value.details() or "")
+    await w.close()
