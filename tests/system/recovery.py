@@ -8,6 +8,7 @@ coordinator's standard gRPC health service whether it serves (the leader) or not
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,9 +24,21 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MARK = 'echo "$PLAIT_WORKFLOW_ID $PLAIT_ACTION_ID $PLAIT_FENCING_TOKEN" >> "$1"'
 
 
-def marked(action_id: str, marks: Path, sleep_s: float, needs: Sequence[str] = ()) -> wf.ActionSpec:
-    """An exec action that sleeps, then records its completion (workflow, action, token)."""
-    script = f"sleep {sleep_s}; {MARK}"
+def marked(
+    action_id: str,
+    marks: Path,
+    sleep_s: float,
+    needs: Sequence[str] = (),
+    gate: Path | None = None,
+) -> wf.ActionSpec:
+    """An exec action that sleeps (or, with ``gate``, waits until that file exists), then
+    records its completion (workflow, action, token).
+
+    A gate keeps work in flight for as long as a test needs it, however slowly a loaded
+    machine gets the test to its fault: a fixed sleep can run out first.
+    """
+    wait = f"until [ -e {shlex.quote(str(gate))} ]; do sleep 0.05; done" if gate else ""
+    script = f"{wait or f'sleep {sleep_s}'}; {MARK}"
     return command_action(action_id, ["sh", "-c", script, "mark", str(marks)], needs=list(needs))
 
 

@@ -216,11 +216,16 @@ def start_pair(ha: HaCluster, c2_env: dict[str, str] | None = None) -> None:
     ha.wait_workers(["w1", "w2"])
 
 
-def fanout(marks: Path, width: int, long_s: float, name: str) -> wf.WorkflowSpec:
-    """src -> width short actions and 2 long ones -> end; each records its completion."""
+def fanout(
+    marks: Path, width: int, long_s: float, name: str, gate: Path | None = None
+) -> wf.WorkflowSpec:
+    """src -> width short actions and 2 long ones -> end; each records its completion.
+
+    The long ones sleep ``long_s``, or with ``gate`` wait until that file exists.
+    """
     actions = [marked("src", marks, 0)]
     actions += [marked(f"s-{i}", marks, 0.1, ["src"]) for i in range(width)]
-    actions += [marked(f"long-{k}", marks, long_s, ["src"]) for k in range(2)]
+    actions += [marked(f"long-{k}", marks, long_s, ["src"], gate) for k in range(2)]
     ends = [f"s-{i}" for i in range(width)] + ["long-0", "long-1"]
     actions.append(marked("end", marks, 0, ends))
     return plait_workflow(name, actions)
@@ -387,7 +392,11 @@ def test_paused_leader_is_deposed_and_cannot_write(ha: HaCluster, tmp_path: Path
     ha.wait_workers(["w1", "w2"])
     term_before, _, _ = ha.leader_row()
     marks = tmp_path / "marks.txt"
-    spec = fanout(marks, width=30, long_s=6.0, name="deposed")
+    # The long actions wait for a gate the test opens only after the takeover: on a loaded
+    # machine the search for a pause inside a commit can outlast any fixed sleep, and a
+    # workflow that finished before the pause leaves the new leader nothing to commit.
+    gate = tmp_path / "gate"
+    spec = fanout(marks, width=30, long_s=0, name="deposed", gate=gate)
     with ha.client() as client:
         workflow_id = client.submit(spec).workflow_id
         wait_for("some progress", lambda: finished_count(ha.rows()) >= 5, timeout=30)
@@ -423,6 +432,7 @@ def test_paused_leader_is_deposed_and_cannot_write(ha: HaCluster, tmp_path: Path
             timeout=10,
         )
         time.sleep(TTL_S)
+        gate.touch()
         status = client.wait(workflow_id, timeout=60)
     assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)
     term, _, advertised = ha.leader_row()
