@@ -50,8 +50,8 @@ worker = plait.Worker()
 
 @worker.action("beat")
 def beat(ctx):
-    """Reports progress every 100 ms for 2 s."""
-    deadline = time.monotonic() + 2.0
+    """Reports progress every 100 ms for 4 s (longer than two heartbeat timeouts)."""
+    deadline = time.monotonic() + 4.0
     beats = 0
     while time.monotonic() < deadline:
         ctx.heartbeat({"beats": beats})
@@ -62,9 +62,9 @@ def beat(ctx):
 
 @worker.action("silent")
 def silent(ctx):
-    """Works 2 s without a word."""
-    time.sleep(2.0)
-    return {"slept": 2.0}
+    """Works 6 s without a word."""
+    time.sleep(6.0)
+    return {"slept": 6.0}
 '''
 
 # ----- one limit at a time ---------------------------------------------------------------------
@@ -166,27 +166,32 @@ def test_unrunnable_reason_names_the_missing_resource(cluster: Cluster, tmp_path
 
 
 def test_heartbeat_timeout(cluster: Cluster, tmp_path: Path) -> None:
-    """heartbeat_timeout 500 ms: a handler reporting progress every 100 ms for 2 s succeeds;
-    one silent for 2 s times out about 500 ms after it started."""
+    """heartbeat_timeout 1.5 s: a handler reporting progress every 100 ms for 4 s succeeds;
+    one silent for 6 s times out about 1.5 s after it started.
+
+    The timeout is three times the worker's progress throttle (one report per 500 ms), so a
+    loaded machine delaying a report by a few hundred milliseconds does not end the busy one;
+    the silent one must end well before its 6 s are up, which only the timeout can do.
+    """
     handlers = tmp_path / "beats.py"
     handlers.write_text(HEARTBEAT_HANDLERS)
     start(cluster, "w1", slots=4, handlers=[str(handlers)])
     flow = plait.Workflow("heartbeats")
     for name in ("beat", "silent"):
-        flow.handler(name, name, heartbeat_timeout="500ms", timeout="10s")
+        flow.handler(name, name, heartbeat_timeout="1500ms", timeout="20s")
     workflow_id = cluster.submit(flow.to_spec())
 
     status = wait_done(cluster, workflow_id)
     got = actions_of(status)
     assert status.state == wf.WORKFLOW_STATE_FAILED, describe(status)
-    assert outputs(got["beat"])["beats"] >= 15
+    assert outputs(got["beat"])["beats"] >= 10  # it ran past two timeouts' worth, reporting
     assert got["silent"].state == wf.ACTION_STATE_TIMED_OUT, got["silent"]
     assert "heartbeat" in got["silent"].reason + got["silent"].error.message, got["silent"]
     events = cluster.history(workflow_id)
     silent_for = event_ms(events, wf.EVENT_TYPE_ACTION_FINISHED, "silent") - event_ms(
         events, wf.EVENT_TYPE_ACTION_LEASED, "silent"
     )
-    assert 400 <= silent_for < 1800, f"silent timed out after {silent_for} ms, not ~500"
+    assert 1400 <= silent_for < 5000, f"silent timed out after {silent_for} ms, not ~1500"
 
 
 def test_deadline_fails_the_workflow_and_kills_the_action(cluster: Cluster, tmp_path: Path) -> None:
