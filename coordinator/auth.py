@@ -181,7 +181,7 @@ class Authenticator:
         if need == PUBLIC:
             return Principal("anonymous", frozenset())
         cert = self._certificate(context)
-        token = self._token(context, method) if self.tokens or self.token_file else None
+        token = self._token(context, method) if self.token_file is not None else None
         if method == WORKER_CONNECT:
             principal = self._worker(cert, token, method)
         elif token is not None:

@@ -8,30 +8,16 @@ Everything is checked before anything is stored, and every problem is reported a
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 
 from plait.coordinator.config import Limits
 from plait.errors import FieldViolation, InvalidArgumentError
+from plait.ids import describe_id
 from plait.v1 import workflow_pb2
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_ATTEMPTS = 100
 MAX_NAME = 128
 MAX_IDEMPOTENCY_KEY = 256
-
-
-def describe_id(value: str) -> str | None:
-    """Why ``value`` is not a valid id, or None."""
-    if ID_RE.match(value) and ".." not in value:
-        return None
-    if not value:
-        return "must not be empty"
-    if len(value) > 128:
-        return f"is {len(value)} characters long; the limit is 128"
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        return "contains control characters"
-    return f"{value!r} must be 1 to 128 of [A-Za-z0-9_.-], start with a letter or digit, no '..'"
 
 
 def _duration_violation(path: str, d: object, present: bool) -> Iterator[FieldViolation]:

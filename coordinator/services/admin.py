@@ -7,10 +7,10 @@ from typing import Any
 from plait.coordinator.auth import current_principal
 from plait.coordinator.core import views
 from plait.coordinator.core.events import DrainRequested
-from plait.coordinator.core.validate import describe_id
 from plait.coordinator.runtime import Runtime
 from plait.coordinator.services.workflow import merge_client_hlc
 from plait.errors import FieldViolation, InvalidArgumentError
+from plait.ids import describe_id
 from plait.v1 import admin_service_pb2 as apb
 from plait.v1 import admin_service_pb2_grpc as agrpc
 

@@ -18,7 +18,6 @@ from google.rpc import code_pb2
 from plait.coordinator.auth import current_principal
 from plait.coordinator.core.events import WorkerMessageReceived
 from plait.coordinator.core.model import SessionEnd
-from plait.coordinator.core.validate import describe_id
 from plait.coordinator.runtime import Runtime
 from plait.errors import (
     AbortedError,
@@ -28,6 +27,7 @@ from plait.errors import (
     PermissionDeniedError,
     PlaitError,
 )
+from plait.ids import describe_id
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import worker_service_pb2_grpc as wgrpc
 

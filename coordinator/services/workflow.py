@@ -9,10 +9,11 @@ from typing import Any
 from plait.coordinator.config import Limits
 from plait.coordinator.core import views
 from plait.coordinator.core.events import CancelRequested, RetryRequested, WorkflowSubmitted
-from plait.coordinator.core.validate import describe_id, validate_submit
+from plait.coordinator.core.validate import validate_submit
 from plait.coordinator.runtime import Runtime
 from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
 from plait.hlc import ClockOffsetError, HlcTimestamp
+from plait.ids import describe_id
 from plait.v1 import workflow_pb2 as pb
 from plait.v1 import workflow_service_pb2 as wspb
 from plait.v1 import workflow_service_pb2_grpc as wsgrpc

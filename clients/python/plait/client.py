@@ -178,9 +178,7 @@ class Client:
         # Checked against the listed addresses; a followed leader outside the list is reached
         # only over TLS (plait.endpoints), so the rule holds for it too.
         security.check_token_transport(self.endpoints.addresses, self.tls, token)
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self._metadata = security.bearer_metadata(token)
         self._links: dict[str, _Link] = {}
         self._sleep: Callable[[float], None] = time.sleep
 

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 
 from plait.errors import ConfigError
+from plait.ids import describe_id
 
 __all__ = [
     "IDENTITY_SCHEME",
@@ -47,6 +48,7 @@ __all__ = [
     "Role",
     "TlsFiles",
     "TokenEntry",
+    "bearer_metadata",
     "channel_credentials",
     "check_token_transport",
     "effective_roles",
@@ -66,7 +68,6 @@ IDENTITY_SCHEME = "plait"
 TOKEN_PREFIX = "plait_"
 COORDINATOR_OU = "coordinator"
 _TOKEN_RE = re.compile(r"plait_[A-Za-z0-9_-]{43}")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 class Role(enum.StrEnum):
@@ -111,12 +112,10 @@ def parse_roles(values: Iterable[str], field_name: str = "roles") -> frozenset[R
 
 
 def check_name(name: str, field_name: str) -> str:
-    """An identity name: 1 to 128 of ``[A-Za-z0-9_.-]``, starting with a letter or digit."""
-    if not _NAME_RE.fullmatch(name) or ".." in name:
-        raise ConfigError(
-            f"{field_name} {name!r} must be 1 to 128 of [A-Za-z0-9_.-], start with a letter"
-            " or digit, no '..'"
-        )
+    """An identity name follows the id rule (:mod:`plait.ids`)."""
+    why = describe_id(name)
+    if why:
+        raise ConfigError(f"{field_name} {why}")
     return name
 
 
@@ -172,7 +171,7 @@ def identity_from_pem(pem: bytes) -> CertIdentity:
     for uri in uris:
         if uri.startswith(prefix):
             k, _, n = uri[len(prefix) :].partition("/")
-            if k in IDENTITY_KINDS and _NAME_RE.fullmatch(n) and ".." not in n:
+            if k in IDENTITY_KINDS and describe_id(n) is None:
                 kind, name = k, n
                 break
     return CertIdentity(
@@ -340,6 +339,11 @@ def tls_from_env(
             )
         return None
     return TlsFiles(ca, cert, key, server_name)
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries ``token`` (none without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:

@@ -10,7 +10,6 @@ maps, resources, semaphores) are built from these.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +19,7 @@ from google.protobuf import duration_pb2
 
 from plait import durations
 from plait.errors import FieldViolation, InvalidArgumentError
+from plait.ids import ID_RE
 
 __all__ = [
     "NAME_RE",
@@ -41,9 +41,8 @@ __all__ = [
 # Keys the format reserves for features not built yet: refused with a message that says so.
 UNSUPPORTED_KEYS: Mapping[str, str] = {}
 
-# Names of actions, semaphores and resources: 1 to 128 of [A-Za-z0-9_.-], starting with a
-# letter or digit.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# Names of actions, semaphores and resources follow the id rule (plait.ids).
+NAME_RE = ID_RE
 
 
 class SpecError(InvalidArgumentError):

@@ -109,9 +109,7 @@ class CoordinatorLinks:
         self._backoff = backoff
         self._options: list[tuple[str, Any]] = list(options) + security.channel_options_for(tls)
         self._tls = tls
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self._metadata = security.bearer_metadata(token)
         self._worker_id = worker_id
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._redirects = 0
