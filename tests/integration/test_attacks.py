@@ -373,3 +373,28 @@ async def test_a_second_hello_on_a_stream_ends_it_as_a_protocol_error(
     assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "second hello" in (ended.value.details() or "")
     await w.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_per_worker_metric_series_lives_only_while_its_worker_is_connected(
+    coordinator: CoordinatorServer,
+) -> None:
+    # Worker ids are the client's choice: a process that connects under ever new ids must not
+    # grow the label set of plait_clock_offset_rejections_total without bound.
+    target = f"127.0.0.1:{coordinator.port}"
+    sample = coordinator.metrics.registry.get_sample_value
+    series = ("plait_clock_offset_rejections_total", {"worker": "skewed"})
+    w = ProtocolWorker(target, "skewed", slots=1)
+    await w.connect()
+    ahead = wpb.ConnectRequest(heartbeat=wpb.Heartbeat(sequence=1))
+    w.hlc.stamp(ahead.hlc)
+    ahead.hlc.physical_ms += 3_600_000  # an hour ahead: not merged, counted for this worker
+    w.outbox.put_nowait(ahead)
+    await w.next("ack")  # delivered after the batch's observations were recorded
+    assert (sample(*series) or 0) >= 1
+    await w.close()
+    for _ in range(200):  # the stream's end reaches the core, then the metrics
+        if sample(*series) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert sample(*series) is None, "the series outlived its worker"
