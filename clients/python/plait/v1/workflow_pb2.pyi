@@ -569,6 +569,26 @@ class ActionSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SecretsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NEEDS_FIELD_NUMBER: _builtins.int
     EXEC_FIELD_NUMBER: _builtins.int
@@ -588,6 +608,8 @@ class ActionSpec(_message.Message):
     SEMAPHORES_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
     SPECULATE_FIELD_NUMBER: _builtins.int
+    RLIMITS_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Set by the submitter: unique in the workflow; 1 to 128 characters of [A-Za-z0-9_.-],
     starting with a letter or digit.
@@ -666,6 +688,20 @@ class ActionSpec(_message.Message):
     def speculate(self) -> Global___SpeculationPolicy:
         """Set by the submitter: hedge slow attempts on another worker."""
 
+    @_builtins.property
+    def rlimits(self) -> Global___ExecLimits:
+        """Set by the submitter: resource limits for an exec action's processes (setrlimit), each
+        within the worker's cap (`workerd --rlimit`); unset or 0 means the worker's default.
+        """
+
+    @_builtins.property
+    def secrets(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Set by the submitter: secrets the worker resolves into the exec action's environment, as
+        environment variable name -> secret name. The worker resolves only names it allow-lists
+        (`workerd --secret NAME=file:PATH|env:VAR`); values never reach the coordinator.
+        Variable names are [A-Z_][A-Z0-9_]* (at most 128); secret names follow the id rule.
+        """
+
     def __init__(
         self,
         *,
@@ -688,16 +724,60 @@ class ActionSpec(_message.Message):
         semaphores: _abc.Iterable[Global___SemaphoreRequest] | None = ...,
         pipeline: Global___PipelineSpec | None = ...,
         speculate: Global___SpeculationPolicy | None = ...,
+        rlimits: Global___ExecLimits | None = ...,
+        secrets: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "join", b"join", "kind", b"kind", "map", b"map", "pipeline", b"pipeline", "queue_timeout", b"queue_timeout", "retry", b"retry", "speculate", b"speculate", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "join", b"join", "kind", b"kind", "map", b"map", "pipeline", b"pipeline", "queue_timeout", b"queue_timeout", "retry", b"retry", "rlimits", b"rlimits", "speculate", b"speculate", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input_json", b"input_json", "join", b"join", "kind", b"kind", "map", b"map", "needs", b"needs", "pipeline", b"pipeline", "priority", b"priority", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "selector", b"selector", "semaphores", b"semaphores", "slots", b"slots", "speculate", b"speculate", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "handler", b"handler", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input_json", b"input_json", "join", b"join", "kind", b"kind", "map", b"map", "needs", b"needs", "pipeline", b"pipeline", "priority", b"priority", "queue_timeout", b"queue_timeout", "resources", b"resources", "retry", b"retry", "rlimits", b"rlimits", "secrets", b"secrets", "selector", b"selector", "semaphores", b"semaphores", "slots", b"slots", "speculate", b"speculate", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["exec", "handler"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ActionSpec: _TypeAlias = ActionSpec  # noqa: Y015
+
+@_typing.final
+class ExecLimits(_message.Message):
+    """ExecLimits are per-action resource limits for an exec action's processes (setrlimit). Each
+    set field must be within the worker's cap for it; 0 means the worker's default.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    ADDRESS_SPACE_BYTES_FIELD_NUMBER: _builtins.int
+    FILE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    OPEN_FILES_FIELD_NUMBER: _builtins.int
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    processes: _builtins.int
+    """RLIMIT_NPROC: processes (and threads) of the action's user. Counted per user, so with a
+    shared run-as user it bounds the attempts that share it together.
+    """
+    address_space_bytes: _builtins.int
+    """RLIMIT_AS: address space per process, bytes."""
+    file_size_bytes: _builtins.int
+    """RLIMIT_FSIZE: largest file a process may write, bytes."""
+    open_files: _builtins.int
+    """RLIMIT_NOFILE: open file descriptors per process."""
+    cpu_seconds: _builtins.int
+    """RLIMIT_CPU: CPU time per process, seconds."""
+    def __init__(
+        self,
+        *,
+        processes: _builtins.int = ...,
+        address_space_bytes: _builtins.int = ...,
+        file_size_bytes: _builtins.int = ...,
+        open_files: _builtins.int = ...,
+        cpu_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address_space_bytes", b"address_space_bytes", "cpu_seconds", b"cpu_seconds", "file_size_bytes", b"file_size_bytes", "open_files", b"open_files", "processes", b"processes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecLimits: _TypeAlias = ExecLimits  # noqa: Y015
 
 @_typing.final
 class ActionDefaults(_message.Message):
