@@ -10,7 +10,7 @@ GOOGLE_PROTOS = $(shell $(BIN)/python -c 'import os, google.rpc; print(os.path.d
 GRPC_PROTOS = $(shell $(BIN)/python -c 'import os, grpc_tools; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 FLOW ?= examples/scatter_gather.yaml
 
-.PHONY: help venv proto proto-check proto-lint lint typecheck test test-fast check run bench clean
+.PHONY: help venv lock proto proto-check proto-lint lint typecheck test test-fast check run bench clean
 
 help:
 	@echo "make run        run $(FLOW) on the embedded coordinator + local workers"
@@ -18,15 +18,29 @@ help:
 	@echo "make check      lint + typecheck + proto drift + test (what CI runs)"
 	@echo "make proto      regenerate Python stubs from proto/"
 	@echo "make bench      throughput and latency benchmarks (prints numbers)"
+	@echo "make lock       re-resolve the hashed dependency locks in requirements/"
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@echo "==> setting up $(VENV): Plait and its dev tools (first run or pyproject.toml changed; about a minute)"
+# Installs come only from the hashed lock (pip --require-hashes): every wheel is the one the lock
+# names, byte for byte. Plait itself is then installed editable without resolving anything.
+$(STAMP): pyproject.toml requirements/dev.lock
+	@echo "==> setting up $(VENV): Plait and its dev tools from requirements/dev.lock (first run or the lock changed; about a minute)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r requirements/dev.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-resolves the locks from pyproject.toml (newest releases within its ranges) with uv, for
+# every platform (--universal), with the hashes of every published file.
+UV_VERSION := 0.9.30
+LOCK = $(BIN)/uv pip compile pyproject.toml requirements/build.in --universal --python-version 3.11 --generate-hashes -q
+lock: $(STAMP)
+	@echo "==> refreshing requirements/*.lock with uv $(UV_VERSION)"
+	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	$(LOCK) --upgrade -o requirements/runtime.lock
+	$(LOCK) --upgrade --extra dev -o requirements/dev.lock
+	@echo "==> locks written; review 'git diff requirements/' and run make test"
 
 proto: $(STAMP)
 	rm -f $(GEN_DIR)/plait/v1/*_pb2*.py $(GEN_DIR)/plait/v1/*_pb2*.pyi
