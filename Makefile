@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml requirements/dev.lock
 	@echo "==> setting up $(VENV): Plait and its dev tools from requirements/dev.lock (first run or the lock changed; about a minute)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes -r requirements/dev.lock
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Re-resolves the locks from pyproject.toml (newest releases within its ranges) with uv, for
