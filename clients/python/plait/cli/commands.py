@@ -13,7 +13,10 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
+
 from plait.cli import render
+from plait.cli.render import clean
 from plait.client import Client, parse_workflow_state
 from plait.errors import FieldViolation, InvalidArgumentError
 from plait.security import tls_from_env
@@ -119,6 +122,12 @@ def add_parsers(sub: _SubParsers) -> None:
     p = sub.add_parser("logs", parents=[parent], help="an action's stdout/stderr tails")
     p.add_argument("workflow_id", metavar="ID")
     p.add_argument("action_id", metavar="ACTION")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="print the tails exactly as the action wrote them, escape sequences included"
+        " (by default control characters are shown escaped, e.g. \\x1b)",
+    )
     _output(p)
     p.set_defaults(func=cmd_logs)
 
@@ -176,7 +185,7 @@ def _outcome(status: workflow_pb2.WorkflowStatus) -> int:
 def _print_status(status: workflow_pb2.WorkflowStatus) -> None:
     out = render.console()
     for line in render.workflow_header(status):
-        out.print(line, highlight=False)
+        out.print(Text(line))  # text, not markup: the lines hold other people's strings
     if status.actions:
         out.print()
         out.print(render.actions_table(status.actions))
@@ -189,7 +198,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         resp = client.submit(spec, idempotency_key=args.idempotency_key)
         result: dict[str, Any] = {"workflow_id": resp.workflow_id, "created": resp.created}
         if args.output == "table":
-            print(resp.workflow_id, flush=True)
+            print(clean(resp.workflow_id), flush=True)
             if not resp.created:
                 print("(an existing workflow: same idempotency key)", file=sys.stderr)
         if not (args.wait or args.watch):
@@ -266,10 +275,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
         attempts = client.logs(args.workflow_id, args.action_id)
     if args.output == "json":
         render.print_json({"attempts": [render.to_dict(a) for a in attempts]})
+    elif attempts and args.raw:
+        # Exactly the bytes the action wrote: the point of --raw is to let them through.
+        sys.stdout.buffer.write((render.logs_text(attempts, raw=True) + "\n").encode())
+        sys.stdout.flush()
     elif attempts:
         print(render.logs_text(attempts))
     else:
-        print(f"no logs recorded for {args.action_id} yet", file=sys.stderr)
+        print(f"no logs recorded for {clean(args.action_id)} yet", file=sys.stderr)
     return EXIT_OK
 
 
@@ -281,7 +294,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if args.output == "json":
         render.print_json({"workflow_id": args.workflow_id, "state": name})
     else:
-        print(f"{args.workflow_id}: {render.short(name)}")
+        print(f"{clean(args.workflow_id)}: {render.short(name)}")
     return EXIT_OK
 
 
@@ -292,7 +305,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if args.output == "json":
             render.print_json({"workflow_id": args.workflow_id, "retried": ids})
         else:
-            print(f"{args.workflow_id}: re-running {len(ids)} action(s): {', '.join(ids)}")
+            print(
+                f"{clean(args.workflow_id)}: re-running {len(ids)} action(s):"
+                f" {clean(', '.join(ids))}"
+            )
         if not args.wait:
             return EXIT_OK
         status = client.wait(args.workflow_id)
@@ -323,7 +339,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         resp = client.revoke(args.worker_id, args.reason)
     state = "was connected, now cut off" if resp.was_connected else "not connected"
-    print(f"{args.worker_id}: revoked ({state}; {resp.leases_requeued} lease(s) queued again)")
+    print(
+        f"{clean(args.worker_id)}: revoked ({state}; {resp.leases_requeued} lease(s) queued again)"
+    )
     return EXIT_OK
 
 
@@ -331,7 +349,7 @@ def cmd_reinstate(args: argparse.Namespace) -> int:
     """``plait reinstate``."""
     with client_for(args) as client:
         was = client.reinstate(args.worker_id)
-    print(f"{args.worker_id}: {'reinstated' if was else 'was not revoked'}")
+    print(f"{clean(args.worker_id)}: {'reinstated' if was else 'was not revoked'}")
     return EXIT_OK
 
 
@@ -339,5 +357,5 @@ def cmd_drain(args: argparse.Namespace) -> int:
     """``plait drain``."""
     with client_for(args) as client:
         client.drain(args.worker_id)
-    print(f"{args.worker_id}: draining")
+    print(f"{clean(args.worker_id)}: draining")
     return EXIT_OK

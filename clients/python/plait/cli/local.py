@@ -80,6 +80,9 @@ class LocalClusterConfig:
         """The command line of worker ``local-{index}``."""
         argv = [sys.executable, "-m", "plait.workerd", "--coordinator", f"127.0.0.1:{port}"]
         argv += ["--id", f"local-{index}"]
+        # Local development: the actions run as the user, like the embedded coordinator (their
+        # own processes); each cluster keeps its attempt directories next to its logs.
+        argv += ["--allow-root", "--tmp-root", str(self.log_dir.parent / "tmp" / f"local-{index}")]
         if self.slots is not None:
             argv += ["--slots", str(self.slots)]
         for spec in self.handlers:

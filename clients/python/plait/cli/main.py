@@ -76,7 +76,10 @@ _GLOBAL_FLAGS = ("coordinator", "tls_ca", "tls_cert", "tls_key", "tls_server_nam
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"plait: error: {message}", file=sys.stderr)
+    from plait.cli.render import clean
+
+    # Messages quote what the coordinator, a worker or a file said: escape it for the terminal.
+    print(f"plait: error: {clean(message, multiline=True)}", file=sys.stderr)
     return code
 
 

@@ -2,7 +2,8 @@
 
 :class:`RunProgress` is pure: events in, a view of every action out (no clock reads; times come
 from the events' coordinator timestamps). :func:`live_view` draws it with rich for a terminal;
-:meth:`RunProgress.apply` returns one plain line per notable event for everything else.
+:meth:`RunProgress.apply` returns one plain line per notable event for everything else. Both
+escape what workers and users wrote (:func:`plait.cli.render.clean`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from plait.cli import render
+from plait.cli.render import cell, clean
 from plait.v1 import workflow_pb2
 
 _TERMINAL = frozenset(
@@ -106,7 +108,7 @@ class RunProgress:
         return out
 
     def apply(self, e: workflow_pb2.HistoryEvent) -> str | None:
-        """Folds one event in; returns a line worth printing in plain mode, if any."""
+        """Folds one event in; returns a line worth printing in plain mode, if any (escaped)."""
         self.last_sequence = max(self.last_sequence, e.sequence)
         if e.type == workflow_pb2.EVENT_TYPE_WORKFLOW_SUBMITTED:
             self.workflow_id = e.workflow_id or self.workflow_id
@@ -115,13 +117,13 @@ class RunProgress:
             self.workflow_state = e.workflow_state
             self.reason = e.message or (e.error.message if e.HasField("error") else "")
             state = render.workflow_state(e.workflow_state)
-            return f"workflow {self.workflow_id} {state}" + (
-                f": {self.reason}" if self.reason else ""
-            )
+            why = f": {self.reason}" if self.reason else ""
+            return clean(f"workflow {self.workflow_id} {state}{why}")
         action = self.actions.get(e.action_id)
         if action is None:
             return None
-        return self._apply_action(action, e)
+        line = self._apply_action(action, e)
+        return None if line is None else clean(line)
 
     def _apply_action(self, a: ActionProgress, e: workflow_pb2.HistoryEvent) -> str | None:
         if e.action_state:
@@ -176,7 +178,9 @@ def live_view(progress: RunProgress, now_ms: int) -> RenderableType:
         Text(f"{progress.finished}/{progress.total}", style="bold"),
         counts,
     )
-    title = Text.assemble((progress.name, "bold"), "  ", (progress.workflow_id, "dim"))
+    title = Text.assemble(
+        (clean(progress.name), "bold"), "  ", (clean(progress.workflow_id), "dim")
+    )
     running = progress.running()
     parts: list[Any] = [title, head]
     if running:
@@ -185,7 +189,7 @@ def live_view(progress: RunProgress, now_ms: int) -> RenderableType:
             table.add_column(col)
         for a in running[:_MAX_RUNNING_SHOWN]:
             took = f"{max(0, now_ms - a.started_ms) / 1000:.1f}s" if a.started_ms else ""
-            table.add_row(a.action_id, a.worker_id, str(a.attempt), took)
+            table.add_row(cell(a.action_id), cell(a.worker_id), str(a.attempt), took)
         if len(running) > _MAX_RUNNING_SHOWN:
             table.add_row(f"… and {len(running) - _MAX_RUNNING_SHOWN} more", "", "", "")
         parts.append(table)

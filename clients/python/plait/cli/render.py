@@ -4,6 +4,11 @@ JSON output is ``google.protobuf.json_format.MessageToDict`` of the documented m
 ``preserving_proto_field_name=True`` and ``always_print_fields_with_no_presence=True`` (so
 scalar keys are always there); docs/cli.md lists each command's shape. Tables are for people
 and may change; JSON is the stable interface.
+
+Terminal safety: every string that came from a user, a worker or an action (names, reasons,
+errors, hostnames, labels, log tails) goes through :func:`clean` (or :func:`cell`, the same as
+a rich ``Text``, so rich markup in it is never interpreted) before it reaches a terminal.
+Control characters become visible escapes; docs/cli.md "Terminal safety" says which.
 """
 
 from __future__ import annotations
@@ -20,6 +25,53 @@ from rich.table import Table
 from rich.text import Text
 
 from plait.v1 import admin_service_pb2, workflow_pb2, workflow_service_pb2
+
+# C0, DEL and C1 controls, plus the Unicode controls that reorder or break lines (bidi embeddings,
+# overrides and isolates, line and paragraph separators): none of them is text a person wrote to
+# be read, and each can move the cursor, retitle the window or hide what follows.
+_UNSAFE = (
+    *range(0x00, 0x20),
+    *range(0x7F, 0xA0),
+    *(0x061C, 0x200E, 0x200F, 0x2028, 0x2029),
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+)
+_NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+
+
+def _escape(cp: int) -> str:
+    return _NAMED.get(cp) or (f"\\x{cp:02x}" if cp <= 0xFF else f"\\u{cp:04x}")
+
+
+_LINE = str.maketrans({cp: _escape(cp) for cp in _UNSAFE})
+# Several lines (log tails, multi-line errors): newlines and tabs stay; a carriage return was
+# made a line break beforehand.
+_BLOCK = str.maketrans({cp: _escape(cp) for cp in _UNSAFE if cp not in (0x09, 0x0A)})
+
+
+def clean(value: str, *, multiline: bool = False) -> str:
+    """``value`` made safe to write to a terminal: every control character shown as an escape.
+
+    C0 controls, DEL, C1 controls (``\\x9b`` is a CSI of its own) and the bidi/line-separator
+    controls become ``\\x1b``, ``\\x7f``, ``\\x9b``, ``\\u202e``...; tab, newline and carriage
+    return become ``\\t``, ``\\n``, ``\\r`` so one value stays on one line. With ``multiline``
+    (log tails, error messages) newlines and tabs are kept and ``\\r\\n`` or a lone ``\\r`` ends
+    a line. Backslashes are left alone: ``-o json`` is the exact form.
+    """
+    if value.isprintable():  # the common case: nothing to do, nothing allocated
+        return value
+    if multiline:
+        if "\r" in value:
+            value = value.replace("\r\n", "\n").replace("\r", "\n")
+        return value.translate(_BLOCK)
+    return value.translate(_LINE)
+
+
+def cell(value: str, *, multiline: bool = False, style: str = "") -> Text:
+    """:func:`clean` as rich ``Text``: rich markup (``[link=...]``, ``[bold]``) and emoji codes
+    in other people's strings are shown as typed, never interpreted."""
+    return Text(clean(value, multiline=multiline), style=style)
+
 
 _STATE_STYLE = {
     "succeeded": "green",
@@ -111,9 +163,10 @@ def action_error(action: workflow_pb2.ActionStatus) -> str:
 
 
 def workflow_header(status: workflow_pb2.WorkflowStatus) -> list[str]:
-    """Key lines above a workflow's action table."""
+    """Key lines above a workflow's action table, escaped (:func:`clean`): print them as text,
+    never as rich markup (``console.print(Text(line))``)."""
     lines = [
-        f"workflow  {status.workflow_id}  ({status.name})",
+        f"workflow  {clean(status.workflow_id)}  ({clean(status.name)})",
         f"state     {workflow_state(status.state)}",
     ]
     submitted = timestamp(status.submitted_at, status.HasField("submitted_at"))
@@ -126,9 +179,9 @@ def workflow_header(status: workflow_pb2.WorkflowStatus) -> list[str]:
         counts = ", ".join(f"{short(k)} {v}" for k, v in sorted(status.action_counts.items()) if v)
         lines.append(f"actions   {counts}")
     if status.reason:
-        lines.append(f"reason    {status.reason}")
+        lines.append(f"reason    {clean(status.reason)}")
     if status.idempotency_key:
-        lines.append(f"key       {status.idempotency_key}")
+        lines.append(f"key       {clean(status.idempotency_key)}")
     return lines
 
 
@@ -153,12 +206,12 @@ def actions_table(
         if (exec_ids is not None and a.action_id in exec_ids and finished) or a.exit_code:
             parts.append(f"exit {a.exit_code}")
         table.add_row(
-            a.action_id,
+            cell(a.action_id),
             styled_state(action_state(a.state)),
             str(a.attempt) + (f" (+{a.lease_losses} lost)" if a.lease_losses else ""),
-            a.worker_id,
+            cell(a.worker_id),
             " / ".join(parts),
-            action_error(a),
+            cell(action_error(a), multiline=True),
         )
     return table
 
@@ -177,13 +230,13 @@ def workflows_table(workflows: Iterable[workflow_pb2.WorkflowStatus]) -> Table:
         total = sum(w.action_counts.values())
         done = w.action_counts.get("ACTION_STATE_SUCCEEDED", 0)
         table.add_row(
-            w.workflow_id,
-            w.name,
+            cell(w.workflow_id),
+            cell(w.name),
             styled_state(workflow_state(w.state)),
             timestamp(w.submitted_at, w.HasField("submitted_at")),
             timestamp(w.finished_at, w.HasField("finished_at")),
             f"{done}/{total}" if total else "",
-            w.reason,
+            cell(w.reason, multiline=True),
         )
     return table
 
@@ -191,18 +244,21 @@ def workflows_table(workflows: Iterable[workflow_pb2.WorkflowStatus]) -> Table:
 def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
     """One row per connected worker for ``plait workers``."""
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("worker", "host", "slots", "free", "leases", "exec", "handlers", "state", "seen"):
+    cols = ("worker", "host", "slots", "free", "leases", "exec", "handlers", "labels", "state")
+    for col in (*cols, "seen"):
         table.add_column(col, overflow="fold")
     for w in workers:
         seen = w.last_seen_ago.ToTimedelta().total_seconds() if w.HasField("last_seen_ago") else 0
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(w.labels.items()))
         table.add_row(
-            w.worker_id,
-            w.hostname,
+            cell(w.worker_id),
+            cell(w.hostname),
             str(w.slots),
             str(w.free_slots),
             str(w.leases),
             "yes" if w.exec_enabled else "no",
-            ", ".join(w.handlers),
+            cell(", ".join(w.handlers)),
+            cell(labels),
             "draining" if w.draining else "active",
             f"{seen:.1f}s ago",
         )
@@ -219,7 +275,7 @@ def revoked_table(revoked: Iterable[admin_service_pb2.RevokedWorker]) -> Table:
             r.revoked_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ") if r.revoked_at.seconds else ""
         )
         # Text, not markup: the reason and the principal are other people's strings.
-        table.add_row(Text(r.worker_id), Text(r.revoked_by), at, Text(r.reason))
+        table.add_row(cell(r.worker_id), cell(r.revoked_by), at, cell(r.reason, multiline=True))
     return table
 
 
@@ -229,7 +285,7 @@ EVENT_HEADER = (
 
 
 def event_message(e: workflow_pb2.HistoryEvent) -> str:
-    """The human part of an event: its message, error, exit code or backoff."""
+    """The human part of an event: its message, error, exit code or backoff (not escaped)."""
     parts = []
     if e.message:
         parts.append(e.message)
@@ -248,7 +304,8 @@ def event_message(e: workflow_pb2.HistoryEvent) -> str:
 
 
 def event_line(e: workflow_pb2.HistoryEvent) -> str:
-    """One fixed-width line per event, in the columns of :data:`EVENT_HEADER`."""
+    """One fixed-width line per event, in the columns of :data:`EVENT_HEADER`; escaped
+    (:func:`clean`), so a message with newlines or escape sequences stays on its one line."""
     if e.action_state:
         state = action_state(e.action_state)
     elif e.workflow_state:
@@ -256,23 +313,31 @@ def event_line(e: workflow_pb2.HistoryEvent) -> str:
     else:
         state = ""
     return (
-        f"{e.sequence:>6}  {hlc(e.hlc):<19}  {event_type(e.type):<22}  {e.action_id:<16}  "
-        f"{state:<10}  {e.worker_id:<10}  {event_message(e)}"
+        f"{e.sequence:>6}  {hlc(e.hlc):<19}  {event_type(e.type):<22}  {clean(e.action_id):<16}  "
+        f"{state:<10}  {clean(e.worker_id):<10}  {clean(event_message(e))}"
     ).rstrip()
 
 
-def logs_text(attempts: Iterable[workflow_service_pb2.AttemptLogs]) -> str:
-    """Each attempt's stdout and stderr tails under a header line."""
+def logs_text(attempts: Iterable[workflow_service_pb2.AttemptLogs], *, raw: bool = False) -> str:
+    """Each attempt's stdout and stderr tails under a header line.
+
+    The tails are escaped (:func:`clean`, keeping newlines and tabs) unless ``raw``: then they
+    are exactly what the action wrote (``plait logs --raw``).
+    """
+
+    def tail(text: str) -> str:
+        return text.rstrip("\n") if raw else clean(text, multiline=True).rstrip("\n")
+
     chunks = []
     for a in attempts:
         chunks.append(
-            f"==> attempt {a.attempt} (token {a.fencing_token}, worker {a.worker_id},"
+            f"==> attempt {a.attempt} (token {a.fencing_token}, worker {clean(a.worker_id)},"
             f" {action_state(a.state)}) <=="
         )
         if a.stdout_tail:
             chunks.append("--- stdout ---")
-            chunks.append(a.stdout_tail.rstrip("\n"))
+            chunks.append(tail(a.stdout_tail))
         if a.stderr_tail:
             chunks.append("--- stderr ---")
-            chunks.append(a.stderr_tail.rstrip("\n"))
+            chunks.append(tail(a.stderr_tail))
     return "\n".join(chunks)

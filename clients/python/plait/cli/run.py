@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import RenderableType
 from rich.live import Live
+from rich.text import Text
 
 from plait.cli import render
 from plait.cli.local import DEFAULT_STORE, LocalCluster, LocalClusterConfig, sqlite_path
@@ -143,9 +144,9 @@ def cmd_run(args: argparse.Namespace, clock: Clock | None = None) -> int:
         out.print(render.actions_table(status.actions, progress.durations(), exec_ids=exec_ids))
         out.print()
         for line in render.workflow_header(status):
-            out.print(line, highlight=False)
+            out.print(Text(line))  # text, not markup: the lines hold other people's strings
         if status.state not in SUCCESS_STATES:
-            err.print(f"logs: {log_dir}/", highlight=False)
+            err.print(Text(f"logs: {render.clean(str(log_dir))}/"))
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if status.state in SUCCESS_STATES else EXIT_FAILED
@@ -188,7 +189,7 @@ def _follow(
         try:
             client.cancel(progress.workflow_id, reason="interrupted (plait run)")
         except PlaitError as exc:
-            print(f"plait: could not cancel: {exc}", file=sys.stderr)
+            print(f"plait: could not cancel: {render.clean(str(exc))}", file=sys.stderr)
         return True
     except PlaitError:
         # Leave nothing running in the store for the next `plait run` to pick up.

@@ -367,6 +367,8 @@ def describe_certificate(pem: bytes, where: str) -> list[str]:
 
 def cmd_certs_show(args: argparse.Namespace) -> int:
     """``plait certs show FILE...``: what identity each certificate names."""
+    from plait.cli.render import clean
+
     blocks: list[str] = []
     for path in args.files:
         try:
@@ -374,7 +376,8 @@ def cmd_certs_show(args: argparse.Namespace) -> int:
                 pem = f.read()
         except OSError as e:
             raise ConfigError(f"FILE {path}: {e.strerror or e}") from e
-        blocks.append("\n".join(describe_certificate(pem, path)))
+        # A certificate's names are whatever its issuer wrote: escaped for the terminal.
+        blocks.append("\n".join(clean(line) for line in describe_certificate(pem, path)))
     print("\n\n".join(blocks))
     return EXIT_OK
 
@@ -422,6 +425,8 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
 
 def cmd_tokens_list(args: argparse.Namespace) -> int:
     """``plait tokens list``: names, roles, creation times and short digests."""
+    from plait.cli.render import clean
+
     entries = _load_tokens(args.file, missing_ok=False)
     if not entries:
         print(f"no tokens in {args.file}", file=sys.stderr)
@@ -429,7 +434,7 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
     rows = [("NAME", "ROLES", "CREATED", "SHA256")]
     for e in entries:
         roles = ",".join(sorted(r.value for r in e.roles))
-        rows.append((e.name, roles, e.created or "-", e.sha256[:_HASH_SHOWN]))
+        rows.append((clean(e.name), roles, clean(e.created) or "-", e.sha256[:_HASH_SHOWN]))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])

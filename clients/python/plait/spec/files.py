@@ -2,7 +2,11 @@
 
 :func:`load_workflow` reads a file and :func:`loads_workflow` parses text; both go through the
 converter of :mod:`plait.spec.convert`, so errors name the file, the action and the field. YAML
-is read with a safe loader that also refuses a key repeated in one mapping.
+is read with a safe loader that also refuses a key repeated in one mapping, and that is bounded
+so a small hostile file cannot take the CLI's memory or time: at most :data:`MAX_YAML_BYTES`
+bytes, :data:`MAX_YAML_DEPTH` levels of nesting, and aliases that expand to at most
+:data:`MAX_YAML_ALIAS_NODES` nodes in all (a "billion laughs" file of nested aliases fails while
+it is being read, naming the file and the limit).
 """
 
 from __future__ import annotations
@@ -17,15 +21,87 @@ from plait.errors import FieldViolation
 from plait.spec.convert import SpecError, build_spec
 from plait.v1 import workflow_pb2
 
-__all__ = ["WORKFLOW_DIR_ENV", "load_workflow", "loads_workflow"]
+__all__ = [
+    "MAX_YAML_ALIAS_NODES",
+    "MAX_YAML_BYTES",
+    "MAX_YAML_DEPTH",
+    "WORKFLOW_DIR_ENV",
+    "load_workflow",
+    "loads_workflow",
+]
 
 # Set on every exec action of a file loaded by load_workflow (unless the file sets it), so a flow
 # can run scripts kept beside it when its workers share the filesystem (as `plait run`'s do).
 WORKFLOW_DIR_ENV = "PLAIT_WORKFLOW_DIR"
 
 
+# A workflow file's size; the coordinator refuses a spec over its message limit (4 MiB by
+# default) anyway, and YAML is rarely more than a few times larger than the spec it describes.
+MAX_YAML_BYTES = 16 * 1024 * 1024
+# Nesting of collections: a workflow needs about ten, plus what an `input:` value nests (the
+# coordinator allows 64 levels of JSON there). Bounded well inside Python's recursion limit.
+MAX_YAML_DEPTH = 100
+# Nodes that aliases add, each alias counted as a copy of everything it names (which is what
+# the converter walks): generous for `<<: *defaults` on every action of a big generated file,
+# and a nested-alias bomb hits it after a few hundred events.
+MAX_YAML_ALIAS_NODES = 1_000_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key repeated in one mapping instead of keeping the last."""
+    """A safe loader that refuses a key repeated in one mapping instead of keeping the last,
+    and bounds nesting and alias expansion while it composes (before anything is built)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._alias_nodes = 0
+        # id(node) -> its size with every alias under it expanded. Nodes stay referenced by the
+        # document while it loads, so ids are stable; a node still being composed has no entry.
+        self._sizes: dict[int, int] = {}
+
+    def _mark(self) -> yaml.Mark:
+        return self.peek_event().start_mark  # type: ignore[no-untyped-call,no-any-return]
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """Composes one node, counting what aliases expand to and how deep collections go."""
+        if self.check_event(yaml.AliasEvent):
+            mark = self._mark()
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias inside the node it names (a recursive alias)", mark
+                )
+            self._alias_nodes += size
+            if self._alias_nodes > MAX_YAML_ALIAS_NODES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"aliases expand to more than {MAX_YAML_ALIAS_NODES:,} nodes, the limit"
+                    " for a workflow file (nested aliases?)",
+                    mark,
+                )
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"nested more than {MAX_YAML_DEPTH} levels deep, the limit",
+                self._mark(),
+            )
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        sizes = self._sizes
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = 1
+        elif isinstance(node, yaml.SequenceNode):
+            sizes[id(node)] = 1 + sum([sizes[id(child)] for child in node.value])
+        elif isinstance(node, yaml.MappingNode):
+            sizes[id(node)] = 1 + sum([sizes[id(k)] + sizes[id(v)] for k, v in node.value])
+        return node
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -50,6 +126,11 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
+def _too_big(source: str, unit: str) -> SpecError:
+    why = f"is more than {MAX_YAML_BYTES:,} {unit}, the limit for a workflow file"
+    return SpecError(source, [(FieldViolation("", why), why)])
+
+
 def loads_workflow(
     text: str, *, source: str = "<string>", workflow_dir: str | None = None
 ) -> workflow_pb2.WorkflowSpec:
@@ -58,6 +139,8 @@ def loads_workflow(
     When ``workflow_dir`` is given it becomes ``$PLAIT_WORKFLOW_DIR`` of every exec action that
     does not set that variable itself.
     """
+    if len(text) > MAX_YAML_BYTES:
+        raise _too_big(source, "characters")
     try:
         doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -90,7 +173,13 @@ def load_workflow(path: str | os.PathLike[str]) -> workflow_pb2.WorkflowSpec:
     p = Path(path)
     source = os.fspath(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            # Read one byte past the limit, never more: a huge file (or /dev/zero) is refused
+            # without being read whole.
+            data = f.read(MAX_YAML_BYTES + 1)
+        if len(data) > MAX_YAML_BYTES:
+            raise _too_big(source, "bytes")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SpecError(source, [(FieldViolation("", reason), f"cannot read: {reason}")]) from None
