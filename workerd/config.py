@@ -36,6 +36,9 @@ from plait.worker.resources import (
 )
 from plait.worker.serve import default_worker_id
 from plait.worker.session import WORKER_ID_RE
+from plait.workerd.rlimits import Rlimits, parse_rlimit_flags
+from plait.workerd.runas import RunAs, parse_run_as
+from plait.workerd.secrets import SecretStore
 
 DEFAULT_COORDINATOR = "127.0.0.1:7450"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -65,6 +68,19 @@ class WorkerdConfig:
     """TLS to the coordinator (``--tls-*``); ``None``: plaintext."""
     token: str = field(default="", repr=False)  # a secret: kept out of reprs and logs
     """Bearer token (``--token-file`` or ``$PLAIT_TOKEN``); empty: none."""
+    secrets: SecretStore = field(default_factory=SecretStore)
+    """Secrets exec actions may name (``--secret NAME=file:PATH|env:VAR``); repr: names only."""
+    run_as: RunAs | None = None
+    """``--run-as``: the identities exec actions run as; ``None``: workerd's own."""
+    allow_root: bool = False
+    """``--allow-root``: accept exec as root or as the coordinator's uid."""
+    rlimits: Rlimits = field(default_factory=lambda: Rlimits.defaults(run_as=False))
+    """Each attempt's limits and the most an action may ask for (``--rlimit``)."""
+    cgroup: str = "auto"
+    """``--cgroup``: ``auto``, ``off`` or a cgroup v2 directory to create attempt cgroups in."""
+    tmp_root: str = ""
+    """``--tmp-root``: where attempt directories live; empty: ``$TMPDIR``/``/var/tmp``
+    ``/plait-<worker id>``."""
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the flag of the first bad value."""
@@ -90,6 +106,10 @@ class WorkerdConfig:
                 raise ConfigError(f"--resource: bad name {name!r}")
             if not 0 <= amount < float("inf"):
                 raise ConfigError(f"--resource: {name} must be a finite number >= 0")
+        if self.cgroup not in ("auto", "off") and not os.path.isabs(self.cgroup):
+            raise ConfigError(
+                f"--cgroup: {self.cgroup!r} must be auto, off or an absolute cgroup v2 directory"
+            )
         if not self.exec_enabled and not self.handlers:
             raise ConfigError("--no-exec: nothing left to serve; add --handlers or drop --no-exec")
 
@@ -218,6 +238,49 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR"
     )
+    p.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME=file:PATH|env:VAR",
+        help="a secret exec actions may name (ActionSpec.secrets): read from PATH for every"
+        " attempt, or taken from this process's $VAR at start-up (repeatable)",
+    )
+    sandbox = p.add_argument_group("exec sandbox")
+    sandbox.add_argument(
+        "--run-as",
+        metavar="SPEC",
+        help="run exec actions as this user: a name, UID, UID:GID, or a pool (comma list"
+        " and/or range such as 62000-62007; each running attempt gets a uid of its own)",
+    )
+    sandbox.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="accept running exec actions as root or as the coordinator's uid (refused"
+        " otherwise; for a local development cluster)",
+    )
+    sandbox.add_argument(
+        "--rlimit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an attempt's limit, also the most an action may ask for: processes,"
+        " address_space, file_size, open_files or cpu; a number, a size (2GiB), a duration"
+        " (cpu) or 'unlimited' (repeatable)",
+    )
+    sandbox.add_argument(
+        "--cgroup",
+        default="auto",
+        metavar="auto|off|PATH",
+        help="a cgroup v2 cgroup per attempt: 'auto' where workerd may create them under its"
+        " own, 'off', or a cgroup directory to create them under (default %(default)s)",
+    )
+    sandbox.add_argument(
+        "--tmp-root",
+        metavar="DIR",
+        help="private directory for attempt directories (default $TMPDIR or /var/tmp, then"
+        " plait-<worker id>)",
+    )
     tls = p.add_argument_group("credentials")
     tls.add_argument(
         "--tls-ca",
@@ -255,6 +318,7 @@ def config_from_args(
     ``detect`` measures the host's resources (injectable for tests).
     """
     initial, maximum = parse_backoff(args.reconnect_backoff)
+    run_as = parse_run_as(args.run_as) if args.run_as else None
     overrides = parse_resources(args.resource)
     # Flags first, then PLAIT_TLS_* (tls_from_env checks the files and the cert/key pairing).
     tls = tls_from_env(
@@ -276,6 +340,12 @@ def config_from_args(
         adaptive=args.adaptive,
         tls=tls,
         token=token.strip(),
+        secrets=SecretStore.from_flags(args.secret, environ),
+        run_as=run_as,
+        allow_root=args.allow_root,
+        rlimits=parse_rlimit_flags(args.rlimit, run_as=run_as is not None),
+        cgroup=args.cgroup.strip() or "auto",
+        tmp_root=args.tmp_root or "",
     )
     config.validate()
     return config

@@ -1,15 +1,18 @@
 """The exec executor: runs ``ActionSpec.exec`` commands as sandboxed processes (workerd layer).
 
-Per attempt: a fresh temp dir (``HOME``/``TMPDIR`` and the working directory; removed
-afterwards), a scrubbed environment (:mod:`plait.workerd.sandbox`), its own process group
-registered with the keeper, inputs on stdin, in ``$PLAIT_INPUTS`` (up to 64 KiB) and in
-``$PLAIT_INPUTS_FILE``, outputs read from the JSON object written to ``$PLAIT_OUTPUT``, and
-bounded stdout/stderr tails read continuously.
-Cancelling (CancelLease, self-fencing, the local run timeout) sends SIGTERM to the group and
-SIGKILL after the kill grace. When the attempt's main process exits, anything it left in its
-group is killed.
+Per attempt: a fresh directory under the private tmp root (``HOME``/``TMPDIR`` and the working
+directory; owned by the attempt's user; removed afterwards), a scrubbed environment
+(:mod:`plait.workerd.sandbox`), its own process group registered with the keeper, its
+confinement (run-as user, rlimits, cgroup: :mod:`plait.workerd.confinement`), inputs on stdin,
+in ``$PLAIT_INPUTS`` (up to 64 KiB) and in ``$PLAIT_INPUTS_FILE``, outputs read (off the event
+loop, without trusting the file: :mod:`plait.workerd.outputs`) from the JSON object written to
+``$PLAIT_OUTPUT``, and bounded stdout/stderr tails read continuously.
+Cancelling (CancelLease, self-fencing, the local run timeout) sends SIGTERM to the attempt and
+SIGKILL after the kill grace. When the attempt's main process exits, anything it left is
+killed: its group, its cgroup, or its run-as uid's processes.
 
-Processes are started with asyncio's subprocess machinery — no shell or Python shim per action.
+Processes are started with asyncio's subprocess machinery; the only step between workerd and
+the action are the sandbox's start steps (``setpriv``, ``prlimit``, ``/bin/sh``), never Python.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -28,9 +30,11 @@ from typing import Any
 
 from plait.durations import format_duration
 from plait.durations import from_proto as duration_from_proto
+from plait.jsonlimits import MAX_JSON_DEPTH, nesting_exceeds
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
     CANCELLED,
+    FAILED,
     MAX_OUTPUT_BYTES,
     SUCCEEDED,
     TIMED_OUT,
@@ -39,7 +43,10 @@ from plait.worker.executor import (
     Code,
 )
 from plait.worker.handlers import parse_inputs, parse_item
+from plait.workerd.confinement import Confinement, Sandbox
+from plait.workerd.containment import remove_tree
 from plait.workerd.keeper import Keeper
+from plait.workerd.outputs import read_output_file
 from plait.workerd.sandbox import (
     INPUTS_FILE_NAME,
     NO_ITEM,
@@ -48,9 +55,11 @@ from plait.workerd.sandbox import (
     build_env,
     env_without_nul,
     expand_argv,
-    pdeathsig_wrapper,
+    find_setpriv,
     resolve_program,
+    start_argv,
 )
+from plait.workerd.secrets import Redactor, SecretError, SecretStore
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +95,27 @@ def install_child_watcher() -> None:
     _watcher_installed = True
 
 
-def read_outputs(path: str, limit: int) -> tuple[str, str]:
+def read_outputs(path: str, limit: int, owner: int | None = None) -> tuple[str, str]:
     """(outputs JSON, "") or ("", error) for the file an action wrote to ``$PLAIT_OUTPUT``.
 
-    An absent or empty file means ``{}``.
+    An absent or empty file means ``{}``. The file must be a regular file (not a symlink, FIFO
+    or device; owned by ``owner`` when given): see :func:`read_output_file`. Blocking I/O: the
+    executor calls it in a thread.
     """
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
+    data, problem = read_output_file(path, limit, owner=owner)
+    if problem:
+        return "", problem
+    if data is None:
         return "{}", ""
-    if size > limit:
-        return "", f"$PLAIT_OUTPUT is {size} bytes, over the {limit}-byte limit"
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
     if len(data) > limit:
         return "", f"$PLAIT_OUTPUT is over the {limit}-byte limit"
     if not data.strip():
         return "{}", ""
     try:
-        obj = json.loads(data)
+        text = data.decode("utf-8")
+        if nesting_exceeds(text):  # json.loads would recurse once per level
+            return "", f"$PLAIT_OUTPUT nests deeper than {MAX_JSON_DEPTH} levels"
+        obj = json.loads(text)
     except (ValueError, UnicodeDecodeError) as err:
         return "", f"$PLAIT_OUTPUT is not valid JSON: {err}"
     if not isinstance(obj, dict):
@@ -113,8 +124,17 @@ def read_outputs(path: str, limit: int) -> tuple[str, str]:
     return json.dumps(obj, separators=(",", ":")), ""
 
 
+_LIMIT_SIGNALS = {
+    int(signal.SIGXFSZ): "a file reached the file-size limit (rlimits.file_size)",
+    int(signal.SIGXCPU): "the CPU-time limit was reached (rlimits.cpu)",
+}
+
+
 def exit_message(code: int) -> str:
-    """``exit code 3`` or ``killed by signal SIGKILL``."""
+    """``exit code 3``, ``killed by signal SIGKILL``, or with a limit's signal, what it means."""
+    hint = _LIMIT_SIGNALS.get(-code)
+    if hint:
+        return f"killed by signal {signal.Signals(-code).name}: {hint}"
     if code >= 0:
         return f"exit code {code}"
     try:
@@ -174,8 +194,11 @@ class ExecExecutor:
         cwd: str | None = None,
         pipe_drain_timeout: float = 1.0,
         pdeathsig: bool = True,
+        secrets: SecretStore | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
-        self.keeper = keeper
+        self.keeper = keeper if keeper is not None else sandbox.keeper if sandbox else None
+        self.secrets = secrets if secrets is not None else SecretStore()
         self.tail_bytes = tail_bytes
         self.max_output_bytes = max_output_bytes
         self.inputs_env_limit = inputs_env_limit
@@ -183,12 +206,15 @@ class ExecExecutor:
         self.path = path if path is not None else os.environ.get("PATH", os.defpath)
         self.cwd = cwd
         self.pipe_drain_timeout = pipe_drain_timeout
-        self._wrapper = pdeathsig_wrapper(self.path) if pdeathsig else ()
-        if pdeathsig and not self._wrapper:
-            log.warning(
-                "setpriv (util-linux) not found: actions run without PR_SET_PDEATHSIG;"
-                " the keeper still kills them if workerd dies"
-            )
+        if sandbox is None:
+            setpriv = find_setpriv(self.path) if pdeathsig else None
+            if pdeathsig and setpriv is None:
+                log.warning(
+                    "setpriv (util-linux) not found: actions run without PR_SET_PDEATHSIG;"
+                    " the keeper still kills them if workerd dies"
+                )
+            sandbox = Sandbox(keeper=self.keeper, setpriv=setpriv)
+        self.sandbox = sandbox
         self._running: dict[str, _ExecAttempt] = {}
 
     @property
@@ -230,7 +256,11 @@ class _ExecAttempt:
         self.kill_outcome: pb.ActionOutcome.ValueType | None = None
         self.kill_reason = ""
         self.tmpdir = ""
+        self.confinement: Confinement | None = None
+        self.limits: dict[int, int] = {}
+        self.barrier = False  # whether the attempt starts with the sandbox's start barrier
         self._timers: list[asyncio.TimerHandle] = []
+        self.redactor: Redactor | None = None  # set once the lease's secrets are resolved
 
     @property
     def cwd(self) -> str:
@@ -257,9 +287,8 @@ class _ExecAttempt:
         self._timers.append(loop.call_later(self.ctx.kill_grace, self._signal, signal.SIGKILL))
 
     def _signal(self, sig: signal.Signals) -> None:
-        if self.pgid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pgid, sig)
+        if self.confinement is not None:
+            self.confinement.signal(sig)
 
     async def run(self) -> None:
         try:
@@ -272,10 +301,37 @@ class _ExecAttempt:
         finally:
             for timer in self._timers:
                 timer.cancel()
-            if self.tmpdir:
-                shutil.rmtree(self.tmpdir, ignore_errors=True)
+            await self._clean_up()
             self.ex._running.pop(self.lease.lease_id, None)
-        self.ctx.report(result)
+        self.ctx.report(self._redacted(result))
+
+    async def _clean_up(self) -> None:
+        """Kills what the attempt left, gives its identity back, removes its directory."""
+        if self.confinement is not None:
+            await self.confinement.end()
+        if self.tmpdir:
+            # In a thread: an action may leave a million files behind.
+            if await asyncio.to_thread(remove_tree, self.tmpdir):
+                if self.ex.keeper is not None:
+                    self.ex.keeper.unregister_dir(self.tmpdir)
+            else:
+                log.warning("could not remove the attempt directory %s", self.tmpdir)
+
+    async def _resolve_secrets(self) -> dict[str, str] | AttemptResult:
+        """The lease's secrets as environment entries (plait.workerd.secrets), or the failure."""
+        if not self.lease.action.secrets:
+            return {}
+        try:
+            env, self.redactor = await self.ex.secrets.resolve(self.lease.action.secrets)
+        except SecretError as err:
+            return AttemptResult.failed(err.message, code=err.code)
+        return env
+
+    def _redacted(self, result: AttemptResult) -> AttemptResult:
+        """``result`` with every secret value replaced by ``[redacted:NAME]`` (see secrets.py)."""
+        if self.redactor is None:
+            return result
+        return self.redactor.result(result, self.ex.tail_bytes)
 
     def _prepare(self) -> tuple[list[str], bytes, dict[str, str]] | AttemptResult:
         lease, spec = self.lease, self.lease.action
@@ -299,15 +355,31 @@ class _ExecAttempt:
         if spec.exec.shell:
             # Extra argv items become $0, $1, ... of the script, as with `sh -c`.
             argv = ["/bin/sh", "-c", *argv]
+        limits = self.ex.sandbox.rlimits.for_action(
+            spec.rlimits if spec.HasField("rlimits") else None
+        )
+        if isinstance(limits, str):  # the action asks for more than this worker grants
+            return AttemptResult.failed(limits, code=Code.FAILED_PRECONDITION)
+        self.limits = limits
+        self.confinement = confinement = self.ex.sandbox.confine()
         # Absolute: it is also the working directory, so a relative path in the environment
         # would point somewhere else from inside it.
         self.tmpdir = os.path.abspath(
             tempfile.mkdtemp(prefix="plait-attempt-", dir=self.ex.tmp_root)
         )
+        if self.ex.keeper is not None:
+            self.ex.keeper.register_dir(self.tmpdir)
         inputs = inputs_text.encode()
         inputs_file = os.path.join(self.tmpdir, INPUTS_FILE_NAME)
-        with open(inputs_file, "wb") as f:
+        with open(inputs_file, "xb") as f:
             f.write(inputs)
+        confinement.own(self.tmpdir, inputs_file)
+        try:
+            confinement.make_cgroup()
+        except OSError as err:
+            return AttemptResult.failed(
+                f"cannot create the attempt's cgroup: {err.strerror or err}", code=Code.INTERNAL
+            )
         env = build_env(
             lease,
             tmpdir=self.tmpdir,
@@ -325,27 +397,38 @@ class _ExecAttempt:
         return text if len(text.encode()) <= self.ex.inputs_env_limit else ""
 
     async def _execute(self) -> AttemptResult:
+        secret_env = await self._resolve_secrets()
+        if isinstance(secret_env, AttemptResult):
+            return secret_env
         prepared = self._prepare()
         if isinstance(prepared, AttemptResult):
             return prepared
         argv, inputs, env = prepared
+        env.update(secret_env)
         if self.kill_outcome is not None:
             return AttemptResult(self.kill_outcome, error=self.kill_reason)
-        if self.ex._wrapper:
-            program = resolve_program(argv[0], env["PATH"], cwd=self.cwd)
-            if program is None:
-                return AttemptResult.failed(f"cannot run {argv[0]!r}: no such file", exit_code=127)
-            argv = [*self.ex._wrapper, program, *argv[1:]]
+        program = resolve_program(argv[0], env["PATH"], cwd=self.cwd)
+        if program is None:
+            return AttemptResult.failed(f"cannot run {argv[0]!r}: no such file", exit_code=127)
+        confinement = self.confinement
+        assert confinement is not None
+        chain, start_env, self.barrier = start_argv(
+            confinement.prefix(self.limits),
+            program,
+            argv[1:],
+            env,
+            barrier=confinement.needs_barrier,
+        )
         loop = asyncio.get_running_loop()
-        pipes = _Pipes(self.ex.tail_bytes, loop)
+        pipes = _Pipes(self.ex.tail_bytes + (self.redactor.margin if self.redactor else 0), loop)
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: pipes,
-                *argv,
+                *chain,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
+                env=start_env,
                 cwd=self.cwd,
                 start_new_session=True,
             )
@@ -369,11 +452,20 @@ class _ExecAttempt:
         keeper = self.ex.keeper
         if keeper is not None:
             keeper.register(self.pgid)
+        assert self.confinement is not None
+        # The first process waits at the start barrier until its limits and cgroup are set.
+        problem = self.confinement.started(self.pgid, self.limits)
         try:
             stdin: Any = transport.get_pipe_transport(0)
+            if problem:
+                self.kill_outcome, self.kill_reason = FAILED, problem
+                self._signal(signal.SIGKILL)
+            elif stdin is not None:
+                # The go line for the start barrier, if there is one; then the inputs.
+                data = b"\n" + inputs if self.barrier else inputs
+                if data:
+                    stdin.write(data)
             if stdin is not None:
-                if inputs:
-                    stdin.write(inputs)
                 stdin.close()
             if self.kill_outcome is not None:
                 self._begin_kill()
@@ -410,8 +502,11 @@ class _ExecAttempt:
             return AttemptResult.failed(
                 exit_message(rc), exit_code=rc, stdout_tail=out, stderr_tail=err
             )
-        outputs, problem = read_outputs(
-            os.path.join(self.tmpdir, OUTPUT_FILE_NAME), self.ex.max_output_bytes
+        outputs, problem = await asyncio.to_thread(
+            read_outputs,
+            os.path.join(self.tmpdir, OUTPUT_FILE_NAME),
+            self.ex.max_output_bytes,
+            self.confinement.uid,
         )
         if problem:
             return AttemptResult.failed(

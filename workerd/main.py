@@ -3,6 +3,10 @@
 The only place workerd configures logging (stderr; stdout stays quiet). SIGTERM or SIGINT
 drains: no new work, running attempts finish, their results are acked, Goodbye, exit 0. A second
 signal kills the attempts and exits at once.
+
+Before connecting it checks who exec actions would run as (root, or the coordinator's uid, is
+refused unless ``--allow-root``: :func:`plait.workerd.runas.exec_identity_problems`) and
+prepares the sandbox (:mod:`plait.workerd.startup`); either failing is exit status 2.
 """
 
 from __future__ import annotations
@@ -20,9 +24,17 @@ from plait.worker.executor import Executor
 from plait.worker.handlers import Worker
 from plait.worker.serve import serve
 from plait.worker.session import SessionStats, WorkerSession
-from plait.workerd.config import WorkerdConfig, build_parser, config_from_args, load_worker
+from plait.workerd.config import (
+    WorkerdConfig,
+    build_parser,
+    config_from_args,
+    load_worker,
+    parse_coordinator,
+)
 from plait.workerd.exec_executor import ExecExecutor, install_child_watcher
 from plait.workerd.keeper import Keeper
+from plait.workerd.runas import exec_identity_problems
+from plait.workerd.startup import ExecSetup, prepare_exec
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +45,31 @@ async def run(
     *,
     install_signal_handlers: bool = True,
     on_session: Callable[[WorkerSession], None] | None = None,
+    exec_setup: ExecSetup | None = None,
 ) -> SessionStats:
-    """Runs the daemon until it drains or stops."""
+    """Runs the daemon until it drains or stops.
+
+    ``exec_setup`` is the prepared sandbox (:func:`prepare_for`); made here when not given.
+    """
     keeper: Keeper | None = None
     executors: list[Executor] = []
     if config.exec_enabled:
+        if exec_setup is None:
+            exec_setup = prepare_for(config)
         keeper = Keeper()
         keeper.start()
-        executors.append(ExecExecutor(keeper=keeper))
+        exec_setup.attach(keeper)
+        executors.append(
+            ExecExecutor(
+                keeper=keeper,
+                secrets=config.secrets,
+                sandbox=exec_setup.sandbox,
+                tmp_root=exec_setup.tmp.path,
+            )
+        )
+        log.info("sandbox: %s", exec_setup.summary())
+        for warning in exec_setup.warnings:
+            log.warning("%s", warning)
     log.info(
         "plait-workerd %s: worker %s, %d slot(s) (adaptive %s), resources %s, exec %s,"
         " %d handler(s), coordinator %s (%s%s)",
@@ -78,6 +107,36 @@ async def run(
     finally:
         if keeper is not None:
             keeper.close()
+        if exec_setup is not None:
+            exec_setup.close()
+
+
+def prepare_for(config: WorkerdConfig) -> ExecSetup:
+    """The exec sandbox for ``config`` (:func:`plait.workerd.startup.prepare_exec`).
+
+    Raises:
+        ConfigError: the tmp root or ``--cgroup`` cannot be used.
+    """
+    return prepare_exec(
+        worker_id=config.worker_id,
+        slots=config.slots,
+        run_as=config.run_as,
+        allow_root=config.allow_root,
+        rlimits=config.rlimits,
+        cgroup=config.cgroup,
+        tmp_root=config.tmp_root,
+    )
+
+
+def check_exec_identity(config: WorkerdConfig) -> tuple[str, list[str]]:
+    """(refusal, warnings) about who exec actions would run as (none with ``--no-exec``)."""
+    if not config.exec_enabled:
+        return "", []
+    return exec_identity_problems(
+        coordinators=parse_coordinator(config.coordinator),
+        run_as=config.run_as,
+        allow_root=config.allow_root,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,14 +149,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"plait-workerd: error: {err.message}", file=sys.stderr)
         return 2
+    refusal, warnings = check_exec_identity(config)
+    if refusal:
+        print(f"plait-workerd: error: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=config.log_level,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in warnings:
+        log.warning("%s", warning)
+    try:
+        exec_setup = prepare_for(config) if config.exec_enabled else None
+    except ConfigError as err:
+        print(f"plait-workerd: error: {err.message}", file=sys.stderr)
+        return 2
     install_child_watcher()
     try:
-        asyncio.run(run(config, workers))
+        asyncio.run(run(config, workers, exec_setup=exec_setup))
     except KeyboardInterrupt:
         return 130
     return 0

@@ -3,7 +3,10 @@
 Nothing from workerd's own environment reaches an action except ``PATH``: the child gets
 ``HOME`` and ``TMPDIR`` pointing at its own temp dir, ``LANG=C.UTF-8``, the spec's ``env``, and
 the ``PLAIT_*`` variables below. The child runs in a new session (its own process group) and
-asks the kernel for SIGKILL when workerd dies (``PR_SET_PDEATHSIG``, see :func:`pdeathsig_wrapper`).
+asks the kernel for SIGKILL when workerd dies (``PR_SET_PDEATHSIG``, through util-linux
+``setpriv``: :func:`find_setpriv`). How it is started — the chain of start steps, the start
+barrier and the loader variables kept from them — is :func:`start_argv`, used by
+:mod:`plait.workerd.confinement`.
 """
 
 from __future__ import annotations
@@ -125,16 +128,107 @@ def env_without_nul(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k and "=" not in k and "\0" not in k + v}
 
 
-def pdeathsig_wrapper(path: str) -> tuple[str, ...]:
-    """The argv prefix that sets ``PR_SET_PDEATHSIG=SIGKILL`` before exec'ing the action.
+def find_setpriv(path: str) -> str | None:
+    """util-linux ``setpriv`` on ``path`` (and the usual system directories), or None.
 
-    util-linux's ``setpriv --pdeathsig KILL --`` does the prctl and execs the command, so the
-    child needs no ``preexec_fn``: Python code between fork and exec is unsafe in a process
-    with gRPC's threads (it crashed in testing) and forces fork() instead of vfork(). Returns
-    ``()`` when setpriv is not installed; the keeper still kills every group if workerd dies.
+    ``setpriv`` does the prctls and the user switch and execs the command, so the child needs
+    no ``preexec_fn``: Python code between fork and exec is unsafe in a process with gRPC's
+    threads (it crashed in testing), and so is any ``fork()`` there — ``subprocess`` only uses
+    ``vfork()`` when it switches no user itself.
     """
-    found = shutil.which("setpriv", path=f"{path}:/usr/bin:/bin:/usr/sbin:/sbin")
-    return (found, "--pdeathsig", "KILL", "--") if found else ()
+    return shutil.which("setpriv", path=f"{path}:/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+# Variables that change how a dynamically linked program or a shell starts: glibc's list of
+# variables it ignores in privileged (AT_SECURE) programs, the loader and malloc families, and
+# the shells' start-up hooks. The sandbox's own start steps (setpriv, still root when it
+# switches to the --run-as user; prlimit; the barrier shell) run before the attempt's user,
+# limits and cgroup are all in place, so they must never see these: an LD_PRELOAD'ed library
+# would run as root there. Such variables travel under another name and are restored by the
+# barrier shell, just before it execs the action. Locale variables count only when their value
+# is a path (glibc then loads locale data or message catalogs from it).
+_DEFERRED = frozenset(
+    {
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "GLIBC_TUNABLES",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TZDIR",
+        "BASH_ENV",
+        "ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "IFS",
+        "PS4",
+        "CDPATH",
+        "PWD",  # the shell sets it; the action gets exactly the spec's (or none)
+    }
+)
+_DEFERRED_PREFIXES = ("LD_", "MALLOC_", "BASH_FUNC_")
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+DEFERRED_PREFIX = "PLAIT_SANDBOX_DEFERRED_"
+# The start barrier: the attempt's first process waits here (reading one line of stdin) while
+# workerd moves it into its cgroup, then execs the action. It also restores deferred variables.
+BARRIER = 'read -r _ || exit 125; unset PWD; exec "$@"'
+BARRIER_NAME = "plait-sandbox"
+
+
+_LOCALE = ("LANG", "LANGUAGE", "LC_")
+
+
+def deferred_variable(name: str, value: str = "") -> bool:
+    """Whether ``name=value`` may change how the sandbox's start steps run (see ``_DEFERRED``)."""
+    if name in _DEFERRED or name.startswith(_DEFERRED_PREFIXES):
+        return True
+    return "/" in value and (name in _LOCALE[:2] or name.startswith(_LOCALE[2]))
+
+
+def barrier_script(env: Mapping[str, str]) -> tuple[Mapping[str, str], str]:
+    """(environment for the start steps, barrier script) for an attempt's final ``env``.
+
+    The common case (no deferred variable) returns ``env`` itself and :data:`BARRIER`. A
+    deferred variable whose name is not a shell name (``BASH_FUNC_f%%``) cannot be restored by
+    the shell and is dropped.
+    """
+    moved = [k for k, v in env.items() if deferred_variable(k, v)]
+    if not moved:
+        return env, BARRIER
+    out = {k: v for k, v in env.items() if k not in moved}
+    steps = ["read -r _ || exit 125; unset PWD"]
+    for name in moved:
+        if _SHELL_NAME.fullmatch(name):
+            carrier = DEFERRED_PREFIX + name
+            out[carrier] = env[name]
+            steps.append(f'export {name}="${carrier}"; unset {carrier}')
+    steps.append('exec "$@"')
+    return out, "; ".join(steps)
+
+
+def start_argv(
+    prefix: Sequence[str],
+    program: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    barrier: bool,
+) -> tuple[list[str], Mapping[str, str], bool]:
+    """(argv, env, whether the barrier is in it) that start an attempt: ``prefix`` (setpriv,
+    prlimit), then the action.
+
+    With ``barrier`` (a cgroup to join) — or when ``env`` holds a deferred variable — the
+    barrier shell comes between them, and waits for a go line on stdin. ``program`` must be a
+    path (see :func:`resolve_program`).
+    """
+    start_env, script = barrier_script(env)
+    if not barrier and script == BARRIER:
+        return [*prefix, program, *args], env, False
+    return [*prefix, "/bin/sh", "-c", script, BARRIER_NAME, program, *args], start_env, True
 
 
 def resolve_program(program: str, path: str, cwd: str | None = None) -> str | None:

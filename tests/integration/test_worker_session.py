@@ -219,6 +219,7 @@ async def test_workerd_serves_exec_and_handlers_and_drains_on_sigterm(h: Harness
             str(handlers),
             "--reconnect-backoff",
             "50ms:1s",
+            "--allow-root",
         ],
         env=env,
         stdout=subprocess.PIPE,

@@ -274,8 +274,15 @@ class Cluster:
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         wait: bool = True,
+        allow_root: bool = True,
+        tmp_root: str | Path | None = None,
     ) -> Daemon:
-        """Starts a workerd connected to the coordinator; by default waits until it is listed."""
+        """Starts a workerd connected to the coordinator; by default waits until it is listed.
+
+        The tests run as root, so workerd gets ``--allow-root`` (unless ``allow_root=False``,
+        e.g. with ``--run-as`` in ``extra_args``), and a tmp root of its own under the
+        cluster's directory (or ``tmp_root``), so that concurrent clusters never share one.
+        """
         argv = [
             sys.executable,
             "-m",
@@ -288,7 +295,11 @@ class Cluster:
             str(slots),
             "--reconnect-backoff",
             "50ms:1s",
+            "--tmp-root",
+            str(tmp_root if tmp_root is not None else self.tmp / f"{name}.attempts"),
         ]
+        if allow_root:
+            argv.append("--allow-root")
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
         for handler in handlers:

@@ -115,6 +115,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
                         "4",
                         "--handlers",
                         "examples.handlers:worker",
+                        "--allow-root",
                     ],
                     stdout=wlog,
                     stderr=subprocess.STDOUT,

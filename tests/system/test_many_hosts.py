@@ -192,6 +192,7 @@ class Fleet(Cluster):
             "--slots", "2",
             "--label", f"host={name}",
             "--no-adaptive",  # a loaded CI machine must not make a worker withhold its slots
+            "--allow-root",  # the tests run as root
             "--reconnect-backoff", "50ms:1s",
             "--tls-ca", str(self.tls / "ca.crt"),
             "--tls-cert", str(self.tls / f"worker-{name}.crt"),
