@@ -7,6 +7,13 @@ connection on another thread, which WAL lets run beside the writer.
 Leadership is an exclusive ``flock`` on ``PATH.lock``: a second coordinator pointed at the same
 file waits as a standby and takes over the moment the first one dies (the kernel drops the lock
 with the process), so no term fencing is needed inside the database itself.
+
+File modes (:func:`private_journal_dir`): the journal holds every input and output, so its files
+(``PATH``, ``-wal``, ``-shm``, ``.lock``, ``.leader``) are created 0600 — SQLite gives ``-wal``
+and ``-shm`` the database's mode, so the database is created 0600 before SQLite opens it — and
+a missing directory is created 0700. An existing directory is used as it is unless another
+user owns it or group or others may write to it (they could plant or swap the journal's files):
+then the coordinator refuses to start. Existing files of ours with looser modes are tightened.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from plait.coordinator.journal.store import REVOKED_PREFIX, DeposedError, JournalHead
+from plait.errors import ConfigError
 from plait.hlc import HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
 
@@ -40,6 +49,70 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _PRUNE_CHUNK = 200
 
 
+JOURNAL_DIR_MODE = 0o700
+JOURNAL_FILE_MODE = 0o600
+# Every file beside the database that SQLite or the file-lock leadership writes.
+JOURNAL_SUFFIXES = ("", "-wal", "-shm", "-journal", ".lock", ".leader")
+
+
+def private_journal_dir(path: str) -> None:
+    """Makes ``path``'s directory safe for the journal (see the module docstring).
+
+    Creates it 0700 when missing; refuses one another user owns or group or others may write;
+    tightens to 0600 any journal file of ours that is looser.
+
+    Raises:
+        ConfigError: the directory or a journal file is not private; the message says why.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=JOURNAL_DIR_MODE)
+        os.chmod(directory, JOURNAL_DIR_MODE)  # makedirs' mode is filtered by the umask
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"journal directory {directory}: {e.strerror or e}") from None
+    st = os.stat(directory)
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise ConfigError(
+            f"journal directory {directory} belongs to uid {st.st_uid}, not to this process"
+            f" (uid {uid}): its owner could replace the journal's files; use a directory of"
+            " this user's, mode 0700"
+        )
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            f"journal directory {directory} is mode {stat.S_IMODE(st.st_mode):04o}: group or"
+            " others may write there and plant or swap the journal's files (-wal, -shm); use"
+            f" a directory only its owner can write (chmod 700 {directory})"
+        )
+    for suffix in JOURNAL_SUFFIXES:
+        _tighten(path + suffix, uid)
+
+
+def _tighten(file: str, uid: int) -> None:
+    try:
+        st = os.lstat(file)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+        raise ConfigError(
+            f"journal file {file} is not a regular file of this process's user (uid {uid});"
+            " move it away or fix its owner"
+        )
+    if stat.S_IMODE(st.st_mode) & ~JOURNAL_FILE_MODE:
+        os.chmod(file, JOURNAL_FILE_MODE)
+
+
+def _create_private(file: str) -> None:
+    """Creates ``file`` (if missing) with mode 0600, whatever the umask."""
+    fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, JOURNAL_FILE_MODE)
+    try:
+        os.fchmod(fd, JOURNAL_FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -52,15 +125,18 @@ class SqliteJournal:
     """A :class:`~plait.coordinator.journal.store.JournalStore` on a local SQLite file."""
 
     def __init__(self, path: str) -> None:
+        private_journal_dir(path)  # at construction, so a refusal stops start-up (exit 2)
         self.path = path
         self.term = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="plait-journal-w")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="plait-journal-r")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        self._oconn: sqlite3.Connection | None = None  # read_outputs, on the caller's thread
 
     def _open(self) -> JournalHead:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), JOURNAL_DIR_MODE, exist_ok=True)
+        _create_private(self.path)  # SQLite creates -wal and -shm with the database's mode
         conn = self._wconn = _connect(self.path)
         conn.executescript(_SCHEMA)
         conn.execute(
@@ -151,6 +227,14 @@ class SqliteJournal:
             self._reader, self._read, workflow_id, after_sequence, limit
         )
 
+    def read_outputs(self, sequence: int) -> str | None:
+        conn = self._oconn
+        if conn is None:
+            assert self._wconn is not None, "journal not open"
+            conn = self._oconn = _connect(self.path)
+        row = conn.execute("SELECT payload FROM events WHERE sequence = ?", (sequence,)).fetchone()
+        return None if row is None else pb.HistoryEvent.FromString(row[0]).outputs_json
+
     def _page(self, after: int, limit: int) -> list[pb.HistoryEvent]:
         conn = self._rconn
         assert conn is not None, "journal not open"
@@ -239,6 +323,9 @@ class SqliteJournal:
         )
 
     async def close(self) -> None:
+        if self._oconn is not None:
+            self._oconn.close()
+            self._oconn = None
         loop = asyncio.get_running_loop()
         for pool, attr in ((self._writer, "_wconn"), (self._reader, "_rconn")):
             conn = getattr(self, attr)
@@ -259,8 +346,8 @@ class FileLockLeadership:
         self._lost = asyncio.Event()
 
     def _try_lock(self) -> bool:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), JOURNAL_DIR_MODE, exist_ok=True)
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, JOURNAL_FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -270,6 +357,7 @@ class FileLockLeadership:
         return True
 
     def _next_term(self) -> int:
+        _create_private(self.path)  # elected before the journal opens: it may create the file
         conn = _connect(self.path)
         try:
             conn.executescript(_SCHEMA)
@@ -288,7 +376,9 @@ class FileLockLeadership:
 
     def _elected(self) -> int:
         term = self._next_term()
-        with open(self.path + ".leader", "w") as f:
+        leader = self.path + ".leader"
+        _create_private(leader)
+        with open(leader, "w") as f:
             json.dump({"address": self.advertise, "term": term, "pid": os.getpid()}, f)
         return term
 

@@ -75,7 +75,8 @@ class ActionOptions(TypedDict, total=False):
     """The keyword arguments of :meth:`Workflow.exec` and :meth:`Workflow.handler`.
 
     Each is the YAML action key of the same name (docs/workflows.md); ``None`` means unset.
-    ``map_over="list.images"`` is short for ``map="list.images"``.
+    ``map_over="list.images"`` is short for ``map="list.images"``. ``secrets`` and ``rlimits``
+    apply to :meth:`Workflow.exec` actions only.
     """
 
     needs: Needs
@@ -97,6 +98,8 @@ class ActionOptions(TypedDict, total=False):
     lock: str | Sequence[str] | None
     semaphores: Sequence[str | Mapping[str, Any]] | None
     speculate: Duration | str | Mapping[str, Any] | None
+    secrets: Sequence[str] | Mapping[str, str] | None
+    rlimits: Mapping[str, int | float | str | timedelta] | None
 
 
 class Workflow:
@@ -156,7 +159,9 @@ class Workflow:
 
         ``options`` are the YAML action keys (:class:`ActionOptions`): needs, input, env,
         timeout, retry, slots, selector, join, map (or map_over), resources, queue_timeout,
-        heartbeat_timeout, priority, concurrency_key, concurrency_limit, lock, semaphores.
+        heartbeat_timeout, priority, concurrency_key, concurrency_limit, lock, semaphores,
+        speculate, secrets (``["API_TOKEN"]`` or ``{"VAR": "secret-name"}``: resolved by the
+        worker into the environment) and rlimits (``{"address_space": "4GiB", "cpu": "10m"}``).
         """
         run: Any = argv if isinstance(argv, str) else list(argv)
         if shell and not isinstance(run, str):

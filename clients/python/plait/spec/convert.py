@@ -8,7 +8,8 @@ first, and reported naming the source, the action (index and id) and the field, 
     got 'soon'
 
 This module converts the document, its defaults and each action's own keys; the keys that say
-how actions run together (join, map, resources, semaphores) are in :mod:`plait.spec.patterns`
+how actions run together (join, map, resources, semaphores) are in :mod:`plait.spec.patterns`,
+those that set up an exec action's sandbox (secrets, rlimits) in :mod:`plait.spec.exec_options`
 and the shared field checks in :mod:`plait.spec.fields`. Structural checks that need the whole
 DAG (cycles) are the coordinator's job at submit; the converter pre-checks duplicate ids and
 unknown ``needs`` only because it can name them better.
@@ -20,6 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from plait.spec.exec_options import convert_exec_options
 from plait.spec.fields import (
     NAME_RE,
     UNSUPPORTED_KEYS,
@@ -97,6 +99,8 @@ ACTION_KEYS = (
     "semaphores",
     "pipeline",
     "speculate",
+    "secrets",
+    "rlimits",
 )
 RETRY_KEYS = (
     "max_attempts",
@@ -445,6 +449,7 @@ def convert_action(
         spec.needs.extend(_needs(raw["needs"], loc.child("needs"), probs))
     _kind(raw, loc, spec, probs)
     _options(raw, loc, spec, probs)
+    convert_exec_options(raw, loc, spec, probs)
     _scheduling(raw, loc, spec, probs)
     _patterns(raw, loc, spec, probs)
     return spec
