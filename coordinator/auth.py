@@ -53,6 +53,7 @@ RPC_ROLES: Mapping[str, Role | str] = {
     _WF + "ListWorkflows": Role.READ,
     _WF + "WatchWorkflow": Role.READ,
     _WF + "GetActionLogs": Role.READ,
+    _WF + "GetActionOutputs": Role.READ,
     _WF + "CancelWorkflow": Role.OPERATE,
     _WF + "RetryWorkflow": Role.OPERATE,
     WORKER_CONNECT: Role.WORKER,

@@ -25,6 +25,7 @@ from google.rpc import code_pb2, status_pb2
 from plait.coordinator.core import sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, WorkflowRecord
+from plait.coordinator.core.outputs import COPIED_COLLECTION_BYTES, collected_bytes
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
@@ -174,7 +175,7 @@ def fan_over(a: ActionRecord) -> tuple[str, int]:
     return a.spec.map.over, a.spec.map.max_items
 
 
-def items_of(a: ActionRecord) -> list[object] | str:
+def items_of(st: SchedulerState, a: ActionRecord) -> list[object] | str:
     """The list ``over`` names, or why it cannot be read."""
     over = fan_over(a)[0]
     need_id, _, path = over.partition(".")
@@ -183,7 +184,7 @@ def items_of(a: ActionRecord) -> list[object] | str:
         return f"map.over {over!r}: {need_id!r} is not one of its needs"
     if src.state != t.SUCCEEDED:
         return f"map.over {over!r}: {need_id!r} ended {_ended_word(src)}"
-    value: object = json.loads(src.outputs_json or "{}")
+    value: object = json.loads(st.outputs.text(src) or "{}")
     for key in path.split(".") if path else []:
         if not isinstance(value, dict) or key not in value:
             return f"map.over {over!r}: the outputs of {need_id!r} have no {key!r}"
@@ -195,7 +196,7 @@ def items_of(a: ActionRecord) -> list[object] | str:
 
 def expand(st: SchedulerState, a: ActionRecord) -> None:
     """Turns a map action whose needs are met into one child per item (journalled)."""
-    items = items_of(a)
+    items = items_of(st, a)
     over, max_items = fan_over(a)
     limit = max_items or st.max_map_items
     if isinstance(items, list) and len(items) > limit:
@@ -307,11 +308,11 @@ def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
     if v == READY and (done or cancel or not a.children):
         if cancel:
             cancel_remaining(st, a, a.children)
-        items = ",".join(
-            (c.outputs_json or "{}") if c.state == t.SUCCEEDED else "null" for c in a.children
-        )
-        outputs = f'{{"items":[{items}]}}'
-        a.outputs_json = outputs
+        # Copied into the event up to a bound; past it not copied at all: the outputs are the
+        # children's, put together when read (core.outputs), as replay finds them again.
+        items = [c if c.state == t.SUCCEEDED else None for c in a.children]
+        copy = collected_bytes(items) <= COPIED_COLLECTION_BYTES
+        outputs = st.outputs.collect(items) if copy else ""
         a.committed_token = 0
         st.finish_action(a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs)
     elif v == IMPOSSIBLE:

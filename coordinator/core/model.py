@@ -39,7 +39,12 @@ class ActionRecord:
     lease: LeaseRecord | None = None
     hedge: LeaseRecord | None = None  # a second live lease (speculation)
     worker_id: str = ""
+    # Committed outputs (core.outputs): the text when small; else the sequence of the journal
+    # event holding them (outputs_ref), or, for a map or pipeline, the children they collect.
     outputs_json: str = ""
+    outputs_ref: int = 0
+    outputs_bytes: int = 0  # UTF-8 size, however they are kept
+    outputs_items: list[ActionRecord | None] | None = None
     committed_token: int = 0  # token of the result that committed, 0 if none did
     error: status_pb2.Status | None = None
     exit_code: int = 0
@@ -184,33 +189,63 @@ class Observation:
     lease_id: str = ""
 
 
+# What a lease costs in a grant message beyond its inputs and spec (ids, ttl, traceparent).
+LEASE_OVERHEAD_BYTES = 1024
+
+
 class Outcome:
-    """What one batch of stimuli produced: journal first, then deliver."""
+    """What one batch of stimuli produced: journal first, then deliver.
 
-    __slots__ = ("_acks", "_grants", "closes", "observations", "records", "replies", "sends")
+    ``grant_bytes``: how many bytes of leases one LeaseGrant message may carry (so that it
+    fits the gRPC message limit; one lease alone may use all of it).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "_acks",
+        "_grant_bytes",
+        "_grants",
+        "closes",
+        "grant_bytes",
+        "observations",
+        "records",
+        "replies",
+        "sends",
+    )
+
+    def __init__(self, grant_bytes: int = 1 << 62) -> None:
         self.records: list[pb.HistoryEvent] = []
         self.sends: dict[str, list[wpb.ConnectResponse]] = {}
         self.replies: list[tuple[object, object]] = []
         self.observations: list[Observation] = []
         self.closes: list[SessionEnd] = []
+        self.grant_bytes = grant_bytes
         self._grants: dict[str, wpb.LeaseGrant] = {}
+        self._grant_bytes: dict[str, int] = {}
         self._acks: dict[str, wpb.Ack] = {}
 
     def send(self, session_id: str, msg: wpb.ConnectResponse) -> None:
         """Queues a message for a worker's stream."""
         self.sends.setdefault(session_id, []).append(msg)
 
-    def grant(self, session_id: str, sequence: int) -> wpb.LeaseGrant:
-        """The batch of leases for a session in this outcome (one LeaseGrant per session)."""
+    def grant(self, w: WorkerRecord, lease_bytes: int) -> wpb.LeaseGrant:
+        """The LeaseGrant a lease of ``lease_bytes`` for ``w`` goes in: one per session in this
+        outcome, and another, with the session's next grant sequence, whenever the open one
+        would pass ``grant_bytes``."""
+        session_id = w.session_id
+        size = lease_bytes + LEASE_OVERHEAD_BYTES
         g = self._grants.get(session_id)
-        if g is None:
-            msg = wpb.ConnectResponse()
-            msg.lease_grant.sequence = sequence
-            g = msg.lease_grant
-            self._grants[session_id] = g
-            self.send(session_id, msg)
+        if g is not None:
+            used = self._grant_bytes[session_id] + size
+            if used <= self.grant_bytes:
+                self._grant_bytes[session_id] = used
+                return g
+        w.grant_seq += 1
+        msg = wpb.ConnectResponse()
+        msg.lease_grant.sequence = w.grant_seq
+        g = msg.lease_grant
+        self._grants[session_id] = g
+        self._grant_bytes[session_id] = size
+        self.send(session_id, msg)
         return g
 
     def ack(self, session_id: str) -> wpb.Ack:

@@ -172,7 +172,8 @@ def _apply_end(st: SchedulerState, a: ActionRecord, ev: pb.HistoryEvent) -> None
         a.failures += 1  # an attempt failed (a lease-loss budget failure names no lease)
     a.workflow.remaining -= 1
     if ev.action_state == t.SUCCEEDED:
-        a.outputs_json = ev.outputs_json
+        # Kept as live: in memory when small, else by this event's sequence (core.outputs).
+        st.outputs.keep(a, ev.outputs_json, ev.sequence, live=False)
         for d in a.dependents:
             d.unmet -= 1
     else:

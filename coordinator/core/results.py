@@ -9,7 +9,6 @@ this does no I/O.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -25,6 +24,7 @@ from plait.coordinator.core.sessions import (
 )
 from plait.errors import ERROR_DOMAIN
 from plait.hlc import HlcTimestamp
+from plait.jsonlimits import MAX_JSON_DEPTH, json_problem
 from plait.v1 import hlc_pb2
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -174,7 +174,7 @@ def on_result(
             hedges.observe(st, lease)
             hedges.cancel_sibling(st, a, out)  # a hedge race: the loser is fenced
             a.committed_token = res.fencing_token
-            a.outputs_json = outputs
+            # finish_action keeps the outputs (in memory when small: core.outputs).
             st.finish_action(
                 a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs, **fields
             )
@@ -194,16 +194,22 @@ def on_result(
     )
 
 
-def check_outputs(outputs: str) -> str | None:
-    """Why outputs are unacceptable (size, not a JSON object), or None."""
-    if len(outputs) > MAX_OUTPUT_BYTES:
-        return f"outputs are {len(outputs)} bytes; the limit max_output_bytes is {MAX_OUTPUT_BYTES}"
+def check_outputs(
+    outputs: str, max_bytes: int = MAX_OUTPUT_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> str | None:
+    """Why outputs are unacceptable (size, nesting, not a JSON object), or None; never raises.
+
+    The worker servicer checks size and nesting against the configured limits before a result
+    becomes a stimulus; this is the core's own check, and its backstop. The message names the
+    field and the limit: ``outputs_json is 2000000 bytes; the limit max_output_bytes is ...``.
+    """
     if outputs == "{}":
         return None
-    try:
-        value = json.loads(outputs)
-    except ValueError as e:
-        return f"outputs are not valid JSON: {e}"
-    if not isinstance(value, dict):
-        return "outputs must be a JSON object"
-    return None
+    problem = json_problem(
+        outputs,
+        max_bytes=max_bytes,
+        bytes_limit="max_output_bytes",
+        max_depth=max_depth,
+        want_object=True,
+    )
+    return None if problem is None else f"outputs_json {problem}"

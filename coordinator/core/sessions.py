@@ -52,19 +52,25 @@ def action_for_lease_id(st: SchedulerState, lease_id: str) -> ActionRecord | Non
 
 
 def grant(
-    st: SchedulerState, w: WorkerRecord, a: ActionRecord, out: Outcome, *, hedge: bool = False
+    st: SchedulerState,
+    w: WorkerRecord,
+    a: ActionRecord,
+    out: Outcome,
+    *,
+    hedge: bool = False,
+    inputs: tuple[str, int] | None = None,
 ) -> None:
     """Leases ``a`` to ``w`` with a new fencing token; the grant is sent after the commit.
 
     ``hedge``: a second attempt beside the running one (speculation); the state stays.
+    ``inputs``: the lease's inputs and size, when dispatch has built (and checked) them.
     """
+    inputs_json, lease_bytes = inputs or st.lease_inputs(a)
     a.token += 1
     a.attempt += 1
     wf_id = a.workflow.workflow_id
     lease_id = f"{wf_id}/{a.spec.id}/{a.token}"
-    if w.session_id not in out._grants:
-        w.grant_seq += 1
-    g = out.grant(w.session_id, w.grant_seq)
+    g = out.grant(w, lease_bytes)
     lease = LeaseRecord(lease_id, a, w, a.token, a.attempt, w.grant_seq, st.now, a.slots)
     if hedge:
         a.hedge = lease
@@ -86,7 +92,7 @@ def grant(
         action_id=a.spec.id,
         attempt=a.attempt,
         fencing_token=a.token,
-        inputs_json=st.inputs_json(a),
+        inputs_json=inputs_json,
         idempotency_key=a.key,
     )
     lp.action.CopyFrom(a.spec)
@@ -151,6 +157,8 @@ def lose_lease(
     charge: bool = True,
 ) -> None:
     """A lease is lost: fence the holder, then re-queue the action (or fail it past budget)."""
+    if st.leases.get(lease.lease_id) is not lease:
+        return  # dropped already: a loss earlier in the same loop failed a fail_fast workflow
     if hedges.end_one(st, lease, reason, out):
         return
     drop_lease(st, lease)

@@ -23,7 +23,18 @@ from datetime import timedelta
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import hedges, joins, limits, retry, revocation, sessions, workers
+from plait.coordinator.config import Limits
+from plait.coordinator.core import (
+    hedges,
+    joins,
+    lease_size,
+    limits,
+    retry,
+    revocation,
+    sessions,
+    workers,
+)
+from plait.coordinator.core import outputs as o
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
@@ -48,6 +59,7 @@ from plait.coordinator.core.model import (
 )
 from plait.errors import FailedPreconditionError
 from plait.hlc import ZERO, HlcTimestamp, HybridLogicalClock
+from plait.jsonlimits import utf8_len
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
@@ -69,6 +81,8 @@ class CoreConfig:
     lease_ttl: timedelta = timedelta(seconds=30)
     kill_grace: timedelta = timedelta(seconds=10)
     lease_loss_budget: int = 3
+    # A lease's inputs plus its action spec, in bytes; larger fails the action at grant time.
+    max_lease_bytes: int = Limits().max_lease_bytes
 
 
 class _EventClock:
@@ -99,9 +113,11 @@ class SchedulerState:
         last_sequence: int = 0,
         rng: random.Random | None = None,
         max_map_items: int = 100_000,
+        outputs: o.OutputStore | None = None,
     ) -> None:
         self.config = config
         self.max_map_items = max_map_items
+        self.outputs = outputs or o.OutputStore()
         self.ttl = config.lease_ttl.total_seconds()
         self._clock = _EventClock()
         self.hlc = HybridLogicalClock(self._clock, max_clock_offset_ms, floor=hlc_floor)
@@ -136,7 +152,8 @@ class SchedulerState:
         """Applies a batch of stimuli at one instant and returns what must happen next."""
         self._clock.wall, self._clock.mono = at.wall_ms, at.monotonic
         self.now = at.monotonic
-        out = Outcome()
+        self.outputs.cache.durable()  # the previous batch is committed by now
+        out = Outcome(self.config.max_lease_bytes)
         for s in stimuli:
             self.cause = s.cause
             if isinstance(s, WorkerMessageReceived):
@@ -369,6 +386,9 @@ class SchedulerState:
         ev = self.record(a.workflow, type_, a, message=reason, **fields)
         if error is not None:
             ev.error.CopyFrom(error)
+        if state == t.SUCCEEDED:
+            text = fields.get("outputs_json", "")
+            self.outputs.keep(a, text if isinstance(text, str) else "", ev.sequence, live=True)
         a.workflow.remaining -= 1
 
     def finish_workflow(self, wf: WorkflowRecord) -> None:
@@ -468,6 +488,12 @@ class SchedulerState:
         if a.failures >= max(1, r.max_attempts):
             return False
         codes, kinds = r.retryable_exit_codes, r.retryable_errors
+        if (
+            error is not None
+            and error.code == code_pb2.FAILED_PRECONDITION
+            and "FAILED_PRECONDITION" not in kinds
+        ):
+            return False  # the worker cannot run it as asked (e.g. a secret it does not provide)
         if outcome != wpb.ACTION_OUTCOME_FAILED or not (codes or kinds):
             return True  # timeouts, and any failure when no list narrows it
         if codes and exit_code in codes:
@@ -543,7 +569,9 @@ class SchedulerState:
                     self.active.popleft()
                 else:
                     self.active.rotate(-1)
-                sessions.grant(self, w, a, out)
+                inputs = lease_size.checked_inputs(self, a)
+                if inputs is not None:
+                    sessions.grant(self, w, a, out, inputs=inputs)
             if not self.active:
                 return
 
@@ -572,18 +600,27 @@ class SchedulerState:
                 return a
         return None
 
-    def inputs_json(self, a: ActionRecord) -> str:
+    def inputs_json(self, a: ActionRecord, *, skeleton: bool = False) -> str:
         """``{"input": …, ["item": …,] "needs": {id: {"state", "outputs"[, "error"]}}}``.
 
         Built by concatenation (every piece is already JSON) so the hot path parses nothing.
         Every need appears, whatever its state: a join sees partial success explicitly.
+        ``skeleton``: every need's outputs left out (to size a lease before reading them).
         """
         parts = []
         for n in a.needs:
             err = f',"error":{json.dumps(n.error.message)}' if n.error is not None else ""
+            if skeleton:
+                outputs = ""
+            else:  # large outputs are read back (core.outputs); small ones are right here
+                outputs = n.outputs_json or (self.outputs.text(n) if n.outputs_bytes else "{}")
             parts.append(
-                f'"{n.spec.id}":{{"state":"{STATE_NAME[n.state]}",'
-                f'"outputs":{n.outputs_json or "{}"}{err}}}'
+                f'"{n.spec.id}":{{"state":"{STATE_NAME[n.state]}","outputs":{outputs}{err}}}'
             )
         item = f',"item":{a.item_json}' if a.parent is not None else ""
         return f'{{"input":{a.spec.input_json or "null"}{item},"needs":{{{",".join(parts)}}}}}'
+
+    def lease_inputs(self, a: ActionRecord) -> tuple[str, int]:
+        """A lease's inputs, and its size: the inputs plus the action spec, in bytes."""
+        inputs = self.inputs_json(a)
+        return inputs, utf8_len(inputs) + a.spec.ByteSize()

@@ -39,7 +39,7 @@ TRANSITIONS: dict[tuple[int, int], str] = {
     (PENDING, RUNNING): "a map action's list arrived: it runs as its children",
     (READY, LEASED): "granted to a worker with free slots",
     (READY, CANCELLED): "workflow cancelled",
-    (READY, FAILED): "no attempt can be made (lease-loss budget spent while waiting)",
+    (READY, FAILED): "no attempt can be made (lease-loss budget spent, lease too large)",
     (READY, TIMED_OUT): "queue timeout: not started in time (no worker could run it)",
     (LEASED, RUNNING): "the worker reported the start",
     (LEASED, SUCCEEDED): "result arrived before (or instead of) the start report",

@@ -7,21 +7,44 @@ Everything is checked before anything is stored, and every problem is reported a
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 
 from plait.coordinator.config import Limits
 from plait.errors import FieldViolation, InvalidArgumentError
+from plait.exec_rules import RLIMITS, rlimit_problems, secret_problems
 from plait.ids import describe_id
+from plait.jsonlimits import json_problem, utf8_len
 from plait.v1 import workflow_pb2
 
 MAX_ATTEMPTS = 100
 MAX_NAME = 128
 MAX_IDEMPOTENCY_KEY = 256
+MAX_DURATION_S = 315_576_000_000  # google.protobuf.Duration's range: +-10,000 years
+MAX_MULTIPLIER = 1000.0  # 1000 ** 99 (the 100th attempt) still fits a float
+MAX_RETRY_LIST = 256  # retryable_exit_codes, retryable_errors entries
+MAX_PATH_BYTES = 1024  # map.over, pipeline.over, a retryable error name
+_JOIN_KINDS = frozenset(workflow_pb2.JoinKind.values())
+
+
+def _bad_duration(d: object) -> str | None:
+    """Why ``d`` is not a valid google.protobuf.Duration (the wire allows any int64)."""
+    s, n = d.seconds, d.nanos  # type: ignore[attr-defined]
+    if abs(s) > MAX_DURATION_S or abs(n) > 999_999_999 or (s > 0 > n) or (s < 0 < n):
+        return (
+            f"is not a valid Duration (seconds {s}, nanos {n}): at most {MAX_DURATION_S} seconds"
+            " and 999999999 nanos, of one sign"
+        )
+    return None
 
 
 def _duration_violation(path: str, d: object, present: bool) -> Iterator[FieldViolation]:
-    if present and (d.seconds < 0 or (d.seconds == 0 and d.nanos <= 0)):  # type: ignore[attr-defined]
+    if not present:
+        return
+    bad = _bad_duration(d)
+    if bad:
+        yield FieldViolation(path, bad)
+    elif d.seconds < 0 or (d.seconds == 0 and d.nanos <= 0):  # type: ignore[attr-defined]
         yield FieldViolation(path, "must be > 0")
 
 
@@ -31,26 +54,106 @@ def _retry_violations(path: str, r: workflow_pb2.RetryPolicy) -> Iterator[FieldV
             f"{path}.max_attempts",
             f"is {r.max_attempts}; must be between 1 and {MAX_ATTEMPTS} (0 inherits the default)",
         )
-    if r.backoff_multiplier and r.backoff_multiplier < 1:
-        yield FieldViolation(f"{path}.backoff_multiplier", "must be >= 1")
+    if r.backoff_multiplier and not 1 <= r.backoff_multiplier <= MAX_MULTIPLIER:
+        yield FieldViolation(
+            f"{path}.backoff_multiplier",
+            f"is {r.backoff_multiplier}; must be between 1 and {MAX_MULTIPLIER:g}",
+        )
     if r.HasField("jitter") and not 0 <= r.jitter <= 1:
         yield FieldViolation(f"{path}.jitter", f"is {r.jitter}; must be between 0 and 1")
     for name in ("initial_backoff", "max_backoff"):
         d = getattr(r, name)
-        if r.HasField(name) and (d.seconds < 0 or d.nanos < 0):
-            yield FieldViolation(f"{path}.{name}", "must be >= 0")
+        if r.HasField(name):
+            bad = _bad_duration(d)
+            if bad or d.seconds < 0 or d.nanos < 0:
+                yield FieldViolation(f"{path}.{name}", bad or "must be >= 0")
+    for name in ("retryable_exit_codes", "retryable_errors"):
+        n = len(getattr(r, name))
+        if n > MAX_RETRY_LIST:
+            yield FieldViolation(
+                f"{path}.{name}", f"has {n} entries; the limit is {MAX_RETRY_LIST}"
+            )
+    for i, kind in enumerate(r.retryable_errors):
+        if utf8_len(kind) > MAX_PATH_BYTES:
+            yield FieldViolation(
+                f"{path}.retryable_errors[{i}]", f"is longer than {MAX_PATH_BYTES} bytes"
+            )
 
 
-def _json_violation(path: str, text: str, limit: int) -> Iterator[FieldViolation]:
+def _json_violation(path: str, text: str, limits: Limits) -> Iterator[FieldViolation]:
+    """``input_json``: size, nesting depth (checked before parsing), then JSON at all."""
     if not text:
         return
-    if len(text) > limit:
-        yield FieldViolation(path, f"is {len(text)} bytes; the limit max_input_bytes is {limit}")
+    problem = json_problem(
+        text,
+        max_bytes=limits.max_input_bytes,
+        bytes_limit="max_input_bytes",
+        max_depth=limits.max_json_depth,
+    )
+    if problem:
+        yield FieldViolation(path, problem)
+
+
+def _map_violations(
+    path: str, entries: Mapping[str, str], limits: Limits, count_limit: str, bytes_limit: str
+) -> Iterator[FieldViolation]:
+    """A string map (labels, selector, env): entry count and total size, within their limits."""
+    n = len(entries)
+    most = getattr(limits, count_limit)
+    if n > most:
+        yield FieldViolation(path, f"has {n} entries; the limit {count_limit} is {most}")
         return
-    try:
-        json.loads(text)
-    except ValueError as e:
-        yield FieldViolation(path, f"is not valid JSON: {e}")
+    size = utf8_len("".join(entries)) + utf8_len("".join(entries.values()))
+    most = getattr(limits, bytes_limit)
+    if size > most:
+        yield FieldViolation(path, f"is {size} bytes; the limit {bytes_limit} is {most}")
+
+
+def labels_violations(
+    path: str, labels: Mapping[str, str], limits: Limits
+) -> Iterator[FieldViolation]:
+    """Workflow labels, a selector, a worker's labels: bounded, keys printable and non-empty."""
+    if not labels:
+        return
+    yield from _map_violations(path, labels, limits, "max_labels", "max_label_bytes")
+    for key, value in labels.items():
+        if not key or not key.isprintable() or not value.isprintable():
+            yield FieldViolation(
+                f"{path}[{key!r}]", "keys must be non-empty; keys and values printable"
+            )
+            return
+
+
+def _caps_violations(
+    path: str, a: workflow_pb2.ActionSpec, limits: Limits
+) -> Iterator[FieldViolation]:
+    """Counts and sizes of an action's argv, env and selector (resources and semaphores are
+    counted with the other patterns, in :func:`_pattern_violations`)."""
+    if a.WhichOneof("kind") == "exec":
+        argv = a.exec.argv
+        joined = "".join(argv)  # one pass in C for the size and the NUL check
+        if len(argv) > limits.max_argv:
+            yield FieldViolation(
+                f"{path}.exec.argv",
+                f"has {len(argv)} entries; the limit max_argv is {limits.max_argv}",
+            )
+        elif utf8_len(joined) > limits.max_argv_bytes:
+            yield FieldViolation(
+                f"{path}.exec.argv",
+                f"is {utf8_len(joined)} bytes; the limit max_argv_bytes is {limits.max_argv_bytes}",
+            )
+        if "\0" in joined:
+            i = next(i for i, arg in enumerate(argv) if "\0" in arg)
+            yield FieldViolation(f"{path}.exec.argv[{i}]", "contains a NUL character")
+    if a.env:
+        yield from _map_violations(f"{path}.env", a.env, limits, "max_env", "max_env_bytes")
+        if "\0" in "".join(a.env.values()):
+            key = next(k for k, v in a.env.items() if "\0" in v)
+            yield FieldViolation(f"{path}.env[{key!r}]", "contains a NUL character")
+    if a.selector:
+        yield from labels_violations(f"{path}.selector", a.selector, limits)
+    if a.HasField("speculate") and a.speculate.HasField("after"):
+        yield from _duration_violation(f"{path}.speculate.after", a.speculate.after, True)
 
 
 def _action_violations(
@@ -88,14 +191,35 @@ def _spec_violations(
         if a.HasField(name):
             yield from _duration_violation(f"{path}.{name}", getattr(a, name), True)
     if _has_pattern(a):
-        yield from _pattern_violations(path, a, maps_a_need)
+        yield from _pattern_violations(path, a, limits, maps_a_need)
     if a.HasField("retry"):
         yield from _retry_violations(f"{path}.retry", a.retry)
     if a.input_json:
-        yield from _json_violation(f"{path}.input_json", a.input_json, limits.max_input_bytes)
+        yield from _json_violation(f"{path}.input_json", a.input_json, limits)
+    yield from _caps_violations(path, a, limits)
     for key in a.env:
         if not key or "=" in key or "\0" in key:
             yield FieldViolation(f"{path}.env", f"bad variable name {key!r}")
+    yield from _exec_option_violations(path, a)
+
+
+def _exec_option_violations(path: str, a: workflow_pb2.ActionSpec) -> Iterator[FieldViolation]:
+    """``secrets`` and ``rlimits`` (rules in plait.exec_rules): exec actions only, in bounds."""
+    if not a.secrets and not a.HasField("rlimits"):
+        return
+    if a.WhichOneof("kind") != "exec":
+        for name, present in (("secrets", bool(a.secrets)), ("rlimits", a.HasField("rlimits"))):
+            if present:
+                yield FieldViolation(
+                    f"{path}.{name}", f"action {a.id!r}: {name} apply to exec actions only"
+                )
+        return
+    for var, problem in secret_problems(a.secrets, a.env):
+        where = f"{path}.secrets[{var!r}]" if var else f"{path}.secrets"
+        yield FieldViolation(where, f"action {a.id!r}: {problem}")
+    limits = {f.field: getattr(a.rlimits, f.field) for f in RLIMITS}
+    for f, problem in rlimit_problems(limits):
+        yield FieldViolation(f"{path}.rlimits.{f.field}", f"action {a.id!r}: {problem}")
 
 
 def _has_pattern(a: workflow_pb2.ActionSpec) -> bool:
@@ -114,7 +238,9 @@ def _join_violations(
 ) -> Iterator[FieldViolation]:
     j = a.join
     n = len(a.needs)
-    if j.kind == workflow_pb2.JOIN_KIND_AT_LEAST:
+    if j.kind not in _JOIN_KINDS:
+        yield FieldViolation(f"{path}.join.kind", f"is {j.kind}; not a JoinKind")
+    elif j.kind == workflow_pb2.JOIN_KIND_AT_LEAST:
         if bool(j.at_least_count) == bool(j.at_least_fraction):
             yield FieldViolation(
                 f"{path}.join", "at_least needs exactly one of at_least_count or at_least_fraction"
@@ -134,7 +260,7 @@ def _join_violations(
 
 
 def _pattern_violations(
-    path: str, a: workflow_pb2.ActionSpec, maps_a_need: bool = False
+    path: str, a: workflow_pb2.ActionSpec, limits: Limits, maps_a_need: bool = False
 ) -> Iterator[FieldViolation]:
     """Joins, map, resources, semaphores, priority.
 
@@ -142,12 +268,26 @@ def _pattern_violations(
     """
     if not -1000 <= a.priority <= 1000:
         yield FieldViolation(f"{path}.priority", f"is {a.priority}; must be -1000 to 1000")
+    if len(a.resources) > limits.max_resources:
+        yield FieldViolation(
+            f"{path}.resources",
+            f"has {len(a.resources)} entries; the limit max_resources is {limits.max_resources}",
+        )
+    if len(a.semaphores) > limits.max_semaphores:
+        yield FieldViolation(
+            f"{path}.semaphores",
+            f"has {len(a.semaphores)} entries; the limit max_semaphores is {limits.max_semaphores}",
+        )
     yield from _join_violations(path, a, maps_a_need)
     for name in ("map", "pipeline"):
         if a.HasField(name):
             over = getattr(a, name).over
             need_id = over.partition(".")[0]
-            if need_id not in a.needs:
+            if utf8_len(over) > MAX_PATH_BYTES:
+                yield FieldViolation(
+                    f"{path}.{name}.over", f"is longer than {MAX_PATH_BYTES} bytes"
+                )
+            elif need_id not in a.needs:
                 yield FieldViolation(
                     f"{path}.{name}.over",
                     f"{over!r} must start with one of the needs ({need_id!r})",
@@ -155,9 +295,10 @@ def _pattern_violations(
     if a.HasField("map") and a.HasField("pipeline"):
         yield FieldViolation(path, "an action is a map or a pipeline, not both")
     for name, amount in a.resources.items():
-        if describe_id(name) or not amount >= 0:
+        if describe_id(name) or not (amount >= 0 and math.isfinite(amount)):
             yield FieldViolation(
-                f"{path}.resources[{name!r}]", "needs a name of [A-Za-z0-9_.-] and an amount >= 0"
+                f"{path}.resources[{name!r}]",
+                "needs a name of [A-Za-z0-9_.-] and a finite amount >= 0",
             )
     for i, req in enumerate(a.semaphores):
         why = describe_id(req.name)
@@ -284,6 +425,9 @@ def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limit
             ]
         )
     v.extend(_duration_violation("spec.deadline", spec.deadline, spec.HasField("deadline")))
+    v.extend(labels_violations("spec.labels", spec.labels, limits))
+    if not -1000 <= spec.priority <= 1000:
+        v.append(FieldViolation("spec.priority", f"is {spec.priority}; must be -1000 to 1000"))
     if spec.HasField("defaults"):
         d = spec.defaults
         v.extend(_duration_violation("spec.defaults.timeout", d.timeout, d.HasField("timeout")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from datetime import timedelta
 
@@ -9,6 +10,7 @@ from plait.coordinator.core import limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, WorkerRecord, WorkflowRecord
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
+from plait.jsonlimits import utf8_len
 from plait.v1 import admin_service_pb2 as apb
 from plait.v1 import workflow_pb2 as pb
 
@@ -16,7 +18,85 @@ from plait.v1 import workflow_pb2 as pb
 def workflow_status(
     st: SchedulerState, wf: WorkflowRecord, *, with_actions: bool = True
 ) -> pb.WorkflowStatus:
-    """The API view of a workflow (with every action unless ``with_actions`` is false)."""
+    """The API view of a workflow (with every action unless ``with_actions`` is false).
+
+    Unbounded in size: the API pages it (:func:`workflow_page`); this is for the core's own
+    callers and ListWorkflows (no actions).
+    """
+    out = _header(wf)
+    if with_actions:
+        live = _live(st)
+        for a in wf.actions.values():
+            s = _add_action(st, out, a, live)
+            if a.outputs_bytes:
+                s.outputs_json = st.outputs.text(a)
+    return out
+
+
+def workflow_page(
+    st: SchedulerState, wf: WorkflowRecord, start: int, page_size: int, budget: int
+) -> tuple[pb.WorkflowStatus, int]:
+    """One page of a workflow's status that serializes to at most ``budget`` bytes.
+
+    Actions from index ``start`` (spec order, then map children as they were made: actions are
+    never removed, so indexes stay put), at most ``page_size`` of them (0: no count limit).
+    The page ends before the first action that would not fit; an action's outputs go in whole
+    or not at all: those that could never fit a page are left out (``outputs_truncated``).
+    Returns the page and the index of the next page's first action (``len(actions)``: done).
+    """
+    limit = budget - _PAGE_OVERHEAD
+    out = _header(wf)
+    if out.ByteSize() > limit // 2:  # a workflow reason naming a great many failures
+        out.reason = shorten(out.reason, limit // 8)
+    empty = used = out.ByteSize()
+    live = _live(st)
+    i = start
+    for a in itertools.islice(wf.actions.values(), start, None):
+        if page_size and i - start >= page_size:
+            break
+        s = _add_action(st, out, a, live)
+        size = _fit(s, limit // 4) + _FIELD_OVERHEAD
+        outputs = a.outputs_bytes + _FIELD_OVERHEAD if a.outputs_bytes else 0
+        fits = used + size + outputs <= limit
+        if not fits and i > start and (used + size > limit or empty + size + outputs <= limit):
+            del out.actions[-1]  # it fits (better: whole) on the next page
+            break
+        if fits and outputs:
+            s.outputs_json = st.outputs.text(a)
+            size += outputs
+        elif outputs:  # they would not fit any page
+            s.outputs_truncated = True
+        used += size
+        i += 1
+    return out, i
+
+
+# Bytes a repeated or string field adds around its contents (tag, length); generous.
+_FIELD_OVERHEAD = 8
+# Room for the response around the workflow status (its own tag and length, the HLC, the token).
+_PAGE_OVERHEAD = 256
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut to about ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{utf8_len(text)} bytes; shortened]"
+
+
+def _fit(s: pb.ActionStatus, limit: int) -> int:
+    """The serialized size of ``s``, after shortening its texts if they pass ``limit``."""
+    size = s.ByteSize()
+    if size > limit:
+        s.reason = shorten(s.reason, limit // 4)
+        if s.HasField("error"):
+            s.error.message = shorten(s.error.message, limit // 4)
+            del s.error.details[:]
+        size = s.ByteSize()
+    return size
+
+
+def _header(wf: WorkflowRecord) -> pb.WorkflowStatus:
     out = pb.WorkflowStatus(
         workflow_id=wf.workflow_id,
         name=wf.spec.name,
@@ -32,24 +112,32 @@ def workflow_status(
     counts = Counter(a.state for a in wf.actions.values())
     for state, n in counts.items():
         out.action_counts[STATE_NAME[state]] = n
-    if with_actions:
-        live = [w for w in st.workers.values() if w.connected and not w.draining]
-        for a in wf.actions.values():
-            s = out.actions.add(
-                action_id=a.spec.id,
-                state=a.state,
-                attempt=a.attempt,
-                fencing_token=a.token,
-                worker_id=a.worker_id,
-                outputs_json=a.outputs_json,
-                exit_code=a.exit_code,
-                reason=a.reason or why_waiting(st, a, live),
-                lease_losses=a.lease_losses,
-                parent_id=a.parent.spec.id if a.parent is not None else "",
-            )
-            if a.error is not None:
-                s.error.CopyFrom(a.error)
     return out
+
+
+def _live(st: SchedulerState) -> list[WorkerRecord]:
+    return [w for w in st.workers.values() if w.connected and not w.draining]
+
+
+def _add_action(
+    st: SchedulerState, out: pb.WorkflowStatus, a: ActionRecord, live: list[WorkerRecord]
+) -> pb.ActionStatus:
+    """Appends ``a``'s status to ``out`` without its outputs (``outputs_bytes``: their size)."""
+    s = out.actions.add(
+        action_id=a.spec.id,
+        state=a.state,
+        attempt=a.attempt,
+        fencing_token=a.token,
+        worker_id=a.worker_id,
+        exit_code=a.exit_code,
+        reason=a.reason or why_waiting(st, a, live),
+        lease_losses=a.lease_losses,
+        parent_id=a.parent.spec.id if a.parent is not None else "",
+        outputs_bytes=a.outputs_bytes,
+    )
+    if a.error is not None:
+        s.error.CopyFrom(a.error)
+    return s
 
 
 def why_waiting(st: SchedulerState, a: ActionRecord, live: list[WorkerRecord]) -> str:

@@ -111,6 +111,8 @@ class PostgresJournal:
         self._term: int | None = None
         self._writer: psycopg.AsyncConnection[TupleRow] | None = None
         self._reader: psycopg.AsyncConnection[TupleRow] | None = None
+        # read_outputs is synchronous (the pure core calls it): its own blocking connection.
+        self._outputs: psycopg.Connection[TupleRow] | None = None
         # One transaction at a time on the writer connection.
         self._write_lock = asyncio.Lock()
 
@@ -218,6 +220,19 @@ class PostgresJournal:
             )
             return [pb.HistoryEvent.FromString(r[0]) for r in await cur.fetchall()]
 
+    def read_outputs(self, sequence: int) -> str | None:
+        conn = self._outputs
+        if conn is None or conn.closed:
+            if self._writer is None:
+                raise RuntimeError("journal not open")
+            conn = self._outputs = psycopg.Connection.connect(
+                self.url, autocommit=True, options=self._options
+            )
+        with conn.cursor(binary=True) as cur:
+            cur.execute("SELECT payload FROM plait_events WHERE sequence = %s", (sequence,))
+            row = cur.fetchone()
+        return None if row is None else pb.HistoryEvent.FromString(row[0]).outputs_json
+
     async def replay(self, batch: int = 10_000) -> AsyncIterator[list[pb.HistoryEvent]]:
         # Keyset pagination: no transaction stays open between batches, however slowly the
         # caller consumes them.
@@ -277,6 +292,9 @@ class PostgresJournal:
                 await cur.execute(_UPSERT_META, (REVOKED_PREFIX + worker_id, record))
 
     async def close(self) -> None:
+        if self._outputs is not None:
+            self._outputs.close()
+            self._outputs = None
         for attr in ("_writer", "_reader"):
             conn: psycopg.AsyncConnection[TupleRow] | None = getattr(self, attr)
             if conn is not None:

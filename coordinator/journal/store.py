@@ -76,6 +76,15 @@ class JournalStore(Protocol):
         """Every event of every workflow still kept, in sequence order, in batches."""
         ...
 
+    def read_outputs(self, sequence: int) -> str | None:
+        """``outputs_json`` of the event with this sequence; None when no such event is kept.
+
+        Synchronous on purpose: the pure core reads large outputs back through it (on a miss
+        of its cache, :mod:`plait.coordinator.core.outputs`), one indexed read of one event, on
+        the caller's thread; it sees every committed append.
+        """
+        ...
+
     async def prune(self, workflow_ids: Sequence[str]) -> int:
         """Deletes the events of finished workflows; returns how many rows went."""
         ...

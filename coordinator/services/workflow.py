@@ -6,7 +6,7 @@ import contextlib
 import uuid
 from typing import Any
 
-from plait.coordinator.config import Limits
+from plait.coordinator.config import MAX_MESSAGE_BYTES, Limits
 from plait.coordinator.core import views
 from plait.coordinator.core.events import CancelRequested, RetryRequested, WorkflowSubmitted
 from plait.coordinator.core.validate import validate_submit
@@ -20,6 +20,8 @@ from plait.v1 import workflow_service_pb2_grpc as wsgrpc
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 MAX_PAGE = 1000
+OUTPUTS_CHUNK_BYTES = 1024 * 1024  # GetActionOutputs: bytes per response
+_RESPONSE_MARGIN = 64 * 1024
 
 
 def merge_client_hlc(runtime: Runtime, msg: Any) -> None:
@@ -34,6 +36,17 @@ def check_workflow_id(value: str) -> None:
     why = describe_id(value)
     if why:
         raise InvalidArgumentError([FieldViolation("workflow_id", why)])
+
+
+def _page_start(token: str, count: int) -> int:
+    """The first action index a GetWorkflow ``page_token`` names (INVALID_ARGUMENT if none)."""
+    if not token:
+        return 0
+    if not (token.isascii() and token.isdigit() and len(token) <= 9 and 0 < int(token) < count):
+        raise InvalidArgumentError(
+            [FieldViolation("page_token", "is not a next_page_token of this workflow's pages")]
+        )
+    return int(token)
 
 
 class WorkflowService(wsgrpc.WorkflowServiceServicer):
@@ -76,10 +89,46 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
     ) -> wspb.GetWorkflowResponse:
         merge_client_hlc(self.runtime, request.hlc)
         st = self.runtime.state
-        status = views.workflow_status(st, self._workflow(request.workflow_id))
+        wf = self._workflow(request.workflow_id)
+        count = len(wf.actions)
+        start = _page_start(request.page_token, count)
+        status, end = views.workflow_page(st, wf, start, request.page_size, self._budget)
+        resp = wspb.GetWorkflowResponse(
+            workflow=status, next_page_token=str(end) if end < count else ""
+        )
         # The snapshot may include a batch still being committed: answer once it is durable.
         await self.runtime.durable(st.sequence)
-        return self._stamp(wspb.GetWorkflowResponse(workflow=status))  # type: ignore[no-any-return]
+        return self._stamp(resp)  # type: ignore[no-any-return]
+
+    @property
+    def _budget(self) -> int:
+        """Bytes a response may take: the message limit (at most the clients' default, which
+        they receive with), less room for what the interceptors and transport add."""
+        return min(self.limits.max_message_bytes, MAX_MESSAGE_BYTES) - _RESPONSE_MARGIN
+
+    async def GetActionOutputs(
+        self, request: wspb.GetActionOutputsRequest, context: Any
+    ) -> wspb.GetActionOutputsResponse:
+        merge_client_hlc(self.runtime, request.hlc)
+        wf = self._workflow(request.workflow_id)
+        a = wf.actions.get(request.action_id)
+        if a is None:
+            raise NotFoundError(
+                f"action {request.action_id[:256]!r} not found in workflow {request.workflow_id!r}"
+            )
+        total = a.outputs_bytes
+        if request.offset > total:
+            raise InvalidArgumentError(
+                [FieldViolation("offset", f"is {request.offset}; the outputs are {total} bytes")]
+            )
+        st = self.runtime.state
+        resp = wspb.GetActionOutputsResponse(
+            outputs_bytes=total,
+            offset=request.offset,
+            chunk=st.outputs.read_range(a, request.offset, OUTPUTS_CHUNK_BYTES),
+        )
+        await self.runtime.durable(st.sequence)
+        return self._stamp(resp)  # type: ignore[no-any-return]
 
     async def ListWorkflows(
         self, request: wspb.ListWorkflowsRequest, context: Any

@@ -120,6 +120,26 @@ async def test_prune_removes_only_the_named_workflows(backend: Backend) -> None:
     assert await _everything(store) == [event(2, "b")]
 
 
+async def test_read_outputs_returns_one_events_outputs_by_sequence(backend: Backend) -> None:
+    me = await backend.leader_store()
+    store = me.store
+    big = '{"blob": "' + "é" * 300_000 + '"}'
+    first, second = event(1, "a"), event(2, "b")
+    first.outputs_json, second.outputs_json = big, '{"n": 2}'
+    await store.append([first, second])
+
+    assert store.read_outputs(1) == big
+    assert store.read_outputs(2) == '{"n": 2}'
+    assert store.read_outputs(3) is None  # never written
+    late = event(3, "a")
+    late.outputs_json = '{"late": true}'
+    await store.append([late])
+    assert store.read_outputs(3) == '{"late": true}'  # sees every commit, also after a read
+    await store.prune(["a"])
+    assert store.read_outputs(1) is None and store.read_outputs(3) is None  # pruned
+    assert store.read_outputs(2) == '{"n": 2}'
+
+
 async def test_pruning_the_newest_events_never_lowers_the_head(backend: Backend) -> None:
     me = await backend.leader_store()
     store = me.store

@@ -84,6 +84,10 @@ _PLAIT_REQUESTS: dict[str, tuple[dict[str, Any], grpc.StatusCode]] = {
         {"workflow_id": "wf-missing", "action_id": "a"},
         NOT_FOUND,
     ),
+    "/plait.v1.WorkflowService/GetActionOutputs": (
+        {"workflow_id": "wf-missing", "action_id": "a"},
+        NOT_FOUND,
+    ),
     # The first message of the stream; authorized means the first answer is a Welcome.
     WORKER_CONNECT: (
         {"hello": wpb.Hello(worker_id=HELLO_AS, slots=1, handlers=["noop"])},

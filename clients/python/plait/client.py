@@ -307,12 +307,54 @@ class Client:
         return response
 
     def get(self, workflow_id: str) -> workflow_pb2.WorkflowStatus:
-        """The workflow's status with every action (``NotFoundError`` for an unknown id)."""
-        request = workflow_service_pb2.GetWorkflowRequest(workflow_id=workflow_id)
-        response: workflow_service_pb2.GetWorkflowResponse = self._call(
-            lambda c: c.workflows.GetWorkflow, request
-        )
-        return response.workflow
+        """The workflow's status with every action (``NotFoundError`` for an unknown id).
+
+        Follows GetWorkflow's pages (each response fits one message): the actions of every
+        page, the rest from the last one. Outputs too large for any page come with
+        ``outputs_truncated`` set and ``outputs_bytes`` their size: read them with
+        :meth:`outputs`.
+        """
+        pages: builtins.list[workflow_pb2.WorkflowStatus] = []
+        token = ""
+        while True:
+            request = workflow_service_pb2.GetWorkflowRequest(
+                workflow_id=workflow_id, page_token=token
+            )
+            response: workflow_service_pb2.GetWorkflowResponse = self._call(
+                lambda c: c.workflows.GetWorkflow, request
+            )
+            pages.append(response.workflow)
+            token = response.next_page_token
+            if not token:
+                break
+        if len(pages) == 1:
+            return pages[0]
+        status = workflow_pb2.WorkflowStatus()
+        status.CopyFrom(pages[-1])
+        del status.actions[:]
+        for page in pages:
+            status.actions.extend(page.actions)
+        return status
+
+    def outputs(self, workflow_id: str, action_id: str) -> str:
+        """One action's committed outputs, whole, as JSON text ("" when it has none yet).
+
+        However large (a map's collected outputs may pass any message limit): read in chunks
+        with GetActionOutputs.
+        """
+        chunks: builtins.list[bytes] = []
+        offset = 0
+        while True:
+            request = workflow_service_pb2.GetActionOutputsRequest(
+                workflow_id=workflow_id, action_id=action_id, offset=offset
+            )
+            response: workflow_service_pb2.GetActionOutputsResponse = self._call(
+                lambda c: c.workflows.GetActionOutputs, request
+            )
+            chunks.append(response.chunk)
+            offset += len(response.chunk)
+            if offset >= response.outputs_bytes or not response.chunk:
+                return b"".join(chunks).decode()
 
     def list(
         self, state: str | int | None = None, page_size: int = 100

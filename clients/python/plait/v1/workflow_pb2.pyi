@@ -908,6 +908,8 @@ class ActionStatus(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     LEASE_LOSSES_FIELD_NUMBER: _builtins.int
     PARENT_ID_FIELD_NUMBER: _builtins.int
+    OUTPUTS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    OUTPUTS_BYTES_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     """The action's id."""
     state: Global___ActionState.ValueType
@@ -928,6 +930,12 @@ class ActionStatus(_message.Message):
     """Times the action's lease was lost (worker died, partitioned, or stopped reporting it)."""
     parent_id: _builtins.str
     """For a child of a map: the mapping action's id."""
+    outputs_truncated: _builtins.bool
+    """Set by the coordinator when `outputs_json` is left empty because the outputs do not fit
+    the response (GetWorkflow); read them with GetActionOutputs.
+    """
+    outputs_bytes: _builtins.int
+    """Size of the committed outputs in bytes (UTF-8), whether or not they are included."""
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Why the action failed, was skipped, cancelled or timed out."""
@@ -946,10 +954,12 @@ class ActionStatus(_message.Message):
         reason: _builtins.str = ...,
         lease_losses: _builtins.int = ...,
         parent_id: _builtins.str = ...,
+        outputs_truncated: _builtins.bool = ...,
+        outputs_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "attempt", b"attempt", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "lease_losses", b"lease_losses", "outputs_json", b"outputs_json", "parent_id", b"parent_id", "reason", b"reason", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "attempt", b"attempt", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "lease_losses", b"lease_losses", "outputs_bytes", b"outputs_bytes", "outputs_json", b"outputs_json", "outputs_truncated", b"outputs_truncated", "parent_id", b"parent_id", "reason", b"reason", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

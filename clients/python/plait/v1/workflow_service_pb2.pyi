@@ -90,14 +90,22 @@ Global___SubmitWorkflowResponse: _TypeAlias = SubmitWorkflowResponse  # noqa: Y0
 
 @_typing.final
 class GetWorkflowRequest(_message.Message):
-    """GetWorkflowRequest asks for one workflow."""
+    """GetWorkflowRequest asks for one workflow, or one page of its actions."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HLC_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """The workflow's id."""
+    page_size: _builtins.int
+    """Set by the client (optional): at most this many actions in the response (0: as many as
+    fit the message limit). A page may hold fewer: it ends where the next action would not fit.
+    """
+    page_token: _builtins.str
+    """Set by the client: a previous response's next_page_token (empty: from the first action)."""
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """Set by the client: its HLC reading."""
@@ -107,10 +115,12 @@ class GetWorkflowRequest(_message.Message):
         *,
         hlc: _hlc_pb2.HlcTimestamp | None = ...,
         workflow_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "page_size", b"page_size", "page_token", b"page_token", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -118,29 +128,37 @@ Global___GetWorkflowRequest: _TypeAlias = GetWorkflowRequest  # noqa: Y015
 
 @_typing.final
 class GetWorkflowResponse(_message.Message):
-    """GetWorkflowResponse holds the workflow's status."""
+    """GetWorkflowResponse holds the workflow's status and one page of its actions."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HLC_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set by the coordinator: pass it back for the next page; empty on the last page. Each page
+    is read when it is asked for: states may have moved on between pages.
+    """
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """Set by the coordinator: its HLC reading."""
 
     @_builtins.property
     def workflow(self) -> _workflow_pb2.WorkflowStatus:
-        """Status with every action."""
+        """Status, with the page's actions in spec order (map children after the actions of the spec,
+        in the order they were made); every other field describes the whole workflow.
+        """
 
     def __init__(
         self,
         *,
         hlc: _hlc_pb2.HlcTimestamp | None = ...,
         workflow: _workflow_pb2.WorkflowStatus | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "workflow", b"workflow"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "next_page_token", b"next_page_token", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -505,3 +523,79 @@ class GetActionLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetActionLogsResponse: _TypeAlias = GetActionLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetActionOutputsRequest(_message.Message):
+    """GetActionOutputsRequest asks for one chunk of an action's outputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """The workflow's id."""
+    action_id: _builtins.str
+    """The action's id."""
+    offset: _builtins.int
+    """Set by the client: the first byte wanted (0, then each response's offset + len(chunk))."""
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the client: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        workflow_id: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "hlc", b"hlc", "offset", b"offset", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetActionOutputsRequest: _TypeAlias = GetActionOutputsRequest  # noqa: Y015
+
+@_typing.final
+class GetActionOutputsResponse(_message.Message):
+    """GetActionOutputsResponse holds one chunk of an action's outputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    OUTPUTS_BYTES_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    outputs_bytes: _builtins.int
+    """Size of the whole outputs (a JSON object, UTF-8) in bytes; 0 for an action that has not
+    succeeded (it has no outputs).
+    """
+    offset: _builtins.int
+    """The request's offset: where `chunk` starts."""
+    chunk: _builtins.bytes
+    """Up to 1 MiB of the outputs' UTF-8 bytes from `offset` (a chunk may end inside a
+    character: join the chunks, then decode). Empty at the end.
+    """
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the coordinator: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        outputs_bytes: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "hlc", b"hlc", "offset", b"offset", "outputs_bytes", b"outputs_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetActionOutputsResponse: _TypeAlias = GetActionOutputsResponse  # noqa: Y015

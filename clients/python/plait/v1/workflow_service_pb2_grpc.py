@@ -73,6 +73,11 @@ class WorkflowServiceStub:
                 request_serializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsRequest.SerializeToString,
                 response_deserializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsResponse.FromString,
                 _registered_method=True)
+        self.GetActionOutputs = channel.unary_unary(
+                '/plait.v1.WorkflowService/GetActionOutputs',
+                request_serializer=plait_dot_v1_dot_workflow__service__pb2.GetActionOutputsRequest.SerializeToString,
+                response_deserializer=plait_dot_v1_dot_workflow__service__pb2.GetActionOutputsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -91,7 +96,10 @@ class WorkflowServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetWorkflow(self, request, context):
-        """Returns one workflow with every action's status. NOT_FOUND for an unknown id.
+        """Returns one workflow with its actions' status, a page at a time: every response fits the
+        gRPC message limit. An action whose outputs do not fit the response carries
+        `outputs_truncated` and `outputs_bytes` instead (read them with GetActionOutputs).
+        NOT_FOUND for an unknown id; INVALID_ARGUMENT for a page_token not from this workflow.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +142,15 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetActionOutputs(self, request, context):
+        """Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
+        (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
+        unknown workflow or action; INVALID_ARGUMENT for an offset past the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +188,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.GetActionLogs,
                     request_deserializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsRequest.FromString,
                     response_serializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsResponse.SerializeToString,
+            ),
+            'GetActionOutputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetActionOutputs,
+                    request_deserializer=plait_dot_v1_dot_workflow__service__pb2.GetActionOutputsRequest.FromString,
+                    response_serializer=plait_dot_v1_dot_workflow__service__pb2.GetActionOutputsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +388,33 @@ class WorkflowService:
             '/plait.v1.WorkflowService/GetActionLogs',
             plait_dot_v1_dot_workflow__service__pb2.GetActionLogsRequest.SerializeToString,
             plait_dot_v1_dot_workflow__service__pb2.GetActionLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetActionOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/plait.v1.WorkflowService/GetActionOutputs',
+            plait_dot_v1_dot_workflow__service__pb2.GetActionOutputsRequest.SerializeToString,
+            plait_dot_v1_dot_workflow__service__pb2.GetActionOutputsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,7 +42,11 @@ class WorkflowServiceStub:
     workflow first submitted with it (created = false).
     """
     GetWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetWorkflowRequest, _workflow_service_pb2.GetWorkflowResponse]
-    """Returns one workflow with every action's status. NOT_FOUND for an unknown id."""
+    """Returns one workflow with its actions' status, a page at a time: every response fits the
+    gRPC message limit. An action whose outputs do not fit the response carries
+    `outputs_truncated` and `outputs_bytes` instead (read them with GetActionOutputs).
+    NOT_FOUND for an unknown id; INVALID_ARGUMENT for a page_token not from this workflow.
+    """
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowsRequest, _workflow_service_pb2.ListWorkflowsResponse]
     """Lists workflows, newest first, without per-action detail."""
     CancelWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRequest, _workflow_service_pb2.CancelWorkflowResponse]
@@ -57,6 +61,11 @@ class WorkflowServiceStub:
     """
     GetActionLogs: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionLogsRequest, _workflow_service_pb2.GetActionLogsResponse]
     """Returns the bounded stdout/stderr tails recorded for an action's attempts."""
+    GetActionOutputs: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionOutputsRequest, _workflow_service_pb2.GetActionOutputsResponse]
+    """Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
+    (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
+    unknown workflow or action; INVALID_ARGUMENT for an offset past the end.
+    """
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -72,7 +81,11 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     workflow first submitted with it (created = false).
     """
     GetWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetWorkflowRequest, _workflow_service_pb2.GetWorkflowResponse]  # type: ignore[assignment]
-    """Returns one workflow with every action's status. NOT_FOUND for an unknown id."""
+    """Returns one workflow with its actions' status, a page at a time: every response fits the
+    gRPC message limit. An action whose outputs do not fit the response carries
+    `outputs_truncated` and `outputs_bytes` instead (read them with GetActionOutputs).
+    NOT_FOUND for an unknown id; INVALID_ARGUMENT for a page_token not from this workflow.
+    """
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowsRequest, _workflow_service_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     """Lists workflows, newest first, without per-action detail."""
     CancelWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelWorkflowRequest, _workflow_service_pb2.CancelWorkflowResponse]  # type: ignore[assignment]
@@ -87,6 +100,11 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """
     GetActionLogs: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionLogsRequest, _workflow_service_pb2.GetActionLogsResponse]  # type: ignore[assignment]
     """Returns the bounded stdout/stderr tails recorded for an action's attempts."""
+    GetActionOutputs: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionOutputsRequest, _workflow_service_pb2.GetActionOutputsResponse]  # type: ignore[assignment]
+    """Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
+    (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
+    unknown workflow or action; INVALID_ARGUMENT for an offset past the end.
+    """
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkflowService is the API for people and programs that submit and watch workflows.
@@ -111,7 +129,11 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_service_pb2.GetWorkflowRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.GetWorkflowResponse, _abc.Awaitable[_workflow_service_pb2.GetWorkflowResponse]]:
-        """Returns one workflow with every action's status. NOT_FOUND for an unknown id."""
+        """Returns one workflow with its actions' status, a page at a time: every response fits the
+        gRPC message limit. An action whose outputs do not fit the response carries
+        `outputs_truncated` and `outputs_bytes` instead (read them with GetActionOutputs).
+        NOT_FOUND for an unknown id; INVALID_ARGUMENT for a page_token not from this workflow.
+        """
 
     @_abc_1.abstractmethod
     def ListWorkflows(
@@ -156,5 +178,16 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.GetActionLogsResponse, _abc.Awaitable[_workflow_service_pb2.GetActionLogsResponse]]:
         """Returns the bounded stdout/stderr tails recorded for an action's attempts."""
+
+    @_abc_1.abstractmethod
+    def GetActionOutputs(
+        self,
+        request: _workflow_service_pb2.GetActionOutputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.GetActionOutputsResponse, _abc.Awaitable[_workflow_service_pb2.GetActionOutputsResponse]]:
+        """Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
+        (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
+        unknown workflow or action; INVALID_ARGUMENT for an offset past the end.
+        """
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
