@@ -17,16 +17,23 @@ from typing import Any
 
 from plait.durations import format_duration, parse_duration
 from plait.errors import ConfigError
+from plait.jsonlimits import MAX_JSON_DEPTH
 from plait.security import is_loopback_host
+from plait.sizes import parse_size
 
 DEFAULT_LISTEN = "127.0.0.1:7450"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9450"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+LEASE_HEADROOM_BYTES = 256 * 1024  # a grant message's room beside its leases' inputs and specs
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Size limits on what clients and workers may send."""
+    """Size limits on what clients and workers may send (docs/operations.md, "Input limits").
+
+    Counts are entries of one list or map; ``*_bytes`` are UTF-8 bytes (keys and values of a
+    map together). Every one has a flag (``--max-json-depth``) and a ``PLAIT_*`` variable.
+    """
 
     max_actions: int = 100_000
     max_edges: int = 1_000_000
@@ -35,6 +42,49 @@ class Limits:
     max_input_bytes: int = 1024 * 1024
     max_output_bytes: int = 1024 * 1024
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_json_depth: int = MAX_JSON_DEPTH  # input_json, outputs_json, details_json
+    max_progress_bytes: int = 64 * 1024  # one LeaseProgress.details_json
+    max_tail_bytes: int = 64 * 1024  # ActionResult.stdout_tail / stderr_tail (kept: the end)
+    max_error_bytes: int = 16 * 1024  # ActionResult.error (message and details)
+    max_argv: int = 4096  # ExecAction.argv entries
+    max_argv_bytes: int = 256 * 1024
+    max_env: int = 1024  # ActionSpec.env entries
+    max_env_bytes: int = 256 * 1024
+    max_labels: int = 256  # WorkflowSpec.labels, ActionSpec.selector, Hello.labels entries
+    max_label_bytes: int = 64 * 1024
+    max_resources: int = 256  # ActionSpec.resources, Hello.resources entries
+    max_semaphores: int = 256  # ActionSpec.semaphores entries
+    # A lease's inputs (its needs' outputs) plus its action spec; larger fails the action at
+    # grant time. Default: the message limit less room for the rest of a grant message.
+    max_lease_bytes: int = MAX_MESSAGE_BYTES - LEASE_HEADROOM_BYTES
+
+
+# Help for the limit flags, in the order --help lists them (``--max-actions`` first).
+LIMIT_FLAGS: dict[str, str] = {
+    "max_actions": "largest workflow accepted, in actions (default 100000)",
+    "max_edges": "needs-edges in one workflow (default 1000000)",
+    "max_fan_in": "needs of one action (default 10000)",
+    "max_depth": "actions on the longest needs-chain (default 10000)",
+    "max_input_bytes": "ActionSpec.input_json size (default 1MiB)",
+    "max_output_bytes": "an attempt's outputs_json size, at most 1MiB (default 1MiB)",
+    "max_message_bytes": "largest gRPC message sent or received (default 4MiB)",
+    "max_json_depth": "nesting of input, outputs and progress JSON, 1 to 512 (default 64)",
+    "max_progress_bytes": "a progress report's details_json size (default 64KiB)",
+    "max_tail_bytes": "stdout/stderr tail kept per attempt (default 64KiB)",
+    "max_error_bytes": "an attempt's error (message and details) size (default 16KiB)",
+    "max_argv": "exec argv entries (default 4096)",
+    "max_argv_bytes": "exec argv size (default 256KiB)",
+    "max_env": "env entries of one action (default 1024)",
+    "max_env_bytes": "env size of one action (default 256KiB)",
+    "max_labels": "entries of workflow labels, a selector, or a worker's labels (default 256)",
+    "max_label_bytes": "size of one such map (default 64KiB)",
+    "max_resources": "resources of one action or worker (default 256)",
+    "max_semaphores": "semaphores of one action (default 256)",
+    "max_lease_bytes": "a lease's inputs and spec; larger fails the action (default 3.75MiB)",
+}
+# The ceiling of max_json_depth: parsers recurse once per level (Python's limit is ~1000).
+MAX_JSON_DEPTH_CEILING = 512
+MAX_OUTPUT_CEILING = 1024 * 1024  # workers cap outputs here too (SDK and workerd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +103,7 @@ class CoordinatorConfig:
     ready_file: str | None = None
     advertise: str | None = None  # address standbys name as the leader's (default: listen)
     retention: timedelta = timedelta(days=7)
+    output_cache_bytes: int = 64 * 1024 * 1024  # large outputs read back from the journal
     tls_cert: str | None = None  # PEM certificate chain served on gRPC (and /metrics)
     tls_key: str | None = None
     tls_client_ca: str | None = None  # mTLS: every connection presents a cert from this CA
@@ -99,6 +150,30 @@ class CoordinatorConfig:
             raise ConfigError("retention must be > 0")
         if self.advertise is not None:
             split_host_port(self.advertise, "advertise")
+        self._validate_limits()
+
+    def _validate_limits(self) -> None:
+        """Every limit at least 1; the JSON depth and output size within their ceilings."""
+        lim = self.limits
+        for f in fields(Limits):
+            if getattr(lim, f.name) < 1:
+                raise ConfigError(f"{f.name} must be >= 1 (--{f.name.replace('_', '-')})")
+        if lim.max_json_depth > MAX_JSON_DEPTH_CEILING:
+            raise ConfigError(
+                f"max_json_depth ({lim.max_json_depth}) must be <= {MAX_JSON_DEPTH_CEILING}:"
+                " JSON parsers recurse once per level"
+            )
+        if lim.max_lease_bytes > lim.max_message_bytes - LEASE_HEADROOM_BYTES:
+            raise ConfigError(
+                f"max_lease_bytes ({lim.max_lease_bytes}) must be <= max_message_bytes -"
+                f" {LEASE_HEADROOM_BYTES} ({lim.max_message_bytes - LEASE_HEADROOM_BYTES}):"
+                " a lease must fit one message to its worker"
+            )
+        if lim.max_output_bytes > MAX_OUTPUT_CEILING:
+            raise ConfigError(
+                f"max_output_bytes ({lim.max_output_bytes}) must be <= {MAX_OUTPUT_CEILING}:"
+                " workers refuse larger outputs themselves"
+            )
 
     def _validate_security(self) -> None:
         """Secure by default: beyond loopback only with TLS and authentication."""
@@ -183,6 +258,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     try:
         if name in _DURATIONS:
             return parse_duration(value, field=name)
+        if name.endswith("_bytes"):
+            return parse_size(value, field=name)
         if name in _INTS or name in _LIMITS:
             return int(value)
         if name in _BOOLS:
@@ -219,12 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-clock-offset", help="remote HLC lead that is still merged (500ms)")
     p.add_argument("--lease-loss-budget", help="lease losses an action may suffer (default 3)")
     p.add_argument("--shutdown-grace", help="time to drain workers on SIGTERM (default 10s)")
-    p.add_argument("--max-actions", help="largest workflow accepted (default 100000)")
     p.add_argument("--ready-file", help="write {grpc, metrics, pid} JSON here once serving")
     p.add_argument(
         "--advertise", help="HOST:PORT standbys give clients for this leader (default: --listen)"
     )
     p.add_argument("--retention", help="keep finished workflows this long (default 7d)")
+    p.add_argument(
+        "--output-cache-bytes",
+        help="memory for large outputs read back from the journal (default 64MiB)",
+    )
     p.add_argument("--tls-cert", help="PEM certificate (chain) this coordinator serves")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument(
@@ -250,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow --metrics-listen on a non-loopback address (TLS when --tls-cert is given)",
     )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    limits = p.add_argument_group(
+        "input limits", "what clients and workers may send (sizes take 64KiB, 1MiB, ...)"
+    )
+    for name, text in LIMIT_FLAGS.items():
+        limits.add_argument("--" + name.replace("_", "-"), help=text)
     return p
 
 

@@ -87,6 +87,26 @@ class CoordinatorMetrics:
             " to be that worker.",
             registry=r,
         )
+        self.input_refused = Counter(
+            "plait_input_refused_total",
+            "Input refused as malformed or over a limit (INVALID_ARGUMENT, an attempt failed for"
+            " its outputs, progress details dropped, a tail truncated), by source (client,"
+            " worker) and field path without indices.",
+            ["source", "field"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "plait_internal_errors_total",
+            "Unexpected exceptions that ended one RPC or stream with INTERNAL (where: the RPC),"
+            " or one stimulus (where: core; the state was rebuilt from the journal).",
+            ["where"],
+            registry=r,
+        )
+        self.core_rebuilds = Counter(
+            "plait_core_rebuilds_total",
+            "Times the scheduling core was rebuilt from the journal after an internal error.",
+            registry=r,
+        )
         self.clock_offset_rejections = Counter(
             "plait_clock_offset_rejections_total",
             "Messages whose HLC was too far ahead to merge (max_clock_offset).",

@@ -7,48 +7,65 @@ is in flight, new stimuli pile up and become the next, larger batch), and only a
 sends lease grants, acks and cancellations, answers RPCs and publishes events to watchers. So no
 transition is visible outside before it is durable, and a fencing token is on disk before any
 worker sees it.
+
+Deciding and committing fail differently. Only a failed commit stops the coordinator (the state
+is then ahead of the journal). An exception while the core handles a batch is a bug met by one
+stimulus: nothing of the batch was committed or delivered, but the state may be half applied,
+so the core is rebuilt from the journal (:mod:`~plait.coordinator.core.rebuild` carries the live
+worker sessions over), the stimulus that raised ends its RPC or stream with INTERNAL, and the
+rest of the batch is handled again. A core that keeps failing stops the process after all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+
+from google.rpc import code_pb2
 
 from plait.clock import Clock
 from plait.coordinator.config import CoordinatorConfig
+from plait.coordinator.core import rebuild
 from plait.coordinator.core.events import (
     Instant,
     Stimulus,
     TimePassed,
+    WorkerMessageReceived,
     WorkerReinstated,
     WorkerRevoked,
     WorkerStreamClosed,
 )
-from plait.coordinator.core.model import Observation, Outcome, Revocation, SessionEnd
+from plait.coordinator.core.model import Outcome, Revocation, SessionEnd
+from plait.coordinator.core.outputs import OutputStore
 from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import STATE_NAME, CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
 from plait.coordinator.metrics import CoordinatorMetrics
+from plait.coordinator.observations import Observations
+from plait.coordinator.services.errors import InputRefusals, InternalErrors
 from plait.coordinator.tracing import Tracing
-from plait.errors import NotFoundError, NotLeaderError, UnavailableError
+from plait.errors import NotFoundError, NotLeaderError, PlaitError, UnavailableError
+from plait.hlc import HlcTimestamp
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
 log = logging.getLogger(__name__)
-# What a worker's outbox carries: a message, the coordinator ending the stream with a status, or
-# None (the stream ended by itself).
-Outbound = wpb.ConnectResponse | SessionEnd | None
+# What a worker's outbox carries: a message, the coordinator ending the stream with a status (or
+# the servicer with a refusal), or None (the stream ended by itself).
+Outbound = wpb.ConnectResponse | SessionEnd | PlaitError | None
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 _WATCH_QUEUE_LIMIT = 10_000  # commits a watcher may fall behind before its stream ends
 _WATCH_BATCH_BYTES = 1 << 20
 _CEILING_STEP_MS = 1000  # how far ahead each stored HLC ceiling reaches
 _RETENTION_EVERY = 60.0  # seconds between retention sweeps
+# A core that fails more often than this is broken, not unlucky: the process stops.
+_REBUILDS_ALLOWED = 3
+_REBUILD_WINDOW = 60.0  # seconds
 _ENDED = frozenset(
     {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
 )
@@ -109,37 +126,55 @@ class Runtime:
         self.leader_hint: str | None = None
         self.replayed_events = 0
         self.replay_seconds = 0.0
+        self.refusals = InputRefusals(clock, metrics.input_refused)
+        self.errors = InternalErrors(clock, metrics.internal_errors)
+        self.observations = Observations(metrics, tracing, clock)
+        self._handling: Stimulus | None = None  # the stimulus the core is handling
+        self._rebuilding = False
+        self._rebuilds: deque[float] = deque()
+        self._failure: Exception = RuntimeError("no failure")
 
     # ---- lifecycle --------------------------------------------------------------------
 
     async def start(self, head: JournalHead) -> None:
         """Rebuilds the state from the journal (opened by the caller) and starts the loop."""
-        core = SchedulerState(
-            CoreConfig(
-                heartbeat_interval=self.config.heartbeat_interval,
-                lease_ttl=self.config.lease_ttl,
-                kill_grace=self.config.kill_grace,
-                lease_loss_budget=self.config.lease_loss_budget,
-            ),
-            max_clock_offset_ms=self._max_offset_ms,
-            hlc_floor=head.hlc_floor,
-        )
+        core = self._new_core(head.hlc_floor)
         started = self.clock.monotonic()
-        at = Instant(started, self.clock.wall_ms())
-        async for events in self.store.replay():
-            self.replayed_events += replay(core, events, at)
-            await asyncio.sleep(0)  # a long replay must not starve the gRPC server
+        self.replayed_events = await self._load(core)
         self.replay_seconds = self.clock.monotonic() - started
-        core.revoked = {
-            worker_id: Revocation.from_json(record)
-            for worker_id, record in (await self.store.revocations()).items()
-        }
         # Sequences are never reused, even when pruning removed the newest rows.
         core.sequence = max(core.sequence, head.last_sequence)
         self._ceiling = head.hlc_ceiling_ms
         self._durable = core.sequence
         self.core = core
         self._task = asyncio.create_task(self._run(), name="plait-runtime")
+
+    def _new_core(self, hlc_floor: HlcTimestamp) -> SchedulerState:
+        return SchedulerState(
+            CoreConfig(
+                heartbeat_interval=self.config.heartbeat_interval,
+                lease_ttl=self.config.lease_ttl,
+                kill_grace=self.config.kill_grace,
+                lease_loss_budget=self.config.lease_loss_budget,
+                max_lease_bytes=self.config.limits.max_lease_bytes,
+            ),
+            max_clock_offset_ms=self._max_offset_ms,
+            hlc_floor=hlc_floor,
+            outputs=OutputStore(self.store, self.config.output_cache_bytes),
+        )
+
+    async def _load(self, core: SchedulerState) -> int:
+        """Replays the journal and the revocations into ``core``; returns the events applied."""
+        at = Instant(self.clock.monotonic(), self.clock.wall_ms())
+        applied = 0
+        async for events in self.store.replay():
+            applied += replay(core, events, at)
+            await asyncio.sleep(0)  # a long replay must not starve the gRPC server
+        core.revoked = {
+            worker_id: Revocation.from_json(record)
+            for worker_id, record in (await self.store.revocations()).items()
+        }
+        return applied
 
     async def stop(self) -> None:
         """Handles what has arrived, commits it, and stops the loop."""
@@ -158,6 +193,10 @@ class Runtime:
         """The core; a standby (no core yet) answers NotLeaderError naming the leader."""
         if self.core is None:
             raise NotLeaderError(self.leader_hint)
+        if self._rebuilding:
+            raise UnavailableError(
+                "the coordinator is rebuilding its state from the journal; retry shortly"
+            )
         return self.core
 
     # ---- stimuli in -------------------------------------------------------------------
@@ -294,49 +333,169 @@ class Runtime:
     # ---- the loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        core = self.state
         loop = asyncio.get_running_loop()
         next_tick = 0.0
-        try:
-            while True:
-                if not self._inbox and not self._stopping:
-                    timer = loop.call_later(
-                        max(0.0, next_tick - self.clock.monotonic()), self._wake.set
-                    )
-                    await self._wake.wait()
-                    timer.cancel()
-                self._wake.clear()
-                batch, self._inbox = self._inbox, []
-                now = self.clock.monotonic()
-                if now >= next_tick:
-                    batch.append(TimePassed(self.next_id("tick")))
-                    next_tick = now + self.tick_interval
-                out = core.handle_batch(batch, Instant(now, self.clock.wall_ms()))
-                ceiling = self._next_ceiling()
-                if out.records or ceiling is not None:
-                    started = self.clock.monotonic()
-                    await self.store.append(out.records, hlc_ceiling_ms=ceiling)
-                    self.metrics.journal_commit.observe(self.clock.monotonic() - started)
-                    self.metrics.journal_batch.observe(len(out.records))
-                    if ceiling is not None:
-                        self._ceiling = ceiling
-                    if out.records:
-                        async with self._durable_cond:
-                            self._durable = out.records[-1].sequence
-                            self._durable_cond.notify_all()
-                self._deliver(out)
-                if now >= self._next_retention:
-                    self._next_retention = now + min(
-                        _RETENTION_EVERY, self.config.retention.total_seconds() / 10
-                    )
+        while True:
+            if not self._inbox and not self._stopping:
+                timer = loop.call_later(
+                    max(0.0, next_tick - self.clock.monotonic()), self._wake.set
+                )
+                await self._wake.wait()
+                timer.cancel()
+            self._wake.clear()
+            batch, self._inbox = self._inbox, []
+            now = self.clock.monotonic()
+            if now >= next_tick:
+                batch.append(TimePassed(self.next_id("tick")))
+                next_tick = now + self.tick_interval
+            at = Instant(now, self.clock.wall_ms())
+            try:
+                out = self._decide(batch, at)
+                if out is None:  # a stimulus raised: recover (or give up) before going on
+                    await self._recover(batch, at)
+                    continue
+                await self._commit(out)
+            except Exception as e:  # logged and handed to on_fatal: the task ends quietly
+                self._fail(e)
+                return
+            self._deliver_safely(out)
+            if now >= self._next_retention:
+                self._next_retention = now + min(
+                    _RETENTION_EVERY, self.config.retention.total_seconds() / 10
+                )
+                try:
                     self._retire()
-                if self._stopping and not self._inbox:
-                    return
-        except Exception as e:  # a failed commit: state is ahead of the journal; stop at once
-            log.critical("journal commit failed; the coordinator must stop: %s", e, exc_info=True)
-            if self.on_fatal is not None:
-                self.on_fatal(e)
-            raise
+                except Exception as e:  # retention waits for the next sweep
+                    self.errors.failed("retention", e)
+            if self._stopping and not self._inbox:
+                return
+
+    def _fail(self, err: Exception) -> None:
+        """Stops the coordinator: the journal failed (or the core could not be recovered)."""
+        if isinstance(err, _CoreBroken):
+            log.critical("%s; the coordinator must stop", err.args[0])
+        else:  # the state is ahead of the journal: nothing more may be decided on it
+            log.critical(
+                "journal commit failed; the coordinator must stop (a restart replays the"
+                " journal): %s: %s",
+                type(err).__name__,
+                err,
+                exc_info=err,
+            )
+        if self.on_fatal is not None:
+            self.on_fatal(err)
+
+    async def _commit(self, out: Outcome) -> None:
+        """Appends ``out``'s records (and a new HLC ceiling, if due) in one transaction."""
+        ceiling = self._next_ceiling()
+        if not out.records and ceiling is None:
+            return
+        started = self.clock.monotonic()
+        await self.store.append(out.records, hlc_ceiling_ms=ceiling)
+        self.metrics.journal_commit.observe(self.clock.monotonic() - started)
+        self.metrics.journal_batch.observe(len(out.records))
+        if ceiling is not None:
+            self._ceiling = ceiling
+        if out.records:
+            async with self._durable_cond:
+                self._durable = out.records[-1].sequence
+                self._durable_cond.notify_all()
+
+    def _decide(self, batch: list[Stimulus], at: Instant) -> Outcome | None:
+        """The core's outcome for ``batch``; None when handling it raised (``_handling`` then
+        names the stimulus that did, or is None when it was the dispatch after them)."""
+        try:
+            return self.state.handle_batch(self._tracked(batch), at)
+        except Exception as e:
+            self._failure = e
+            return None
+
+    def _tracked(self, batch: list[Stimulus]) -> Iterator[Stimulus]:
+        for s in batch:
+            self._handling = s
+            yield s
+        self._handling = None
+
+    async def _recover(self, batch: list[Stimulus], at: Instant) -> None:
+        """After the core raised on ``batch``: rebuild it from the journal, end the culprit's
+        RPC or stream with INTERNAL, carry live sessions over and queue the rest again."""
+        culprit, self._handling = self._handling, None
+        err = self._failure
+        what = f"{type(culprit).__name__} {culprit.cause}" if culprit else "dispatch"
+        self.errors.failed("core", err, what)
+        self.metrics.core_rebuilds.inc()
+        now = self.clock.monotonic()
+        self._rebuilds.append(now)
+        while self._rebuilds and now - self._rebuilds[0] > _REBUILD_WINDOW:
+            self._rebuilds.popleft()
+        if len(self._rebuilds) > _REBUILDS_ALLOWED:
+            raise _CoreBroken(
+                f"the scheduling core raised {len(self._rebuilds)} times within"
+                f" {_REBUILD_WINDOW:g}s (last: {type(err).__name__}: {err} handling {what})"
+            ) from err
+        old = self.state
+        log.error(
+            "rebuilding the scheduling core from the journal after %s: %s in %s",
+            type(err).__name__,
+            err,
+            what,
+        )
+        self._rebuilding = True
+        try:
+            core = self._new_core(old.hlc.last)
+            await self._load(core)
+        except Exception as e:  # the journal cannot be read back: nothing to rebuild from
+            raise _CoreBroken(f"rebuilding the core after an error in {what} failed: {e}") from e
+        finally:
+            self._rebuilding = False
+        core.sequence = max(core.sequence, self._durable)
+        failed_session = ""
+        if isinstance(culprit, WorkerMessageReceived):
+            failed_session = culprit.session_id
+        elif culprit is not None:
+            reply = getattr(culprit, "reply", None)
+            if isinstance(reply, asyncio.Future) and not reply.done():
+                reply.set_exception(PlaitError(f"internal error handling {what}; see the log"))
+        again = [
+            s
+            for s in batch
+            if s is not culprit
+            and not isinstance(s, TimePassed)
+            and not (isinstance(s, WorkerMessageReceived) and s.session_id == failed_session)
+        ]
+        fresh = {  # sessions whose hello is still to be handled (this batch's, or newer)
+            s.session_id
+            for s in (*again, *self._inbox)
+            if isinstance(s, WorkerMessageReceived) and s.message.HasField("hello")
+        }
+        carried = [
+            sid
+            for sid in old.by_session
+            if sid in self._sessions and sid not in fresh and sid != failed_session
+        ]
+        try:
+            out = core.handle_batch(rebuild.rehellos(old, carried), at)
+            rebuild.drop_welcomes(out, carried)
+            rebuild.carry_over(old, core, carried)
+        except Exception as e:
+            raise _CoreBroken(f"carrying sessions over after an error in {what} failed: {e}") from e
+        self.core = core
+        await self._commit(out)
+        self._deliver_safely(out)
+        for sid, q in self._sessions.items():
+            if sid == failed_session:
+                why = f"internal error handling {what}; see the coordinator's log"
+                q.put_nowait(SessionEnd(sid, code_pb2.INTERNAL, why))
+            elif sid not in core.by_session and sid not in fresh:
+                q.put_nowait(
+                    SessionEnd(
+                        sid,
+                        code_pb2.UNAVAILABLE,
+                        "the coordinator rebuilt its state after an internal error; reconnect",
+                    )
+                )
+        self._inbox[:0] = again
+        self._wake.set()
 
     def _next_ceiling(self) -> int | None:
         """A new HLC ceiling to store with this commit, when readings may soon pass the old one.
@@ -366,6 +525,17 @@ class Runtime:
             task = asyncio.create_task(self.store.prune(old), name="plait-prune")
             task.add_done_callback(_log_prune)
 
+    def _deliver_safely(self, out: Outcome) -> None:
+        """:meth:`_deliver`; if it raises (a bug), RPCs it did not answer get INTERNAL."""
+        try:
+            self._deliver(out)
+        except Exception as e:  # committed already: the state is sound, only delivery failed
+            self.errors.failed("deliver", e)
+            for token, _ in out.replies:
+                fut: asyncio.Future[Any] = token  # type: ignore[assignment]
+                if not fut.done():
+                    fut.set_exception(PlaitError("internal error delivering the reply"))
+
     def _deliver(self, out: Outcome) -> None:
         self._observe_records(out.records)
         core = self.state
@@ -392,70 +562,11 @@ class Runtime:
                 fut.set_exception(value)
             else:
                 fut.set_result(value)
-        self._observe(out.observations)
+        self.observations.observe(out.observations, core.workers)
         m = self.metrics
         m.workers_connected.set(len(core.by_session))
         m.workers_revoked.set(len(core.revoked))
         m.ready_actions.set(sum(len(wf.ready) for wf in core.active) + len(core.delayed))
-
-    def _observe(self, observations: list[Observation]) -> None:
-        m = self.metrics
-        for o in observations:
-            kind = o.kind
-            if kind == "action_duration":
-                trace_id = self.tracing.trace_id(o.lease_id)
-                m.action_duration.observe(o.value, {"trace_id": trace_id} if trace_id else None)
-            elif kind == "lease_lost":
-                m.leases_lost.labels(_loss_reason(o.detail)).inc()
-                log.warning(
-                    "lease lost on worker %s: %s",
-                    o.worker_id,
-                    o.detail,
-                    extra={"worker_id": o.worker_id},
-                )
-            elif kind == "stale_result":
-                m.stale_results.inc()
-                log.warning(
-                    "refused result from %s: %s",
-                    o.worker_id,
-                    o.detail,
-                    extra={"worker_id": o.worker_id, "lease_id": o.lease_id},
-                )
-            elif kind == "clock_offset":
-                m.clock_offset_rejections.labels(o.worker_id).inc()
-                log.warning(
-                    "worker %s clock is %d ms ahead; its HLC was not merged",
-                    o.worker_id,
-                    o.value,
-                    extra={"worker_id": o.worker_id},
-                )
-            elif kind == "worker_connected":
-                log.info("worker %s connected", o.worker_id, extra={"worker_id": o.worker_id})
-            elif kind == "worker_disconnected":
-                log.info("worker %s disconnected", o.worker_id, extra={"worker_id": o.worker_id})
-                if o.worker_id not in self.state.workers:
-                    # Per-worker series live only while the worker does: a caller that makes up
-                    # worker ids must not grow the label set without bound.
-                    with contextlib.suppress(KeyError):
-                        m.clock_offset_rejections.remove(o.worker_id)
-            elif kind == "report_refused":
-                m.reports_refused.labels(o.detail).inc()
-                log.warning(
-                    "refused %s report from worker %s for lease %s: the session does not hold it",
-                    o.detail,
-                    o.worker_id,
-                    o.lease_id,
-                    extra={"worker_id": o.worker_id, "lease_id": o.lease_id},
-                )
-            elif kind == "hello_refused":
-                m.hellos_refused.inc()
-                log.warning(
-                    "refused hello from %s: worker id %s is connected and the new stream did not"
-                    " prove to be it",
-                    o.detail or "?",
-                    o.worker_id,
-                    extra={"worker_id": o.worker_id},
-                )
 
     def _trace_grants(self, grant: wpb.LeaseGrant, session_id: str) -> None:
         w = self.state.by_session.get(session_id)
@@ -516,6 +627,10 @@ class Runtime:
                     q.put_nowait(None)
 
 
+class _CoreBroken(Exception):
+    """The core kept raising: recovering again would only repeat it."""
+
+
 def _log_prune(task: asyncio.Task[int]) -> None:
     if task.cancelled():
         return
@@ -524,19 +639,3 @@ def _log_prune(task: asyncio.Task[int]) -> None:
         log.error("pruning finished workflows failed: %s", err)
     else:
         log.info("pruned %d journal rows of finished workflows", task.result())
-
-
-def _loss_reason(detail: str) -> str:
-    if detail.startswith("lease expired"):
-        return "expired"
-    if detail.startswith("worker revoked"):
-        return "worker_revoked"
-    if "self-fencing" in detail:
-        return "worker_cancelled"
-    if "did not report" in detail:
-        return "not_reported"
-    if "reconnected" in detail:
-        return "not_readopted"
-    if "left" in detail:
-        return "worker_left"
-    return "other"

@@ -144,7 +144,7 @@ class CoordinatorServer:
         # ErrorInterceptor first: it turns the AuthInterceptor's refusals into statuses.
         server = grpc.aio.server(
             interceptors=[
-                ErrorInterceptor(),
+                ErrorInterceptor(self.runtime.refusals, self.runtime.errors),
                 AuthInterceptor(
                     self.authenticator, RefusalLog(self.clock, self.metrics.auth_refusals)
                 ),
@@ -155,7 +155,13 @@ class CoordinatorServer:
             WorkflowService(self.runtime, cfg.limits), server
         )
         wgrpc.add_WorkerServiceServicer_to_server(
-            WorkerService(self.runtime, auth_enabled=self.authenticator.enabled), server
+            WorkerService(
+                self.runtime,
+                auth_enabled=self.authenticator.enabled,
+                limits=cfg.limits,
+                refusals=self.runtime.refusals,
+            ),
+            server,
         )
         agrpc.add_AdminServiceServicer_to_server(AdminService(self.runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -3,22 +3,39 @@
 The servicer only moves messages: each incoming message becomes a stimulus for the core, and
 whatever the core decides for this session arrives on the session's queue after it has been
 journalled. The first message must be ``hello``.
+
+Every message is checked here, against :class:`~plait.coordinator.config.Limits`, before it
+becomes a stimulus (docs/operations.md, "Input limits"):
+
+* a malformed message (a bad id, too many entries, an unknown outcome) ends the stream with
+  INVALID_ARGUMENT naming the field and the limit; nothing of it reaches the core;
+* a result whose outputs are too large or nest too deep becomes a failed attempt whose error
+  names ``outputs_json`` and the limit (as oversized outputs always did);
+* progress details over their limits are dropped (the report still counts as progress), tails
+  longer than ``max_tail_bytes`` keep their end, an error over ``max_error_bytes`` its start.
+
+Each of these is counted in ``plait_input_refused_total{source="worker"}`` and logged once a
+minute per field and worker host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.auth import current_principal
+from plait.coordinator.config import Limits
 from plait.coordinator.core.events import WorkerMessageReceived
 from plait.coordinator.core.model import SessionEnd
+from plait.coordinator.core.validate import MAX_DURATION_S, labels_violations
 from plait.coordinator.runtime import Runtime
+from plait.coordinator.services.errors import InputRefusals
 from plait.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -26,22 +43,31 @@ from plait.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
     PlaitError,
+    UnavailableError,
 )
 from plait.ids import describe_id
+from plait.jsonlimits import nesting_exceeds, utf8_len
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import worker_service_pb2_grpc as wgrpc
 
 log = logging.getLogger(__name__)
 MAX_SLOTS = 100_000
 HELLO_TIMEOUT = 30.0
+MAX_HANDLERS = 10_000  # Hello.handlers entries
+MAX_REPORTS = 2 * MAX_SLOTS  # lease reports or results in one message
+MAX_LEASE_ID = 1024  # characters of a reported lease id (ours are workflow/action/token)
+MAX_TEXT = 1024  # Hello.agent, Hello.hostname, Hello.resume_token, Goodbye.reason
+_OUTCOMES = frozenset(v for v in wpb.ActionOutcome.values() if v)
+_REPORTS = ("action_started", "heartbeat")  # messages that are lists of LeaseReport
 
 
-def check_hello(msg: wpb.ConnectRequest) -> None:
-    """INVALID_ARGUMENT, naming the field, for a bad first message."""
+def check_hello(msg: wpb.ConnectRequest, limits: Limits | None = None) -> None:
+    """INVALID_ARGUMENT, naming every bad field, for a bad first message."""
     if msg.WhichOneof("message") != "hello":
         raise InvalidArgumentError(
             [FieldViolation("message", "the first message on a Connect stream must be hello")]
         )
+    lim = limits or Limits()
     hello = msg.hello
     v = []
     why = describe_id(hello.worker_id)
@@ -49,12 +75,189 @@ def check_hello(msg: wpb.ConnectRequest) -> None:
         v.append(FieldViolation("hello.worker_id", why))
     if not 1 <= hello.slots <= MAX_SLOTS:
         v.append(FieldViolation("hello.slots", f"is {hello.slots}; must be 1 to {MAX_SLOTS}"))
-    for i, h in enumerate(hello.handlers):
-        why = describe_id(h)
-        if why:
-            v.append(FieldViolation(f"hello.handlers[{i}]", why))
+    if len(hello.handlers) > MAX_HANDLERS:
+        v.append(
+            FieldViolation(
+                "hello.handlers", f"has {len(hello.handlers)} entries; the limit is {MAX_HANDLERS}"
+            )
+        )
+    else:
+        for i, h in enumerate(hello.handlers):
+            why = describe_id(h)
+            if why:
+                v.append(FieldViolation(f"hello.handlers[{i}]", why))
+    v.extend(labels_violations("hello.labels", hello.labels, lim))
+    if len(hello.resources) > lim.max_resources:
+        v.append(
+            FieldViolation(
+                "hello.resources",
+                f"has {len(hello.resources)} entries; the limit max_resources is"
+                f" {lim.max_resources}",
+            )
+        )
+    for name, amount in hello.resources.items():
+        if describe_id(name) or not (amount >= 0 and math.isfinite(amount)):
+            v.append(
+                FieldViolation(
+                    f"hello.resources[{name!r}]",
+                    "needs a name of [A-Za-z0-9_.-] and a finite amount >= 0",
+                )
+            )
+            break
+    for name in ("agent", "hostname", "resume_token"):
+        text = getattr(hello, name)
+        if len(text) > MAX_TEXT or not text.isprintable():
+            v.append(
+                FieldViolation(f"hello.{name}", f"must be at most {MAX_TEXT} printable characters")
+            )
+    v.extend(_report_violations("hello.running", hello.running))
     if v:
         raise InvalidArgumentError(v)
+
+
+def _report_violations(
+    path: str, reports: Sequence[wpb.LeaseReport | wpb.LeaseProgress | wpb.ActionResult]
+) -> list[FieldViolation]:
+    """A list of lease reports: bounded, each lease id bounded."""
+    if len(reports) > MAX_REPORTS:
+        return [FieldViolation(path, f"has {len(reports)} entries; the limit is {MAX_REPORTS}")]
+    for i, r in enumerate(reports):
+        if len(r.lease_id) > MAX_LEASE_ID:
+            return [
+                FieldViolation(f"{path}[{i}].lease_id", f"is longer than {MAX_LEASE_ID} characters")
+            ]
+    return []
+
+
+class ReportCheck:
+    """Checks one stream message after hello against the limits (see the module docstring).
+
+    ``refusals`` counts and logs what it changes; ``peer`` names the worker in the log.
+    """
+
+    def __init__(self, limits: Limits, refusals: InputRefusals | None, peer: str = "") -> None:
+        self.limits = limits
+        self.refusals = refusals
+        self.peer = peer
+
+    def _note(self, field: str, description: str, what: str) -> None:
+        if self.refusals is not None:
+            self.refusals.refused("worker", field, description, peer=self.peer, what=what)
+
+    def check(self, msg: wpb.ConnectRequest) -> None:
+        """Raises InvalidArgumentError for a malformed message; trims what is over a limit."""
+        kind = msg.WhichOneof("message")
+        if kind in _REPORTS:
+            v = _report_violations(f"{kind}.leases", getattr(msg, kind).leases)
+        elif kind == "action_progress":
+            v = self._progress(msg.action_progress)
+        elif kind == "action_finished":
+            v = self._finished(msg.action_finished)
+        elif kind == "goodbye" and len(msg.goodbye.reason) > MAX_TEXT:
+            msg.goodbye.reason = msg.goodbye.reason[:MAX_TEXT]
+            v = []
+        else:  # hello (the core refuses a second one), credit, or a kind this build lacks
+            v = []
+        if v:
+            raise InvalidArgumentError(v)
+
+    def _progress(self, progress: wpb.ActionProgress) -> list[FieldViolation]:
+        v = _report_violations("action_progress.leases", progress.leases)
+        if v:
+            return v
+        lim = self.limits
+        for i, p in enumerate(progress.leases):
+            details = p.details_json
+            if not details:
+                continue
+            size = utf8_len(details)
+            if size > lim.max_progress_bytes:
+                why = f"is {size} bytes; the limit max_progress_bytes is {lim.max_progress_bytes}"
+            elif nesting_exceeds(details, lim.max_json_depth):
+                why = (
+                    f"nests more than {lim.max_json_depth} levels deep; the limit"
+                    f" max_json_depth is {lim.max_json_depth}"
+                )
+            else:
+                continue
+            p.details_json = ""
+            self._note(
+                f"action_progress.leases[{i}].details_json",
+                why,
+                f"details dropped (lease {p.lease_id[:200]!r}; the report still counts)",
+            )
+        return []
+
+    def _finished(self, finished: wpb.ActionFinished) -> list[FieldViolation]:
+        v = _report_violations("action_finished.results", finished.results)
+        if v:
+            return v
+        for i, res in enumerate(finished.results):
+            if res.outcome not in _OUTCOMES:
+                return [
+                    FieldViolation(
+                        f"action_finished.results[{i}].outcome",
+                        f"is {res.outcome}; not an ActionOutcome (SUCCEEDED to TIMED_OUT)",
+                    )
+                ]
+            self._result(f"action_finished.results[{i}]", res)
+        return []
+
+    def _result(self, path: str, res: wpb.ActionResult) -> None:
+        lim = self.limits
+        if res.outputs_json:
+            size = utf8_len(res.outputs_json)
+            if size > lim.max_output_bytes:
+                why = f"is {size} bytes; the limit max_output_bytes is {lim.max_output_bytes}"
+            elif nesting_exceeds(res.outputs_json, lim.max_json_depth):
+                why = (
+                    f"nests more than {lim.max_json_depth} levels deep; the limit"
+                    f" max_json_depth is {lim.max_json_depth}"
+                )
+            else:
+                why = ""
+            if why:
+                res.outputs_json = ""
+                if res.outcome == wpb.ACTION_OUTCOME_SUCCEEDED:
+                    res.outcome = wpb.ACTION_OUTCOME_FAILED
+                    res.error.CopyFrom(
+                        status_pb2.Status(
+                            code=code_pb2.INVALID_ARGUMENT, message=f"outputs_json {why}"
+                        )
+                    )
+                self._note(f"{path}.outputs_json", why, f"the attempt fails ({res.lease_id!r})")
+        for name in ("stdout_tail", "stderr_tail"):
+            tail = getattr(res, name)
+            if len(tail) > lim.max_tail_bytes // 4 and utf8_len(tail) > lim.max_tail_bytes:
+                setattr(res, name, _last_bytes(tail, lim.max_tail_bytes))
+                self._note(
+                    f"{path}.{name}",
+                    f"is {utf8_len(tail)} bytes; the limit max_tail_bytes is {lim.max_tail_bytes}",
+                    "truncated to its end",
+                )
+        if res.HasField("error") and res.error.ByteSize() > lim.max_error_bytes:
+            size = res.error.ByteSize()
+            del res.error.details[:]
+            res.error.message = _first_bytes(res.error.message, lim.max_error_bytes)
+            self._note(
+                f"{path}.error",
+                f"is {size} bytes; the limit max_error_bytes is {lim.max_error_bytes}",
+                "details dropped, message truncated",
+            )
+        d = res.duration
+        if not (0 <= d.seconds <= MAX_DURATION_S and 0 <= d.nanos <= 999_999_999):
+            res.ClearField("duration")
+            self._note(f"{path}.duration", "is negative or not a valid Duration", "ignored")
+
+
+def _last_bytes(text: str, limit: int) -> str:
+    """The end of ``text``: at most ``limit`` UTF-8 bytes, whole characters only."""
+    return text.encode("utf-8", "surrogatepass")[-limit:].decode("utf-8", "ignore")
+
+
+def _first_bytes(text: str, limit: int) -> str:
+    """The start of ``text``: at most ``limit`` UTF-8 bytes, whole characters only."""
+    return text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore")
 
 
 def check_identity(worker_id: str, enabled: bool) -> str:
@@ -85,15 +288,28 @@ def _ended(end: SessionEnd) -> PlaitError:
         return PermissionDeniedError(end.message)
     if end.code == code_pb2.INVALID_ARGUMENT:
         return InvalidArgumentError([FieldViolation(end.field or "message", end.message)])
+    if end.code == code_pb2.UNAVAILABLE:
+        return UnavailableError(end.message)
+    if end.code == code_pb2.INTERNAL:
+        return PlaitError(end.message)  # INTERNAL
     return AbortedError(end.message)
 
 
 class WorkerService(wgrpc.WorkerServiceServicer):
     """Moves worker messages into the core and the core's messages out to workers."""
 
-    def __init__(self, runtime: Runtime, *, auth_enabled: bool = False) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        auth_enabled: bool = False,
+        limits: Limits | None = None,
+        refusals: InputRefusals | None = None,
+    ) -> None:
         self.runtime = runtime
         self.auth_enabled = auth_enabled
+        self.limits = limits or runtime.config.limits
+        self.refusals = refusals
 
     async def Connect(
         self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: Any
@@ -108,7 +324,7 @@ class WorkerService(wgrpc.WorkerServiceServicer):
             raise InvalidArgumentError(
                 [FieldViolation("message", f"no hello within {HELLO_TIMEOUT:g}s")]
             ) from None
-        check_hello(first)
+        check_hello(first, self.limits)
         worker_id = first.hello.worker_id
         identity = check_identity(worker_id, self.auth_enabled)
         rt = self.runtime
@@ -125,10 +341,15 @@ class WorkerService(wgrpc.WorkerServiceServicer):
             )
         )
 
+        checker = ReportCheck(self.limits, self.refusals, str(context.peer() or ""))
+
         async def pump() -> None:
             try:
                 async for msg in request_iterator:
+                    checker.check(msg)
                     rt.post(WorkerMessageReceived(cause, session_id, msg))
+            except PlaitError as e:  # a refused message ends the stream with its status
+                outbox.put_nowait(e)
             except Exception as e:  # the stream broke: the session ends below
                 log.info("worker %s stream ended: %s", worker_id, e)
             finally:
@@ -140,6 +361,8 @@ class WorkerService(wgrpc.WorkerServiceServicer):
                 msg = await outbox.get()
                 if msg is None:
                     return
+                if isinstance(msg, PlaitError):
+                    raise msg
                 if isinstance(msg, SessionEnd):
                     log.warning(
                         "worker %s stream ended by the coordinator: %s", worker_id, msg.message
