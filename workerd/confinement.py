@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 
 from plait.workerd.containment import (
     CgroupTree,
-    cgroup_empty,
     join_cgroup,
     kill_cgroup,
     kill_uid_processes,
     signal_cgroup,
     sweep_argv,
+    try_remove_cgroup,
 )
 from plait.workerd.keeper import Keeper
 from plait.workerd.rlimits import Rlimits, apply_rlimits, prlimit_argv
@@ -230,16 +230,9 @@ async def _drain_cgroup(path: str) -> bool:
     deadline = loop.time() + _CGROUP_DRAIN_S
     delay = 0.001
     while True:
-        if cgroup_empty(path):
-            try:
-                os.rmdir(path)
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError as err:
-                if err.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                    log.warning("cannot remove cgroup %s: %s", path, err)
-                    return False
+        removed = try_remove_cgroup(path)
+        if removed is not None:
+            return removed
         if loop.time() >= deadline:
             return False
         kill_cgroup(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -39,8 +40,11 @@ __all__ = [
     "remove_tree",
     "sweep_argv",
     "sweep_uid",
+    "try_remove_cgroup",
     "uid_processes",
 ]
+
+log = logging.getLogger(__name__)
 
 _PROCS = "cgroup.procs"
 _KILL = "cgroup.kill"
@@ -172,6 +176,23 @@ def kill_cgroup(path: str) -> None:
     signal_cgroup(path, signal.SIGKILL)
 
 
+def try_remove_cgroup(path: str) -> bool | None:
+    """One attempt at removing an emptied cgroup: True when it is gone, None while it is busy
+    (members still exiting, or child cgroups), False when it cannot be removed at all."""
+    if not cgroup_empty(path):
+        return None
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError as err:
+        if err.errno in (errno.EBUSY, errno.ENOTEMPTY):
+            return None
+        log.warning("cannot remove cgroup %s: %s", path, err)
+        return False
+    return True
+
+
 def remove_cgroup(path: str, *, rounds: int = 500, pause: float = 0.01) -> bool:
     """Kills everything in the cgroup, waits until it is empty, and removes it (blocking).
 
@@ -181,17 +202,12 @@ def remove_cgroup(path: str, *, rounds: int = 500, pause: float = 0.01) -> bool:
     for i in range(rounds):
         if i % 10 == 0:
             kill_cgroup(path)  # again now and then: without cgroup.kill, forks race the kills
-        if cgroup_empty(path):
-            try:
-                os.rmdir(path)
-                return True
-            except FileNotFoundError:
-                return True
-            except OSError as err:
-                if err.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                    return False
-                for child in _child_cgroups(path):
-                    remove_cgroup(child, rounds=rounds, pause=pause)
+        removed = try_remove_cgroup(path)
+        if removed is not None:
+            return removed
+        if cgroup_empty(path):  # busy only with child cgroups
+            for child in _child_cgroups(path):
+                remove_cgroup(child, rounds=rounds, pause=pause)
         time.sleep(pause)
     return False
 
