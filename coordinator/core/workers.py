@@ -226,6 +226,8 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
             held.worker = w
             held.grant_seq = 0
             w.leases[held.lease_id] = held
+            for name, amount in held.action.spec.resources.items():  # still in use
+                w.used[name] = w.used.get(name, 0.0) + amount
             welcome.adopted.append(r)
         else:
             welcome.kill.append(r)
