@@ -67,6 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:  # e.g. a malformed token file
         print(f"plait coordinator: refusing to start: {e.message}", file=sys.stderr)
         return EXIT_CONFIG
+    server.test_fence_only = os.environ.get("PLAIT_TEST_FENCE_ONLY") == "1"
+    if server.test_fence_only:
+        print(
+            "plait coordinator: WARNING: PLAIT_TEST_FENCE_ONLY=1 (a test hook): a deposed leader"
+            " keeps running and only the journal's term fence stops its writes",
+            file=sys.stderr,
+        )
     try:
         return asyncio.run(serve(server))
     except OSError as e:

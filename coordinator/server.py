@@ -125,6 +125,10 @@ class CoordinatorServer:
         self.started_at = 0.0
         self._host = "127.0.0.1"
         self.serving_after = 0.0  # seconds from start() to SERVING as leader
+        # TEST HOOK, on only with PLAIT_TEST_FENCE_ONLY=1 (main.py): a leader that loses its
+        # leadership keeps running, so a system test can show that the journal's term fence
+        # alone refuses what it writes next (normally it stops first, on its own clock).
+        self.test_fence_only = False
 
     def _fatal(self, err: BaseException) -> None:
         if self.fatal is None:
@@ -280,6 +284,9 @@ class CoordinatorServer:
         if self.config.ready_file:
             self._write_ready_file(self.config.ready_file, "leader")
         await holding
+        if self.test_fence_only and not self.stopped.is_set():
+            log.warning("leadership lost (term %d); PLAIT_TEST_FENCE_ONLY: not stopping", self.term)
+            return
         if not self.stopped.is_set():
             log.critical("leadership lost (term %d): stopping so a standby can lead", self.term)
             self._fatal(DeposedError(f"leadership of term {self.term} lost"))

@@ -316,9 +316,11 @@ async def test_worker_identity_comes_from_its_token(
     assert "'w1'" in details and "'w2'" in details
     await liar.close()
     # A submit token cannot serve as a worker at all.
+    submitter = ProtocolWorker(target, "w1", metadata=bearer(tokens["submitter"]))
     with pytest.raises(grpc.aio.AioRpcError) as e2:
-        await ProtocolWorker(target, "w1", metadata=bearer(tokens["submitter"])).connect()
+        await submitter.connect()
     assert e2.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await submitter.close()
 
     first = ProtocolWorker(target, "w1", metadata=bearer(tokens["w1"]))
     await first.connect()

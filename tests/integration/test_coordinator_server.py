@@ -151,15 +151,17 @@ async def test_graceful_shutdown_drains_connected_workers(tmp_path: Path) -> Non
 async def test_bad_first_message_is_refused_naming_the_field(
     coordinator: CoordinatorServer, first: wpb.ConnectRequest, field: str
 ) -> None:
+    refused = asyncio.Event()  # the request stream stays open until the call has ended
     async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.port}") as ch:
 
         async def requests() -> object:
             yield first
-            await asyncio.sleep(5)
+            await refused.wait()
 
         call = wgrpc.WorkerServiceStub(ch).Connect(requests())
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in call:
                 pass
+        refused.set()
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in (info.value.details() or "")

@@ -99,15 +99,17 @@ async def test_standby_refuses_worker_streams_naming_the_leader(tmp_path: Path) 
     await standby.start(wait_leader=False)
     try:
         await asyncio.sleep(0.6)
+        refused = asyncio.Event()  # the request stream stays open until the call has ended
         async with grpc.aio.insecure_channel(f"127.0.0.1:{standby.port}") as ch:
 
             async def hello() -> object:
                 yield wpb.ConnectRequest(hello=wpb.Hello(worker_id="w1", slots=1))
-                await asyncio.sleep(5)
+                await refused.wait()
 
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async for _ in wgrpc.WorkerServiceStub(ch).Connect(hello()):
                     pass
+            refused.set()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         status = rpc_status.from_call(info.value)
         assert status is not None and leader_hint(status) == f"127.0.0.1:{leader.port}"

@@ -9,9 +9,11 @@ RELIABILITY.md guarantee 7 (with PostgreSQL) and guarantee 5 across failovers:
   PostgreSQL journal satisfies the invariants of :mod:`tests.system.journal_check`;
 - a standby whose wall clock is 5 minutes behind (``PLAIT_CLOCK_OFFSET=-5m``) still orders every
   event it writes after its predecessor's (its HLC starts above the journal's stored ceiling);
-- a leader paused (SIGSTOP) past its leadership is deposed — even when the pause catches it
-  inside a journal write whose transaction has locked the leader row — and once resumed it
-  writes nothing more, the journal it left stays as it was, and it stops or turns standby.
+- a leader paused (SIGSTOP) while two of its leases run behind a gate is deposed; once resumed
+  (past its leadership and those leases) it writes nothing more — its appends are fenced by the
+  term — the journal it left stays as it was, and it exits. (An append is one statement, so a
+  pause never leaves the leader row locked; the store-level fence itself is contract-tested in
+  ``tests/contract/test_journal_contract.py``.)
 
 Each test gets its own throwaway PostgreSQL server (:mod:`tests.system.pg`, ~1 s to start) and
 the test timing profile (heartbeat 250 ms, lease TTL 2 s, kill grace 250 ms).
@@ -142,20 +144,19 @@ class HaCluster(Cluster):
             ).fetchall()
         return [" | ".join(map(str, r)) for r in rows]
 
-    def leader_row_lockers(self) -> list[str]:
-        """Other sessions whose open transaction has locked the leader row (FOR SHARE takes a
-        RowShareLock on the table): an election's UPDATE of that row waits for them."""
+    def wait_renewals(self, count: int) -> None:
+        """Waits until the leader row's lease has been renewed ``count`` times."""
         import psycopg
 
+        seen: set[object] = set()
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT a.pid, a.state, now() - a.xact_start, left(a.query, 80)"
-                " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                " JOIN pg_stat_activity a ON a.pid = l.pid"
-                " WHERE c.relname = 'plait_leader' AND l.mode = 'RowShareLock' AND l.granted"
-                " AND a.pid <> pg_backend_pid()"
-            ).fetchall()
-        return [" | ".join(map(str, r)) for r in rows]
+
+            def renewed() -> bool:
+                row = conn.execute("SELECT expires_at FROM plait_leader").fetchone()
+                seen.add(row[0] if row else None)
+                return len(seen) > count
+
+            wait_for(f"{count} leadership renewals", renewed, timeout=10 * TTL_S, interval=0.02)
 
     def leader_row(self) -> tuple[int, str, str]:
         import psycopg
@@ -254,7 +255,7 @@ def test_only_the_leader_serves_and_standby_names_it(ha: HaCluster) -> None:
     c1 = ha.start_named("c1")
     ha.wait_leader("c1", timeout=15)
     c2 = ha.start_named("c2")
-    time.sleep(3 * 0.25)  # a few leadership renewals: the standby stays one
+    ha.wait_renewals(3)  # the standby stays one across a few of the leader's renewals
     assert (ha.status("c1"), ha.status("c2")) == (SERVING, NOT_SERVING)
     term, _, advertised = ha.leader_row()
     assert advertised == c1, f"leader row advertises {advertised!r}, c1 listens on {c1}"
@@ -367,24 +368,23 @@ def test_standby_with_clock_behind_keeps_hlc_order(ha: HaCluster, tmp_path: Path
 # ----- (c) a deposed leader cannot write --------------------------------------------------------
 
 
-def pause_mid_commit(ha: HaCluster, name: str, tries: int = 200) -> list[str]:
-    """SIGSTOPs ``name``, preferably inside a journal write whose transaction has locked the
-    leader row (the hard case: the lock outlives the leadership); returns what it holds."""
-    for _ in range(tries):
-        ha.stop(name)
-        found = ha.leader_row_lockers()
-        if found:
-            return found
-        ha.cont(name)
-        time.sleep(0.01)
-    ha.stop(name)
-    return ha.open_transactions()
+def leased_and_started(rows: list[journal_check.Row], action_ids: set[str]) -> bool:
+    started = {r.event.action_id for r in rows if r.type == wf.EVENT_TYPE_ACTION_STARTED}
+    return action_ids <= started
 
 
-def test_paused_leader_is_deposed_and_cannot_write(ha: HaCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fence_only", [False, True], ids=["as-configured", "fence-only"])
+def test_paused_leader_is_deposed_and_cannot_write(
+    ha: HaCluster, tmp_path: Path, fence_only: bool
+) -> None:
+    """As configured, the woken leader concedes on its own clock before anything it decided
+    commits. ``fence-only`` switches that off (``PLAIT_TEST_FENCE_ONLY``, a test hook), so the
+    leader wakes believing it leads and commits what it decided: the term fence must refuse it,
+    and that refusal is what stops it."""
     # The leader's clock is 5 minutes behind: anything it wrote after being deposed would show
-    # (recorded_at minutes behind the new leader's, and an HLC below the journal's head).
-    ha.start_named("c1", env={"PLAIT_CLOCK_OFFSET": "-5m"})
+    # (recorded_at minutes behind the new leader's).
+    env = {"PLAIT_CLOCK_OFFSET": "-5m"} | ({"PLAIT_TEST_FENCE_ONLY": "1"} if fence_only else {})
+    ha.start_named("c1", env=env)
     ha.wait_leader("c1", timeout=15)
     ha.start_named("c2")
     ha.add_worker("w1", slots=4, wait=False)
@@ -392,65 +392,84 @@ def test_paused_leader_is_deposed_and_cannot_write(ha: HaCluster, tmp_path: Path
     ha.wait_workers(["w1", "w2"])
     term_before, _, _ = ha.leader_row()
     marks = tmp_path / "marks.txt"
-    # The long actions wait for a gate the test opens only after the takeover: on a loaded
-    # machine the search for a pause inside a commit can outlast any fixed sleep, and a
-    # workflow that finished before the pause leaves the new leader nothing to commit.
     gate = tmp_path / "gate"
-    spec = fanout(marks, width=30, long_s=0, name="deposed", gate=gate)
+    width = 4
+    spec = fanout(marks, width=width, long_s=0, name="deposed", gate=gate)
     with ha.client() as client:
         workflow_id = client.submit(spec).workflow_id
-        wait_for("some progress", lambda: finished_count(ha.rows()) >= 5, timeout=30)
-        at_pause = pause_mid_commit(ha, "c1")
-        paused_at = wall_ms()
+        # The known point: every short action finished, both long ones running behind the
+        # gate. Nothing more can happen until the test opens it, so the old leader holds two
+        # live leases it must expire (write) when it wakes, however slow this machine is.
+        wait_for(
+            "the short actions to finish and both long ones to start",
+            lambda: (
+                (rows := ha.rows())
+                and finished_count(rows) >= 1 + width
+                and leased_and_started(rows, {"long-0", "long-1"})
+            ),
+            timeout=30,
+        )
+        ha.stop("c1")
+        paused_at = time.monotonic()
         paused = ha.rows()
         try:
-            print("open transactions at the pause:", at_pause or "none")
             try:
                 ha.wait_leader("c2", timeout=6 * TTL_S)
             except HarnessError as err:
                 raise AssertionError(
                     f"{err}: the standby could not be elected while the old leader was paused."
-                    f"\nOpen transactions at the pause: {at_pause}"
-                    f"\nnow: {ha.open_transactions()}"
+                    f"\nOpen transactions: {ha.open_transactions()}"
                 ) from None
-            # The new leader commits something of its own before the old one wakes up.
-            # Generous: a worker may first follow a stale leader hint to the paused leader and
-            # wait out its welcome timeout before it finds the new one.
-            wait_for(
-                "the new leader's first commits",
-                lambda: len(after(ha.rows(), paused[-1].sequence)) >= 3,
-                timeout=45,
-            )
-            time.sleep(max(0.0, 2.5 * TTL_S - 0.5))  # paused for well over 2 TTLs
+            # Elected: the leader row carries a new term, so from here on no write of the old
+            # one's can commit (one still in flight at the pause committed before the election
+            # or is refused).
+            deposed = ha.rows()
+            term, holder, advertised = ha.leader_row()
+            assert term > term_before and advertised == ha.addresses["c2"], (term, holder)
+            # The workers follow the new leader (their leases re-adopted, still running).
+            ha.wait_workers(["w1", "w2"])
+            # Paused for well over two TTLs: on waking, the old leader's leadership and both
+            # its workers' leases have expired on its own monotonic clock.
+            time.sleep(max(0.0, paused_at + 2.5 * TTL_S - time.monotonic()))
             resumed = ha.rows()
         finally:
             ha.cont("c1")
-        # The old leader wakes with expired leases and dead streams: it must not write.
-        wait_for(
-            "the resumed old leader to step down",
-            lambda: not ha.daemon("c1").running() or ha.status("c1") in (NOT_SERVING, None),
-            timeout=10,
+        # It wakes believing it leads, with leases to expire: it must write nothing and stop.
+        code = ha.daemon("c1").wait(timeout=15)
+        assert code is not None, "the resumed old leader is still running:\n" + (
+            ha.daemon("c1").log_tail()
         )
-        time.sleep(TTL_S)
+        after_old = ha.rows()
         gate.touch()
         status = client.wait(workflow_id, timeout=60)
     assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)
-    term, _, advertised = ha.leader_row()
-    assert term > term_before and advertised == ha.addresses["c2"]
+    log_c1 = ha.daemon("c1").log_tail()
+    refused = f"journal write refused: term {term_before} superseded by {term}" in log_c1
+    conceded = f"leadership lost (term {term_before}): stopping" in log_c1
+    # As configured it may also have had a write in flight (refused); with the hook the fence
+    # is the only thing that can have stopped it.
+    stopped_by = refused if fence_only else conceded
+    assert code == 1 and stopped_by, f"the deposed leader exited {code}; its log:\n{log_c1}"
+    if fence_only:
+        assert not conceded, log_c1
+    print(
+        f"the deposed leader exited {code}; terms {term_before} -> {term};"
+        f" its write refused by the fence: {refused}; conceded on its own clock: {conceded}"
+    )
     assert ha.daemon("c2").running() and ha.status("c2") == SERVING
-    old_state = "exited" if not ha.daemon("c1").running() else "standby"
-    print(f"the deposed leader {old_state}; terms {term_before} -> {term}")
-    for line in ha.daemon("c1").log_tail().splitlines():
-        if any(word in line.lower() for word in ("depose", "superseded", "leadership")):
-            print("c1:", line)
+    assert ha.leader_row()[0] == term, "another election happened"
 
     rows = ha.rows()
-    assert rows[: len(resumed)] == resumed, "rows committed before the old leader woke changed"
-    journal_check.check_journal(rows)
-    # The new leader's clock is right; the old one's is 5 minutes behind.
-    stray = [e for e in after(rows, paused[-1].sequence) if recorded_ms(e) < paused_at - MINUTE_MS]
+    # Nothing the old leader decided after waking reached the journal: what it had written is
+    # a prefix, and everything after the election came from the new leader.
+    assert rows[: len(paused)] == paused, "rows committed before the pause changed"
+    assert after_old[: len(resumed)] == resumed, "rows committed while it was paused changed"
+    skewed_ms = wall_ms() - 4 * MINUTE_MS
+    stray = [e for e in after(rows, deposed[-1].sequence) if recorded_ms(e) < skewed_ms]
     assert not stray, "the deposed leader wrote after its successor took over:\n  " + (
         "\n  ".join(map(show, stray))
     )
-    if ha.daemon("c1").running():
-        assert ha.status("c1") == NOT_SERVING
+    assert all(recorded_ms(r.event) < skewed_ms for r in paused), "c1 was not skewed"
+    summary = journal_check.check_journal(rows)
+    assert len(summary.committed) == len(spec.actions)
+    journal_check.check_completed_attempts_committed(summary, journal_check.read_marks(marks))
