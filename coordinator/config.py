@@ -15,48 +15,34 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from typing import Any
 
+from plait.coordinator.core.input_limits import LEASE_HEADROOM_BYTES, MAX_MESSAGE_BYTES, Limits
+from plait.coordinator.journal.store import parse_store_url
 from plait.durations import format_duration, parse_duration
 from plait.errors import ConfigError
-from plait.jsonlimits import MAX_JSON_DEPTH
+from plait.jsonlimits import MAX_OUTPUT_BYTES
 from plait.security import is_loopback_host
 from plait.sizes import parse_size
 
+# Limits (and its sizes) is pure data the core reads: it lives in the core, re-exported here.
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_METRICS_LISTEN",
+    "LEASE_HEADROOM_BYTES",
+    "LIMIT_FLAGS",
+    "MAX_JSON_DEPTH_CEILING",
+    "MAX_MESSAGE_BYTES",
+    "MAX_OUTPUT_CEILING",
+    "CoordinatorConfig",
+    "Limits",
+    "build_parser",
+    "env_var",
+    "load_config",
+    "parse_args",
+    "split_host_port",
+]
+
 DEFAULT_LISTEN = "127.0.0.1:7450"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9450"
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-LEASE_HEADROOM_BYTES = 256 * 1024  # a grant message's room beside its leases' inputs and specs
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Size limits on what clients and workers may send (docs/operations.md, "Input limits").
-
-    Counts are entries of one list or map; ``*_bytes`` are UTF-8 bytes (keys and values of a
-    map together). Every one has a flag (``--max-json-depth``) and a ``PLAIT_*`` variable.
-    """
-
-    max_actions: int = 100_000
-    max_edges: int = 1_000_000
-    max_fan_in: int = 10_000
-    max_depth: int = 10_000
-    max_input_bytes: int = 1024 * 1024
-    max_output_bytes: int = 1024 * 1024
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_json_depth: int = MAX_JSON_DEPTH  # input_json, outputs_json, details_json
-    max_progress_bytes: int = 64 * 1024  # one LeaseProgress.details_json
-    max_tail_bytes: int = 64 * 1024  # ActionResult.stdout_tail / stderr_tail (kept: the end)
-    max_error_bytes: int = 16 * 1024  # ActionResult.error (message and details)
-    max_argv: int = 4096  # ExecAction.argv entries
-    max_argv_bytes: int = 256 * 1024
-    max_env: int = 1024  # ActionSpec.env entries
-    max_env_bytes: int = 256 * 1024
-    max_labels: int = 256  # WorkflowSpec.labels, ActionSpec.selector, Hello.labels entries
-    max_label_bytes: int = 64 * 1024
-    max_resources: int = 256  # ActionSpec.resources, Hello.resources entries
-    max_semaphores: int = 256  # ActionSpec.semaphores entries
-    # A lease's inputs (its needs' outputs) plus its action spec; larger fails the action at
-    # grant time. Default: the message limit less room for the rest of a grant message.
-    max_lease_bytes: int = MAX_MESSAGE_BYTES - LEASE_HEADROOM_BYTES
 
 
 # Help for the limit flags, in the order --help lists them (``--max-actions`` first).
@@ -84,7 +70,7 @@ LIMIT_FLAGS: dict[str, str] = {
 }
 # The ceiling of max_json_depth: parsers recurse once per level (Python's limit is ~1000).
 MAX_JSON_DEPTH_CEILING = 512
-MAX_OUTPUT_CEILING = 1024 * 1024  # workers cap outputs here too (SDK and workerd)
+MAX_OUTPUT_CEILING = MAX_OUTPUT_BYTES  # workers cap outputs here too (SDK and workerd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +128,10 @@ class CoordinatorConfig:
         if not 0 <= self.lease_loss_budget <= 100:
             raise ConfigError("lease_loss_budget must be between 0 and 100")
         self._validate_security()
-        if not self.store.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise ConfigError(
-                f"store {self.store!r}: expected sqlite:///PATH or postgresql://USER@HOST/DB"
-            )
+        try:
+            parse_store_url(self.store)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if self.retention <= timedelta(0):
             raise ConfigError("retention must be > 0")
         if self.advertise is not None:

@@ -26,6 +26,7 @@ from plait import durations
 from plait.durations import parse_duration
 from plait.endpoints import parse_targets
 from plait.errors import ConfigError
+from plait.ids import describe_id
 from plait.security import TlsFiles, check_token_transport, identity_from_pem, tls_from_env
 from plait.worker.handlers import Worker
 from plait.worker.resources import (
@@ -35,7 +36,6 @@ from plait.worker.resources import (
     parse_resource,
 )
 from plait.worker.serve import default_worker_id
-from plait.worker.session import WORKER_ID_RE
 from plait.workerd.rlimits import Rlimits, parse_rlimit_flags
 from plait.workerd.runas import RunAs, parse_run_as
 from plait.workerd.secrets import SecretStore
@@ -86,10 +86,8 @@ class WorkerdConfig:
         """Raises :class:`ConfigError` naming the flag of the first bad value."""
         addresses = parse_coordinator(self.coordinator)
         check_token_transport(addresses, self.tls, self.token)
-        if not WORKER_ID_RE.fullmatch(self.worker_id):
-            raise ConfigError(
-                f"--id: {self.worker_id!r} must be 1 to 128 characters of [A-Za-z0-9_.-]"
-            )
+        if why := describe_id(self.worker_id):  # the coordinator's rule (plait.ids)
+            raise ConfigError(f"--id: {self.worker_id!r}: {why}")
         if not 1 <= self.slots <= _MAX_SLOTS:
             raise ConfigError(f"--slots: must be between 1 and {_MAX_SLOTS}, got {self.slots}")
         for key in self.labels:

@@ -12,9 +12,39 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
+from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
     from plait.coordinator.core.state import SchedulerState
+
+
+def semaphore_terms(req: pb.SemaphoreRequest) -> tuple[int, int]:
+    """``(capacity, permits)`` a request declares, each 1 when unset (0): the proto's default.
+
+    The one place that default is written; validation, dispatch and "why is it waiting" use it.
+    """
+    return req.capacity or 1, req.permits or 1
+
+
+def semaphore_in_force(st: SchedulerState, req: pb.SemaphoreRequest) -> tuple[int, int]:
+    """``(capacity, permits held)`` of ``req``'s semaphore as ``req`` sees it.
+
+    Actions that disagree on a semaphore's capacity get the smallest, so the capacity is the
+    least of the one recorded (at the last acquire) and the one ``req`` declares.
+    """
+    capacity, _ = semaphore_terms(req)
+    cap, held = st.semaphores.get(req.name, (capacity, 0))
+    return min(cap, capacity), held
+
+
+def full_semaphore(st: SchedulerState, a: ActionRecord) -> tuple[str, int, int] | None:
+    """The first semaphore ``a`` names that lacks its permits now, as ``(name, capacity,
+    held)``, or None when every one has room."""
+    for req in a.spec.semaphores:
+        cap, held = semaphore_in_force(st, req)
+        if held + semaphore_terms(req)[1] > cap:
+            return req.name, cap, held
+    return None
 
 
 def fits(st: SchedulerState, a: ActionRecord, w: WorkerRecord) -> bool:
@@ -63,12 +93,8 @@ def could_ever_run(a: ActionRecord, w: WorkerRecord) -> bool:
 
 
 def semaphores_free(st: SchedulerState, a: ActionRecord) -> bool:
-    for req in a.spec.semaphores:
-        cap, held = st.semaphores.get(req.name, (req.capacity or 1, 0))
-        cap = min(cap, req.capacity or 1)
-        if held + (req.permits or 1) > cap:
-            return False
-    return True
+    """Whether every semaphore ``a`` names has its permits free now."""
+    return full_semaphore(st, a) is None
 
 
 def acquire(st: SchedulerState, lease: LeaseRecord) -> None:
@@ -83,8 +109,8 @@ def acquire(st: SchedulerState, lease: LeaseRecord) -> None:
             a.opened = True
             a.parent.in_flight += 1
     for req in a.spec.semaphores:
-        cap, held = st.semaphores.get(req.name, (req.capacity or 1, 0))
-        st.semaphores[req.name] = (min(cap, req.capacity or 1), held + (req.permits or 1))
+        cap, held = semaphore_in_force(st, req)
+        st.semaphores[req.name] = (cap, held + semaphore_terms(req)[1])
 
 
 def release(st: SchedulerState, lease: LeaseRecord) -> None:
@@ -97,7 +123,7 @@ def release(st: SchedulerState, lease: LeaseRecord) -> None:
         a.parent.running_children -= 1
     for req in a.spec.semaphores:
         cap, held = st.semaphores[req.name]
-        st.semaphores[req.name] = (cap, held - (req.permits or 1))
+        st.semaphores[req.name] = (cap, held - semaphore_terms(req)[1])
 
 
 def usage(st: SchedulerState) -> dict[str, tuple[int, int]]:

@@ -181,10 +181,10 @@ def _what_is_full(st: SchedulerState, a: ActionRecord) -> str:
     p = a.parent
     if p is not None and p.spec.map.max_parallel and p.running_children >= p.spec.map.max_parallel:
         return f"map max_parallel {p.spec.map.max_parallel} of {p.spec.id!r} reached"
-    for req in a.spec.semaphores:
-        cap, held = st.semaphores.get(req.name, (req.capacity or 1, 0))
-        if held + (req.permits or 1) > cap:
-            return f"waiting for semaphore {req.name!r} ({held} of {cap} permits held)"
+    full = limits.full_semaphore(st, a)
+    if full is not None:
+        name, cap, held = full
+        return f"waiting for semaphore {name!r} ({held} of {cap} permits held)"
     if a.spec.resources:
         return f"waiting for a worker with free slots and resources {dict(a.spec.resources)}"
     return "waiting for a free slot"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from plait.coordinator.journal.store import Leadership
+from plait.coordinator.journal.store import Leadership, parse_store_url
 
 
 def open_leadership(url: str, *, holder: str, advertise: str, ttl: timedelta) -> Leadership:
@@ -14,12 +14,11 @@ def open_leadership(url: str, *, holder: str, advertise: str, ttl: timedelta) ->
     standbys name in their redirects; ``ttl`` is how long a PostgreSQL lease outlives its last
     renewal (a file lock needs none: the kernel drops it with the process).
     """
-    if url.startswith("sqlite:///"):
+    kind, target = parse_store_url(url)
+    if kind == "sqlite":
         from plait.coordinator.journal.sqlite import FileLockLeadership
 
-        return FileLockLeadership(url.removeprefix("sqlite:///"), advertise=advertise)
-    if url.startswith(("postgresql://", "postgres://")):
-        from plait.coordinator.journal.pg_leadership import PostgresLeadership
+        return FileLockLeadership(target, advertise=advertise)
+    from plait.coordinator.journal.pg_leadership import PostgresLeadership
 
-        return PostgresLeadership(url, holder=holder, advertise=advertise, ttl=ttl)
-    raise ValueError(f"unsupported store {url!r}: expected sqlite:///PATH or postgresql://...")
+    return PostgresLeadership(target, holder=holder, advertise=advertise, ttl=ttl)

@@ -23,7 +23,12 @@ from typing import Final
 import psycopg
 from psycopg.rows import TupleRow
 
-from plait.coordinator.journal.store import REVOKED_PREFIX, DeposedError, JournalHead
+from plait.coordinator.journal.store import (
+    PAGE_SIZE,
+    REVOKED_PREFIX,
+    DeposedError,
+    JournalHead,
+)
 from plait.hlc import HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
 
@@ -210,7 +215,7 @@ class PostgresJournal:
             raise DeposedError(f"journal write refused: term {self._term} superseded by {current}")
 
     async def read(
-        self, workflow_id: str, after_sequence: int = 0, limit: int = 10_000
+        self, workflow_id: str, after_sequence: int = 0, limit: int = PAGE_SIZE
     ) -> list[pb.HistoryEvent]:
         async with self._conn(reader=True).cursor(binary=True) as cur:
             await cur.execute(
@@ -233,7 +238,7 @@ class PostgresJournal:
             row = cur.fetchone()
         return None if row is None else pb.HistoryEvent.FromString(row[0]).outputs_json
 
-    async def replay(self, batch: int = 10_000) -> AsyncIterator[list[pb.HistoryEvent]]:
+    async def replay(self, batch: int = PAGE_SIZE) -> AsyncIterator[list[pb.HistoryEvent]]:
         # Keyset pagination: no transaction stays open between batches, however slowly the
         # caller consumes them.
         after = 0

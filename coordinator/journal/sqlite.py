@@ -28,7 +28,12 @@ import stat
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from plait.coordinator.journal.store import REVOKED_PREFIX, DeposedError, JournalHead
+from plait.coordinator.journal.store import (
+    PAGE_SIZE,
+    REVOKED_PREFIX,
+    DeposedError,
+    JournalHead,
+)
 from plait.errors import ConfigError
 from plait.hlc import HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
@@ -221,7 +226,7 @@ class SqliteJournal:
         return [pb.HistoryEvent.FromString(r[0]) for r in rows]
 
     async def read(
-        self, workflow_id: str, after_sequence: int = 0, limit: int = 10_000
+        self, workflow_id: str, after_sequence: int = 0, limit: int = PAGE_SIZE
     ) -> list[pb.HistoryEvent]:
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._read, workflow_id, after_sequence, limit
@@ -244,7 +249,7 @@ class SqliteJournal:
         ).fetchall()
         return [pb.HistoryEvent.FromString(r[0]) for r in rows]
 
-    async def replay(self, batch: int = 10_000) -> AsyncIterator[list[pb.HistoryEvent]]:
+    async def replay(self, batch: int = PAGE_SIZE) -> AsyncIterator[list[pb.HistoryEvent]]:
         loop = asyncio.get_running_loop()
         after = 0
         while True:

@@ -19,11 +19,40 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from plait.errors import UnavailableError
 from plait.hlc import ZERO, HlcTimestamp
 from plait.v1 import workflow_pb2 as pb
+
+PAGE_SIZE = 10_000
+"""Events per page whenever a store reads many (a workflow's history, the replay): one setting
+for every backend."""
+
+_SQLITE = "sqlite:///"
+_POSTGRES = ("postgresql://", "postgres://")
+
+
+class StoreUrl(NamedTuple):
+    """A ``--store`` URL taken apart: which backend, and what it opens."""
+
+    kind: Literal["sqlite", "postgresql"]
+    target: str
+    """The database file for SQLite; the whole URL (a libpq conninfo) for PostgreSQL."""
+
+
+def parse_store_url(url: str) -> StoreUrl:
+    """The one reading of a store URL: ``sqlite:///PATH`` (``sqlite:////abs`` for an absolute
+    path) or ``postgresql://USER@HOST/DB`` (``postgres://`` too).
+
+    Raises:
+        ValueError: any other scheme, or no path after ``sqlite:///``.
+    """
+    if url.startswith(_SQLITE) and len(url) > len(_SQLITE):
+        return StoreUrl("sqlite", url.removeprefix(_SQLITE))
+    if url.startswith(_POSTGRES):
+        return StoreUrl("postgresql", url)
+    raise ValueError(f"store {url!r}: expected sqlite:///PATH or postgresql://USER@HOST/DB")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +96,12 @@ class JournalStore(Protocol):
         ...
 
     async def read(
-        self, workflow_id: str, after_sequence: int = 0, limit: int = 10_000
+        self, workflow_id: str, after_sequence: int = 0, limit: int = PAGE_SIZE
     ) -> list[pb.HistoryEvent]:
         """A workflow's events with sequence > ``after_sequence``, in order."""
         ...
 
-    def replay(self, batch: int = 10_000) -> AsyncIterator[list[pb.HistoryEvent]]:
+    def replay(self, batch: int = PAGE_SIZE) -> AsyncIterator[list[pb.HistoryEvent]]:
         """Every event of every workflow still kept, in sequence order, in batches."""
         ...
 
@@ -131,12 +160,11 @@ class Leadership(Protocol):
 
 def open_store(url: str, *, lease_ttl: timedelta = timedelta(seconds=30)) -> JournalStore:
     """The store a ``--store`` URL names (``lease_ttl`` bounds how long a write may hold locks)."""
-    if url.startswith("sqlite:///"):
+    kind, target = parse_store_url(url)
+    if kind == "sqlite":
         from plait.coordinator.journal.sqlite import SqliteJournal
 
-        return SqliteJournal(url.removeprefix("sqlite:///"))
-    if url.startswith(("postgresql://", "postgres://")):
-        from plait.coordinator.journal.postgres import PostgresJournal
+        return SqliteJournal(target)
+    from plait.coordinator.journal.postgres import PostgresJournal
 
-        return PostgresJournal(url, hold_limit=lease_ttl / 2)
-    raise ValueError(f"unsupported store {url!r}: expected sqlite:///PATH or postgresql://...")
+    return PostgresJournal(target, hold_limit=lease_ttl / 2)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from plait.coordinator.config import LIMIT_FLAGS, Limits, load_config, parse_args
 from plait.coordinator.core.results import check_outputs
+from plait.coordinator.core.state import CoreConfig
 from plait.coordinator.core.validate import validate_submit
 from plait.errors import ConfigError, InvalidArgumentError
 from plait.jsonlimits import (
@@ -141,13 +142,14 @@ def test_sizes_are_utf8_bytes_and_name_the_limit() -> None:
 
 
 def test_check_outputs_names_the_field_and_the_limit() -> None:
-    assert check_outputs("{}") is None
-    assert check_outputs('{"a": [1]}') is None
-    assert check_outputs(nested(100_000)) == (
+    cfg = CoreConfig()  # the default limits
+    assert check_outputs("{}", cfg) is None
+    assert check_outputs('{"a": [1]}', cfg) is None
+    assert check_outputs(nested(100_000), cfg) == (
         "outputs_json nests more than 64 levels deep; the limit max_json_depth is 64"
     )
-    assert "the limit max_output_bytes is 1048576" in (check_outputs(" " * (MiB + 1)) or "")
-    assert check_outputs("[]") == "outputs_json must be a JSON object, not an array"
+    assert "the limit max_output_bytes is 1048576" in (check_outputs(" " * (MiB + 1), cfg) or "")
+    assert check_outputs("[]", cfg) == "outputs_json must be a JSON object, not an array"
 
 
 def submit(action: pb.ActionSpec, limits: Limits | None = None) -> InvalidArgumentError:

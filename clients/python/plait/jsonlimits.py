@@ -22,14 +22,19 @@ from typing import Any
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "MAX_OUTPUT_BYTES",
     "JsonLimitError",
     "json_problem",
     "loads_bounded",
     "nesting_exceeds",
+    "outputs_problem",
     "utf8_len",
 ]
 
 MAX_JSON_DEPTH = 64
+# An attempt's outputs_json, in UTF-8 bytes: what workers (the SDK, workerd) accept from an
+# action, the default of the coordinator's ``max_output_bytes``, and the ceiling it may be set to.
+MAX_OUTPUT_BYTES = 1024 * 1024
 
 # Bytes that are neither brackets nor quotes (deleted by bytes.translate), and the brackets as
 # "(" / ")"; then the same parens as +1 / -1 signed bytes, for an exact prefix-sum scan.
@@ -147,6 +152,29 @@ def json_problem(
     if want_object and not isinstance(value, dict):
         return f"must be a JSON object, not {_kind(value)}"
     return None
+
+
+def outputs_problem(
+    text: str, *, max_bytes: int = MAX_OUTPUT_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> str | None:
+    """Why ``text`` is not acceptable as an attempt's outputs, or None; never raises.
+
+    The one output rule, for both sides of the wire: the worker SDK checks what an action
+    returns, the coordinator's core checks every succeeded result against its configured
+    limits. A JSON object within ``max_bytes`` (``max_output_bytes``) and ``max_depth``
+    (``max_json_depth``); the message names the field and the limit:
+    ``outputs_json is 2000000 bytes; the limit max_output_bytes is 1048576``.
+    """
+    if text == "{}":
+        return None
+    problem = json_problem(
+        text,
+        max_bytes=max_bytes,
+        bytes_limit="max_output_bytes",
+        max_depth=max_depth,
+        want_object=True,
+    )
+    return None if problem is None else f"outputs_json {problem}"
 
 
 def loads_bounded(

@@ -53,36 +53,6 @@ ACTION_OUTCOME_TIMED_OUT: ActionOutcome.ValueType  # 4
 """The worker's local run timeout fired."""
 Global___ActionOutcome: _TypeAlias = ActionOutcome  # noqa: Y015
 
-class _LeaseState:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _LeaseStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseState.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    LEASE_STATE_UNSPECIFIED: _LeaseState.ValueType  # 0
-    LEASE_STATE_PENDING: _LeaseState.ValueType  # 1
-    """Granted to the worker; it must run the attempt."""
-    LEASE_STATE_ACTIVE: _LeaseState.ValueType  # 2
-    """The worker reported that it runs."""
-    LEASE_STATE_COMPLETED: _LeaseState.ValueType  # 3
-    """Its result is committed."""
-    LEASE_STATE_CANCELLED: _LeaseState.ValueType  # 4
-    """Cancelled, expired or superseded."""
-
-class LeaseState(_LeaseState, metaclass=_LeaseStateEnumTypeWrapper):
-    """LeaseState is the coordinator's view of a lease (after googleapis' remoteworkers Lease)."""
-
-LEASE_STATE_UNSPECIFIED: LeaseState.ValueType  # 0
-LEASE_STATE_PENDING: LeaseState.ValueType  # 1
-"""Granted to the worker; it must run the attempt."""
-LEASE_STATE_ACTIVE: LeaseState.ValueType  # 2
-"""The worker reported that it runs."""
-LEASE_STATE_COMPLETED: LeaseState.ValueType  # 3
-"""Its result is committed."""
-LEASE_STATE_CANCELLED: LeaseState.ValueType  # 4
-"""Cancelled, expired or superseded."""
-Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
-
 class _CancelReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -714,7 +684,6 @@ class Lease(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_ID_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     ACTION_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
@@ -724,11 +693,8 @@ class Lease(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
-    STATUS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """Set by the coordinator: unique id."""
-    state: Global___LeaseState.ValueType
-    """Set by the coordinator: PENDING in a grant."""
     workflow_id: _builtins.str
     """Set by the coordinator: the workflow."""
     action_id: _builtins.str
@@ -757,15 +723,10 @@ class Lease(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """Set by the coordinator: the lease lasts this long after the last heartbeat."""
 
-    @_builtins.property
-    def status(self) -> _status_pb2.Status:
-        """Set by the coordinator: outcome once known (unused in grants)."""
-
     def __init__(
         self,
         *,
         lease_id: _builtins.str = ...,
-        state: Global___LeaseState.ValueType = ...,
         workflow_id: _builtins.str = ...,
         action_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
@@ -775,11 +736,10 @@ class Lease(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         traceparent: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
-        status: _status_pb2.Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "status", b"status", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "attempt", b"attempt", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "inputs_json", b"inputs_json", "lease_id", b"lease_id", "state", b"state", "status", b"status", "traceparent", b"traceparent", "ttl", b"ttl", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "action_id", b"action_id", "attempt", b"attempt", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "inputs_json", b"inputs_json", "lease_id", b"lease_id", "traceparent", b"traceparent", "ttl", b"ttl", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

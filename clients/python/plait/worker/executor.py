@@ -19,6 +19,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from plait import jsonlimits
 from plait.v1 import worker_service_pb2 as pb
 
 SUCCEEDED = pb.ACTION_OUTCOME_SUCCEEDED
@@ -48,8 +49,9 @@ DEFAULT_ERROR_CODE: dict[int, int] = {
     TIMED_OUT: Code.DEADLINE_EXCEEDED,
 }
 
-# Largest outputs object an attempt may return (exec's $PLAIT_OUTPUT or a handler's dict).
-MAX_OUTPUT_BYTES = 1 << 20
+# Largest outputs object an attempt may return (exec's $PLAIT_OUTPUT or a handler's dict): the
+# one constant the coordinator's max_output_bytes also defaults to (plait.jsonlimits).
+MAX_OUTPUT_BYTES = jsonlimits.MAX_OUTPUT_BYTES
 
 # Largest progress details (LeaseProgress.details_json, UTF-8) an attempt may report.
 MAX_PROGRESS_BYTES = 64 * 1024

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from plait.jsonlimits import outputs_problem
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
     CANCELLED,
@@ -262,10 +263,12 @@ def outputs_result(outputs: Any, ctx: ActionContext) -> AttemptResult:
             code=Code.INVALID_ARGUMENT,
             stdout_tail=ctx.log_tail(),
         )
-    if len(text) > MAX_OUTPUT_BYTES:
+    problem = outputs_problem(text, max_bytes=MAX_OUTPUT_BYTES)  # the coordinator's rule
+    if problem is not None:
+        too_big = len(text) > MAX_OUTPUT_BYTES  # json.dumps escapes to ASCII: chars are bytes
         return AttemptResult.failed(
-            f"handler outputs are {len(text)} bytes, over the {MAX_OUTPUT_BYTES}-byte limit",
-            code=Code.RESOURCE_EXHAUSTED,
+            f"handler {problem}",
+            code=Code.RESOURCE_EXHAUSTED if too_big else Code.INVALID_ARGUMENT,
             stdout_tail=ctx.log_tail(),
         )
     return AttemptResult(SUCCEEDED, outputs_json=text, stdout_tail=ctx.log_tail())

@@ -30,9 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def default_worker_id() -> str:
-    """``<hostname>-<pid>``, limited to the characters a worker id allows."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]) or "worker"
+def default_worker_id(hostname: str | None = None) -> str:
+    """``<hostname>-<pid>``, made to fit the id rule (:mod:`plait.ids`) whatever the host name."""
+    name = socket.gethostname() if hostname is None else hostname
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", name.split(".")[0]).lstrip("_-") or "worker"
     return f"{host[:100]}-{os.getpid()}"
 
 

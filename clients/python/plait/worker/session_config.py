@@ -9,7 +9,6 @@ grace) comes from the coordinator's ``Welcome``. :class:`SessionStats` are the c
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,13 +16,15 @@ from datetime import timedelta
 
 from plait import __version__
 from plait.endpoints import parse_targets
+from plait.ids import ID_RE, describe_id
 from plait.security import TlsFiles, check_token_transport
 from plait.worker.adaptive import AdaptiveConfig
 from plait.worker.resources import RESOURCE_NAME_RE
 
 __all__ = ["DEFAULT_AGENT", "WORKER_ID_RE", "SessionConfig", "SessionStats"]
 
-WORKER_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+# The characters and length of an id (plait.ids); ``describe_id`` also refuses ``..``.
+WORKER_ID_RE = ID_RE
 DEFAULT_AGENT = f"plait-python/{__version__}"
 
 
@@ -63,10 +64,9 @@ class SessionConfig:
     """Bearer token sent as ``authorization`` metadata on every ``Connect``; empty: none."""
 
     def __post_init__(self) -> None:
-        if not WORKER_ID_RE.fullmatch(self.worker_id):
-            raise ValueError(
-                f"worker_id {self.worker_id!r} must be 1 to 128 characters of [A-Za-z0-9_.-]"
-            )
+        why = describe_id(self.worker_id)  # the coordinator's rule: it refuses any other id
+        if why is not None:
+            raise ValueError(f"worker_id {self.worker_id!r}: {why}")
         if self.slots < 0:
             raise ValueError(f"slots must be >= 1 (or 0 for the CPU count), got {self.slots}")
         addresses = parse_targets(self.coordinator, "coordinator")  # TargetError: ValueError
