@@ -140,7 +140,7 @@ class Runtime:
         """Rebuilds the state from the journal (opened by the caller) and starts the loop."""
         core = self._new_core(head.hlc_floor)
         started = self.clock.monotonic()
-        self.replayed_events = await self._load(core)
+        self.replayed_events = await self._load(core, written_until_ms=head.last_hlc.physical_ms)
         self.replay_seconds = self.clock.monotonic() - started
         # Sequences are never reused, even when pruning removed the newest rows.
         core.sequence = max(core.sequence, head.last_sequence)
@@ -157,15 +157,27 @@ class Runtime:
                 kill_grace=self.config.kill_grace,
                 lease_loss_budget=self.config.lease_loss_budget,
                 max_lease_bytes=self.config.limits.max_lease_bytes,
+                max_output_bytes=self.config.limits.max_output_bytes,
+                max_json_depth=self.config.limits.max_json_depth,
             ),
             max_clock_offset_ms=self._max_offset_ms,
             hlc_floor=hlc_floor,
             outputs=OutputStore(self.store, self.config.output_cache_bytes),
         )
 
-    async def _load(self, core: SchedulerState) -> int:
-        """Replays the journal and the revocations into ``core``; returns the events applied."""
-        at = Instant(self.clock.monotonic(), self.clock.wall_ms())
+    async def _load(self, core: SchedulerState, *, written_until_ms: int = 0) -> int:
+        """Replays the journal and the revocations into ``core``; returns the events applied.
+
+        Replay re-arms each timer from its event's age. That age is measured up to
+        ``written_until_ms`` (the previous writer's last HLC reading, when this is a restart or
+        a failover) rather than this host's wall clock, whenever that is earlier: a successor
+        whose clock runs ahead must not fire timers early, so the time no coordinator was
+        running is not counted (clocks of different hosts are not trusted to measure it).
+        """
+        wall = self.clock.wall_ms()
+        if written_until_ms > 0:
+            wall = min(wall, written_until_ms)
+        at = Instant(self.clock.monotonic(), wall)
         applied = 0
         async for events in self.store.replay():
             applied += replay(core, events, at)

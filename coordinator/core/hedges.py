@@ -34,9 +34,13 @@ def key(a: ActionRecord) -> str:
 
 def observe(st: SchedulerState, lease: LeaseRecord) -> None:
     """Records a successful attempt's run time (grant to result, coordinator clock)."""
-    if lease.action.spec.HasField("speculate"):
-        d = st.durations.setdefault(key(lease.action), deque(maxlen=SAMPLES))
-        d.append(st.now - lease.granted_at)
+    record_duration(st, lease.action, st.now - lease.granted_at)
+
+
+def record_duration(st: SchedulerState, a: ActionRecord, seconds: float) -> None:
+    """Adds one successful run time to ``a``'s samples (live, or replayed from the journal)."""
+    if a.spec.HasField("speculate"):
+        st.durations.setdefault(key(a), deque(maxlen=SAMPLES)).append(seconds)
 
 
 def threshold(st: SchedulerState, a: ActionRecord) -> float | None:
@@ -52,14 +56,15 @@ def threshold(st: SchedulerState, a: ActionRecord) -> float | None:
     return None
 
 
-def arm(st: SchedulerState, lease: LeaseRecord) -> None:
-    """Schedules the hedge check of a primary lease whose action asks for speculation."""
+def arm(st: SchedulerState, lease: LeaseRecord, when: float) -> None:
+    """Schedules the hedge check of a primary lease granted at ``when``, if its action asks
+    for speculation."""
     a = lease.action
     if not a.spec.HasField("speculate") or a.hedge is not None:
         return
     after = threshold(st, a)
     if after is not None:
-        heapq.heappush(st.hedge_deadlines, (st.now + after, st.sequence, lease.lease_id))
+        heapq.heappush(st.hedge_deadlines, (when + after, st.sequence, lease.lease_id))
 
 
 def due(st: SchedulerState, lease_id: str) -> None:
@@ -68,7 +73,14 @@ def due(st: SchedulerState, lease_id: str) -> None:
     if lease is None:
         return
     a = lease.action
-    if a.lease is lease and a.hedge is None and a.state in (t.LEASED, t.RUNNING):
+    # lease.token == a.token: no hedge was granted beside it yet (one that ended leaves the
+    # token higher), so a replayed check of a primary already hedged stays quiet.
+    if (
+        a.lease is lease
+        and a.hedge is None
+        and lease.token == a.token
+        and a.state in (t.LEASED, t.RUNNING)
+    ):
         st.hedges_wanted.append(a)
 
 

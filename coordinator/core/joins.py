@@ -24,7 +24,7 @@ from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.core import sessions
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord, WorkflowRecord
+from plait.coordinator.core.model import ActionRecord, WorkflowRecord, fans_out
 from plait.coordinator.core.outputs import COPIED_COLLECTION_BYTES, collected_bytes
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -101,7 +101,7 @@ def propagate(st: SchedulerState, ended: ActionRecord) -> None:
                 continue
             v = verdict(d)
             if v == READY:
-                if d.spec.HasField("map") or d.spec.HasField("pipeline"):
+                if fans_out(d.spec):
                     expand(st, d)
                 else:
                     st.make_ready(d, E.EVENT_TYPE_ACTION_READY)
@@ -217,10 +217,17 @@ def expand(st: SchedulerState, a: ActionRecord) -> None:
     _settle_map(st, a)
 
 
-def make_children(st: SchedulerState, a: ActionRecord, items: list[str]) -> None:
-    """Creates (and readies) a map action's children; also used by replay."""
+def make_children(
+    st: SchedulerState, a: ActionRecord, items: list[str], when: float | None = None
+) -> None:
+    """Creates (and readies) a map action's children; also used by replay.
+
+    ``when``: the time the children became ready (their queue timeouts run from it); now,
+    unless replay says when the ACTION_MAPPED event happened.
+    """
+    at = st.now if when is None else when
     if a.spec.HasField("pipeline"):
-        make_pipeline(st, a, items)
+        make_pipeline(st, a, items, at)
         return
     wf = a.workflow
     spec = a.spec
@@ -247,10 +254,10 @@ def make_children(st: SchedulerState, a: ActionRecord, items: list[str]) -> None
         a.children.append(child)
         wf.remaining += 1
         st.set_state(child, t.READY)
-        st.enqueue(child)
+        st.ready_up(child, at)
 
 
-def make_pipeline(st: SchedulerState, a: ActionRecord, items: list[str]) -> None:
+def make_pipeline(st: SchedulerState, a: ActionRecord, items: list[str], at: float) -> None:
     """One chain of stage actions per item, ``<id>.<index>.<stage>``; the pipeline joins over
     each chain's last stage."""
     wf = a.workflow
@@ -281,7 +288,7 @@ def make_pipeline(st: SchedulerState, a: ActionRecord, items: list[str]) -> None
             if prev is None:
                 s.needs = a.needs  # inputs show the pipeline's needs
                 st.set_state(s, t.READY)
-                st.enqueue(s)
+                st.ready_up(s, at)
             else:
                 s.needs = [prev]
                 s.unmet = 1
@@ -308,6 +315,8 @@ def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
     if v == READY and (done or cancel or not a.children):
         if cancel:
             cancel_remaining(st, a, a.children)
+            if a.state in t.TERMINAL:
+                return  # a cancelled child's propagation settled the map already
         # Copied into the event up to a bound; past it not copied at all: the outputs are the
         # children's, put together when read (core.outputs), as replay finds them again.
         items = [c if c.state == t.SUCCEEDED else None for c in a.children]

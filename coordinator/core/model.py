@@ -21,6 +21,12 @@ from plait.v1 import workflow_pb2 as pb
 RUNNING_WF = pb.WorkflowState.WORKFLOW_STATE_RUNNING
 
 
+def fans_out(spec: pb.ActionSpec) -> bool:
+    """Whether an action fans out (a ``map`` or a ``pipeline``): it runs as the children it
+    becomes, never on a worker itself. The one test of that, wherever it is asked."""
+    return spec.HasField("map") or spec.HasField("pipeline")
+
+
 @dataclass(slots=True, eq=False)
 class ActionRecord:
     """One node of a workflow's DAG and its lifecycle."""
@@ -51,6 +57,7 @@ class ActionRecord:
     reason: str = ""
     slots: int = 1
     not_before: float = 0.0  # monotonic; retry backoff
+    ready_seq: int = 0  # sequence of the event it last became READY at (its timers' identity)
     parent: ActionRecord | None = None  # the map action that made this child
     children: list[ActionRecord] | None = None  # a map action's children, once expanded
     running_children: int = 0  # a map action's children holding leases
@@ -87,6 +94,7 @@ class WorkflowRecord:
     remaining: int = 0  # actions not yet terminal
     cancel_requested: bool = False
     failing: str = ""  # why the workflow is being ended early (fail_fast, deadline)
+    run_seq: int = 0  # sequence of its submission or last retry (its deadline's identity)
     leased: int = 0  # actions of this workflow holding leases (max_parallel)
     finished_wall_ms: int = 0
     finished_hlc: HlcTimestamp = ZERO

@@ -24,17 +24,16 @@ from plait.coordinator.core.sessions import (
 )
 from plait.errors import ERROR_DOMAIN
 from plait.hlc import HlcTimestamp
-from plait.jsonlimits import MAX_JSON_DEPTH, json_problem
+from plait.jsonlimits import outputs_problem
 from plait.v1 import hlc_pb2
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
-    from plait.coordinator.core.state import SchedulerState
+    from plait.coordinator.core.state import CoreConfig, SchedulerState
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
-MAX_OUTPUT_BYTES = 1024 * 1024
 LEASE_NOT_HELD = "LEASE_NOT_HELD"
 
 
@@ -142,7 +141,7 @@ def on_result(
         lease_id=lease.lease_id,
     )
     outputs = res.outputs_json or "{}"
-    problem = check_outputs(outputs) if outcome == O.ACTION_OUTCOME_SUCCEEDED else None
+    problem = check_outputs(outputs, st.config) if outcome == O.ACTION_OUTCOME_SUCCEEDED else None
     if (outcome != O.ACTION_OUTCOME_SUCCEEDED or problem) and a.hedge is not None:
         # Hedged: this attempt did not make it, but the other one still runs.
         ended = "failed" if problem is None else problem
@@ -194,22 +193,14 @@ def on_result(
     )
 
 
-def check_outputs(
-    outputs: str, max_bytes: int = MAX_OUTPUT_BYTES, max_depth: int = MAX_JSON_DEPTH
-) -> str | None:
+def check_outputs(outputs: str, config: CoreConfig) -> str | None:
     """Why outputs are unacceptable (size, nesting, not a JSON object), or None; never raises.
 
     The worker servicer checks size and nesting against the configured limits before a result
-    becomes a stimulus; this is the core's own check, and its backstop. The message names the
-    field and the limit: ``outputs_json is 2000000 bytes; the limit max_output_bytes is ...``.
+    becomes a stimulus; this is the core's own check, and its backstop, against the same
+    configured limits (``CoreConfig.max_output_bytes``, ``max_json_depth``) by the rule the
+    worker SDK applies too (:func:`plait.jsonlimits.outputs_problem`).
     """
-    if outputs == "{}":
-        return None
-    problem = json_problem(
-        outputs,
-        max_bytes=max_bytes,
-        bytes_limit="max_output_bytes",
-        max_depth=max_depth,
-        want_object=True,
+    return outputs_problem(
+        outputs, max_bytes=config.max_output_bytes, max_depth=config.max_json_depth
     )
-    return None if problem is None else f"outputs_json {problem}"

@@ -6,6 +6,7 @@ RUNNING with only those children reset), with fresh retry and lease-loss budgets
 actions keep their committed outputs, and fencing tokens keep growing, so a straggling result
 of an earlier attempt is still refused. One WORKFLOW_RETRIED event records the reset; the
 readiness that follows is journalled as usual, so replay applies the reset and nothing more.
+The retried run gets its own workflow deadline, from the retry.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from plait.coordinator.core import joins
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord, WorkflowRecord
+from plait.coordinator.core.model import ActionRecord, WorkflowRecord, fans_out
 from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
@@ -44,13 +45,15 @@ def to_reset(wf: WorkflowRecord) -> list[ActionRecord]:
     ]
 
 
-def reset(st: SchedulerState, wf: WorkflowRecord, actions: list[ActionRecord]) -> None:
-    """Puts ``actions`` back to PENDING (a partly-run map: RUNNING) and reopens the workflow."""
+def reset(st: SchedulerState, wf: WorkflowRecord, actions: list[ActionRecord], when: float) -> None:
+    """Puts ``actions`` back to PENDING (a partly-run map: RUNNING) and reopens the workflow,
+    retried at ``when`` (its deadline starts again then)."""
     wf.state = pb.WORKFLOW_STATE_RUNNING
     wf.cancel_requested = False
     wf.failing = ""
     wf.reason = ""
     wf.finished_wall_ms = 0
+    st.arm_deadline(wf, when)
     chosen = {id(a) for a in actions}
     for a in actions:
         mapped = a.children is not None
@@ -83,12 +86,15 @@ def retry_workflow(st: SchedulerState, wf: WorkflowRecord) -> list[str]:
         outputs_json=json.dumps(ids),
         message=f"re-running {len(ids)} actions",
     )
-    reset(st, wf, actions)
+    reset(st, wf, actions, st.now)
     for a in actions:
         if a.state != t.PENDING:
             continue
-        if a.parent is not None or joins.verdict(a) == joins.READY:
-            if a.spec.HasField("map"):
+        # A map child or a pipeline item's first stage runs on its parent's (met) needs; a
+        # later stage waits for the stage before it, like any other action for its needs.
+        child_may_run = a.parent is not None and a.stage <= 0
+        if child_may_run or joins.verdict(a) == joins.READY:
+            if fans_out(a.spec):  # a pipeline too: it runs as its items, never on a worker
                 joins.expand(st, a)
             else:
                 st.make_ready(a, pb.EVENT_TYPE_ACTION_READY)

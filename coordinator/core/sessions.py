@@ -87,7 +87,6 @@ def grant(
     st.record(a.workflow, E.EVENT_TYPE_ACTION_LEASED, a, worker_id=w.worker_id, lease_id=lease_id)
     lp = g.leases.add(
         lease_id=lease_id,
-        state=wpb.LeaseState.LEASE_STATE_PENDING,
         workflow_id=wf_id,
         action_id=a.spec.id,
         attempt=a.attempt,
@@ -97,12 +96,7 @@ def grant(
     )
     lp.action.CopyFrom(a.spec)
     lp.ttl.CopyFrom(st._ttl_pb)
-    timeout = st.run_timeout(a)
-    if timeout > 0:
-        heapq.heappush(st.deadlines, (st.now + timeout, st.sequence, lease_id))
-    arm_progress(st, lease)
-    if not hedge:
-        hedges.arm(st, lease)
+    st.arm_lease_timers(lease, st.now, hedge=hedge)
 
 
 def record_holder(a: ActionRecord, token: int, worker_id: str) -> None:

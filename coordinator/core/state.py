@@ -13,6 +13,7 @@ Workflows and their actions live here; the worker side (sessions, leases, result
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import random
 from collections import deque
@@ -23,7 +24,6 @@ from datetime import timedelta
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.config import Limits
 from plait.coordinator.core import (
     hedges,
     joins,
@@ -49,6 +49,7 @@ from plait.coordinator.core.events import (
     WorkerStreamClosed,
     WorkflowSubmitted,
 )
+from plait.coordinator.core.input_limits import Limits
 from plait.coordinator.core.model import (
     ActionRecord,
     LeaseRecord,
@@ -83,6 +84,9 @@ class CoreConfig:
     lease_loss_budget: int = 3
     # A lease's inputs plus its action spec, in bytes; larger fails the action at grant time.
     max_lease_bytes: int = Limits().max_lease_bytes
+    # What a succeeded result's outputs may be (results.check_outputs): the configured limits.
+    max_output_bytes: int = Limits().max_output_bytes
+    max_json_depth: int = Limits().max_json_depth
 
 
 class _EventClock:
@@ -130,15 +134,20 @@ class SchedulerState:
         self.revoked: dict[str, Revocation] = {}  # worker ids refused until reinstated
         self.leases: dict[str, LeaseRecord] = {}
         self.active: deque[WorkflowRecord] = deque()  # workflows with ready actions, fair ring
-        self.delayed: list[tuple[float, int, ActionRecord]] = []  # retry backoff heap
+        # Timers are state: each transition that starts one arms it through one method
+        # (ready_up, arm_queue_timeout, arm_lease_timers, create_workflow), which replay calls
+        # too, with the time the journalled transition happened, so a restart keeps them.
+        # (due, seq, tie, action): retry backoff heap
+        self.delayed: list[tuple[float, int, int, ActionRecord]] = []
         self.deadlines: list[tuple[float, int, str]] = []  # run-timeout heap (lease ids)
         self.semaphores: dict[str, tuple[int, int]] = {}  # name -> (capacity, permits held)
         self.prioritized = False  # some workflow uses priorities (costlier dispatch)
         self.hedge_deadlines: list[tuple[float, int, str]] = []  # (due, seq, primary lease id)
         self.hedges_wanted: list[ActionRecord] = []
         self.durations: dict[str, deque[float]] = {}  # successful run times, for p95 hedges
-        # (due, seq, action, token at ready): queue (schedule-to-start) timeouts
-        self.queue_deadlines: list[tuple[float, int, ActionRecord, int]] = []
+        # (due, seq, tie, action, token at ready): queue (schedule-to-start) timeouts
+        self.queue_deadlines: list[tuple[float, int, int, ActionRecord, int]] = []
+        self._tie = itertools.count()  # actions do not compare: heap entries never reach them
         self.workflow_deadlines: list[tuple[float, int, str]] = []  # (due, seq, workflow id)
         self.progress_deadlines: list[tuple[float, int, str]] = []  # heartbeat_timeout
         self.now = 0.0
@@ -244,8 +253,15 @@ class SchedulerState:
         self.create_workflow(ev)
         out.reply(s.reply, (s.workflow_id, True))
 
-    def create_workflow(self, submitted: pb.HistoryEvent) -> WorkflowRecord:
-        """Builds a workflow from its WORKFLOW_SUBMITTED event (live, or replayed)."""
+    def create_workflow(
+        self, submitted: pb.HistoryEvent, when: float | None = None
+    ) -> WorkflowRecord:
+        """Builds a workflow from its WORKFLOW_SUBMITTED event (live, or replayed).
+
+        ``when``: the monotonic time it was submitted (replay knows it from the event); its
+        deadline and its roots' queue timeouts run from then. Now, unless given.
+        """
+        at = self.now if when is None else when
         wf = WorkflowRecord(
             workflow_id=submitted.workflow_id,
             spec=submitted.spec,
@@ -275,14 +291,20 @@ class SchedulerState:
             if a.unmet == 0:
                 # Ready at submit: implied by WORKFLOW_SUBMITTED, so not journalled again.
                 self.set_state(a, t.READY)
-                self.enqueue(a)
-                self.arm_queue_timeout(a)
-        if wf.spec.HasField("deadline"):
-            # Judged on our monotonic clock from now (after a restart: from the replay).
-            d = wf.spec.deadline
-            due = self.now + d.seconds + d.nanos / 1e9
-            heapq.heappush(self.workflow_deadlines, (due, self.sequence, wf.workflow_id))
+                self.ready_up(a, at)
+        self.arm_deadline(wf, at)
         return wf
+
+    def arm_deadline(self, wf: WorkflowRecord, when: float) -> None:
+        """Starts the workflow's deadline for the run (submission or retry) begun at ``when``.
+
+        Judged on our monotonic clock; replay gives the journalled event's time.
+        """
+        wf.run_seq = self.sequence
+        if wf.spec.HasField("deadline"):
+            d = wf.spec.deadline
+            due = when + d.seconds + d.nanos / 1e9
+            heapq.heappush(self.workflow_deadlines, (due, self.sequence, wf.workflow_id))
 
     def forget(self, workflow_ids: Iterable[str]) -> None:
         """Drops finished workflows from memory (retention); their journal rows go separately."""
@@ -295,9 +317,15 @@ class SchedulerState:
         """PENDING/LEASED/RUNNING -> READY, queued fairly (retries wait out their backoff)."""
         self.set_state(a, t.READY)
         self.record(a.workflow, type_, a, **fields)
-        self.arm_queue_timeout(a)
+        self.ready_up(a, self.now)
+
+    def ready_up(self, a: ActionRecord, when: float) -> None:
+        """What becoming READY at ``when`` starts (live and replay alike): the queue timeout,
+        and the wait in the backoff heap or the place in the fair queue."""
+        a.ready_seq = self.sequence
+        self.arm_queue_timeout(a, when)
         if a.not_before > self.now:
-            heapq.heappush(self.delayed, (a.not_before, self.sequence, a))
+            heapq.heappush(self.delayed, (a.not_before, self.sequence, next(self._tie), a))
         else:
             self.enqueue(a)
 
@@ -311,12 +339,25 @@ class SchedulerState:
         else:
             wf.ready.append(a)
 
-    def arm_queue_timeout(self, a: ActionRecord) -> None:
-        """Starts the schedule-to-start clock of a ready action, if it has a queue timeout."""
+    def arm_queue_timeout(self, a: ActionRecord, when: float) -> None:
+        """Starts the schedule-to-start clock of an action ready since ``when``, if it has a
+        queue timeout."""
         qt = a.spec.queue_timeout
         if a.spec.HasField("queue_timeout"):
-            due = self.now + qt.seconds + qt.nanos / 1e9
-            heapq.heappush(self.queue_deadlines, (due, self.sequence, a, a.token))
+            due = when + qt.seconds + qt.nanos / 1e9
+            entry = (due, self.sequence, next(self._tie), a, a.token)
+            heapq.heappush(self.queue_deadlines, entry)
+
+    def arm_lease_timers(self, lease: LeaseRecord, when: float, *, hedge: bool) -> None:
+        """What a lease granted at ``when`` starts (live and replay alike): its run timeout,
+        its progress check (heartbeat_timeout, from ``lease.last_progress``) and, for a
+        primary, the hedge check."""
+        timeout = self.run_timeout(lease.action)
+        if timeout > 0:
+            heapq.heappush(self.deadlines, (when + timeout, self.sequence, lease.lease_id))
+        sessions.arm_progress(self, lease)
+        if not hedge:
+            hedges.arm(self, lease, when)
 
     def on_cancel(self, s: CancelRequested, out: Outcome) -> None:
         self._out = out
@@ -516,8 +557,8 @@ class SchedulerState:
         self._out = out
         now = self.now
         while self.delayed and self.delayed[0][0] <= now:
-            _, _, a = heapq.heappop(self.delayed)
-            if a.state == t.READY:
+            _, seq, _, a = heapq.heappop(self.delayed)
+            if a.state == t.READY and a.ready_seq == seq:  # not from an earlier readiness
                 self.enqueue(a)
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, lease_id = heapq.heappop(self.deadlines)
@@ -529,17 +570,19 @@ class SchedulerState:
             _, _, lease_id = heapq.heappop(self.progress_deadlines)
             sessions.check_progress(self, lease_id, out)
         while self.queue_deadlines and self.queue_deadlines[0][0] <= now:
-            _, _, a, token = heapq.heappop(self.queue_deadlines)
+            _, seq, _, a, token = heapq.heappop(self.queue_deadlines)
             if (
                 a.state == t.READY
+                and a.ready_seq == seq  # armed by this readiness, not one before a retry
                 and a.token == token
                 and a.workflow.state == W.WORKFLOW_STATE_RUNNING
             ):
                 self.queue_timed_out(a)
         while self.workflow_deadlines and self.workflow_deadlines[0][0] <= now:
-            _, _, workflow_id = heapq.heappop(self.workflow_deadlines)
+            _, seq, workflow_id = heapq.heappop(self.workflow_deadlines)
             wf = self.workflows.get(workflow_id)
-            if wf is not None and wf.state == W.WORKFLOW_STATE_RUNNING:
+            # (only the current run's: a retried workflow's deadline starts again)
+            if wf is not None and wf.state == W.WORKFLOW_STATE_RUNNING and wf.run_seq == seq:
                 d = wf.spec.deadline.ToTimedelta().total_seconds()
                 joins.end_workflow_early(self, wf, f"deadline of {d:g}s exceeded")
         sessions.expire_leases(self, out)

@@ -28,6 +28,7 @@ RETRY_MOVES: frozenset[tuple[int, int]] = frozenset(
         (SKIPPED, PENDING),
         (CANCELLED, PENDING),
         (FAILED, RUNNING),
+        (CANCELLED, RUNNING),
     }
 )
 
@@ -59,6 +60,7 @@ TRANSITIONS: dict[tuple[int, int], str] = {
     (SKIPPED, PENDING): "workflow retry",
     (CANCELLED, PENDING): "workflow retry",
     (FAILED, RUNNING): "workflow retry of a map action: its children that failed run again",
+    (CANCELLED, RUNNING): "workflow retry of a cancelled map action: its open children run again",
 }
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 
-from plait.coordinator.config import Limits
+from plait.coordinator.core.input_limits import Limits
+from plait.coordinator.core.limits import semaphore_terms
+from plait.coordinator.core.model import fans_out
 from plait.errors import FieldViolation, InvalidArgumentError
 from plait.exec_rules import RLIMITS, rlimit_problems, secret_problems
 from plait.ids import describe_id
@@ -223,14 +225,7 @@ def _exec_option_violations(path: str, a: workflow_pb2.ActionSpec) -> Iterator[F
 
 
 def _has_pattern(a: workflow_pb2.ActionSpec) -> bool:
-    return bool(
-        a.priority
-        or a.resources
-        or a.semaphores
-        or a.HasField("join")
-        or a.HasField("map")
-        or a.HasField("pipeline")
-    )
+    return bool(a.priority or a.resources or a.semaphores or a.HasField("join") or fans_out(a))
 
 
 def _join_violations(
@@ -245,9 +240,7 @@ def _join_violations(
             yield FieldViolation(
                 f"{path}.join", "at_least needs exactly one of at_least_count or at_least_fraction"
             )
-        elif j.at_least_count and not (
-            a.HasField("map") or maps_a_need or 1 <= j.at_least_count <= n
-        ):
+        elif j.at_least_count and not (fans_out(a) or maps_a_need or 1 <= j.at_least_count <= n):
             yield FieldViolation(
                 f"{path}.join.at_least_count", f"is {j.at_least_count}; must be 1 to {n} (needs)"
             )
@@ -304,10 +297,11 @@ def _pattern_violations(
         why = describe_id(req.name)
         if why:
             yield FieldViolation(f"{path}.semaphores[{i}].name", why)
-        if (req.permits or 1) > (req.capacity or 1):
+        capacity, permits = semaphore_terms(req)
+        if permits > capacity:
             yield FieldViolation(
                 f"{path}.semaphores[{i}].permits",
-                f"is {req.permits}; more than the capacity {req.capacity or 1}",
+                f"is {req.permits}; more than the capacity {capacity}",
             )
 
 
@@ -326,7 +320,7 @@ def _pipeline_violations(
         if stage.id in seen:
             yield FieldViolation(f"{where}.id", f"duplicate stage id {stage.id!r}")
         seen.add(stage.id)
-        if stage.needs or stage.HasField("map") or stage.HasField("pipeline"):
+        if stage.needs or fans_out(stage):
             yield FieldViolation(where, "a stage has no needs, map or pipeline of its own")
         else:
             yield from _spec_violations(where, stage, limits)
@@ -435,7 +429,7 @@ def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limit
             v.extend(_retry_violations("spec.defaults.retry", d.retry))
     index: dict[str, int] = {}
     edges = 0
-    mapped = {a.id for a in spec.actions if a.HasField("map")}
+    mapped = {a.id for a in spec.actions if fans_out(a)}  # joins over them count items
     for i, a in enumerate(spec.actions):
         v.extend(_action_violations(i, a, limits, any(n in mapped for n in a.needs)))
         if a.id in index:

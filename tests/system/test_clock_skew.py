@@ -82,3 +82,22 @@ def test_skewed_workers_cause_no_expiry_and_keep_causal_order(cluster: Cluster) 
     rejections = {w.worker_id: w.clock_offset_rejections for w in workers}
     assert rejections["w-ahead"] > 0
     assert rejections["w-behind"] == 0
+
+
+def test_a_successor_whose_clock_runs_ahead_fires_no_timer_early(cluster: Cluster) -> None:
+    """Replay re-arms a ready action's queue timeout from its journalled age; a coordinator
+    restarted with its wall clock an hour ahead must not count that hour (it would time the
+    action out at once): the time no coordinator ran is not measured by two clocks."""
+    cluster.start_coordinator()
+    true = shutil.which("true") or "/bin/true"
+    action = command_action("a", [true])
+    action.queue_timeout.FromSeconds(60)  # no worker yet: the action waits READY
+    workflow_id = cluster.submit(workflow("queued", [action]))
+    daemon = cluster.daemon("coordinator")
+    cluster.kill("coordinator")
+    daemon.env["PLAIT_CLOCK_OFFSET"] = "1h"
+    cluster.restart("coordinator")
+
+    cluster.add_worker("w1", slots=1)
+    status = cluster.wait_workflow(workflow_id)
+    assert status.state == wf.WORKFLOW_STATE_SUCCEEDED, describe(status)

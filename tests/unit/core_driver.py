@@ -177,3 +177,85 @@ def snapshot(st: SchedulerState) -> dict[str, object]:
                 a.lease.lease_id if a.lease else None,
             )
     return out
+
+
+def timers(st: SchedulerState) -> dict[str, list[tuple[object, ...]]]:
+    """Every timer that would still act, and when (replay must restore each one).
+
+    Entries a timer's check would ignore (an ended lease, an action no longer READY with that
+    token) are left out, as is a hedge check already due (it counts as a hedge asked for).
+    Progress checks restart at a replay (reports are not journalled), so only which lease has
+    one is compared, not when.
+    """
+    live = pb.WORKFLOW_STATE_RUNNING
+    ready = pb.ACTION_STATE_READY
+    hedged_states = (pb.ACTION_STATE_LEASED, pb.ACTION_STATE_RUNNING)
+
+    def hedgeable(lease_id: str) -> bool:
+        lease = st.leases.get(lease_id)
+        a = lease.action if lease else None
+        return (
+            a is not None
+            and a.lease is lease
+            and a.hedge is None
+            and lease.token == a.token
+            and a.state in hedged_states
+        )
+
+    wanted = {
+        a.key for a in st.hedges_wanted if a.lease is not None and hedgeable(a.lease.lease_id)
+    }
+    wanted |= {
+        st.leases[lid].action.key
+        for due, _, lid in st.hedge_deadlines
+        if due <= st.now and hedgeable(lid)
+    }
+    actions = [a for wf in st.workflows.values() for a in wf.actions.values()]
+    return {
+        "queue": sorted(
+            {
+                (a.key, token, due)
+                for due, seq, _, a, token in st.queue_deadlines
+                if a.state == ready
+                and a.ready_seq == seq
+                and a.token == token
+                and a.workflow.state == live
+            }
+        ),
+        "retry_at": sorted(
+            (a.key, a.not_before) for a in actions if a.state == ready and a.not_before
+        ),
+        "run": sorted({(lid, due) for due, _, lid in st.deadlines if lid in st.leases}),
+        "progress": sorted({(lid,) for _, _, lid in st.progress_deadlines if lid in st.leases}),
+        "hedge": sorted(
+            {(lid, due) for due, _, lid in st.hedge_deadlines if due > st.now and hedgeable(lid)}
+        ),
+        "hedge_wanted": sorted((key,) for key in wanted),
+        "workflow_deadline": sorted(
+            {
+                (wf_id, due)
+                for due, seq, wf_id in st.workflow_deadlines
+                if wf_id in st.workflows
+                and st.workflows[wf_id].state == live
+                and st.workflows[wf_id].run_seq == seq
+            }
+        ),
+        "samples": sorted((k, *sorted(v)) for k, v in st.durations.items()),
+    }
+
+
+def same_timers(
+    a: dict[str, list[tuple[object, ...]]], b: dict[str, list[tuple[object, ...]]]
+) -> bool:
+    """``timers(a) == timers(b)``, times within a microsecond (the journal keeps nanoseconds)."""
+
+    def close(x: object, y: object) -> bool:
+        if isinstance(x, float) and isinstance(y, float):
+            return abs(x - y) < 1e-6
+        return x == y
+
+    return a.keys() == b.keys() and all(
+        len(a[k]) == len(b[k])
+        and all(len(x) == len(y) and all(map(close, x, y)) for x, y in zip(a[k], b[k], strict=True))
+        for k in a
+    )

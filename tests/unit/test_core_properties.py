@@ -1,4 +1,9 @@
-"""Hypothesis state machine over the pure core: safety holds whatever the interleaving."""
+"""Hypothesis state machine over the pure core: safety holds whatever the interleaving.
+
+Its workflows use every timer the core arms (queue, run and progress timeouts, hedges,
+deadlines, retry backoff), maps and pipelines, and ``plait retry``; at the end the journal is
+replayed and must rebuild the same state, timers included.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,30 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from plait.coordinator.core import joins
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.events import Instant
+from plait.coordinator.core.events import Instant, RetryRequested
 from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import SchedulerState
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
-from tests.unit.core_driver import CONFIG, Driver, snapshot
+from tests.unit.core_driver import CONFIG, Driver, same_timers, snapshot, timers
 
 E = pb.EventType
 WORKERS = ["w1", "w2", "w3"]
+
+TIMERS = ["queue", "run", "progress", "hedge", "hedge_p95", "deadline"]
+
+
+def _set_timers(a: pb.ActionSpec, timed: list[str]) -> None:
+    if "queue" in timed:
+        a.queue_timeout.FromMilliseconds(2500)
+    if "run" in timed:
+        a.timeout.FromSeconds(4)
+    if "progress" in timed:
+        a.heartbeat_timeout.FromSeconds(3)
+    if "hedge" in timed:
+        a.speculate.after.FromMilliseconds(1500)
+    if "hedge_p95" in timed:
+        a.speculate.after_p95 = True
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -55,6 +75,8 @@ class CoreMachine(RuleBasedStateMachine):
         join=st.sampled_from([pb.JOIN_KIND_ALL, pb.JOIN_KIND_ANY, pb.JOIN_KIND_AT_LEAST]),
         cancel_remaining=st.booleans(),
         fail_fast=st.booleans(),
+        timed=st.lists(st.sampled_from(TIMERS), max_size=3, unique=True),
+        fan=st.sampled_from(["", "map", "pipeline"]),
     )
     def submit(
         self,
@@ -64,9 +86,13 @@ class CoreMachine(RuleBasedStateMachine):
         join: int,
         cancel_remaining: bool,
         fail_fast: bool,
+        timed: list[str],
+        fan: str,
     ) -> None:
         self.n_wf += 1
         spec = pb.WorkflowSpec(name="p", fail_fast=fail_fast)
+        if "deadline" in timed:
+            spec.deadline.FromSeconds(9)
         prev: list[str] = []
         for layer in range(depth):
             ids = [f"l{layer}n{i}" for i in range(width)]
@@ -79,7 +105,16 @@ class CoreMachine(RuleBasedStateMachine):
                     if join == pb.JOIN_KIND_AT_LEAST:
                         a.join.at_least_count = 1
                 a.retry.initial_backoff.FromMilliseconds(100)
+                _set_timers(a, timed)
             prev = ids
+        if fan and depth > 1:  # the last layer's first action fans out over its first need
+            a = spec.actions[-width]
+            if fan == "map":
+                a.map.over = f"{a.needs[0]}.items"
+            else:
+                a.pipeline.over = f"{a.needs[0]}.items"
+                for k in range(2):
+                    _set_timers(a.pipeline.stages.add(id=f"s{k}", handler="h"), timed)
         self._absorb(self.d.submit(spec, f"wf-{self.n_wf}"))
 
     @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 4))
@@ -126,7 +161,8 @@ class CoreMachine(RuleBasedStateMachine):
         lease = self.held[worker].pop(lease_id)
         outcome = wpb.ACTION_OUTCOME_SUCCEEDED if ok else wpb.ACTION_OUTCOME_FAILED
         session = self.sessions[worker]
-        self._absorb(self.d.finish(session, lease, outcome=outcome))
+        # An item list in every output: a map or pipeline over it has two items.
+        self._absorb(self.d.finish(session, lease, outcome=outcome, outputs='{"items":[1,2]}'))
         self._absorb(self.d.msg(session, credit=wpb.Credit(slots=1)))
 
     @precondition(lambda self: bool(self.all_leases))
@@ -177,12 +213,32 @@ class CoreMachine(RuleBasedStateMachine):
         wf = data.draw(st.integers(1, self.n_wf))
         self._absorb(self.d.cancel(f"wf-{wf}"))
 
+    @precondition(lambda self: self.n_wf > 0)
+    @rule(data=st.data())
+    def retry(self, data: st.DataObject) -> None:
+        """``plait retry`` (refused unless the workflow ended without success)."""
+        wf = data.draw(st.integers(1, self.n_wf))
+        self._absorb(self.d.handle(RetryRequested("retry", f"wf-{wf}", reply=object())))
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def progress(self, worker: str) -> None:
+        """A progress report on every lease the worker holds (heartbeat_timeout)."""
+        if worker in self.sessions and self.held[worker]:
+            reports = [
+                wpb.LeaseProgress(lease_id=lease.lease_id, fencing_token=lease.fencing_token)
+                for lease in self.held[worker].values()
+            ]
+            progress = wpb.ActionProgress(leases=reports)
+            self._absorb(self.d.msg(self.sessions[worker], action_progress=progress))
+
     @invariant()
     def one_live_lease_per_action(self) -> None:
+        """One live lease per action; two only while hedged (the second one is the hedge)."""
         keys = Counter(l.action.key for l in self.d.st.leases.values())
-        assert not keys or max(keys.values()) == 1
         for lease in self.d.st.leases.values():
-            assert lease.action.lease is lease and lease.action.state in (t.LEASED, t.RUNNING)
+            a = lease.action
+            assert keys[a.key] == 1 + (a.hedge is not None)
+            assert lease in (a.lease, a.hedge) and a.state in (t.LEASED, t.RUNNING)
 
     @invariant()
     def history_is_safe(self) -> None:
@@ -194,10 +250,17 @@ class CoreMachine(RuleBasedStateMachine):
                 if ev.type == E.EVENT_TYPE_ACTION_LEASED:
                     assert ev.fencing_token > self.max_token.get(key, 0), "tokens only grow"
                     self.max_token[key] = ev.fencing_token
+        # Since the workflow's last `plait retry`: a retry re-opens what did not succeed.
+        retried = {
+            e.workflow_id: e.sequence
+            for e in self.d.records
+            if e.type == E.EVENT_TYPE_WORKFLOW_RETRIED
+        }
         finished = Counter(
             (e.workflow_id, e.action_id)
             for e in self.d.records
-            if e.type
+            if e.sequence > retried.get(e.workflow_id, 0)
+            and e.type
             in (
                 E.EVENT_TYPE_ACTION_FINISHED,
                 E.EVENT_TYPE_ACTION_CANCELLED,
@@ -208,7 +271,11 @@ class CoreMachine(RuleBasedStateMachine):
         for wf in self.d.st.workflows.values():
             for a in wf.actions.values():
                 if a.state == t.SUCCEEDED:
-                    assert a.committed_token == a.token, "the committed token is the highest"
+                    # The highest, or (a hedge race) the one beside it.
+                    hedged = a.spec.HasField("speculate") and a.token - 1 == a.committed_token
+                    assert a.committed_token == a.token or hedged, "the committed is the highest"
+                    if a.parent is not None and a.stage <= 0:
+                        continue  # a map child or first stage runs on its parent's met join
                     ok = sum(n.state == t.SUCCEEDED for n in a.needs)
                     assert ok >= joins.required(a, len(a.needs)), "DAG order: join was met"
 
@@ -225,7 +292,9 @@ class CoreMachine(RuleBasedStateMachine):
         fresh = SchedulerState(CONFIG)
         replay(fresh, self.d.records, Instant(self.d.mono, self.d.wall))
         assert snapshot(fresh) == snapshot(self.d.st)
+        live, replayed = timers(self.d.st), timers(fresh)
+        assert same_timers(replayed, live), f"timers drift:\n{replayed}\n!=\n{live}"
 
 
-CoreMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+CoreMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestCore = CoreMachine.TestCase
