@@ -26,6 +26,20 @@ async def _done_within(aw: Awaitable[object] | asyncio.Task[object], seconds: fl
     return time.monotonic() - started
 
 
+class _CountingClock(ManualClock):
+    """A frozen (skewed) clock that counts its monotonic reads: a campaign reads once a poll."""
+
+    def __init__(self, wall_ms: int, monotonic: float) -> None:
+        super().__init__(wall_ms=wall_ms, monotonic=monotonic)
+        self.reads = 0
+        self.read = asyncio.Event()
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        self.read.set()
+        return super().monotonic()
+
+
 async def _cancel(task: asyncio.Task[object]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -144,10 +158,15 @@ async def test_hold_gives_up_after_a_ttl_without_renewal(postgres: Backend) -> N
 async def test_expiry_is_judged_by_the_database_clock(postgres: Backend) -> None:
     # A standby whose own clocks are far off still waits exactly for the lease to lapse.
     a = postgres.leadership("a")
-    skewed = postgres.leadership("b", clock=ManualClock(wall_ms=0, monotonic=0.0))
+    clock = _CountingClock(wall_ms=0, monotonic=0.0)
+    skewed = postgres.leadership("b", clock=clock)
     await a.campaign()
     standby = asyncio.create_task(skewed.campaign())
-    await asyncio.sleep(TTL_S * 0.7)
+    # The third read starts a third poll: two have asked the database and lost.
+    async with asyncio.timeout(TTL_S):
+        while clock.reads < 3:
+            clock.read.clear()
+            await clock.read.wait()
     assert not standby.done(), "the lease has not lapsed on the database's clock"
     await _done_within(standby, TTL_S)
     assert await skewed.leader() == "b:7450"

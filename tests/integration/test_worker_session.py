@@ -25,6 +25,7 @@ from tests.integration.worker_session_support import (
     connected,
     exec_lease,
     handler_lease,
+    next_heartbeat,
     wait_dead,
     wait_pid_file,
 )
@@ -134,7 +135,7 @@ async def test_drain_finishes_work_then_says_goodbye(h: Harness) -> None:
     await h.coord.wait_for(lambda: stream.of("action_started"))
     stream.send(drain=pb.Drain(reason="maintenance"))
     await h.coord.wait_for(lambda: session.draining)
-    await asyncio.sleep(0.2)
+    await next_heartbeat(h, session)  # a Goodbye sent on draining would have arrived first
     assert not stream.goodbye and not h.task.done()  # type: ignore[union-attr]
     h.release.set()
     await h.coord.wait_for(lambda: stream.goodbye)
@@ -154,7 +155,7 @@ async def test_over_grant_is_reported_failed(h: Harness) -> None:
     assert r.lease_id == "b2" and r.outcome == pb.ACTION_OUTCOME_FAILED
     assert "over-grant" in r.error.message
     assert session.stats.over_grants == 1 and len(session.running) == 2
-    await asyncio.sleep(0.1)
+    await next_heartbeat(h, session)  # a Credit for the refused lease would have arrived first
     assert stream.credit == 0  # the refused lease never held a slot
     h.release.set()
     await h.coord.wait_for(lambda: len(stream.results) == 3 and stream.credit == 2)

@@ -4,7 +4,6 @@ progress heartbeats batched onto the stream.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import timedelta
 
@@ -17,6 +16,7 @@ from tests.integration.worker_session_support import (
     Harness,
     connected,
     handler_lease,
+    next_heartbeat,
 )
 
 # ---------------------------------------------------------------- adaptive concurrency
@@ -40,7 +40,7 @@ async def test_adaptive_concurrency_withholds_then_releases_credit(h: Harness) -
     # All four finish: only one slot goes back; three are withheld (running < limit again).
     h.release.set()
     await h.coord.wait_for(lambda: len(stream.results) == 4 and stream.credit == 1)
-    await asyncio.sleep(0.2)
+    await next_heartbeat(h, session)  # any further Credit would have arrived first
     assert stream.credit == 1
     assert session.withheld_slots == 3 and session.stats.withheld_slots == 3
 
@@ -52,7 +52,7 @@ async def test_adaptive_concurrency_withholds_then_releases_credit(h: Harness) -
         await h.coord.wait_for(lambda expected=expected: stream.credit == expected)
     adj = session.adapt()
     assert (adj.limit, adj.release) == (4, 0)
-    await asyncio.sleep(0.2)
+    await next_heartbeat(h, session)  # a Credit beyond the slots would have arrived first
     assert stream.credit == 4 and session.withheld_slots == 0
     assert sum(c.slots for c in stream.of("credit")) == 3  # the releases were plain Credits
 
@@ -73,7 +73,7 @@ async def test_adaptive_limit_survives_a_reconnect(h: Harness) -> None:
     assert second.hello is not None and second.hello.slots == 4
     second.grant(*(handler_lease("noop", f"n{i}") for i in range(4)))
     await h.coord.wait_for(lambda: len(second.results) == 4 and second.credit == 2)
-    await asyncio.sleep(0.2)
+    await next_heartbeat(h, session)  # a Credit for a withheld slot would have arrived first
     assert second.credit == 2 and session.withheld_slots == 2
 
 

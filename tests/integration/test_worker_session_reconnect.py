@@ -6,6 +6,7 @@ expire, and reconnecting until the coordinator appears.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from plait.v1 import worker_service_pb2 as pb
@@ -118,18 +119,41 @@ async def test_reconnect_reports_running_and_kills_what_is_not_adopted(h: Harnes
     await h.coord.wait_for(lambda: second.credit == 2)
 
 
+class _Retries(logging.Handler):
+    """Sets ``twice`` once the session has logged two reconnect delays."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+        self.twice = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("reconnecting to"):
+            self.count += 1
+            if self.count >= 2:
+                self.twice.set()
+
+
 async def test_reconnects_until_the_coordinator_appears(tmp_path: Path) -> None:
     harness = Harness(tmp_path)
     # Reserve a port, then start the worker before the server exists.
     await harness.start_server()
     port = harness.port
     await harness.server.stop(0)
+    retries = _Retries()
+    session_log = logging.getLogger("plait.worker.session")
+    level = session_log.level
+    session_log.addHandler(retries)
+    session_log.setLevel(logging.INFO)
     try:
         session = harness.start_session()
-        await asyncio.sleep(0.5)
+        # Each "reconnecting" line follows a failed attempt: two prove it kept trying.
+        await asyncio.wait_for(retries.twice.wait(), 10)
         assert not session.connected
         await harness.start_server(port)
         await connected(harness)
         assert session.connected
     finally:
+        session_log.removeHandler(retries)
+        session_log.setLevel(level)
         await harness.close()

@@ -350,3 +350,16 @@ class Harness:
 async def connected(h: Harness) -> FakeStream:
     await h.coord.wait_for(lambda: h.coord.streams and h.coord.stream.of("heartbeat"))
     return h.coord.stream
+
+
+async def next_heartbeat(h: Harness, session: WorkerSession) -> None:
+    """Waits until a heartbeat the session sends from now on reaches the coordinator.
+
+    Everything a session sends shares one ordered stream, so that heartbeat's arrival proves
+    whatever the session had queued before this call (a Goodbye, a Credit) has arrived too: a
+    test that then finds no such message knows none was sent, without sleeping.
+    """
+    after = session.stats.heartbeats_sent  # sequences count on across streams
+    await h.coord.wait_for(
+        lambda: any(hb.sequence > after for s in h.coord.streams for hb in s.of("heartbeat"))
+    )
