@@ -1,4 +1,4 @@
-r"""What the core observed, as metrics and logs (edge layer).
+r"""What the core observed and what it recorded, as metrics, traces and logs (edge layer).
 
 The core returns :class:`~plait.coordinator.core.model.Observation`\ s with every outcome and
 touches neither metrics nor logs itself; the runtime hands them here after the commit. Log lines
@@ -14,11 +14,18 @@ from collections.abc import Container
 
 from plait.clock import Clock
 from plait.coordinator.core.model import Observation
+from plait.coordinator.core.state import STATE_NAME
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.services.errors import Throttle
 from plait.coordinator.tracing import Tracing
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
 
 log = logging.getLogger("plait.coordinator.runtime")  # where these lines always were
+E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
+_ENDED = frozenset(
+    {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
+)
 
 
 class Observations:
@@ -94,6 +101,52 @@ class Observations:
                         o.worker_id,
                         extra={"worker_id": o.worker_id},
                     )
+
+    def trace_grants(self, grant: wpb.LeaseGrant, worker_id: str) -> None:
+        """Opens each granted attempt's span and gives its lease the span's trace context."""
+        for lease in grant.leases:
+            lease.traceparent = self.tracing.attempt_leased(
+                lease.workflow_id,
+                lease.action_id,
+                lease.attempt,
+                lease.fencing_token,
+                worker_id,
+                lease.lease_id,
+            )
+
+    def observe_records(self, records: list[pb.HistoryEvent]) -> None:
+        """Counts and traces what a commit recorded (leases, endings, retries, workflows)."""
+        m = self.metrics
+        tracing = self.tracing
+        finished_by_state: dict[str, int] = {}
+        granted = 0
+        for ev in records:
+            typ = ev.type
+            if typ == E.EVENT_TYPE_ACTION_LEASED:
+                granted += 1
+            elif typ in _ENDED:
+                state = STATE_NAME[ev.action_state]
+                finished_by_state[state] = finished_by_state.get(state, 0) + 1
+                if ev.lease_id:
+                    tracing.attempt_ended(ev.lease_id, state)
+            elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
+                m.retries.inc()
+                tracing.attempt_ended(ev.lease_id, "RETRY")
+            elif typ == E.EVENT_TYPE_LEASE_LOST:
+                tracing.attempt_ended(
+                    f"{ev.workflow_id}/{ev.action_id}/{ev.fencing_token}", "LEASE_LOST"
+                )
+            elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
+                m.workflows_submitted.inc()
+                tracing.workflow_submitted(ev.workflow_id, ev.spec.name)
+            elif typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
+                state = pb.WorkflowState.Name(ev.workflow_state)
+                m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
+                tracing.workflow_finished(ev.workflow_id, state)
+        if granted:
+            m.leases_granted.inc(granted)
+        for state, n in finished_by_state.items():
+            m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
 
 
 def _loss_reason(detail: str) -> str:

@@ -42,7 +42,7 @@ from plait.coordinator.core.events import (
 from plait.coordinator.core.model import Outcome, Revocation, SessionEnd
 from plait.coordinator.core.outputs import OutputStore
 from plait.coordinator.core.replay import replay
-from plait.coordinator.core.state import STATE_NAME, CoreConfig, SchedulerState
+from plait.coordinator.core.state import CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.observations import Observations
@@ -66,9 +66,6 @@ _RETENTION_EVERY = 60.0  # seconds between retention sweeps
 # A core that fails more often than this is broken, not unlucky: the process stops.
 _REBUILDS_ALLOWED = 3
 _REBUILD_WINDOW = 60.0  # seconds
-_ENDED = frozenset(
-    {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
-)
 
 
 def _by_size(events: list[pb.HistoryEvent]) -> list[list[pb.HistoryEvent]]:
@@ -549,7 +546,8 @@ class Runtime:
                     fut.set_exception(PlaitError("internal error delivering the reply"))
 
     def _deliver(self, out: Outcome) -> None:
-        self._observe_records(out.records)
+        self.observations.observe_records(out.records)
+        self._publish(out.records)
         core = self.state
         for session_id, msgs in out.sends.items():
             q = self._sessions.get(session_id)
@@ -557,7 +555,8 @@ class Runtime:
                 continue
             for msg in msgs:
                 if msg.HasField("lease_grant"):
-                    self._trace_grants(msg.lease_grant, session_id)
+                    w = core.by_session.get(session_id)
+                    self.observations.trace_grants(msg.lease_grant, w.worker_id if w else "")
                 core.hlc.stamp(msg.hlc)
                 q.put_nowait(msg)
         for end in out.closes:
@@ -580,54 +579,15 @@ class Runtime:
         m.workers_revoked.set(len(core.revoked))
         m.ready_actions.set(sum(len(wf.ready) for wf in core.active) + len(core.delayed))
 
-    def _trace_grants(self, grant: wpb.LeaseGrant, session_id: str) -> None:
-        w = self.state.by_session.get(session_id)
-        worker_id = w.worker_id if w is not None else ""
-        for lease in grant.leases:
-            lease.traceparent = self.tracing.attempt_leased(
-                lease.workflow_id,
-                lease.action_id,
-                lease.attempt,
-                lease.fencing_token,
-                worker_id,
-                lease.lease_id,
-            )
-
-    def _observe_records(self, records: list[pb.HistoryEvent]) -> None:
-        m = self.metrics
+    def _publish(self, records: list[pb.HistoryEvent]) -> None:
+        """Hands each watched workflow its new events (one list per workflow and commit)."""
         watchers = self._watchers
+        if not watchers:
+            return
         per_workflow: dict[str, list[pb.HistoryEvent]] = {}
-        finished_by_state: dict[str, int] = {}
-        granted = 0
         for ev in records:
-            typ = ev.type
-            if typ == E.EVENT_TYPE_ACTION_LEASED:
-                granted += 1
-            elif typ in _ENDED:
-                state = STATE_NAME[ev.action_state]
-                finished_by_state[state] = finished_by_state.get(state, 0) + 1
-                if ev.lease_id:
-                    self.tracing.attempt_ended(ev.lease_id, state)
-            elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
-                m.retries.inc()
-                self.tracing.attempt_ended(ev.lease_id, "RETRY")
-            elif typ == E.EVENT_TYPE_LEASE_LOST:
-                self.tracing.attempt_ended(
-                    f"{ev.workflow_id}/{ev.action_id}/{ev.fencing_token}", "LEASE_LOST"
-                )
-            elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
-                m.workflows_submitted.inc()
-                self.tracing.workflow_submitted(ev.workflow_id, ev.spec.name)
-            elif typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
-                state = pb.WorkflowState.Name(ev.workflow_state)
-                m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
-                self.tracing.workflow_finished(ev.workflow_id, state)
             if ev.workflow_id in watchers:
                 per_workflow.setdefault(ev.workflow_id, []).append(ev)
-        if granted:
-            m.leases_granted.inc(granted)
-        for state, n in finished_by_state.items():
-            m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
         for workflow_id, events in per_workflow.items():
             qs = watchers[workflow_id]
             for q in list(qs):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from plait.coordinator.core import hedges
+from plait.coordinator.core import attempts, hedges
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import Outcome, WorkerRecord
 from plait.coordinator.core.sessions import (
@@ -183,7 +183,7 @@ def on_result(
     if error is None:
         error = status_pb2.Status(code=code_pb2.UNKNOWN, message=f"exit code {res.exit_code}")
     a.failures += 1
-    if st.may_retry(a, res.exit_code, outcome, error):
+    if attempts.may_retry(a, res.exit_code, outcome, error):
         retry(st, a, error, w.worker_id, res)
         return
     a.committed_token = res.fencing_token

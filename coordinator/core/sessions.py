@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import hedges, limits
+from plait.coordinator.core import attempts, hedges, limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import (
     ActionRecord,
@@ -214,7 +214,7 @@ def on_run_timeout(st: SchedulerState, lease_id: str, out: Outcome) -> None:
     lease = st.leases.get(lease_id)
     if lease is None:
         return
-    seconds = st.run_timeout(lease.action)
+    seconds = attempts.run_timeout(lease.action)
     time_out(st, lease, f"run timeout of {seconds:g}s exceeded", out)
 
 
@@ -230,7 +230,7 @@ def time_out(st: SchedulerState, lease: LeaseRecord, why: str, out: Outcome) -> 
         out.cancel(lease.worker.session_id, lease, R.CANCEL_REASON_TIMEOUT, msg)
     err = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=msg)
     a.failures += 1
-    if st.may_retry(a, 0, O.ACTION_OUTCOME_TIMED_OUT):
+    if attempts.may_retry(a, 0, O.ACTION_OUTCOME_TIMED_OUT):
         retry(st, a, err, lease.worker.worker_id)
     else:
         st.finish_action(

@@ -25,6 +25,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.core import (
+    attempts,
     hedges,
     joins,
     lease_size,
@@ -67,11 +68,6 @@ from plait.v1 import workflow_pb2 as pb
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 W = pb  # WORKFLOW_STATE_* constants
 STATE_NAME: dict[int, str] = {int(v): k for k, v in pb.ActionState.items()}
-DEFAULT_BACKOFF = 1.0
-DEFAULT_MAX_BACKOFF = 100.0
-DEFAULT_MULTIPLIER = 2.0
-DEFAULT_JITTER = 0.5
-_CODES = frozenset(code_pb2.Code.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +348,7 @@ class SchedulerState:
         """What a lease granted at ``when`` starts (live and replay alike): its run timeout,
         its progress check (heartbeat_timeout, from ``lease.last_progress``) and, for a
         primary, the hedge check."""
-        timeout = self.run_timeout(lease.action)
+        timeout = attempts.run_timeout(lease.action)
         if timeout > 0:
             heapq.heappush(self.deadlines, (when + timeout, self.sequence, lease.lease_id))
         sessions.arm_progress(self, lease)
@@ -482,74 +478,8 @@ class SchedulerState:
     # ---- results, retries -----------------------------------------------------------------
 
     def retry_delay(self, a: ActionRecord) -> float:
-        """Exponential backoff with jitter for the action's next attempt, in seconds."""
-        r = self.retry_policy(a)
-        initial = (
-            r.initial_backoff.ToTimedelta().total_seconds()
-            if r.HasField("initial_backoff")
-            else DEFAULT_BACKOFF
-        )
-        cap = (
-            r.max_backoff.ToTimedelta().total_seconds()
-            if r.HasField("max_backoff")
-            else DEFAULT_MAX_BACKOFF
-        )
-        mult = r.backoff_multiplier or DEFAULT_MULTIPLIER
-        delay = min(cap, initial * mult ** max(0, a.failures - 1))
-        jitter = r.jitter if r.HasField("jitter") else DEFAULT_JITTER
-        return delay * (1.0 - jitter * self.rng.random())
-
-    def retry_policy(self, a: ActionRecord) -> pb.RetryPolicy:
-        """The action's retry policy, each unset field taken from the workflow's defaults."""
-        d = a.workflow.spec.defaults
-        if not d.HasField("retry"):
-            return a.spec.retry
-        if not a.spec.HasField("retry"):
-            return d.retry
-        merged = pb.RetryPolicy()
-        merged.CopyFrom(d.retry)
-        merged.MergeFrom(a.spec.retry)
-        for name in ("retryable_exit_codes", "retryable_errors"):
-            own = getattr(a.spec.retry, name)
-            if own:  # the action's list replaces the default's, it does not extend it
-                field = getattr(merged, name)
-                del field[:]
-                field.extend(own)
-        return merged
-
-    def may_retry(
-        self,
-        a: ActionRecord,
-        exit_code: int,
-        outcome: int,
-        error: status_pb2.Status | None = None,
-    ) -> bool:
-        """Whether another attempt may follow a failed one (budget, exit code, error type)."""
-        r = self.retry_policy(a)
-        if a.failures >= max(1, r.max_attempts):
-            return False
-        codes, kinds = r.retryable_exit_codes, r.retryable_errors
-        if (
-            error is not None
-            and error.code == code_pb2.FAILED_PRECONDITION
-            and "FAILED_PRECONDITION" not in kinds
-        ):
-            return False  # the worker cannot run it as asked (e.g. a secret it does not provide)
-        if outcome != wpb.ACTION_OUTCOME_FAILED or not (codes or kinds):
-            return True  # timeouts, and any failure when no list narrows it
-        if codes and exit_code in codes:
-            return True
-        if kinds and error is not None:
-            type_name = error.message.partition(":")[0].strip()
-            code_name = code_pb2.Code.Name(error.code) if error.code in _CODES else ""
-            return type_name in kinds or code_name in kinds
-        return False
-
-    def run_timeout(self, a: ActionRecord) -> float:
-        if a.spec.HasField("timeout"):
-            return a.spec.timeout.ToTimedelta().total_seconds()
-        d = a.workflow.spec.defaults
-        return d.timeout.ToTimedelta().total_seconds() if d.HasField("timeout") else 0.0
+        """The backoff before ``a``'s next attempt, in seconds (:mod:`.attempts`)."""
+        return attempts.retry_delay(a, self.rng)
 
     # ---- dispatch ---------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ module takes well under a minute on a loaded 2-core machine); no example databas
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import queue
 import threading
@@ -33,62 +32,43 @@ import pytest
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message_factory import GetMessageClass
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plait.coordinator.auth import plait_methods
-from plait.errors import InvalidArgumentError, from_rpc_error
 from plait.v1 import admin_service_pb2 as apb
 from plait.v1 import hlc_pb2
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 from plait.v1 import workflow_service_pb2 as wspb
+from tests.integration.fuzz_support import (
+    BUG_CODES,
+    CONNECT,
+    FUZZ,
+    MUTATED,
+    Target,
+    amounts,
+    bad_ids,
+    checked,
+    durations,
+    fuzz_action,
+    ids,
+    int32,
+    int64,
+    json_texts,
+    raw,
+    set_duration,
+    specs,
+    texts,
+    uint32,
+    uint64,
+    worker_ids,
+)
 from tests.integration.protocol_worker import ProtocolWorker
 from tests.system import journal_check
 from tests.system.harness import TERMINAL_WORKFLOW, Cluster, wait_for
 
 pytestmark = [pytest.mark.timeout(300)]
-
-FUZZ = settings(
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-# A bug, not a refusal: an exception escaped a handler (or the coordinator fell over).
-BUG_CODES = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-CONNECT = "/plait.v1.WorkerService/Connect"
-MiB = 1 << 20
-_worker_ids = itertools.count()
-
-
-# ---- the coordinator under test ------------------------------------------------------------
-
-
-class Target:
-    """The running coordinator, a channel to it, and what every example checks afterwards."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self.channel = grpc.insecure_channel(
-            cluster.grpc_target, options=[("grpc.max_send_message_length", 8 * MiB)]
-        )
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.known: list[str] = []  # accepted workflow ids
-
-    def unary(self, method: str) -> Callable[..., Any]:
-        return self.channel.unary_unary(method, request_serializer=_raw, response_deserializer=_raw)
-
-    def assert_serving(self) -> None:
-        daemon = self.cluster.daemon("coordinator")
-        assert daemon.running(), f"the coordinator exited:\n{daemon.log_tail()}"
-        reply = self.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _raw(b: bytes) -> bytes:
-    return b
 
 
 @pytest.fixture(scope="module")
@@ -105,175 +85,6 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         t.channel.close()
     finally:
         cluster.close()
-
-
-def checked(call: Callable[[], Any]) -> Any:
-    """Runs one RPC: any status but UNKNOWN/INTERNAL; INVALID_ARGUMENT must name a field."""
-    try:
-        return call()
-    except grpc.RpcError as err:
-        code = err.code()  # type: ignore[attr-defined]
-        assert code not in BUG_CODES, f"{code}: {err.details()}"  # type: ignore[attr-defined]
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            back = from_rpc_error(err)
-            assert isinstance(back, InvalidArgumentError) and back.violations, back
-            assert all(v.description for v in back.violations), back.violations
-        return None
-
-
-# ---- strategies: mutated fields --------------------------------------------------------------
-
-good_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,15}", fullmatch=True)
-bad_ids = st.one_of(
-    st.sampled_from(["", ".", "..", "../x", "a/b", "a\x00b", "\x1b]0;pwn\x07", "[b]x[/b]"]),
-    st.text(max_size=30),
-    st.text(min_size=129, max_size=200),
-    st.integers(min_value=129, max_value=5000).map(lambda n: "x" * n),
-)
-ids = st.one_of(good_ids, good_ids, bad_ids)
-
-
-def nested(depth: int) -> str:
-    return "[" * depth + "]" * depth
-
-
-small_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
-    max_leaves=10,
-).map(json.dumps)
-hostile_json = st.one_of(
-    st.integers(min_value=65, max_value=100_000).map(nested),
-    st.integers(min_value=65, max_value=2000).map(lambda n: '["]",' * n + "1" + "]" * n),
-    st.integers(min_value=65, max_value=100_000).map(lambda n: "[" * n),  # unterminated
-    st.text(max_size=40),  # mostly not JSON
-    st.integers(min_value=MiB, max_value=MiB + 4096).map(lambda n: '"' + "x" * n + '"'),
-)
-json_texts = st.one_of(st.just(""), small_json, small_json, hostile_json)
-int64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
-int32 = st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1)
-uint32 = st.integers(min_value=0, max_value=(1 << 32) - 1)
-uint64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
-# (seconds, nanos): mostly valid (often under a few seconds, so timers fire during the run),
-# some at the far edge of the range, some anything the wire allows.
-durations = st.one_of(
-    st.tuples(st.integers(min_value=0, max_value=3), st.integers(0, 10**9 - 1)),
-    st.tuples(st.integers(min_value=0, max_value=100), st.integers(0, 10**9 - 1)),
-    st.tuples(
-        st.sampled_from(
-            [315_576_000_000, 315_576_000_001, 1 << 31, 1 << 40, 1 << 62, (1 << 63) - 1]
-        ),
-        st.sampled_from([0, 999_999_999, 10**9, -1]),
-    ),
-    st.tuples(int64, int32),
-)
-amounts = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(min_value=0, max_value=64)
-)
-texts = st.one_of(
-    st.text(max_size=30), st.integers(min_value=1000, max_value=70_000).map(lambda n: "é" * n)
-)
-
-
-def fuzz_action(action_id: str = "a") -> pb.ActionSpec:
-    """A valid action nobody serves except the fuzz workers."""
-    return pb.ActionSpec(id=action_id, handler="fuzz")
-
-
-def set_duration(msg: Any, value: tuple[int, int]) -> None:
-    msg.seconds, msg.nanos = value
-
-
-MUTATIONS: list[tuple[str, st.SearchStrategy[Any]]] = [
-    ("id", ids),
-    ("handler", ids),
-    ("input_json", json_texts),
-    ("argv", st.lists(texts, max_size=5) | st.integers(1, 6000).map(lambda n: ["x"] * n)),
-    ("env", st.dictionaries(texts, texts, max_size=4)),
-    ("selector", st.dictionaries(texts, texts, max_size=4)),
-    ("resources", st.dictionaries(ids, amounts, max_size=3)),
-    ("semaphores", st.lists(st.tuples(ids, uint32, uint32), max_size=3)),
-    ("timeout", durations),
-    ("queue_timeout", durations),
-    ("heartbeat_timeout", durations),
-    ("speculate", durations),
-    ("retry", st.tuples(uint32, st.floats(allow_nan=True), durations, durations, st.floats())),
-    ("join", st.tuples(int32, uint32, st.floats(allow_nan=True))),
-    ("map", st.tuples(texts, uint32)),
-    ("priority", int32),
-    ("slots", uint32),
-    ("no_kind", st.just(True)),
-    ("needs", st.lists(ids, max_size=3)),
-]
-
-
-def mutate(a: pb.ActionSpec, name: str, value: Any) -> None:
-    if name in ("id", "handler", "input_json", "priority", "slots"):
-        setattr(a, name, value)
-    elif name == "argv":
-        a.exec.argv.extend(value)
-    elif name in ("env", "selector", "resources"):
-        getattr(a, name).update(value)
-    elif name == "semaphores":
-        for n, permits, capacity in value:
-            a.semaphores.add(name=n, permits=permits, capacity=capacity)
-    elif name in ("timeout", "queue_timeout", "heartbeat_timeout"):
-        set_duration(getattr(a, name), value)
-    elif name == "speculate":
-        set_duration(a.speculate.after, value)
-    elif name == "retry":
-        attempts, mult, initial, most, jitter = value
-        a.retry.max_attempts = attempts
-        a.retry.backoff_multiplier = mult
-        set_duration(a.retry.initial_backoff, initial)
-        set_duration(a.retry.max_backoff, most)
-        a.retry.jitter = jitter
-    elif name == "join":
-        a.join.kind, a.join.at_least_count, a.join.at_least_fraction = value
-    elif name == "map":
-        a.map.over, a.map.max_items = value
-    elif name == "no_kind":
-        a.ClearField("kind")
-    elif name == "needs":
-        a.needs.extend(value)
-
-
-MUTATED = dict(MUTATIONS)
-
-
-@st.composite
-def specs(draw: st.DrawFn, field: str = "") -> pb.WorkflowSpec:
-    """A valid workflow of 1 to 3 actions, then: ``field`` of one action mutated (when
-    given), the others with at most one mutated field, the workflow itself with one mutated
-    field in two cases out of five."""
-    n = draw(st.integers(min_value=1, max_value=3))
-    actions = [fuzz_action(f"a{i}") for i in range(n)]
-    if n > 1 and draw(st.booleans()):
-        actions[1].needs.append("a0")
-    for i, a in enumerate(actions):
-        if field and i == 0:
-            mutate(a, field, draw(MUTATED[field]))
-        elif draw(st.booleans()):
-            name, strategy = draw(st.sampled_from(MUTATIONS))
-            mutate(a, name, draw(strategy))
-    spec = pb.WorkflowSpec(name=f"fuzz-{n}", actions=actions)
-    spec.fail_fast = draw(st.booleans())
-    which = draw(
-        st.sampled_from(["", "", "", "name", "labels", "deadline", "defaults", "priority"])
-    )
-    if which == "name":
-        spec.name = draw(st.one_of(good_ids, texts))
-    elif which == "labels":
-        spec.labels.update(draw(st.dictionaries(st.one_of(good_ids, texts), texts, max_size=4)))
-    elif which == "deadline":
-        set_duration(spec.deadline, draw(durations))
-    elif which == "defaults":
-        set_duration(spec.defaults.timeout, draw(durations))
-    elif which == "priority":
-        spec.priority = draw(int32)
-    return spec
 
 
 # ---- client RPCs: every WorkflowService and AdminService method -----------------------------
@@ -361,7 +172,7 @@ def test_client_rpcs_with_mutated_fields(target: Target, call: tuple[str, Any]) 
     method = service_of(rpc)
     if rpc == "WatchWorkflow":
         stream = target.channel.unary_stream(
-            method, request_serializer=_raw, response_deserializer=_raw
+            method, request_serializer=raw, response_deserializer=raw
         )
         checked(lambda: list(stream(req.SerializeToString(), timeout=30)))
     else:
@@ -417,7 +228,7 @@ def test_every_rpc_with_every_field_mutated(
         req.workflow_id = target.known[0]
     if streaming:
         stream = target.channel.unary_stream(
-            method, request_serializer=_raw, response_deserializer=_raw
+            method, request_serializer=raw, response_deserializer=raw
         )
         checked(lambda: list(stream(req.SerializeToString(), timeout=30)))
     else:
@@ -430,12 +241,12 @@ def test_every_rpc_with_every_field_mutated(
 def test_random_bytes_on_every_rpc(target: Target, method: str, body: bytes) -> None:
     if method == CONNECT:
         stream = target.channel.stream_stream(
-            method, request_serializer=_raw, response_deserializer=_raw
+            method, request_serializer=raw, response_deserializer=raw
         )
         checked(lambda: list(stream(iter([body]), timeout=30)))
     elif method.endswith("/WatchWorkflow"):
         stream = target.channel.unary_stream(
-            method, request_serializer=_raw, response_deserializer=_raw
+            method, request_serializer=raw, response_deserializer=raw
         )
         checked(lambda: list(stream(body, timeout=30)))
     else:
@@ -453,7 +264,7 @@ def test_undecodable_bytes_are_invalid_argument(target: Target) -> None:
     assert "plait.v1.SubmitWorkflowRequest" in info.value.details()  # type: ignore[attr-defined]
 
     stream = target.channel.stream_stream(
-        CONNECT, request_serializer=_raw, response_deserializer=_raw
+        CONNECT, request_serializer=raw, response_deserializer=raw
     )
     with pytest.raises(grpc.RpcError) as info:
         list(stream(iter([garbage]), timeout=10))
@@ -472,7 +283,7 @@ class RawStream:
         self._out: queue.Queue[bytes | None] = queue.Queue()
         self.inbox: queue.Queue[wpb.ConnectResponse | grpc.RpcError | None] = queue.Queue()
         connect = target.channel.stream_stream(
-            CONNECT, request_serializer=_raw, response_deserializer=wpb.ConnectResponse.FromString
+            CONNECT, request_serializer=raw, response_deserializer=wpb.ConnectResponse.FromString
         )
         self.call = connect(self._requests(), timeout=60)
         self.ended: grpc.RpcError | None = None
@@ -530,7 +341,7 @@ def hellos(draw: st.DrawFn) -> wpb.ConnectRequest:
     """A hello: one in five has mutated fields, the rest open a stream that gets leases."""
     msg = wpb.ConnectRequest()
     h = msg.hello
-    h.worker_id = f"fuzz-{next(_worker_ids)}"
+    h.worker_id = f"fuzz-{next(worker_ids)}"
     h.slots = 2
     h.handlers.append("fuzz")
     if draw(st.integers(0, 4)) == 0:
