@@ -576,6 +576,7 @@ class ActionResult(_message.Message):
     STDERR_TAIL_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     FINISHED_HLC_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """Set by the worker: the lease."""
     fencing_token: _builtins.int
@@ -590,6 +591,12 @@ class ActionResult(_message.Message):
     """Set by the worker: last bytes of stdout, bounded."""
     stderr_tail: _builtins.str
     """Set by the worker: last bytes of stderr, bounded."""
+    error_type: _builtins.str
+    """Set by the worker on a failed attempt: the error's type, which RetryPolicy
+    `retryable_errors` matches exactly (a handler's exception class name, or a type the
+    handler chose, as in `plait.ActionError(type=...)`). Empty: no type; only the error's
+    google.rpc code name can match then. Never parsed out of `error.message`.
+    """
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """Set by the worker: the error of a failed attempt."""
@@ -615,10 +622,11 @@ class ActionResult(_message.Message):
         stderr_tail: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
         finished_hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        error_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "finished_hlc", b"finished_hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_hlc", b"finished_hlc", "lease_id", b"lease_id", "outcome", b"outcome", "outputs_json", b"outputs_json", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "error_type", b"error_type", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_hlc", b"finished_hlc", "lease_id", b"lease_id", "outcome", b"outcome", "outputs_json", b"outputs_json", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

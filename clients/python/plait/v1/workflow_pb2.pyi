@@ -219,6 +219,120 @@ EVENT_TYPE_WORKFLOW_FINISHED: EventType.ValueType  # 12
 """The workflow reached a terminal state (`workflow_state`)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _EventReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_REASON_UNSPECIFIED: _EventReason.ValueType  # 0
+    EVENT_REASON_LEASE_EXPIRED: _EventReason.ValueType  # 1
+    """LEASE_LOST: no heartbeat renewed the lease within its TTL."""
+    EVENT_REASON_WORKER_LEFT: _EventReason.ValueType  # 2
+    """LEASE_LOST: the holder's stream ended (Goodbye, disconnect, or replaced by a new session)."""
+    EVENT_REASON_NOT_READOPTED: _EventReason.ValueType  # 3
+    """LEASE_LOST: the holder reconnected and its Hello did not list the lease."""
+    EVENT_REASON_UNDELIVERED: _EventReason.ValueType  # 4
+    """LEASE_LOST: granted just before a coordinator restart, never delivered; not charged to
+    the lease-loss budget.
+    """
+    EVENT_REASON_WORKER_REVOKED: _EventReason.ValueType  # 5
+    """LEASE_LOST: the holder's worker id was revoked; not charged to the lease-loss budget."""
+    EVENT_REASON_SELF_FENCED: _EventReason.ValueType  # 6
+    """LEASE_LOST: the worker gave the attempt up while its lease was current (self-fencing)."""
+    EVENT_REASON_NOT_REPORTED: _EventReason.ValueType  # 7
+    """LEASE_LOST: the worker's heartbeat acknowledged the grant but did not list the lease."""
+    EVENT_REASON_HEDGE_ENDED: _EventReason.ValueType  # 8
+    """LEASE_LOST of one of two hedged attempts: it ended without success, the other runs on;
+    not charged to any budget.
+    """
+    EVENT_REASON_ATTEMPT_FAILED: _EventReason.ValueType  # 10
+    """RETRY_SCHEDULED or FINISHED: the worker reported the attempt failed (`error_type` says how)."""
+    EVENT_REASON_RUN_TIMEOUT: _EventReason.ValueType  # 11
+    """RETRY_SCHEDULED or FINISHED (TIMED_OUT): the attempt ran past its run timeout."""
+    EVENT_REASON_PROGRESS_TIMEOUT: _EventReason.ValueType  # 12
+    """RETRY_SCHEDULED or FINISHED (TIMED_OUT): no progress within `heartbeat_timeout`."""
+    EVENT_REASON_QUEUE_TIMEOUT: _EventReason.ValueType  # 13
+    """FINISHED (TIMED_OUT): not started within `queue_timeout`."""
+    EVENT_REASON_LEASE_LOSS_BUDGET: _EventReason.ValueType  # 14
+    """FINISHED (FAILED): one lease loss more than `lease_loss_budget` (that loss is counted)."""
+    EVENT_REASON_LEASE_TOO_LARGE: _EventReason.ValueType  # 15
+    """FINISHED (FAILED): the lease would pass `max_lease_bytes`; nothing was sent."""
+    EVENT_REASON_INVALID_OUTPUTS: _EventReason.ValueType  # 16
+    """RETRY_SCHEDULED or FINISHED (FAILED): a success whose outputs broke the output rules."""
+    EVENT_REASON_MAP_ITEMS: _EventReason.ValueType  # 17
+    """FINISHED (FAILED): a map's list could not be read, or has too many items."""
+    EVENT_REASON_CHILDREN_FAILED: _EventReason.ValueType  # 18
+    """FINISHED (FAILED): too few of a map's or pipeline's children succeeded for its join."""
+    EVENT_REASON_USER_CANCEL: _EventReason.ValueType  # 20
+    """CANCELLED: a user cancelled the workflow."""
+    EVENT_REASON_NOT_NEEDED: _EventReason.ValueType  # 21
+    """CANCELLED: a join this action fed was met without it (`cancel_remaining`): not a failure."""
+    EVENT_REASON_FAIL_FAST: _EventReason.ValueType  # 22
+    """CANCELLED: `fail_fast` ended the workflow at another action's failure."""
+    EVENT_REASON_DEADLINE: _EventReason.ValueType  # 23
+    """CANCELLED: the workflow's deadline passed."""
+    EVENT_REASON_NEED_FAILED: _EventReason.ValueType  # 24
+    """SKIPPED: a need did not succeed, so the join can never be met."""
+    EVENT_REASON_PARENT_FAILED: _EventReason.ValueType  # 25
+    """CANCELLED: a map's or pipeline's join failed; its open children end."""
+
+class EventReason(_EventReason, metaclass=_EventReasonEnumTypeWrapper):
+    """EventReason says why a lease was lost or an action ended the way it did."""
+
+EVENT_REASON_UNSPECIFIED: EventReason.ValueType  # 0
+EVENT_REASON_LEASE_EXPIRED: EventReason.ValueType  # 1
+"""LEASE_LOST: no heartbeat renewed the lease within its TTL."""
+EVENT_REASON_WORKER_LEFT: EventReason.ValueType  # 2
+"""LEASE_LOST: the holder's stream ended (Goodbye, disconnect, or replaced by a new session)."""
+EVENT_REASON_NOT_READOPTED: EventReason.ValueType  # 3
+"""LEASE_LOST: the holder reconnected and its Hello did not list the lease."""
+EVENT_REASON_UNDELIVERED: EventReason.ValueType  # 4
+"""LEASE_LOST: granted just before a coordinator restart, never delivered; not charged to
+the lease-loss budget.
+"""
+EVENT_REASON_WORKER_REVOKED: EventReason.ValueType  # 5
+"""LEASE_LOST: the holder's worker id was revoked; not charged to the lease-loss budget."""
+EVENT_REASON_SELF_FENCED: EventReason.ValueType  # 6
+"""LEASE_LOST: the worker gave the attempt up while its lease was current (self-fencing)."""
+EVENT_REASON_NOT_REPORTED: EventReason.ValueType  # 7
+"""LEASE_LOST: the worker's heartbeat acknowledged the grant but did not list the lease."""
+EVENT_REASON_HEDGE_ENDED: EventReason.ValueType  # 8
+"""LEASE_LOST of one of two hedged attempts: it ended without success, the other runs on;
+not charged to any budget.
+"""
+EVENT_REASON_ATTEMPT_FAILED: EventReason.ValueType  # 10
+"""RETRY_SCHEDULED or FINISHED: the worker reported the attempt failed (`error_type` says how)."""
+EVENT_REASON_RUN_TIMEOUT: EventReason.ValueType  # 11
+"""RETRY_SCHEDULED or FINISHED (TIMED_OUT): the attempt ran past its run timeout."""
+EVENT_REASON_PROGRESS_TIMEOUT: EventReason.ValueType  # 12
+"""RETRY_SCHEDULED or FINISHED (TIMED_OUT): no progress within `heartbeat_timeout`."""
+EVENT_REASON_QUEUE_TIMEOUT: EventReason.ValueType  # 13
+"""FINISHED (TIMED_OUT): not started within `queue_timeout`."""
+EVENT_REASON_LEASE_LOSS_BUDGET: EventReason.ValueType  # 14
+"""FINISHED (FAILED): one lease loss more than `lease_loss_budget` (that loss is counted)."""
+EVENT_REASON_LEASE_TOO_LARGE: EventReason.ValueType  # 15
+"""FINISHED (FAILED): the lease would pass `max_lease_bytes`; nothing was sent."""
+EVENT_REASON_INVALID_OUTPUTS: EventReason.ValueType  # 16
+"""RETRY_SCHEDULED or FINISHED (FAILED): a success whose outputs broke the output rules."""
+EVENT_REASON_MAP_ITEMS: EventReason.ValueType  # 17
+"""FINISHED (FAILED): a map's list could not be read, or has too many items."""
+EVENT_REASON_CHILDREN_FAILED: EventReason.ValueType  # 18
+"""FINISHED (FAILED): too few of a map's or pipeline's children succeeded for its join."""
+EVENT_REASON_USER_CANCEL: EventReason.ValueType  # 20
+"""CANCELLED: a user cancelled the workflow."""
+EVENT_REASON_NOT_NEEDED: EventReason.ValueType  # 21
+"""CANCELLED: a join this action fed was met without it (`cancel_remaining`): not a failure."""
+EVENT_REASON_FAIL_FAST: EventReason.ValueType  # 22
+"""CANCELLED: `fail_fast` ended the workflow at another action's failure."""
+EVENT_REASON_DEADLINE: EventReason.ValueType  # 23
+"""CANCELLED: the workflow's deadline passed."""
+EVENT_REASON_NEED_FAILED: EventReason.ValueType  # 24
+"""SKIPPED: a need did not succeed, so the join can never be met."""
+EVENT_REASON_PARENT_FAILED: EventReason.ValueType  # 25
+"""CANCELLED: a map's or pipeline's join failed; its open children end."""
+Global___EventReason: _TypeAlias = EventReason  # noqa: Y015
+
 @_typing.final
 class JoinPolicy(_message.Message):
     """JoinPolicy is how an action joins its needs. Whatever the policy, the action receives every
@@ -1090,6 +1204,8 @@ class HistoryEvent(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     STDOUT_TAIL_FIELD_NUMBER: _builtins.int
     STDERR_TAIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Journal position, strictly increasing across the whole coordinator."""
     workflow_id: _builtins.str
@@ -1124,6 +1240,15 @@ class HistoryEvent(_message.Message):
     """Last lines of stdout of the attempt (bounded), on EVENT_TYPE_ACTION_FINISHED."""
     stderr_tail: _builtins.str
     """Last lines of stderr of the attempt (bounded), on EVENT_TYPE_ACTION_FINISHED."""
+    reason: Global___EventReason.ValueType
+    """Why the event happened, typed: what the coordinator (and any client) matches on. `message`
+    says the same in words for people and is never parsed. UNSPECIFIED on events that need no
+    reason (submitted, ready, leased, started, a success) and in journals written before it.
+    """
+    error_type: _builtins.str
+    """The type of the error of a failed attempt, as the worker reported it (ActionResult
+    `error_type`): what RetryPolicy `retryable_errors` matched. Empty when none was given.
+    """
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """The coordinator's HLC when it decided the event."""
@@ -1174,10 +1299,12 @@ class HistoryEvent(_message.Message):
         idempotency_key: _builtins.str = ...,
         stdout_tail: _builtins.str = ...,
         stderr_tail: _builtins.str = ...,
+        reason: Global___EventReason.ValueType = ...,
+        error_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "hlc", b"hlc", "recorded_at", b"recorded_at", "spec", b"spec", "worker_hlc", b"worker_hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "action_state", b"action_state", "attempt", b"attempt", "backoff", b"backoff", "cause", b"cause", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "hlc", b"hlc", "idempotency_key", b"idempotency_key", "lease_id", b"lease_id", "message", b"message", "outputs_json", b"outputs_json", "recorded_at", b"recorded_at", "sequence", b"sequence", "spec", b"spec", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail", "type", b"type", "worker_hlc", b"worker_hlc", "worker_id", b"worker_id", "workflow_id", b"workflow_id", "workflow_state", b"workflow_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "action_state", b"action_state", "attempt", b"attempt", "backoff", b"backoff", "cause", b"cause", "error", b"error", "error_type", b"error_type", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "hlc", b"hlc", "idempotency_key", b"idempotency_key", "lease_id", b"lease_id", "message", b"message", "outputs_json", b"outputs_json", "reason", b"reason", "recorded_at", b"recorded_at", "sequence", b"sequence", "spec", b"spec", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail", "type", b"type", "worker_hlc", b"worker_hlc", "worker_id", b"worker_id", "workflow_id", b"workflow_id", "workflow_state", b"workflow_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
