@@ -13,6 +13,12 @@ killed: its group, its cgroup, or its run-as uid's processes.
 
 Processes are started with asyncio's subprocess machinery; the only step between workerd and
 the action are the sandbox's start steps (``setpriv``, ``prlimit``, ``/bin/sh``), never Python.
+
+Results carry no ``error_type`` (docs/protocol.md, "Results and acks"): a process that exits
+non-zero has no exception type, and workerd's own failures are already told apart by what a
+retry policy matches: the exit code (127 no such program, 126 it cannot be started) or the
+google.rpc code name (``FAILED_PRECONDITION``: a secret or rlimit this worker does not grant;
+``INVALID_ARGUMENT``: argv templates or outputs; ``INTERNAL``: workerd's own fault).
 """
 
 from __future__ import annotations

@@ -285,7 +285,10 @@ def test_retryable_errors_name_exception_types_or_codes() -> None:
         a.retry.jitter = 0.0
         a.retry.initial_backoff.FromMilliseconds(100)
     leases = {lease.action_id: lease for lease in grants(d.submit(s))}
-    for aid, message, code in (("a0", "TimeoutError: slow mirror", 2), ("a1", "KeyError: 'x'", 2)):
+    for aid, error_type, message in (
+        ("a0", "TimeoutError", "slow mirror"),
+        ("a1", "KeyError", "TimeoutError: the message is never parsed"),
+    ):
         d.msg(
             "s1",
             action_finished=wpb.ActionFinished(
@@ -294,12 +297,13 @@ def test_retryable_errors_name_exception_types_or_codes() -> None:
                         lease_id=leases[aid].lease_id,
                         fencing_token=1,
                         outcome=wpb.ACTION_OUTCOME_FAILED,
-                        error={"code": code, "message": message},
+                        error={"code": 2, "message": message},
+                        error_type=error_type,
                     )
                 ]
             ),
         )
-    assert d.state("a0") == "ACTION_STATE_READY"  # retried: a listed exception type
+    assert d.state("a0") == "ACTION_STATE_READY"  # retried: a listed error type
     assert d.state("a1") == "ACTION_STATE_FAILED"  # not listed
     a0 = d.st.workflows["wf-1"].actions["a0"]
     assert abs(a0.not_before - d.mono - 0.1) < 1e-9  # jitter 0: exactly the backoff

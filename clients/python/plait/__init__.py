@@ -3,7 +3,8 @@
 This package is the foundation every other part builds on: the generated protocol
 (:mod:`plait.v1`), the hybrid logical clock (:mod:`plait.hlc`), the clock (:mod:`plait.clock`),
 the error tree (:mod:`plait.errors`), and the Python SDK — :class:`Client` to submit and watch
-workflows, :class:`Workflow` to build them, and :class:`Worker` to serve named handlers.
+workflows, :class:`Workflow` to build them, :class:`Worker` to serve named handlers, and
+:class:`ActionError` for a handler to fail with a type its retry policy matches.
 """
 
 from __future__ import annotations
@@ -14,12 +15,22 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from plait.client import Client
+    from plait.errors import ActionError
     from plait.spec import Workflow, load_workflow
     from plait.worker import ActionContext, Worker
 
-__all__ = ["ActionContext", "Client", "Worker", "Workflow", "__version__", "load_workflow"]
+__all__ = [
+    "ActionContext",
+    "ActionError",
+    "Client",
+    "Worker",
+    "Workflow",
+    "__version__",
+    "load_workflow",
+]
 
 _LAZY = {
+    "ActionError": "plait.errors",
     "Client": "plait.client",
     "Workflow": "plait.spec",
     "load_workflow": "plait.spec",

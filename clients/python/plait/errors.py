@@ -4,10 +4,16 @@ Each subclass of :class:`PlaitError` has one meaning and one gRPC status code. S
 them and a single interceptor turns them into statuses (with ``google.rpc`` details such as
 ``BadRequest`` field violations); clients turn statuses back into the same classes with
 :func:`from_rpc_error`, so both sides speak one vocabulary.
+
+:class:`ActionError` stands apart: a handler raises it to fail its attempt with a type of its
+choosing (``ActionResult.error_type``), which ``RetryPolicy.retryable_errors`` matches;
+:func:`error_type_problem` is the one rule for such a type, applied by the worker SDK before
+sending and by the coordinator on receipt.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -226,3 +232,54 @@ def from_rpc_error(err: grpc.RpcError) -> PlaitError:
 def join_violations(groups: Iterable[Sequence[FieldViolation]]) -> list[FieldViolation]:
     """Flattens groups of violations."""
     return [v for g in groups for v in g]
+
+
+MAX_ERROR_TYPE_BYTES = 256
+"""Longest ``ActionResult.error_type``, in UTF-8 bytes (a fixed protocol limit)."""
+_NOT_IN_A_TYPE = frozenset({"Cc", "Cs"})  # control characters; surrogates are not UTF-8
+
+
+def error_type_problem(error_type: str) -> str | None:
+    """Why ``error_type`` may not travel as ``ActionResult.error_type``, or None if it may.
+
+    The rule: at most :data:`MAX_ERROR_TYPE_BYTES` UTF-8 bytes and no control characters. The
+    coordinator refuses a result that breaks it (INVALID_ARGUMENT naming ``error_type``), so the
+    worker SDK checks by the same rule and never sends one.
+    """
+    if len(error_type) * 4 > MAX_ERROR_TYPE_BYTES:  # else it fits whatever its characters
+        size = len(error_type.encode("utf-8", "surrogatepass"))
+        if size > MAX_ERROR_TYPE_BYTES:
+            return f"is {size} bytes; the limit is {MAX_ERROR_TYPE_BYTES} bytes"
+    if any(unicodedata.category(ch) in _NOT_IN_A_TYPE for ch in error_type):
+        return (
+            "has a control character (or a lone surrogate); it must be at most"
+            f" {MAX_ERROR_TYPE_BYTES} bytes without control characters"
+        )
+    return None
+
+
+class ActionError(Exception):
+    """Raised by a handler to fail its attempt with a type a retry policy can match.
+
+    ``type`` becomes the attempt's ``ActionResult.error_type``, which
+    ``RetryPolicy.retryable_errors`` matches exactly; without it the type is the class name, so
+    ``class RateLimited(plait.ActionError)`` is typed ``RateLimited``. Any other exception a
+    handler raises is typed by its class name (``TimeoutError``). ``message`` is for people
+    (the error message is never parsed).
+
+    Example::
+
+        raise plait.ActionError("the mirror said 429", type="RateLimited")
+
+    Raises:
+        ValueError: ``type`` is over 256 UTF-8 bytes or has a control character.
+    """
+
+    def __init__(self, message: str, *, type: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        chosen = type or self.__class__.__name__
+        problem = error_type_problem(chosen)
+        if problem is not None:
+            raise ValueError(f"ActionError type {chosen[:64]!r} {problem}")
+        self.type = chosen

@@ -561,9 +561,11 @@ class RetryPolicy(_message.Message):
 
     @_builtins.property
     def retryable_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Set by the submitter: error types that may be retried: a handler's exception type name
-        (`TimeoutError`, the text before ":" in the error message) or a google.rpc code name
-        (`UNAVAILABLE`). Timeouts are retryable whatever these lists say.
+        """Set by the submitter: error types that may be retried. An entry matches a failed attempt
+        whose ActionResult `error_type` equals it exactly (a handler's exception class name such as
+        `TimeoutError`, or the type of a `plait.ActionError`), or the google.rpc code name of its
+        `error.code` (`UNAVAILABLE`). The error message is never parsed. Timeouts are retryable
+        whatever these lists say.
         """
 
     def __init__(

@@ -17,10 +17,12 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 
 from plait.clock import Clock
+from plait.errors import error_type_problem
 from plait.hlc import HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
     DEFAULT_ERROR_CODE,
+    FAILED,
     SUCCEEDED,
     AttemptHandle,
     AttemptResult,
@@ -288,10 +290,26 @@ class AttemptBook:
         if outcome != SUCCEEDED or result.error:
             r.error.code = result.error_code or DEFAULT_ERROR_CODE.get(outcome, Code.UNKNOWN)
             r.error.message = result.error
+        if outcome == FAILED and result.error_type:
+            r.error_type = self._error_type(att, result.error_type)
         r.duration.FromNanoseconds(int((self._clock.monotonic() - att.started) * 1e9))
         self._hlc.stamp(r.finished_hlc)
         self.unacked[(att.lease_id, att.token)] = r
         self._on_finished(r, att.slots)
+
+    def _error_type(self, att: Attempt, error_type: str) -> str:
+        """``error_type`` if the coordinator will take it, else "" (it would end the stream)."""
+        problem = error_type_problem(error_type)
+        if problem is None:
+            return error_type
+        log.warning(
+            "lease %s (token %d): error type %r %s; sent without a type",
+            att.lease_id,
+            att.token,
+            error_type[:64],
+            problem,
+        )
+        return ""
 
     def acked(self, acks: Iterable[pb.ResultAck]) -> None:
         """Forgets results the coordinator committed or refused; keeps the rest for a re-send."""

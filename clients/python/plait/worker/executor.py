@@ -59,7 +59,14 @@ MAX_PROGRESS_BYTES = 64 * 1024
 
 @dataclass(slots=True)
 class AttemptResult:
-    """How one attempt ended, before the session adds lease, token, duration and HLC."""
+    """How one attempt ended, before the session adds lease, token, duration and HLC.
+
+    ``error_type`` (``ActionResult.error_type``, sent with a FAILED outcome only) is what
+    ``RetryPolicy.retryable_errors`` matches: the handler's exception class name, or the type of
+    a :class:`plait.ActionError`. The SDK's own failures (a bad return value, an unknown
+    handler, an over-grant) and exec attempts leave it empty; their ``error_code`` name
+    (``INVALID_ARGUMENT``, ``UNIMPLEMENTED``, ...) and exit code are what a policy matches.
+    """
 
     outcome: pb.ActionOutcome.ValueType
     outputs_json: str = ""
@@ -68,6 +75,7 @@ class AttemptResult:
     exit_code: int = 0
     stdout_tail: str = ""
     stderr_tail: str = ""
+    error_type: str = ""
 
     @classmethod
     def failed(
@@ -78,8 +86,9 @@ class AttemptResult:
         exit_code: int = 0,
         stdout_tail: str = "",
         stderr_tail: str = "",
+        error_type: str = "",
     ) -> AttemptResult:
-        """A FAILED result with ``message`` as the error."""
+        """A FAILED result with ``message`` as the error (and ``error_type`` as its type)."""
         return cls(
             FAILED,
             error=message,
@@ -87,6 +96,7 @@ class AttemptResult:
             exit_code=exit_code,
             stdout_tail=stdout_tail,
             stderr_tail=stderr_tail,
+            error_type=error_type,
         )
 
 

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from plait.errors import ActionError
 from plait.jsonlimits import outputs_problem
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
@@ -275,12 +276,18 @@ def outputs_result(outputs: Any, ctx: ActionContext) -> AttemptResult:
 
 
 def exception_result(err: BaseException, ctx: ActionContext) -> AttemptResult:
-    """The FAILED result for a handler that raised."""
+    """The FAILED result for a handler that raised.
+
+    Its ``error_type`` is the type a :class:`plait.ActionError` carries, else the exception's
+    class name (``TimeoutError``): what ``retryable_errors`` matches. The message is for people.
+    """
     tb = "".join(traceback.format_exception(err))
+    error_type = err.type if isinstance(err, ActionError) else type(err).__name__
     return AttemptResult.failed(
-        f"{type(err).__name__}: {err}",
+        f"{error_type}: {err}",
         stdout_tail=ctx.log_tail(),
         stderr_tail=tb[-_LOG_TAIL_CHARS:],
+        error_type=error_type,
     )
 
 
@@ -423,7 +430,8 @@ class HandlerExecutor:
         actx = ActionContext.from_lease(lease, progress)
         if reg.is_async:
             running = _Running(actx, None)
-            running.task = loop.create_task(self._run_async(reg.fn, actx, ctx))
+            running.task = task = loop.create_task(self._run_async(reg.fn, actx, ctx))
+            task.add_done_callback(lambda _: self._async_done(running, ctx))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._slots, thread_name_prefix="plait-handler")
@@ -451,6 +459,13 @@ class HandlerExecutor:
             result = outputs_result(out, actx)
         self._running.pop(actx.lease_id, None)
         ctx.report(result)
+
+    def _async_done(self, running: _Running, ctx: AttemptContext) -> None:
+        # A task cancelled before its first step never entered _run_async's try: report for it.
+        if self._running.get(running.ctx.lease_id) is running:
+            self._running.pop(running.ctx.lease_id, None)
+            actx = running.ctx
+            ctx.report(AttemptResult(CANCELLED, error=actx.cancel_reason or "cancelled"))
 
     def _sync_done(
         self, fut: asyncio.Future[Any], actx: ActionContext, ctx: AttemptContext
