@@ -9,7 +9,9 @@ each test gets a fresh database. Without PostgreSQL binaries the ``postgres`` te
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import math
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from plait.clock import SystemClock
 from plait.coordinator.journal.leadership import open_leadership
 from plait.coordinator.journal.store import JournalHead, JournalStore, Leadership, open_store
 from plait.v1 import workflow_pb2 as pb
@@ -69,6 +72,30 @@ class Backend:
         self.leaderships.append(lead)
         return lead
 
+    def candidate(self, name: str) -> tuple[Leadership, Polls]:
+        """:meth:`leadership`, with a count of the campaign polls it loses.
+
+        What proves a standby stayed one for a while is polls it made and lost, not time slept:
+        on a loaded machine a sleep may pass before the standby has polled at all. A file lock
+        is tried once a poll; a lease row is asked once a poll, after a monotonic clock read.
+        """
+        if self.name == "postgres":
+            polls = Polls((TTL / 5).total_seconds())  # PostgresLeadership polls every TTL/5
+            lead = self.leadership(name, clock=_PollClock(polls))
+            return lead, polls
+        lead = self.leadership(name)
+        polls = Polls(lead.poll_seconds)  # type: ignore[attr-defined]
+        try_lock = lead._try_lock  # type: ignore[attr-defined]
+
+        def counted() -> bool:
+            won = bool(try_lock())
+            if not won:
+                polls.lost()
+            return won
+
+        lead._try_lock = counted  # type: ignore[attr-defined]
+        return lead, polls
+
     async def leader_store(self, name: str = "a") -> Leader:
         """Wins leadership, then opens a store fenced by the won term."""
         lead = self.leadership(name)
@@ -94,6 +121,50 @@ class Backend:
         for lead in self.leaderships:
             close = getattr(lead, "close", None)
             await (close() if close is not None else lead.resign())
+
+
+class Polls:
+    """How many campaign polls a candidate lost, and a way to wait for more."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval  # seconds between two polls (a sleep, so at least this)
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def lost(self) -> None:
+        self.count += 1
+        self._changed.set()
+
+    def spanning(self, seconds: float) -> int:
+        """How many lost polls in a row take at least ``seconds`` from the first to the last."""
+        return math.ceil(seconds / self.interval - 1e-9) + 1
+
+    async def reach(self, count: int, *watched: asyncio.Task[Any]) -> None:
+        """Waits until ``count`` polls were lost, or until a ``watched`` task ends (the caller
+        then says what that means); pytest-timeout bounds a candidate that stops polling."""
+        while self.count < count and not any(task.done() for task in watched):
+            self._changed.clear()
+            changed = asyncio.ensure_future(self._changed.wait())
+            try:
+                await asyncio.wait({changed, *watched}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+
+
+class _PollClock(SystemClock):
+    """The system clock, counting lost polls: a PostgreSQL campaign reads it once per poll, so
+    each read after the first means the poll before it lost."""
+
+    def __init__(self, polls: Polls) -> None:
+        super().__init__()
+        self.polls = polls
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        if self.reads > 1:
+            self.polls.lost()
+        return super().monotonic()
 
 
 @dataclass(frozen=True)

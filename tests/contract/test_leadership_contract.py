@@ -47,17 +47,19 @@ async def _cancel(task: asyncio.Task[object]) -> None:
 
 
 async def test_only_one_of_two_campaigners_wins(backend: Backend) -> None:
-    a, b = backend.leadership("a"), backend.leadership("b")
+    (a, a_polls), (b, b_polls) = backend.candidate("a"), backend.candidate("b")
     campaigns = {asyncio.create_task(a.campaign()): a, asyncio.create_task(b.campaign()): b}
     done, pending = await asyncio.wait(campaigns, timeout=5, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1, "exactly one campaign must win at once"
     (won,), (waiting,) = done, pending
     winner = campaigns[won]
+    polls = b_polls if winner is a else a_polls
     holding = asyncio.create_task(winner.hold())
     try:
-        # The winner keeps renewing: the other stays a standby well past one TTL.
-        await asyncio.sleep(2 * TTL_S)
-        assert not waiting.done()
+        # The winner keeps renewing: the other loses every poll it makes over two TTLs (on a
+        # lease row, one that is not renewed lapses after one).
+        await polls.reach(polls.count + polls.spanning(2 * TTL_S), waiting, holding)
+        assert not waiting.done(), "the standby won while the leader held"
         assert not holding.done()
     finally:
         await _cancel(holding)
@@ -75,10 +77,11 @@ async def test_terms_strictly_grow(backend: Backend) -> None:
 
 
 async def test_resign_hands_over_at_once(backend: Backend) -> None:
-    a, b = backend.leadership("a"), backend.leadership("b")
+    a = backend.leadership("a")
+    b, polls = backend.candidate("b")
     first = await a.campaign()
     standby = asyncio.create_task(b.campaign())
-    await asyncio.sleep(0.3)
+    await polls.reach(2, standby)  # it campaigns, and loses, while a leads
     assert not standby.done()
 
     await a.resign()
@@ -89,12 +92,14 @@ async def test_resign_hands_over_at_once(backend: Backend) -> None:
 
 
 async def test_a_standby_takes_over_when_the_leader_dies(backend: Backend) -> None:
-    a, b = backend.leadership("a"), backend.leadership("b")
+    a = backend.leadership("a")
+    b, polls = backend.candidate("b")
     first = await a.campaign()
     holding = asyncio.create_task(a.hold())
     standby = asyncio.create_task(b.campaign())
-    await asyncio.sleep(1.5 * TTL_S)
+    await polls.reach(polls.spanning(1.5 * TTL_S), standby, holding)
     assert not standby.done(), "a renewed lease must not be taken"
+    assert not holding.done()
 
     await _cancel(holding)  # the leader stops renewing ...
     await backend.die(a)  # ... and its process is gone, without resigning

@@ -22,9 +22,11 @@ message, and ``PLAIT_TEST_SEED`` replays a run.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
+import struct
 import time
 from pathlib import Path
 
@@ -59,6 +61,48 @@ SEED = int(os.environ.get("PLAIT_TEST_SEED", "20261128"))
 
 def db(cluster: Cluster) -> Path:
     return cluster.tmp / "plait.db"
+
+
+class LockTries:
+    """Counts the opens of a SQLite journal's lock file, by any process (inotify).
+
+    A standby coordinator opens it once a campaign poll, tries the lock and closes it; the
+    leader keeps the one descriptor it won with. So, while a leader lives, each open is one
+    poll a standby lost. (Closes are watched too: identical events in a row would merge.)
+    """
+
+    IN_CLOSE_WRITE, IN_OPEN = 0x08, 0x20
+
+    def __init__(self, path: Path) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        mask = self.IN_OPEN | self.IN_CLOSE_WRITE
+        if self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(err, f"inotify_add_watch {path}")
+        self._opens = 0
+
+    def count(self) -> int:
+        """Opens seen since the watch began."""
+        while True:
+            try:
+                buf = os.read(self._fd, 4096)
+            except BlockingIOError:
+                return self._opens
+            offset = 0
+            while offset < len(buf):  # struct inotify_event: wd, mask, cookie, len, name
+                _, mask, _, size = struct.unpack_from("iIII", buf, offset)
+                self._opens += bool(mask & self.IN_OPEN)
+                offset += 16 + size
+
+    def __enter__(self) -> LockTries:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 def restart_coordinator(cluster: Cluster) -> float:
@@ -302,7 +346,11 @@ def test_second_coordinator_on_the_same_file_stands_by(cluster: Cluster, tmp_pat
     standby.start()
     wait_for("the standby to answer", lambda: health(address) is not None, timeout=30)
     rows = journal_check.read_sqlite(db(cluster))
-    time.sleep(0.5)
+    # Not a sleep: the standby opens the lock file once a poll, and opens it again only after
+    # losing, so six opens are five polls it lost (half a second: its polls are 0.1 s apart),
+    # each a chance to have written.
+    with LockTries(Path(f"{db(cluster)}.lock")) as tries:
+        wait_for("the standby to lose 5 polls", lambda: tries.count() >= 6, timeout=30)
     assert health(address) == NOT_SERVING
     assert journal_check.read_sqlite(db(cluster)) == rows, "the standby wrote to the journal"
 

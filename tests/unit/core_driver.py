@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 
+from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
     CancelRequested,
     Instant,
@@ -13,7 +16,8 @@ from plait.coordinator.core.events import (
     WorkerStreamClosed,
     WorkflowSubmitted,
 )
-from plait.coordinator.core.model import Outcome
+from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome
+from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import CoreConfig, SchedulerState
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -259,3 +263,231 @@ def same_timers(
         and all(len(x) == len(y) and all(map(close, x, y)) for x, y in zip(a[k], b[k], strict=True))
         for k in a
     )
+
+
+# ---- replay of every prefix (tests/unit/test_replay_prefix.py) --------------------------------
+
+
+def replayed(events: Iterable[pb.HistoryEvent], at: Instant) -> SchedulerState:
+    """A fresh core (``CONFIG``) that replayed ``events`` at ``at``, as a restart would."""
+    fresh = SchedulerState(CONFIG)
+    replay(fresh, events, at)
+    return fresh
+
+
+def _seconds(x: float) -> float:
+    return round(x, 6)  # replay dates events by wall-clock milliseconds: float noise only
+
+
+def deep_snapshot(st: SchedulerState) -> dict[str, object]:
+    """:func:`snapshot` plus the rest of what a restart must restore.
+
+    Each live lease (primary and hedge: holder, token, attempt, start, grant time), each
+    action's error, reason, exit code, holder and committed outputs, the fan-out bookkeeping
+    (children, leases held by children, items in flight), which READY actions are queued, the
+    per-workflow lease count and the semaphore permits held. Not what replay cannot know and
+    deliberately restarts: worker sessions and credit, TTLs, progress waits, grant sequences.
+    A workflow's ``failing`` is compared while it runs (on a finished one it means nothing).
+    """
+    out = snapshot(st)
+    ready = t.READY
+
+    def lease(x: LeaseRecord | None) -> tuple[object, ...] | None:
+        if x is None:
+            return None
+        return (
+            x.lease_id,
+            x.worker.worker_id,
+            x.token,
+            x.attempt,
+            x.slots,
+            x.started,
+            _seconds(x.granted_at),
+        )
+
+    for wf in st.workflows.values():
+        running = wf.state == pb.WORKFLOW_STATE_RUNNING
+        out[f"{wf.workflow_id}+"] = {
+            "leased": wf.leased,
+            "failing": wf.failing if running else "",
+            "finished_wall_ms": wf.finished_wall_ms,
+            "finished_hlc": wf.finished_hlc,
+            "submitted_wall_ms": wf.submitted_wall_ms,
+            "idempotency_key": wf.idempotency_key,
+            "queued": sorted(a.spec.id for a in wf.ready if a.state == ready),
+        }
+        for a in wf.actions.values():
+            out[f"{a.key}+"] = {
+                "lease": lease(a.lease),
+                "hedge": lease(a.hedge),
+                "error": (a.error.code, a.error.message) if a.error is not None else None,
+                "reason": a.reason,
+                "exit_code": a.exit_code,
+                "worker_id": a.worker_id,
+                "outputs_ref": a.outputs_ref,
+                "outputs_bytes": a.outputs_bytes,
+                "holders": dict(a.holders or {}),
+                "parent": a.parent.spec.id if a.parent is not None else None,
+                "children": [c.spec.id for c in a.children] if a.children is not None else None,
+                "running_children": a.running_children,
+                "in_flight": a.in_flight,
+                "opened": a.opened,
+                "stage": a.stage,
+                "last_stage": a.last_stage,
+            }
+    out["leases"] = sorted(st.leases)
+    out["holders"] = sorted(
+        (w.worker_id, sorted(w.leases), sorted((k, v) for k, v in w.used.items() if v))
+        for w in st.workers.values()
+        if w.leases
+    )
+    out["semaphores"] = sorted((k, v) for k, v in st.semaphores.items() if v[1])
+    out["idempotency"] = sorted(st.by_idempotency_key.items())
+    out["sequence"] = st.sequence
+    return out
+
+
+def differences(a: dict[str, object], b: dict[str, object]) -> list[str]:
+    """Where two snapshots differ, ``key: a != b`` (a named field's own name, for a
+    :func:`deep_snapshot` entry), for failure messages."""
+    out = []
+    for k in sorted(a.keys() | b.keys()):
+        x, y = a.get(k), b.get(k)
+        if x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{k} {f}: {x.get(f)!r} != {y.get(f)!r}" for f in x if x.get(f) != y.get(f)]
+        else:
+            out.append(f"{k}: {x!r} != {y!r}")
+    return out
+
+
+def broken_invariants(st: SchedulerState) -> list[str]:
+    """What is structurally wrong with a core (empty when nothing is), at any event boundary.
+
+    Every live lease is its action's primary or hedge, held by a known worker, on an action
+    LEASED or RUNNING; every such action (one that does not fan out) holds a lease; a hedge
+    only beside a primary; per-workflow counts (``remaining``, ``leased``) and per-action join
+    counts (``unmet``, ``failed_needs`` over its needs, or its children once it fanned out)
+    agree with the actions' states.
+    """
+    bad = _lease_invariants(st)
+    for wf in st.workflows.values():
+        open_ = sum(a.state not in t.TERMINAL for a in wf.actions.values())
+        if wf.remaining != open_:
+            bad.append(f"{wf.workflow_id}: remaining {wf.remaining}, {open_} actions open")
+        if wf.state != pb.WORKFLOW_STATE_RUNNING and open_:
+            bad.append(f"{wf.workflow_id} ended with {open_} actions open")
+        leased = sum(x.action.workflow is wf for x in st.leases.values())
+        if wf.leased != leased:
+            bad.append(f"{wf.workflow_id}: leased {wf.leased}, {leased} live leases")
+        for a in wf.actions.values():
+            bad.extend(_action_invariants(st, a))
+    return bad
+
+
+def _name(state: int) -> str:
+    return t.S.Name(state)  # type: ignore[arg-type]
+
+
+def _lease_invariants(st: SchedulerState) -> list[str]:
+    bad = []
+    for lid, x in st.leases.items():
+        a = x.action
+        if x.lease_id != lid or x not in (a.lease, a.hedge):
+            bad.append(f"lease {lid} is not {a.key}'s")
+        if a.state not in (t.LEASED, t.RUNNING):
+            bad.append(f"lease {lid} on {a.key} in {_name(a.state)}")
+        if st.workers.get(x.worker.worker_id) is not x.worker or x.worker.leases.get(lid) is not x:
+            bad.append(f"lease {lid} not held by a known worker")
+    for w in st.workers.values():
+        bad.extend(
+            f"{w.worker_id} holds {lid}, not live" for lid in w.leases if lid not in st.leases
+        )
+    return bad
+
+
+def _action_invariants(st: SchedulerState, a: ActionRecord) -> list[str]:
+    bad = []
+    for x in (a.lease, a.hedge):
+        if x is not None and st.leases.get(x.lease_id) is not x:
+            bad.append(f"{a.key} points at {x.lease_id}, not a live lease")
+    if a.hedge is not None and a.lease is None:
+        bad.append(f"{a.key} hedged without a primary")
+    if a.state in (t.LEASED, t.RUNNING) and a.children is None and a.lease is None:
+        bad.append(f"{a.key} {_name(a.state)} without a lease")
+    if a.children is not None:
+        held = sum(x.action.parent is a for x in st.leases.values())
+        if a.running_children != held:
+            bad.append(f"{a.key}: running_children {a.running_children}, {held} held")
+    if a.parent is not None and a.stage <= 0:
+        return bad  # a map child or first stage runs on its parent's (met) join
+    over = a.children if a.children is not None else a.needs
+    unmet = sum(n.state != t.SUCCEEDED for n in over)
+    failed = sum(n.state in t.TERMINAL and n.state != t.SUCCEEDED for n in over)
+    if (a.unmet, a.failed_needs) != (unmet, failed):
+        bad.append(
+            f"{a.key}: unmet/failed_needs {a.unmet}/{a.failed_needs}, states say {unmet}/{failed}"
+        )
+    return bad
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One handled batch: where its records end in the journal, when it was handled, and the
+    live state right after it (:func:`deep_snapshot`, :func:`timers`, :func:`broken_invariants`)."""
+
+    end: int  # len(records) after the batch
+    at: Instant
+    state: dict[str, object]
+    timers: dict[str, list[tuple[object, ...]]]
+    broken: list[str]
+
+
+class RecordingDriver(Driver):
+    """A :class:`Driver` that keeps a :class:`Batch` after every batch it handles."""
+
+    def __init__(self, config: CoreConfig = CONFIG) -> None:
+        super().__init__(config)
+        self.batches: list[Batch] = []
+
+    def handle(self, *stimuli: Stimulus) -> Outcome:
+        out = super().handle(*stimuli)
+        st = self.st
+        batch = Batch(
+            len(self.records), self.at(), deep_snapshot(st), timers(st), broken_invariants(st)
+        )
+        self.batches.append(batch)
+        return out
+
+    def hello_with(self, session: str, hello: wpb.Hello) -> Outcome:
+        """A Hello as given (``exec_enabled``, labels, resources …); resume token ``rt-SESSION``."""
+        m = wpb.ConnectRequest(hello=hello)
+        m.hlc.physical_ms = self.wall
+        return self.handle(WorkerMessageReceived("w", session, m, resume_token=f"rt-{session}"))
+
+    def started(self, session: str, *leases: wpb.Lease) -> Outcome:
+        """The worker reports these attempts started."""
+        reports = [
+            wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token) for l in leases
+        ]
+        return self.msg(session, action_started=wpb.ActionStarted(leases=reports))
+
+    def done(
+        self,
+        session: str,
+        lease: wpb.Lease,
+        outcome: int = wpb.ACTION_OUTCOME_SUCCEEDED,
+        outputs: str = "{}",
+        exit_code: int = 0,
+    ) -> Outcome:
+        """A result with the lease's slot credited back in the same message, as workerd does."""
+        result = wpb.ActionResult(
+            lease_id=lease.lease_id,
+            fencing_token=lease.fencing_token,
+            outcome=outcome,  # type: ignore[arg-type]
+            outputs_json=outputs,
+            exit_code=exit_code,
+        )
+        slots = lease.action.slots or 1
+        return self.msg(session, action_finished=wpb.ActionFinished(results=[result], credit=slots))
