@@ -45,7 +45,7 @@ class Observations:
                 trace_id = self.tracing.trace_id(o.lease_id)
                 m.action_duration.observe(o.value, {"trace_id": trace_id} if trace_id else None)
             elif kind == "lease_lost":
-                m.leases_lost.labels(_loss_reason(o.detail)).inc()
+                m.leases_lost.labels(_loss_reason(o.reason)).inc()
                 log.warning(
                     "lease lost on worker %s: %s",
                     o.worker_id,
@@ -149,17 +149,15 @@ class Observations:
             m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
 
 
-def _loss_reason(detail: str) -> str:
-    if detail.startswith("lease expired"):
-        return "expired"
-    if detail.startswith("worker revoked"):
-        return "worker_revoked"
-    if "self-fencing" in detail:
-        return "worker_cancelled"
-    if "did not report" in detail:
-        return "not_reported"
-    if "reconnected" in detail:
-        return "not_readopted"
-    if "left" in detail:
-        return "worker_left"
-    return "other"
+def _loss_reason(reason: int) -> str:
+    """The ``reason`` label of plait_leases_lost_total: the typed EventReason, lower case."""
+    label = _LOSS_LABELS.get(reason)
+    if label is None:
+        known = reason in _REASONS
+        name = pb.EventReason.Name(reason) if known else "EVENT_REASON_OTHER"  # type: ignore[arg-type]
+        label = _LOSS_LABELS[reason] = name.removeprefix("EVENT_REASON_").lower()
+    return label
+
+
+_REASONS = frozenset(pb.EventReason.values())
+_LOSS_LABELS: dict[int, str] = {}

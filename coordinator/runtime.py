@@ -225,6 +225,17 @@ class Runtime:
         self.post(make(fut))
         return await fut
 
+    def stamp(self, msg: Any) -> None:
+        """Stamps a reply's ``hlc`` with the coordinator's clock now (servicers call this, on
+        the event loop, instead of touching the core's clock)."""
+        self.state.stamp(msg, Instant(self.clock.monotonic(), self.clock.wall_ms()))
+
+    def merge_hlc(self, msg: Any) -> None:
+        """Merges a client's HLC stamp, if it has one (one too far ahead is not merged)."""
+        if msg.physical_ms:
+            at = Instant(self.clock.monotonic(), self.clock.wall_ms())
+            self.state.merge_remote(HlcTimestamp(msg.physical_ms, msg.logical), at)
+
     def next_id(self, prefix: str) -> str:
         """A cause id for a stimulus, unique within this process."""
         return f"{prefix}-{next(self._ids)}"

@@ -23,7 +23,9 @@ _CODES = frozenset(code_pb2.Code.values())
 
 
 def retry_delay(a: ActionRecord, rng: random.Random) -> float:
-    """Exponential backoff with jitter for the action's next attempt, in seconds."""
+    """Exponential backoff with jitter for the action's next attempt, in seconds, decided
+    when an attempt has just failed (``a.failures`` does not count it yet: applying its
+    RETRY_SCHEDULED event does)."""
     r = retry_policy(a)
     initial = (
         r.initial_backoff.ToTimedelta().total_seconds()
@@ -36,7 +38,7 @@ def retry_delay(a: ActionRecord, rng: random.Random) -> float:
         else DEFAULT_MAX_BACKOFF
     )
     mult = r.backoff_multiplier or DEFAULT_MULTIPLIER
-    delay = min(cap, initial * mult ** max(0, a.failures - 1))
+    delay = min(cap, initial * mult**a.failures)
     jitter = r.jitter if r.HasField("jitter") else DEFAULT_JITTER
     return delay * (1.0 - jitter * rng.random())
 
@@ -65,10 +67,16 @@ def may_retry(
     exit_code: int,
     outcome: int,
     error: status_pb2.Status | None = None,
+    error_type: str = "",
 ) -> bool:
-    """Whether another attempt may follow a failed one (budget, exit code, error type)."""
+    """Whether another attempt may follow a failed one (budget, exit code, error type).
+
+    ``retryable_errors`` names match the attempt's ``error_type`` (ActionResult.error_type, as
+    the worker reported it) exactly, or the google.rpc code name of ``error.code``; the error's
+    message is text for people and is never read here.
+    """
     r = retry_policy(a)
-    if a.failures >= max(1, r.max_attempts):
+    if a.failures + 1 >= max(1, r.max_attempts):  # counting the one that just failed
         return False
     codes, kinds = r.retryable_exit_codes, r.retryable_errors
     if (
@@ -81,11 +89,11 @@ def may_retry(
         return True  # timeouts, and any failure when no list narrows it
     if codes and exit_code in codes:
         return True
-    if kinds and error is not None:
-        type_name = error.message.partition(":")[0].strip()
-        code_name = code_pb2.Code.Name(error.code) if error.code in _CODES else ""
-        return type_name in kinds or code_name in kinds
-    return False
+    if not kinds:
+        return False
+    if error_type and error_type in kinds:
+        return True
+    return error is not None and error.code in _CODES and code_pb2.Code.Name(error.code) in kinds
 
 
 def run_timeout(a: ActionRecord) -> float:

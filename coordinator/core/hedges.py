@@ -32,13 +32,9 @@ def key(a: ActionRecord) -> str:
     return (a.parent or a).spec.id
 
 
-def observe(st: SchedulerState, lease: LeaseRecord) -> None:
-    """Records a successful attempt's run time (grant to result, coordinator clock)."""
-    record_duration(st, lease.action, st.now - lease.granted_at)
-
-
 def record_duration(st: SchedulerState, a: ActionRecord, seconds: float) -> None:
-    """Adds one successful run time to ``a``'s samples (live, or replayed from the journal)."""
+    """Adds one successful run time (grant to committed result, coordinator clock) to ``a``'s
+    samples; applying the success does it (:mod:`.apply`)."""
     if a.spec.HasField("speculate"):
         st.durations.setdefault(key(a), deque(maxlen=SAMPLES)).append(seconds)
 
@@ -114,37 +110,33 @@ def dispatch(st: SchedulerState, out: Outcome) -> None:
 def end_one(
     st: SchedulerState, lease: LeaseRecord, why: str, out: Outcome, *, cancel: bool = True
 ) -> bool:
-    """Ends ``lease`` alone when the other attempt still runs; False if it is the only one."""
-    from plait.coordinator.core import sessions
-
+    """Ends ``lease`` alone when the other attempt still runs (LEASE_LOST, HEDGE_ENDED, not
+    charged to any budget); False if it is the only one."""
     a = lease.action
     if a.hedge is None or lease not in (a.lease, a.hedge):
         return False
-    sessions.drop_lease(st, lease)
     if cancel and lease.worker.connected:
         out.cancel(lease.worker.session_id, lease, wpb.CANCEL_REASON_SUPERSEDED, why)
-    st.record(
+    st.emit(
         a.workflow,
         pb.EVENT_TYPE_LEASE_LOST,
         a,
         lease_id=lease.lease_id,
         worker_id=lease.worker.worker_id,
         message=f"{why}; the other attempt continues",
+        reason=pb.EVENT_REASON_HEDGE_ENDED,
     )
     return True
 
 
-def cancel_sibling(st: SchedulerState, a: ActionRecord, out: Outcome) -> None:
-    """After a commit, cancels and fences the attempt that lost the race."""
-    from plait.coordinator.core import sessions
-
+def cancel_sibling(st: SchedulerState, a: ActionRecord, won: LeaseRecord, out: Outcome) -> None:
+    """Before ``won``'s result commits, cancels the attempt that lost the race (its lease
+    ends, fenced, when the commit is applied)."""
     for lease in (a.lease, a.hedge):
-        if lease is not None:
-            sessions.drop_lease(st, lease)
-            if lease.worker.connected:
-                out.cancel(
-                    lease.worker.session_id,
-                    lease,
-                    wpb.CANCEL_REASON_SUPERSEDED,
-                    "another attempt of this action committed first",
-                )
+        if lease is not None and lease is not won and lease.worker.connected:
+            out.cancel(
+                lease.worker.session_id,
+                lease,
+                wpb.CANCEL_REASON_SUPERSEDED,
+                "another attempt of this action committed first",
+            )

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING
 
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import sessions
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord, WorkflowRecord, fans_out
+from plait.coordinator.core.model import ActionRecord, Outcome, WorkflowRecord, fans_out
 from plait.coordinator.core.outputs import COPIED_COLLECTION_BYTES, collected_bytes
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -35,8 +34,7 @@ if TYPE_CHECKING:
 E = pb  # EVENT_TYPE_* constants
 READY, WAITING, IMPOSSIBLE = "ready", "waiting", "impossible"
 
-
-NOT_NEEDED = "not needed: "
+NOT_NEEDED = "not needed: "  # words only: EVENT_REASON_NOT_NEEDED is what is matched
 
 
 def join_of(a: ActionRecord) -> pb.JoinPolicy:
@@ -78,39 +76,42 @@ def _ended_word(a: ActionRecord) -> str:
     return t.S.Name(a.state).removeprefix("ACTION_STATE_")  # type: ignore[arg-type]
 
 
-def propagate(st: SchedulerState, ended: ActionRecord) -> None:
-    """Counts ``ended``'s outcome in every dependent's join; readies, skips or ends them."""
+def propagate(st: SchedulerState, ended: ActionRecord, out: Outcome) -> None:
+    """Decides what ``ended``'s outcome (already counted in its dependents' joins when its
+    event was applied) means for each dependent: ready it, skip it, or settle a map."""
     wf = ended.workflow
     stack = [ended]
     while stack:
         x = stack.pop()
-        ok = x.state == t.SUCCEEDED
-        close_item(x)
         for d in x.dependents:
-            if ok:
-                d.unmet -= 1
-            else:
-                d.failed_needs += 1
             if wf.cancel_requested or wf.failing:
                 continue  # the workflow is being ended: its own loop ends every action
             if d.children is not None:  # a running map action: x is one of its children
                 if d.state == t.RUNNING:
-                    _settle_map(st, d)
+                    _settle_map(st, d, out)
                 continue
             if d.state != t.PENDING:
                 continue
             v = verdict(d)
             if v == READY:
                 if fans_out(d.spec):
-                    expand(st, d)
+                    expand(st, d, out)
                 else:
                     st.make_ready(d, E.EVENT_TYPE_ACTION_READY)
                 if d.spec.join.cancel_remaining:
-                    cancel_remaining(st, d, d.needs)
+                    cancel_remaining(st, d, d.needs, out)
             elif v == IMPOSSIBLE:
                 why = _skip_reason(d, x)
                 skip = status_pb2.Status(code=code_pb2.ABORTED, message=why)
-                st.terminal(d, t.SKIPPED, E.EVENT_TYPE_ACTION_SKIPPED, skip, why, {})
+                st.terminal(
+                    d,
+                    t.SKIPPED,
+                    E.EVENT_TYPE_ACTION_SKIPPED,
+                    E.EVENT_REASON_NEED_FAILED,
+                    skip,
+                    why,
+                    {},
+                )
                 stack.append(d)
 
 
@@ -125,44 +126,50 @@ def _skip_reason(d: ActionRecord, last: ActionRecord) -> str:
     )
 
 
-def cancel_remaining(st: SchedulerState, joined: ActionRecord, others: list[ActionRecord]) -> None:
-    """Cancels the needs (or children) ``joined`` no longer waits for."""
+def cancel_remaining(
+    st: SchedulerState, joined: ActionRecord, others: list[ActionRecord], out: Outcome
+) -> None:
+    """Cancels the needs (or children) ``joined`` no longer waits for (NOT_NEEDED)."""
     why = f"{NOT_NEEDED}the join of {joined.spec.id!r} was met"
     for n in others:
         if n.state not in t.TERMINAL:
-            end_early(st, n, why, wpb.CANCEL_REASON_USER)
+            end_early(st, n, why, E.EVENT_REASON_NOT_NEEDED, out)
 
 
-def end_early(st: SchedulerState, a: ActionRecord, why: str, cancel_reason: int) -> None:
-    """Cancels one non-terminal action, fencing its leases (two, when hedged)."""
-    while a.lease is not None:
-        lease = a.lease
-        sessions.drop_lease(st, lease)
-        if lease.worker.connected:
-            st._out.cancel(lease.worker.session_id, lease, cancel_reason, why)
+def end_early(st: SchedulerState, a: ActionRecord, why: str, code: int, out: Outcome) -> None:
+    """Cancels one non-terminal action for ``code`` (an EventReason; ``why`` in words),
+    fencing its leases (two, when hedged: they end when the cancellation is applied)."""
+    for lease in (a.lease, a.hedge):
+        if lease is not None and lease.worker.connected:
+            out.cancel(lease.worker.session_id, lease, wpb.CANCEL_REASON_USER, why)
     if a.children is not None:
         for c in a.children:
             if c.state not in t.TERMINAL:
-                end_early(st, c, why, cancel_reason)
+                end_early(st, c, why, code, out)
         if a.state in t.TERMINAL:
             return
     err = status_pb2.Status(code=code_pb2.CANCELLED, message=why)
-    st.finish_action(a, t.CANCELLED, E.EVENT_TYPE_ACTION_CANCELLED, error=err, reason=why)
+    st.finish_action(
+        a, t.CANCELLED, E.EVENT_TYPE_ACTION_CANCELLED, out, why=code, error=err, reason=why
+    )
 
 
-def fail_fast(st: SchedulerState, wf: WorkflowRecord, failed: ActionRecord) -> None:
+def fail_fast(st: SchedulerState, wf: WorkflowRecord, failed: ActionRecord, out: Outcome) -> None:
     """Ends a fail_fast workflow at its first failure: everything still open is cancelled."""
-    end_workflow_early(st, wf, f"fail_fast: {failed.spec.id} {_ended_word(failed)}")
+    why = f"fail_fast: {failed.spec.id} {_ended_word(failed)}"
+    end_workflow_early(st, wf, why, E.EVENT_REASON_FAIL_FAST, out)
 
 
-def end_workflow_early(st: SchedulerState, wf: WorkflowRecord, why: str) -> None:
-    """Cancels every open action of ``wf``; the workflow then ends FAILED with ``why``."""
+def end_workflow_early(
+    st: SchedulerState, wf: WorkflowRecord, why: str, code: int, out: Outcome
+) -> None:
+    """Cancels every open action of ``wf`` for ``code``; the workflow then ends FAILED."""
     if wf.failing or wf.cancel_requested:
         return
     wf.failing = why
     for a in list(wf.actions.values()):
         if a.state not in t.TERMINAL:
-            end_early(st, a, why, wpb.CANCEL_REASON_USER)
+            end_early(st, a, why, code, out)
 
 
 # ---- map ----------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def items_of(st: SchedulerState, a: ActionRecord) -> list[object] | str:
     return value
 
 
-def expand(st: SchedulerState, a: ActionRecord) -> None:
+def expand(st: SchedulerState, a: ActionRecord, out: Outcome) -> None:
     """Turns a map action whose needs are met into one child per item (journalled)."""
     items = items_of(st, a)
     over, max_items = fan_over(a)
@@ -203,24 +210,31 @@ def expand(st: SchedulerState, a: ActionRecord) -> None:
         items = f"{over!r}: {len(items)} items; the limit max_items is {limit}"
     if isinstance(items, str):
         err = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=items)
-        st.finish_action(a, t.FAILED, E.EVENT_TYPE_ACTION_FINISHED, error=err, reason=items)
+        st.finish_action(
+            a,
+            t.FAILED,
+            E.EVENT_TYPE_ACTION_FINISHED,
+            out,
+            why=E.EVENT_REASON_MAP_ITEMS,
+            error=err,
+            reason=items,
+        )
         return
-    st.set_state(a, t.RUNNING)
-    st.record(
+    st.emit(  # applying it makes the children (make_children)
         a.workflow,
         E.EVENT_TYPE_ACTION_MAPPED,
         a,
+        action_state=t.RUNNING,
         outputs_json=json.dumps(items),
         message=f"{len(items)} children",
     )
-    make_children(st, a, [json.dumps(i, separators=(",", ":")) for i in items])
-    _settle_map(st, a)
+    _settle_map(st, a, out)
 
 
 def make_children(
     st: SchedulerState, a: ActionRecord, items: list[str], when: float | None = None
 ) -> None:
-    """Creates (and readies) a map action's children; also used by replay.
+    """Creates (and readies) a map action's children: applying its ACTION_MAPPED.
 
     ``when``: the time the children became ready (their queue timeouts run from it); now,
     unless replay says when the ACTION_MAPPED event happened.
@@ -306,7 +320,7 @@ def close_item(x: ActionRecord) -> None:
         x.parent.in_flight -= 1
 
 
-def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
+def _settle_map(st: SchedulerState, a: ActionRecord, out: Outcome) -> None:
     """Ends a running map action once its children's join is met or impossible."""
     assert a.children is not None
     v = verdict(a)
@@ -314,7 +328,7 @@ def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
     cancel = join_of(a).cancel_remaining
     if v == READY and (done or cancel or not a.children):
         if cancel:
-            cancel_remaining(st, a, a.children)
+            cancel_remaining(st, a, a.children, out)
             if a.state in t.TERMINAL:
                 return  # a cancelled child's propagation settled the map already
         # Copied into the event up to a bound; past it not copied at all: the outputs are the
@@ -322,8 +336,7 @@ def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
         items = [c if c.state == t.SUCCEEDED else None for c in a.children]
         copy = collected_bytes(items) <= COPIED_COLLECTION_BYTES
         outputs = st.outputs.collect(items) if copy else ""
-        a.committed_token = 0
-        st.finish_action(a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs)
+        st.finish_action(a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, out, outputs_json=outputs)
     elif v == IMPOSSIBLE:
         n = len(a.children)
         what = "items" if a.spec.HasField("pipeline") else "children"
@@ -332,7 +345,15 @@ def _settle_map(st: SchedulerState, a: ActionRecord) -> None:
         # Every open stage of every item (a map's children are its only stages).
         for c in [x for x in a.workflow.actions.values() if x.parent is a]:
             if c.state not in t.TERMINAL:
-                end_early(st, c, why, wpb.CANCEL_REASON_USER)
+                end_early(st, c, why, E.EVENT_REASON_PARENT_FAILED, out)
         if a.state not in t.TERMINAL:
             err = status_pb2.Status(code=code_pb2.ABORTED, message=why)
-            st.finish_action(a, t.FAILED, E.EVENT_TYPE_ACTION_FINISHED, error=err, reason=why)
+            st.finish_action(
+                a,
+                t.FAILED,
+                E.EVENT_TYPE_ACTION_FINISHED,
+                out,
+                why=E.EVENT_REASON_CHILDREN_FAILED,
+                error=err,
+                reason=why,
+            )

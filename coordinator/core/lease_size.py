@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord
+from plait.coordinator.core.model import ActionRecord, Outcome
 from plait.errors import ERROR_DOMAIN
 from plait.jsonlimits import utf8_len
 from plait.v1 import workflow_pb2 as pb
@@ -28,7 +28,7 @@ LEASE_TOO_LARGE = "LEASE_TOO_LARGE"  # ErrorInfo.reason of an action whose lease
 LISTED_NEEDS = 20  # needs a too-large lease's reason names, largest first
 
 
-def checked_inputs(st: SchedulerState, a: ActionRecord) -> tuple[str, int] | None:
+def checked_inputs(st: SchedulerState, a: ActionRecord, out: Outcome) -> tuple[str, int] | None:
     """The inputs of a lease of ``a`` and the lease's size (inputs plus spec, in bytes), or
     None when that would pass ``max_lease_bytes``: then ``a`` has failed and nothing is granted.
     """
@@ -42,18 +42,18 @@ def checked_inputs(st: SchedulerState, a: ActionRecord) -> tuple[str, int] | Non
                 + a.spec.ByteSize()
             )
             if size > limit:
-                lease_too_large(st, a, size)
+                lease_too_large(st, a, size, out)
                 return None
             break
     inputs = st.inputs_json(a)
     size = utf8_len(inputs) + a.spec.ByteSize()
     if size > limit:
-        lease_too_large(st, a, size)
+        lease_too_large(st, a, size, out)
         return None
     return inputs, size
 
 
-def lease_too_large(st: SchedulerState, a: ActionRecord, size: int) -> None:
+def lease_too_large(st: SchedulerState, a: ActionRecord, size: int, out: Outcome) -> None:
     """Fails ``a`` (READY -> FAILED): its lease of ``size`` bytes passes ``max_lease_bytes``."""
     limit = st.config.max_lease_bytes
     needs = sorted(a.needs, key=lambda n: n.outputs_bytes, reverse=True)
@@ -73,4 +73,12 @@ def lease_too_large(st: SchedulerState, a: ActionRecord, size: int) -> None:
     info.metadata["max_lease_bytes"] = str(limit)
     info.metadata["lease_bytes"] = str(size)
     err.details.add().Pack(info)
-    st.finish_action(a, t.FAILED, pb.EVENT_TYPE_ACTION_FINISHED, error=err, reason=why)
+    st.finish_action(
+        a,
+        t.FAILED,
+        pb.EVENT_TYPE_ACTION_FINISHED,
+        out,
+        why=pb.EVENT_REASON_LEASE_TOO_LARGE,
+        error=err,
+        reason=why,
+    )

@@ -55,8 +55,10 @@ class ActionRecord:
     error: status_pb2.Status | None = None
     exit_code: int = 0
     reason: str = ""
+    reason_code: int = 0  # EventReason of its terminal event (the typed meaning of `reason`)
     slots: int = 1
     not_before: float = 0.0  # monotonic; retry backoff
+    queued: bool = False  # in its workflow's ready queue (dispatch takes it from there)
     ready_seq: int = 0  # sequence of the event it last became READY at (its timers' identity)
     parent: ActionRecord | None = None  # the map action that made this child
     children: list[ActionRecord] | None = None  # a map action's children, once expanded
@@ -195,6 +197,7 @@ class Observation:
     value: float = 0.0
     detail: str = ""
     lease_id: str = ""
+    reason: int = 0  # an EventReason, where one applies (lease_lost)
 
 
 # What a lease costs in a grant message beyond its inputs and spec (ids, ttl, traceparent).

@@ -123,12 +123,12 @@ class OutputStore:
 
     # ---- keeping --------------------------------------------------------------------------
 
-    def keep(self, a: ActionRecord, text: str, sequence: int, *, live: bool) -> None:
+    def keep(self, a: ActionRecord, text: str, sequence: int) -> None:
         """Records the outputs ``a`` committed in the event at ``sequence``.
 
-        ``text`` empty on a map or pipeline: its outputs are its succeeded children's.
-        ``live``: just decided (the event is not durable yet, so a large ``text`` is cached
-        until it is); replayed events are in the journal already.
+        ``text`` empty on a map or pipeline: its outputs are its succeeded children's. A large
+        ``text`` is cached as pending: the event may not be durable yet (the journal cannot
+        give it back until :meth:`OutputCache.durable`, which replay calls after each event).
         """
         if not text and a.children is not None:
             items = [c if c.state == t.SUCCEEDED else None for c in a.children]
@@ -142,8 +142,7 @@ class OutputStore:
             a.outputs_json, a.outputs_ref = text, 0
             return
         a.outputs_json, a.outputs_ref = "", sequence
-        if live:
-            self.cache.put(sequence, text, size, pending=True)
+        self.cache.put(sequence, text, size, pending=True)
 
     # ---- reading --------------------------------------------------------------------------
 

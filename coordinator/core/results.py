@@ -18,7 +18,6 @@ from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import Outcome, WorkerRecord
 from plait.coordinator.core.sessions import (
     action_for_lease_id,
-    drop_lease,
     requeue_after_loss,
     retry,
 )
@@ -147,14 +146,10 @@ def on_result(
         ended = "failed" if problem is None else problem
         hedges.end_one(st, lease, f"attempt {lease.attempt} {ended}", out, cancel=False)
         return
-    drop_lease(st, lease)
-    a.worker_id = w.worker_id
-    a.exit_code = res.exit_code
     if outcome == O.ACTION_OUTCOME_CANCELLED:
         # The worker gave the attempt up (self-fencing) while its lease was still current.
-        requeue_after_loss(
-            st, a, "the worker cancelled the attempt (self-fencing)", w.worker_id, out
-        )
+        words = "the worker cancelled the attempt (self-fencing)"
+        requeue_after_loss(st, a, E.EVENT_REASON_SELF_FENCED, words, w.worker_id, out)
         return
     fields: dict[str, Any] = dict(
         worker_id=w.worker_id,
@@ -168,28 +163,37 @@ def on_result(
         worker_hlc=hlc_pb2.HlcTimestamp(physical_ms=remote.physical_ms, logical=remote.logical),
     )
     error = res.error if res.HasField("error") else None
+    why: int = E.EVENT_REASON_ATTEMPT_FAILED
+    error_type = res.error_type
     if outcome == O.ACTION_OUTCOME_SUCCEEDED:
         if problem is None:
-            hedges.observe(st, lease)
-            hedges.cancel_sibling(st, a, out)  # a hedge race: the loser is fenced
-            a.committed_token = res.fencing_token
-            # finish_action keeps the outputs (in memory when small: core.outputs).
+            hedges.cancel_sibling(st, a, lease, out)  # a hedge race: the loser is fenced
+            # Applying it keeps the outputs (in memory when small: core.outputs).
             st.finish_action(
-                a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, outputs_json=outputs, **fields
+                a, t.SUCCEEDED, E.EVENT_TYPE_ACTION_FINISHED, out, outputs_json=outputs, **fields
             )
             return
         outcome = O.ACTION_OUTCOME_FAILED
+        why, error_type = E.EVENT_REASON_INVALID_OUTPUTS, ""
         error = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=problem)
     if error is None:
         error = status_pb2.Status(code=code_pb2.UNKNOWN, message=f"exit code {res.exit_code}")
-    a.failures += 1
-    if attempts.may_retry(a, res.exit_code, outcome, error):
-        retry(st, a, error, w.worker_id, res)
+    if outcome == O.ACTION_OUTCOME_TIMED_OUT:
+        why = E.EVENT_REASON_RUN_TIMEOUT  # the worker's own timeout
+    if attempts.may_retry(a, res.exit_code, outcome, error, error_type):
+        retry(st, a, why, error, w.worker_id, res)
         return
-    a.committed_token = res.fencing_token
     state = t.TIMED_OUT if outcome == O.ACTION_OUTCOME_TIMED_OUT else t.FAILED
     st.finish_action(
-        a, state, E.EVENT_TYPE_ACTION_FINISHED, error=error, reason=error.message, **fields
+        a,
+        state,
+        E.EVENT_TYPE_ACTION_FINISHED,
+        out,
+        why=why,
+        error=error,
+        error_type=error_type,
+        reason=error.message,
+        **fields,
     )
 
 

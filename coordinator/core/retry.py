@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from plait.coordinator.core import joins
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord, WorkflowRecord, fans_out
+from plait.coordinator.core.model import ActionRecord, Outcome, WorkflowRecord, fans_out
 from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def to_reset(wf: WorkflowRecord) -> list[ActionRecord]:
         for a in wf.actions.values()
         if a.state in t.TERMINAL
         and a.state != t.SUCCEEDED
-        and not (a.state == t.CANCELLED and a.reason.startswith(joins.NOT_NEEDED))
+        and not (a.state == t.CANCELLED and a.reason_code == pb.EVENT_REASON_NOT_NEEDED)
     ]
 
 
@@ -61,6 +61,7 @@ def reset(st: SchedulerState, wf: WorkflowRecord, actions: list[ActionRecord], w
         a.failures = a.lease_losses = 0
         a.error = None
         a.reason = ""
+        a.reason_code = pb.EVENT_REASON_UNSPECIFIED
         a.committed_token = 0
         a.outputs_json = ""
         a.not_before = 0.0
@@ -75,18 +76,18 @@ def reset(st: SchedulerState, wf: WorkflowRecord, actions: list[ActionRecord], w
             )
 
 
-def retry_workflow(st: SchedulerState, wf: WorkflowRecord) -> list[str]:
-    """Journals and applies a retry; readies what can run now. Returns the ids reset."""
+def retry_workflow(st: SchedulerState, wf: WorkflowRecord, out: Outcome) -> list[str]:
+    """Decides a retry (applying it resets, :func:`reset`); readies what can run now.
+    Returns the ids reset."""
     actions = to_reset(wf)
     ids = [a.spec.id for a in actions]
-    st.record(
+    st.emit(
         wf,
         pb.EVENT_TYPE_WORKFLOW_RETRIED,
         workflow_state=pb.WORKFLOW_STATE_RUNNING,
         outputs_json=json.dumps(ids),
         message=f"re-running {len(ids)} actions",
     )
-    reset(st, wf, actions, st.now)
     for a in actions:
         if a.state != t.PENDING:
             continue
@@ -95,7 +96,7 @@ def retry_workflow(st: SchedulerState, wf: WorkflowRecord) -> list[str]:
         child_may_run = a.parent is not None and a.stage <= 0
         if child_may_run or joins.verdict(a) == joins.READY:
             if fans_out(a.spec):  # a pipeline too: it runs as its items, never on a worker
-                joins.expand(st, a)
+                joins.expand(st, a, out)
             else:
                 st.make_ready(a, pb.EVENT_TYPE_ACTION_READY)
     return ids

@@ -17,6 +17,7 @@ from google.rpc import code_pb2
 from plait.coordinator.core import sessions
 from plait.coordinator.core.events import WorkerReinstated, WorkerRevoked
 from plait.coordinator.core.model import Outcome
+from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
     from plait.coordinator.core.state import SchedulerState
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 def on_revoked(st: SchedulerState, s: WorkerRevoked, out: Outcome) -> None:
     """Cuts the worker off: fence and re-queue its leases, end its stream, refuse its id."""
-    st._out = out  # the state records history into the outcome being built (see issue 9)
     st.revoked[s.worker_id] = s.revocation
     w = st.workers.get(s.worker_id)
     was_connected = w is not None and w.connected
@@ -32,7 +32,12 @@ def on_revoked(st: SchedulerState, s: WorkerRevoked, out: Outcome) -> None:
     if w is not None:
         for lease in list(w.leases.values()):
             sessions.lose_lease(
-                st, lease, f"worker revoked: {s.revocation.reason}", out, cancel=True, charge=False
+                st,
+                lease,
+                pb.EVENT_REASON_WORKER_REVOKED,
+                f"worker revoked: {s.revocation.reason}",
+                out,
+                cancel=True,
             )
             requeued += 1
         if w.connected:

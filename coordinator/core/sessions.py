@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING
 
+from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.core import attempts, hedges, limits
@@ -40,6 +41,15 @@ O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
 R = wpb  # CANCEL_REASON_* constants
 UNDELIVERED = "granted just before a coordinator restart; the worker never had it"
 LEASE_NOT_HELD = "LEASE_NOT_HELD"
+# Lease losses that are nobody's fault, so not charged to the lease-loss budget.
+UNCHARGED: frozenset[int] = frozenset(
+    {E.EVENT_REASON_UNDELIVERED, E.EVENT_REASON_WORKER_REVOKED, E.EVENT_REASON_HEDGE_ENDED}
+)
+
+
+def charged(why: int) -> bool:
+    """Whether a lease lost for ``why`` (an EventReason) counts against the lease-loss budget."""
+    return why not in UNCHARGED
 
 
 def action_for_lease_id(st: SchedulerState, lease_id: str) -> ActionRecord | None:
@@ -66,25 +76,21 @@ def grant(
     ``inputs``: the lease's inputs and size, when dispatch has built (and checked) them.
     """
     inputs_json, lease_bytes = inputs or st.lease_inputs(a)
-    a.token += 1
-    a.attempt += 1
+    token = a.token + 1
     wf_id = a.workflow.workflow_id
-    lease_id = f"{wf_id}/{a.spec.id}/{a.token}"
-    g = out.grant(w, lease_bytes)
-    lease = LeaseRecord(lease_id, a, w, a.token, a.attempt, w.grant_seq, st.now, a.slots)
-    if hedge:
-        a.hedge = lease
-    else:
-        st.set_state(a, t.LEASED)
-        a.lease = lease
-    a.worker_id = w.worker_id
-    record_holder(a, a.token, w.worker_id)
-    w.leases[lease_id] = lease
-    st.leases[lease_id] = lease
-    w.free -= a.slots
-    limits.acquire(st, lease)
-    lease.last_progress = st.now
-    st.record(a.workflow, E.EVENT_TYPE_ACTION_LEASED, a, worker_id=w.worker_id, lease_id=lease_id)
+    lease_id = f"{wf_id}/{a.spec.id}/{token}"
+    g = out.grant(w, lease_bytes)  # first: the lease remembers the grant's sequence
+    st.emit(
+        a.workflow,
+        E.EVENT_TYPE_ACTION_LEASED,
+        a,
+        action_state=a.state if hedge else t.LEASED,
+        attempt=a.attempt + 1,
+        fencing_token=token,
+        worker_id=w.worker_id,
+        lease_id=lease_id,
+    )
+    w.free -= a.slots  # the worker's credit: session state, not journalled
     lp = g.leases.add(
         lease_id=lease_id,
         workflow_id=wf_id,
@@ -96,7 +102,6 @@ def grant(
     )
     lp.action.CopyFrom(a.spec)
     lp.ttl.CopyFrom(st._ttl_pb)
-    st.arm_lease_timers(lease, st.now, hedge=hedge)
 
 
 def record_holder(a: ActionRecord, token: int, worker_id: str) -> None:
@@ -125,7 +130,8 @@ def check_progress(st: SchedulerState, lease_id: str, out: Outcome) -> None:
     if lease.last_progress + hb > st.now:  # progress arrived since: check again later
         arm_progress(st, lease)
         return
-    time_out(st, lease, f"no progress for {hb:g}s (heartbeat_timeout)", out)
+    why = f"no progress for {hb:g}s (heartbeat_timeout)"
+    time_out(st, lease, E.EVENT_REASON_PROGRESS_TIMEOUT, why, out)
 
 
 def drop_lease(st: SchedulerState, lease: LeaseRecord) -> None:
@@ -143,57 +149,57 @@ def drop_lease(st: SchedulerState, lease: LeaseRecord) -> None:
 def lose_lease(
     st: SchedulerState,
     lease: LeaseRecord,
+    why: int,
     reason: str,
     out: Outcome,
     *,
     cancel: bool,
     restore_credit: bool = False,
-    charge: bool = True,
 ) -> None:
-    """A lease is lost: fence the holder, then re-queue the action (or fail it past budget)."""
+    """A lease is lost for ``why`` (an EventReason; ``reason`` in words): fence the holder,
+    then re-queue the action (or fail it past its lease-loss budget)."""
     if st.leases.get(lease.lease_id) is not lease:
         return  # dropped already: a loss earlier in the same loop failed a fail_fast workflow
-    if hedges.end_one(st, lease, reason, out):
-        return
-    drop_lease(st, lease)
     w = lease.worker
     if restore_credit:
         w.free = min(w.slots, w.free + lease.slots)
     if cancel and w.connected:
         out.cancel(w.session_id, lease, R.CANCEL_REASON_SUPERSEDED, reason)
-    requeue_after_loss(st, lease.action, reason, w.worker_id, out, charge=charge)
+    if hedges.end_one(st, lease, reason, out, cancel=False):
+        return
+    requeue_after_loss(st, lease.action, why, reason, w.worker_id, out)
 
 
 def requeue_after_loss(
     st: SchedulerState,
     a: ActionRecord,
+    why: int,
     reason: str,
     worker_id: str,
     out: Outcome,
-    *,
-    charge: bool = True,
 ) -> None:
-    """Re-queues an action whose lease was lost (charged to its lease-loss budget)."""
-    if charge:
-        a.lease_losses += 1
-    out.observe("lease_lost", worker_id=worker_id, detail=reason)
+    """Re-queues an action whose lease was lost, or fails it once a charged loss passes its
+    lease-loss budget (losses for an UNCHARGED reason never do)."""
+    out.observe("lease_lost", worker_id=worker_id, detail=reason, reason=why)
     budget = st.config.lease_loss_budget
-    if a.lease_losses > budget:
+    losses = a.lease_losses + charged(why)
+    if losses > budget:
         err = status_pb2.Status(
             code=code_pb2.UNAVAILABLE,
-            message=f"lost {a.lease_losses} leases (lease_loss_budget {budget}); last: {reason}",
+            message=f"lost {losses} leases (lease_loss_budget {budget}); last: {reason}",
         )
         st.finish_action(
             a,
             t.FAILED,
             E.EVENT_TYPE_ACTION_FINISHED,
+            out,
+            why=E.EVENT_REASON_LEASE_LOSS_BUDGET,
             error=err,
             reason=err.message,
             worker_id=worker_id,
         )
         return
-    a.not_before = 0.0
-    st.make_ready(a, E.EVENT_TYPE_LEASE_LOST, message=reason, worker_id=worker_id)
+    st.make_ready(a, E.EVENT_TYPE_LEASE_LOST, message=reason, reason=why, worker_id=worker_id)
 
 
 def expire_leases(st: SchedulerState, out: Outcome) -> None:
@@ -204,7 +210,12 @@ def expire_leases(st: SchedulerState, out: Outcome) -> None:
             for lease in list(w.leases.values()):
                 if max(lease.granted_at, w.last_renewed) + ttl < now:
                     lose_lease(
-                        st, lease, f"lease expired: no heartbeat for {ttl:g}s", out, cancel=True
+                        st,
+                        lease,
+                        E.EVENT_REASON_LEASE_EXPIRED,
+                        f"lease expired: no heartbeat for {ttl:g}s",
+                        out,
+                        cancel=True,
                     )
         if not w.connected and not w.leases and st.workers.get(w.worker_id) is w:
             del st.workers[w.worker_id]
@@ -215,52 +226,58 @@ def on_run_timeout(st: SchedulerState, lease_id: str, out: Outcome) -> None:
     if lease is None:
         return
     seconds = attempts.run_timeout(lease.action)
-    time_out(st, lease, f"run timeout of {seconds:g}s exceeded", out)
+    time_out(st, lease, E.EVENT_REASON_RUN_TIMEOUT, f"run timeout of {seconds:g}s exceeded", out)
 
 
-def time_out(st: SchedulerState, lease: LeaseRecord, why: str, out: Outcome) -> None:
-    """An attempt ran out of time: fence it, then retry or end the action TIMED_OUT."""
-    if hedges.end_one(st, lease, why, out):
-        return
+def time_out(st: SchedulerState, lease: LeaseRecord, why: int, reason: str, out: Outcome) -> None:
+    """An attempt ran out of time (``why``: RUN_TIMEOUT or PROGRESS_TIMEOUT): fence it, then
+    retry or end the action TIMED_OUT."""
     a = lease.action
-    lease_id = lease.lease_id
-    drop_lease(st, lease)
-    msg = f"{why} (attempt {a.attempt})"
+    msg = f"{reason} (attempt {lease.attempt})"
     if lease.worker.connected:
         out.cancel(lease.worker.session_id, lease, R.CANCEL_REASON_TIMEOUT, msg)
+    if hedges.end_one(st, lease, reason, out, cancel=False):
+        return
     err = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=msg)
-    a.failures += 1
     if attempts.may_retry(a, 0, O.ACTION_OUTCOME_TIMED_OUT):
-        retry(st, a, err, lease.worker.worker_id)
+        retry(st, a, why, err, lease.worker.worker_id)
     else:
         st.finish_action(
             a,
             t.TIMED_OUT,
             E.EVENT_TYPE_ACTION_FINISHED,
+            out,
+            why=why,
             error=err,
             reason=msg,
             worker_id=lease.worker.worker_id,
-            lease_id=lease_id,
+            lease_id=lease.lease_id,
         )
 
 
 def retry(
     st: SchedulerState,
     a: ActionRecord,
+    why: int,
     err: status_pb2.Status,
     worker_id: str,
     res: wpb.ActionResult | None = None,
 ) -> None:
+    """Schedules the next attempt after a failed one (``why``: how it failed), after a
+    backoff the event carries, so replay waits it out too."""
     delay = st.retry_delay(a)
-    a.not_before = st.now + delay
+    backoff = duration_pb2.Duration()
+    backoff.FromNanoseconds(int(delay * 1e9))
     st.make_ready(
         a,
         E.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
+        reason=why,
         error=err,
+        error_type=res.error_type if res else "",
         worker_id=worker_id,
         message=f"attempt {a.attempt} failed; retrying in {delay:.3g}s",
         exit_code=res.exit_code if res else 0,
         stdout_tail=res.stdout_tail if res else "",
         stderr_tail=res.stderr_tail if res else "",
+        backoff=backoff,
     )
-    st._out.records[-1].backoff.FromNanoseconds(int(delay * 1e9))

@@ -25,6 +25,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.core import (
+    apply,
     attempts,
     hedges,
     joins,
@@ -60,9 +61,9 @@ from plait.coordinator.core.model import (
     WorkflowRecord,
 )
 from plait.errors import FailedPreconditionError
-from plait.hlc import ZERO, HlcTimestamp, HybridLogicalClock
+from plait.hlc import ZERO, ClockOffsetError, HlcTimestamp, HybridLogicalClock
 from plait.jsonlimits import utf8_len
-from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import hlc_pb2
 from plait.v1 import workflow_pb2 as pb
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
@@ -148,6 +149,9 @@ class SchedulerState:
         self.progress_deadlines: list[tuple[float, int, str]] = []  # heartbeat_timeout
         self.now = 0.0
         self.cause = ""
+        # The events decided in the batch being handled, in order: the Outcome's records,
+        # journalled by the runtime before anything else of the outcome is delivered.
+        self.decided: list[pb.HistoryEvent] = []
         self._ttl_pb = duration_pb2.Duration()
         self._ttl_pb.FromTimedelta(config.lease_ttl)
 
@@ -159,6 +163,7 @@ class SchedulerState:
         self.now = at.monotonic
         self.outputs.cache.durable()  # the previous batch is committed by now
         out = Outcome(self.config.max_lease_bytes)
+        self.decided = out.records
         for s in stimuli:
             self.cause = s.cause
             if isinstance(s, WorkerMessageReceived):
@@ -181,6 +186,7 @@ class SchedulerState:
                 revocation.on_reinstated(self, s, out)
         self.cause = "dispatch"
         self.dispatch(out)
+        self.decided = []
         return out
 
     # ---- history ------------------------------------------------------------------------
@@ -195,13 +201,30 @@ class SchedulerState:
         ev.cause = self.cause
         ev.hlc.physical_ms, ev.hlc.logical = self.hlc.now()
         ev.recorded_at.FromMilliseconds(self._clock.wall)
-        self._out.records.append(ev)
+        self.decided.append(ev)
+        return ev
+
+    def emit(
+        self, wf: WorkflowRecord, type_: int, a: ActionRecord | None = None, **fields: object
+    ) -> pb.HistoryEvent:
+        """Decided: records the event (:meth:`record`) and applies it (:func:`.apply.apply`).
+
+        The one way the live core changes what the journal holds: replay applies the same
+        event the same way. ``action_state`` is the state the event moves the action to.
+        """
+        ev = self.record(wf, type_, a, **fields)
+        apply.apply(self, ev, self.now)
         return ev
 
     def record(
         self, wf: WorkflowRecord, type_: int, a: ActionRecord | None = None, **fields: object
     ) -> pb.HistoryEvent:
-        """Appends a history event stamped with the next sequence and the coordinator's HLC."""
+        """Appends a history event stamped with the next sequence and the coordinator's HLC.
+
+        Only for events that change no state (STALE_RESULT_REFUSED); the rest are
+        :meth:`emit`-ted. An action event names the action's state, attempt and token unless
+        ``fields`` give them.
+        """
         # Hot path (several events per action): plain attribute stores, no kwargs unpacking
         # unless extra fields are given.
         self.sequence += 1
@@ -218,14 +241,29 @@ class SchedulerState:
         rec.seconds, rec.nanos = wall // 1000, (wall % 1000) * 1_000_000
         if a is not None:
             ev.action_id = a.spec.id
-            ev.action_state = a.state  # type: ignore[assignment]
-            ev.attempt = a.attempt
-            if "fencing_token" not in fields:  # a result names its own (hedges: maybe older)
+            if not fields or "action_state" not in fields:
+                ev.action_state = a.state  # type: ignore[assignment]
+            if not fields or "attempt" not in fields:
+                ev.attempt = a.attempt
+            if not fields or "fencing_token" not in fields:  # a result names its own token
                 ev.fencing_token = a.token
-        self._out.records.append(ev)
+        self.decided.append(ev)
         return ev
 
-    _out: Outcome
+    def stamp(self, msg: hlc_pb2.HlcTimestamp, at: Instant) -> None:
+        """Stamps a reply (``msg``) with the coordinator's HLC read at ``at``."""
+        self._clock.wall, self._clock.mono = at.wall_ms, at.monotonic
+        self.hlc.stamp(msg)
+
+    def merge_remote(self, remote: HlcTimestamp, at: Instant) -> bool:
+        """Merges a client's HLC stamp read at ``at``; False (not merged) when it is too far
+        ahead of our clock."""
+        self._clock.wall, self._clock.mono = at.wall_ms, at.monotonic
+        try:
+            self.hlc.observe(remote)
+        except ClockOffsetError:
+            return False
+        return True
 
     def set_state(self, a: ActionRecord, new: int) -> None:
         """Moves an action through the transition table (anything else raises)."""
@@ -235,7 +273,6 @@ class SchedulerState:
     # ---- workflows ----------------------------------------------------------------------
 
     def on_submit(self, s: WorkflowSubmitted, out: Outcome) -> None:
-        self._out = out
         if s.idempotency_key and s.idempotency_key in self.by_idempotency_key:
             out.reply(s.reply, (self.by_idempotency_key[s.idempotency_key], False))
             return
@@ -246,7 +283,7 @@ class SchedulerState:
             idempotency_key=s.idempotency_key,
         )
         ev.spec.CopyFrom(s.spec)
-        self.create_workflow(ev)
+        apply.apply(self, ev, self.now)  # create_workflow
         out.reply(s.reply, (s.workflow_id, True))
 
     def create_workflow(
@@ -310,10 +347,9 @@ class SchedulerState:
                 del self.by_idempotency_key[wf.idempotency_key]
 
     def make_ready(self, a: ActionRecord, type_: int, **fields: object) -> None:
-        """PENDING/LEASED/RUNNING -> READY, queued fairly (retries wait out their backoff)."""
-        self.set_state(a, t.READY)
-        self.record(a.workflow, type_, a, **fields)
-        self.ready_up(a, self.now)
+        """PENDING/LEASED/RUNNING -> READY (ACTION_READY, LEASE_LOST, RETRY_SCHEDULED): applied
+        as replay applies it (any lease ends; queued fairly; a retry waits out its backoff)."""
+        self.emit(a.workflow, type_, a, action_state=t.READY, **fields)
 
     def ready_up(self, a: ActionRecord, when: float) -> None:
         """What becoming READY at ``when`` starts (live and replay alike): the queue timeout,
@@ -327,6 +363,9 @@ class SchedulerState:
 
     def enqueue(self, a: ActionRecord) -> None:
         """Queues a ready action: higher priority first within its workflow, FIFO otherwise."""
+        if a.queued:
+            return  # still queued from before (e.g. cancelled while queued, then retried)
+        a.queued = True
         wf = a.workflow
         if not wf.ready:
             self.active.append(wf)
@@ -334,6 +373,23 @@ class SchedulerState:
             wf.ready.appendleft(a)
         else:
             wf.ready.append(a)
+
+    def dequeue(self, a: ActionRecord) -> None:
+        """Takes a leased action out of its workflow's ready queue, if it is still there.
+
+        Live, dispatch has taken it already (O(1) here); on replay nothing dispatched, and
+        left there it would be dispatched the moment it is READY again (a backoff not waited).
+        """
+        if not a.queued:
+            return
+        a.queued = False
+        wf = a.workflow
+        try:
+            wf.ready.remove(a)
+        except ValueError:
+            return
+        if not wf.ready and wf in self.active:
+            self.active.remove(wf)
 
     def arm_queue_timeout(self, a: ActionRecord, when: float) -> None:
         """Starts the schedule-to-start clock of an action ready since ``when``, if it has a
@@ -356,22 +412,24 @@ class SchedulerState:
             hedges.arm(self, lease, when)
 
     def on_cancel(self, s: CancelRequested, out: Outcome) -> None:
-        self._out = out
         wf = self.workflows.get(s.workflow_id)
         if wf is None:
             out.reply(s.reply, KeyError(s.workflow_id))
             return
         if wf.state == W.WORKFLOW_STATE_RUNNING and not wf.cancel_requested:
-            wf.cancel_requested = True
-            self.record(wf, E.EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED, message=s.reason)
+            self.emit(
+                wf,
+                E.EVENT_TYPE_WORKFLOW_CANCEL_REQUESTED,
+                message=s.reason,
+                reason=E.EVENT_REASON_USER_CANCEL,
+            )
             why = s.reason or "workflow cancelled"
             for a in list(wf.actions.values()):
                 if a.state not in t.TERMINAL:
-                    joins.end_early(self, a, why, wpb.CANCEL_REASON_USER)
+                    joins.end_early(self, a, why, E.EVENT_REASON_USER_CANCEL, out)
         out.reply(s.reply, wf.state)
 
     def on_retry(self, s: RetryRequested, out: Outcome) -> None:
-        self._out = out
         wf = self.workflows.get(s.workflow_id)
         if wf is None:
             out.reply(s.reply, KeyError(s.workflow_id))
@@ -386,56 +444,56 @@ class SchedulerState:
                 ),
             )
         else:
-            out.reply(s.reply, retry.retry_workflow(self, wf))
+            out.reply(s.reply, retry.retry_workflow(self, wf, out))
 
     def finish_action(
         self,
         a: ActionRecord,
         state: int,
         type_: int,
+        out: Outcome,
         *,
+        why: int = 0,
         error: status_pb2.Status | None = None,
         reason: str = "",
         **fields: object,
     ) -> None:
-        """Moves an action to a terminal state, propagates to dependents, maybe ends the flow."""
-        self.terminal(a, state, type_, error, reason, fields)
+        """Moves an action to a terminal state, then decides what that means for its
+        dependents (:func:`.joins.propagate`), a fail_fast workflow, and the workflow's end.
+
+        ``why``: the typed EventReason; ``reason``: the same in words, for people.
+        """
+        self.terminal(a, state, type_, why, error, reason, fields)
         wf = a.workflow
-        joins.propagate(self, a)
+        joins.propagate(self, a, out)
         if state in (t.FAILED, t.TIMED_OUT) and wf.spec.fail_fast and a.parent is None:
-            joins.fail_fast(self, wf, a)
+            joins.fail_fast(self, wf, a, out)
         if wf.remaining == 0 and wf.state == W.WORKFLOW_STATE_RUNNING:
-            self.finish_workflow(wf)
+            self.finish_workflow(wf, out)
 
     def terminal(
         self,
         a: ActionRecord,
         state: int,
         type_: int,
+        why: int,
         error: status_pb2.Status | None,
         reason: str,
         fields: dict[str, object],
     ) -> None:
-        """Records an action's terminal state (no propagation)."""
-        self.set_state(a, state)
-        a.error = error
-        a.reason = reason
-        ev = self.record(a.workflow, type_, a, message=reason, **fields)
+        """Decides an action's terminal state (no propagation): FINISHED, CANCELLED, SKIPPED."""
         if error is not None:
-            ev.error.CopyFrom(error)
-        if state == t.SUCCEEDED:
-            text = fields.get("outputs_json", "")
-            self.outputs.keep(a, text if isinstance(text, str) else "", ev.sequence, live=True)
-        a.workflow.remaining -= 1
+            fields["error"] = error
+        self.emit(a.workflow, type_, a, action_state=state, message=reason, reason=why, **fields)
 
-    def finish_workflow(self, wf: WorkflowRecord) -> None:
+    def finish_workflow(self, wf: WorkflowRecord, out: Outcome) -> None:
         """Ends a workflow whose actions all ended: the verdict names every one that failed."""
         # An action a met join cancelled (a race's losers) was not needed: not a failure.
         bad = [
             a
             for a in wf.actions.values()
             if a.state != t.SUCCEEDED
-            and not (a.state == t.CANCELLED and a.reason.startswith(joins.NOT_NEEDED))
+            and not (a.state == t.CANCELLED and a.reason_code == E.EVENT_REASON_NOT_NEEDED)
         ]
         listed = "; ".join(
             f"{a.spec.id} {STATE_NAME[a.state].removeprefix('ACTION_STATE_')}"
@@ -444,28 +502,25 @@ class SchedulerState:
             if a.parent is None or a.state != t.CANCELLED
         )
         sinks_ok = all(a.state == t.SUCCEEDED for a in wf.actions.values() if not a.dependents)
+        reason = ""
         if wf.cancel_requested:
-            wf.state = W.WORKFLOW_STATE_CANCELLED
-            wf.reason = "cancelled" + (f"; {listed}" if listed else "")
+            state = W.WORKFLOW_STATE_CANCELLED
+            reason = "cancelled" + (f"; {listed}" if listed else "")
         elif wf.failing:
-            wf.state = W.WORKFLOW_STATE_FAILED
-            wf.reason = f"{wf.failing}; {listed}"
+            state = W.WORKFLOW_STATE_FAILED
+            reason = f"{wf.failing}; {listed}"
         elif not bad:
-            wf.state = W.WORKFLOW_STATE_SUCCEEDED
+            state = W.WORKFLOW_STATE_SUCCEEDED
         elif sinks_ok:
-            wf.state = W.WORKFLOW_STATE_PARTIALLY_SUCCEEDED
-            wf.reason = "tolerated by joins: " + listed
+            state = W.WORKFLOW_STATE_PARTIALLY_SUCCEEDED
+            reason = "tolerated by joins: " + listed
         else:
-            wf.state = W.WORKFLOW_STATE_FAILED
-            wf.reason = listed
-        ev = self.record(
-            wf, E.EVENT_TYPE_WORKFLOW_FINISHED, workflow_state=wf.state, message=wf.reason
-        )
-        wf.finished_hlc = HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical)
-        wf.finished_wall_ms = self._clock.wall
-        self._out.observe("workflow_finished", detail=pb.WorkflowState.Name(wf.state))
+            state = W.WORKFLOW_STATE_FAILED
+            reason = listed
+        self.emit(wf, E.EVENT_TYPE_WORKFLOW_FINISHED, workflow_state=state, message=reason)
+        out.observe("workflow_finished", detail=pb.WorkflowState.Name(state))
 
-    def queue_timed_out(self, a: ActionRecord) -> None:
+    def queue_timed_out(self, a: ActionRecord, out: Outcome) -> None:
         """A ready action not started within its queue timeout fails, saying why it waited."""
         from plait.coordinator.core.views import why_waiting  # views builds on this module
 
@@ -473,7 +528,15 @@ class SchedulerState:
         qt = a.spec.queue_timeout.ToTimedelta().total_seconds()
         why = f"queue timeout of {qt:g}s: not started ({why_waiting(self, a, live)})"
         err = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=why)
-        self.finish_action(a, t.TIMED_OUT, E.EVENT_TYPE_ACTION_FINISHED, error=err, reason=why)
+        self.finish_action(
+            a,
+            t.TIMED_OUT,
+            E.EVENT_TYPE_ACTION_FINISHED,
+            out,
+            why=E.EVENT_REASON_QUEUE_TIMEOUT,
+            error=err,
+            reason=why,
+        )
 
     # ---- results, retries -----------------------------------------------------------------
 
@@ -484,7 +547,6 @@ class SchedulerState:
     # ---- dispatch ---------------------------------------------------------------------------
 
     def on_time_passed(self, out: Outcome) -> None:
-        self._out = out
         now = self.now
         while self.delayed and self.delayed[0][0] <= now:
             _, seq, _, a = heapq.heappop(self.delayed)
@@ -507,19 +569,20 @@ class SchedulerState:
                 and a.token == token
                 and a.workflow.state == W.WORKFLOW_STATE_RUNNING
             ):
-                self.queue_timed_out(a)
+                self.queue_timed_out(a, out)
         while self.workflow_deadlines and self.workflow_deadlines[0][0] <= now:
             _, seq, workflow_id = heapq.heappop(self.workflow_deadlines)
             wf = self.workflows.get(workflow_id)
             # (only the current run's: a retried workflow's deadline starts again)
             if wf is not None and wf.state == W.WORKFLOW_STATE_RUNNING and wf.run_seq == seq:
                 d = wf.spec.deadline.ToTimedelta().total_seconds()
-                joins.end_workflow_early(self, wf, f"deadline of {d:g}s exceeded")
+                joins.end_workflow_early(
+                    self, wf, f"deadline of {d:g}s exceeded", E.EVENT_REASON_DEADLINE, out
+                )
         sessions.expire_leases(self, out)
 
     def dispatch(self, out: Outcome) -> None:
         """Leases ready actions against workers' credited slots, fairly across workflows."""
-        self._out = out
         if self.hedges_wanted:
             hedges.dispatch(self, out)
         if not self.active:
@@ -542,7 +605,7 @@ class SchedulerState:
                     self.active.popleft()
                 else:
                     self.active.rotate(-1)
-                inputs = lease_size.checked_inputs(self, a)
+                inputs = lease_size.checked_inputs(self, a, out)
                 if inputs is not None:
                     sessions.grant(self, w, a, out, inputs=inputs)
             if not self.active:
@@ -562,14 +625,16 @@ class SchedulerState:
     def _take_fitting(self, wf: WorkflowRecord, w: WorkerRecord) -> ActionRecord | None:
         ready = wf.ready
         while ready and ready[0].state != t.READY:  # cancelled while queued: drop lazily
-            ready.popleft()
+            ready.popleft().queued = False
         for i, a in enumerate(ready):
             if i >= self._SCAN:
                 return None
             if a.state == t.READY and limits.fits(self, a, w):
                 if i == 0:
-                    return ready.popleft()
-                del ready[i]
+                    ready.popleft()
+                else:
+                    del ready[i]
+                a.queued = False
                 return a
         return None
 

@@ -29,6 +29,7 @@ from plait.coordinator.core.sessions import (
     lose_lease,
 )
 from plait.hlc import ClockOffsetError, HlcTimestamp
+from plait.v1 import hlc_pb2
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
@@ -41,7 +42,6 @@ R = wpb  # CANCEL_REASON_* constants
 
 def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None:
     """Routes one stream message; the servicer guarantees the first one is ``hello``."""
-    st._out = out
     msg = s.message
     kind = msg.WhichOneof("message")
     if kind == "hello":
@@ -103,18 +103,18 @@ def on_started(
             results.refuse_report(st, w, r.lease_id, r.fencing_token, "started", out)
             continue
         if not lease.started:
-            lease.started = True
             a = lease.action
-            if a.state == t.LEASED:  # a hedge may start while the other attempt runs
-                st.set_state(a, t.RUNNING)
-            ev = st.record(
+            # (a hedge may start while the other attempt runs: then the state stays RUNNING)
+            stamp = hlc_pb2.HlcTimestamp(physical_ms=remote.physical_ms, logical=remote.logical)
+            st.emit(
                 a.workflow,
                 E.EVENT_TYPE_ACTION_STARTED,
                 a,
+                action_state=t.RUNNING,
                 worker_id=w.worker_id,
                 lease_id=lease.lease_id,
+                worker_hlc=stamp,
             )
-            ev.worker_hlc.physical_ms, ev.worker_hlc.logical = remote
 
 
 def observe_hlc(
@@ -205,9 +205,11 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
             if replayed:
                 # Journalled, then the coordinator stopped before (or while) sending it: the
                 # worker never had it. Not the worker's fault, so not charged to the budget.
-                lose_lease(st, lease, UNDELIVERED, out, cancel=False, charge=False)
+                why = E.EVENT_REASON_UNDELIVERED
+                lose_lease(st, lease, why, UNDELIVERED, out, cancel=False)
             else:
-                lose_lease(st, lease, "worker reconnected without it", out, cancel=False)
+                why, words = E.EVENT_REASON_NOT_READOPTED, "worker reconnected without it"
+                lose_lease(st, lease, why, words, out, cancel=False)
     welcome_msg = wpb.ConnectResponse()
     welcome = welcome_msg.welcome
     welcome.heartbeat_interval.FromTimedelta(st.config.heartbeat_interval)
@@ -245,7 +247,13 @@ def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Ou
         if lease.lease_id not in reported and lease.grant_seq <= hb.last_grant_sequence:
             # Granted, delivered (by sequence), yet not held: the worker never ran it.
             lose_lease(
-                st, lease, "worker did not report the lease", out, cancel=False, restore_credit=True
+                st,
+                lease,
+                E.EVENT_REASON_NOT_REPORTED,
+                "worker did not report the lease",
+                out,
+                cancel=False,
+                restore_credit=True,
             )
     for lease_id, token in reported.items():
         if lease_id in w.leases:
@@ -270,7 +278,6 @@ def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Ou
 
 
 def on_stream_closed(st: SchedulerState, s: WorkerStreamClosed, out: Outcome) -> None:
-    st._out = out
     w = st.by_session.pop(s.session_id, None)
     if w is None:
         return
@@ -278,14 +285,13 @@ def on_stream_closed(st: SchedulerState, s: WorkerStreamClosed, out: Outcome) ->
     out.observe("worker_disconnected", worker_id=w.worker_id)
     if w.said_goodbye:
         for lease in list(w.leases.values()):
-            lose_lease(st, lease, "worker left", out, cancel=False)
+            lose_lease(st, lease, E.EVENT_REASON_WORKER_LEFT, "worker left", out, cancel=False)
     # Otherwise its leases keep their TTL: the worker may come back and re-adopt them.
     if not w.leases and st.workers.get(w.worker_id) is w:
         del st.workers[w.worker_id]
 
 
 def on_drain(st: SchedulerState, s: DrainRequested, out: Outcome) -> None:
-    st._out = out
     w = st.workers.get(s.worker_id)
     if w is None or not w.connected:
         out.reply(s.reply, KeyError(s.worker_id))

@@ -54,7 +54,7 @@ class AdminService(agrpc.AdminServiceServicer):
         rt = self.runtime
         await rt.call(lambda reply: DrainRequested(rt.next_id("drain"), request.worker_id, reply))
         resp = apb.DrainWorkerResponse()
-        rt.state.hlc.stamp(resp.hlc)
+        rt.stamp(resp.hlc)
         return resp
 
     async def RevokeWorker(
@@ -80,7 +80,7 @@ class AdminService(agrpc.AdminServiceServicer):
             request.worker_id, request.reason, current_principal().name
         )
         resp = apb.RevokeWorkerResponse(was_connected=was_connected, leases_requeued=requeued)
-        self.runtime.state.hlc.stamp(resp.hlc)
+        self.runtime.stamp(resp.hlc)
         return resp
 
     async def ReinstateWorker(
@@ -92,5 +92,5 @@ class AdminService(agrpc.AdminServiceServicer):
             raise InvalidArgumentError([FieldViolation("worker_id", why)])
         was = await self.runtime.reinstate_worker(request.worker_id, current_principal().name)
         resp = apb.ReinstateWorkerResponse(was_revoked=was)
-        self.runtime.state.hlc.stamp(resp.hlc)
+        self.runtime.stamp(resp.hlc)
         return resp

@@ -7,8 +7,9 @@ journalled. The first message must be ``hello``.
 Every message is checked here, against :class:`~plait.coordinator.config.Limits`, before it
 becomes a stimulus (docs/operations.md, "Input limits"):
 
-* a malformed message (a bad id, too many entries, an unknown outcome) ends the stream with
-  INVALID_ARGUMENT naming the field and the limit; nothing of it reaches the core;
+* a malformed message (a bad id, too many entries, an unknown outcome, an ``error_type`` over
+  256 bytes or with a control character) ends the stream with INVALID_ARGUMENT naming the
+  field and the limit; nothing of it reaches the core;
 * a result whose outputs are too large or nest too deep becomes a failed attempt whose error
   names ``outputs_json`` and the limit (as oversized outputs always did);
 * progress details over their limits are dropped (the report still counts as progress), tails
@@ -44,6 +45,7 @@ from plait.errors import (
     PermissionDeniedError,
     PlaitError,
     UnavailableError,
+    error_type_problem,
 )
 from plait.ids import describe_id
 from plait.jsonlimits import nesting_exceeds, utf8_len
@@ -200,6 +202,9 @@ class ReportCheck:
                         f"is {res.outcome}; not an ActionOutcome (SUCCEEDED to TIMED_OUT)",
                     )
                 ]
+            why = error_type_problem(res.error_type) if res.error_type else None
+            if why is not None:  # what retry policies match: never trimmed into another type
+                return [FieldViolation(f"action_finished.results[{i}].error_type", why)]
             self._result(f"action_finished.results[{i}]", res)
         return []
 
@@ -329,7 +334,6 @@ class WorkerService(wgrpc.WorkerServiceServicer):
         identity = check_identity(worker_id, self.auth_enabled)
         rt = self.runtime
         session_id, outbox = rt.open_session()
-        cause = f"worker-{worker_id}"
         rt.post(
             WorkerMessageReceived(
                 f"hello-{worker_id}",
@@ -344,9 +348,14 @@ class WorkerService(wgrpc.WorkerServiceServicer):
         checker = ReportCheck(self.limits, self.refusals, str(context.peer() or ""))
 
         async def pump() -> None:
+            # Each message is its own stimulus with its own cause ("heartbeat-w1-42": kind,
+            # worker, place on the stream), kept on every event it leads to and in the logs.
+            n = 0
             try:
                 async for msg in request_iterator:
                     checker.check(msg)
+                    n += 1
+                    cause = f"{msg.WhichOneof('message')}-{worker_id}-{n}"
                     rt.post(WorkerMessageReceived(cause, session_id, msg))
             except PlaitError as e:  # a refused message ends the stream with its status
                 outbox.put_nowait(e)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from typing import Any
 
@@ -12,7 +11,6 @@ from plait.coordinator.core.events import CancelRequested, RetryRequested, Workf
 from plait.coordinator.core.validate import validate_submit
 from plait.coordinator.runtime import Runtime
 from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
-from plait.hlc import ClockOffsetError, HlcTimestamp
 from plait.ids import describe_id
 from plait.v1 import workflow_pb2 as pb
 from plait.v1 import workflow_service_pb2 as wspb
@@ -26,9 +24,7 @@ _RESPONSE_MARGIN = 64 * 1024
 
 def merge_client_hlc(runtime: Runtime, msg: Any) -> None:
     """Merges a client's HLC stamp (a clock too far ahead is simply not merged)."""
-    if msg.physical_ms:
-        with contextlib.suppress(ClockOffsetError):
-            runtime.state.hlc.observe(HlcTimestamp(msg.physical_ms, msg.logical))
+    runtime.merge_hlc(msg)
 
 
 def check_workflow_id(value: str) -> None:
@@ -57,7 +53,7 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
         self.limits = limits
 
     def _stamp(self, resp: Any) -> Any:
-        self.runtime.state.hlc.stamp(resp.hlc)
+        self.runtime.stamp(resp.hlc)
         return resp
 
     async def SubmitWorkflow(

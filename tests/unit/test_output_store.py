@@ -15,6 +15,7 @@ from plait.coordinator.core.lease_size import LEASE_TOO_LARGE
 from plait.coordinator.core.model import ActionRecord, WorkflowRecord
 from plait.coordinator.core.outputs import (
     INLINE_OUTPUT_BYTES,
+    DEFAULT_CACHE_BYTES,
     OutputCache,
     OutputStore,
 )
@@ -87,12 +88,14 @@ def test_small_outputs_stay_inline_and_large_ones_are_read_through_the_cache() -
     src = DictSource({7: big})
     store = OutputStore(src, cache_bytes=10_000)
     small, large = record(), record()
-    store.keep(small, '{"n": 1}', 6, live=False)
-    store.keep(large, big, 7, live=False)
+    store.keep(small, '{"n": 1}', 6)
+    store.keep(large, big, 7)
 
     assert (small.outputs_json, small.outputs_ref, small.outputs_bytes) == ('{"n": 1}', 0, 8)
     assert (large.outputs_json, large.outputs_ref, large.outputs_bytes) == ("", 7, len(big))
     assert store.text(small) == '{"n": 1}' and src.reads == []
+    assert store.text(large) == big and src.reads == []  # kept, so answered from the cache
+    store.cache = OutputCache(10_000)  # a restarted coordinator's cold cache
     assert store.text(large) == big and src.reads == [7]  # a miss reads the journal
     assert store.text(large) == big and src.reads == [7]  # then the cache answers
 
@@ -102,7 +105,7 @@ def test_live_large_outputs_are_served_from_the_cache_before_they_are_durable() 
     src = DictSource({})  # the journal does not have them yet
     store = OutputStore(src, cache_bytes=1)  # and the cache could not keep them for long
     a = record()
-    store.keep(a, big, 9, live=True)
+    store.keep(a, big, 9)
     assert a.outputs_bytes == len(big.encode()) > INLINE_OUTPUT_BYTES
     assert store.text(a) == big and src.reads == []
     store.cache.durable()  # committed: evicted (too large for this cache); the journal has them
@@ -113,7 +116,8 @@ def test_live_large_outputs_are_served_from_the_cache_before_they_are_durable() 
 def test_outputs_gone_from_the_journal_are_unavailable() -> None:
     store = OutputStore(DictSource({}))
     a = record()
-    store.keep(a, "[" + "1," * 2000 + "1]", 3, live=False)
+    store.keep(a, "[" + "1," * 2000 + "1]", 3)
+    store.cache = OutputCache(DEFAULT_CACHE_BYTES)  # restarted: only the journal has them
     with pytest.raises(UnavailableError, match="sequence 3"):
         store.text(a)
 
@@ -122,13 +126,13 @@ def test_collected_outputs_are_put_together_when_read_and_by_range() -> None:
     kids = [record(), record(), record(), record()]
     texts = {11: json.dumps({"i": "a" * 3000}), 13: json.dumps({"i": "ü" * 2000})}
     store = OutputStore(DictSource(texts))
-    store.keep(kids[0], texts[11], 11, live=False)
-    store.keep(kids[1], '{"i": 2}', 12, live=False)
-    store.keep(kids[3], texts[13], 13, live=False)
+    store.keep(kids[0], texts[11], 11)
+    store.keep(kids[1], '{"i": 2}', 12)
+    store.keep(kids[3], texts[13], 13)
     kids[0].state = kids[1].state = kids[3].state = pb.ACTION_STATE_SUCCEEDED
     kids[2].state = pb.ACTION_STATE_FAILED
     parent = record(kids)
-    store.keep(parent, "", 20, live=False)  # no copy in the event: collected from the children
+    store.keep(parent, "", 20)  # no copy in the event: collected from the children
 
     whole = '{"items":[' + ",".join([texts[11], '{"i": 2}', "null", texts[13]]) + "]}"
     assert parent.outputs_bytes == len(whole.encode())
@@ -138,7 +142,7 @@ def test_collected_outputs_are_put_together_when_read_and_by_range() -> None:
         assert store.read_range(parent, offset, limit) == data[offset : offset + limit]
     src = DictSource(texts)
     store = OutputStore(src)
-    store.keep(parent, "", 20, live=False)
+    store.keep(parent, "", 20)
     tail = len(data) - 10
     assert store.read_range(parent, tail, 10) == data[tail:]  # the end of the last child...
     assert src.reads == [13]  # ...read without reading the first one

@@ -300,7 +300,18 @@ def event_message(e: workflow_pb2.HistoryEvent) -> str:
         workflow_pb2.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
     ):
         parts.append(f"attempt {e.attempt} token {e.fencing_token}")
+    if e.error_type:
+        parts.append(f"type {e.error_type}")
+    if e.reason:
+        parts.append(f"[{event_reason(e.reason)}]")
     return "; ".join(parts)
+
+
+def event_reason(reason: int) -> str:
+    """``LEASE_EXPIRED`` for EVENT_REASON_LEASE_EXPIRED (a number if this client predates it)."""
+    if reason in workflow_pb2.EventReason.values():
+        return workflow_pb2.EventReason.Name(reason).removeprefix("EVENT_REASON_")  # type: ignore[arg-type]
+    return str(reason)
 
 
 def event_line(e: workflow_pb2.HistoryEvent) -> str:
