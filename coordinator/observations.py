@@ -128,14 +128,13 @@ class Observations:
                 state = STATE_NAME[ev.action_state]
                 finished_by_state[state] = finished_by_state.get(state, 0) + 1
                 if ev.lease_id:
-                    tracing.attempt_ended(ev.lease_id, state)
+                    tracing.attempt_ended(ev.lease_id, state, ev.cause, _reason(ev.reason))
             elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
                 m.retries.inc()
-                tracing.attempt_ended(ev.lease_id, "RETRY")
+                tracing.attempt_ended(ev.lease_id, "RETRY", ev.cause, _reason(ev.reason))
             elif typ == E.EVENT_TYPE_LEASE_LOST:
-                tracing.attempt_ended(
-                    f"{ev.workflow_id}/{ev.action_id}/{ev.fencing_token}", "LEASE_LOST"
-                )
+                lease_id = ev.lease_id or f"{ev.workflow_id}/{ev.action_id}/{ev.fencing_token}"
+                tracing.attempt_ended(lease_id, "LEASE_LOST", ev.cause, _reason(ev.reason))
             elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
                 m.workflows_submitted.inc()
                 tracing.workflow_submitted(ev.workflow_id, ev.spec.name)
@@ -147,6 +146,11 @@ class Observations:
             m.leases_granted.inc(granted)
         for state, n in finished_by_state.items():
             m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
+
+
+def _reason(reason: int) -> str:
+    """An EventReason's name without its prefix ("" for none): a span attribute."""
+    return _loss_reason(reason).upper() if reason else ""
 
 
 def _loss_reason(reason: int) -> str:

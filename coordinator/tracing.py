@@ -28,6 +28,8 @@ ATTR_ATTEMPT = "plait.action.attempt"
 ATTR_FENCING_TOKEN = "plait.lease.fencing_token"
 ATTR_WORKER_ID = "plait.worker.id"
 ATTR_STATE = "plait.state"
+ATTR_CAUSE = "plait.cause"  # the stimulus that ended the span ("action_finished-w1-17")
+ATTR_REASON = "plait.reason"  # the ending's typed EventReason, when it has one
 
 
 def _exporter() -> SpanExporter | None:
@@ -111,10 +113,14 @@ class Tracing:
         sc = span.get_span_context()
         return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
-    def attempt_ended(self, lease_id: str, state: str) -> None:
+    def attempt_ended(self, lease_id: str, state: str, cause: str = "", reason: str = "") -> None:
         span = self._attempts.pop(lease_id, None)
         if span is not None:
             span.set_attribute(ATTR_STATE, state)
+            if cause:
+                span.set_attribute(ATTR_CAUSE, cause)
+            if reason:
+                span.set_attribute(ATTR_REASON, reason)
             span.end()
 
     def workflow_finished(self, workflow_id: str, state: str) -> None:

@@ -50,3 +50,15 @@ def merge_counts(ctx: plait.ActionContext) -> dict[str, Any]:
             total.update(need.outputs["counts"])
     top = [[word, n] for word, n in sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:5]]
     return {"words": sum(total.values()), "distinct": len(total), "top": top}
+
+
+@worker.action("fetch-mirror")
+def fetch_mirror(ctx: plait.ActionContext) -> dict[str, Any]:
+    """Fetches from a mirror that is busy for the first ``busy_attempts`` attempts.
+
+    While busy it raises :class:`plait.ActionError` typed ``RateLimited``: that type, not the
+    message, is what ``retry.retryable_errors`` in examples/typed_retry.yaml matches.
+    """
+    if ctx.attempt <= int(ctx.input.get("busy_attempts", 1)):
+        raise plait.ActionError("mirror busy", type="RateLimited")
+    return {"url": ctx.input["url"], "attempt": ctx.attempt}

@@ -211,10 +211,10 @@ def _ended(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
         a.worker_id = ev.worker_id
     if committed:
         a.committed_token = ev.fencing_token
-    if ev.lease_id and state in (t.FAILED, t.TIMED_OUT):
+    if ev.reason == E.EVENT_REASON_LEASE_LOSS_BUDGET:
+        a.lease_losses += 1  # the loss that spent the budget (not a failed attempt)
+    elif ev.lease_id and state in (t.FAILED, t.TIMED_OUT):
         a.failures += 1  # an attempt failed (one that names no lease was never attempted)
-    elif ev.reason == E.EVENT_REASON_LEASE_LOSS_BUDGET:
-        a.lease_losses += 1  # the loss that spent the budget
     a.workflow.remaining -= 1
     if state == t.SUCCEEDED:
         # In memory when small, else by this event's sequence (core.outputs).

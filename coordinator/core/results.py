@@ -149,7 +149,7 @@ def on_result(
     if outcome == O.ACTION_OUTCOME_CANCELLED:
         # The worker gave the attempt up (self-fencing) while its lease was still current.
         words = "the worker cancelled the attempt (self-fencing)"
-        requeue_after_loss(st, a, E.EVENT_REASON_SELF_FENCED, words, w.worker_id, out)
+        requeue_after_loss(st, lease, E.EVENT_REASON_SELF_FENCED, words, out)
         return
     fields: dict[str, Any] = dict(
         worker_id=w.worker_id,

@@ -167,19 +167,15 @@ def lose_lease(
         out.cancel(w.session_id, lease, R.CANCEL_REASON_SUPERSEDED, reason)
     if hedges.end_one(st, lease, reason, out, cancel=False):
         return
-    requeue_after_loss(st, lease.action, why, reason, w.worker_id, out)
+    requeue_after_loss(st, lease, why, reason, out)
 
 
 def requeue_after_loss(
-    st: SchedulerState,
-    a: ActionRecord,
-    why: int,
-    reason: str,
-    worker_id: str,
-    out: Outcome,
+    st: SchedulerState, lease: LeaseRecord, why: int, reason: str, out: Outcome
 ) -> None:
     """Re-queues an action whose lease was lost, or fails it once a charged loss passes its
     lease-loss budget (losses for an UNCHARGED reason never do)."""
+    a, worker_id = lease.action, lease.worker.worker_id
     out.observe("lease_lost", worker_id=worker_id, detail=reason, reason=why)
     budget = st.config.lease_loss_budget
     losses = a.lease_losses + charged(why)
@@ -197,9 +193,17 @@ def requeue_after_loss(
             error=err,
             reason=err.message,
             worker_id=worker_id,
+            lease_id=lease.lease_id,
         )
         return
-    st.make_ready(a, E.EVENT_TYPE_LEASE_LOST, message=reason, reason=why, worker_id=worker_id)
+    st.make_ready(
+        a,
+        E.EVENT_TYPE_LEASE_LOST,
+        message=reason,
+        reason=why,
+        worker_id=worker_id,
+        lease_id=lease.lease_id,
+    )
 
 
 def expire_leases(st: SchedulerState, out: Outcome) -> None:

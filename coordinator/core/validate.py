@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from plait.coordinator.core.input_limits import Limits
 from plait.coordinator.core.limits import semaphore_terms
 from plait.coordinator.core.model import fans_out
-from plait.errors import FieldViolation, InvalidArgumentError
+from plait.errors import MAX_ERROR_TYPE_BYTES, FieldViolation, InvalidArgumentError
 from plait.exec_rules import RLIMITS, rlimit_problems, secret_problems
 from plait.ids import describe_id
 from plait.jsonlimits import json_problem, utf8_len
@@ -25,7 +25,7 @@ MAX_IDEMPOTENCY_KEY = 256
 MAX_DURATION_S = 315_576_000_000  # google.protobuf.Duration's range: +-10,000 years
 MAX_MULTIPLIER = 1000.0  # 1000 ** 99 (the 100th attempt) still fits a float
 MAX_RETRY_LIST = 256  # retryable_exit_codes, retryable_errors entries
-MAX_PATH_BYTES = 1024  # map.over, pipeline.over, a retryable error name
+MAX_PATH_BYTES = 1024  # map.over, pipeline.over
 _JOIN_KINDS = frozenset(workflow_pb2.JoinKind.values())
 
 
@@ -76,9 +76,10 @@ def _retry_violations(path: str, r: workflow_pb2.RetryPolicy) -> Iterator[FieldV
                 f"{path}.{name}", f"has {n} entries; the limit is {MAX_RETRY_LIST}"
             )
     for i, kind in enumerate(r.retryable_errors):
-        if utf8_len(kind) > MAX_PATH_BYTES:
+        if utf8_len(kind) > MAX_ERROR_TYPE_BYTES:  # no error_type that long could match it
             yield FieldViolation(
-                f"{path}.retryable_errors[{i}]", f"is longer than {MAX_PATH_BYTES} bytes"
+                f"{path}.retryable_errors[{i}]",
+                f"is longer than {MAX_ERROR_TYPE_BYTES} bytes (the most an error_type may be)",
             )
 
 

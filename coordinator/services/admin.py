@@ -41,7 +41,7 @@ class AdminService(agrpc.AdminServiceServicer):
                 worker_id=worker_id, reason=rev.reason, revoked_by=rev.revoked_by
             )
             item.revoked_at.FromMilliseconds(rev.at_wall_ms)
-        st.hlc.stamp(resp.hlc)
+        self.runtime.stamp(resp.hlc)
         return resp
 
     async def DrainWorker(

@@ -86,6 +86,7 @@ EXAMPLES = [
     ("retries_timeouts", (), 0, "WORKFLOW_STATE_SUCCEEDED"),
     ("pipeline", (), 0, "WORKFLOW_STATE_SUCCEEDED"),
     ("speculate", (), 0, "WORKFLOW_STATE_SUCCEEDED"),
+    ("typed_retry", ("--handlers", "examples.handlers:worker"), 0, "WORKFLOW_STATE_SUCCEEDED"),
     (
         "thumbnails",
         ("--handlers", "examples/thumbnails/handlers.py"),
@@ -125,6 +126,8 @@ def test_example_runs(
         assert elapsed < 15, f"fail_fast took {elapsed:.1f}s: it waited for `slow` (30 s)"
     elif flow == "retries_timeouts":
         assert out_of(actions["flaky"])["attempt"] == 2
+    elif flow == "typed_retry":
+        assert out_of(actions["fetch"])["attempt"] == 3  # two typed failures were retried
     elif flow == "thumbnails":
         index = out_of(actions["index"])
         assert (index["thumbnails"], index["of"], index["missing"]) == (12, 12, [])

@@ -53,14 +53,15 @@ def _meaning(state: dict[str, object]) -> dict[str, object]:
     """A deep snapshot without the words (reasons and error messages are text for people)."""
     out: dict[str, object] = {}
     for key, value in state.items():
+        kept = value
         if isinstance(value, tuple) and len(value) == 4:  # a workflow: (..., reason)
-            value = value[:3]
+            kept = value[:3]
         if isinstance(value, dict) and "reason" in value:
-            value = dict(value)
-            value.pop("reason")
-            if value.get("error") is not None:
-                value["error"] = value["error"][0]  # type: ignore[index]
-        out[key] = value
+            fields = {k: v for k, v in value.items() if k != "reason"}
+            if fields.get("error") is not None:
+                fields["error"] = fields["error"][0]  # the code, not the words
+            kept = fields
+        out[key] = kept
     return out
 
 
@@ -116,3 +117,4 @@ def test_the_loss_that_spends_the_budget_is_typed_and_counted_on_replay() -> Non
     a = d.st.workflows["wf-1"].actions[spec.actions[0].id]
     again = replayed(_without_words(d.records), d.at()).workflows["wf-1"].actions[a.spec.id]
     assert a.lease_losses == again.lease_losses == 4
+    assert a.failures == again.failures == 0  # lost leases are not failed attempts

@@ -14,8 +14,8 @@ from plait.coordinator.core.events import Instant
 from plait.coordinator.core.lease_size import LEASE_TOO_LARGE
 from plait.coordinator.core.model import ActionRecord, WorkflowRecord
 from plait.coordinator.core.outputs import (
-    INLINE_OUTPUT_BYTES,
     DEFAULT_CACHE_BYTES,
+    INLINE_OUTPUT_BYTES,
     OutputCache,
     OutputStore,
 )
