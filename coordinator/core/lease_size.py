@@ -1,4 +1,7 @@
-"""A lease's size, checked at grant time (pure core, the lease aggregate of SchedulerState).
+"""A lease's inputs and size, built and checked at grant time (pure core, lease aggregate).
+
+The inputs (:func:`inputs_json`) are built here by concatenation, each need's outputs as kept
+(core.outputs).
 
 A lease carries its action's spec and its inputs: the action's input and every need's outputs.
 One that would not fit one message to its worker (``max_lease_bytes``, the gRPC message limit
@@ -11,6 +14,7 @@ made of large outputs is judged before any of them is read back from the journal
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -20,6 +24,8 @@ from plait.coordinator.core.model import ActionRecord, Outcome
 from plait.errors import ERROR_DOMAIN
 from plait.jsonlimits import utf8_len
 from plait.v1 import workflow_pb2 as pb
+
+STATE_NAME = t.STATE_NAME
 
 if TYPE_CHECKING:
     from plait.coordinator.core.state import SchedulerState
@@ -37,7 +43,7 @@ def checked_inputs(st: SchedulerState, a: ActionRecord, out: Outcome) -> tuple[s
         if n.outputs_bytes and not n.outputs_json:
             # Large outputs among the needs: judge the size before reading any of them.
             size = (
-                utf8_len(st.inputs_json(a, skeleton=True))
+                utf8_len(inputs_json(st, a, skeleton=True))
                 + sum(m.outputs_bytes or 2 for m in a.needs)  # "{}" when a need has none
                 + a.spec.ByteSize()
             )
@@ -45,7 +51,7 @@ def checked_inputs(st: SchedulerState, a: ActionRecord, out: Outcome) -> tuple[s
                 lease_too_large(st, a, size, out)
                 return None
             break
-    inputs = st.inputs_json(a)
+    inputs = inputs_json(st, a)
     size = utf8_len(inputs) + a.spec.ByteSize()
     if size > limit:
         lease_too_large(st, a, size, out)
@@ -82,3 +88,28 @@ def lease_too_large(st: SchedulerState, a: ActionRecord, size: int, out: Outcome
         error=err,
         reason=why,
     )
+
+
+def inputs_json(st: SchedulerState, a: ActionRecord, *, skeleton: bool = False) -> str:
+    """``{"input": …, ["item": …,] "needs": {id: {"state", "outputs"[, "error"]}}}``.
+
+    Built by concatenation (every piece is already JSON) so the hot path parses nothing.
+    Every need appears, whatever its state: a join sees partial success explicitly.
+    ``skeleton``: every need's outputs left out (to size a lease before reading them).
+    """
+    parts = []
+    for n in a.needs:
+        err = f',"error":{json.dumps(n.error.message)}' if n.error is not None else ""
+        if skeleton:
+            outputs = ""
+        else:  # large outputs are read back (core.outputs); small ones are right here
+            outputs = n.outputs_json or (st.outputs.text(n) if n.outputs_bytes else "{}")
+        parts.append(f'"{n.spec.id}":{{"state":"{STATE_NAME[n.state]}","outputs":{outputs}{err}}}')
+    item = f',"item":{a.item_json}' if a.parent is not None else ""
+    return f'{{"input":{a.spec.input_json or "null"}{item},"needs":{{{",".join(parts)}}}}}'
+
+
+def lease_inputs(st: SchedulerState, a: ActionRecord) -> tuple[str, int]:
+    """A lease's inputs, and its size: the inputs plus the action spec, in bytes."""
+    inputs = inputs_json(st, a)
+    return inputs, utf8_len(inputs) + a.spec.ByteSize()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import attempts, hedges, limits
+from plait.coordinator.core import attempts, hedges, lease_size, limits
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import (
     ActionRecord,
@@ -75,7 +75,7 @@ def grant(
     ``hedge``: a second attempt beside the running one (speculation); the state stays.
     ``inputs``: the lease's inputs and size, when dispatch has built (and checked) them.
     """
-    inputs_json, lease_bytes = inputs or st.lease_inputs(a)
+    inputs_json, lease_bytes = inputs or lease_size.lease_inputs(st, a)
     token = a.token + 1
     wf_id = a.workflow.workflow_id
     lease_id = f"{wf_id}/{a.spec.id}/{token}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -27,10 +26,9 @@ from google.rpc import code_pb2, status_pb2
 from plait.coordinator.core import (
     apply,
     attempts,
+    dispatch,
     hedges,
     joins,
-    lease_size,
-    limits,
     retry,
     revocation,
     sessions,
@@ -62,13 +60,12 @@ from plait.coordinator.core.model import (
 )
 from plait.errors import FailedPreconditionError
 from plait.hlc import ZERO, ClockOffsetError, HlcTimestamp, HybridLogicalClock
-from plait.jsonlimits import utf8_len
 from plait.v1 import hlc_pb2
 from plait.v1 import workflow_pb2 as pb
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 W = pb  # WORKFLOW_STATE_* constants
-STATE_NAME: dict[int, str] = {int(v): k for k, v in pb.ActionState.items()}
+STATE_NAME = t.STATE_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +182,7 @@ class SchedulerState:
             elif isinstance(s, WorkerReinstated):
                 revocation.on_reinstated(self, s, out)
         self.cause = "dispatch"
-        self.dispatch(out)
+        dispatch.dispatch(self, out)
         self.decided = []
         return out
 
@@ -580,85 +577,3 @@ class SchedulerState:
                     self, wf, f"deadline of {d:g}s exceeded", E.EVENT_REASON_DEADLINE, out
                 )
         sessions.expire_leases(self, out)
-
-    def dispatch(self, out: Outcome) -> None:
-        """Leases ready actions against workers' credited slots, fairly across workflows."""
-        if self.hedges_wanted:
-            hedges.dispatch(self, out)
-        if not self.active:
-            return
-        for w in sorted(self.workers.values(), key=lambda w: -w.free):
-            if w.free <= 0 or not w.connected or w.draining:
-                continue
-            misses = 0
-            while w.free > 0 and self.active and misses < len(self.active):
-                if self.prioritized and misses == 0:
-                    self._front_highest_priority()
-                wf = self.active[0]
-                a = self._take_fitting(wf, w)
-                if a is None:
-                    self.active.rotate(-1)
-                    misses += 1
-                    continue
-                misses = 0
-                if not wf.ready:
-                    self.active.popleft()
-                else:
-                    self.active.rotate(-1)
-                inputs = lease_size.checked_inputs(self, a, out)
-                if inputs is not None:
-                    sessions.grant(self, w, a, out, inputs=inputs)
-            if not self.active:
-                return
-
-    def _front_highest_priority(self) -> None:
-        """Rotates the fair ring to the next workflow whose head has the highest priority."""
-        active = self.active
-        best, at = None, 0
-        for i, wf in enumerate(active):
-            if wf.ready and (best is None or wf.ready[0].priority > best):
-                best, at = wf.ready[0].priority, i
-        active.rotate(-at)
-
-    _SCAN = 64  # how deep a worker looks into one workflow's queue for an action it can run
-
-    def _take_fitting(self, wf: WorkflowRecord, w: WorkerRecord) -> ActionRecord | None:
-        ready = wf.ready
-        while ready and ready[0].state != t.READY:  # cancelled while queued: drop lazily
-            ready.popleft().queued = False
-        for i, a in enumerate(ready):
-            if i >= self._SCAN:
-                return None
-            if a.state == t.READY and limits.fits(self, a, w):
-                if i == 0:
-                    ready.popleft()
-                else:
-                    del ready[i]
-                a.queued = False
-                return a
-        return None
-
-    def inputs_json(self, a: ActionRecord, *, skeleton: bool = False) -> str:
-        """``{"input": …, ["item": …,] "needs": {id: {"state", "outputs"[, "error"]}}}``.
-
-        Built by concatenation (every piece is already JSON) so the hot path parses nothing.
-        Every need appears, whatever its state: a join sees partial success explicitly.
-        ``skeleton``: every need's outputs left out (to size a lease before reading them).
-        """
-        parts = []
-        for n in a.needs:
-            err = f',"error":{json.dumps(n.error.message)}' if n.error is not None else ""
-            if skeleton:
-                outputs = ""
-            else:  # large outputs are read back (core.outputs); small ones are right here
-                outputs = n.outputs_json or (self.outputs.text(n) if n.outputs_bytes else "{}")
-            parts.append(
-                f'"{n.spec.id}":{{"state":"{STATE_NAME[n.state]}","outputs":{outputs}{err}}}'
-            )
-        item = f',"item":{a.item_json}' if a.parent is not None else ""
-        return f'{{"input":{a.spec.input_json or "null"}{item},"needs":{{{",".join(parts)}}}}}'
-
-    def lease_inputs(self, a: ActionRecord) -> tuple[str, int]:
-        """A lease's inputs, and its size: the inputs plus the action spec, in bytes."""
-        inputs = self.inputs_json(a)
-        return inputs, utf8_len(inputs) + a.spec.ByteSize()

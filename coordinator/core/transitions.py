@@ -20,6 +20,8 @@ CANCELLED = S.ACTION_STATE_CANCELLED
 SKIPPED = S.ACTION_STATE_SKIPPED
 TIMED_OUT = S.ACTION_STATE_TIMED_OUT
 
+STATE_NAME: dict[int, str] = {int(v): k for k, v in S.items()}  # ActionState names by number
+
 TERMINAL: frozenset[int] = frozenset({SUCCEEDED, FAILED, CANCELLED, SKIPPED, TIMED_OUT})
 RETRY_MOVES: frozenset[tuple[int, int]] = frozenset(
     {

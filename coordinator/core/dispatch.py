@@ -1,0 +1,80 @@
+"""Dispatch: leasing ready actions to workers' credited slots (pure core).
+
+Fair across workflows (a ring of workflows with ready actions, each taking a turn), highest
+priority first where a workflow uses priorities, and within a workflow FIFO among what the
+worker can run (labels, handlers, resources, semaphores, pipeline windows: :mod:`.limits`).
+Each grant is decided by :func:`~plait.coordinator.core.sessions.grant` (ACTION_LEASED,
+applied at once) with the lease's inputs built here, sized first (:mod:`.lease_size`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from plait.coordinator.core import hedges, lease_size, limits, sessions
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.model import ActionRecord, Outcome, WorkerRecord, WorkflowRecord
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.state import SchedulerState
+
+
+def dispatch(st: SchedulerState, out: Outcome) -> None:
+    """Leases ready actions against workers' credited slots, fairly across workflows."""
+    if st.hedges_wanted:
+        hedges.dispatch(st, out)
+    if not st.active:
+        return
+    for w in sorted(st.workers.values(), key=lambda w: -w.free):
+        if w.free <= 0 or not w.connected or w.draining:
+            continue
+        misses = 0
+        while w.free > 0 and st.active and misses < len(st.active):
+            if st.prioritized and misses == 0:
+                _front_highest_priority(st)
+            wf = st.active[0]
+            a = _take_fitting(st, wf, w)
+            if a is None:
+                st.active.rotate(-1)
+                misses += 1
+                continue
+            misses = 0
+            if not wf.ready:
+                st.active.popleft()
+            else:
+                st.active.rotate(-1)
+            inputs = lease_size.checked_inputs(st, a, out)
+            if inputs is not None:
+                sessions.grant(st, w, a, out, inputs=inputs)
+        if not st.active:
+            return
+
+
+def _front_highest_priority(st: SchedulerState) -> None:
+    """Rotates the fair ring to the next workflow whose head has the highest priority."""
+    active = st.active
+    best, at = None, 0
+    for i, wf in enumerate(active):
+        if wf.ready and (best is None or wf.ready[0].priority > best):
+            best, at = wf.ready[0].priority, i
+    active.rotate(-at)
+
+
+SCAN = 64  # how deep a worker looks into one workflow's queue for an action it can run
+
+
+def _take_fitting(st: SchedulerState, wf: WorkflowRecord, w: WorkerRecord) -> ActionRecord | None:
+    ready = wf.ready
+    while ready and ready[0].state != t.READY:  # cancelled while queued: drop lazily
+        ready.popleft().queued = False
+    for i, a in enumerate(ready):
+        if i >= SCAN:
+            return None
+        if a.state == t.READY and limits.fits(st, a, w):
+            if i == 0:
+                ready.popleft()
+            else:
+                del ready[i]
+            a.queued = False
+            return a
+    return None
