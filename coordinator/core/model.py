@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from google.rpc import status_pb2
 
@@ -188,11 +189,25 @@ class SessionEnd:
     field: str = ""  # for INVALID_ARGUMENT: the request field at fault
 
 
+ObservationKind = Literal[
+    "action_duration",
+    "clock_offset",
+    "hello_refused",
+    "lease_lost",
+    "report_refused",
+    "stale_result",
+    "worker_connected",
+    "worker_disconnected",
+    "workflow_finished",
+]
+"""Every kind of :class:`Observation` (a typo is a type error, not a silently lost metric)."""
+
+
 @dataclass(slots=True)
 class Observation:
     """Something metrics or logs should know; the core does not touch either itself."""
 
-    kind: str
+    kind: ObservationKind
     worker_id: str = ""
     value: float = 0.0
     detail: str = ""
@@ -291,6 +306,6 @@ class Outcome:
         if token is not None:
             self.replies.append((token, value))
 
-    def observe(self, kind: str, **kw: object) -> None:
+    def observe(self, kind: ObservationKind, **kw: object) -> None:
         """Records an observation for metrics or logs."""
         self.observations.append(Observation(kind, **kw))  # type: ignore[arg-type]
