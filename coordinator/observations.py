@@ -18,7 +18,6 @@ from plait.coordinator.core.state import STATE_NAME
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.services.errors import Throttle
 from plait.coordinator.tracing import Tracing
-from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
 log = logging.getLogger("plait.coordinator.runtime")  # where these lines always were
@@ -102,22 +101,10 @@ class Observations:
                         extra={"worker_id": o.worker_id},
                     )
 
-    def trace_grants(self, grant: wpb.LeaseGrant, worker_id: str) -> None:
-        """Opens each granted attempt's span and gives its lease the span's trace context."""
-        for lease in grant.leases:
-            lease.traceparent = self.tracing.attempt_leased(
-                lease.workflow_id,
-                lease.action_id,
-                lease.attempt,
-                lease.fencing_token,
-                worker_id,
-                lease.lease_id,
-            )
-
     def observe_records(self, records: list[pb.HistoryEvent]) -> None:
-        """Counts and traces what a commit recorded (leases, endings, retries, workflows)."""
+        """Counts what a commit recorded (leases, endings, retries, workflows); the spans are
+        :meth:`Tracing.on_records`'s."""
         m = self.metrics
-        tracing = self.tracing
         finished_by_state: dict[str, int] = {}
         granted = 0
         for ev in records:
@@ -127,30 +114,18 @@ class Observations:
             elif typ in _ENDED:
                 state = STATE_NAME[ev.action_state]
                 finished_by_state[state] = finished_by_state.get(state, 0) + 1
-                if ev.lease_id:
-                    tracing.attempt_ended(ev.lease_id, state, ev.cause, _reason(ev.reason))
             elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
                 m.retries.inc()
-                tracing.attempt_ended(ev.lease_id, "RETRY", ev.cause, _reason(ev.reason))
-            elif typ == E.EVENT_TYPE_LEASE_LOST:
-                lease_id = ev.lease_id or f"{ev.workflow_id}/{ev.action_id}/{ev.fencing_token}"
-                tracing.attempt_ended(lease_id, "LEASE_LOST", ev.cause, _reason(ev.reason))
             elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
                 m.workflows_submitted.inc()
-                tracing.workflow_submitted(ev.workflow_id, ev.spec.name)
             elif typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
                 state = pb.WorkflowState.Name(ev.workflow_state)
                 m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
-                tracing.workflow_finished(ev.workflow_id, state)
         if granted:
             m.leases_granted.inc(granted)
         for state, n in finished_by_state.items():
             m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
-
-
-def _reason(reason: int) -> str:
-    """An EventReason's name without its prefix ("" for none): a span attribute."""
-    return _loss_reason(reason).upper() if reason else ""
+        self.tracing.on_records(records)
 
 
 def _loss_reason(reason: int) -> str:

@@ -567,7 +567,7 @@ class Runtime:
             for msg in msgs:
                 if msg.HasField("lease_grant"):
                     w = core.by_session.get(session_id)
-                    self.observations.trace_grants(msg.lease_grant, w.worker_id if w else "")
+                    self.observations.tracing.on_grant(msg.lease_grant, w.worker_id if w else "")
                 core.hlc.stamp(msg.hlc)
                 q.put_nowait(msg)
         for end in out.closes:

@@ -17,6 +17,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Span, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from plait.coordinator.core.transitions import STATE_NAME
+from plait.v1 import worker_service_pb2 as wpb
+from plait.v1 import workflow_pb2 as pb
+
 log = logging.getLogger(__name__)
 
 SPAN_WORKFLOW = "plait.workflow"
@@ -141,3 +145,50 @@ class Tracing:
         self._attempts.clear()
         self._workflows.clear()
         self.provider.shutdown()
+
+    # ---- what a commit recorded ----------------------------------------------------------
+
+    def on_grant(self, grant: wpb.LeaseGrant, worker_id: str) -> None:
+        """Opens each granted attempt's span and gives its lease the span's trace context."""
+        for lease in grant.leases:
+            lease.traceparent = self.attempt_leased(
+                lease.workflow_id,
+                lease.action_id,
+                lease.attempt,
+                lease.fencing_token,
+                worker_id,
+                lease.lease_id,
+            )
+
+    def on_records(self, records: list[pb.HistoryEvent]) -> None:
+        """Ends and opens spans by what a commit recorded (called after it, in order)."""
+        for ev in records:
+            typ = ev.type
+            if typ in _ENDED:
+                if ev.lease_id:
+                    state = STATE_NAME[ev.action_state]
+                    self.attempt_ended(ev.lease_id, state, ev.cause, _reason(ev.reason))
+            elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
+                self.attempt_ended(ev.lease_id, "RETRY", ev.cause, _reason(ev.reason))
+            elif typ == E.EVENT_TYPE_LEASE_LOST:
+                lease_id = ev.lease_id or f"{ev.workflow_id}/{ev.action_id}/{ev.fencing_token}"
+                self.attempt_ended(lease_id, "LEASE_LOST", ev.cause, _reason(ev.reason))
+            elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
+                self.workflow_submitted(ev.workflow_id, ev.spec.name)
+            elif typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
+                self.workflow_finished(ev.workflow_id, pb.WorkflowState.Name(ev.workflow_state))
+
+
+E = pb  # EVENT_TYPE_* constants
+_ENDED = frozenset(
+    {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
+)
+
+
+def _reason(reason: int) -> str:
+    """An EventReason's name without its prefix ("" for none): a span attribute."""
+    if not reason:
+        return ""
+    if reason not in pb.EventReason.values():
+        return str(reason)
+    return pb.EventReason.Name(reason).removeprefix("EVENT_REASON_")  # type: ignore[arg-type]

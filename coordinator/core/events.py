@@ -31,6 +31,7 @@ class WorkflowSubmitted:
     spec: pb.WorkflowSpec
     idempotency_key: str
     reply: object = None
+    traceparent: str = ""  # the submitter's W3C trace context (checked by the servicer)
 
 
 @dataclass(frozen=True, slots=True)

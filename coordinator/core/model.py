@@ -102,6 +102,7 @@ class WorkflowRecord:
     finished_wall_ms: int = 0
     finished_hlc: HlcTimestamp = ZERO
     reason: str = ""
+    traceparent: str = ""  # the submitter's W3C trace context, if it gave one
 
 
 @dataclass(slots=True, eq=False)

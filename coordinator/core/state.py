@@ -278,6 +278,7 @@ class SchedulerState:
             E.EVENT_TYPE_WORKFLOW_SUBMITTED,
             workflow_state=W.WORKFLOW_STATE_RUNNING,
             idempotency_key=s.idempotency_key,
+            traceparent=s.traceparent,
         )
         ev.spec.CopyFrom(s.spec)
         apply.apply(self, ev, self.now)  # create_workflow
@@ -298,6 +299,7 @@ class SchedulerState:
             idempotency_key=submitted.idempotency_key,
             submitted_wall_ms=submitted.recorded_at.ToMilliseconds(),
             submitted_hlc=HlcTimestamp(submitted.hlc.physical_ms, submitted.hlc.logical),
+            traceparent=submitted.traceparent,
         )
         self.workflows[wf.workflow_id] = wf
         if wf.idempotency_key:

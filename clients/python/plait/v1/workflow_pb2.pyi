@@ -1118,6 +1118,7 @@ class WorkflowStatus(_message.Message):
     ACTION_COUNTS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """Assigned by the coordinator at submit."""
     name: _builtins.str
@@ -1128,6 +1129,11 @@ class WorkflowStatus(_message.Message):
     """Why the workflow failed or was cancelled: names every failed, timed-out and skipped action."""
     idempotency_key: _builtins.str
     """Idempotency key the workflow was submitted with, if any."""
+    trace_id: _builtins.str
+    """The workflow's OpenTelemetry trace id (32 lowercase hex digits): derived from the workflow
+    id, or the submitter's trace when it passed a traceparent. Set whether or not spans are
+    exported, so logs and spans can be found by it.
+    """
     @_builtins.property
     def submitted_at(self) -> _timestamp_pb2.Timestamp:
         """Wall time of submission on the coordinator, for display only."""
@@ -1166,10 +1172,11 @@ class WorkflowStatus(_message.Message):
         action_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         reason: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "finished_hlc", b"finished_hlc", "submitted_at", b"submitted_at", "submitted_hlc", b"submitted_hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_counts", b"action_counts", "actions", b"actions", "finished_at", b"finished_at", "finished_hlc", b"finished_hlc", "idempotency_key", b"idempotency_key", "name", b"name", "reason", b"reason", "state", b"state", "submitted_at", b"submitted_at", "submitted_hlc", b"submitted_hlc", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_counts", b"action_counts", "actions", b"actions", "finished_at", b"finished_at", "finished_hlc", b"finished_hlc", "idempotency_key", b"idempotency_key", "name", b"name", "reason", b"reason", "state", b"state", "submitted_at", b"submitted_at", "submitted_hlc", b"submitted_hlc", "trace_id", b"trace_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1208,6 +1215,7 @@ class HistoryEvent(_message.Message):
     STDERR_TAIL_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Journal position, strictly increasing across the whole coordinator."""
     workflow_id: _builtins.str
@@ -1251,6 +1259,8 @@ class HistoryEvent(_message.Message):
     """The type of the error of a failed attempt, as the worker reported it (ActionResult
     `error_type`): what RetryPolicy `retryable_errors` matched. Empty when none was given.
     """
+    traceparent: _builtins.str
+    """The submitter's W3C traceparent, on EVENT_TYPE_WORKFLOW_SUBMITTED when one was given."""
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """The coordinator's HLC when it decided the event."""
@@ -1303,10 +1313,11 @@ class HistoryEvent(_message.Message):
         stderr_tail: _builtins.str = ...,
         reason: Global___EventReason.ValueType = ...,
         error_type: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "error", b"error", "hlc", b"hlc", "recorded_at", b"recorded_at", "spec", b"spec", "worker_hlc", b"worker_hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "action_state", b"action_state", "attempt", b"attempt", "backoff", b"backoff", "cause", b"cause", "error", b"error", "error_type", b"error_type", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "hlc", b"hlc", "idempotency_key", b"idempotency_key", "lease_id", b"lease_id", "message", b"message", "outputs_json", b"outputs_json", "reason", b"reason", "recorded_at", b"recorded_at", "sequence", b"sequence", "spec", b"spec", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail", "type", b"type", "worker_hlc", b"worker_hlc", "worker_id", b"worker_id", "workflow_id", b"workflow_id", "workflow_state", b"workflow_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "action_state", b"action_state", "attempt", b"attempt", "backoff", b"backoff", "cause", b"cause", "error", b"error", "error_type", b"error_type", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "hlc", b"hlc", "idempotency_key", b"idempotency_key", "lease_id", b"lease_id", "message", b"message", "outputs_json", b"outputs_json", "reason", b"reason", "recorded_at", b"recorded_at", "sequence", b"sequence", "spec", b"spec", "stderr_tail", b"stderr_tail", "stdout_tail", b"stdout_tail", "traceparent", b"traceparent", "type", b"type", "worker_hlc", b"worker_hlc", "worker_id", b"worker_id", "workflow_id", b"workflow_id", "workflow_state", b"workflow_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

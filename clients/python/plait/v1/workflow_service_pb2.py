@@ -26,7 +26,7 @@ from plait.v1 import hlc_pb2 as plait_dot_v1_dot_hlc__pb2
 from plait.v1 import workflow_pb2 as plait_dot_v1_dot_workflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplait/v1/workflow_service.proto\x12\x08plait.v1\x1a\x12plait/v1/hlc.proto\x1a\x17plait/v1/workflow.proto\"{\n\x15SubmitWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.plait.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"c\n\x16SubmitWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"u\n\x12GetWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x7f\n\x13GetWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12*\n\x08workflow\x18\x02 \x01(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x8a\x01\n\x14ListWorkflowsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"\x82\x01\n\x15ListWorkflowsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12+\n\tworkflows\x18\x02 \x03(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"a\n\x15\x43\x61ncelWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"e\n\x16\x43\x61ncelWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"P\n\x14RetryWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\"P\n\x15RetryWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x12\n\naction_ids\x18\x02 \x03(\t\"x\n\x14WatchWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"d\n\x15WatchWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.plait.v1.HistoryEvent\"c\n\x14GetActionLogsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\"\x98\x01\n\x0b\x41ttemptLogs\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x13\n\x0bstdout_tail\x18\x04 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x05 \x01(\t\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.plait.v1.ActionState\"e\n\x15GetActionLogsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\'\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x15.plait.v1.AttemptLogs\"v\n\x17GetActionOutputsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"u\n\x18GetActionOutputsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x15\n\routputs_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x32\xac\x05\n\x0fWorkflowService\x12S\n\x0eSubmitWorkflow\x12\x1f.plait.v1.SubmitWorkflowRequest\x1a .plait.v1.SubmitWorkflowResponse\x12J\n\x0bGetWorkflow\x12\x1c.plait.v1.GetWorkflowRequest\x1a\x1d.plait.v1.GetWorkflowResponse\x12P\n\rListWorkflows\x12\x1e.plait.v1.ListWorkflowsRequest\x1a\x1f.plait.v1.ListWorkflowsResponse\x12S\n\x0e\x43\x61ncelWorkflow\x12\x1f.plait.v1.CancelWorkflowRequest\x1a .plait.v1.CancelWorkflowResponse\x12P\n\rRetryWorkflow\x12\x1e.plait.v1.RetryWorkflowRequest\x1a\x1f.plait.v1.RetryWorkflowResponse\x12R\n\rWatchWorkflow\x12\x1e.plait.v1.WatchWorkflowRequest\x1a\x1f.plait.v1.WatchWorkflowResponse0\x01\x12P\n\rGetActionLogs\x12\x1e.plait.v1.GetActionLogsRequest\x1a\x1f.plait.v1.GetActionLogsResponse\x12Y\n\x10GetActionOutputs\x12!.plait.v1.GetActionOutputsRequest\x1a\".plait.v1.GetActionOutputsResponseB0\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplait/v1/workflow_service.proto\x12\x08plait.v1\x1a\x12plait/v1/hlc.proto\x1a\x17plait/v1/workflow.proto\"\x90\x01\n\x15SubmitWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.plait.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"c\n\x16SubmitWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"u\n\x12GetWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x7f\n\x13GetWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12*\n\x08workflow\x18\x02 \x01(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x8a\x01\n\x14ListWorkflowsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"\x82\x01\n\x15ListWorkflowsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12+\n\tworkflows\x18\x02 \x03(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"a\n\x15\x43\x61ncelWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"e\n\x16\x43\x61ncelWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"P\n\x14RetryWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\"P\n\x15RetryWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x12\n\naction_ids\x18\x02 \x03(\t\"x\n\x14WatchWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"d\n\x15WatchWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.plait.v1.HistoryEvent\"c\n\x14GetActionLogsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\"\x98\x01\n\x0b\x41ttemptLogs\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x13\n\x0bstdout_tail\x18\x04 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x05 \x01(\t\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.plait.v1.ActionState\"e\n\x15GetActionLogsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\'\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x15.plait.v1.AttemptLogs\"v\n\x17GetActionOutputsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"u\n\x18GetActionOutputsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x15\n\routputs_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x32\xac\x05\n\x0fWorkflowService\x12S\n\x0eSubmitWorkflow\x12\x1f.plait.v1.SubmitWorkflowRequest\x1a .plait.v1.SubmitWorkflowResponse\x12J\n\x0bGetWorkflow\x12\x1c.plait.v1.GetWorkflowRequest\x1a\x1d.plait.v1.GetWorkflowResponse\x12P\n\rListWorkflows\x12\x1e.plait.v1.ListWorkflowsRequest\x1a\x1f.plait.v1.ListWorkflowsResponse\x12S\n\x0e\x43\x61ncelWorkflow\x12\x1f.plait.v1.CancelWorkflowRequest\x1a .plait.v1.CancelWorkflowResponse\x12P\n\rRetryWorkflow\x12\x1e.plait.v1.RetryWorkflowRequest\x1a\x1f.plait.v1.RetryWorkflowResponse\x12R\n\rWatchWorkflow\x12\x1e.plait.v1.WatchWorkflowRequest\x1a\x1f.plait.v1.WatchWorkflowResponse0\x01\x12P\n\rGetActionLogs\x12\x1e.plait.v1.GetActionLogsRequest\x1a\x1f.plait.v1.GetActionLogsResponse\x12Y\n\x10GetActionOutputs\x12!.plait.v1.GetActionOutputsRequest\x1a\".plait.v1.GetActionOutputsResponseB0\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +34,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'plait.v1.workflow_service_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.plait.v1P\001Z\036plait.dev/gen/plait/v1;plaitv1'
-  _globals['_SUBMITWORKFLOWREQUEST']._serialized_start=90
-  _globals['_SUBMITWORKFLOWREQUEST']._serialized_end=213
-  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_start=215
-  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_end=314
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=316
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=433
-  _globals['_GETWORKFLOWRESPONSE']._serialized_start=435
-  _globals['_GETWORKFLOWRESPONSE']._serialized_end=562
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=565
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=703
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=706
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=836
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=838
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=935
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=937
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1038
-  _globals['_RETRYWORKFLOWREQUEST']._serialized_start=1040
-  _globals['_RETRYWORKFLOWREQUEST']._serialized_end=1120
-  _globals['_RETRYWORKFLOWRESPONSE']._serialized_start=1122
-  _globals['_RETRYWORKFLOWRESPONSE']._serialized_end=1202
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1204
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1324
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1326
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1426
-  _globals['_GETACTIONLOGSREQUEST']._serialized_start=1428
-  _globals['_GETACTIONLOGSREQUEST']._serialized_end=1527
-  _globals['_ATTEMPTLOGS']._serialized_start=1530
-  _globals['_ATTEMPTLOGS']._serialized_end=1682
-  _globals['_GETACTIONLOGSRESPONSE']._serialized_start=1684
-  _globals['_GETACTIONLOGSRESPONSE']._serialized_end=1785
-  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_start=1787
-  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_end=1905
-  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_start=1907
-  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_end=2024
-  _globals['_WORKFLOWSERVICE']._serialized_start=2027
-  _globals['_WORKFLOWSERVICE']._serialized_end=2711
+  _globals['_SUBMITWORKFLOWREQUEST']._serialized_start=91
+  _globals['_SUBMITWORKFLOWREQUEST']._serialized_end=235
+  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_start=237
+  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_end=336
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=338
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=455
+  _globals['_GETWORKFLOWRESPONSE']._serialized_start=457
+  _globals['_GETWORKFLOWRESPONSE']._serialized_end=584
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=587
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=725
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=728
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=858
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=860
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=957
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=959
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1060
+  _globals['_RETRYWORKFLOWREQUEST']._serialized_start=1062
+  _globals['_RETRYWORKFLOWREQUEST']._serialized_end=1142
+  _globals['_RETRYWORKFLOWRESPONSE']._serialized_start=1144
+  _globals['_RETRYWORKFLOWRESPONSE']._serialized_end=1224
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1226
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1346
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1348
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1448
+  _globals['_GETACTIONLOGSREQUEST']._serialized_start=1450
+  _globals['_GETACTIONLOGSREQUEST']._serialized_end=1549
+  _globals['_ATTEMPTLOGS']._serialized_start=1552
+  _globals['_ATTEMPTLOGS']._serialized_end=1704
+  _globals['_GETACTIONLOGSRESPONSE']._serialized_start=1706
+  _globals['_GETACTIONLOGSRESPONSE']._serialized_end=1807
+  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_start=1809
+  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_end=1927
+  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_start=1929
+  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_end=2046
+  _globals['_WORKFLOWSERVICE']._serialized_start=2049
+  _globals['_WORKFLOWSERVICE']._serialized_end=2733
 # @@protoc_insertion_point(module_scope)

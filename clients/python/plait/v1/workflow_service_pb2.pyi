@@ -29,9 +29,15 @@ class SubmitWorkflowRequest(_message.Message):
     HLC_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Set by the client (optional): resubmitting the same key returns the existing workflow.
     Up to 256 printable characters.
+    """
+    traceparent: _builtins.str
+    """Set by the submitter (optional): the W3C traceparent of the caller's span. The workflow's
+    span becomes its child, in the caller's trace; journalled with the submission, so the
+    trace continues across coordinator restarts. Malformed: INVALID_ARGUMENT.
     """
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
@@ -47,10 +53,11 @@ class SubmitWorkflowRequest(_message.Message):
         hlc: _hlc_pb2.HlcTimestamp | None = ...,
         spec: _workflow_pb2.WorkflowSpec | None = ...,
         idempotency_key: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "idempotency_key", b"idempotency_key", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "idempotency_key", b"idempotency_key", "spec", b"spec", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
