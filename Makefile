@@ -39,6 +39,7 @@ lock: $(STAMP)
 	@echo "==> refreshing requirements/*.lock with uv $(UV_VERSION)"
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
 	$(LOCK) --upgrade -o requirements/runtime.lock
+	$(LOCK) --upgrade --extra otlp -o requirements/otlp.lock
 	$(LOCK) --upgrade --extra dev -o requirements/dev.lock
 	@echo "==> locks written; review 'git diff requirements/' and run make test"
 

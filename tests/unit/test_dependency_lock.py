@@ -34,18 +34,29 @@ def read_lock(name: str) -> dict[str, tuple[str, int]]:
     return pins
 
 
-def requirements(*, dev: bool) -> list[Requirement]:
+def requirements(*extras: str) -> list[Requirement]:
+    """pyproject.toml's dependencies with ``extras`` (``plait[x]`` entries expanded)."""
     reqs = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
-    if dev:
-        reqs += [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["dev"]]
+    optional = PYPROJECT["project"]["optional-dependencies"]
+    todo = list(extras)
+    while todo:
+        for raw in optional[todo.pop()]:
+            req = Requirement(raw)
+            if canonicalize_name(req.name) == "plait":
+                todo += sorted(req.extras)
+            else:
+                reqs.append(req)
     reqs.append(Requirement("setuptools>=77"))  # requirements/build.in
     return reqs
 
 
-@pytest.mark.parametrize(("lock", "dev"), [("runtime.lock", False), ("dev.lock", True)])
-def test_every_dependency_is_locked_within_its_range(lock: str, dev: bool) -> None:
+LOCKS = [("runtime.lock", ()), ("otlp.lock", ("otlp",)), ("dev.lock", ("dev",))]
+
+
+@pytest.mark.parametrize(("lock", "extras"), LOCKS)
+def test_every_dependency_is_locked_within_its_range(lock: str, extras: tuple[str, ...]) -> None:
     pins = read_lock(lock)
-    for req in requirements(dev=dev):
+    for req in requirements(*extras):
         if req.marker is not None and not req.marker.evaluate():
             continue
         name = canonicalize_name(req.name)
@@ -56,7 +67,7 @@ def test_every_dependency_is_locked_within_its_range(lock: str, dev: bool) -> No
         )
 
 
-@pytest.mark.parametrize("lock", ["runtime.lock", "dev.lock"])
+@pytest.mark.parametrize("lock", ["runtime.lock", "otlp.lock", "dev.lock"])
 def test_every_locked_package_carries_hashes(lock: str) -> None:
     pins = read_lock(lock)
     assert pins, f"{lock} has no pins"
@@ -72,7 +83,11 @@ def test_runtime_dependencies_have_upper_bounds() -> None:
         )
 
 
-def test_the_dev_lock_is_a_superset_of_the_runtime_lock() -> None:
-    runtime, dev = read_lock("runtime.lock"), read_lock("dev.lock")
-    differ = {n: (v, dev.get(n, ("missing", 0))[0]) for n, (v, _) in runtime.items()}
+@pytest.mark.parametrize(
+    ("small", "large"), [("runtime.lock", "otlp.lock"), ("otlp.lock", "dev.lock")]
+)
+def test_each_lock_pins_the_one_before_it_alike(small: str, large: str) -> None:
+    """runtime ⊂ otlp ⊂ dev, at the same versions: what CI tests is what users install."""
+    little, big = read_lock(small), read_lock(large)
+    differ = {n: (v, big.get(n, ("missing", 0))[0]) for n, (v, _) in little.items()}
     assert {n: d for n, d in differ.items() if d[0] != d[1]} == {}
