@@ -10,13 +10,14 @@ GOOGLE_PROTOS = $(shell $(BIN)/python -c 'import os, google.rpc; print(os.path.d
 GRPC_PROTOS = $(shell $(BIN)/python -c 'import os, grpc_tools; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 FLOW ?= examples/scatter_gather.yaml
 
-.PHONY: help venv lock proto proto-check proto-lint lint typecheck test test-fast check run bench clean
+.PHONY: help venv lock proto proto-check proto-lint dashboard lint typecheck test test-fast check run bench clean
 
 help:
 	@echo "make run        run $(FLOW) on the embedded coordinator + local workers"
 	@echo "make test       unit, integration and system tests"
 	@echo "make check      lint + typecheck + proto drift + test (what CI runs)"
 	@echo "make proto      regenerate Python stubs from proto/"
+	@echo "make dashboard  regenerate deploy/grafana/plait.json from deploy/grafana/dashboard.py"
 	@echo "make bench      throughput and latency benchmarks (prints numbers)"
 	@echo "make lock       re-resolve the hashed dependency locks in requirements/"
 
@@ -60,6 +61,11 @@ proto-lint: $(STAMP)
 	    --include_imports --include_source_info --descriptor_set_out=$(VENV)/plait.binpb $(PROTO_FILES) && \
 	  $(BIN)/buf lint $(VENV)/plait.binpb --config proto/buf.yaml --path plait/v1 && echo "buf lint: clean"; \
 	else echo "buf not installed on this platform; skipping buf lint"; fi
+
+# The Grafana dashboard is code (grafana-foundation-sdk); the JSON it writes is committed and
+# tests/unit/test_dashboard.py fails when the two drift.
+dashboard: $(STAMP)
+	$(BIN)/python deploy/grafana/dashboard.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

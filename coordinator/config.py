@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_METRICS_LISTEN",
     "LEASE_HEADROOM_BYTES",
     "LIMIT_FLAGS",
+    "LOG_FORMATS",
     "MAX_JSON_DEPTH_CEILING",
     "MAX_MESSAGE_BYTES",
     "MAX_OUTPUT_CEILING",
@@ -43,6 +44,7 @@ __all__ = [
 
 DEFAULT_LISTEN = "127.0.0.1:7450"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9450"
+LOG_FORMATS = ("text", "json")  # --log-format (plait.logs)
 
 
 # Help for the limit flags, in the order --help lists them (``--max-actions`` first).
@@ -316,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow --metrics-listen on a non-loopback address (TLS when --tls-cert is given)",
     )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    p.add_argument(
+        "--log-format",
+        default=os.environ.get("PLAIT_LOG_FORMAT") or "text",
+        choices=LOG_FORMATS,
+        help="text, or json: one object per line with ts, level, logger, message, trace_id,"
+        " span_id, workflow_id, action_id, worker_id, lease_id (env PLAIT_LOG_FORMAT;"
+        " default %(default)s)",
+    )
     limits = p.add_argument_group(
         "input limits", "what clients and workers may send (sizes take 64KiB, 1MiB, ...)"
     )

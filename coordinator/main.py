@@ -10,10 +10,11 @@ import sys
 from collections.abc import Sequence
 
 from plait.clock import SystemClock
-from plait.coordinator.config import load_config, parse_args
+from plait.coordinator.config import LOG_FORMATS, load_config, parse_args
 from plait.coordinator.server import CoordinatorServer
 from plait.durations import parse_clock_offset
 from plait.errors import ConfigError
+from plait.logs import configure_logging
 
 log = logging.getLogger("plait.coordinator")
 
@@ -46,11 +47,19 @@ async def serve(server: CoordinatorServer) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for a refused configuration)."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=(args.log_level or "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # argparse checks a flag against its choices, not a default taken from PLAIT_LOG_FORMAT.
+    if args.log_format not in LOG_FORMATS:
+        print(
+            f"plait coordinator: refusing to start: --log-format (PLAIT_LOG_FORMAT) must be"
+            f" one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        configure_logging(args.log_format, args.log_level or "INFO")
+    except ValueError as e:  # an unknown level
+        print(f"plait coordinator: refusing to start: --log-level: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         config = load_config(args)
     except ConfigError as e:

@@ -7,7 +7,20 @@ own, served on its own port.
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Every ``*_created`` series doubles the counters and histograms for a value nobody graphs
+# (and that resets with each restart); the switch is process-wide, so it is thrown before any
+# metric is made.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _DURATION_BUCKETS = (
     0.001,
@@ -28,11 +41,44 @@ _DURATION_BUCKETS = (
     900,
     3600,
 )
+_WIDTH_BUCKETS = (1, 2, 3, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000, 100000)
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
+ACTION_STATES = ("pending", "ready", "leased", "running")
+QUEUE_CLASSES = ("exec", "handler")
+ITEM_KINDS = ("map", "pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerGauges:
+    """One known worker, as the core sees it at one instant."""
+
+    heartbeat_age: float  # seconds since its last heartbeat renewed its leases
+    clock_offset: float | None  # seconds its HLC read ahead of ours; None: never measured
+    slots: int
+    slots_used: int
+
+
+@dataclass(slots=True)
+class StateGauges:
+    """What the scheduling core holds at one instant: the gauges computed at scrape time."""
+
+    actions: dict[str, int] = field(default_factory=dict)  # live actions by lower-case state
+    workflows_running: int = 0
+    queue_depth: dict[str, int] = field(default_factory=dict)  # READY actions by class
+    items_in_flight: dict[str, int] = field(default_factory=dict)  # leased/running children
+    workers: dict[str, WorkerGauges] = field(default_factory=dict)
+
+
 class CoordinatorMetrics:
-    """The coordinator's metrics on a private registry."""
+    """The coordinator's metrics on a private registry.
+
+    Counters and histograms are fed as things happen (:mod:`~plait.coordinator.observations`);
+    the gauges of the core's state (actions by state, queue depth, per-worker gauges ...) are
+    computed only when scraped, from :meth:`read_state_from`'s source, so the scheduling loop
+    pays nothing for them between scrapes and a gone worker's series simply stop appearing.
+    """
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -63,11 +109,18 @@ class CoordinatorMetrics:
         self.retries = Counter(
             "plait_action_retries_total", "Failed attempts scheduled to run again.", registry=r
         )
-        self.stale_results = Counter(
-            "plait_stale_results_refused_total",
-            "Results refused because their fencing token was superseded.",
+        self.results_refused = Counter(
+            "plait_results_refused_total",
+            "Results refused, by reason: superseded (a newer token exists: a zombie attempt),"
+            " cancelled (the late result of a cancelled action: ordinary), not_live (the"
+            " action's lease ended otherwise), unknown_lease (no such action), not_held (the"
+            " reporting worker was never granted that lease).",
+            ["reason"],
             registry=r,
         )
+        # Every reason exists from the start at 0, so increase() sees the first refusal too.
+        for reason in ("superseded", "cancelled", "not_live", "unknown_lease", "not_held"):
+            self.results_refused.labels(reason)
         self.reports_refused = Counter(
             "plait_worker_reports_refused_total",
             "Worker reports (started, progress, result) for a lease the session does not hold;"
@@ -124,6 +177,53 @@ class CoordinatorMetrics:
         self.ready_actions = Gauge(
             "plait_ready_actions", "Actions ready and waiting for a slot.", registry=r
         )
+        self.schedule_to_start = Histogram(
+            "plait_schedule_to_start_seconds",
+            "From an action becoming ready (or its retry backoff ending) to its attempt"
+            " starting on a worker.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.fork_width = Histogram(
+            "plait_fork_width",
+            "Branches per fork point: the dependents of a succeeded action with several, the"
+            " children of a map, the items of a pipeline.",
+            ["kind"],
+            buckets=_WIDTH_BUCKETS,
+            registry=r,
+        )
+        self.join_wait = Histogram(
+            "plait_join_wait_seconds",
+            "From a join's first need (or child) ending to the join being resolved.",
+            ["join"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.joins = Counter(
+            "plait_joins_total",
+            "Joins resolved, by kind (all, any, at_least) and outcome (met, impossible).",
+            ["join", "outcome"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "plait_leader",
+            "1 while this coordinator leads (writes the journal), 0 as a standby.",
+            registry=r,
+        )
+        self.term = Gauge(
+            "plait_term",
+            "The leadership term (epoch) this coordinator was elected with; 0 until elected.",
+            registry=r,
+        )
+        self._state: Callable[[], StateGauges | None] = lambda: None
+        r.register(_StateCollector(self))
+        self.build_info = Gauge(
+            "plait_build_info",
+            "Always 1; the labels name the running Plait version and Python version.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(_version(), platform.python_version()).set(1)
         self.action_duration = Histogram(
             "plait_action_duration_seconds",
             "Run time of attempts, as measured by the worker.",
@@ -142,3 +242,88 @@ class CoordinatorMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
             registry=r,
         )
+
+    def read_state_from(self, source: Callable[[], StateGauges | None]) -> None:
+        """Where the state gauges come from at scrape time (None: no core, none exported).
+
+        ``source`` is called on the scraping thread; it must return a consistent copy.
+        """
+        self._state = source
+
+    def state_gauges(self) -> StateGauges | None:
+        """The current state gauges from the source, or None."""
+        return self._state()
+
+
+class _StateCollector(Collector):
+    """The gauges of the core's state, read from one snapshot per scrape."""
+
+    def __init__(self, metrics: CoordinatorMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families(self.metrics.state_gauges()))
+
+    @staticmethod
+    def _families(s: StateGauges | None) -> list[Metric]:
+        actions = GaugeMetricFamily(
+            "plait_actions",
+            "Live actions by state (terminal ones are not counted).",
+            labels=["state"],
+        )
+        running = GaugeMetricFamily("plait_workflows_running", "Workflows not yet finished.")
+        queue = GaugeMetricFamily(
+            "plait_queue_depth",
+            "Ready actions waiting for a worker, by the kind of worker that can run them (exec:"
+            " workerd, handler: an SDK worker serving the handler).",
+            labels=["class"],
+        )
+        flight = GaugeMetricFamily(
+            "plait_items_in_flight",
+            "Map children and pipeline stage actions holding a lease (leased or running).",
+            labels=["kind"],
+        )
+        age = GaugeMetricFamily(
+            "plait_worker_heartbeat_age_seconds",
+            "Seconds since the worker's last heartbeat renewed its leases.",
+            labels=["worker"],
+        )
+        offset = GaugeMetricFamily(
+            "plait_worker_clock_offset_seconds",
+            "How far the worker's last HLC stamp read ahead of the coordinator's clock when it"
+            " arrived (a clock behind reads about 0: the HLC carries the later of the two).",
+            labels=["worker"],
+        )
+        slots = GaugeMetricFamily(
+            "plait_worker_slots", "Slots the worker offers.", labels=["worker"]
+        )
+        used = GaugeMetricFamily(
+            "plait_worker_slots_used",
+            "Slots of the worker the coordinator counts as held by leases.",
+            labels=["worker"],
+        )
+        if s is not None:
+            for state in ACTION_STATES:
+                actions.add_metric([state], s.actions.get(state, 0))
+            running.add_metric([], s.workflows_running)
+            for cls in QUEUE_CLASSES:
+                queue.add_metric([cls], s.queue_depth.get(cls, 0))
+            for kind in ITEM_KINDS:
+                flight.add_metric([kind], s.items_in_flight.get(kind, 0))
+            for worker, w in s.workers.items():
+                age.add_metric([worker], w.heartbeat_age)
+                if w.clock_offset is not None:
+                    offset.add_metric([worker], w.clock_offset)
+                slots.add_metric([worker], w.slots)
+                used.add_metric([worker], w.slots_used)
+        return [actions, running, queue, flight, age, offset, slots, used]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("plait")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"

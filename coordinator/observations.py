@@ -1,109 +1,172 @@
 r"""What the core observed and what it recorded, as metrics, traces and logs (edge layer).
 
 The core returns :class:`~plait.coordinator.core.model.Observation`\ s with every outcome and
-touches neither metrics nor logs itself; the runtime hands them here after the commit. Log lines
-a worker can provoke at will (refused reports, stale results, a clock far ahead, a refused
-hello) are written at most once a minute per worker and kind; every one is counted.
+touches neither metrics nor logs itself; the runtime hands them here after the commit, with the
+records the commit made. Log lines a worker can provoke at will (refused reports, refused
+results, a clock far ahead, a refused hello, lost leases) are written at most once a minute per
+worker and kind; every one is counted.
+
+The gauges of the core's state are not fed here: :func:`state_gauges` computes them from the
+core when /metrics is scraped (the runtime runs it on the event loop).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Container
+from typing import TYPE_CHECKING
 
 from plait.clock import Clock
-from plait.coordinator.core.model import Observation
-from plait.coordinator.core.state import STATE_NAME
-from plait.coordinator.metrics import CoordinatorMetrics
+from plait.coordinator.core import transitions as t
+from plait.coordinator.core.model import RUNNING_WF, Observation, fans_out
+from plait.coordinator.core.state import STATE_NAME, SchedulerState
+from plait.coordinator.forkjoin import ForkJoin
+from plait.coordinator.metrics import CoordinatorMetrics, StateGauges, WorkerGauges
 from plait.coordinator.services.errors import Throttle
 from plait.coordinator.tracing import Tracing
+from plait.tracecontext import trace_id_for
 from plait.v1 import workflow_pb2 as pb
+
+if TYPE_CHECKING:
+    from plait.coordinator.core.model import ActionRecord
+
 
 log = logging.getLogger("plait.coordinator.runtime")  # where these lines always were
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 _ENDED = frozenset(
     {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
 )
+# Records that make an action READY (their action_state says so: a hedge's lost lease leaves
+# its action running, and is not a new wait).
+_MADE_READY = frozenset(
+    {E.EVENT_TYPE_ACTION_READY, E.EVENT_TYPE_LEASE_LOST, E.EVENT_TYPE_ACTION_RETRY_SCHEDULED}
+)
+# Records after which the core holds newly READY actions no ACTION_READY names: roots of a
+# submitted workflow, a map's or pipeline's children, actions a workflow retry reset.
+_READY_IN_STATE = frozenset(
+    {E.EVENT_TYPE_WORKFLOW_SUBMITTED, E.EVENT_TYPE_ACTION_MAPPED, E.EVENT_TYPE_WORKFLOW_RETRIED}
+)
+_WAITING = (t.READY, t.LEASED)  # READY, or granted in the same batch and not yet started
+_LIVE_LABEL: dict[int, str] = {
+    t.PENDING: "pending",
+    t.READY: "ready",
+    t.LEASED: "leased",
+    t.RUNNING: "running",
+}
+_REFUSAL_WORDS = {
+    "superseded": "its fencing token was superseded by a newer attempt",
+    "cancelled": "the action was cancelled",
+    "not_live": "the lease is no longer live",
+    "unknown_lease": "no such lease",
+}
 
 
 class Observations:
-    """Turns the core's observations into metrics and (rate-limited) log lines."""
+    """Turns the core's observations and a commit's records into metrics, spans and
+    (rate-limited) log lines."""
 
     def __init__(self, metrics: CoordinatorMetrics, tracing: Tracing, clock: Clock) -> None:
         self.metrics = metrics
         self.tracing = tracing
+        self.forkjoin = ForkJoin()
         self._log_once = Throttle(clock)  # refusals a worker can repeat at will
+        # workflow id -> action id -> monotonic time it became ready (schedule-to-start). Only
+        # actions waiting for a start are kept, and a workflow's entries go when it finishes.
+        self._ready_at: dict[str, dict[str, float]] = {}
 
-    def observe(self, observations: list[Observation], workers: Container[str]) -> None:
-        """Counts and logs what the core observed; ``workers``: the worker ids still known."""
+    # ---- observations ------------------------------------------------------------------------
+
+    def observe(self, observations: list[Observation], core: SchedulerState) -> None:
+        """Counts and logs what the core observed (after the commit that followed it)."""
         m = self.metrics
         for o in observations:
             kind = o.kind
             if kind == "action_duration":
-                trace_id = self.tracing.trace_id(o.lease_id)
-                m.action_duration.observe(o.value, {"trace_id": trace_id} if trace_id else None)
+                m.action_duration.observe(o.value, _exemplar(core, o.lease_id.rsplit("/", 2)[0]))
             elif kind == "lease_lost":
-                m.leases_lost.labels(_loss_reason(o.reason)).inc()
-                log.warning(
-                    "lease lost on worker %s: %s",
-                    o.worker_id,
-                    o.detail,
-                    extra={"worker_id": o.worker_id},
-                )
-            elif kind == "stale_result":
-                m.stale_results.inc()
-                if self._log_once.first((kind, o.worker_id)):
+                reason = _loss_reason(o.reason)
+                m.leases_lost.labels(reason).inc()
+                if self._log_once.first((kind, o.worker_id, reason)):
                     log.warning(
-                        "refused result from %s: %s (more are counted, logged again in a minute)",
+                        "lease lost on worker %s: %s (more are counted, logged again in a minute)",
                         o.worker_id,
                         o.detail,
-                        extra={"worker_id": o.worker_id, "lease_id": o.lease_id},
-                    )
-            elif kind == "clock_offset":
-                m.clock_offset_rejections.labels(o.worker_id).inc()
-                if self._log_once.first((kind, o.worker_id)):
-                    log.warning(
-                        "worker %s clock is %d ms ahead; its HLC was not merged",
-                        o.worker_id,
-                        o.value,
                         extra={"worker_id": o.worker_id},
                     )
             elif kind == "worker_connected":
                 log.info("worker %s connected", o.worker_id, extra={"worker_id": o.worker_id})
+                m.clock_offset_rejections.labels(o.worker_id)  # at 0: increase() sees the first
             elif kind == "worker_disconnected":
                 log.info("worker %s disconnected", o.worker_id, extra={"worker_id": o.worker_id})
-                if o.worker_id not in workers:
+                if o.worker_id not in core.workers:
                     # Per-worker series live only while the worker does: a caller that makes up
                     # worker ids must not grow the label set without bound.
                     with contextlib.suppress(KeyError):
                         m.clock_offset_rejections.remove(o.worker_id)
-            elif kind == "report_refused":
-                m.reports_refused.labels(o.detail).inc()
-                # Once a minute per worker and kind: a worker can name any number of leases.
-                if self._log_once.first((kind, o.worker_id, o.detail)):
-                    log.warning(
-                        "refused %s report from worker %s for lease %.200s: the session does not"
-                        " hold it (more are counted, logged again in a minute)",
-                        o.detail,
-                        o.worker_id,
-                        o.lease_id,
-                        extra={"worker_id": o.worker_id, "lease_id": o.lease_id},
-                    )
-            elif kind == "hello_refused":
-                m.hellos_refused.inc()
-                if self._log_once.first((kind, o.worker_id)):
-                    log.warning(
-                        "refused hello from %s: worker id %s is connected and the new stream"
-                        " did not prove to be it",
-                        o.detail or "?",
-                        o.worker_id,
-                        extra={"worker_id": o.worker_id},
-                    )
+            else:
+                self._refused(o)
 
-    def observe_records(self, records: list[pb.HistoryEvent]) -> None:
-        """Counts what a commit recorded (leases, endings, retries, workflows); the spans are
-        :meth:`Tracing.on_records`'s."""
+    def _refused(self, o: Observation) -> None:
+        """Something a worker sent was refused: counted always, logged once a minute per
+        worker and kind (a worker can repeat it at will)."""
+        m = self.metrics
+        kind = o.kind
+        if kind == "stale_result":
+            m.results_refused.labels(o.detail).inc()
+            if self._log_once.first((kind, o.worker_id, o.detail)):
+                log.warning(
+                    "refused result from %s for lease %s: %s (more are counted, logged"
+                    " again in a minute)",
+                    o.worker_id,
+                    o.lease_id,
+                    _REFUSAL_WORDS.get(o.detail, o.detail),
+                    extra=_lease_extra(o.worker_id, o.lease_id),
+                )
+        elif kind == "clock_offset":
+            m.clock_offset_rejections.labels(o.worker_id).inc()
+            if self._log_once.first((kind, o.worker_id)):
+                log.warning(
+                    "worker %s clock is %d ms ahead; its HLC was not merged (more are"
+                    " counted, logged again in a minute)",
+                    o.worker_id,
+                    o.value,
+                    extra={"worker_id": o.worker_id},
+                )
+        elif kind == "report_refused":
+            m.reports_refused.labels(o.detail).inc()
+            if o.detail == "result":
+                m.results_refused.labels("not_held").inc()
+            if self._log_once.first((kind, o.worker_id, o.detail)):
+                log.warning(
+                    "refused %s report from worker %s for lease %.200s: the session does not"
+                    " hold it (more are counted, logged again in a minute)",
+                    o.detail,
+                    o.worker_id,
+                    o.lease_id,
+                    extra={"worker_id": o.worker_id, "lease_id": o.lease_id[:200]},
+                )
+        elif kind == "hello_refused":
+            m.hellos_refused.inc()
+            if self._log_once.first((kind, o.worker_id)):
+                log.warning(
+                    "refused hello from %s: worker id %s is connected and the new stream"
+                    " did not prove to be it",
+                    o.detail or "?",
+                    o.worker_id,
+                    extra={"worker_id": o.worker_id},
+                )
+
+    # ---- records -----------------------------------------------------------------------------
+
+    def observe_records(
+        self, core: SchedulerState, records: list[pb.HistoryEvent], now: float
+    ) -> None:
+        """Counts what a commit recorded (leases, endings, retries, workflows, schedule-to-start,
+        forks and joins) and hands the records to :meth:`Tracing.on_records` for the spans.
+
+        ``core`` is the state right after the batch that made ``records``; ``now`` the
+        monotonic time of the delivery (the same clock for every wait measured here).
+        """
         m = self.metrics
         finished_by_state: dict[str, int] = {}
         granted = 0
@@ -114,18 +177,147 @@ class Observations:
             elif typ in _ENDED:
                 state = STATE_NAME[ev.action_state]
                 finished_by_state[state] = finished_by_state.get(state, 0) + 1
-            elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
-                m.retries.inc()
-            elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
-                m.workflows_submitted.inc()
+                waiting = self._ready_at.get(ev.workflow_id)
+                if waiting is not None:
+                    waiting.pop(ev.action_id, None)
             elif typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
                 state = pb.WorkflowState.Name(ev.workflow_state)
                 m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
+                self._ready_at.pop(ev.workflow_id, None)
+            else:
+                self._waits(core, ev, now)
         if granted:
             m.leases_granted.inc(granted)
         for state, n in finished_by_state.items():
             m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
-        self.tracing.on_records(records)
+        self._fork_joins(core, records, now)
+
+    def _waits(self, core: SchedulerState, ev: pb.HistoryEvent, now: float) -> None:
+        """Ready times and their end at a start (schedule-to-start); submits and retries."""
+        typ = ev.type
+        if typ == E.EVENT_TYPE_ACTION_STARTED:
+            self._started(core, ev, now)
+        elif typ in _MADE_READY:
+            if typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
+                self.metrics.retries.inc()
+            if ev.action_state == t.READY:
+                backoff = ev.backoff.ToNanoseconds() / 1e9 if ev.HasField("backoff") else 0.0
+                self._ready_at.setdefault(ev.workflow_id, {})[ev.action_id] = now + backoff
+        elif typ in _READY_IN_STATE:
+            if typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
+                self.metrics.workflows_submitted.inc()
+            self._ready_in_state(core, ev, now)
+
+    def _fork_joins(self, core: SchedulerState, records: list[pb.HistoryEvent], now: float) -> None:
+        """Fork widths and join waits and outcomes (computed once, for metrics and spans)."""
+        m = self.metrics
+        fork_joins = self.forkjoin.on_records(core, records, now)
+        forks, joins = fork_joins
+        for f in forks:
+            m.fork_width.labels(f.kind).observe(f.width)
+        for j in joins:
+            m.joins.labels(j.kind, j.outcome).inc()
+            m.join_wait.labels(j.kind).observe(
+                max(0.0, j.wait_seconds), _exemplar(core, j.workflow_id)
+            )
+        self.tracing.on_records(records, fork_joins)
+
+    def _started(self, core: SchedulerState, ev: pb.HistoryEvent, now: float) -> None:
+        """READY -> STARTED of one attempt (a hedge, started beside a running one, has no wait)."""
+        waiting = self._ready_at.get(ev.workflow_id)
+        ready_at = waiting.pop(ev.action_id, None) if waiting is not None else None
+        if ready_at is None:
+            return  # became ready before this process led (or a hedge): no wait is known
+        self.metrics.schedule_to_start.observe(
+            max(0.0, now - ready_at), _exemplar(core, ev.workflow_id)
+        )
+
+    def _ready_in_state(self, core: SchedulerState, ev: pb.HistoryEvent, now: float) -> None:
+        """Marks the actions ``ev`` made ready without an ACTION_READY of their own."""
+        wf = core.workflows.get(ev.workflow_id)
+        if wf is None:
+            return
+        typ = ev.type
+        candidates: list[ActionRecord]
+        if typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
+            candidates = [a for a in wf.actions.values() if not a.needs]
+        else:
+            # WORKFLOW_RETRIED: what it reset may be anywhere in the workflow
+            a = wf.actions.get(ev.action_id) if typ == E.EVENT_TYPE_ACTION_MAPPED else None
+            candidates = list(a.children or ()) if a is not None else list(wf.actions.values())
+        waiting = self._ready_at.setdefault(ev.workflow_id, {})
+        for a in candidates:
+            if a.state in _WAITING and not fans_out(a.spec) and a.id not in waiting:
+                waiting[a.id] = now
+        if not waiting:
+            del self._ready_at[ev.workflow_id]
+
+    def waiting_for_start(self) -> int:
+        """How many actions' ready times are kept (bounded by the core's live actions)."""
+        return sum(len(w) for w in self._ready_at.values())
+
+
+# ---- gauges of the core's state, computed at scrape time ------------------------------------
+
+
+def state_gauges(core: SchedulerState, now: float, wall_ms: int) -> StateGauges:
+    """The state gauges of ``core`` (``now``: monotonic seconds, ``wall_ms``: wall clock).
+
+    Must run where the core is not being changed (on the event loop): it walks every live
+    action once, which costs about a microsecond per action, only when /metrics is scraped.
+    """
+    g = StateGauges()
+    actions = g.actions
+    queue = g.queue_depth
+    flight = g.items_in_flight
+    for wf in core.workflows.values():
+        if wf.state != RUNNING_WF:
+            continue
+        g.workflows_running += 1
+        for a in wf.actions.values():
+            label = _LIVE_LABEL.get(a.state)
+            if label is None:
+                continue
+            actions[label] = actions.get(label, 0) + 1
+            if label == "ready":
+                cls = "exec" if a.spec.HasField("exec") else "handler"
+                queue[cls] = queue.get(cls, 0) + 1
+            elif a.parent is not None and label in ("leased", "running") and not fans_out(a.spec):
+                kind = "pipeline" if a.parent.spec.HasField("pipeline") else "map"
+                flight[kind] = flight.get(kind, 0) + 1
+    for w in core.workers.values():
+        offset: float | None = None
+        if w.last_hlc.physical_ms:
+            # Our wall clock when its last message arrived, against the stamp it carried.
+            arrived_ms = wall_ms - (now - w.last_seen) * 1000.0
+            offset = (w.last_hlc.physical_ms - arrived_ms) / 1000.0
+        g.workers[w.worker_id] = WorkerGauges(
+            heartbeat_age=max(0.0, now - w.last_renewed),
+            clock_offset=offset,
+            slots=w.slots,
+            slots_used=max(0, w.slots - max(0, w.free)),
+        )
+    return g
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _exemplar(core: SchedulerState, workflow_id: str) -> dict[str, str] | None:
+    """``{"trace_id": ...}`` of a workflow's trace (derived, so it exists with export off)."""
+    wf = core.workflows.get(workflow_id)
+    if wf is None:
+        return None
+    return {"trace_id": f"{trace_id_for(workflow_id, wf.traceparent):032x}"}
+
+
+def _lease_extra(worker_id: str, lease_id: str) -> dict[str, str]:
+    """Log context of a lease: its worker, lease, workflow and action ids."""
+    extra = {"worker_id": worker_id, "lease_id": lease_id}
+    parts = lease_id.rsplit("/", 2)
+    if len(parts) == 3:
+        extra["workflow_id"], extra["action_id"] = parts[0], parts[1]
+    return extra
 
 
 def _loss_reason(reason: int) -> str:

@@ -19,9 +19,10 @@ rest of the batch is handled again. A core that keeps failing stops the process 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -44,10 +45,11 @@ from plait.coordinator.core.outputs import OutputStore
 from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
-from plait.coordinator.metrics import CoordinatorMetrics
-from plait.coordinator.observations import Observations
-from plait.coordinator.services.errors import InputRefusals, InternalErrors
+from plait.coordinator.metrics import CoordinatorMetrics, StateGauges
+from plait.coordinator.observations import Observations, state_gauges
+from plait.coordinator.services.errors import InputRefusals, InternalErrors, Throttle
 from plait.coordinator.tracing import Tracing
+from plait.coordinator.watchers import Watchers
 from plait.errors import NotFoundError, NotLeaderError, PlaitError, UnavailableError
 from plait.hlc import HlcTimestamp
 from plait.v1 import worker_service_pb2 as wpb
@@ -59,30 +61,14 @@ log = logging.getLogger(__name__)
 Outbound = wpb.ConnectResponse | SessionEnd | PlaitError | None
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
-_WATCH_QUEUE_LIMIT = 10_000  # commits a watcher may fall behind before its stream ends
-_WATCH_BATCH_BYTES = 1 << 20
 _CEILING_STEP_MS = 1000  # how far ahead each stored HLC ceiling reaches
 _RETENTION_EVERY = 60.0  # seconds between retention sweeps
 # A core that fails more often than this is broken, not unlucky: the process stops.
 _REBUILDS_ALLOWED = 3
 _REBUILD_WINDOW = 60.0  # seconds
-
-
-def _by_size(events: list[pb.HistoryEvent]) -> list[list[pb.HistoryEvent]]:
-    """Splits replayed events into batches of about 1 MiB (under the 4 MiB message limit)."""
-    out: list[list[pb.HistoryEvent]] = []
-    batch: list[pb.HistoryEvent] = []
-    size = 0
-    for ev in events:
-        n = ev.ByteSize()
-        if batch and size + n > _WATCH_BATCH_BYTES:
-            out.append(batch)
-            batch, size = [], 0
-        batch.append(ev)
-        size += n
-    if batch:
-        out.append(batch)
-    return out
+# How long a /metrics scrape waits for the event loop to copy the state gauges; a loop busier
+# than this answers without them (the scrape still returns every counter).
+_SCRAPE_WAIT = 2.0
 
 
 class Runtime:
@@ -108,9 +94,7 @@ class Runtime:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._sessions: dict[str, asyncio.Queue[Outbound]] = {}
-        self._watchers: dict[str, set[asyncio.Queue[list[pb.HistoryEvent] | None]]] = defaultdict(
-            set
-        )
+        self.watchers = Watchers(store)
         self._durable = 0
         self._durable_cond = asyncio.Condition()
         self._ids = itertools.count(1)
@@ -130,6 +114,9 @@ class Runtime:
         self._rebuilding = False
         self._rebuilds: deque[float] = deque()
         self._failure: Exception = RuntimeError("no failure")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scrape_log = Throttle(clock)
+        metrics.read_state_from(self.scrape_state)
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -144,6 +131,9 @@ class Runtime:
         self._ceiling = head.hlc_ceiling_ms
         self._durable = core.sequence
         self.core = core
+        self._loop = asyncio.get_running_loop()
+        self.metrics.term.set(self.store.term)
+        self.metrics.leader.set(1)
         self._task = asyncio.create_task(self._run(), name="plait-runtime")
 
     def _new_core(self, hlc_floor: HlcTimestamp) -> SchedulerState:
@@ -183,6 +173,7 @@ class Runtime:
             worker_id: Revocation.from_json(record)
             for worker_id, record in (await self.store.revocations()).items()
         }
+        self.tracing.resume(core)  # spans from now on continue the journalled workflows' traces
         return applied
 
     async def stop(self) -> None:
@@ -193,9 +184,8 @@ class Runtime:
             await self._task
         for q in self._sessions.values():
             q.put_nowait(None)
-        for qs in self._watchers.values():
-            for wq in qs:
-                wq.put_nowait(None)
+        self.watchers.close()
+        self.metrics.leader.set(0)
 
     @property
     def state(self) -> SchedulerState:
@@ -307,48 +297,13 @@ class Runtime:
 
     # ---- watchers -------------------------------------------------------------------------
 
-    async def watch(
+    def watch(
         self, workflow_id: str, after: int, follow: bool
     ) -> AsyncIterator[list[pb.HistoryEvent]]:
         """Replays the history after ``after`` from the journal, then live events, in batches."""
         if workflow_id not in self.state.workflows:
             raise NotFoundError(f"workflow {workflow_id!r} not found")
-        q: asyncio.Queue[list[pb.HistoryEvent] | None] = asyncio.Queue(_WATCH_QUEUE_LIMIT)
-        self._watchers[workflow_id].add(q)
-        try:
-            last = after
-            finished = False
-            while True:
-                page = await self.store.read(workflow_id, last, 5000)
-                for batch in _by_size(page):
-                    yield batch
-                if page:
-                    last = page[-1].sequence
-                    finished = page[-1].type == E.EVENT_TYPE_WORKFLOW_FINISHED
-                if len(page) < 5000:
-                    break
-            if not follow or finished:
-                return
-            while True:
-                events = await q.get()
-                if events is None:
-                    raise UnavailableError(
-                        f"watch of {workflow_id} ended (coordinator stopping or watcher too slow);"
-                        f" resume after sequence {last}"
-                    )
-                fresh = [ev for ev in events if ev.sequence > last]
-                if not fresh:
-                    continue
-                last = fresh[-1].sequence
-                yield fresh
-                if fresh[-1].type == E.EVENT_TYPE_WORKFLOW_FINISHED:
-                    return
-        finally:
-            qs = self._watchers.get(workflow_id)
-            if qs is not None:
-                qs.discard(q)
-                if not qs:
-                    del self._watchers[workflow_id]
+        return self.watchers.watch(workflow_id, after, follow)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -538,7 +493,7 @@ class Runtime:
             for wf in core.workflows.values()
             if wf.finished_wall_ms
             and wf.finished_wall_ms < horizon
-            and wf.workflow_id not in self._watchers
+            and wf.workflow_id not in self.watchers
         ]
         if old:
             core.forget(old)
@@ -557,9 +512,9 @@ class Runtime:
                     fut.set_exception(PlaitError("internal error delivering the reply"))
 
     def _deliver(self, out: Outcome) -> None:
-        self.observations.observe_records(out.records)
-        self._publish(out.records)
         core = self.state
+        self.observations.observe_records(core, out.records, self.clock.monotonic())
+        self.watchers.publish(out.records)
         for session_id, msgs in out.sends.items():
             q = self._sessions.get(session_id)
             if q is None:
@@ -584,30 +539,58 @@ class Runtime:
                 fut.set_exception(value)
             else:
                 fut.set_result(value)
-        self.observations.observe(out.observations, core.workers)
+        self.observations.observe(out.observations, core)
         m = self.metrics
         m.workers_connected.set(len(core.by_session))
         m.workers_revoked.set(len(core.revoked))
         m.ready_actions.set(sum(len(wf.ready) for wf in core.active) + len(core.delayed))
 
-    def _publish(self, records: list[pb.HistoryEvent]) -> None:
-        """Hands each watched workflow its new events (one list per workflow and commit)."""
-        watchers = self._watchers
-        if not watchers:
-            return
-        per_workflow: dict[str, list[pb.HistoryEvent]] = {}
-        for ev in records:
-            if ev.workflow_id in watchers:
-                per_workflow.setdefault(ev.workflow_id, []).append(ev)
-        for workflow_id, events in per_workflow.items():
-            qs = watchers[workflow_id]
-            for q in list(qs):
-                try:
-                    q.put_nowait(events)
-                except asyncio.QueueFull:  # too slow: end its stream, it may resume by sequence
-                    qs.discard(q)
-                    q._queue.clear()  # type: ignore[attr-defined]
-                    q.put_nowait(None)
+    # ---- gauges at scrape time ----------------------------------------------------------------
+
+    def scrape_state(self) -> StateGauges | None:
+        """The state gauges, copied on the event loop; None without a core (a standby).
+
+        A scrape runs on the metrics server's thread while the loop changes the core, so the
+        copy is made on the loop, between two batches (consistent, and nothing is paid between
+        scrapes); the scraping thread waits for it at most ``_SCRAPE_WAIT`` seconds.
+        """
+        loop = self._loop
+        if loop is None or self.core is None or loop.is_closed():
+            return None
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:  # scraped from the loop itself (in-process tests): no hop needed
+            return self._state_gauges()
+        fut: concurrent.futures.Future[StateGauges | None] = concurrent.futures.Future()
+
+        def fill() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(self._state_gauges())
+            except Exception as e:  # reported to the scrape's log line below
+                fut.set_exception(e)
+
+        try:
+            loop.call_soon_threadsafe(fill)
+            return fut.result(timeout=_SCRAPE_WAIT)
+        except RuntimeError:  # the loop closed meanwhile
+            return None
+        except Exception as e:  # a slow loop (TimeoutError) or a bug: the counters still go
+            fut.cancel()
+            if self._scrape_log.first(("scrape",)):
+                log.warning(
+                    "state gauges left out of a /metrics scrape: %s: %s", type(e).__name__, e
+                )
+            return None
+
+    def _state_gauges(self) -> StateGauges | None:
+        core = self.core
+        if core is None or self._rebuilding:
+            return None
+        return state_gauges(core, self.clock.monotonic(), self.clock.wall_ms())
 
 
 class _CoreBroken(Exception):

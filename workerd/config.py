@@ -27,7 +27,13 @@ from plait.durations import parse_duration
 from plait.endpoints import parse_targets
 from plait.errors import ConfigError
 from plait.ids import describe_id
-from plait.security import TlsFiles, check_token_transport, identity_from_pem, tls_from_env
+from plait.security import (
+    TlsFiles,
+    check_token_transport,
+    identity_from_pem,
+    is_loopback_host,
+    tls_from_env,
+)
 from plait.worker.handlers import Worker
 from plait.worker.resources import (
     RESOURCE_NAME_RE,
@@ -42,6 +48,7 @@ from plait.workerd.secrets import SecretStore
 
 DEFAULT_COORDINATOR = "127.0.0.1:7450"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_./-]{0,62}[A-Za-z0-9])?")
 _MAX_SLOTS = 65536
 
@@ -81,6 +88,12 @@ class WorkerdConfig:
     tmp_root: str = ""
     """``--tmp-root``: where attempt directories live; empty: ``$TMPDIR``/``/var/tmp``
     ``/plait-<worker id>``."""
+    log_format: str = "text"
+    """``--log-format``: ``text`` or ``json`` (one object per line: :mod:`plait.logs`)."""
+    metrics_listen: str | None = None
+    """``--metrics-listen HOST:PORT``: serve Prometheus /metrics there; ``None``: off."""
+    metrics_public: bool = False
+    """``--metrics-public``: allow ``--metrics-listen`` on a non-loopback address."""
 
     def validate(self) -> None:
         """Raises :class:`ConfigError` naming the flag of the first bad value."""
@@ -108,13 +121,35 @@ class WorkerdConfig:
             raise ConfigError(
                 f"--cgroup: {self.cgroup!r} must be auto, off or an absolute cgroup v2 directory"
             )
+        self._check_observability()
         if not self.exec_enabled and not self.handlers:
             raise ConfigError("--no-exec: nothing left to serve; add --handlers or drop --no-exec")
+
+    def _check_observability(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}")
+        if self.metrics_listen is not None:
+            host, _ = parse_metrics_listen(self.metrics_listen)
+            if not is_loopback_host(host) and not self.metrics_public:
+                raise ConfigError(
+                    f"--metrics-listen {self.metrics_listen}: not a loopback address; /metrics"
+                    " is served without TLS or authentication, so pass --metrics-public to"
+                    " serve it beyond this host (and firewall it)"
+                )
 
 
 def parse_coordinator(text: str) -> tuple[str, ...]:
     """The coordinator addresses (``HOST:PORT``, comma-separated for several)."""
     return parse_targets(text, "--coordinator")
+
+
+def parse_metrics_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6; port 0 picks a free one) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if host.startswith("[") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--metrics-listen {text!r}: expected HOST:PORT such as 127.0.0.1:9464")
+    return host, int(port)
 
 
 def parse_clock_offset(text: str) -> int:
@@ -237,6 +272,26 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--log-level", default="INFO", type=str.upper, help="DEBUG, INFO, WARNING or ERROR"
     )
     p.add_argument(
+        "--log-format",
+        default=environ.get("PLAIT_LOG_FORMAT") or "text",
+        choices=LOG_FORMATS,
+        help="text, or json: one object per line with ts, level, logger, message, trace_id,"
+        " span_id, workflow_id, action_id, worker_id, lease_id (env PLAIT_LOG_FORMAT;"
+        " default %(default)s)",
+    )
+    obs = p.add_argument_group("metrics")
+    obs.add_argument(
+        "--metrics-listen",
+        default=environ.get("PLAIT_METRICS_LISTEN") or None,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics on this address (env PLAIT_METRICS_LISTEN; default off)",
+    )
+    obs.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="allow --metrics-listen on a non-loopback address (plain HTTP, no authentication)",
+    )
+    p.add_argument(
         "--secret",
         action="append",
         default=[],
@@ -344,9 +399,19 @@ def config_from_args(
         rlimits=parse_rlimit_flags(args.rlimit, run_as=run_as is not None),
         cgroup=args.cgroup.strip() or "auto",
         tmp_root=args.tmp_root or "",
+        log_format=args.log_format,
+        metrics_listen=_off_or(args.metrics_listen),
+        metrics_public=args.metrics_public,
     )
     config.validate()
     return config
+
+
+def _off_or(value: str | None) -> str | None:
+    """``None`` for an absent, empty or ``off`` value."""
+    if value is None or value.strip().lower() in ("", "off", "none"):
+        return None
+    return value.strip()
 
 
 def worker_id_for(given: str | None, tls: TlsFiles | None) -> str:

@@ -47,6 +47,7 @@ from plait.worker.executor import (
     AttemptContext,
     AttemptResult,
     Code,
+    attempt_trace,
 )
 from plait.worker.handlers import parse_inputs, parse_item
 from plait.workerd.confinement import Confinement, Sandbox
@@ -395,6 +396,12 @@ class _ExecAttempt:
             inputs_env=inputs_text if len(inputs) <= self.ex.inputs_env_limit else "",
             item_env=self._item_env(item) if has_item else None,
         )
+        trace = attempt_trace(self.ctx)
+        if trace is not None and trace.traceparent:
+            # The execute span, so what the action traces nests under this attempt's run.
+            env["TRACEPARENT"] = trace.traceparent
+            if trace.tracestate:
+                env["TRACESTATE"] = trace.tracestate
         return argv, inputs, env_without_nul(env)
 
     def _item_env(self, item: Any) -> str:

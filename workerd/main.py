@@ -7,6 +7,11 @@ signal kills the attempts and exits at once.
 Before connecting it checks who exec actions would run as (root, or the coordinator's uid, is
 refused unless ``--allow-root``: :func:`plait.workerd.runas.exec_identity_problems`) and
 prepares the sandbox (:mod:`plait.workerd.startup`); either failing is exit status 2.
+
+Observability: ``--log-format text|json`` (:mod:`plait.logs`), ``--metrics-listen`` serves
+Prometheus /metrics (:mod:`plait.workerd.metrics`; loopback unless ``--metrics-public``, else
+exit 2), and every attempt runs inside a ``plait.action.execute`` span exported as the
+``OTEL_*`` environment says (service ``plait-workerd``; :mod:`plait.worker.spans`).
 """
 
 from __future__ import annotations
@@ -16,23 +21,28 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from plait import __version__
 from plait.clock import SystemClock
 from plait.errors import ConfigError
+from plait.logs import configure_logging
 from plait.worker.executor import Executor
 from plait.worker.handlers import Worker
 from plait.worker.serve import serve
 from plait.worker.session import SessionStats, WorkerSession
+from plait.worker.spans import ExecuteTracing
 from plait.workerd.config import (
     WorkerdConfig,
     build_parser,
     config_from_args,
     load_worker,
     parse_coordinator,
+    parse_metrics_listen,
 )
 from plait.workerd.exec_executor import ExecExecutor, install_child_watcher
 from plait.workerd.keeper import Keeper
+from plait.workerd.metrics import WorkerdMetrics, serve_metrics
 from plait.workerd.runas import exec_identity_problems
 from plait.workerd.startup import ExecSetup, prepare_exec
 
@@ -46,13 +56,35 @@ async def run(
     install_signal_handlers: bool = True,
     on_session: Callable[[WorkerSession], None] | None = None,
     exec_setup: ExecSetup | None = None,
+    tracing: ExecuteTracing | None = None,
 ) -> SessionStats:
     """Runs the daemon until it drains or stops.
 
     ``exec_setup`` is the prepared sandbox (:func:`prepare_for`); made here when not given.
+    ``tracing`` opens the execute spans; by default as the ``OTEL_*`` environment says.
     """
     keeper: Keeper | None = None
     executors: list[Executor] = []
+    metrics = WorkerdMetrics()
+    metrics_http: Any = None
+    if config.metrics_listen is not None:
+        host, port = parse_metrics_listen(config.metrics_listen)
+        try:
+            metrics_http, bound = serve_metrics(metrics, host, port)
+        except OSError as err:
+            raise ConfigError(
+                f"--metrics-listen {config.metrics_listen}: cannot listen there"
+                f" ({err.strerror or err})"
+            ) from None
+        log.info("serving Prometheus /metrics on %s", _host_port(host, bound))
+    if tracing is None:
+        tracing = ExecuteTracing.from_env("plait-workerd", set_global=True)
+
+    def session_made(session: WorkerSession) -> None:
+        metrics.attach(session)
+        if on_session is not None:
+            on_session(session)
+
     if config.exec_enabled:
         if exec_setup is None:
             exec_setup = prepare_for(config)
@@ -100,15 +132,24 @@ async def run(
             reconnect_max=config.reconnect_max,
             agent=f"plait-workerd/{__version__}",
             install_signal_handlers=install_signal_handlers,
-            on_session=on_session,
+            on_session=session_made,
             tls=config.tls,
             token=config.token,
+            tracing=tracing,
+            observer=metrics,
         )
     finally:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
         if keeper is not None:
             keeper.close()
         if exec_setup is not None:
             exec_setup.close()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def prepare_for(config: WorkerdConfig) -> ExecSetup:
@@ -153,11 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refusal:
         print(f"plait-workerd: error: {refusal}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging("json" if config.log_format == "json" else "text", config.log_level)
     for warning in warnings:
         log.warning("%s", warning)
     try:
@@ -170,4 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run(config, workers, exec_setup=exec_setup))
     except KeyboardInterrupt:
         return 130
+    except ConfigError as err:
+        print(f"plait-workerd: error: {err.message}", file=sys.stderr)
+        return 2
     return 0

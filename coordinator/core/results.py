@@ -15,7 +15,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from plait.coordinator.core import attempts, hedges
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import Outcome, WorkerRecord
+from plait.coordinator.core.model import ActionRecord, Outcome, WorkerRecord
 from plait.coordinator.core.sessions import (
     action_for_lease_id,
     requeue_after_loss,
@@ -98,7 +98,12 @@ def _refuse(
         message = f"lease {res.lease_id!r} is no longer live (action {t.S.Name(a.state)})"  # type: ignore[arg-type]
     ack.status.code = code_pb2.FAILED_PRECONDITION
     ack.status.message = message
-    out.observe("stale_result", worker_id=w.worker_id, detail=message, lease_id=res.lease_id)
+    out.observe(
+        "stale_result",
+        worker_id=w.worker_id,
+        detail=refusal_reason(a, token),
+        lease_id=res.lease_id,
+    )
     if a is not None:
         ev = st.record(
             a.workflow,
@@ -110,6 +115,22 @@ def _refuse(
         )
         ev.fencing_token = token
         ev.error.CopyFrom(ack.status)
+
+
+def refusal_reason(a: ActionRecord | None, token: int) -> str:
+    """Why a holder's result was refused, typed (``plait_results_refused_total{reason}``).
+
+    ``cancelled``: the action was cancelled, so this is an ordinary late result; ``superseded``:
+    a newer token exists and the action goes on (a zombie attempt); ``not_live``: the lease
+    ended otherwise (lost, timed out, the action finished); ``unknown_lease``: no such action.
+    """
+    if a is None:
+        return "unknown_lease"
+    if a.state == t.CANCELLED:
+        return "cancelled"
+    if a.token > token:
+        return "superseded"
+    return "not_live"
 
 
 def on_result(

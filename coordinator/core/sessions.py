@@ -52,6 +52,11 @@ def charged(why: int) -> bool:
     return why not in UNCHARGED
 
 
+def lease_id_for(workflow_id: str, action_id: str, token: int) -> str:
+    """The id of an action's lease with fencing ``token``: ``workflow/action/token``."""
+    return f"{workflow_id}/{action_id}/{token}"
+
+
 def action_for_lease_id(st: SchedulerState, lease_id: str) -> ActionRecord | None:
     """The action a lease id (``workflow/action/token``) names, if it exists."""
     parts = lease_id.rsplit("/", 2)
@@ -78,7 +83,7 @@ def grant(
     inputs_json, lease_bytes = inputs or lease_size.lease_inputs(st, a)
     token = a.token + 1
     wf_id = a.workflow.workflow_id
-    lease_id = f"{wf_id}/{a.spec.id}/{token}"
+    lease_id = lease_id_for(wf_id, a.spec.id, token)
     g = out.grant(w, lease_bytes)  # first: the lease remembers the grant's sequence
     st.emit(
         a.workflow,

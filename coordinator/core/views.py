@@ -11,6 +11,7 @@ from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, WorkerRecord, WorkflowRecord
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
 from plait.jsonlimits import utf8_len
+from plait.tracecontext import trace_id_for
 from plait.v1 import admin_service_pb2 as apb
 from plait.v1 import workflow_pb2 as pb
 
@@ -103,6 +104,7 @@ def _header(wf: WorkflowRecord) -> pb.WorkflowStatus:
         state=wf.state,  # type: ignore[arg-type]
         reason=wf.reason,
         idempotency_key=wf.idempotency_key,
+        trace_id=f"{trace_id_for(wf.workflow_id, wf.traceparent):032x}",
     )
     out.submitted_at.FromMilliseconds(wf.submitted_wall_ms)
     out.submitted_hlc.physical_ms, out.submitted_hlc.logical = wf.submitted_hlc

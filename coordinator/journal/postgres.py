@@ -121,6 +121,11 @@ class PostgresJournal:
         # One transaction at a time on the writer connection.
         self._write_lock = asyncio.Lock()
 
+    @property
+    def term(self) -> int:
+        """The leadership term the store was opened with (0 before :meth:`open`)."""
+        return self._term or 0
+
     async def open(self, term: int) -> JournalHead:
         self._term = term
         try:

@@ -82,6 +82,11 @@ class JournalStore(Protocol):
         """Creates the schema if needed, fences later appends by ``term``, returns the head."""
         ...
 
+    @property
+    def term(self) -> int:
+        """The leadership term the store was opened with (0 before :meth:`open`)."""
+        ...
+
     async def append(
         self, events: Sequence[pb.HistoryEvent], *, hlc_ceiling_ms: int | None = None
     ) -> None:

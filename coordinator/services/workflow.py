@@ -12,6 +12,7 @@ from plait.coordinator.core.validate import validate_submit
 from plait.coordinator.runtime import Runtime
 from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
 from plait.ids import describe_id
+from plait.tracecontext import describe_traceparent
 from plait.v1 import workflow_pb2 as pb
 from plait.v1 import workflow_service_pb2 as wspb
 from plait.v1 import workflow_service_pb2_grpc as wsgrpc
@@ -61,6 +62,10 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
     ) -> wspb.SubmitWorkflowResponse:
         merge_client_hlc(self.runtime, request.hlc)
         validate_submit(request.spec, request.idempotency_key, self.limits)
+        if request.traceparent:
+            why = describe_traceparent(request.traceparent)
+            if why:
+                raise InvalidArgumentError([FieldViolation("traceparent", why)])
         rt = self.runtime
         workflow_id, created = await rt.call(
             lambda reply: WorkflowSubmitted(
@@ -69,6 +74,7 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
                 request.spec,
                 request.idempotency_key,
                 reply,
+                traceparent=request.traceparent,
             )
         )
         return self._stamp(wspb.SubmitWorkflowResponse(workflow_id=workflow_id, created=created))  # type: ignore[no-any-return]

@@ -114,7 +114,9 @@ async def test_metrics_count_what_happened(coordinator: CoordinatorServer) -> No
     assert samples["plait_workers_connected"] == 1
     assert samples["plait_action_duration_seconds_count"] == 2
     assert samples["plait_journal_commit_seconds_count"] >= 1
-    assert "plait_stale_results_refused_total" in samples
+    assert "# TYPE plait_results_refused_total counter" in text
+    assert "plait_stale_results_refused_total" not in text  # replaced by the one with reasons
+    assert not [name for name in samples if "_created" in name]
     await w.close()
 
 

@@ -37,8 +37,15 @@ import grpc
 from plait import hlc, security
 from plait.clock import Clock, SystemClock
 from plait.endpoints import DEFAULT_TARGET, Endpoints, Failover, not_leader_of, resolve_targets
-from plait.errors import PlaitError, UnavailableError, from_rpc_error
+from plait.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    PlaitError,
+    UnavailableError,
+    from_rpc_error,
+)
 from plait.security import TlsFiles
+from plait.tracecontext import describe_traceparent, format_traceparent
 from plait.v1 import (
     admin_service_pb2,
     admin_service_pb2_grpc,
@@ -276,6 +283,7 @@ class Client:
         self,
         workflow: workflow_pb2.WorkflowSpec | _ToSpec | str | os.PathLike[str],
         idempotency_key: str | None = None,
+        traceparent: str | None = None,
     ) -> workflow_service_pb2.SubmitWorkflowResponse:
         """Submits a spec, a :class:`plait.Workflow`, or the path of a YAML workflow file.
 
@@ -286,7 +294,17 @@ class Client:
         on another coordinator (after a standby's refusal or a lost connection) can never
         create two workflows; a workflow found under a generated key was created by this very
         call, so ``created`` is then true.
+
+        ``traceparent``: a W3C trace context the workflow's span becomes a child of (its trace
+        id is then the workflow's). By default, the current OpenTelemetry span's, when
+        ``opentelemetry`` is installed and a span is current; ``""`` gives none.
         """
+        if traceparent is None:
+            traceparent = _current_traceparent()
+        elif traceparent:
+            why = describe_traceparent(traceparent)
+            if why:
+                raise InvalidArgumentError([FieldViolation("traceparent", why)])
         if isinstance(workflow, workflow_pb2.WorkflowSpec):
             spec = workflow
         elif isinstance(workflow, str | os.PathLike | Path):
@@ -297,7 +315,9 @@ class Client:
             spec = workflow.to_spec()
         generated = not idempotency_key
         key = idempotency_key or f"plait-submit-{uuid.uuid4().hex}"
-        request = workflow_service_pb2.SubmitWorkflowRequest(spec=spec, idempotency_key=key)
+        request = workflow_service_pb2.SubmitWorkflowRequest(
+            spec=spec, idempotency_key=key, traceparent=traceparent
+        )
         response: workflow_service_pb2.SubmitWorkflowResponse = self._call(
             lambda c: c.workflows.SubmitWorkflow, request
         )
@@ -542,3 +562,16 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _current_traceparent() -> str:
+    """The traceparent of the caller's current OpenTelemetry span ("" when there is none, or
+    when opentelemetry is not installed)."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return ""
+    sc = trace.get_current_span().get_span_context()
+    if not sc.is_valid:
+        return ""
+    return format_traceparent(sc.trace_id, sc.span_id, sc.trace_flags.sampled)

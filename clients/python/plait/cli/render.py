@@ -182,6 +182,8 @@ def workflow_header(status: workflow_pb2.WorkflowStatus) -> list[str]:
         lines.append(f"reason    {clean(status.reason)}")
     if status.idempotency_key:
         lines.append(f"key       {clean(status.idempotency_key)}")
+    if status.trace_id:
+        lines.append(f"trace     {clean(status.trace_id)}")
     return lines
 
 

@@ -9,12 +9,17 @@ It sends nothing itself. It tells the session through callbacks when an attempt 
 (queue a start report), made progress (queue a progress report), has finished (queue its
 result, credit the slots it freed) and when queued reports should leave; the session batches
 them onto the stream.
+
+Each attempt runs inside an execute span (:mod:`plait.worker.spans`), opened here before its
+executor starts and ended here with its result; an :class:`AttemptObserver` (workerd's metrics)
+hears of every attempt that ends.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, Protocol
 
 from plait.clock import Clock
 from plait.errors import error_type_problem
@@ -30,8 +35,25 @@ from plait.worker.executor import (
     Executor,
 )
 from plait.worker.session_config import SessionStats
+from plait.worker.spans import ExecuteSpan, ExecuteTracing
 
-__all__ = ["Attempt", "AttemptBook"]
+__all__ = ["Attempt", "AttemptBook", "AttemptObserver", "CancelCause"]
+
+CancelCause = Literal["cancelled", "lease_lost", "timeout", "other"]
+"""Why the worker killed an attempt: the coordinator cancelled it (a user, a workflow's end),
+its lease is lost or about to be (self-fencing, superseded, not adopted, refused), the
+coordinator's run timeout, or the worker itself is stopping."""
+
+
+class AttemptObserver(Protocol):
+    """Hears of every attempt that ended (workerd's metrics implement it)."""
+
+    def attempt_finished(
+        self, kind: str, result: pb.ActionResult, seconds: float, trace_id: str, cause: str
+    ) -> None:
+        """``kind`` is ``exec`` or ``handler``; ``cause`` a :data:`CancelCause` or empty."""
+        ...
+
 
 # The session's logger: these lines always came from it, and log formats print the name.
 log = logging.getLogger("plait.worker.session")
@@ -42,13 +64,16 @@ class Attempt:
 
     __slots__ = (
         "_book",
+        "cancel_cause",
         "cancelling",
         "done",
         "handle",
+        "kind",
         "lease_id",
         "slots",
         "started",
         "token",
+        "trace",
     )
 
     def __init__(
@@ -62,6 +87,11 @@ class Attempt:
         self.handle: AttemptHandle | None = None
         self.done = False
         self.cancelling = False
+        self.cancel_cause = ""
+        self.kind = ""
+        """``exec`` or ``handler`` once routed."""
+        self.trace: ExecuteSpan | None = None
+        """The attempt's execute span; executors run the attempt inside it."""
 
     @property
     def kill_grace(self) -> float:
@@ -77,11 +107,12 @@ class Attempt:
         if not self.done:
             self._book.progress(self, details_json)
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, cause: CancelCause = "cancelled") -> None:
         """Asks the executor to kill the attempt (once); it still reports how it ended."""
         if self.cancelling or self.done:
             return
         self.cancelling = True
+        self.cancel_cause = cause
         if self.handle is not None:
             self.handle.cancel(reason)
 
@@ -108,6 +139,8 @@ class AttemptBook:
         on_finished: Callable[[pb.ActionResult, int], None],
         flush_soon: Callable[[], None],
         on_progress: Callable[[pb.LeaseProgress], None] | None = None,
+        tracing: ExecuteTracing | None = None,
+        observer: AttemptObserver | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.slots = slots
@@ -119,6 +152,8 @@ class AttemptBook:
         self._on_finished = on_finished
         self._flush_soon = flush_soon
         self._on_progress = on_progress
+        self._tracing = tracing if tracing is not None else ExecuteTracing()
+        self.observer = observer
         self._exec: Executor | None = None
         self._by_handler: dict[str, Executor] = {}
         for ex in executors:
@@ -162,12 +197,12 @@ class AttemptBook:
         reports += [pb.LeaseReport(lease_id=lid, fencing_token=tok) for lid, tok in self.unacked]
         return reports
 
-    def cancel(self, lease_id: str, reason: str) -> bool:
+    def cancel(self, lease_id: str, reason: str, cause: CancelCause = "cancelled") -> bool:
         """Kills the attempt of ``lease_id``; False if none is running."""
         att = self.attempts.get(lease_id)
         if att is None:
             return False
-        att.cancel(reason)
+        att.cancel(reason, cause)
         return True
 
     def refused(self, refusals: Iterable[pb.ResultAck]) -> int:
@@ -191,14 +226,14 @@ class AttemptBook:
                 att.token,
                 why,
             )
-            att.cancel(f"refused by the coordinator: {why}")
+            att.cancel(f"refused by the coordinator: {why}", "lease_lost")
             killed += 1
         return killed
 
-    def cancel_all(self, reason: str) -> None:
+    def cancel_all(self, reason: str, cause: CancelCause = "other") -> None:
         """Kills every running attempt."""
         for att in list(self.attempts.values()):
-            att.cancel(reason)
+            att.cancel(reason, cause)
 
     def start(self, lease: pb.Lease) -> None:
         """Starts an attempt of a granted lease on its executor, or reports why it cannot run."""
@@ -208,6 +243,8 @@ class AttemptBook:
             return
         need = lease.action.slots or 1
         att = Attempt(self, lid, token, need, self._clock.monotonic())
+        att.kind = "exec" if lease.action.WhichOneof("kind") == "exec" else "handler"
+        att.trace = self._tracing.start(lease, self.worker_id)
         if self.used + need > self.slots:
             self._stats.over_grants += 1
             log.error(
@@ -278,6 +315,7 @@ class AttemptBook:
         self.attempts.pop(att.lease_id, None)
         self.used -= att.slots
         outcome = result.outcome
+        seconds = self._clock.monotonic() - att.started
         r = pb.ActionResult(
             lease_id=att.lease_id,
             fencing_token=att.token,
@@ -292,9 +330,20 @@ class AttemptBook:
             r.error.message = result.error
         if outcome == FAILED and result.error_type:
             r.error_type = self._error_type(att, result.error_type)
-        r.duration.FromNanoseconds(int((self._clock.monotonic() - att.started) * 1e9))
+        r.duration.FromNanoseconds(int(seconds * 1e9))
         self._hlc.stamp(r.finished_hlc)
         self.unacked[(att.lease_id, att.token)] = r
+        trace_id = ""
+        if att.trace is not None:
+            trace_id = att.trace.trace_id
+            att.trace.end(
+                outcome, result.error, exit_code=result.exit_code if att.kind == "exec" else None
+            )
+        if self.observer is not None:
+            try:
+                self.observer.attempt_finished(att.kind, r, seconds, trace_id, att.cancel_cause)
+            except Exception:  # a metrics bug must not lose a result
+                log.exception("attempt observer failed on lease %s", att.lease_id)
         self._on_finished(r, att.slots)
 
     def _error_type(self, att: Attempt, error_type: str) -> str:

@@ -11,6 +11,8 @@ Contract:
 * The executor calls :meth:`AttemptContext.report` exactly once per attempt, on the loop thread,
   whatever happens (success, failure, cancellation, an internal error).
 * :meth:`Executor.cancel` asks an attempt to stop; it still reports (normally ``CANCELLED``).
+* The attempt runs inside its execute span (:func:`attempt_trace`): a handler attached to its
+  context, an exec action with ``TRACEPARENT`` naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Protocol
 
 from plait import jsonlimits
 from plait.v1 import worker_service_pb2 as pb
+from plait.worker.spans import ExecuteSpan
 
 SUCCEEDED = pb.ACTION_OUTCOME_SUCCEEDED
 FAILED = pb.ACTION_OUTCOME_FAILED
@@ -158,3 +161,13 @@ class Executor(Protocol):
     async def aclose(self) -> None:
         """Stops every attempt still running and releases resources."""
         ...
+
+
+def attempt_trace(ctx: AttemptContext) -> ExecuteSpan | None:
+    """The attempt's execute span when ``ctx`` carries one (the session's contexts do).
+
+    Optional so that contexts made elsewhere (tests, other hosts of an executor) still work:
+    their attempts simply run untraced.
+    """
+    trace = getattr(ctx, "trace", None)
+    return trace if isinstance(trace, ExecuteSpan) else None

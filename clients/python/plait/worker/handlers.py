@@ -9,6 +9,9 @@ through ``ctx.cancelled`` — a late result is simply refused by fencing.
 ``ctx.heartbeat(details)`` reports progress from either kind of handler (from any thread): the
 session batches it into ``ActionProgress`` and the coordinator resets the attempt's
 ``heartbeat_timeout``. ``ctx.item`` is a map child's item (``"item"`` in ``Lease.inputs_json``).
+
+Both kinds run inside the attempt's execute span (:mod:`plait.worker.spans`): a span a handler
+opens is its child, and log lines it writes carry its trace id (:mod:`plait.logs`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from plait.worker.executor import (
     AttemptContext,
     AttemptResult,
     Code,
+    attempt_trace,
 )
+from plait.worker.spans import attached
 
 log = logging.getLogger(__name__)
 
@@ -428,14 +433,23 @@ class HandlerExecutor:
                 loop.call_soon_threadsafe(ctx.progress, details_json)
 
         actx = ActionContext.from_lease(lease, progress)
+        trace = attempt_trace(ctx)
+        otel_ctx = trace.context if trace is not None else None
         if reg.is_async:
             running = _Running(actx, None)
-            running.task = task = loop.create_task(self._run_async(reg.fn, actx, ctx))
+            # The task runs in a copy of the current contextvars: attach the span inside it.
+            running.task = task = loop.create_task(self._run_async(reg.fn, actx, ctx, otel_ctx))
             task.add_done_callback(lambda _: self._async_done(running, ctx))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._slots, thread_name_prefix="plait-handler")
-            fut = loop.run_in_executor(self._pool, reg.fn, actx)
+            fn = reg.fn
+
+            def call_in_span() -> Any:
+                with attached(otel_ctx):  # pool threads do not inherit the loop's context
+                    return fn(actx)
+
+            fut = loop.run_in_executor(self._pool, call_in_span)
             running = _Running(actx, fut)
             fut.add_done_callback(lambda f: self._sync_done(f, actx, ctx))
         self._running[lease.lease_id] = running
@@ -446,9 +460,11 @@ class HandlerExecutor:
         fn: Callable[[ActionContext], Awaitable[Any]],
         actx: ActionContext,
         ctx: AttemptContext,
+        otel_ctx: Any = None,
     ) -> None:
         try:
-            out = await fn(actx)
+            with attached(otel_ctx):
+                out = await fn(actx)
         except asyncio.CancelledError:
             result = AttemptResult(
                 CANCELLED, error=actx.cancel_reason or "cancelled", stdout_tail=actx.log_tail()

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 from plait.clock import Clock
 from plait.security import TlsFiles
 from plait.worker.adaptive import AdaptiveConfig, LoadProbe
+from plait.worker.attempts import AttemptObserver
 from plait.worker.executor import Executor
 from plait.worker.resources import detect_resources, merge_resources
 from plait.worker.session import DEFAULT_AGENT, SessionConfig, SessionStats, WorkerSession
+from plait.worker.spans import ExecuteTracing
 
 if TYPE_CHECKING:
     from plait.worker.handlers import Worker
@@ -90,6 +92,8 @@ async def serve(
     load_probe: LoadProbe | None = None,
     tls: TlsFiles | None = None,
     token: str = "",
+    tracing: ExecuteTracing | None = None,
+    observer: AttemptObserver | None = None,
 ) -> SessionStats:
     """Serves ``workers``' handlers (and ``executors``) until the session drains or stops.
 
@@ -99,6 +103,10 @@ async def serve(
     concurrency (``True`` for the default thresholds, or an :class:`AdaptiveConfig`).
     ``tls`` and ``token`` are the session's credentials (:class:`SessionConfig`); a token to a
     host beyond loopback without TLS raises :class:`plait.errors.ConfigError`.
+
+    ``tracing`` opens the attempts' execute spans; by default as the ``OTEL_*`` environment
+    says, service ``plait-worker`` (:meth:`ExecuteTracing.from_env`). ``observer`` hears of
+    every attempt that ends.
     """
     from plait.worker.handlers import HandlerExecutor
 
@@ -122,7 +130,16 @@ async def serve(
     all_executors: list[Executor] = list(executors)
     if workers:
         all_executors.append(HandlerExecutor(list(workers), config.effective_slots))
-    session = WorkerSession(config, all_executors, clock=clock, load_probe=load_probe)
+    if tracing is None:
+        tracing = ExecuteTracing.from_env("plait-worker", set_global=True)
+    session = WorkerSession(
+        config,
+        all_executors,
+        clock=clock,
+        load_probe=load_probe,
+        tracing=tracing,
+        observer=observer,
+    )
     if on_session is not None:
         on_session(session)
     try:
@@ -134,4 +151,5 @@ async def serve(
     finally:
         for ex in all_executors:
             await ex.aclose()
+        await asyncio.to_thread(tracing.shutdown)  # flushes the batch exporter
     return session.stats

@@ -53,7 +53,7 @@ from plait.durations import from_proto as duration_from_proto
 from plait.hlc import ClockOffsetError, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.adaptive import AdaptiveSlots, Adjustment, LoadProbe, SystemLoadProbe
-from plait.worker.attempts import AttemptBook
+from plait.worker.attempts import AttemptBook, AttemptObserver, CancelCause
 from plait.worker.backoff import Backoff
 from plait.worker.connect import CoordinatorLinks, ProtocolError, StreamHandlers
 from plait.worker.executor import Executor
@@ -71,6 +71,7 @@ from plait.worker.session_config import (
     SessionConfig,
     SessionStats,
 )
+from plait.worker.spans import ExecuteTracing
 
 __all__ = [
     "DEFAULT_AGENT",
@@ -83,7 +84,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_OFFSET_LOG_EVERY = 10.0  # seconds between warnings about a coordinator clock too far ahead
+# Seconds between warnings about a coordinator clock too far ahead: every message from it says
+# so again (a heartbeat's ack, 4 a second in the test profile), and one line a minute with a
+# count tells the operator as much.
+_OFFSET_LOG_EVERY = 60.0
+_CANCEL_CAUSES: dict[int, CancelCause] = {
+    pb.CANCEL_REASON_USER: "cancelled",
+    pb.CANCEL_REASON_SUPERSEDED: "lease_lost",
+    pb.CANCEL_REASON_TIMEOUT: "timeout",
+    pb.CANCEL_REASON_UNKNOWN_LEASE: "lease_lost",
+}
 
 
 class WorkerSession:
@@ -103,7 +113,11 @@ class WorkerSession:
         hlc: HybridLogicalClock | None = None,
         backoff: Backoff | None = None,
         load_probe: LoadProbe | None = None,
+        tracing: ExecuteTracing | None = None,
+        observer: AttemptObserver | None = None,
     ) -> None:
+        """``tracing`` opens the attempts' execute spans (default: none exported);
+        ``observer`` hears of every attempt that ends (workerd's metrics)."""
         self.config = config
         self.stats = SessionStats()
         self._clock = clock or SystemClock()
@@ -122,6 +136,8 @@ class WorkerSession:
             on_finished=self._on_finished,
             flush_soon=self._schedule_flush,
             on_progress=self._on_progress,
+            tracing=tracing,
+            observer=observer,
         )
         probe: LoadProbe | None = None
         if config.adaptive is not None:
@@ -143,6 +159,7 @@ class WorkerSession:
         self._fence = SelfFence()
         self._last_grant_seq = 0
         self._last_offset_log = -math.inf
+        self._offset_errors_logged = 0
         self._draining = False
         self._stopping = False
         self._done = asyncio.Event()
@@ -331,7 +348,7 @@ class WorkerSession:
         # Welcome answers Hello: every lease it adopts is renewed no earlier than Hello was sent.
         self._fence.welcomed(hello_sent, self.lease_ttl)
         not_adopted = "the coordinator does not adopt this lease (superseded or unknown)"
-        killed = sum(self._book.cancel(r.lease_id, not_adopted) for r in welcome.kill)
+        killed = sum(self._book.cancel(r.lease_id, not_adopted, "lease_lost") for r in welcome.kill)
         self._stream = stream
         self._backoff.reset()
         self.stats.connects += 1
@@ -387,10 +404,15 @@ class WorkerSession:
             now = self._clock.monotonic()
             if now - self._last_offset_log >= _OFFSET_LOG_EVERY:
                 self._last_offset_log = now
+                since = self.stats.clock_offset_errors - self._offset_errors_logged
+                self._offset_errors_logged = self.stats.clock_offset_errors
                 log.warning(
-                    "coordinator HLC: %s (%d such message(s) so far)",
+                    "coordinator HLC: %s (%d such message(s) since the last warning, %d in all;"
+                    " logged at most once a minute)",
                     err,
+                    since,
                     self.stats.clock_offset_errors,
+                    extra={"worker_id": self.config.worker_id},
                 )
 
     def _dispatch(self, msg: pb.ConnectResponse) -> None:
@@ -405,7 +427,7 @@ class WorkerSession:
                 if c.lease_id in self._book.attempts:
                     reason = pb.CancelReason.Name(c.reason)
                     why = f"cancelled by the coordinator ({reason}) {c.message}".strip()
-                    self._book.cancel(c.lease_id, why)
+                    self._book.cancel(c.lease_id, why, _CANCEL_CAUSES.get(c.reason, "cancelled"))
         elif kind == "drain":
             self.drain(f"coordinator: {msg.drain.reason or 'drain'}")
         elif kind == "welcome":
@@ -516,6 +538,7 @@ class WorkerSession:
             victims = [a for a in self._book.attempts.values() if not a.cancelling]
             if victims:
                 self.stats.self_fenced += len(victims)
+                self.stats.self_fences += 1
                 log.warning(
                     "self-fencing: no heartbeat acknowledged in time (leases may be lost in"
                     " %.2fs); killing %d attempt(s)",
@@ -523,7 +546,7 @@ class WorkerSession:
                     len(victims),
                 )
                 for att in victims:
-                    att.cancel("self-fenced: the lease could not be renewed in time")
+                    att.cancel("self-fenced: the lease could not be renewed in time", "lease_lost")
         stream = self._stream
         if stream is not None and check.abort:
             stream.abort(f"no heartbeat acknowledged for a lease TTL ({self.lease_ttl:.3g}s)")

@@ -97,6 +97,9 @@ class SessionStats:
     results_refused: int = 0
     over_grants: int = 0
     self_fenced: int = 0
+    """Attempts killed by self-fencing."""
+    self_fences: int = 0
+    """Times the session self-fenced (killed its attempts because no ack came in time)."""
     clock_offset_errors: int = 0
     offered_slots: int = 0
     """Gauge: the offered limit (``slots`` unless adaptive concurrency lowered it)."""

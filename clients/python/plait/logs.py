@@ -1,0 +1,119 @@
+"""Log formats for Plait's daemons: plain text or one JSON object per line (foundation layer).
+
+Only entry points call :func:`configure_logging` (workerd, the coordinator); libraries just log
+through ``logging.getLogger(__name__)`` with context in ``extra=``. The JSON format writes one
+object per line with ``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``message`` and, when
+present, ``trace_id`` and ``span_id`` (from the current OpenTelemetry span, else the record's
+extras), ``workflow_id``, ``action_id``, ``worker_id``, ``lease_id`` (from ``extra=``) and
+``exc_info`` (the formatted traceback). Text lines carry the same context in a bracketed
+suffix, so neither format loses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any, Literal, TextIO
+
+from opentelemetry import trace
+
+__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "TextFormatter", "configure_logging"]
+
+CONTEXT_FIELDS = ("workflow_id", "action_id", "worker_id", "lease_id")
+"""Record attributes (``extra=``) copied into every line that has them."""
+
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_HANDLER_MARK = "_plait_log_handler"
+
+
+def _trace_ids(record: logging.LogRecord) -> tuple[str, str]:
+    """(trace_id, span_id) of the current span, else of the record's extras, else empty."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+    return str(getattr(record, "trace_id", "") or ""), str(getattr(record, "span_id", "") or "")
+
+
+def _context(record: logging.LogRecord) -> dict[str, str]:
+    out: dict[str, str] = {}
+    trace_id, span_id = _trace_ids(record)
+    if trace_id:
+        out["trace_id"] = trace_id
+    if span_id:
+        out["span_id"] = span_id
+    for name in CONTEXT_FIELDS:
+        value = getattr(record, name, None)
+        if value not in (None, ""):
+            out[name] = str(value)
+    return out
+
+
+def rfc3339(created: float) -> str:
+    """``2024-05-01T12:00:00.123456Z`` for a ``LogRecord.created`` time."""
+    return datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (see the module docstring); never raises on odd messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": rfc3339(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        obj.update(_context(record))
+        if record.exc_info:
+            obj["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            obj["exc_info"] = record.exc_text
+        if record.stack_info:
+            obj["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL logger: message [trace_id=... workflow_id=...]``."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ctx = _context(record)
+        if not ctx:
+            return text
+        suffix = " ".join(f"{k}={v}" for k, v in ctx.items())
+        head, sep, rest = text.partition("\n")  # keep a traceback below the first line
+        return f"{head} [{suffix}]{sep}{rest}"
+
+
+def configure_logging(
+    fmt: Literal["text", "json"], level: str | int, stream: TextIO | None = None
+) -> None:
+    """Sends the root logger's records to ``stream`` (stderr) as ``fmt`` at ``level``.
+
+    Calling it again replaces the handler it installed before (not other handlers).
+
+    Raises:
+        ValueError: an unknown ``fmt`` or ``level``.
+    """
+    if fmt not in ("text", "json"):
+        raise ValueError(f"log format must be text or json, got {fmt!r}")
+    if isinstance(level, str):
+        named = logging.getLevelName(level.upper())
+        if not isinstance(named, int):
+            raise ValueError(f"unknown log level {level!r}")
+        level = named
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(level)

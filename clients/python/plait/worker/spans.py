@@ -1,0 +1,255 @@
+"""Execute spans: the worker's continuation of an attempt's trace (foundation layer: plait.worker).
+
+Every attempt a worker runs opens a ``plait.action.execute`` span, a child of the attempt span
+whose W3C ``traceparent`` the coordinator put in the lease. Handlers run inside that span's
+context (so a handler's own spans nest under it) and exec actions get ``TRACEPARENT`` naming it.
+The span ends with the attempt, with ``plait.state`` and, for a failure or a timeout, status
+ERROR with the message.
+
+Spans are exported as the standard ``OTEL_*`` environment says (``OTEL_TRACES_EXPORTER``
+``otlp``/``console``/``none``, ``OTEL_SERVICE_NAME``, ``OTEL_EXPORTER_OTLP_*``). With no
+exporter no SDK span is made at all (the cheap path): handlers still run inside the lease's
+context and exec actions get the lease's own ``traceparent``, so whatever they trace themselves
+still lands under the attempt span. A lease whose traceparent is not sampled (flags ``00``)
+yields a non-recording span: nothing is exported for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+
+from plait.otel import span_exporters
+from plait.tracecontext import SPAN_EXECUTE, format_traceparent, parse_traceparent
+from plait.v1 import worker_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = [
+    "ATTR_ACTION_ID",
+    "ATTR_ATTEMPT",
+    "ATTR_EXIT_CODE",
+    "ATTR_FENCING_TOKEN",
+    "ATTR_STATE",
+    "ATTR_WORKER_ID",
+    "ATTR_WORKFLOW_ID",
+    "SPAN_EXECUTE",
+    "ExecuteSpan",
+    "ExecuteTracing",
+    "attached",
+    "outcome_name",
+]
+
+log = logging.getLogger(__name__)
+
+# Attribute keys; the coordinator's (plait.coordinator.tracing) use the same keys.
+ATTR_WORKFLOW_ID = "plait.workflow.id"
+ATTR_ACTION_ID = "plait.action.id"
+ATTR_ATTEMPT = "plait.action.attempt"
+ATTR_FENCING_TOKEN = "plait.lease.fencing_token"
+ATTR_WORKER_ID = "plait.worker.id"
+ATTR_STATE = "plait.state"
+ATTR_LEASE_ID = "plait.lease.id"
+ATTR_KIND = "plait.action.kind"  # exec | handler
+ATTR_EXIT_CODE = "process.exit.code"  # OpenTelemetry semantic convention (exec only)
+
+_OUTCOME_NAMES = {
+    pb.ACTION_OUTCOME_SUCCEEDED: "succeeded",
+    pb.ACTION_OUTCOME_FAILED: "failed",
+    pb.ACTION_OUTCOME_CANCELLED: "cancelled",
+    pb.ACTION_OUTCOME_TIMED_OUT: "timed_out",
+}
+
+
+def outcome_name(outcome: int) -> str:
+    """``succeeded``, ``failed``, ``cancelled`` or ``timed_out`` (``unknown`` otherwise)."""
+    return _OUTCOME_NAMES.get(outcome, "unknown")  # type: ignore[call-overload, no-any-return]
+
+
+@dataclass(slots=True)
+class ExecuteSpan:
+    """One attempt's execute span (or, on the cheap path, the lease's own context)."""
+
+    span: Span | None
+    """The SDK span; ``None`` on the cheap path (no exporter)."""
+    context: otel_context.Context | None
+    """Handlers run attached to this context; ``None`` when the lease has no trace."""
+    traceparent: str
+    """``TRACEPARENT`` for an exec action: the execute span's, else the lease's."""
+    tracestate: str = ""
+    """``TRACESTATE`` for an exec action (W3C), empty when there is none."""
+    trace_id: str = ""
+    """32 hex digits, or empty; for exemplars and logs."""
+    span_id: str = ""
+    """16 hex digits of the span ``traceparent`` names, or empty."""
+    ended: bool = False
+
+    def end(self, outcome: int, message: str = "", exit_code: int | None = None) -> None:
+        """Ends the span (once) with ``plait.state``; ERROR with ``message`` unless succeeded."""
+        if self.ended:
+            return
+        self.ended = True
+        span = self.span
+        if span is None or not span.is_recording():
+            if span is not None:
+                span.end()
+            return
+        span.set_attribute(ATTR_STATE, outcome_name(outcome))
+        if exit_code is not None:
+            span.set_attribute(ATTR_EXIT_CODE, exit_code)
+        if outcome in (pb.ACTION_OUTCOME_FAILED, pb.ACTION_OUTCOME_TIMED_OUT):
+            span.set_status(Status(StatusCode.ERROR, message or outcome_name(outcome)))
+        span.end()
+
+
+class ExecuteTracing:
+    """Opens execute spans for a worker; ``provider`` ``None`` is the cheap path."""
+
+    def __init__(self, provider: Any = None, *, owned: bool = False) -> None:
+        self.provider = provider
+        self.owned = owned
+        """Whether this object made the provider (and so shuts it down)."""
+        self._tracer = provider.get_tracer("plait.worker") if provider is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether SDK spans are made."""
+        return self._tracer is not None
+
+    @classmethod
+    def from_env(
+        cls,
+        default_service: str,
+        *,
+        environ: Mapping[str, str] | None = None,
+        set_global: bool = False,
+    ) -> ExecuteTracing:
+        """Tracing as the ``OTEL_*`` environment configures it.
+
+        ``default_service`` names the service unless ``OTEL_SERVICE_NAME`` does. With
+        ``set_global`` the provider also becomes OpenTelemetry's global one (workerd: so
+        handlers' own spans are exported alongside); an SDK provider set globally already (by
+        the program embedding a :class:`plait.Worker`) is used as it is.
+        """
+        from opentelemetry.sdk.trace import TracerProvider as SdkProvider
+
+        current = trace.get_tracer_provider()
+        if isinstance(current, SdkProvider):
+            return cls(current)
+        exporters = span_exporters(environ)
+        if not exporters:
+            return cls(None)
+        provider = make_provider(exporters, default_service, environ=environ)
+        if set_global:
+            trace.set_tracer_provider(provider)
+        return cls(provider, owned=True)
+
+    def shutdown(self) -> None:
+        """Flushes and stops the exporters of a provider this object made (at exit)."""
+        if not self.owned:
+            return
+        shutdown = getattr(self.provider, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+    def start(self, lease: pb.Lease, worker_id: str) -> ExecuteSpan:
+        """Opens the execute span of ``lease``'s attempt (see the module docstring)."""
+        parsed = parse_traceparent(lease.traceparent) if lease.traceparent else None
+        if parsed is None:
+            parent_ctx: otel_context.Context | None = None
+            remote: SpanContext | None = None
+        else:
+            remote = SpanContext(
+                parsed.trace_id,
+                parsed.span_id,
+                is_remote=True,
+                trace_flags=TraceFlags(parsed.flags),
+            )
+            parent_ctx = trace.set_span_in_context(NonRecordingSpan(remote))
+        if self._tracer is None:
+            if remote is None:
+                return ExecuteSpan(None, None, "")
+            return ExecuteSpan(
+                None,
+                parent_ctx,
+                lease.traceparent,
+                trace_id=f"{remote.trace_id:032x}",
+                span_id=f"{remote.span_id:016x}",
+            )
+        kind = lease.action.WhichOneof("kind") or ""
+        span = self._tracer.start_span(
+            SPAN_EXECUTE,
+            context=parent_ctx,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                ATTR_WORKFLOW_ID: lease.workflow_id,
+                ATTR_ACTION_ID: lease.action_id,
+                ATTR_ATTEMPT: lease.attempt,
+                ATTR_FENCING_TOKEN: lease.fencing_token,
+                ATTR_WORKER_ID: worker_id,
+                ATTR_LEASE_ID: lease.lease_id,
+                ATTR_KIND: kind,
+            },
+        )
+        sc = span.get_span_context()
+        state = sc.trace_state.to_header() if sc.trace_state else ""
+        return ExecuteSpan(
+            span,
+            trace.set_span_in_context(span),
+            format_traceparent(sc.trace_id, sc.span_id, int(sc.trace_flags)),
+            tracestate=state,
+            trace_id=f"{sc.trace_id:032x}",
+            span_id=f"{sc.span_id:016x}",
+        )
+
+
+def make_provider(
+    exporters: SpanExporter | list[SpanExporter],
+    default_service: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    batch: bool = True,
+) -> TracerProvider:
+    """An SDK provider exporting to ``exporters``; ``OTEL_SERVICE_NAME`` overrides the name."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider as SdkProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    env = os.environ if environ is None else environ
+    service = env.get("OTEL_SERVICE_NAME", "").strip() or default_service
+    provider = SdkProvider(resource=Resource.create({"service.name": service}))
+    for exporter in exporters if isinstance(exporters, list) else [exporters]:
+        processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+        provider.add_span_processor(processor)
+    return provider
+
+
+@contextmanager
+def attached(ctx: otel_context.Context | None) -> Iterator[None]:
+    """Runs the block inside ``ctx`` (nothing when ``None``); works in any thread."""
+    if ctx is None:
+        yield
+        return
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
