@@ -37,6 +37,7 @@ from typing import Any
 from plait.durations import format_duration
 from plait.durations import from_proto as duration_from_proto
 from plait.jsonlimits import MAX_JSON_DEPTH, nesting_exceeds
+from plait.logs import bind_log_fields
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
     CANCELLED,
@@ -298,6 +299,10 @@ class _ExecAttempt:
             self.confinement.signal(sig)
 
     async def run(self) -> None:
+        lease = self.lease  # this task's log lines name the attempt
+        bind_log_fields(
+            workflow_id=lease.workflow_id, action_id=lease.action_id, lease_id=lease.lease_id
+        )
         try:
             result = await self._execute()
         except Exception as err:

@@ -26,7 +26,7 @@ from typing import Any
 from plait import __version__
 from plait.clock import SystemClock
 from plait.errors import ConfigError
-from plait.logs import configure_logging
+from plait.logs import configure_logging, set_process_fields
 from plait.worker.executor import Executor
 from plait.worker.handlers import Worker
 from plait.worker.serve import serve
@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plait-workerd: error: {refusal}", file=sys.stderr)
         return 2
     configure_logging("json" if config.log_format == "json" else "text", config.log_level)
+    set_process_fields(worker_id=config.worker_id)
     for warning in warnings:
         log.warning("%s", warning)
     try:

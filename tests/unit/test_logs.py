@@ -105,3 +105,51 @@ def test_bad_arguments() -> None:
         configure_logging("xml", "INFO")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="level"):
         configure_logging("json", "LOUD")
+
+
+def test_attempt_fields_reach_every_line_inside_and_only_there(restore_root: None) -> None:
+    """log_fields (a block), bind_log_fields (a task's own context) and set_process_fields:
+    lines logged on behalf of an attempt name it without passing extra= each time."""
+    import asyncio
+    import threading
+
+    from plait import logs
+
+    buf = io.StringIO()
+    configure_logging("json", "INFO", stream=buf)
+    log = logging.getLogger("plait.test.fields")
+    logs.set_process_fields(worker_id="w9")
+    try:
+        with logs.log_fields(workflow_id="wf-1", action_id="a", lease_id="wf-1/a/1"):
+            log.info("inside")
+            log.info("extra wins", extra={"action_id": "b"})
+        log.info("outside")
+
+        async def attempt(n: int) -> None:
+            logs.bind_log_fields(workflow_id="wf-2", action_id=f"t{n}", lease_id=f"wf-2/t{n}/1")
+            await asyncio.sleep(0)
+            log.info("in task %d", n)
+
+        async def both() -> None:
+            await asyncio.gather(attempt(1), attempt(2))
+            log.info("after the tasks")
+
+        asyncio.run(both())
+
+        def in_thread() -> None:
+            with logs.log_fields(workflow_id="wf-3", action_id="s", lease_id="wf-3/s/1"):
+                log.info("in thread")
+
+        th = threading.Thread(target=in_thread)
+        th.start()
+        th.join()
+    finally:
+        logs._PROCESS_FIELDS.clear()
+    got = {str(line["message"]): line for line in lines(buf)}
+    assert got["inside"]["action_id"] == "a" and got["inside"]["lease_id"] == "wf-1/a/1"
+    assert got["extra wins"]["action_id"] == "b"
+    assert "action_id" not in got["outside"] and got["outside"]["worker_id"] == "w9"
+    assert got["in task 1"]["action_id"] == "t1" and got["in task 2"]["action_id"] == "t2"
+    assert "action_id" not in got["after the tasks"]  # a task's fields ended with it
+    assert got["in thread"]["workflow_id"] == "wf-3"
+    assert all(line["worker_id"] == "w9" for line in got.values())

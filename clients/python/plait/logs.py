@@ -7,6 +7,11 @@ present, ``trace_id`` and ``span_id`` (from the current OpenTelemetry span, else
 extras), ``workflow_id``, ``action_id``, ``worker_id``, ``lease_id`` (from ``extra=``) and
 ``exc_info`` (the formatted traceback). Text lines carry the same context in a bracketed
 suffix, so neither format loses it.
+
+Code that runs on behalf of one attempt says so once, with :func:`log_fields`: every line logged
+inside (in that task or thread) carries the attempt's ``workflow_id``, ``action_id`` and
+``lease_id`` without each call passing them; :func:`set_process_fields` names what holds for the
+whole process (workerd's ``worker_id``). ``extra=`` still wins where given.
 """
 
 from __future__ import annotations
@@ -14,12 +19,24 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Literal, TextIO
 
 from opentelemetry import trace
 
-__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "TextFormatter", "configure_logging"]
+__all__ = [
+    "CONTEXT_FIELDS",
+    "JsonFormatter",
+    "TextFormatter",
+    "bind_log_fields",
+    "configure_logging",
+    "log_fields",
+    "set_process_fields",
+]
 
 CONTEXT_FIELDS = ("workflow_id", "action_id", "worker_id", "lease_id")
 """Record attributes (``extra=``) copied into every line that has them."""
@@ -36,6 +53,33 @@ def _trace_ids(record: logging.LogRecord) -> tuple[str, str]:
     return str(getattr(record, "trace_id", "") or ""), str(getattr(record, "span_id", "") or "")
 
 
+_FIELDS: ContextVar[Mapping[str, str]] = ContextVar(
+    "plait_log_fields", default=MappingProxyType({})
+)
+_PROCESS_FIELDS: dict[str, str] = {}
+
+
+@contextmanager
+def log_fields(**fields: str) -> Iterator[None]:
+    """Every line logged inside the block (this task or thread) carries ``fields``."""
+    token = _FIELDS.set({**_FIELDS.get(), **fields})
+    try:
+        yield
+    finally:
+        _FIELDS.reset(token)
+
+
+def bind_log_fields(**fields: str) -> None:
+    """Adds ``fields`` to the current context for good: for a task that runs one attempt (an
+    asyncio task has its own copy of the context, so they end with it)."""
+    _FIELDS.set({**_FIELDS.get(), **fields})
+
+
+def set_process_fields(**fields: str) -> None:
+    """Fields every line of this process carries (``worker_id`` on workerd)."""
+    _PROCESS_FIELDS.update(fields)
+
+
 def _context(record: logging.LogRecord) -> dict[str, str]:
     out: dict[str, str] = {}
     trace_id, span_id = _trace_ids(record)
@@ -43,8 +87,11 @@ def _context(record: logging.LogRecord) -> dict[str, str]:
         out["trace_id"] = trace_id
     if span_id:
         out["span_id"] = span_id
+    scoped = _FIELDS.get()
     for name in CONTEXT_FIELDS:
         value = getattr(record, name, None)
+        if value in (None, ""):
+            value = scoped.get(name) or _PROCESS_FIELDS.get(name)
         if value not in (None, ""):
             out[name] = str(value)
     return out

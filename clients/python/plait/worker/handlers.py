@@ -26,11 +26,13 @@ import threading
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from plait.errors import ActionError
 from plait.jsonlimits import outputs_problem
+from plait.logs import log_fields
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
     CANCELLED,
@@ -50,6 +52,13 @@ _LOG_TAIL_CHARS = 64 * 1024
 
 Handler = Callable[["ActionContext"], Any]
 F = TypeVar("F", bound=Handler)
+
+
+def attempt_log_fields(lease: pb.Lease) -> AbstractContextManager[None]:
+    """Log lines inside carry the attempt's workflow, action and lease ids."""
+    return log_fields(
+        workflow_id=lease.workflow_id, action_id=lease.action_id, lease_id=lease.lease_id
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,7 +455,8 @@ class HandlerExecutor:
             fn = reg.fn
 
             def call_in_span() -> Any:
-                with attached(otel_ctx):  # pool threads do not inherit the loop's context
+                # Pool threads do not inherit the loop's context: the span and log fields.
+                with attached(otel_ctx), attempt_log_fields(lease):
                     return fn(actx)
 
             fut = loop.run_in_executor(self._pool, call_in_span)
@@ -463,7 +473,12 @@ class HandlerExecutor:
         otel_ctx: Any = None,
     ) -> None:
         try:
-            with attached(otel_ctx):
+            with (
+                attached(otel_ctx),
+                log_fields(
+                    workflow_id=actx.workflow_id, action_id=actx.action_id, lease_id=actx.lease_id
+                ),
+            ):
                 out = await fn(actx)
         except asyncio.CancelledError:
             result = AttemptResult(
