@@ -94,6 +94,8 @@ class ForkJoin:
         self._first_end: dict[tuple[str, str, JoinOver], tuple[float, int]] = {}
         # workflow -> action -> the lease its terminal event named.
         self._leases: dict[str, dict[str, str]] = {}
+        # workflow -> True when it has no fork or join point at all (nothing to derive).
+        self._plain: dict[str, bool] = {}
 
     def pending(self) -> int:
         """How many entries are remembered (joins waiting, leases of ended actions)."""
@@ -106,27 +108,25 @@ class ForkJoin:
         applied to ``core``); ``now``: the time of the commit, in the unit of the waits."""
         forks: list[Fork] = []
         joined: list[Join] = []
-        # Where in this commit each action ended: a join resolved before a need's end in the
-        # same commit (cancel_remaining) must not count that need as ended.
-        # A need cancelled because a join was met or made impossible ended as its consequence:
-        # it was still open when the join was resolved, whatever the order of the records.
-        ended_at: dict[tuple[str, str], int] = {}
-        for i, ev in enumerate(records):
-            if ev.type in _ENDED:
-                after = ev.type == E.EVENT_TYPE_ACTION_CANCELLED and ev.reason in _CONSEQUENCE
-                ended_at[(ev.workflow_id, ev.action_id)] = len(records) if after else i
+        ended_at = _EndedAt(records)
         finished: list[str] = []
+        plain = self._plain
         for i, ev in enumerate(records):
             typ = ev.type
             if typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
                 finished.append(ev.workflow_id)
                 continue
-            if not ev.action_id:
+            if not ev.action_id or plain.get(ev.workflow_id, False):
                 continue
             wf = core.workflows.get(ev.workflow_id)
             a = wf.actions.get(ev.action_id) if wf is not None else None
             if a is None:
                 continue
+            if ev.workflow_id not in plain:
+                assert wf is not None  # a is one of its actions
+                plain[ev.workflow_id] = not any(_forks_or_joins(x) for x in wf.actions.values())
+                if plain[ev.workflow_id]:
+                    continue
             if typ in _ENDED:
                 self._ended(a, ev, i, now, ended_at, forks, joined)
             elif typ == E.EVENT_TYPE_ACTION_READY:
@@ -146,12 +146,12 @@ class ForkJoin:
         ev: pb.HistoryEvent,
         i: int,
         now: float,
-        ended_at: dict[tuple[str, str], int],
+        ended_at: _EndedAt,
         forks: list[Fork],
         joined: list[Join],
     ) -> None:
         wf_id = a.workflow.workflow_id
-        if ev.lease_id:
+        if ev.lease_id and a.dependents:  # a join it feeds links to it
             self._leases.setdefault(wf_id, {})[a.id] = ev.lease_id
         state = ev.action_state
         # The join this action was waiting on (its needs') is resolved by its own ending:
@@ -172,12 +172,17 @@ class ForkJoin:
             branches = [d.id for d in a.dependents]
             forks.append(Fork(wf_id, a.id, "dependents", len(branches), branches))
         # Its ending may be the first of a join it feeds.
-        at = (now, ev.recorded_at.ToNanoseconds())
+        first_end = self._first_end
+        key: tuple[str, str, JoinOver]
         for d in a.dependents:
             if a.parent is d:
-                self._first_end.setdefault((wf_id, d.id, "children"), at)
+                key = (wf_id, d.id, "children")
             elif _joins_needs(d) and d.state != t.CANCELLED:
-                self._first_end.setdefault((wf_id, d.id, "needs"), at)
+                key = (wf_id, d.id, "needs")
+            else:
+                continue
+            if key not in first_end:
+                first_end[key] = (now, ev.recorded_at.ToNanoseconds())
 
     def _join(
         self,
@@ -186,7 +191,7 @@ class ForkJoin:
         outcome: Literal["met", "impossible"],
         i: int,
         now: float,
-        ended_at: dict[tuple[str, str], int],
+        ended_at: _EndedAt,
     ) -> Join:
         wf_id = a.workflow.workflow_id
         started, started_ns = self._first_end.pop((wf_id, a.id, over), (now, 0))
@@ -196,7 +201,7 @@ class ForkJoin:
         failed: list[str] = []
         needs: list[tuple[str, str, str]] = []
         for n in members:
-            at = ended_at.get((wf_id, n.id), -1)
+            at = ended_at.index(wf_id, n.id)
             if n.state in t.TERMINAL and at < i:
                 (succeeded if n.state == t.SUCCEEDED else failed).append(n.id)
                 needs.append((n.id, t.STATE_NAME[n.state], leases.get(n.id) or _lease_of(n)))
@@ -229,8 +234,40 @@ class ForkJoin:
 
     def _forget(self, workflow_id: str) -> None:
         self._leases.pop(workflow_id, None)
+        self._plain.pop(workflow_id, None)
         for key in [k for k in self._first_end if k[0] == workflow_id]:
             del self._first_end[key]
+
+
+class _EndedAt:
+    """Where in a commit's records each action ended, worked out only if a join asks.
+
+    A join resolved before a need's end in the same commit (cancel_remaining) must not count
+    that need as ended. A need cancelled *because* a join was met or made impossible ended as
+    its consequence: it was still open when the join was resolved, whatever the order of the
+    records."""
+
+    __slots__ = ("_at", "_records")
+
+    def __init__(self, records: list[pb.HistoryEvent]) -> None:
+        self._records = records
+        self._at: dict[tuple[str, str], int] | None = None
+
+    def index(self, workflow_id: str, action_id: str) -> int:
+        """The position of the action's ending in the commit; -1 if it did not end there."""
+        if self._at is None:
+            records = self._records
+            self._at = {}
+            for i, ev in enumerate(records):
+                if ev.type in _ENDED:
+                    after = ev.type == E.EVENT_TYPE_ACTION_CANCELLED and ev.reason in _CONSEQUENCE
+                    self._at[(ev.workflow_id, ev.action_id)] = len(records) if after else i
+        return self._at.get((workflow_id, action_id), -1)
+
+
+def _forks_or_joins(a: ActionRecord) -> bool:
+    """Whether ``a`` is a fork or join point: several dependents or needs, a map, a pipeline."""
+    return len(a.dependents) > 1 or len(a.needs) > 1 or fans_out(a.spec)
 
 
 def _joins_needs(a: ActionRecord) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from plait.clock import Clock
@@ -303,12 +304,25 @@ def state_gauges(core: SchedulerState, now: float, wall_ms: int) -> StateGauges:
 # ---- helpers --------------------------------------------------------------------------------
 
 
+_EXEMPLARS: OrderedDict[str, dict[str, str]] = OrderedDict()  # workflow -> its exemplar
+_EXEMPLARS_KEPT = 4096
+
+
 def _exemplar(core: SchedulerState, workflow_id: str) -> dict[str, str] | None:
-    """``{"trace_id": ...}`` of a workflow's trace (derived, so it exists with export off)."""
+    """``{"trace_id": ...}`` of a workflow's trace (derived, so it exists with export off);
+    remembered for the most recent workflows (deriving costs a hash)."""
+    found = _EXEMPLARS.get(workflow_id)
+    if found is not None:
+        return found
     wf = core.workflows.get(workflow_id)
     if wf is None:
         return None
-    return {"trace_id": f"{trace_id_for(workflow_id, wf.traceparent):032x}"}
+    found = _EXEMPLARS[workflow_id] = {
+        "trace_id": f"{trace_id_for(workflow_id, wf.traceparent):032x}"
+    }
+    if len(_EXEMPLARS) > _EXEMPLARS_KEPT:
+        _EXEMPLARS.popitem(last=False)
+    return found
 
 
 def _lease_extra(worker_id: str, lease_id: str) -> dict[str, str]:

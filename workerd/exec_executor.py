@@ -50,7 +50,7 @@ from plait.worker.executor import (
     Code,
     attempt_trace,
 )
-from plait.worker.handlers import parse_inputs, parse_item
+from plait.worker.handlers import attempt_log_fields, parse_inputs, parse_item
 from plait.workerd.confinement import Confinement, Sandbox
 from plait.workerd.containment import remove_tree
 from plait.workerd.keeper import Keeper
@@ -299,10 +299,8 @@ class _ExecAttempt:
             self.confinement.signal(sig)
 
     async def run(self) -> None:
-        lease = self.lease  # this task's log lines name the attempt
-        bind_log_fields(
-            workflow_id=lease.workflow_id, action_id=lease.action_id, lease_id=lease.lease_id
-        )
+        # This task's log lines name the attempt (and its trace).
+        bind_log_fields(**attempt_log_fields(self.lease, attempt_trace(self.ctx)))
         try:
             result = await self._execute()
         except Exception as err:

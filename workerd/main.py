@@ -65,9 +65,11 @@ async def run(
     """
     keeper: Keeper | None = None
     executors: list[Executor] = []
-    metrics = WorkerdMetrics()
+    # Without --metrics-listen nobody could read them: no metrics, no per-attempt observer.
+    metrics: WorkerdMetrics | None = None
     metrics_http: Any = None
     if config.metrics_listen is not None:
+        metrics = WorkerdMetrics()
         host, port = parse_metrics_listen(config.metrics_listen)
         try:
             metrics_http, bound = serve_metrics(metrics, host, port)
@@ -81,7 +83,8 @@ async def run(
         tracing = ExecuteTracing.from_env("plait-workerd", set_global=True)
 
     def session_made(session: WorkerSession) -> None:
-        metrics.attach(session)
+        if metrics is not None:
+            metrics.attach(session)
         if on_session is not None:
             on_session(session)
 

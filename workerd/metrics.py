@@ -39,6 +39,16 @@ KINDS = ("exec", "handler")
 OUTCOMES = ("succeeded", "failed", "timed_out", "cancelled")
 KILL_REASONS = ("lease_lost", "timeout", "cancelled", "rlimit", "other")
 _RLIMIT_SIGNALS = frozenset({-int(signal.SIGXCPU), -int(signal.SIGXFSZ)})
+_OUTCOME_CODES = {
+    code: outcome_name(code)
+    for code in (
+        pb.ACTION_OUTCOME_SUCCEEDED,
+        pb.ACTION_OUTCOME_FAILED,
+        pb.ACTION_OUTCOME_TIMED_OUT,
+        pb.ACTION_OUTCOME_CANCELLED,
+    )
+}
+"""The outcomes counted, by ``ActionOutcome`` value; all of :data:`OUTCOMES`."""
 
 
 def kill_reason(result: pb.ActionResult, cause: str) -> str | None:
@@ -131,11 +141,16 @@ class WorkerdMetrics:
             registry=r,
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
-        # Every label combination from the start, so rates and dashboards see zeros.
+        # Every label combination from the start, so rates and dashboards see zeros; the
+        # children are kept, so counting an attempt looks no labels up.
+        self._durations: dict[str, Any] = {}
+        self._attempts: dict[tuple[str, int], Any] = {}
         for kind in KINDS:
-            self.attempt_duration.labels(kind)
+            self._durations[kind] = self.attempt_duration.labels(kind)
             for outcome in OUTCOMES:
                 self.attempts.labels(kind, outcome)
+            for code, outcome in _OUTCOME_CODES.items():
+                self._attempts[(kind, code)] = self.attempts.labels(kind, outcome)
         for reason in KILL_REASONS:
             self.sandbox_kills.labels(reason)
         r.register(_SessionCollector(self))
@@ -149,11 +164,11 @@ class WorkerdMetrics:
     ) -> None:
         """Counts an attempt that ended (:class:`plait.worker.attempts.AttemptObserver`)."""
         kind = kind if kind in KINDS else "handler"
-        outcome = outcome_name(result.outcome)
-        if outcome in OUTCOMES:
-            self.attempts.labels(kind, outcome).inc()
+        counter = self._attempts.get((kind, result.outcome))
+        if counter is not None:
+            counter.inc()
         exemplar = {"trace_id": trace_id} if trace_id else None
-        self.attempt_duration.labels(kind).observe(max(0.0, seconds), exemplar=exemplar)
+        self._durations[kind].observe(max(0.0, seconds), exemplar=exemplar)
         if kind == "exec":
             reason = kill_reason(result, cause)
             if reason is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -245,3 +246,44 @@ async def test_exec_failure_and_cheap_path_traceparent(
     await run_one(cheap, lease)
     await ex.aclose()
     assert json.loads(observer.finished[0][1].outputs_json)["tp"] == lease.traceparent
+
+
+@worker.action("logs-async")
+async def logs_async(ctx: ActionContext) -> dict[str, Any]:
+    logging.getLogger("plait.test.handler").warning("from async")
+    return {}
+
+
+@worker.action("logs-sync")
+def logs_sync(ctx: ActionContext) -> dict[str, Any]:
+    logging.getLogger("plait.test.handler").warning("from sync")
+    return {}
+
+
+@pytest.mark.parametrize("handler", ["logs-async", "logs-sync"])
+async def test_handler_log_lines_name_the_attempt_with_no_tracer_at_all(handler: str) -> None:
+    """The cheapest path (no exporter, no provider installed anywhere): no OpenTelemetry object
+    is made, yet a handler's log lines still carry the lease's trace and attempt ids."""
+    import io
+
+    from plait import logs
+
+    saved = trace._TRACER_PROVIDER
+    trace._TRACER_PROVIDER = None
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    buf = io.StringIO()
+    try:
+        logs.configure_logging("json", "INFO", stream=buf)
+        book = book_with(ExecuteTracing(None), Observed(), worker.executor(1))
+        await run_one(book, handler_lease(handler))
+    finally:
+        trace._TRACER_PROVIDER = saved
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+    (line,) = [json.loads(x) for x in buf.getvalue().splitlines() if "from " in x]
+    assert line["trace_id"] == f"{TRACE_ID:032x}"
+    assert line["span_id"] == f"{PARENT:016x}"  # the coordinator's attempt span
+    assert (line["workflow_id"], line["action_id"], line["lease_id"]) == ("wf-1", "a1", "l-1")

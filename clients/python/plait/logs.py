@@ -4,13 +4,14 @@ Only entry points call :func:`configure_logging` (workerd, the coordinator); lib
 through ``logging.getLogger(__name__)`` with context in ``extra=``. The JSON format writes one
 object per line with ``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``message`` and, when
 present, ``trace_id`` and ``span_id`` (from the current OpenTelemetry span, else the record's
-extras), ``workflow_id``, ``action_id``, ``worker_id``, ``lease_id`` (from ``extra=``) and
-``exc_info`` (the formatted traceback). Text lines carry the same context in a bracketed
-suffix, so neither format loses it.
+extras, else the fields below), ``workflow_id``, ``action_id``, ``worker_id``, ``lease_id``
+(from ``extra=``) and ``exc_info`` (the formatted traceback). Text lines carry the same
+context in a bracketed suffix, so neither format loses it.
 
 Code that runs on behalf of one attempt says so once, with :func:`log_fields`: every line logged
 inside (in that task or thread) carries the attempt's ``workflow_id``, ``action_id`` and
-``lease_id`` without each call passing them; :func:`set_process_fields` names what holds for the
+``lease_id`` (and its ``trace_id``/``span_id``, for when no span is current) without each call
+passing them; :func:`set_process_fields` names what holds for the
 whole process (workerd's ``worker_id``). ``extra=`` still wins where given.
 """
 
@@ -19,9 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal, TextIO
@@ -45,28 +46,48 @@ _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HANDLER_MARK = "_plait_log_handler"
 
 
-def _trace_ids(record: logging.LogRecord) -> tuple[str, str]:
-    """(trace_id, span_id) of the current span, else of the record's extras, else empty."""
-    ctx = trace.get_current_span().get_span_context()
-    if ctx.is_valid:
-        return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
-    return str(getattr(record, "trace_id", "") or ""), str(getattr(record, "span_id", "") or "")
-
-
 _FIELDS: ContextVar[Mapping[str, str]] = ContextVar(
     "plait_log_fields", default=MappingProxyType({})
 )
 _PROCESS_FIELDS: dict[str, str] = {}
 
 
-@contextmanager
-def log_fields(**fields: str) -> Iterator[None]:
-    """Every line logged inside the block (this task or thread) carries ``fields``."""
-    token = _FIELDS.set({**_FIELDS.get(), **fields})
-    try:
-        yield
-    finally:
-        _FIELDS.reset(token)
+def _trace_ids(record: logging.LogRecord, scoped: Mapping[str, str]) -> tuple[str, str]:
+    """(trace_id, span_id) of the current span, else of the record's extras, else of the
+    scoped fields (an attempt's, when no OpenTelemetry context was attached), else empty."""
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        return f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
+    trace_id = getattr(record, "trace_id", "") or ""
+    if trace_id:
+        return str(trace_id), str(getattr(record, "span_id", "") or "")
+    return scoped.get("trace_id", ""), scoped.get("span_id", "")
+
+
+class _ScopedFields:
+    """The ``with`` block of :func:`log_fields` (a class: no generator per use)."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        self._fields = fields
+        self._token: Token[Mapping[str, str]] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _FIELDS.set({**_FIELDS.get(), **self._fields})
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _FIELDS.reset(self._token)
+
+
+def log_fields(**fields: str) -> AbstractContextManager[None]:
+    """Every line logged inside the block (this task or thread) carries ``fields``.
+
+    ``trace_id`` and ``span_id`` among them name the trace when no OpenTelemetry span is
+    current (an attempt whose trace context was not attached).
+    """
+    return _ScopedFields(fields)
 
 
 def bind_log_fields(**fields: str) -> None:
@@ -82,12 +103,12 @@ def set_process_fields(**fields: str) -> None:
 
 def _context(record: logging.LogRecord) -> dict[str, str]:
     out: dict[str, str] = {}
-    trace_id, span_id = _trace_ids(record)
+    scoped = _FIELDS.get()
+    trace_id, span_id = _trace_ids(record, scoped)
     if trace_id:
         out["trace_id"] = trace_id
     if span_id:
         out["span_id"] = span_id
-    scoped = _FIELDS.get()
     for name in CONTEXT_FIELDS:
         value = getattr(record, name, None)
         if value in (None, ""):

@@ -55,6 +55,10 @@ class TraceParent:
         return format_traceparent(self.trace_id, self.span_id, self.flags)
 
 
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+
+
 def describe_traceparent(value: str) -> str | None:
     """Why ``value`` is not a valid version-00 ``traceparent`` (a phrase), or None when it is."""
     if len(value) != MAX_TRACEPARENT:
@@ -66,21 +70,26 @@ def describe_traceparent(value: str) -> str | None:
     m = _TRACEPARENT_RE.fullmatch(value)
     if m is None:
         return f"must be 00-<32 hex>-<16 hex>-<2 hex> in lower case, got {value!r}"
+    return _describe_ids(m)
+
+
+def _describe_ids(m: re.Match[str]) -> str | None:
     version, trace_id, span_id, _ = m.groups()
     if version != "00":
         return f"version {version!r} is not supported (only 00)"
-    if int(trace_id, 16) == 0:
+    if trace_id == _ZERO_TRACE_ID:
         return "the trace id must not be all zeros"
-    if int(span_id, 16) == 0:
+    if span_id == _ZERO_SPAN_ID:
         return "the parent span id must not be all zeros"
     return None
 
 
 def parse_traceparent(value: str) -> TraceParent | None:
     """The parsed ``traceparent``, or None when it is not valid (:func:`describe_traceparent`)."""
-    if describe_traceparent(value) is not None:
+    m = _TRACEPARENT_RE.fullmatch(value) if len(value) == MAX_TRACEPARENT else None
+    if m is None or _describe_ids(m) is not None:
         return None
-    _, trace_id, span_id, flags = value.split("-")
+    _, trace_id, span_id, flags = m.groups()
     return TraceParent(int(trace_id, 16), int(span_id, 16), int(flags, 16))
 
 

@@ -333,12 +333,16 @@ class AttemptBook:
         r.duration.FromNanoseconds(int(seconds * 1e9))
         self._hlc.stamp(r.finished_hlc)
         self.unacked[(att.lease_id, att.token)] = r
+        trace = att.trace
         trace_id = ""
-        if att.trace is not None:
-            trace_id = att.trace.trace_id
-            att.trace.end(
-                outcome, result.error, exit_code=result.exit_code if att.kind == "exec" else None
-            )
+        if trace is not None:
+            trace_id = trace.trace_id
+            if trace.span is not None:
+                trace.end(
+                    outcome,
+                    result.error,
+                    exit_code=result.exit_code if att.kind == "exec" else None,
+                )
         if self.observer is not None:
             try:
                 self.observer.attempt_finished(att.kind, r, seconds, trace_id, att.cancel_cause)

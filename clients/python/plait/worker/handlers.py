@@ -26,13 +26,14 @@ import threading
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from opentelemetry import context as otel_context
+
 from plait.errors import ActionError
 from plait.jsonlimits import outputs_problem
-from plait.logs import log_fields
+from plait.logs import bind_log_fields, log_fields
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
     CANCELLED,
@@ -44,7 +45,7 @@ from plait.worker.executor import (
     Code,
     attempt_trace,
 )
-from plait.worker.spans import attached
+from plait.worker.spans import ExecuteSpan, attached
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,18 @@ Handler = Callable[["ActionContext"], Any]
 F = TypeVar("F", bound=Handler)
 
 
-def attempt_log_fields(lease: pb.Lease) -> AbstractContextManager[None]:
-    """Log lines inside carry the attempt's workflow, action and lease ids."""
-    return log_fields(
-        workflow_id=lease.workflow_id, action_id=lease.action_id, lease_id=lease.lease_id
-    )
+def attempt_log_fields(lease: pb.Lease, trace: ExecuteSpan | None = None) -> dict[str, str]:
+    """What log lines of an attempt carry (:mod:`plait.logs`): its workflow, action and lease
+    ids, and its trace's ids (used when no OpenTelemetry span is current)."""
+    fields = {
+        "workflow_id": lease.workflow_id,
+        "action_id": lease.action_id,
+        "lease_id": lease.lease_id,
+    }
+    if trace is not None and trace.trace_id:
+        fields["trace_id"] = trace.trace_id
+        fields["span_id"] = trace.span_id
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,20 @@ class NeedResult:
 
 class CancelFlag(threading.Event):
     """A ``threading.Event`` that is also truthy once set: ``if ctx.cancelled: return``."""
+
+    def __init__(self) -> None:
+        # Not Event.__init__: most attempts are never cancelled nor waited on, so the Condition
+        # (and its lock) is made on first use instead of once per attempt.
+        self._flag = False
+
+    @property
+    def _cond(self) -> threading.Condition:
+        d = self.__dict__
+        cond = d.get("_lazy_cond")
+        if cond is None:
+            # setdefault is atomic: threads racing here all use the one that was stored.
+            cond = d.setdefault("_lazy_cond", threading.Condition(threading.Lock()))
+        return cond  # type: ignore[no-any-return]
 
     def __bool__(self) -> bool:
         return self.is_set()
@@ -444,10 +466,13 @@ class HandlerExecutor:
         actx = ActionContext.from_lease(lease, progress)
         trace = attempt_trace(ctx)
         otel_ctx = trace.context if trace is not None else None
+        fields = attempt_log_fields(lease, trace)
         if reg.is_async:
             running = _Running(actx, None)
             # The task runs in a copy of the current contextvars: attach the span inside it.
-            running.task = task = loop.create_task(self._run_async(reg.fn, actx, ctx, otel_ctx))
+            running.task = task = loop.create_task(
+                self._run_async(reg.fn, actx, ctx, otel_ctx, fields)
+            )
             task.add_done_callback(lambda _: self._async_done(running, ctx))
         else:
             if self._pool is None:
@@ -455,8 +480,9 @@ class HandlerExecutor:
             fn = reg.fn
 
             def call_in_span() -> Any:
-                # Pool threads do not inherit the loop's context: the span and log fields.
-                with attached(otel_ctx), attempt_log_fields(lease):
+                # Pool threads do not inherit the loop's context, and keep theirs from one
+                # attempt to the next: attach the span and log fields for the call only.
+                with attached(otel_ctx), log_fields(**fields):
                     return fn(actx)
 
             fut = loop.run_in_executor(self._pool, call_in_span)
@@ -470,16 +496,16 @@ class HandlerExecutor:
         fn: Callable[[ActionContext], Awaitable[Any]],
         actx: ActionContext,
         ctx: AttemptContext,
-        otel_ctx: Any = None,
+        otel_ctx: otel_context.Context | None = None,
+        fields: Mapping[str, str] | None = None,
     ) -> None:
+        # This task's context is its own copy, gone with it: bind, nothing to undo.
+        if otel_ctx is not None:
+            otel_context.attach(otel_ctx)
+        if fields:
+            bind_log_fields(**fields)
         try:
-            with (
-                attached(otel_ctx),
-                log_fields(
-                    workflow_id=actx.workflow_id, action_id=actx.action_id, lease_id=actx.lease_id
-                ),
-            ):
-                out = await fn(actx)
+            out = await fn(actx)
         except asyncio.CancelledError:
             result = AttemptResult(
                 CANCELLED, error=actx.cancel_reason or "cancelled", stdout_tail=actx.log_tail()

@@ -8,18 +8,20 @@ ERROR with the message.
 
 Spans are exported as the standard ``OTEL_*`` environment says (``OTEL_TRACES_EXPORTER``
 ``otlp``/``console``/``none``, ``OTEL_SERVICE_NAME``, ``OTEL_EXPORTER_OTLP_*``). With no
-exporter no SDK span is made at all (the cheap path): handlers still run inside the lease's
-context and exec actions get the lease's own ``traceparent``, so whatever they trace themselves
-still lands under the attempt span. A lease whose traceparent is not sampled (flags ``00``)
-yields a non-recording span: nothing is exported for it.
+exporter no SDK span is made at all (the cheap path): exec actions get the lease's own
+``traceparent`` and, when a tracer provider is installed globally, handlers run inside the
+lease's context, so whatever they trace themselves still lands under the attempt span. With
+neither, nothing OpenTelemetry is made per attempt: the trace and span ids for log lines and
+exemplars are sliced from the ``traceparent`` text. A lease whose traceparent is not sampled
+(flags ``00``) yields a non-recording span: nothing is exported for it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import (
     NonRecordingSpan,
+    ProxyTracerProvider,
     Span,
     SpanContext,
     SpanKind,
@@ -36,7 +39,13 @@ from opentelemetry.trace import (
 )
 
 from plait.otel import span_exporters
-from plait.tracecontext import SPAN_EXECUTE, format_traceparent, parse_traceparent
+from plait.tracecontext import (
+    SPAN_EXECUTE,
+    TraceParent,
+    describe_traceparent,
+    format_traceparent,
+    parse_traceparent,
+)
 from plait.v1 import worker_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -91,7 +100,8 @@ class ExecuteSpan:
     span: Span | None
     """The SDK span; ``None`` on the cheap path (no exporter)."""
     context: otel_context.Context | None
-    """Handlers run attached to this context; ``None`` when the lease has no trace."""
+    """Handlers run attached to this context; ``None`` when the lease has no trace, or on the
+    cheap path when no tracer provider is installed globally (nothing could record a span)."""
     traceparent: str
     """``TRACEPARENT`` for an exec action: the execute span's, else the lease's."""
     tracestate: str = ""
@@ -172,28 +182,11 @@ class ExecuteTracing:
 
     def start(self, lease: pb.Lease, worker_id: str) -> ExecuteSpan:
         """Opens the execute span of ``lease``'s attempt (see the module docstring)."""
-        parsed = parse_traceparent(lease.traceparent) if lease.traceparent else None
-        if parsed is None:
-            parent_ctx: otel_context.Context | None = None
-            remote: SpanContext | None = None
-        else:
-            remote = SpanContext(
-                parsed.trace_id,
-                parsed.span_id,
-                is_remote=True,
-                trace_flags=TraceFlags(parsed.flags),
-            )
-            parent_ctx = trace.set_span_in_context(NonRecordingSpan(remote))
+        tp = lease.traceparent
         if self._tracer is None:
-            if remote is None:
-                return ExecuteSpan(None, None, "")
-            return ExecuteSpan(
-                None,
-                parent_ctx,
-                lease.traceparent,
-                trace_id=f"{remote.trace_id:032x}",
-                span_id=f"{remote.span_id:016x}",
-            )
+            return _cheap_span(tp)
+        parsed = parse_traceparent(tp) if tp else None
+        parent_ctx = None if parsed is None else _remote_context(parsed)
         kind = lease.action.WhichOneof("kind") or ""
         span = self._tracer.start_span(
             SPAN_EXECUTE,
@@ -221,6 +214,48 @@ class ExecuteTracing:
         )
 
 
+_NO_TRACE = ExecuteSpan(None, None, "", ended=True)
+"""The cheap path's span of a lease without a (valid) traceparent: nothing to end or attach."""
+
+
+def _cheap_span(tp: str) -> ExecuteSpan:
+    """No SDK span: the lease's own trace context, by slicing its ``traceparent``.
+
+    Handlers need the OpenTelemetry context only when a tracer provider is installed globally
+    (their own spans then nest under the attempt span); without one no context object is made,
+    and log lines and exemplars take the ids from the ``traceparent`` text.
+    """
+    if not tp or describe_traceparent(tp) is not None:
+        return _NO_TRACE
+    ctx = _remote_context(parse_traceparent(tp)) if _provider_installed() else None
+    # 00-<trace id: chars 3..35>-<span id: chars 36..52>-<flags>
+    return ExecuteSpan(None, ctx, tp, trace_id=tp[3:35], span_id=tp[36:52])
+
+
+def _provider_installed() -> bool:
+    """Whether a tracer provider is set globally (so a handler's own spans may be recorded).
+
+    Reads the API's global directly: ``trace.get_tracer_provider()`` looks
+    ``OTEL_PYTHON_TRACER_PROVIDER`` up in the environment on every call until one is set.
+    """
+    if _HAS_GLOBAL_SLOT:
+        return trace._TRACER_PROVIDER is not None
+    return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+
+
+_HAS_GLOBAL_SLOT = hasattr(trace, "_TRACER_PROVIDER")
+
+
+def _remote_context(parsed: TraceParent | None) -> otel_context.Context | None:
+    """A context whose current span is the (remote) span ``parsed`` names."""
+    if parsed is None:
+        return None
+    remote = SpanContext(
+        parsed.trace_id, parsed.span_id, is_remote=True, trace_flags=TraceFlags(parsed.flags)
+    )
+    return trace.set_span_in_context(NonRecordingSpan(remote))
+
+
 def make_provider(
     exporters: SpanExporter | list[SpanExporter],
     default_service: str,
@@ -242,14 +277,25 @@ def make_provider(
     return provider
 
 
-@contextmanager
-def attached(ctx: otel_context.Context | None) -> Iterator[None]:
+class _Attached:
+    """Attaches an OpenTelemetry context for a ``with`` block (a class: no generator per use)."""
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: otel_context.Context) -> None:
+        self._ctx = ctx
+        self._token: object = None
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(self._ctx)
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+_NOT_ATTACHED = nullcontext()
+
+
+def attached(ctx: otel_context.Context | None) -> AbstractContextManager[None]:
     """Runs the block inside ``ctx`` (nothing when ``None``); works in any thread."""
-    if ctx is None:
-        yield
-        return
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+    return _NOT_ATTACHED if ctx is None else _Attached(ctx)
