@@ -9,8 +9,6 @@ and ``promtool check metrics`` on the real exposition.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -20,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from plait.v1 import workflow_pb2 as wf
 from tests.system.harness import Cluster, describe, python_action, wait_for, workflow
+from tests.tools import required_tool
 
 pytestmark = [
     pytest.mark.system,
@@ -101,8 +100,9 @@ def test_fork_join_metrics_on_a_real_coordinator(cluster: Cluster, tmp_path: Pat
     assert value(live, "plait_queue_depth", **{"class": "exec"}) == 0
     assert value(live, "plait_worker_slots", worker="w1") == 8
     assert value(live, "plait_worker_slots_used", worker="w1") == 5
-    assert 0 <= value(live, "plait_worker_heartbeat_age_seconds", worker="w1") < 2.0  # TTL 2 s
-    assert abs(value(live, "plait_worker_clock_offset_seconds", worker="w1")) < 0.5
+    # Sane, not timed: a loaded machine delays heartbeats and messages (same host: no skew).
+    assert 0 <= value(live, "plait_worker_heartbeat_age_seconds", worker="w1") < 10.0
+    assert abs(value(live, "plait_worker_clock_offset_seconds", worker="w1")) < 5.0
     assert value(live, "plait_leader") == 1 and value(live, "plait_term") >= 1
     assert value(live, "plait_fork_width_count", kind="dependents") == 1
     assert value(live, "plait_fork_width_sum", kind="dependents") == 3  # b1, b2, each
@@ -138,11 +138,7 @@ def test_fork_join_metrics_on_a_real_coordinator(cluster: Cluster, tmp_path: Pat
 
 
 def test_promtool_check_metrics_is_clean(cluster: Cluster) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing (Debian package `prometheus`) and CI is set")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    promtool = required_tool("promtool")
     cluster.start_coordinator(log_format="json")
     cluster.add_worker("w1", slots=2)
     workflow_id = cluster.submit(workflow("promtool", [python_action("a", "plait_output({})")]))

@@ -28,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +49,7 @@ from plait.spec.convert import spec_from_dict
 from plait.v1 import workflow_pb2 as wf
 from tests import procs
 from tests.system.harness import ROOT, Cluster, describe, wait_for
+from tests.tools import required_tool
 
 pytestmark = [
     pytest.mark.system,
@@ -170,13 +169,7 @@ class Prometheus:
 
 
 def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        message = "prometheus is not installed (apt-get install -y prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; .ci/run must install it")
-        pytest.skip(message)
-    return path
+    return required_tool("prometheus")
 
 
 @contextlib.contextmanager

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.tools import required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_PY = ROOT / "deploy" / "grafana" / "dashboard.py"
@@ -72,12 +72,7 @@ def test_every_panel_has_a_promql_query(dashboard: ModuleType) -> None:
 
 
 def test_every_query_parses(dashboard: ModuleType, tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        message = "promtool is not installed (apt-get install -y prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; .ci/run must install it")
-        pytest.skip(message)
+    promtool = required_tool("promtool")
     board = json.loads(COMMITTED.read_text())
     rules = [
         {"record": f"dashboard:query_{i}:check", "expr": substitute(q.expr)}

@@ -9,7 +9,6 @@ is a failure instead: ``.ci/run`` installs Debian's ``prometheus`` package.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.tools import required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -27,13 +28,7 @@ CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool is not installed (apt-get install -y prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; .ci/run must install it")
-        pytest.skip(message)
-    return path
+    return required_tool("promtool")
 
 
 def run(promtool: str, *args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from plait.v1 import worker_service_pb2 as pb
 from plait.workerd.config import build_parser, config_from_args
 from plait.workerd.metrics import WorkerdMetrics, kill_reason
+from tests.tools import required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,13 +66,13 @@ def test_counts_attempts_kills_and_exemplars() -> None:
     assert f'# {{trace_id="{trace_id}"}} 0.3' in om
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_promtool_check_metrics_is_clean() -> None:
+    promtool = required_tool("promtool")
     m = WorkerdMetrics()
     m.attempt_finished("exec", result(pb.ACTION_OUTCOME_TIMED_OUT), 2.0, "ab" * 16, "")
     text = generate_latest(m.registry)
     proc = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, check=False, capture_output=True, timeout=60
+        [promtool, "check", "metrics"], input=text, check=False, capture_output=True, timeout=60
     )
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), (
         proc.stdout.decode() + proc.stderr.decode()
