@@ -12,10 +12,13 @@ core when /metrics is scraped (the runtime runs it on the event loop).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from plait.clock import Clock
 from plait.coordinator.core import transitions as t
@@ -346,3 +349,34 @@ def _loss_reason(reason: int) -> str:
 
 _REASONS = frozenset(pb.EventReason.values())
 _LOSS_LABELS: dict[int, str] = {}
+
+
+T = TypeVar("T")
+
+
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout: float) -> T:
+    """``fn()`` run on ``loop`` (between two of its callbacks) for a caller on another thread,
+    waiting at most ``timeout`` seconds (TimeoutError); run at once when called on the loop.
+    RuntimeError: the loop is closed."""
+    try:
+        on_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        on_loop = False
+    if on_loop:
+        return fn()
+    fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except Exception as e:  # raised again in the caller's thread
+            fut.set_exception(e)
+
+    loop.call_soon_threadsafe(run)
+    try:
+        return fut.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        fut.cancel()
+        raise

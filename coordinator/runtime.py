@@ -19,7 +19,6 @@ rest of the batch is handled again. A core that keeps failing stops the process 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
 from collections import deque
@@ -46,7 +45,7 @@ from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
 from plait.coordinator.metrics import CoordinatorMetrics, StateGauges
-from plait.coordinator.observations import Observations, state_gauges
+from plait.coordinator.observations import Observations, call_on_loop, state_gauges
 from plait.coordinator.services.errors import InputRefusals, InternalErrors, Throttle
 from plait.coordinator.tracing import Tracing
 from plait.coordinator.watchers import Watchers
@@ -558,28 +557,10 @@ class Runtime:
         if loop is None or self.core is None or loop.is_closed():
             return None
         try:
-            on_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:  # scraped from the loop itself (in-process tests): no hop needed
-            return self._state_gauges()
-        fut: concurrent.futures.Future[StateGauges | None] = concurrent.futures.Future()
-
-        def fill() -> None:
-            if not fut.set_running_or_notify_cancel():
-                return
-            try:
-                fut.set_result(self._state_gauges())
-            except Exception as e:  # reported to the scrape's log line below
-                fut.set_exception(e)
-
-        try:
-            loop.call_soon_threadsafe(fill)
-            return fut.result(timeout=_SCRAPE_WAIT)
+            return call_on_loop(loop, self._state_gauges, _SCRAPE_WAIT)
         except RuntimeError:  # the loop closed meanwhile
             return None
         except Exception as e:  # a slow loop (TimeoutError) or a bug: the counters still go
-            fut.cancel()
             if self._scrape_log.first(("scrape",)):
                 log.warning(
                     "state gauges left out of a /metrics scrape: %s: %s", type(e).__name__, e
