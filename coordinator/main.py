@@ -41,6 +41,8 @@ async def serve(server: CoordinatorServer) -> int:
     await server.stop()
     waiter.cancel()
     stopper.cancel()
+    if isinstance(server.fatal, ConfigError):
+        return EXIT_CONFIG  # refused at start-up, e.g. a journal this role may not write
     return 1 if server.fatal is not None else 0
 
 

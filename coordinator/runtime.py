@@ -19,6 +19,7 @@ rest of the batch is handled again. A core that keeps failing stops the process 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 from collections import deque
@@ -348,6 +349,12 @@ class Runtime:
         """Stops the coordinator: the journal failed (or the core could not be recovered)."""
         if isinstance(err, _CoreBroken):
             log.critical("%s; the coordinator must stop", err.args[0])
+        elif isinstance(err, OSError) and err.errno == errno.ENOSPC:  # one line, no traceback
+            log.critical(
+                "journal commit failed: disk full (ENOSPC) at %s; stopping (free space, then"
+                " restart: the journal is replayed)",
+                err.filename or "the journal",
+            )
         else:  # the state is ahead of the journal: nothing more may be decided on it
             log.critical(
                 "journal commit failed; the coordinator must stop (a restart replays the"

@@ -122,6 +122,7 @@ class CoordinatorServer:
         self.leading = asyncio.Event()
         self.stopped = asyncio.Event()
         self.fatal: BaseException | None = None
+        self._stopping_tasks: set[asyncio.Task[None]] = set()
         self.started_at = 0.0
         self._host = "127.0.0.1"
         self.serving_after = 0.0  # seconds from start() to SERVING as leader
@@ -133,7 +134,19 @@ class CoordinatorServer:
     def _fatal(self, err: BaseException) -> None:
         if self.fatal is None:
             self.fatal = err
-        asyncio.get_running_loop().create_task(self.stop(0))
+        task = asyncio.get_running_loop().create_task(self.stop(0), name="plait-fatal-stop")
+        self._stopping_tasks.add(task)
+        task.add_done_callback(self._stopped_after_fatal)
+
+    def _stopped_after_fatal(self, task: asyncio.Task[None]) -> None:
+        """Retrieves what the stop after a fatal error raised (e.g. flushing to a full disk):
+        one line in the log, never an "exception was never retrieved" traceback."""
+        self._stopping_tasks.discard(task)
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is not None:
+            log.error("stopping after %s: %s: %s", self.fatal, type(err).__name__, err)
 
     async def start(self, *, wait_leader: bool = True, leader_timeout: float | None = None) -> None:
         """Serves gRPC and /metrics at once (as a standby), then campaigns for leadership.
@@ -227,8 +240,8 @@ class CoordinatorServer:
             )
             waiter.cancel()
             if not self.leading.is_set():
-                if self._lead_task.done():
-                    self._lead_task.result()  # raises what stopped it
+                if self.fatal is not None:
+                    raise self.fatal  # what stopped the campaign (e.g. an unwritable journal)
                 hint = self.runtime.leader_hint
                 await self.stop(0)
                 raise UnavailableError(
@@ -258,6 +271,23 @@ class CoordinatorServer:
         log.info("token file reloaded: %d tokens", count)
 
     async def _lead(self) -> None:
+        """:meth:`_leading`; what stops it (the journal cannot be written, ...) stops the
+        process with one line, and is kept in ``fatal`` rather than left unretrieved."""
+        try:
+            await self._leading()
+        except asyncio.CancelledError:
+            raise
+        except ConfigError as e:  # e.g. a PostgreSQL role that may not write
+            if not self.stopped.is_set():
+                log.critical("refusing to start: %s", e.message)
+                self._fatal(e)
+        except Exception as e:
+            if not self.stopped.is_set():
+                what = "leading" if self.leading.is_set() else "taking leadership"
+                log.critical("%s failed; stopping: %s: %s", what, type(e).__name__, e)
+                self._fatal(e)
+
+    async def _leading(self) -> None:
         """Standby until elected; then leader until the term ends (then the process stops)."""
         assert self.leadership is not None
         hints = asyncio.create_task(self._follow_leader_hint(), name="plait-leader-hint")
@@ -292,12 +322,24 @@ class CoordinatorServer:
             self._fatal(DeposedError(f"leadership of term {self.term} lost"))
 
     async def _follow_leader_hint(self) -> None:
+        """Keeps the leader's address for redirects; logs, at first and on each change, why
+        this coordinator is a standby and whom it waits for."""
         assert self.leadership is not None
+        said: str | None = None
         while True:
             try:
                 self.runtime.leader_hint = await self.leadership.leader()
+                why = await self.leadership.waiting_for()
             except Exception as e:  # the database may be briefly away; keep the old hint
                 log.debug("could not read the leader's address: %s", e)
+                why = None
+            if why is not None and why != said:
+                log.info(
+                    "standby: %s; trying to take over every %gs",
+                    why,
+                    self.leadership.poll_interval,
+                )
+                said = why
             await asyncio.sleep(0.5)
 
     def _write_ready_file(self, path: str, role: str) -> None:

@@ -25,6 +25,7 @@ from psycopg.rows import TupleRow
 
 from plait.clock import Clock, SystemClock
 from plait.coordinator.journal.postgres import ensure_schema
+from plait.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ _RESIGN = (
     " WHERE id = 1 AND term = %s AND holder = %s"
 )
 _LEADER = "SELECT address FROM plait_leader WHERE id = 1 AND expires_at > now()"
+_HOLDER = (
+    "SELECT holder, address, term, expires_at > now(), expires_at FROM plait_leader WHERE id = 1"
+)
 
 
 class PostgresLeadership:
@@ -82,6 +86,15 @@ class PostgresLeadership:
         # Monotonic time at which the last successful campaign or renewal was sent.
         self._renewed_at = 0.0
         self._resigned = asyncio.Event()
+        self._waiting = False  # a campaign attempt found the lease held; not won since
+
+    def _target(self) -> str:
+        """The database, named without its password."""
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(self.url)
+        except psycopg.Error:
+            return "the PostgreSQL journal"
+        return f"{info.get('user', '')}@{info.get('host', '')}/{info.get('dbname', '')}"
 
     @property
     def term(self) -> int | None:
@@ -134,15 +147,22 @@ class PostgresLeadership:
                 async with asyncio.timeout(self.ttl.total_seconds()):
                     cur = await self._execute(_CAMPAIGN, (self.holder, self.advertise, self.ttl))
                     row = await cur.fetchone()
+            except psycopg.errors.InsufficientPrivilege as e:  # retrying cannot help
+                raise ConfigError(
+                    f"cannot open the journal for writing: {self._target()}:"
+                    f" {str(e).strip().splitlines()[0]}"
+                ) from None
             except (TimeoutError, psycopg.Error) as e:
                 log.warning("leadership campaign failed, retrying: %r", e)
                 row = None
             if row is not None:
+                self._waiting = False
                 self._term = int(row[0])
                 self._renewed_at = sent
                 self._resigned.clear()
                 log.info("won leadership", extra={"term": self._term, "holder": self.holder})
                 return self._term
+            self._waiting = True
             await asyncio.sleep(poll)
 
     async def hold(self) -> None:
@@ -190,6 +210,26 @@ class PostgresLeadership:
             log.warning("cannot read the leader row: %s", e)
             return None
         return str(row[0]) if row is not None else None
+
+    async def waiting_for(self) -> str | None:
+        if not self._waiting:
+            return None
+        try:
+            async with asyncio.timeout(self.ttl.total_seconds()):
+                cur = await self._execute(_HOLDER, ())
+                row = await cur.fetchone()
+        except (TimeoutError, psycopg.Error) as e:
+            return f"the leader row cannot be read ({type(e).__name__})"
+        if row is None:
+            return "no coordinator has led this journal yet"
+        holder, address, term, live, expires = row
+        if not live:
+            return f"the lease of term {term} ({holder}, {address}) expired at {expires}"
+        return f"the lease is held by {holder} at {address} (term {term})"
+
+    @property
+    def poll_interval(self) -> float:
+        return (self.ttl / 5).total_seconds()
 
     async def resign(self) -> None:
         """Ends the lease now so a standby wins at its next poll; closes the connection."""

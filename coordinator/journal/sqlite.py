@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -32,6 +33,7 @@ from plait.coordinator.journal.store import (
     PAGE_SIZE,
     REVOKED_PREFIX,
     DeposedError,
+    JournalFullError,
     JournalHead,
 )
 from plait.errors import ConfigError
@@ -92,7 +94,50 @@ def private_journal_dir(path: str) -> None:
             f" a directory only its owner can write (chmod 700 {directory})"
         )
     for suffix in JOURNAL_SUFFIXES:
-        _tighten(path + suffix, uid)
+        try:
+            _tighten(path + suffix, uid)
+        except OSError as e:  # e.g. a read-only mount: chmod fails before any write would
+            raise ConfigError(unwritable(e.filename or path + suffix, e)) from None
+
+
+def unwritable(path: str, err: OSError) -> str:
+    """The one line a coordinator that cannot write its journal stops with."""
+    code = errno.errorcode.get(err.errno or 0, "")
+    return (
+        f"cannot open the journal for writing: {path}: [Errno {err.errno}"
+        f"{' ' + code if code else ''}] {err.strerror or err}"
+    )
+
+
+def probe_writable(path: str) -> None:
+    """Proves the journal can be written before a coordinator campaigns for it.
+
+    Opens (creating if missing) the lock file and the database read-write, and creates, writes,
+    syncs and removes a probe file beside them (SQLite must create ``-wal`` there). A read-only
+    mount (EROFS), an immutable file (EPERM), a directory this user may not write (EACCES) or a
+    full disk (ENOSPC) is refused here, instead of leaving the coordinator a standby forever.
+
+    Raises:
+        ConfigError: ``cannot open the journal for writing: PATH: [Errno N CODE] reason``.
+    """
+    probe = f"{path}.probe-{os.getpid()}"
+    for file in (path + ".lock", path):
+        try:
+            _create_private(file)
+        except OSError as e:
+            raise ConfigError(unwritable(file, e)) from None
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise ConfigError(unwritable(probe, e)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def _tighten(file: str, uid: int) -> None:
@@ -131,6 +176,7 @@ class SqliteJournal:
 
     def __init__(self, path: str) -> None:
         private_journal_dir(path)  # at construction, so a refusal stops start-up (exit 2)
+        probe_writable(path)
         self.path = path
         self.term = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="plait-journal-w")
@@ -211,9 +257,18 @@ class SqliteJournal:
         self, events: Sequence[pb.HistoryEvent], *, hlc_ceiling_ms: int | None = None
     ) -> None:
         if events or hlc_ceiling_ms is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._writer, self._append, events, hlc_ceiling_ms
-            )
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._writer, self._append, events, hlc_ceiling_ms
+                )
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise JournalFullError(errno.ENOSPC, "disk full", self.path) from e
+                raise
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise JournalFullError(errno.ENOSPC, "disk full", self.path) from e
+                raise
 
     def _read(self, workflow_id: str, after: int, limit: int) -> list[pb.HistoryEvent]:
         conn = self._rconn
@@ -349,6 +404,7 @@ class FileLockLeadership:
         self.poll_seconds = poll_seconds
         self._fd: int | None = None
         self._lost = asyncio.Event()
+        self._waiting = False  # an attempt found the lock held; not won since
 
     def _try_lock(self) -> bool:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), JOURNAL_DIR_MODE, exist_ok=True)
@@ -389,25 +445,47 @@ class FileLockLeadership:
 
     async def campaign(self) -> int:
         # Polled: a blocking flock would pin a thread that cancellation cannot free.
-        while not self._try_lock():  # noqa: ASYNC110 - no event to await for a kernel lock
+        while not self._try_lock():  # no event to await for a kernel lock: polled
+            self._waiting = True
             await asyncio.sleep(self.poll_seconds)
+        self._waiting = False
         return await asyncio.to_thread(self._elected)
 
     async def hold(self) -> None:
         # The kernel holds the lock for as long as this process lives; only resign() ends it.
         await self._lost.wait()
 
-    def _read_leader(self) -> str | None:
+    def _read_info(self) -> dict[str, object]:
         try:
             with open(self.path + ".leader") as f:
                 info = json.load(f)
         except (OSError, ValueError):
-            return None
-        address = info.get("address")
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _read_leader(self) -> str | None:
+        address = self._read_info().get("address")
         return address if isinstance(address, str) else None
 
     async def leader(self) -> str | None:
         return await asyncio.to_thread(self._read_leader)
+
+    def _describe_holder(self) -> str:
+        info = self._read_info()
+        lock = f"the lock {self.path}.lock"
+        if not info:
+            return f"{lock} is held by another process (it has not recorded itself yet)"
+        parts = [f"{k} {info[k]}" for k in ("pid", "term") if k in info]
+        return f"{lock} is held by the leader at {info.get('address')} ({', '.join(parts)})"
+
+    async def waiting_for(self) -> str | None:
+        if not self._waiting:
+            return None
+        return await asyncio.to_thread(self._describe_holder)
+
+    @property
+    def poll_interval(self) -> float:
+        return self.poll_seconds
 
     async def resign(self) -> None:
         if self._fd is not None:

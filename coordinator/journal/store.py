@@ -75,6 +75,11 @@ class DeposedError(UnavailableError):
     """This coordinator's term is over: another leader has been elected. Stop at once."""
 
 
+class JournalFullError(OSError):
+    """The journal's disk is full (``errno.ENOSPC``, ``filename`` the journal): the batch was
+    not committed, and the coordinator must stop (a restart replays the journal)."""
+
+
 class JournalStore(Protocol):
     """Durable, append-only history of every transition."""
 
@@ -160,6 +165,17 @@ class Leadership(Protocol):
 
     async def resign(self) -> None:
         """Gives leadership up (clean shutdown) so a standby takes over at once."""
+        ...
+
+    async def waiting_for(self) -> str | None:
+        """Why this process is not the leader, for a standby's log: who holds leadership
+        (address, and pid or holder id and term where the store records them). None until a
+        campaign attempt has found leadership held (and again once won)."""
+        ...
+
+    @property
+    def poll_interval(self) -> float:
+        """Seconds between a standby's attempts to take leadership."""
         ...
 
 

@@ -162,7 +162,7 @@ def test_the_core_honours_the_configured_output_limits() -> None:
     assert _finish_with(CoreConfig(max_json_depth=100), deep)[0] == "ACTION_STATE_SUCCEEDED"
 
 
-def test_the_runtime_gives_the_core_every_configured_limit() -> None:
+def test_the_runtime_gives_the_core_every_configured_limit(tmp_path: Path) -> None:
     from plait.clock import SystemClock
     from plait.coordinator.metrics import CoordinatorMetrics
     from plait.coordinator.runtime import Runtime
@@ -170,7 +170,7 @@ def test_the_runtime_gives_the_core_every_configured_limit() -> None:
 
     limits = replace(Limits(), max_output_bytes=1000, max_json_depth=99, max_lease_bytes=5000)
     cfg = CoordinatorConfig(limits=limits)
-    store = open_store("sqlite:///unused.db")  # never opened: the core is only built
+    store = open_store(f"sqlite:///{tmp_path / 'unused.db'}")  # never opened: no core loaded
     runtime = Runtime(cfg, store, SystemClock(), CoordinatorMetrics(), Tracing())
     core = runtime._new_core(ZERO)
     shared = {f.name for f in fields(CoreConfig)} & {f.name for f in fields(Limits)}

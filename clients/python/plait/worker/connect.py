@@ -24,6 +24,13 @@ With ``tls`` the channels are TLS (mTLS with a client certificate); with a ``tok
 (another live session holds this worker id) or ended with ``ABORTED`` (a newer session of the
 same worker replaced it) is logged and dialled again with the backoff like any other failure.
 
+The reconnect delay is the session's backoff alone. A channel keeps its own subchannel backoff
+(gRPC's: 1 s growing by 1.6 up to 120 s), and a call on a channel in that backoff fails at once
+without dialling, so a worker whose coordinator was down for a few seconds would come back only
+when gRPC's timer, not ours, allowed it. So a failed stream closes its channel and the next
+attempt dials on a fresh one with its own subchannel (``grpc.use_local_subchannel_pool``), and
+the channels' own reconnect backoff is capped at the session's (for a channel that stays up).
+
 Everything else about reconnecting -- ``Hello.running`` re-adoption, re-sending unacked
 results, the self-fencing clock -- is the session's and does not depend on which address
 answered.
@@ -48,7 +55,7 @@ from plait.v1 import worker_service_pb2_grpc as pb_grpc
 from plait.worker.backoff import Backoff
 from plait.worker.outgoing import ConnectStream
 
-__all__ = ["CoordinatorLinks", "ProtocolError", "StreamHandlers"]
+__all__ = ["CoordinatorLinks", "ProtocolError", "StreamHandlers", "reconnect_options"]
 
 log = logging.getLogger(__name__)
 # The session's logger for stream lifecycle lines: they always came from it, and log formats
@@ -107,7 +114,11 @@ class CoordinatorLinks:
     ) -> None:
         self.endpoints = Endpoints(coordinator, field="coordinator", tls=tls)
         self._backoff = backoff
-        self._options: list[tuple[str, Any]] = list(options) + security.channel_options_for(tls)
+        self._options: list[tuple[str, Any]] = [
+            *options,
+            *reconnect_options(backoff),
+            *security.channel_options_for(tls),
+        ]
         self._tls = tls
         self._metadata = security.bearer_metadata(token)
         self._worker_id = worker_id
@@ -171,6 +182,16 @@ class CoordinatorLinks:
             self.endpoints.rotate()
         return self._backoff.next_delay()
 
+    async def forget(self, address: str) -> None:
+        """Closes ``address``'s channel: the next stream there dials on a fresh one.
+
+        A fresh channel dials at once, whereas the old one would keep failing calls until
+        gRPC's own subchannel backoff ran out.
+        """
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
     async def close(self) -> None:
         """Closes every channel."""
         channels, self._channels = self._channels, {}
@@ -184,9 +205,11 @@ class CoordinatorLinks:
     ) -> None:
         """Runs one stream after another, with the reconnect delay between, until ``done``."""
         while not done.is_set():
+            address = self.address
             ended_by = await self._stream_once(handlers, done, welcome_timeout)
             if done.is_set():
                 break
+            await self.forget(address)
             await self.check_hint(ended_by)
             delay = self.next_delay(ended_by)
             session_log.info("reconnecting to %s in %.2fs", self.address, delay)
@@ -310,6 +333,19 @@ class CoordinatorLinks:
             session_log.warning(
                 "connection to %s failed: %s: %s", self.address, code.name, err.details()
             )
+
+
+def reconnect_options(backoff: Backoff) -> list[tuple[str, Any]]:
+    """Channel arguments that cap gRPC's own subchannel reconnect backoff at ``backoff``'s.
+
+    ``grpc.min_reconnect_backoff_ms`` is left alone: gRPC uses it as the minimum connect
+    timeout (20 s), and lowering it would cut TLS handshakes on a slow network short.
+    """
+    return [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", max(1, round(backoff.initial * 1000))),
+        ("grpc.max_reconnect_backoff_ms", max(1, round(backoff.maximum * 1000))),
+    ]
 
 
 async def _read_loop(call: Any, receive: Callable[[pb.ConnectResponse], None]) -> None:
