@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from plait.coordinator.core.model import ActionRecord
 
 
+_EXEMPLARS_KEPT = 4096  # workflows whose exemplar labels are remembered
 log = logging.getLogger("plait.coordinator.runtime")  # where these lines always were
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 _ENDED = frozenset(
@@ -77,6 +77,7 @@ class Observations:
         # workflow id -> action id -> monotonic time it became ready (schedule-to-start). Only
         # actions waiting for a start are kept, and a workflow's entries go when it finishes.
         self._ready_at: dict[str, dict[str, float]] = {}
+        self._exemplars: dict[str, dict[str, str]] = {}  # workflow -> its exemplar labels
 
     # ---- observations ------------------------------------------------------------------------
 
@@ -86,7 +87,9 @@ class Observations:
         for o in observations:
             kind = o.kind
             if kind == "action_duration":
-                m.action_duration.observe(o.value, _exemplar(core, o.lease_id.rsplit("/", 2)[0]))
+                m.action_duration.observe(
+                    o.value, self._exemplar(core, o.lease_id.rsplit("/", 2)[0])
+                )
             elif kind == "lease_lost":
                 reason = _loss_reason(o.reason)
                 m.leases_lost.labels(reason).inc()
@@ -162,6 +165,21 @@ class Observations:
 
     # ---- records -----------------------------------------------------------------------------
 
+    def _exemplar(self, core: SchedulerState, workflow_id: str) -> dict[str, str] | None:
+        """``{"trace_id": ...}`` of a workflow's trace (derived, so it exists with export off);
+        remembered per workflow until it finishes (deriving costs a hash)."""
+        found = self._exemplars.get(workflow_id)
+        if found is not None:
+            return found
+        wf = core.workflows.get(workflow_id)
+        if wf is None:
+            return None
+        trace_id = trace_id_for(workflow_id, wf.traceparent)
+        found = self._exemplars[workflow_id] = {"trace_id": f"{trace_id:032x}"}
+        if len(self._exemplars) > _EXEMPLARS_KEPT:  # (a finished workflow's last duration)
+            del self._exemplars[next(iter(self._exemplars))]
+        return found
+
     def observe_records(
         self, core: SchedulerState, records: list[pb.HistoryEvent], now: float
     ) -> None:
@@ -188,6 +206,7 @@ class Observations:
                 state = pb.WorkflowState.Name(ev.workflow_state)
                 m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
                 self._ready_at.pop(ev.workflow_id, None)
+                self._exemplars.pop(ev.workflow_id, None)
             else:
                 self._waits(core, ev, now)
         if granted:
@@ -222,7 +241,7 @@ class Observations:
         for j in joins:
             m.joins.labels(j.kind, j.outcome).inc()
             m.join_wait.labels(j.kind).observe(
-                max(0.0, j.wait_seconds), _exemplar(core, j.workflow_id)
+                max(0.0, j.wait_seconds), self._exemplar(core, j.workflow_id)
             )
         self.tracing.on_records(records, fork_joins)
 
@@ -233,7 +252,7 @@ class Observations:
         if ready_at is None:
             return  # became ready before this process led (or a hedge): no wait is known
         self.metrics.schedule_to_start.observe(
-            max(0.0, now - ready_at), _exemplar(core, ev.workflow_id)
+            max(0.0, now - ready_at), self._exemplar(core, ev.workflow_id)
         )
 
     def _ready_in_state(self, core: SchedulerState, ev: pb.HistoryEvent, now: float) -> None:
@@ -305,27 +324,6 @@ def state_gauges(core: SchedulerState, now: float, wall_ms: int) -> StateGauges:
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-_EXEMPLARS: OrderedDict[str, dict[str, str]] = OrderedDict()  # workflow -> its exemplar
-_EXEMPLARS_KEPT = 4096
-
-
-def _exemplar(core: SchedulerState, workflow_id: str) -> dict[str, str] | None:
-    """``{"trace_id": ...}`` of a workflow's trace (derived, so it exists with export off);
-    remembered for the most recent workflows (deriving costs a hash)."""
-    found = _EXEMPLARS.get(workflow_id)
-    if found is not None:
-        return found
-    wf = core.workflows.get(workflow_id)
-    if wf is None:
-        return None
-    found = _EXEMPLARS[workflow_id] = {
-        "trace_id": f"{trace_id_for(workflow_id, wf.traceparent):032x}"
-    }
-    if len(_EXEMPLARS) > _EXEMPLARS_KEPT:
-        _EXEMPLARS.popitem(last=False)
-    return found
 
 
 def _lease_extra(worker_id: str, lease_id: str) -> dict[str, str]:
