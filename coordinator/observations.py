@@ -31,7 +31,7 @@ from plait.tracecontext import trace_id_for
 from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
-    from plait.coordinator.core.model import ActionRecord
+    pass
 
 
 _EXEMPLARS_KEPT = 4096  # workflows whose exemplar labels are remembered
@@ -40,17 +40,6 @@ E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slo
 _ENDED = frozenset(
     {E.EVENT_TYPE_ACTION_FINISHED, E.EVENT_TYPE_ACTION_CANCELLED, E.EVENT_TYPE_ACTION_SKIPPED}
 )
-# Records that make an action READY (their action_state says so: a hedge's lost lease leaves
-# its action running, and is not a new wait).
-_MADE_READY = frozenset(
-    {E.EVENT_TYPE_ACTION_READY, E.EVENT_TYPE_LEASE_LOST, E.EVENT_TYPE_ACTION_RETRY_SCHEDULED}
-)
-# Records after which the core holds newly READY actions no ACTION_READY names: roots of a
-# submitted workflow, a map's or pipeline's children, actions a workflow retry reset.
-_READY_IN_STATE = frozenset(
-    {E.EVENT_TYPE_WORKFLOW_SUBMITTED, E.EVENT_TYPE_ACTION_MAPPED, E.EVENT_TYPE_WORKFLOW_RETRIED}
-)
-_WAITING = (t.READY, t.LEASED)  # READY, or granted in the same batch and not yet started
 _LIVE_LABEL: dict[int, str] = {
     t.PENDING: "pending",
     t.READY: "ready",
@@ -74,9 +63,6 @@ class Observations:
         self.tracing = tracing
         self.forkjoin = ForkJoin()
         self._log_once = Throttle(clock)  # refusals a worker can repeat at will
-        # workflow id -> action id -> monotonic time it became ready (schedule-to-start). Only
-        # actions waiting for a start are kept, and a workflow's entries go when it finishes.
-        self._ready_at: dict[str, dict[str, float]] = {}
         self._exemplars: dict[str, dict[str, str]] = {}  # workflow -> its exemplar labels
 
     # ---- observations ------------------------------------------------------------------------
@@ -199,37 +185,21 @@ class Observations:
             elif typ in _ENDED:
                 state = STATE_NAME[ev.action_state]
                 finished_by_state[state] = finished_by_state.get(state, 0) + 1
-                waiting = self._ready_at.get(ev.workflow_id)
-                if waiting is not None:
-                    waiting.pop(ev.action_id, None)
             elif typ == E.EVENT_TYPE_WORKFLOW_FINISHED:
                 state = pb.WorkflowState.Name(ev.workflow_state)
                 m.workflows_finished.labels(state.removeprefix("WORKFLOW_STATE_").lower()).inc()
-                self._ready_at.pop(ev.workflow_id, None)
                 self._exemplars.pop(ev.workflow_id, None)
-            else:
-                self._waits(core, ev, now)
+            elif typ == E.EVENT_TYPE_ACTION_STARTED:
+                self._started(core, ev, now)
+            elif typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
+                m.retries.inc()
+            elif typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
+                m.workflows_submitted.inc()
         if granted:
             m.leases_granted.inc(granted)
         for state, n in finished_by_state.items():
             m.actions_finished.labels(state.removeprefix("ACTION_STATE_").lower()).inc(n)
         self._fork_joins(core, records, now)
-
-    def _waits(self, core: SchedulerState, ev: pb.HistoryEvent, now: float) -> None:
-        """Ready times and their end at a start (schedule-to-start); submits and retries."""
-        typ = ev.type
-        if typ == E.EVENT_TYPE_ACTION_STARTED:
-            self._started(core, ev, now)
-        elif typ in _MADE_READY:
-            if typ == E.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
-                self.metrics.retries.inc()
-            if ev.action_state == t.READY:
-                backoff = ev.backoff.ToNanoseconds() / 1e9 if ev.HasField("backoff") else 0.0
-                self._ready_at.setdefault(ev.workflow_id, {})[ev.action_id] = now + backoff
-        elif typ in _READY_IN_STATE:
-            if typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
-                self.metrics.workflows_submitted.inc()
-            self._ready_in_state(core, ev, now)
 
     def _fork_joins(self, core: SchedulerState, records: list[pb.HistoryEvent], now: float) -> None:
         """Fork widths and join waits and outcomes (computed once, for metrics and spans)."""
@@ -246,38 +216,19 @@ class Observations:
         self.tracing.on_records(records, fork_joins)
 
     def _started(self, core: SchedulerState, ev: pb.HistoryEvent, now: float) -> None:
-        """READY -> STARTED of one attempt (a hedge, started beside a running one, has no wait)."""
-        waiting = self._ready_at.get(ev.workflow_id)
-        ready_at = waiting.pop(ev.action_id, None) if waiting is not None else None
-        if ready_at is None:
-            return  # became ready before this process led (or a hedge): no wait is known
-        self.metrics.schedule_to_start.observe(
-            max(0.0, now - ready_at), self._exemplar(core, ev.workflow_id)
-        )
-
-    def _ready_in_state(self, core: SchedulerState, ev: pb.HistoryEvent, now: float) -> None:
-        """Marks the actions ``ev`` made ready without an ACTION_READY of their own."""
+        """Schedule-to-start of one attempt: from when its action last became ready (the core's
+        ``ActionRecord.ready_at``, after any backoff) to its start. A hedge, started beside a
+        running attempt, waited for nothing and is not counted."""
         wf = core.workflows.get(ev.workflow_id)
-        if wf is None:
+        a = wf.actions.get(ev.action_id) if wf is not None else None
+        if a is None or not a.ready_at:
             return
-        typ = ev.type
-        candidates: list[ActionRecord]
-        if typ == E.EVENT_TYPE_WORKFLOW_SUBMITTED:
-            candidates = [a for a in wf.actions.values() if not a.needs]
-        else:
-            # WORKFLOW_RETRIED: what it reset may be anywhere in the workflow
-            a = wf.actions.get(ev.action_id) if typ == E.EVENT_TYPE_ACTION_MAPPED else None
-            candidates = list(a.children or ()) if a is not None else list(wf.actions.values())
-        waiting = self._ready_at.setdefault(ev.workflow_id, {})
-        for a in candidates:
-            if a.state in _WAITING and not fans_out(a.spec) and a.id not in waiting:
-                waiting[a.id] = now
-        if not waiting:
-            del self._ready_at[ev.workflow_id]
-
-    def waiting_for_start(self) -> int:
-        """How many actions' ready times are kept (bounded by the core's live actions)."""
-        return sum(len(w) for w in self._ready_at.values())
+        lease = core.leases.get(ev.lease_id)
+        if lease is not None and lease is a.hedge:
+            return
+        self.metrics.schedule_to_start.observe(
+            max(0.0, now - a.ready_at), self._exemplar(core, ev.workflow_id)
+        )
 
 
 # ---- gauges of the core's state, computed at scrape time ------------------------------------

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from plait.coordinator.core import hedges, joins, limits, retry, sessions
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
+from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord, WorkflowRecord
 from plait.hlc import HlcTimestamp
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -54,24 +54,25 @@ def _submitted(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     st.create_workflow(ev, when)
 
 
-def _workflow(st: SchedulerState, ev: pb.HistoryEvent) -> pb.HistoryEvent:
-    if ev.workflow_id not in st.workflows:
+def _workflow(st: SchedulerState, ev: pb.HistoryEvent) -> WorkflowRecord:
+    wf = st.workflows.get(ev.workflow_id)
+    if wf is None:
         raise ValueError(f"event {ev.sequence} names unknown workflow {ev.workflow_id!r}")
-    return ev
+    return wf
 
 
 def _cancel_requested(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
-    st.workflows[_workflow(st, ev).workflow_id].cancel_requested = True
+    _workflow(st, ev).cancel_requested = True
 
 
 def _retried(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
-    wf = st.workflows[_workflow(st, ev).workflow_id]
+    wf = _workflow(st, ev)
     ids = json.loads(ev.outputs_json or "[]")
     retry.reset(st, wf, [wf.actions[i] for i in ids], when)
 
 
 def _workflow_finished(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
-    wf = st.workflows[_workflow(st, ev).workflow_id]
+    wf = _workflow(st, ev)
     wf.state = ev.workflow_state
     wf.reason = ev.message
     wf.finished_hlc = HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical)
@@ -82,10 +83,7 @@ def _workflow_finished(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> 
 
 
 def _action(st: SchedulerState, ev: pb.HistoryEvent) -> ActionRecord:
-    wf = st.workflows.get(ev.workflow_id)
-    if wf is None:
-        raise ValueError(f"event {ev.sequence} names unknown workflow {ev.workflow_id!r}")
-    a = wf.actions.get(ev.action_id)
+    a = _workflow(st, ev).actions.get(ev.action_id)
     if a is None:
         raise ValueError(f"event {ev.sequence} names unknown action {ev.action_id!r}")
     return a

@@ -59,6 +59,7 @@ class ActionRecord:
     reason_code: int = 0  # EventReason of its terminal event (the typed meaning of `reason`)
     slots: int = 1
     not_before: float = 0.0  # monotonic; retry backoff
+    ready_at: float = 0.0  # monotonic: when it last became ready to run (after any backoff)
     queued: bool = False  # in its workflow's ready queue (dispatch takes it from there)
     ready_seq: int = 0  # sequence of the event it last became READY at (its timers' identity)
     parent: ActionRecord | None = None  # the map action that made this child

@@ -40,7 +40,6 @@ E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slo
 O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
 R = wpb  # CANCEL_REASON_* constants
 UNDELIVERED = "granted just before a coordinator restart; the worker never had it"
-LEASE_NOT_HELD = "LEASE_NOT_HELD"
 # Lease losses that are nobody's fault, so not charged to the lease-loss budget.
 UNCHARGED: frozenset[int] = frozenset(
     {E.EVENT_REASON_UNDELIVERED, E.EVENT_REASON_WORKER_REVOKED, E.EVENT_REASON_HEDGE_ENDED}

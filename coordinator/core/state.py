@@ -354,6 +354,7 @@ class SchedulerState:
         """What becoming READY at ``when`` starts (live and replay alike): the queue timeout,
         and the wait in the backoff heap or the place in the fair queue."""
         a.ready_seq = self.sequence
+        a.ready_at = max(when, a.not_before)  # schedule-to-start counts from here
         self.arm_queue_timeout(a, when)
         if a.not_before > self.now:
             heapq.heappush(self.delayed, (a.not_before, self.sequence, next(self._tie), a))

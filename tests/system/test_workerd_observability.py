@@ -124,15 +124,14 @@ def test_metrics_spans_and_json_logs(
     assert value(after, "plait_workerd_attempt_duration_seconds_count", kind="exec") == 1
     assert value(after, "plait_workerd_reconnects_total") == 0
 
-    if True:  # promtool: under CI it must be there
-        check = subprocess.run(
-            [required_tool("promtool"), "check", "metrics"],
-            input=after.encode(),
-            check=False,
-            capture_output=True,
-            timeout=60,
-        )
-        assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
+    check = subprocess.run(
+        [required_tool("promtool"), "check", "metrics"],
+        input=after.encode(),
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
+    assert check.returncode == 0 and not check.stdout.strip(), check.stdout + check.stderr
 
     def execute_span() -> dict[str, Any] | None:
         for span in console_spans(daemon.log_tail(1_000_000)):

@@ -323,6 +323,7 @@ def deep_snapshot(st: SchedulerState) -> dict[str, object]:
                 "error": (a.error.code, a.error.message) if a.error is not None else None,
                 "reason": a.reason,
                 "exit_code": a.exit_code,
+                "ready_at": _seconds(a.ready_at),  # where schedule-to-start counts from
                 "worker_id": a.worker_id,
                 "outputs_ref": a.outputs_ref,
                 "outputs_bytes": a.outputs_bytes,

@@ -79,11 +79,16 @@ def test_schedule_to_start_measures_ready_to_started_with_the_workflow_trace_id(
     trace = f"{trace_id_for('wf-1'):032x}"
     lines = [x for x in text.splitlines() if x.startswith("plait_schedule_to_start_seconds_bucket")]
     assert any(f'# {{trace_id="{trace}"}}' in x for x in lines), lines
-    assert d.obs.waiting_for_start() == 0  # j is PENDING; m runs as its children
-    for lease in leases:
-        d.done("s1", lease)
-    assert d.st.workflows["wf-1"].actions["j"].state == pb.ACTION_STATE_LEASED
-    assert d.obs.waiting_for_start() == 1  # j: ready and leased, not started
+    j = d.st.workflows["wf-1"].actions["j"]
+    assert j.ready_at == 0.0  # j is PENDING: no wait has begun; m runs as its children
+    granted = [x for lease in leases for x in grants(d.done("s1", lease))]
+    assert j.state == pb.ACTION_STATE_LEASED
+    assert j.ready_at == d.mono  # j: ready (and leased) now, not started: its wait begins
+    (lease_j,) = [x for x in granted if x.action_id == "j"]
+    d.advance(0.5)
+    d.started("s1", lease_j)
+    assert d.value("plait_schedule_to_start_seconds_count") == 7
+    assert d.value("plait_schedule_to_start_seconds_sum") == 2.0 + 5 * 1.0 + 0.5
 
 
 def test_a_retry_waits_from_the_end_of_its_backoff() -> None:
