@@ -11,6 +11,11 @@ Cancelling (CancelLease, self-fencing, the local run timeout) sends SIGTERM to t
 SIGKILL after the kill grace. When the attempt's main process exits, anything it left is
 killed: its group, its cgroup, or its run-as uid's processes.
 
+The session's fence deadline (:meth:`ExecExecutor.fence_deadline`, moved on every acknowledged
+heartbeat) arms the keeper at ``deadline - margin``, the moment the session's own SIGKILL would
+land: if workerd is frozen past it, the keeper kills the attempts in its place
+(:mod:`plait.workerd.keeper`), and they report ``CANCELLED`` once workerd runs again.
+
 Processes are started with asyncio's subprocess machinery; the only step between workerd and
 the action are the sandbox's start steps (``setpriv``, ``prlimit``, ``/bin/sh``), never Python.
 
@@ -27,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -34,6 +40,7 @@ import tempfile
 import warnings
 from typing import Any
 
+from plait.clock import Clock, SystemClock
 from plait.durations import format_duration
 from plait.durations import from_proto as duration_from_proto
 from plait.jsonlimits import MAX_JSON_DEPTH, nesting_exceeds
@@ -204,7 +211,12 @@ class ExecExecutor:
         pdeathsig: bool = True,
         secrets: SecretStore | None = None,
         sandbox: Sandbox | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        self.clock = clock if clock is not None else SystemClock()
+        self.fenced_at = math.inf
+        """Monotonic time the keeper kills every attempt at unless the fence moves (inf: never)."""
+        self._fence_passed = -math.inf  # the latest keeper deadline that passed before it moved
         self.keeper = keeper if keeper is not None else sandbox.keeper if sandbox else None
         self.secrets = secrets if secrets is not None else SecretStore()
         self.tail_bytes = tail_bytes
@@ -236,6 +248,30 @@ class ExecExecutor:
         attempt.task = asyncio.get_running_loop().create_task(attempt.run())
         return attempt
 
+    def fence_deadline(self, deadline: float, margin: float) -> None:
+        """Arms the keeper to SIGKILL every attempt at ``deadline - margin`` (FenceAware).
+
+        Not at ``deadline``: ``deadline - margin`` is when the session's own SIGKILL (after TERM
+        and the kill grace) lands, so the keeper never kills earlier than the session would, and
+        the attempts are dead before the coordinator can give their leases away (it may at
+        ``deadline`` at the earliest), with ``margin`` (a heartbeat interval) left for the
+        keeper to wake. A running workerd's next ack moves it on about TTL - margin - heartbeat
+        before it is reached (3 heartbeat intervals at least, with lease_ttl >= 5 heartbeats).
+        """
+        if self.fenced_at <= self.clock.monotonic():
+            # Late acks after a stall: the keeper may have fired at the old deadline already.
+            self._fence_passed = self.fenced_at
+        self.fenced_at = deadline - margin
+        if self.keeper is not None:
+            self.keeper.fence(self.fenced_at)
+
+    def fence_fired_since(self, since: float) -> bool:
+        """Whether a keeper deadline passed at or after monotonic time ``since``."""
+        if self.keeper is None:
+            return False
+        passed = self.fenced_at if self.fenced_at <= self.clock.monotonic() else self._fence_passed
+        return passed >= since
+
     def cancel(self, lease_id: str, reason: str) -> None:
         attempt = self._running.get(lease_id)
         if attempt is not None:
@@ -260,6 +296,7 @@ class _ExecAttempt:
         self.ctx = ctx
         self.task: asyncio.Task[None] | None = None
         self.pgid = 0
+        self.registered_at = math.inf  # when the keeper got its group (monotonic)
         self.exited = False
         self.kill_outcome: pb.ActionOutcome.ValueType | None = None
         self.kill_reason = ""
@@ -468,6 +505,7 @@ class _ExecAttempt:
         keeper = self.ex.keeper
         if keeper is not None:
             keeper.register(self.pgid)
+            self.registered_at = self.ex.clock.monotonic()
         assert self.confinement is not None
         # The first process waits at the start barrier until its limits and cgroup are set.
         problem = self.confinement.started(self.pgid, self.limits)
@@ -506,6 +544,17 @@ class _ExecAttempt:
         code = transport.get_returncode()
         rc = code if code is not None else -int(signal.SIGKILL)
         out, err = pipes.tail(1), pipes.tail(2)
+        if (
+            self.kill_outcome is None
+            and rc == -signal.SIGKILL
+            and self.ex.fence_fired_since(self.registered_at)
+        ):
+            # workerd could not act in time (paused, stalled): the keeper killed it.
+            self.kill_outcome = CANCELLED
+            self.kill_reason = (
+                "killed by the keeper: the lease's fence deadline passed while workerd could"
+                " not act (paused or stalled)"
+            )
         if self.kill_outcome is not None:
             return AttemptResult(
                 self.kill_outcome,

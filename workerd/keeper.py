@@ -1,4 +1,4 @@
-"""The keeper: cleans up after workerd when it dies, SIGKILL included (workerd layer).
+"""The keeper: kills an attempt's processes when workerd dies or cannot fence them (workerd layer).
 
 Attempts run in their own process group, and direct children carry ``PR_SET_PDEATHSIG``, but
 grandchildren do not. So workerd starts one long-lived keeper (``python -m
@@ -9,22 +9,37 @@ to clean up if workerd dies:
 * ``+c <dir>`` / ``-c <dir>``: an attempt's cgroup (killed and removed);
 * ``+d <dir>`` / ``-d <dir>``: an attempt's directory (removed, inputs included);
 * ``+u <uid>:<gid>``: a run-as identity (every process of that uid is killed);
-* ``+p <dir>``: workerd's parent cgroup (removed once empty).
+* ``+p <dir>``: workerd's parent cgroup (removed once empty);
+* ``+f <seconds>`` / ``-f``: the fence: a ``CLOCK_MONOTONIC`` time (``time.monotonic()``, the
+  same clock in every process) by which every attempt must be dead unless a later ``+f``
+  arrives; ``-f`` (or ``+f inf``) disarms it.
 
 Only workerd holds the pipe's write end, so when workerd dies — however it dies — the keeper
 reads EOF, kills every group, cgroup and uid still registered, removes the directories and
 exits.
 
+**The fence** covers the other way a worker loses control of its attempts: workerd is alive but
+not running (SIGSTOP, a frozen VM, a stalled event loop), so its own self-fencing
+(:mod:`plait.worker.fence`) cannot act while the coordinator lets the lease run out and grants
+it elsewhere. workerd moves the fence forward on every acknowledged heartbeat
+(:meth:`Keeper.fence`); the keeper waits on stdin with a timeout to it, and when it passes with
+an attempt registered (a group or a cgroup) it SIGKILLs every registered group and cgroup and
+sweeps the registered uids — while workerd is still frozen. It keeps the registrations (workerd
+unregisters them once it has reaped the processes) and disarms until a new ``+f`` arrives. It
+writes nothing: workerd reports those attempts as killed when it runs again.
+
 This module is run as a program: it imports nothing but the standard library (and the
-standard-library-only :mod:`plait.workerd.containment`), so the keeper starts in a few
-milliseconds.
+standard-library-only :mod:`plait.workerd.containment` and :mod:`plait.clock`), so the keeper
+starts in a few milliseconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -32,9 +47,13 @@ import sys
 import threading
 from collections.abc import Iterable
 
+from plait.clock import Clock, SystemClock
 from plait.workerd import containment
 
 log = logging.getLogger(__name__)
+
+_KINDS = "gcdup"
+_MAX_WAIT_MS = 3_600_000.0  # poll() takes a C int of milliseconds; a far deadline is re-checked
 
 
 def _parse(line: bytes) -> tuple[bool, str, str] | None:
@@ -45,33 +64,110 @@ def _parse(line: bytes) -> tuple[bool, str, str] | None:
     added, rest = text[0] == "+", text[1:]
     if rest.isdigit():
         return (added, "g", rest) if int(rest) > 1 else None
+    if rest == "f" and not added:
+        return False, "f", ""
     kind, sep, value = rest.partition(" ")
-    if not sep or kind not in "cdup" or len(kind) != 1 or not value:
+    if not sep or len(kind) != 1 or kind not in "cdupf" or not value:
         return None
     return added, kind, value
 
 
-def keep(stream: Iterable[bytes] | None = None) -> int:
-    """The keeper's loop: read registrations until EOF, then clean up what is left."""
+class KeeperState:
+    """What the keeper holds: the registrations, and the fence deadline while armed."""
+
+    __slots__ = ("deadline", "live")
+
+    def __init__(self) -> None:
+        self.live: dict[str, set[str]] = {kind: set() for kind in _KINDS}
+        self.deadline: float | None = None
+        """Monotonic seconds by which every attempt must be dead; None: disarmed."""
+
+    def apply(self, line: bytes) -> None:
+        """Applies one line from workerd (malformed lines are ignored)."""
+        parsed = _parse(line)
+        if parsed is None:
+            return
+        added, kind, value = parsed
+        if kind == "f":
+            self.deadline = _deadline(value) if added else None
+        elif added:
+            self.live[kind].add(value)
+        else:
+            self.live[kind].discard(value)
+
+    @property
+    def attempts(self) -> bool:
+        """Whether any attempt is registered (a process group or a cgroup)."""
+        return bool(self.live["g"] or self.live["c"])
+
+    def fence_due(self, now: float) -> bool:
+        """Whether the fence deadline has passed at monotonic time ``now``."""
+        return self.deadline is not None and now >= self.deadline
+
+    def fence(self) -> None:
+        """Kills every registered attempt (if any) and disarms; registrations stay."""
+        self.deadline = None
+        if self.attempts:
+            kill_attempts(self.live)
+
+
+def _deadline(value: str) -> float | None:
+    try:
+        deadline = float(value)
+    except ValueError:
+        return None
+    return deadline if math.isfinite(deadline) else None
+
+
+def keep(stream: Iterable[bytes] | None = None, clock: Clock | None = None) -> int:
+    """The keeper's loop: apply lines and fence on time until EOF, then clean up what is left.
+
+    Without ``stream`` it reads its stdin, waking at the fence deadline even when no line comes.
+    """
     # Ctrl-C in workerd's terminal must not take the keeper down before workerd.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    source = stream if stream is not None else sys.stdin.buffer
-    live: dict[str, set[str]] = {kind: set() for kind in "gcdup"}
-    for raw in source:
-        parsed = _parse(raw)
-        if parsed is None:
-            continue
-        added, kind, value = parsed
-        if added:
-            live[kind].add(value)
-        else:
-            live[kind].discard(value)
-    cleanup(live)
+    clock = clock if clock is not None else SystemClock()
+    state = KeeperState()
+    if stream is not None:
+        for raw in stream:
+            state.apply(raw)
+            if state.fence_due(clock.monotonic()):
+                state.fence()
+    else:
+        _serve(state, sys.stdin.fileno(), clock)
+    cleanup(state.live)
     return 0
 
 
-def cleanup(live: dict[str, set[str]]) -> None:
-    """Kills every registered group, cgroup and uid; removes cgroups and directories."""
+def _serve(state: KeeperState, fd: int, clock: Clock) -> None:
+    """Reads lines from ``fd`` until EOF; fences whenever the armed deadline passes."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    pending = b""
+    while True:
+        timeout_ms: int | None = None
+        if state.deadline is not None:
+            wait = (state.deadline - clock.monotonic()) * 1000
+            timeout_ms = math.ceil(min(max(wait, 0.0), _MAX_WAIT_MS))
+        if poller.poll(timeout_ms):
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                if pending:
+                    state.apply(pending)
+                return
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                state.apply(line)
+        # Checked after every wake, so a steady stream of lines cannot starve the fence.
+        if state.fence_due(clock.monotonic()):
+            state.fence()
+
+
+def kill_attempts(live: dict[str, set[str]]) -> None:
+    """SIGKILLs every registered group and cgroup and every process of a registered uid."""
     for pgid in live["g"]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(int(pgid), signal.SIGKILL)
@@ -86,6 +182,11 @@ def cleanup(live: dict[str, set[str]]) -> None:
             for uid in present:
                 with contextlib.suppress(OSError, subprocess.SubprocessError):
                     containment.sweep_uid(uid, int(idents[str(uid)]), setpriv)
+
+
+def cleanup(live: dict[str, set[str]]) -> None:
+    """Kills every registered group, cgroup and uid; removes cgroups and directories."""
+    kill_attempts(live)
     for path in live["c"]:
         containment.remove_cgroup(path)
     for path in live["d"]:
@@ -93,6 +194,11 @@ def cleanup(live: dict[str, set[str]]) -> None:
     for path in live["p"]:
         with contextlib.suppress(OSError):
             os.rmdir(path)
+
+
+def _is_attempt(item: str) -> bool:
+    """Whether a registered item is an attempt's process group or cgroup."""
+    return item.isdigit() or item.startswith("c ")
 
 
 class Keeper:
@@ -106,6 +212,8 @@ class Keeper:
         self._python = python
         self._proc: subprocess.Popen[bytes] | None = None
         self._items: set[str] = set()  # registered lines, without the leading +/-
+        self._fence = math.inf  # the latest fence deadline; inf: none
+        self._fence_sent = math.inf  # the one the keeper process has
         self._lock = threading.Lock()
 
     @property
@@ -125,8 +233,12 @@ class Keeper:
             start_new_session=True,
             close_fds=True,
         )
-        if self._items:
-            self._write("".join(f"+{item}\n" for item in self._items).encode())
+        self._fence_sent = math.inf
+        data = "".join(f"+{item}\n" for item in self._items)
+        if any(map(_is_attempt, self._items)):
+            data += self._fence_line()
+        if data:
+            self._write(data.encode())
 
     def register(self, pgid: int) -> None:
         """An attempt's process group started."""
@@ -160,10 +272,32 @@ class Keeper:
         """workerd's parent cgroup: removed (when empty) if workerd dies."""
         self._add(f"p {path}")
 
+    def fence(self, deadline: float) -> None:
+        """Every attempt must be dead by monotonic time ``deadline`` unless moved again.
+
+        The keeper SIGKILLs every registered group, cgroup and uid then, even while workerd
+        is frozen; ``math.inf`` disarms. Coalesced: only a changed deadline is written, and
+        only while an attempt is registered (the first registration carries it along).
+        """
+        with self._lock:
+            self._fence = deadline
+            if any(map(_is_attempt, self._items)):
+                line = self._fence_line()
+                if line:
+                    self._send(line.encode())
+
+    def _fence_line(self) -> str:
+        """The line that tells the keeper the current fence, or "" when it already has it."""
+        if self._fence == self._fence_sent:
+            return ""
+        self._fence_sent = self._fence
+        return "-f\n" if math.isinf(self._fence) else f"+f {self._fence!r}\n"
+
     def _add(self, item: str) -> None:
         with self._lock:
             self._items.add(item)
-            self._send(f"+{item}\n".encode())
+            fence = self._fence_line() if _is_attempt(item) else ""
+            self._send(f"{fence}+{item}\n".encode())
 
     def _remove(self, item: str) -> None:
         with self._lock:

@@ -174,6 +174,7 @@ def _lease_lost(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     st.set_state(a, t.READY)
     if sessions.charged(ev.reason):
         a.lease_losses += 1
+    a.lost_by = ev.worker_id
     a.not_before = 0.0
     st.ready_up(a, when)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from plait.coordinator.core import hedges, lease_size, limits, sessions
+from plait.coordinator.core import hedges, lease_size, limits, liveness, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, Outcome, WorkerRecord, WorkflowRecord
 
@@ -26,7 +26,7 @@ def dispatch(st: SchedulerState, out: Outcome) -> None:
     if not st.active:
         return
     for w in sorted(st.workers.values(), key=lambda w: -w.free):
-        if w.free <= 0 or not w.connected or w.draining:
+        if w.free <= 0 or not liveness.may_lease(st, w):
             continue
         misses = 0
         while w.free > 0 and st.active and misses < len(st.active):
@@ -70,7 +70,11 @@ def _take_fitting(st: SchedulerState, wf: WorkflowRecord, w: WorkerRecord) -> Ac
     for i, a in enumerate(ready):
         if i >= SCAN:
             return None
-        if a.state == t.READY and limits.fits(st, a, w):
+        if (
+            a.state == t.READY
+            and limits.fits(st, a, w)
+            and not (a.lost_by and liveness.avoid(st, a, w))
+        ):
             if i == 0:
                 ready.popleft()
             else:

@@ -14,7 +14,7 @@ import math
 from collections import deque
 from typing import TYPE_CHECKING
 
-from plait.coordinator.core import limits
+from plait.coordinator.core import limits, liveness
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, Outcome
 from plait.v1 import worker_service_pb2 as wpb
@@ -93,10 +93,7 @@ def dispatch(st: SchedulerState, out: Outcome) -> None:
             (
                 w
                 for w in st.workers.values()
-                if w.connected
-                and not w.draining
-                and w is not primary.worker
-                and limits.fits(st, a, w)
+                if w is not primary.worker and liveness.may_lease(st, w) and limits.fits(st, a, w)
             ),
             None,
         )

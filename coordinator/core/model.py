@@ -8,6 +8,7 @@ replies go out in an :class:`Outcome` that the runtime journals first and delive
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -67,6 +68,7 @@ class ActionRecord:
     running_children: int = 0  # a map action's children holding leases
     item_json: str = ""  # a map child's item
     priority: int = 0
+    lost_by: str = ""  # worker id that last lost a lease of it (leased elsewhere if it can be)
     stage: int = -1  # a pipeline stage action's position in its chain
     first: ActionRecord | None = None  # a pipeline stage action's item's first stage
     opened: bool = False  # a first stage whose item entered the pipeline (was leased)
@@ -148,6 +150,11 @@ class WorkerRecord:
     last_hlc: HlcTimestamp = ZERO
     resume_token: str = ""  # Welcome.resume_token of its live session (proves a reconnect)
     identity: str = ""  # principal the session authenticated as ("" when auth is off)
+    # Proof that the worker hears this session (core.liveness): when the Welcome went out,
+    # the recent heartbeat acks (sequence, monotonic time sent), and the newest time echoed.
+    welcomed_at: float = -math.inf
+    acks: list[tuple[int, float]] = field(default_factory=list)
+    proof_at: float = -math.inf
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,7 @@ def drop_welcomes(out: Outcome, session_ids: Iterable[str]) -> None:
 
 def carry_over(old: SchedulerState, new: SchedulerState, session_ids: Iterable[str]) -> None:
     """Restores the per-session state the journal does not hold (see the module docstring)."""
+    new.streaks = dict(old.streaks)
     for session_id in session_ids:
         before = old.by_session.get(session_id)
         after = new.by_session.get(session_id)
@@ -89,6 +90,8 @@ def _carry_worker(before: WorkerRecord, after: WorkerRecord) -> None:
     after.last_seen = before.last_seen
     after.clock_rejections = before.clock_rejections
     after.connected_at_wall_ms = before.connected_at_wall_ms
+    after.welcomed_at, after.proof_at = before.welcomed_at, before.proof_at
+    after.acks = list(before.acks)
     used: dict[str, float] = {}
     for lease_id, lease in after.leases.items():
         prior = before.leases.get(lease_id)

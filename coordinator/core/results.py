@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from plait.coordinator.core import attempts, hedges
+from plait.coordinator.core import attempts, hedges, liveness
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, Outcome, WorkerRecord
 from plait.coordinator.core.sessions import (
@@ -188,6 +188,7 @@ def on_result(
     error_type = res.error_type
     if outcome == O.ACTION_OUTCOME_SUCCEEDED:
         if problem is None:
+            liveness.succeeded(st, w.worker_id)
             hedges.cancel_sibling(st, a, lease, out)  # a hedge race: the loser is fenced
             # Applying it keeps the outputs (in memory when small: core.outputs).
             st.finish_action(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 
-from plait.coordinator.core import attempts, hedges, lease_size, limits
+from plait.coordinator.core import attempts, hedges, lease_size, limits, liveness
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import (
     ActionRecord,
@@ -181,6 +181,7 @@ def requeue_after_loss(
     lease-loss budget (losses for an UNCHARGED reason never do)."""
     a, worker_id = lease.action, lease.worker.worker_id
     out.observe("lease_lost", worker_id=worker_id, detail=reason, reason=why)
+    liveness.lost(st, worker_id, why)
     budget = st.config.lease_loss_budget
     losses = a.lease_losses + charged(why)
     if losses > budget:

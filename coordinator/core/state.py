@@ -29,6 +29,7 @@ from plait.coordinator.core import (
     dispatch,
     hedges,
     joins,
+    liveness,
     retry,
     revocation,
     sessions,
@@ -126,6 +127,8 @@ class SchedulerState:
         self.workers: dict[str, WorkerRecord] = {}
         self.by_session: dict[str, WorkerRecord] = {}
         self.revoked: dict[str, Revocation] = {}  # worker ids refused until reinstated
+        self.streaks: dict[str, liveness.Streak] = {}  # worker ids losing leases in a row
+        self.hear_window = liveness.HEAR_WINDOW * config.heartbeat_interval.total_seconds()
         self.leases: dict[str, LeaseRecord] = {}
         self.active: deque[WorkflowRecord] = deque()  # workflows with ready actions, fair ring
         # Timers are state: each transition that starts one arms it through one method
@@ -580,3 +583,5 @@ class SchedulerState:
                     self, wf, f"deadline of {d:g}s exceeded", E.EVENT_REASON_DEADLINE, out
                 )
         sessions.expire_leases(self, out)
+        workers.close_silent(self, out)
+        liveness.forget_streaks(self)

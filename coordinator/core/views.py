@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 from datetime import timedelta
 
-from plait.coordinator.core import limits
+from plait.coordinator.core import limits, liveness
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, WorkerRecord, WorkflowRecord
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
@@ -210,4 +211,12 @@ def worker_info(st: SchedulerState, w: WorkerRecord) -> apb.WorkerInfo:
     info.connected_at.FromMilliseconds(w.connected_at_wall_ms)
     info.last_seen_ago.FromTimedelta(timedelta(seconds=max(0.0, st.now - w.last_seen)))
     info.hlc.physical_ms, info.hlc.logical = w.last_hlc
+    if w.proof_at > -math.inf:
+        info.heard_ago.FromTimedelta(timedelta(seconds=max(0.0, st.now - w.proof_at)))
+    streak = st.streaks.get(w.worker_id)
+    if streak is not None:
+        info.lease_loss_streak = streak.losses
+        held = liveness.held_back_for(st, w.worker_id)
+        if held > 0:
+            info.held_back_for.FromTimedelta(timedelta(seconds=held))
     return info

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from google.rpc import code_pb2
 
-from plait.coordinator.core import results
+from plait.coordinator.core import liveness, results
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
 from plait.coordinator.core.model import Outcome, WorkerRecord
@@ -194,22 +194,11 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
     )
     st.workers[w.worker_id] = w
     st.by_session[session_id] = w
+    liveness.welcomed(st, w)
     observe_hlc(st, w, msg, out)
-    reported = {r.lease_id: r for r in hello.running}
     if old is not None:
         w.clock_rejections = old.clock_rejections
-        replayed = old.session_id == ""  # known only from the journal: we restarted
-        for lease in list(old.leases.values()):
-            if lease.lease_id in reported:
-                continue
-            if replayed:
-                # Journalled, then the coordinator stopped before (or while) sending it: the
-                # worker never had it. Not the worker's fault, so not charged to the budget.
-                why = E.EVENT_REASON_UNDELIVERED
-                lose_lease(st, lease, why, UNDELIVERED, out, cancel=False)
-            else:
-                why, words = E.EVENT_REASON_NOT_READOPTED, "worker reconnected without it"
-                lose_lease(st, lease, why, words, out, cancel=False)
+        _lose_unreported(st, old, hello, out)
     welcome_msg = wpb.ConnectResponse()
     welcome = welcome_msg.welcome
     welcome.heartbeat_interval.FromTimedelta(st.config.heartbeat_interval)
@@ -237,6 +226,23 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
     # its credits pay the deficit off before anything new is leased.
     out.send(session_id, welcome_msg)
     out.observe("worker_connected", worker_id=w.worker_id)
+
+
+def _lose_unreported(st: SchedulerState, old: WorkerRecord, hello: wpb.Hello, out: Outcome) -> None:
+    """Loses the leases of the worker's previous session that its new Hello does not list."""
+    reported = {r.lease_id for r in hello.running}
+    replayed = old.session_id == ""  # known only from the journal: we restarted
+    for lease in list(old.leases.values()):
+        if lease.lease_id in reported:
+            continue
+        if replayed and not lease.started:
+            # Journalled, then the coordinator stopped before (or while) sending it: the
+            # worker never had it. Not the worker's fault, so not charged to the budget.
+            why = E.EVENT_REASON_UNDELIVERED
+            lose_lease(st, lease, why, UNDELIVERED, out, cancel=False)
+        else:  # (if its ACTION_STARTED is journalled, the worker had it, and dropped it)
+            why, words = E.EVENT_REASON_NOT_READOPTED, "worker reconnected without it"
+            lose_lease(st, lease, why, words, out, cancel=False)
 
 
 def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Outcome) -> None:
@@ -274,13 +280,26 @@ def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Ou
             message="the coordinator does not hold this lease for you",
         )
         out.send(w.session_id, cancel)
+    liveness.heartbeat(st, w, hb)
     out.ack(w.session_id).heartbeat_sequence = hb.sequence
 
 
 def on_stream_closed(st: SchedulerState, s: WorkerStreamClosed, out: Outcome) -> None:
-    w = st.by_session.pop(s.session_id, None)
-    if w is None:
-        return
+    w = st.by_session.get(s.session_id)
+    if w is not None:
+        end_session(st, w, out)
+
+
+def close_silent(st: SchedulerState, out: Outcome) -> None:
+    """Closes sessions that sent nothing for a lease TTL (their streams end with UNAVAILABLE)."""
+    for w in liveness.close_silent(st, out):
+        end_session(st, w, out)
+
+
+def end_session(st: SchedulerState, w: WorkerRecord, out: Outcome) -> None:
+    """The session's stream ended (or is being closed): its leases keep their TTL unless the
+    worker said goodbye, and a worker without leases is forgotten."""
+    st.by_session.pop(w.session_id, None)
     w.connected = False
     out.observe("worker_disconnected", worker_id=w.worker_id)
     if w.said_goodbye:

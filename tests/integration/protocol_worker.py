@@ -48,6 +48,7 @@ class ProtocolWorker:
         self.metadata = metadata
         self.welcome: wpb.Welcome | None = None
         self.hb_seq = 0
+        self.heard_ack = 0  # newest Ack.heartbeat_sequence received (echoed in heartbeats)
         self.grant_seq = 0
         self._reader: asyncio.Task[None] | None = None
         self.call: Any = None
@@ -73,11 +74,16 @@ class ProtocolWorker:
                     self.grant_seq = msg.lease_grant.sequence
                     for lease in msg.lease_grant.leases:
                         self.leases[lease.lease_id] = lease
+                elif msg.HasField("ack"):
+                    self.heard_ack = max(self.heard_ack, msg.ack.heartbeat_sequence)
                 await self.inbox.put(msg)
 
         self._reader = asyncio.create_task(read())
         msg = await self.next("welcome", fail_fast=True)
         self.welcome = msg.welcome
+        # Like every worker once welcomed: a heartbeat at once, which proves it hears the
+        # coordinator (no lease is granted before that).
+        self.heartbeat(list(self.hello.running))  # type: ignore[arg-type]
         return msg.welcome
 
     def send(self, **kw: Any) -> None:
@@ -88,7 +94,8 @@ class ProtocolWorker:
     async def next(
         self, kind: str, timeout: float = 5.0, *, fail_fast: bool = False
     ) -> wpb.ConnectResponse:
-        """The next message of ``kind`` (others are skipped).
+        """The next message of ``kind`` (others are skipped). ``ack`` is the next ack of
+        results or refusals; ``heartbeat_ack`` the next one that answers a heartbeat.
 
         ``fail_fast``: if the stream ends first, raise its error (a refused hello) at once.
         """
@@ -96,7 +103,12 @@ class ProtocolWorker:
         async def find() -> wpb.ConnectResponse:
             while True:
                 msg = await self.inbox.get()
-                if msg.WhichOneof("message") == kind:
+                got = msg.WhichOneof("message")
+                if kind == "heartbeat_ack":
+                    if got == "ack" and msg.ack.heartbeat_sequence:
+                        return msg
+                # "ack" means results or refusals: a heartbeat's own ack is skipped.
+                elif got == kind and (kind != "ack" or msg.ack.results or msg.ack.refused):
                     return msg
 
         if not fail_fast or self._reader is None:
@@ -121,6 +133,13 @@ class ProtocolWorker:
             got.extend(msg.lease_grant.leases)
         return got
 
+    async def chatter(self, every: float = 0.1) -> None:
+        """Sends an empty Credit every ``every`` seconds: the stream is not silent (so the
+        coordinator does not close it), yet nothing renews the leases. Cancel the task to stop."""
+        while True:
+            self.send(credit=wpb.Credit(slots=0))
+            await asyncio.sleep(every)
+
     def heartbeat(self, leases: list[wpb.Lease] | None = None) -> None:
         self.hb_seq += 1
         held = self.leases.values() if leases is None else leases
@@ -128,6 +147,7 @@ class ProtocolWorker:
             heartbeat=wpb.Heartbeat(
                 sequence=self.hb_seq,
                 last_grant_sequence=self.grant_seq,
+                last_ack_sequence=self.heard_ack,
                 leases=[
                     wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
                     for l in held

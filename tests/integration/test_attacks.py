@@ -153,7 +153,7 @@ async def test_hello_with_a_live_worker_id_neither_evicts_nor_adopts(
 
     # The real worker still holds its lease: its heartbeats are acked, nothing was cancelled.
     seq = real.hb_seq
-    while (await real.next("ack")).ack.heartbeat_sequence <= seq:
+    while (await real.next("heartbeat_ack")).ack.heartbeat_sequence <= seq:
         pass
     assert all(m.WhichOneof("message") != "cancel_lease" for m in list(real.inbox._queue))  # type: ignore[attr-defined]
 
@@ -392,7 +392,7 @@ async def test_a_per_worker_metric_series_lives_only_while_its_worker_is_connect
     w.hlc.stamp(ahead.hlc)
     ahead.hlc.physical_ms += 3_600_000  # an hour ahead: not merged, counted for this worker
     w.outbox.put_nowait(ahead)
-    await w.next("ack")  # delivered after the batch's observations were recorded
+    await w.next("heartbeat_ack")  # delivered after the batch's observations were recorded
     assert (sample(*series) or 0) >= 1
     await w.close()
     for _ in range(200):  # the stream's end reaches the core, then the metrics

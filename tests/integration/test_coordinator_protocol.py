@@ -99,7 +99,9 @@ async def test_expired_lease_is_released_and_stale_result_refused(
     wf_id, _ = await submit(target, spec)
     (lease1,) = await zombie.grants(1)
     assert lease1.fencing_token == 1
-    # The zombie never heartbeats: after the TTL the lease is lost and it is told to stop.
+    # The zombie never heartbeats again (it only keeps its stream from going silent): after
+    # the TTL the lease is lost and it is told to stop.
+    chatter = asyncio.create_task(zombie.chatter())
     cancel = await zombie.next("cancel_lease", timeout=5)
     assert cancel.cancel_lease.leases[0].reason == wpb.CANCEL_REASON_SUPERSEDED
     healthy = ProtocolWorker(target, "healthy", slots=1)
@@ -123,6 +125,7 @@ async def test_expired_lease_is_released_and_stale_result_refused(
     types = [pb.EventType.Name(e.type) for e in events]
     assert types.count("EVENT_TYPE_ACTION_FINISHED") == 1
     assert "EVENT_TYPE_LEASE_LOST" in types and "EVENT_TYPE_STALE_RESULT_REFUSED" in types
+    chatter.cancel()
     await zombie.close()
     await healthy.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import (
@@ -37,6 +38,8 @@ class Driver:
         self.wall = 1_700_000_000_000
         self.n = 0
         self.records: list[pb.HistoryEvent] = []
+        self.beats: dict[str, int] = {}  # session -> last heartbeat sequence sent
+        self.heard: dict[str, int] = {}  # session -> newest heartbeat ack it received
 
     def at(self) -> Instant:
         return Instant(self.mono, self.wall)
@@ -70,35 +73,71 @@ class Driver:
         identity: str = "",
     ) -> Outcome:
         """A Hello on a new stream; like the servicer, gives the session the resume token
-        ``rt-SESSION`` (``resume_token`` is the one the worker presents)."""
-        m = wpb.ConnectRequest(
-            hello=wpb.Hello(
-                worker_id=worker_id,
-                slots=slots,
-                handlers=handlers,
-                running=running or [],
-                resume_token=resume_token,
-            )
+        ``rt-SESSION`` (``resume_token`` is the one the worker presents). Like a real worker
+        once welcomed, it heartbeats at once (same batch): that proves it hears the session."""
+        hello = wpb.Hello(
+            worker_id=worker_id,
+            slots=slots,
+            handlers=handlers,
+            running=running or [],
+            resume_token=resume_token,
         )
+        return self.hello_with(session, hello, identity=identity)
+
+    def hello_with(self, session: str, hello: wpb.Hello, identity: str = "") -> Outcome:
+        """A Hello as given (``exec_enabled``, labels, resources …) and the heartbeat a
+        welcomed worker sends at once; resume token ``rt-SESSION``."""
+        m = wpb.ConnectRequest(hello=hello)
         m.hlc.physical_ms = self.wall
-        return self.handle(
-            WorkerMessageReceived("w", session, m, identity=identity, resume_token=f"rt-{session}")
+        self.heard[session] = 0
+        hb = self._heartbeat_msg(session, list(hello.running), None, last_grant=0)
+        return self._acked(
+            session,
+            self.handle(
+                WorkerMessageReceived(
+                    "w", session, m, identity=identity, resume_token=f"rt-{session}"
+                ),
+                WorkerMessageReceived("w", session, hb),
+            ),
         )
 
-    def heartbeat(
-        self, session: str, leases: list[wpb.Lease], seq: int = 1, last_grant: int = 1_000_000
-    ) -> Outcome:
-        return self.msg(
-            session,
+    def _heartbeat_msg(
+        self, session: str, leases: list[Any], seq: int | None, last_grant: int
+    ) -> wpb.ConnectRequest:
+        """A heartbeat as a real worker sends it: the next sequence, and the echo of the newest
+        ack the session got (its proof that it hears the coordinator)."""
+        seq = self.beats.get(session, 0) + 1 if seq is None else seq
+        self.beats[session] = max(seq, self.beats.get(session, 0))
+        m = wpb.ConnectRequest(
             heartbeat=wpb.Heartbeat(
                 sequence=seq,
                 last_grant_sequence=last_grant,
+                last_ack_sequence=self.heard.get(session, 0),
                 leases=[
                     wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token)
                     for l in leases
                 ],
-            ),
+            )
         )
+        m.hlc.physical_ms = self.wall
+        return m
+
+    def _acked(self, session: str, out: Outcome) -> Outcome:
+        """Remembers the newest heartbeat ack the session received (echoed next time)."""
+        for msg in out.sends.get(session, ()):
+            if msg.HasField("ack") and msg.ack.heartbeat_sequence:
+                self.heard[session] = max(self.heard.get(session, 0), msg.ack.heartbeat_sequence)
+        return out
+
+    def heartbeat(
+        self,
+        session: str,
+        leases: list[wpb.Lease],
+        seq: int | None = None,
+        last_grant: int = 1_000_000,
+    ) -> Outcome:
+        m = self._heartbeat_msg(session, leases, seq, last_grant)
+        return self._acked(session, self.handle(WorkerMessageReceived("w", session, m)))
 
     def finish(
         self,
@@ -460,12 +499,6 @@ class RecordingDriver(Driver):
         )
         self.batches.append(batch)
         return out
-
-    def hello_with(self, session: str, hello: wpb.Hello) -> Outcome:
-        """A Hello as given (``exec_enabled``, labels, resources …); resume token ``rt-SESSION``."""
-        m = wpb.ConnectRequest(hello=hello)
-        m.hlc.physical_ms = self.wall
-        return self.handle(WorkerMessageReceived("w", session, m, resume_token=f"rt-{session}"))
 
     def started(self, session: str, *leases: wpb.Lease) -> Outcome:
         """The worker reports these attempts started."""

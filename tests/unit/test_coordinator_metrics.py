@@ -138,7 +138,9 @@ def test_refused_results_are_split_by_reason() -> None:
     s.actions.add(id="a", handler="h")
     d.hello("s1", "w1", slots=1)
     (old,) = grants(d.submit(s))
-    d.advance(6.0)  # no heartbeat: the lease expires; the action is READY again
+    d.advance(3.0)
+    d.msg("s1", credit=wpb.Credit(slots=0))  # not silent, so the session stays open
+    d.advance(3.0)  # but no heartbeat: the lease expires; the action is READY again
     assert d.value("plait_leases_lost_total", reason="lease_expired") == 1
     (new,) = grants(d.hello("s2", "w2", slots=1))
     d.done("s1", old)  # w1's late result: a newer token was granted and the action goes on

@@ -73,7 +73,9 @@ def test_stale_token_refused_and_same_result_twice_same_ack() -> None:
     d = Driver()
     d.hello("s1", "w1", slots=1)
     (old,) = grants(d.submit(independent(1)))
-    d.advance(6)
+    d.advance(3)
+    d.msg("s1", credit=wpb.Credit(slots=0))  # no heartbeat, yet not silent: still connected
+    d.advance(3)
     (new,) = grants(d.hello("s2", "w2", slots=1))
     out = d.finish("s1", old)
     ack = messages(out, "s1", "ack")[0].ack.results[0]
@@ -236,8 +238,8 @@ def test_handlers_and_labels_route_work() -> None:
     s.actions.add(id="other", handler="x")
     d.submit(s)
     assert grants(d.hello("s1", "w1", slots=4)) == []
-    out = d.msg(
-        "s2", hello=wpb.Hello(worker_id="w2", slots=4, handlers=["h", "x"], labels={"gpu": "yes"})
+    out = d.hello_with(
+        "s2", wpb.Hello(worker_id="w2", slots=4, handlers=["h", "x"], labels={"gpu": "yes"})
     )
     assert sorted(l.action_id for l in grants(out)) == ["gpu", "other"]
 

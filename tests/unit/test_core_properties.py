@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from plait.coordinator.core import joins
+from plait.coordinator.core import joins, liveness
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import Instant, RetryRequested
 from plait.coordinator.core.replay import replay
@@ -61,12 +61,20 @@ class CoreMachine(RuleBasedStateMachine):
                 continue
             for m in msgs:
                 if m.HasField("lease_grant"):
+                    # Only a session that proved it hears the coordinator is leased to.
+                    w = self.d.st.by_session.get(session)
+                    assert w is None or liveness.hears(self.d.st, w), session
                     for lease in m.lease_grant.leases:
                         self.held[worker][lease.lease_id] = lease
                         self.all_leases.append((worker, lease))
                 elif m.HasField("cancel_lease"):
                     for c in m.cancel_lease.leases:
                         self.held[worker].pop(c.lease_id, None)
+        for end in out.closes:  # type: ignore[attr-defined]
+            # The coordinator closed the stream (a silent session): the worker reconnects later.
+            for worker, session in list(self.sessions.items()):
+                if session == end.session_id:
+                    del self.sessions[worker]
 
     @rule(
         width=st.integers(1, 4),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from plait.coordinator.core.events import WorkerMessageReceived
 from plait.errors import InvalidArgumentError
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -15,11 +14,8 @@ from tests.unit.test_validate import refused
 def hello(
     d: Driver, session: str, worker: str, slots: int = 8, **resources: float
 ) -> list[wpb.Lease]:
-    m = wpb.ConnectRequest(
-        hello=wpb.Hello(worker_id=worker, slots=slots, handlers=["h"], resources=resources)
-    )
-    m.hlc.physical_ms = d.wall
-    return grants(d.handle(WorkerMessageReceived("w", session, m)))
+    hello = wpb.Hello(worker_id=worker, slots=slots, handlers=["h"], resources=resources)
+    return grants(d.hello_with(session, hello))
 
 
 def test_resources_are_never_leased_past_what_a_worker_offers() -> None:

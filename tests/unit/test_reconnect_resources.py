@@ -7,7 +7,6 @@ reconnected while running a ``cpu: 2`` action was leased a second one at once.
 
 from __future__ import annotations
 
-from plait.coordinator.core.events import WorkerMessageReceived
 from plait.coordinator.core.model import Outcome
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -15,20 +14,17 @@ from tests.unit.core_driver import Driver, grants
 
 
 def hello(d: Driver, session: str, running: list[wpb.Lease]) -> Outcome:
-    m = wpb.ConnectRequest(
-        hello=wpb.Hello(
-            worker_id="w1",
-            slots=4,
-            handlers=["h"],
-            resources={"cpu": 2.0},
-            running=[
-                wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
-                for l in running
-            ],
-        )
+    hello = wpb.Hello(
+        worker_id="w1",
+        slots=4,
+        handlers=["h"],
+        resources={"cpu": 2.0},
+        running=[
+            wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
+            for l in running
+        ],
     )
-    m.hlc.physical_ms = d.wall
-    return d.handle(WorkerMessageReceived("w", session, m, resume_token=f"rt-{session}"))
+    return d.hello_with(session, hello)
 
 
 def two_cpu_actions() -> pb.WorkflowSpec:

@@ -202,7 +202,9 @@ def backoff(d: RecordingDriver) -> set[int]:
     d.done("s1", second, outcome=FAIL, exit_code=1)  # retry in 4 s
     d.advance(2.0)
     d.heartbeat("s1", [])
-    third = _one(d.advance(2.1))
+    d.advance(1.0)
+    d.heartbeat("s1", [])  # echoes the ack of the one before: it still hears the coordinator
+    third = _one(d.advance(1.1))
     assert third.fencing_token == 3
     a1 = _one(d.done("s1", third))
     d.done("s1", a1)
@@ -220,7 +222,9 @@ def lease_lost(d: RecordingDriver) -> set[int]:
     first = _by_action(d.submit(s))
     d.advance(2.0)
     d.heartbeat("s1", list(first.values()))
-    d.advance(5.5)  # the TTL (5 s) passes without a heartbeat: both lost
+    d.advance(3.0)
+    d.msg("s1", credit=wpb.Credit(slots=0))  # not silent, so its stream stays open
+    d.advance(2.5)  # but the TTL (5 s) passes without a heartbeat: both lost
     assert d.state("a0") == "ACTION_STATE_READY"
     moved = _by_action(d.hello("s2", "w2", slots=2))
     assert {lease.fencing_token for lease in moved.values()} == {2}
@@ -241,7 +245,13 @@ def lease_lost(d: RecordingDriver) -> set[int]:
     more.actions.add(id="m1", handler="h")
     leases = _by_action(d.submit(more, "wf-3"))
     again = _one(d.heartbeat("s3", [leases["m0"]], seq=2))  # m1 not reported: lost at once
-    third = _one(d.done("s3", leases["m0"], outcome=wpb.ACTION_OUTCOME_CANCELLED))  # self-fenced
+    # Self-fenced: w2's second loss in a row holds it back (2 x heartbeat_interval), and no
+    # other worker is connected, so m0 waits.
+    assert grants(d.done("s3", leases["m0"], outcome=wpb.ACTION_OUTCOME_CANCELLED)) == []
+    assert d.st.streaks["w2"].losses == 2
+    d.advance(1.0)
+    d.heartbeat("s3", [again])
+    third = _one(d.advance(1.1))
     assert third.action_id == "m0" and third.fencing_token == 2
     d.done(_session(d, again), again)
     d.done(_session(d, third), third)

@@ -14,7 +14,6 @@ import pytest
 from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.config import Limits
-from plait.coordinator.core.events import WorkerMessageReceived
 from plait.coordinator.core.validate import validate_submit
 from plait.errors import InvalidArgumentError
 from plait.exec_rules import MAX_SECRETS
@@ -268,9 +267,7 @@ def test_submit_refuses_secrets_and_rlimits_off_exec() -> None:
 def start(spec: pb.WorkflowSpec) -> tuple[Driver, list[wpb.Lease]]:
     """A core with one exec worker (session s1); the leases granted at submit."""
     d = Driver()
-    m = wpb.ConnectRequest(hello=wpb.Hello(worker_id="w1", slots=8, exec_enabled=True))
-    m.hlc.physical_ms = d.wall
-    d.handle(WorkerMessageReceived("w", "s1", m, resume_token="rt-s1"))
+    d.hello_with("s1", wpb.Hello(worker_id="w1", slots=8, exec_enabled=True))
     return d, grants(d.submit(spec))
 
 
@@ -281,7 +278,7 @@ def finish(d: Driver, lease: wpb.Lease, **result: object) -> list[wpb.Lease]:
         **result,  # type: ignore[arg-type]
     )
     leases = grants(d.msg("s1", action_finished=wpb.ActionFinished(results=[res], credit=1)))
-    return leases + grants(d.advance(5.0))
+    return leases + grants(d.advance(1.0))
 
 
 def test_map_children_and_stages_carry_secrets_to_their_leases() -> None:

@@ -247,10 +247,17 @@ def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
     """One row per connected worker for ``plait workers``."""
     table = Table(show_edge=False, pad_edge=False)
     cols = ("worker", "host", "slots", "free", "leases", "exec", "handlers", "labels", "state")
-    for col in (*cols, "seen"):
+    for col in (*cols, "seen", "heard"):
         table.add_column(col, overflow="fold")
     for w in workers:
         seen = w.last_seen_ago.ToTimedelta().total_seconds() if w.HasField("last_seen_ago") else 0
+        # Heard: when the worker last proved it hears the coordinator (the echo of an ack). A
+        # worker seen recently but not heard from is deaf (coordinator-to-worker traffic lost).
+        heard = (
+            f"{w.heard_ago.ToTimedelta().total_seconds():.1f}s ago"
+            if w.HasField("heard_ago")
+            else "not yet"
+        )
         labels = ", ".join(f"{k}={v}" for k, v in sorted(w.labels.items()))
         table.add_row(
             cell(w.worker_id),
@@ -261,10 +268,19 @@ def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
             "yes" if w.exec_enabled else "no",
             cell(", ".join(w.handlers)),
             cell(labels),
-            "draining" if w.draining else "active",
+            worker_state(w),
             f"{seen:.1f}s ago",
+            heard,
         )
     return table
+
+
+def worker_state(w: admin_service_pb2.WorkerInfo) -> str:
+    """``active``, ``draining``, or ``held back Ns (K leases lost in a row)``."""
+    if w.HasField("held_back_for"):
+        held = w.held_back_for.ToTimedelta().total_seconds()
+        return f"held back {held:.1f}s ({w.lease_loss_streak} leases lost in a row)"
+    return "draining" if w.draining else "active"
 
 
 def revoked_table(revoked: Iterable[admin_service_pb2.RevokedWorker]) -> Table:

@@ -85,6 +85,9 @@ class WorkerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
+    HEARD_AGO_FIELD_NUMBER: _builtins.int
+    LEASE_LOSS_STREAK_FIELD_NUMBER: _builtins.int
+    HELD_BACK_FOR_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """From Hello."""
     slots: _builtins.int
@@ -103,6 +106,10 @@ class WorkerInfo(_message.Message):
     """From Hello."""
     agent: _builtins.str
     """From Hello."""
+    lease_loss_streak: _builtins.int
+    """Leases this worker id lost in a row (expired, self-fenced, not re-adopted, not reported)
+    without a success in between. Each one holds it back from new leases for longer.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """From Hello."""
@@ -123,6 +130,20 @@ class WorkerInfo(_message.Message):
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """The worker's last HLC reading."""
 
+    @_builtins.property
+    def heard_ago(self) -> _duration_pb2.Duration:
+        """Time since the worker last proved it hears the coordinator (its latest heartbeat echoed an
+        ack, or the Welcome, sent this long ago), on the coordinator's monotonic clock. A worker is
+        leased new work only while this is under 3 x heartbeat_interval; unset before its first
+        heartbeat.
+        """
+
+    @_builtins.property
+    def held_back_for(self) -> _duration_pb2.Duration:
+        """How much longer the worker is held back from new leases because of that streak (unset when
+        it is not held back).
+        """
+
     def __init__(
         self,
         *,
@@ -140,10 +161,13 @@ class WorkerInfo(_message.Message):
         draining: _builtins.bool = ...,
         hostname: _builtins.str = ...,
         agent: _builtins.str = ...,
+        heard_ago: _duration_pb2.Duration | None = ...,
+        lease_loss_streak: _builtins.int = ...,
+        held_back_for: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "hlc", b"hlc", "last_seen_ago", b"last_seen_ago"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "last_seen_ago", b"last_seen_ago"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "clock_offset_rejections", b"clock_offset_rejections", "connected_at", b"connected_at", "draining", b"draining", "exec_enabled", b"exec_enabled", "free_slots", b"free_slots", "handlers", b"handlers", "hlc", b"hlc", "hostname", b"hostname", "labels", b"labels", "last_seen_ago", b"last_seen_ago", "leases", b"leases", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "clock_offset_rejections", b"clock_offset_rejections", "connected_at", b"connected_at", "draining", b"draining", "exec_enabled", b"exec_enabled", "free_slots", b"free_slots", "handlers", b"handlers", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "hostname", b"hostname", "labels", b"labels", "last_seen_ago", b"last_seen_ago", "lease_loss_streak", b"lease_loss_streak", "leases", b"leases", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

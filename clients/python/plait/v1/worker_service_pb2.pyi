@@ -480,6 +480,7 @@ class Heartbeat(_message.Message):
     LAST_GRANT_SEQUENCE_FIELD_NUMBER: _builtins.int
     FREE_SLOTS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    LAST_ACK_SEQUENCE_FIELD_NUMBER: _builtins.int
     last_grant_sequence: _builtins.int
     """Set by the worker: the highest LeaseGrant.sequence it has processed. Leases granted in a
     later grant are in flight and are not treated as missing.
@@ -492,6 +493,13 @@ class Heartbeat(_message.Message):
     heartbeat the coordinator acknowledged: leases may be lost at (that send time + lease_ttl),
     so the worker must have killed its actions by then.
     """
+    last_ack_sequence: _builtins.int
+    """Set by the worker: the highest Ack.heartbeat_sequence it has received on this stream (0
+    before the first). This is the coordinator's proof that the worker hears it: a session is
+    leased new work only while its latest heartbeat echoes an ack (or, with 0, the Welcome)
+    that the coordinator sent less than 3 x heartbeat_interval ago. A worker sends no
+    Heartbeat before it has received Welcome, so its first heartbeat proves the Welcome.
+    """
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]:
         """Set by the worker: every lease it holds (running or finished but not yet acked)."""
@@ -503,10 +511,11 @@ class Heartbeat(_message.Message):
         last_grant_sequence: _builtins.int = ...,
         free_slots: _builtins.int = ...,
         sequence: _builtins.int = ...,
+        last_ack_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "last_grant_sequence", b"last_grant_sequence", "leases", b"leases", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "last_ack_sequence", b"last_ack_sequence", "last_grant_sequence", b"last_grant_sequence", "leases", b"leases", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

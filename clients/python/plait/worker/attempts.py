@@ -33,6 +33,7 @@ from plait.worker.executor import (
     AttemptResult,
     Code,
     Executor,
+    FenceAware,
 )
 from plait.worker.session_config import SessionStats
 from plait.worker.spans import ExecuteSpan, ExecuteTracing
@@ -156,6 +157,7 @@ class AttemptBook:
         self.observer = observer
         self._exec: Executor | None = None
         self._by_handler: dict[str, Executor] = {}
+        self._fenced = [ex for ex in executors if isinstance(ex, FenceAware)]
         for ex in executors:
             if ex.runs_exec and self._exec is None:
                 self._exec = ex
@@ -196,6 +198,14 @@ class AttemptBook:
         reports = self.running_reports()
         reports += [pb.LeaseReport(lease_id=lid, fencing_token=tok) for lid, tok in self.unacked]
         return reports
+
+    def fence_deadline(self, deadline: float, margin: float) -> None:
+        """Tells every :class:`FenceAware` executor that the session's fence deadline moved."""
+        for ex in self._fenced:
+            try:
+                ex.fence_deadline(deadline, margin)
+            except Exception:  # a backstop's bug must not take the session down
+                log.exception("executor %s failed to take the fence deadline", type(ex).__name__)
 
     def cancel(self, lease_id: str, reason: str, cause: CancelCause = "cancelled") -> bool:
         """Kills the attempt of ``lease_id``; False if none is running."""

@@ -13,13 +13,17 @@ Contract:
 * :meth:`Executor.cancel` asks an attempt to stop; it still reports (normally ``CANCELLED``).
 * The attempt runs inside its execute span (:func:`attempt_trace`): a handler attached to its
   context, an exec action with ``TRACEPARENT`` naming it.
+* Optionally (:class:`FenceAware`), an executor hears every move of the session's fence
+  deadline, so that something outside the session's event loop can kill its attempts on time
+  even when the worker process is frozen (workerd's exec executor arms its keeper). Executors
+  without ``fence_deadline`` are left alone: the session's own self-fencing still applies.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from plait import jsonlimits
 from plait.v1 import worker_service_pb2 as pb
@@ -160,6 +164,22 @@ class Executor(Protocol):
 
     async def aclose(self) -> None:
         """Stops every attempt still running and releases resources."""
+        ...
+
+
+@runtime_checkable
+class FenceAware(Protocol):
+    """An :class:`Executor` that also takes the session's fence deadline (optional hook)."""
+
+    def fence_deadline(self, deadline: float, margin: float) -> None:
+        """The fence moved: every attempt must be dead by monotonic time ``deadline``.
+
+        ``deadline`` is when the coordinator may give the leases away (last acknowledged
+        heartbeat's send time + lease TTL; ``time.monotonic()`` seconds, the same clock in
+        every process of the host); ``margin`` is the head start the session keeps for its own
+        kill (it SIGKILLs at ``deadline - margin`` after TERM and the kill grace). Called on the
+        loop thread whenever either changes, running attempts or not; must not block.
+        """
         ...
 
 

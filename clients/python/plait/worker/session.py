@@ -11,7 +11,8 @@ The rules it keeps (see docs/workerd.md):
   echoes heartbeat *N* moves the fence deadline to ``send_time(N) + lease_ttl`` (a ``Welcome``
   does the same for the ``Hello`` it answers). At ``deadline - kill_grace - margin`` every running
   attempt is killed, connected or not, and reports ``CANCELLED``; fencing decides its fate
-  (:mod:`plait.worker.fence`).
+  (:mod:`plait.worker.fence`). Each move of the deadline also goes to the executors that take
+  it (``FenceAware``: workerd's keeper kills by it even while this process is frozen).
 * **Credits are deltas.** The coordinator starts from ``slots - sum(slots of Hello.running)``;
   every slot freed after that ``Hello`` goes back in a ``Credit`` (coalesced per loop turn).
 * **Ack means durable.** A result is kept until a ``ResultAck`` for its (lease, token) and is
@@ -157,7 +158,9 @@ class WorkerSession:
         self._stream: ConnectStream | None = None
         self._hb_seq = 0
         self._fence = SelfFence()
+        self._fence_pushed = (-math.inf, 0.0)  # (deadline, margin) the executors last heard
         self._last_grant_seq = 0
+        self._last_ack_seq = 0  # highest Ack.heartbeat_sequence heard on this stream
         self._last_offset_log = -math.inf
         self._offset_errors_logged = 0
         self._draining = False
@@ -329,6 +332,7 @@ class WorkerSession:
         self._outbox.reset()
         self._adaptive.reset()
         self._last_grant_seq = 0
+        self._last_ack_seq = 0
         self._fence.forget_heartbeats()
         sent = self._clock.monotonic()
         self._send(stream, pb.ConnectRequest(hello=hello))
@@ -347,6 +351,7 @@ class WorkerSession:
         self._resume_token = welcome.resume_token
         # Welcome answers Hello: every lease it adopts is renewed no earlier than Hello was sent.
         self._fence.welcomed(hello_sent, self.lease_ttl)
+        self._push_fence()
         not_adopted = "the coordinator does not adopt this lease (superseded or unknown)"
         killed = sum(self._book.cancel(r.lease_id, not_adopted, "lease_lost") for r in welcome.kill)
         self._stream = stream
@@ -380,6 +385,7 @@ class WorkerSession:
             last_grant_sequence=self._last_grant_seq,
             free_slots=max(0, self.free_slots),
             sequence=seq,
+            last_ack_sequence=self._last_ack_seq,
         )
         # Taken before the send, so the fence deadline derived from it is never late.
         self._fence.heartbeat_sent(seq, self._clock.monotonic())
@@ -436,7 +442,10 @@ class WorkerSession:
             log.warning("ignoring an unknown coordinator message (%s)", kind)
 
     def _on_ack(self, ack: pb.Ack) -> None:
+        # Echoed in the next heartbeat: the coordinator's proof that this session hears it.
+        self._last_ack_seq = max(self._last_ack_seq, ack.heartbeat_sequence)
         self._fence.acked(ack.heartbeat_sequence, self.lease_ttl)
+        self._push_fence()
         self._book.acked(ack.results)
         if ack.refused:
             self._book.refused(ack.refused)
@@ -523,15 +532,10 @@ class WorkerSession:
         Runs from the session's own task; exposed so tests can drive it with a manual clock.
         """
         now = self._clock.monotonic()
-        margin = (
-            self.config.fence_margin.total_seconds()
-            if self.config.fence_margin is not None
-            else self.heartbeat_interval
-        )
         check = self._fence.check(
             now,
             kill_grace=self.kill_grace,
-            margin=margin,
+            margin=self._fence_margin(),
             heartbeat_interval=self.heartbeat_interval,
         )
         if check.kill:
@@ -551,6 +555,20 @@ class WorkerSession:
         if stream is not None and check.abort:
             stream.abort(f"no heartbeat acknowledged for a lease TTL ({self.lease_ttl:.3g}s)")
         return check.next_check
+
+    def _fence_margin(self) -> float:
+        """The head start self-fencing keeps: ``fence_margin``, else one heartbeat interval."""
+        if self.config.fence_margin is not None:
+            return self.config.fence_margin.total_seconds()
+        return self.heartbeat_interval
+
+    def _push_fence(self) -> None:
+        """Hands a moved fence deadline to the executors (workerd's keeper kills by it even
+        while this process is frozen and cannot run :meth:`check_fence`)."""
+        pushed = (self._fence.deadline, self._fence_margin())
+        if pushed[0] > -math.inf and pushed != self._fence_pushed:
+            self._fence_pushed = pushed
+            self._book.fence_deadline(*pushed)
 
     async def _fence_loop(self) -> None:
         while True:
