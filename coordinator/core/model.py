@@ -152,6 +152,7 @@ class WorkerRecord:
     identity: str = ""  # principal the session authenticated as ("" when auth is off)
     # Proof that the worker hears this session (core.liveness): when the Welcome went out,
     # the recent heartbeat acks (sequence, monotonic time sent), and the newest time echoed.
+    reported_free: int = 0  # Heartbeat.free_slots: free by the worker's own count
     welcomed_at: float = -math.inf
     acks: list[tuple[int, float]] = field(default_factory=list)
     proof_at: float = -math.inf

@@ -34,6 +34,15 @@ if TYPE_CHECKING:
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
 LEASE_NOT_HELD = "LEASE_NOT_HELD"
+# ErrorInfo.reason of each refusal of a holder's result (docs/protocol.md, "Refusals").
+REFUSALS = {
+    "superseded": "LEASE_SUPERSEDED",
+    "cancelled": "ACTION_CANCELLED",
+    "not_live": "LEASE_NOT_LIVE",
+    "unknown_lease": "LEASE_UNKNOWN",
+}
+# Outcomes by which a worker reports that it stopped an attempt (not a result to commit).
+ENDED_AS_ASKED = frozenset({wpb.ACTION_OUTCOME_CANCELLED, wpb.ACTION_OUTCOME_TIMED_OUT})
 
 
 def not_held_status(st: SchedulerState, lease_id: str, token: int) -> status_pb2.Status:
@@ -90,6 +99,12 @@ def _refuse(
     if a is not None and a.committed_token == token and token:
         ack.status.code = code_pb2.OK  # the same result again: the same ack
         return
+    if res.outcome in ENDED_AS_ASKED:
+        # The worker confirms it stopped an attempt whose lease already ended (cancelled,
+        # timed out, superseded, lost): nothing to commit and nothing wrong, so OK.
+        ack.status.code = code_pb2.OK
+        return
+    reason = refusal_reason(a, token)
     if a is None:
         message = f"unknown lease {res.lease_id!r}"
     elif a.token > token:
@@ -98,10 +113,15 @@ def _refuse(
         message = f"lease {res.lease_id!r} is no longer live (action {t.S.Name(a.state)})"  # type: ignore[arg-type]
     ack.status.code = code_pb2.FAILED_PRECONDITION
     ack.status.message = message
+    info = error_details_pb2.ErrorInfo(reason=REFUSALS[reason], domain=ERROR_DOMAIN)
+    info.metadata["lease_id"] = res.lease_id
+    if a is not None:
+        info.metadata["current_token"] = str(a.token)
+    ack.status.details.add().Pack(info)
     out.observe(
         "stale_result",
         worker_id=w.worker_id,
-        detail=refusal_reason(a, token),
+        detail=reason,
         lease_id=res.lease_id,
     )
     if a is not None:
@@ -115,6 +135,15 @@ def _refuse(
         )
         ev.fencing_token = token
         ev.error.CopyFrom(ack.status)
+
+
+def _finished_stamp(res: wpb.ActionResult, remote: HlcTimestamp) -> hlc_pb2.HlcTimestamp:
+    """The worker's stamp for the attempt's end: ``finished_hlc`` when set and not after the
+    message's own stamp (a batch of results carries one envelope stamp), else the envelope's."""
+    f = res.finished_hlc
+    if f.physical_ms and (f.physical_ms, f.logical) <= remote:
+        return hlc_pb2.HlcTimestamp(physical_ms=f.physical_ms, logical=f.logical)
+    return hlc_pb2.HlcTimestamp(physical_ms=remote.physical_ms, logical=remote.logical)
 
 
 def refusal_reason(a: ActionRecord | None, token: int) -> str:
@@ -181,7 +210,7 @@ def on_result(
         stderr_tail=res.stderr_tail,
         # The worker's own stamp, kept beside ours; it also marks the outcome as committed
         # from a result (replay restores committed_token from it).
-        worker_hlc=hlc_pb2.HlcTimestamp(physical_ms=remote.physical_ms, logical=remote.logical),
+        worker_hlc=_finished_stamp(res, remote),
     )
     error = res.error if res.HasField("error") else None
     why: int = E.EVENT_REASON_ATTEMPT_FAILED

@@ -105,6 +105,7 @@ def grant(
         idempotency_key=a.key,
     )
     lp.action.CopyFrom(a.spec)
+    lp.action.slots = a.slots  # the effective value: an unset spec means 1
     lp.ttl.CopyFrom(st._ttl_pb)
 
 

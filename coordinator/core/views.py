@@ -200,6 +200,7 @@ def worker_info(st: SchedulerState, w: WorkerRecord) -> apb.WorkerInfo:
         labels=w.labels,
         slots=w.slots,
         free_slots=max(0, w.free),
+        worker_free_slots=w.reported_free,
         handlers=sorted(w.handlers),
         exec_enabled=w.exec_enabled,
         leases=len(w.leases),

@@ -206,6 +206,7 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
     welcome.kill_grace.FromTimedelta(st.config.kill_grace)
     welcome.session_id = session_id
     welcome.resume_token = s.resume_token
+    welcome.max_clock_offset.FromMilliseconds(st.hlc.max_offset_ms)
     for r in hello.running:
         w.free -= r.slots  # 0 for a finished attempt whose result is not yet acked
         held = st.leases.get(r.lease_id)
@@ -248,6 +249,7 @@ def _lose_unreported(st: SchedulerState, old: WorkerRecord, hello: wpb.Hello, ou
 def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Outcome) -> None:
     """Renews every lease the worker holds and reconciles both ways."""
     w.last_renewed = st.now
+    w.reported_free = hb.free_slots
     reported = {r.lease_id: r.fencing_token for r in hb.leases}
     for lease in list(w.leases.values()):
         if lease.lease_id not in reported and lease.grant_seq <= hb.last_grant_sequence:
@@ -267,17 +269,15 @@ def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Ou
         a = action_for_lease_id(st, lease_id)
         if a is not None and a.committed_token == token:
             continue  # finished; its ack is on the way
-        why = (
-            R.CANCEL_REASON_SUPERSEDED
-            if a is not None and a.token > token
-            else (R.CANCEL_REASON_UNKNOWN_LEASE)
-        )
+        if a is not None and a.token > token:
+            why, words = R.CANCEL_REASON_SUPERSEDED, f"superseded by token {a.token}"
+        elif a is not None:
+            why, words = R.CANCEL_REASON_UNKNOWN_LEASE, "this lease has ended"
+        else:
+            why, words = R.CANCEL_REASON_UNKNOWN_LEASE, "the coordinator knows no such lease"
         cancel = wpb.ConnectResponse()
         cancel.cancel_lease.leases.add(
-            lease_id=lease_id,
-            fencing_token=token,
-            reason=why,
-            message="the coordinator does not hold this lease for you",
+            lease_id=lease_id, fencing_token=token, reason=why, message=words
         )
         out.send(w.session_id, cancel)
     liveness.heartbeat(st, w, hb)

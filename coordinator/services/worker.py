@@ -77,6 +77,13 @@ def check_hello(msg: wpb.ConnectRequest, limits: Limits | None = None) -> None:
         v.append(FieldViolation("hello.worker_id", why))
     if not 1 <= hello.slots <= MAX_SLOTS:
         v.append(FieldViolation("hello.slots", f"is {hello.slots}; must be 1 to {MAX_SLOTS}"))
+    if not hello.handlers and not hello.exec_enabled:
+        v.append(
+            FieldViolation(
+                "hello.handlers",
+                "is empty and exec_enabled is false: a worker must be able to run something",
+            )
+        )
     if len(hello.handlers) > MAX_HANDLERS:
         v.append(
             FieldViolation(
@@ -141,6 +148,7 @@ class ReportCheck:
         self.limits = limits
         self.refusals = refusals
         self.peer = peer
+        self._heartbeat = 0  # the last Heartbeat.sequence on this stream
 
     def _note(self, field: str, description: str, what: str) -> None:
         if self.refusals is not None:
@@ -151,6 +159,8 @@ class ReportCheck:
         kind = msg.WhichOneof("message")
         if kind in _REPORTS:
             v = _report_violations(f"{kind}.leases", getattr(msg, kind).leases)
+            if kind == "heartbeat" and not v:
+                v = self._sequence(msg.heartbeat.sequence)
         elif kind == "action_progress":
             v = self._progress(msg.action_progress)
         elif kind == "action_finished":
@@ -162,6 +172,19 @@ class ReportCheck:
             v = []
         if v:
             raise InvalidArgumentError(v)
+
+    def _sequence(self, sequence: int) -> list[FieldViolation]:
+        """Heartbeat.sequence starts at 1 and increases on a stream (its ack echoes it)."""
+        if sequence <= self._heartbeat:
+            last = self._heartbeat
+            return [
+                FieldViolation(
+                    "heartbeat.sequence",
+                    f"is {sequence}; must be >= 1 and greater than the stream's last ({last})",
+                )
+            ]
+        self._heartbeat = sequence
+        return []
 
     def _progress(self, progress: wpb.ActionProgress) -> list[FieldViolation]:
         v = _report_violations("action_progress.leases", progress.leases)
@@ -355,7 +378,10 @@ class WorkerService(wgrpc.WorkerServiceServicer):
                 async for msg in request_iterator:
                     checker.check(msg)
                     n += 1
-                    cause = f"{msg.WhichOneof('message')}-{worker_id}-{n}"
+                    kind = msg.WhichOneof("message")
+                    if kind == "goodbye":
+                        log.info("worker %s says goodbye: %s", worker_id, msg.goodbye.reason or "-")
+                    cause = f"{kind}-{worker_id}-{n}"
                     rt.post(WorkerMessageReceived(cause, session_id, msg))
             except PlaitError as e:  # a refused message ends the stream with its status
                 outbox.put_nowait(e)

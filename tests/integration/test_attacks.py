@@ -388,7 +388,8 @@ async def test_a_per_worker_metric_series_lives_only_while_its_worker_is_connect
     series = ("plait_clock_offset_rejections_total", {"worker": "skewed"})
     w = ProtocolWorker(target, "skewed", slots=1)
     await w.connect()
-    ahead = wpb.ConnectRequest(heartbeat=wpb.Heartbeat(sequence=1))
+    w.hb_seq += 1
+    ahead = wpb.ConnectRequest(heartbeat=wpb.Heartbeat(sequence=w.hb_seq))
     w.hlc.stamp(ahead.hlc)
     ahead.hlc.physical_ms += 3_600_000  # an hour ahead: not merged, counted for this worker
     w.outbox.put_nowait(ahead)

@@ -75,16 +75,20 @@ class HybridLogicalClock:
             self._c += 1
         return HlcTimestamp(self._l, self._c)
 
-    def observe(self, remote: HlcTimestamp) -> HlcTimestamp:
+    def observe(self, remote: HlcTimestamp, *, bounded: bool = True) -> HlcTimestamp:
         """Merges a received reading and returns the new local reading.
 
+        ``bounded=False`` merges a reading however far ahead it is (a worker merging its
+        coordinator's stamps: the coordinator orders the history, so a worker whose clock is
+        behind must still stamp its reports after the lease that caused them).
+
         Raises:
-            ClockOffsetError: the remote reading is more than ``max_offset_ms`` ahead of our
-                wall clock; nothing was merged.
+            ClockOffsetError: ``bounded`` and the remote reading is more than ``max_offset_ms``
+                ahead of our wall clock; nothing was merged.
         """
         pt = self._clock.wall_ms()
         rl, rc = remote
-        if rl - pt > self.max_offset_ms:
+        if bounded and rl - pt > self.max_offset_ms:
             raise ClockOffsetError(remote, pt, self.max_offset_ms)
         l_old = self._l
         l_new = max(l_old, rl, pt)

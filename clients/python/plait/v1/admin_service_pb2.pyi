@@ -88,6 +88,7 @@ class WorkerInfo(_message.Message):
     HEARD_AGO_FIELD_NUMBER: _builtins.int
     LEASE_LOSS_STREAK_FIELD_NUMBER: _builtins.int
     HELD_BACK_FOR_FIELD_NUMBER: _builtins.int
+    WORKER_FREE_SLOTS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """From Hello."""
     slots: _builtins.int
@@ -109,6 +110,11 @@ class WorkerInfo(_message.Message):
     lease_loss_streak: _builtins.int
     """Leases this worker id lost in a row (expired, self-fenced, not re-adopted, not reported)
     without a success in between. Each one holds it back from new leases for longer.
+    """
+    worker_free_slots: _builtins.int
+    """Slots free by the worker's own count, from its latest heartbeat (Heartbeat.free_slots):
+    more than free_slots when it withholds credit (adaptive concurrency) or a grant is in
+    flight.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -164,10 +170,11 @@ class WorkerInfo(_message.Message):
         heard_ago: _duration_pb2.Duration | None = ...,
         lease_loss_streak: _builtins.int = ...,
         held_back_for: _duration_pb2.Duration | None = ...,
+        worker_free_slots: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "last_seen_ago", b"last_seen_ago"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "clock_offset_rejections", b"clock_offset_rejections", "connected_at", b"connected_at", "draining", b"draining", "exec_enabled", b"exec_enabled", "free_slots", b"free_slots", "handlers", b"handlers", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "hostname", b"hostname", "labels", b"labels", "last_seen_ago", b"last_seen_ago", "lease_loss_streak", b"lease_loss_streak", "leases", b"leases", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "clock_offset_rejections", b"clock_offset_rejections", "connected_at", b"connected_at", "draining", b"draining", "exec_enabled", b"exec_enabled", "free_slots", b"free_slots", "handlers", b"handlers", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "hostname", b"hostname", "labels", b"labels", "last_seen_ago", b"last_seen_ago", "lease_loss_streak", b"lease_loss_streak", "leases", b"leases", "slots", b"slots", "worker_free_slots", b"worker_free_slots", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

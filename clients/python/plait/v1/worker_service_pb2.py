@@ -28,7 +28,7 @@ from plait.v1 import hlc_pb2 as plait_dot_v1_dot_hlc__pb2
 from plait.v1 import workflow_pb2 as plait_dot_v1_dot_workflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dplait/v1/worker_service.proto\x12\x08plait.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x12plait/v1/hlc.proto\x1a\x17plait/v1/workflow.proto\"\xf3\x02\n\x0e\x43onnectRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12 \n\x05hello\x18\x02 \x01(\x0b\x32\x0f.plait.v1.HelloH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.plait.v1.HeartbeatH\x00\x12\"\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x10.plait.v1.CreditH\x00\x12\x31\n\x0e\x61\x63tion_started\x18\x05 \x01(\x0b\x32\x17.plait.v1.ActionStartedH\x00\x12\x33\n\x0f\x61\x63tion_finished\x18\x06 \x01(\x0b\x32\x18.plait.v1.ActionFinishedH\x00\x12$\n\x07goodbye\x18\x07 \x01(\x0b\x32\x11.plait.v1.GoodbyeH\x00\x12\x33\n\x0f\x61\x63tion_progress\x18\x08 \x01(\x0b\x32\x18.plait.v1.ActionProgressH\x00\x42\t\n\x07message\"N\n\rLeaseProgress\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65tails_json\x18\x03 \x01(\t\"9\n\x0e\x41\x63tionProgress\x12\'\n\x06leases\x18\x01 \x03(\x0b\x32\x17.plait.v1.LeaseProgress\"\x83\x02\n\x0f\x43onnectResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12$\n\x07welcome\x18\x02 \x01(\x0b\x32\x11.plait.v1.WelcomeH\x00\x12+\n\x0blease_grant\x18\x03 \x01(\x0b\x32\x14.plait.v1.LeaseGrantH\x00\x12-\n\x0c\x63\x61ncel_lease\x18\x04 \x01(\x0b\x32\x15.plait.v1.CancelLeaseH\x00\x12\x1c\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\r.plait.v1.AckH\x00\x12 \n\x05\x64rain\x18\x06 \x01(\x0b\x32\x0f.plait.v1.DrainH\x00\x42\t\n\x07message\"E\n\x0bLeaseReport\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\r\n\x05slots\x18\x03 \x01(\r\"\xf1\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x06labels\x18\x02 \x03(\x0b\x32\x1b.plait.v1.Hello.LabelsEntry\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08handlers\x18\x04 \x03(\t\x12\x14\n\x0c\x65xec_enabled\x18\x05 \x01(\x08\x12&\n\x07running\x18\x06 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x08 \x01(\t\x12\x31\n\tresources\x18\t \x03(\x0b\x32\x1e.plait.v1.Hello.ResourcesEntry\x12\x14\n\x0cresume_token\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x94\x02\n\x07Welcome\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12&\n\x07\x61\x64opted\x18\x04 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12#\n\x04kill\x18\x05 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12-\n\nkill_grace\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\"\x90\x01\n\tHeartbeat\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12\x1b\n\x13last_grant_sequence\x18\x02 \x01(\x04\x12\x12\n\nfree_slots\x18\x03 \x01(\r\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x19\n\x11last_ack_sequence\x18\x05 \x01(\x04\"\x17\n\x06\x43redit\x12\r\n\x05slots\x18\x01 \x01(\r\"6\n\rActionStarted\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.plait.v1.LeaseReport\"\xc6\x02\n\x0c\x41\x63tionResult\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12(\n\x07outcome\x18\x03 \x01(\x0e\x32\x17.plait.v1.ActionOutcome\x12\x14\n\x0coutputs_json\x18\x04 \x01(\t\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x13\n\x0bstdout_tail\x18\x07 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x08 \x01(\t\x12+\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x0c\x66inished_hlc\x18\n \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x12\n\nerror_type\x18\x0b \x01(\t\"I\n\x0e\x41\x63tionFinished\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.plait.v1.ActionResult\x12\x0e\n\x06\x63redit\x18\x02 \x01(\r\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x95\x02\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x11\n\taction_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x15\n\rfencing_token\x18\x06 \x01(\x04\x12$\n\x06\x61\x63tion\x18\x07 \x01(\x0b\x32\x14.plait.v1.ActionSpec\x12\x13\n\x0binputs_json\x18\x08 \x01(\t\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x0c\x10\rR\x05stateR\x06status\"?\n\nLeaseGrant\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1f\n\x06leases\x18\x02 \x03(\x0b\x32\x0f.plait.v1.Lease\"u\n\x11LeaseCancellation\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12&\n\x06reason\x18\x03 \x01(\x0e\x32\x16.plait.v1.CancelReason\x12\x0f\n\x07message\x18\x04 \x01(\t\":\n\x0b\x43\x61ncelLease\x12+\n\x06leases\x18\x01 \x03(\x0b\x32\x1b.plait.v1.LeaseCancellation\"X\n\tResultAck\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"m\n\x03\x41\x63k\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.plait.v1.ResultAck\x12\x1a\n\x12heartbeat_sequence\x18\x02 \x01(\x04\x12$\n\x07refused\x18\x03 \x03(\x0b\x32\x13.plait.v1.ResultAck\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xa4\x01\n\rActionOutcome\x12\x1e\n\x1a\x41\x43TION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x43TION_OUTCOME_SUCCEEDED\x10\x01\x12\x19\n\x15\x41\x43TION_OUTCOME_FAILED\x10\x02\x12\x1c\n\x18\x41\x43TION_OUTCOME_CANCELLED\x10\x03\x12\x1c\n\x18\x41\x43TION_OUTCOME_TIMED_OUT\x10\x04*\x9f\x01\n\x0c\x43\x61ncelReason\x12\x1d\n\x19\x43\x41NCEL_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41NCEL_REASON_USER\x10\x01\x12\x1c\n\x18\x43\x41NCEL_REASON_SUPERSEDED\x10\x02\x12\x19\n\x15\x43\x41NCEL_REASON_TIMEOUT\x10\x03\x12\x1f\n\x1b\x43\x41NCEL_REASON_UNKNOWN_LEASE\x10\x04\x32S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x18.plait.v1.ConnectRequest\x1a\x19.plait.v1.ConnectResponse(\x01\x30\x01\x42\x30\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dplait/v1/worker_service.proto\x12\x08plait.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\x1a\x12plait/v1/hlc.proto\x1a\x17plait/v1/workflow.proto\"\xf3\x02\n\x0e\x43onnectRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12 \n\x05hello\x18\x02 \x01(\x0b\x32\x0f.plait.v1.HelloH\x00\x12(\n\theartbeat\x18\x03 \x01(\x0b\x32\x13.plait.v1.HeartbeatH\x00\x12\"\n\x06\x63redit\x18\x04 \x01(\x0b\x32\x10.plait.v1.CreditH\x00\x12\x31\n\x0e\x61\x63tion_started\x18\x05 \x01(\x0b\x32\x17.plait.v1.ActionStartedH\x00\x12\x33\n\x0f\x61\x63tion_finished\x18\x06 \x01(\x0b\x32\x18.plait.v1.ActionFinishedH\x00\x12$\n\x07goodbye\x18\x07 \x01(\x0b\x32\x11.plait.v1.GoodbyeH\x00\x12\x33\n\x0f\x61\x63tion_progress\x18\x08 \x01(\x0b\x32\x18.plait.v1.ActionProgressH\x00\x42\t\n\x07message\"N\n\rLeaseProgress\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65tails_json\x18\x03 \x01(\t\"9\n\x0e\x41\x63tionProgress\x12\'\n\x06leases\x18\x01 \x03(\x0b\x32\x17.plait.v1.LeaseProgress\"\x83\x02\n\x0f\x43onnectResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12$\n\x07welcome\x18\x02 \x01(\x0b\x32\x11.plait.v1.WelcomeH\x00\x12+\n\x0blease_grant\x18\x03 \x01(\x0b\x32\x14.plait.v1.LeaseGrantH\x00\x12-\n\x0c\x63\x61ncel_lease\x18\x04 \x01(\x0b\x32\x15.plait.v1.CancelLeaseH\x00\x12\x1c\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\r.plait.v1.AckH\x00\x12 \n\x05\x64rain\x18\x06 \x01(\x0b\x32\x0f.plait.v1.DrainH\x00\x42\t\n\x07message\"E\n\x0bLeaseReport\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\r\n\x05slots\x18\x03 \x01(\r\"\xf1\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12+\n\x06labels\x18\x02 \x03(\x0b\x32\x1b.plait.v1.Hello.LabelsEntry\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x10\n\x08handlers\x18\x04 \x03(\t\x12\x14\n\x0c\x65xec_enabled\x18\x05 \x01(\x08\x12&\n\x07running\x18\x06 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12\x10\n\x08hostname\x18\x08 \x01(\t\x12\x31\n\tresources\x18\t \x03(\x0b\x32\x1e.plait.v1.Hello.ResourcesEntry\x12\x14\n\x0cresume_token\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc9\x02\n\x07Welcome\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12&\n\x07\x61\x64opted\x18\x04 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12#\n\x04kill\x18\x05 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12-\n\nkill_grace\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\x12\x33\n\x10max_clock_offset\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x90\x01\n\tHeartbeat\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.plait.v1.LeaseReport\x12\x1b\n\x13last_grant_sequence\x18\x02 \x01(\x04\x12\x12\n\nfree_slots\x18\x03 \x01(\r\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x19\n\x11last_ack_sequence\x18\x05 \x01(\x04\"\x17\n\x06\x43redit\x12\r\n\x05slots\x18\x01 \x01(\r\"6\n\rActionStarted\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.plait.v1.LeaseReport\"\xc6\x02\n\x0c\x41\x63tionResult\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12(\n\x07outcome\x18\x03 \x01(\x0e\x32\x17.plait.v1.ActionOutcome\x12\x14\n\x0coutputs_json\x18\x04 \x01(\t\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x13\n\x0bstdout_tail\x18\x07 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x08 \x01(\t\x12+\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x0c\x66inished_hlc\x18\n \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x12\n\nerror_type\x18\x0b \x01(\t\"I\n\x0e\x41\x63tionFinished\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.plait.v1.ActionResult\x12\x0e\n\x06\x63redit\x18\x02 \x01(\r\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x95\x02\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x03 \x01(\t\x12\x11\n\taction_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x15\n\rfencing_token\x18\x06 \x01(\x04\x12$\n\x06\x61\x63tion\x18\x07 \x01(\x0b\x32\x14.plait.v1.ActionSpec\x12\x13\n\x0binputs_json\x18\x08 \x01(\t\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0btraceparent\x18\n \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x0c\x10\rR\x05stateR\x06status\"?\n\nLeaseGrant\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1f\n\x06leases\x18\x02 \x03(\x0b\x32\x0f.plait.v1.Lease\"u\n\x11LeaseCancellation\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12&\n\x06reason\x18\x03 \x01(\x0e\x32\x16.plait.v1.CancelReason\x12\x0f\n\x07message\x18\x04 \x01(\t\":\n\x0b\x43\x61ncelLease\x12+\n\x06leases\x18\x01 \x03(\x0b\x32\x1b.plait.v1.LeaseCancellation\"X\n\tResultAck\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"m\n\x03\x41\x63k\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.plait.v1.ResultAck\x12\x1a\n\x12heartbeat_sequence\x18\x02 \x01(\x04\x12$\n\x07refused\x18\x03 \x03(\x0b\x32\x13.plait.v1.ResultAck\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t*\xa4\x01\n\rActionOutcome\x12\x1e\n\x1a\x41\x43TION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x43TION_OUTCOME_SUCCEEDED\x10\x01\x12\x19\n\x15\x41\x43TION_OUTCOME_FAILED\x10\x02\x12\x1c\n\x18\x41\x43TION_OUTCOME_CANCELLED\x10\x03\x12\x1c\n\x18\x41\x43TION_OUTCOME_TIMED_OUT\x10\x04*\x9f\x01\n\x0c\x43\x61ncelReason\x12\x1d\n\x19\x43\x41NCEL_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41NCEL_REASON_USER\x10\x01\x12\x1c\n\x18\x43\x41NCEL_REASON_SUPERSEDED\x10\x02\x12\x19\n\x15\x43\x41NCEL_REASON_TIMEOUT\x10\x03\x12\x1f\n\x1b\x43\x41NCEL_REASON_UNKNOWN_LEASE\x10\x04\x32S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x18.plait.v1.ConnectRequest\x1a\x19.plait.v1.ConnectResponse(\x01\x30\x01\x42\x30\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,10 +40,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_HELLO_RESOURCESENTRY']._loaded_options = None
   _globals['_HELLO_RESOURCESENTRY']._serialized_options = b'8\001'
-  _globals['_ACTIONOUTCOME']._serialized_start=3052
-  _globals['_ACTIONOUTCOME']._serialized_end=3216
-  _globals['_CANCELREASON']._serialized_start=3219
-  _globals['_CANCELREASON']._serialized_end=3378
+  _globals['_ACTIONOUTCOME']._serialized_start=3105
+  _globals['_ACTIONOUTCOME']._serialized_end=3269
+  _globals['_CANCELREASON']._serialized_start=3272
+  _globals['_CANCELREASON']._serialized_end=3431
   _globals['_CONNECTREQUEST']._serialized_start=146
   _globals['_CONNECTREQUEST']._serialized_end=517
   _globals['_LEASEPROGRESS']._serialized_start=519
@@ -61,33 +61,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_RESOURCESENTRY']._serialized_start=1313
   _globals['_HELLO_RESOURCESENTRY']._serialized_end=1361
   _globals['_WELCOME']._serialized_start=1364
-  _globals['_WELCOME']._serialized_end=1640
-  _globals['_HEARTBEAT']._serialized_start=1643
-  _globals['_HEARTBEAT']._serialized_end=1787
-  _globals['_CREDIT']._serialized_start=1789
-  _globals['_CREDIT']._serialized_end=1812
-  _globals['_ACTIONSTARTED']._serialized_start=1814
-  _globals['_ACTIONSTARTED']._serialized_end=1868
-  _globals['_ACTIONRESULT']._serialized_start=1871
-  _globals['_ACTIONRESULT']._serialized_end=2197
-  _globals['_ACTIONFINISHED']._serialized_start=2199
-  _globals['_ACTIONFINISHED']._serialized_end=2272
-  _globals['_GOODBYE']._serialized_start=2274
-  _globals['_GOODBYE']._serialized_end=2299
-  _globals['_LEASE']._serialized_start=2302
-  _globals['_LEASE']._serialized_end=2579
-  _globals['_LEASEGRANT']._serialized_start=2581
-  _globals['_LEASEGRANT']._serialized_end=2644
-  _globals['_LEASECANCELLATION']._serialized_start=2646
-  _globals['_LEASECANCELLATION']._serialized_end=2763
-  _globals['_CANCELLEASE']._serialized_start=2765
-  _globals['_CANCELLEASE']._serialized_end=2823
-  _globals['_RESULTACK']._serialized_start=2825
-  _globals['_RESULTACK']._serialized_end=2913
-  _globals['_ACK']._serialized_start=2915
-  _globals['_ACK']._serialized_end=3024
-  _globals['_DRAIN']._serialized_start=3026
-  _globals['_DRAIN']._serialized_end=3049
-  _globals['_WORKERSERVICE']._serialized_start=3380
-  _globals['_WORKERSERVICE']._serialized_end=3463
+  _globals['_WELCOME']._serialized_end=1693
+  _globals['_HEARTBEAT']._serialized_start=1696
+  _globals['_HEARTBEAT']._serialized_end=1840
+  _globals['_CREDIT']._serialized_start=1842
+  _globals['_CREDIT']._serialized_end=1865
+  _globals['_ACTIONSTARTED']._serialized_start=1867
+  _globals['_ACTIONSTARTED']._serialized_end=1921
+  _globals['_ACTIONRESULT']._serialized_start=1924
+  _globals['_ACTIONRESULT']._serialized_end=2250
+  _globals['_ACTIONFINISHED']._serialized_start=2252
+  _globals['_ACTIONFINISHED']._serialized_end=2325
+  _globals['_GOODBYE']._serialized_start=2327
+  _globals['_GOODBYE']._serialized_end=2352
+  _globals['_LEASE']._serialized_start=2355
+  _globals['_LEASE']._serialized_end=2632
+  _globals['_LEASEGRANT']._serialized_start=2634
+  _globals['_LEASEGRANT']._serialized_end=2697
+  _globals['_LEASECANCELLATION']._serialized_start=2699
+  _globals['_LEASECANCELLATION']._serialized_end=2816
+  _globals['_CANCELLEASE']._serialized_start=2818
+  _globals['_CANCELLEASE']._serialized_end=2876
+  _globals['_RESULTACK']._serialized_start=2878
+  _globals['_RESULTACK']._serialized_end=2966
+  _globals['_ACK']._serialized_start=2968
+  _globals['_ACK']._serialized_end=3077
+  _globals['_DRAIN']._serialized_start=3079
+  _globals['_DRAIN']._serialized_end=3102
+  _globals['_WORKERSERVICE']._serialized_start=3433
+  _globals['_WORKERSERVICE']._serialized_end=3516
 # @@protoc_insertion_point(module_scope)

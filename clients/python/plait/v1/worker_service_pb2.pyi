@@ -99,7 +99,9 @@ class ConnectRequest(_message.Message):
     ACTION_PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
-        """Set by the worker: its HLC reading when it sent the message."""
+        """Set by the worker, on every message: its HLC reading when it sent the message (after
+        merging every coordinator stamp it received). physical_ms 0 is taken as no stamp.
+        """
 
     @_builtins.property
     def hello(self) -> Global___Hello:
@@ -351,9 +353,13 @@ class Hello(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
-    """Set by the worker: stable name, unique among connected workers (1 to 128 of [A-Za-z0-9_.-])."""
+    """Set by the worker: stable name, unique among connected workers: 1 to 128 of
+    [A-Za-z0-9_.-], starting with a letter or digit, without "..".
+    """
     slots: _builtins.int
-    """Set by the worker: total slots; also the initial credit."""
+    """Set by the worker: total slots (1 to 100000); also the initial credit, less the slots of
+    `running`.
+    """
     exec_enabled: _builtins.bool
     """Set by the worker: whether it runs exec actions."""
     agent: _builtins.str
@@ -424,6 +430,7 @@ class Welcome(_message.Message):
     KILL_FIELD_NUMBER: _builtins.int
     KILL_GRACE_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    MAX_CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Set by the coordinator: identifies this stream, for logs."""
     resume_token: _builtins.str
@@ -445,11 +452,22 @@ class Welcome(_message.Message):
 
     @_builtins.property
     def kill(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]:
-        """Set by the coordinator: reported leases the worker must kill (superseded or unknown)."""
+        """Set by the coordinator: reported leases the worker must kill (superseded or unknown), each
+        echoed as reported (slots included): Hello counted their slots as busy, so the worker
+        credits them back once the attempt is dead.
+        """
 
     @_builtins.property
     def kill_grace(self) -> _duration_pb2.Duration:
         """Set by the coordinator: grace between SIGTERM and SIGKILL when cancelling exec actions."""
+
+    @_builtins.property
+    def max_clock_offset(self) -> _duration_pb2.Duration:
+        """Set by the coordinator: how far ahead of its own wall clock a stamp may be before the
+        coordinator stops merging it (its --max-clock-offset). Workers use it to warn when the
+        coordinator's stamps are that far ahead of theirs; they merge them anyway (the
+        coordinator orders the history, so its stamps are authoritative for the worker).
+        """
 
     def __init__(
         self,
@@ -461,10 +479,11 @@ class Welcome(_message.Message):
         kill: _abc.Iterable[Global___LeaseReport] | None = ...,
         kill_grace: _duration_pb2.Duration | None = ...,
         resume_token: _builtins.str = ...,
+        max_clock_offset: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "max_clock_offset", b"max_clock_offset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "heartbeat_interval", b"heartbeat_interval", "kill", b"kill", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "resume_token", b"resume_token", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "heartbeat_interval", b"heartbeat_interval", "kill", b"kill", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "max_clock_offset", b"max_clock_offset", "resume_token", b"resume_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,7 +505,10 @@ class Heartbeat(_message.Message):
     later grant are in flight and are not treated as missing.
     """
     free_slots: _builtins.int
-    """Set by the worker: slots currently free, for display."""
+    """Set by the worker: slots not held by a running attempt, withheld ones included (a worker
+    may credit fewer: adaptive concurrency). Shown as WorkerInfo.worker_free_slots beside the
+    coordinator's own count of credited, unleased slots.
+    """
     sequence: _builtins.int
     """Set by the worker: increases with every heartbeat on the stream; echoed in
     Ack.heartbeat_sequence. The worker's self-fencing clock runs from the send time of the last
@@ -680,7 +702,7 @@ class Goodbye(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Set by the worker: why."""
+    """Set by the worker: why it leaves (at most 1,024 characters; logged by the coordinator)."""
     def __init__(
         self,
         *,
@@ -738,7 +760,9 @@ class Lease(_message.Message):
 
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
-        """Set by the coordinator: the lease lasts this long after the last heartbeat."""
+        """Set by the coordinator: the lease lasts this long after the last heartbeat. Always equal to
+        Welcome.lease_ttl, which is what self-fencing uses; informational.
+        """
 
     def __init__(
         self,

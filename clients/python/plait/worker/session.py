@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 from plait.clock import Clock, SystemClock
 from plait.durations import from_proto as duration_from_proto
-from plait.hlc import ClockOffsetError, HybridLogicalClock
+from plait.hlc import ClockOffsetError, HlcTimestamp, HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.adaptive import AdaptiveSlots, Adjustment, LoadProbe, SystemLoadProbe
 from plait.worker.attempts import AttemptBook, AttemptObserver, CancelCause
@@ -347,6 +347,9 @@ class WorkerSession:
             self.lease_ttl = duration_from_proto(welcome.lease_ttl).total_seconds()
         if welcome.HasField("kill_grace"):
             self.kill_grace = duration_from_proto(welcome.kill_grace).total_seconds()
+        if welcome.HasField("max_clock_offset"):
+            offset = duration_from_proto(welcome.max_clock_offset).total_seconds()
+            self._hlc.max_offset_ms = max(1, round(offset * 1000))
         self.session_id = welcome.session_id
         self._resume_token = welcome.resume_token
         # Welcome answers Hello: every lease it adopts is renewed no earlier than Hello was sent.
@@ -406,6 +409,10 @@ class WorkerSession:
         try:
             self._hlc.observe_proto(msg.hlc)
         except ClockOffsetError as err:
+            # Merged all the same: the coordinator's stamps order the history, and this
+            # worker's reports must come after the leases that caused them (docs/protocol.md,
+            # "Hybrid logical clocks"). The warning says the clocks disagree.
+            self._hlc.observe(HlcTimestamp(msg.hlc.physical_ms, msg.hlc.logical), bounded=False)
             self.stats.clock_offset_errors += 1
             now = self._clock.monotonic()
             if now - self._last_offset_log >= _OFFSET_LOG_EVERY:
