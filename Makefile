@@ -10,13 +10,15 @@ GOOGLE_PROTOS = $(shell $(BIN)/python -c 'import os, google.rpc; print(os.path.d
 GRPC_PROTOS = $(shell $(BIN)/python -c 'import os, grpc_tools; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 FLOW ?= examples/scatter_gather.yaml
 
-.PHONY: help venv lock proto proto-check proto-lint dashboard lint typecheck test test-fast check run bench clean
+.PHONY: help venv lock proto proto-check proto-lint proto-baseline dashboard lint typecheck test test-fast check run bench clean ts ts-setup proto-ts
 
 help:
 	@echo "make run        run $(FLOW) on the embedded coordinator + local workers"
 	@echo "make test       unit, integration and system tests"
 	@echo "make check      lint + typecheck + proto drift + test (what CI runs)"
 	@echo "make proto      regenerate Python stubs from proto/"
+	@echo "make proto-ts   regenerate the TypeScript stubs (clients/typescript/src/gen) from proto/"
+	@echo "make ts         npm ci (from the lock) and build clients/typescript (the TypeScript SDK)"
 	@echo "make dashboard  regenerate deploy/grafana/plait.json from deploy/grafana/dashboard.py"
 	@echo "make bench      throughput and latency benchmarks (prints numbers)"
 	@echo "make lock       re-resolve the hashed dependency locks in requirements/"
@@ -59,8 +61,16 @@ proto-lint: $(STAMP)
 	@if [ -x $(BIN)/buf ]; then \
 	  $(BIN)/python -m grpc_tools.protoc -Iproto -I$(GOOGLE_PROTOS) -I$(GRPC_PROTOS) \
 	    --include_imports --include_source_info --descriptor_set_out=$(VENV)/plait.binpb $(PROTO_FILES) && \
-	  $(BIN)/buf lint $(VENV)/plait.binpb --config proto/buf.yaml --path plait/v1 && echo "buf lint: clean"; \
-	else echo "buf not installed on this platform; skipping buf lint"; fi
+	  $(BIN)/buf lint $(VENV)/plait.binpb --config proto/buf.yaml --path plait/v1 && echo "buf lint: clean" && \
+	  $(BIN)/buf breaking $(VENV)/plait.binpb --against proto/baseline.binpb --config proto/buf.yaml \
+	    --path plait/v1 && echo "buf breaking (against proto/baseline.binpb): none"; \
+	else echo "buf not installed on this platform; skipping buf lint and buf breaking"; fi
+
+# The committed image `buf breaking` compares against: the protocol as workers in other
+# languages know it. Rewrite it only with a deliberate, announced change to the wire contract.
+proto-baseline: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto -I$(GOOGLE_PROTOS) -I$(GRPC_PROTOS) \
+	  --include_imports --descriptor_set_out=proto/baseline.binpb $(PROTO_FILES)
 
 # The Grafana dashboard is code (grafana-foundation-sdk); the JSON it writes is committed and
 # tests/unit/test_dashboard.py fails when the two drift.
@@ -81,10 +91,38 @@ typecheck: $(STAMP)
 	ln -s $(CURDIR)/workerd $(TC)/plait/workerd
 	cd $(TC) && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p plait
 
-test: $(STAMP)
+test: $(STAMP) ts-setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 check: lint typecheck proto-lint test
+
+# The TypeScript worker SDK (clients/typescript). node_modules come only from the committed
+# package-lock.json (npm ci), once per change of the lock; dist/ is rebuilt when a source changed.
+# The conformance suite runs dist/examples/worker.js, so `make test` builds it first when npm is
+# installed (.ci/run installs it); without npm the TypeScript tests skip (fail under CI).
+TS_DIR := clients/typescript
+TS_STAMP := $(TS_DIR)/node_modules/.installed
+TS_BUILT := $(TS_DIR)/dist/.built
+TS_SOURCES = $(shell find $(TS_DIR)/src $(TS_DIR)/test $(TS_DIR)/examples -name '*.ts') $(TS_DIR)/tsconfig.json
+
+$(TS_STAMP): $(TS_DIR)/package.json $(TS_DIR)/package-lock.json
+	@echo "==> npm ci in $(TS_DIR) (first run or the lock changed)"
+	cd $(TS_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+$(TS_BUILT): $(TS_STAMP) $(TS_SOURCES)
+	@echo "==> building $(TS_DIR) (tsc)"
+	cd $(TS_DIR) && npm run --silent build
+	touch $@
+
+ts: $(TS_BUILT)
+
+ts-setup:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory ts; \
+	else echo "npm not installed: the TypeScript SDK tests will skip (apt-get install -y nodejs npm)"; fi
+
+proto-ts: $(STAMP) $(TS_STAMP)
+	cd $(TS_DIR) && PLAIT_PYTHON=$(CURDIR)/$(BIN)/python npm run --silent generate
 
 run: $(STAMP)
 	$(BIN)/plait run $(FLOW)

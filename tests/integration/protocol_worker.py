@@ -125,13 +125,29 @@ class ProtocolWorker:
             raise EOFError("the stream ended without a welcome")
         raise TimeoutError(f"no {kind} within {timeout}s")
 
-    async def grants(self, n: int, timeout: float = 5.0) -> list[wpb.Lease]:
-        """Waits until ``n`` leases have been granted in total, returns the new ones."""
-        got: list[wpb.Lease] = []
-        while len(got) < n:
-            msg = await self.next("lease_grant", timeout)
-            got.extend(msg.lease_grant.leases)
-        return got
+    async def grants(self, n: int, timeout: float = 5.0, *, beat: bool = True) -> list[wpb.Lease]:
+        """Waits until ``n`` leases have been granted in total, returns the new ones.
+
+        ``beat``: heartbeat at the Welcome's cadence while waiting, as a real worker does (a
+        session whose heartbeats stop echoing recent acks is leased nothing)."""
+        beats = asyncio.create_task(self._beat()) if beat else None
+        try:
+            got: list[wpb.Lease] = []
+            while len(got) < n:
+                msg = await self.next("lease_grant", timeout)
+                got.extend(msg.lease_grant.leases)
+            return got
+        finally:
+            if beats is not None:
+                beats.cancel()
+
+    async def _beat(self) -> None:
+        interval = 0.25
+        if self.welcome is not None and self.welcome.HasField("heartbeat_interval"):
+            interval = self.welcome.heartbeat_interval.ToTimedelta().total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            self.heartbeat()
 
     async def chatter(self, every: float = 0.1) -> None:
         """Sends an empty Credit every ``every`` seconds: the stream is not silent (so the

@@ -420,9 +420,13 @@ class WorkerSession:
                 since = self.stats.clock_offset_errors - self._offset_errors_logged
                 self._offset_errors_logged = self.stats.clock_offset_errors
                 log.warning(
-                    "coordinator HLC: %s (%d such message(s) since the last warning, %d in all;"
-                    " logged at most once a minute)",
-                    err,
+                    "the coordinator's clock is %d ms ahead of this worker's (more than"
+                    " max_clock_offset %d ms): its stamps are merged all the same, so this"
+                    " worker's reports stay after the leases that caused them; check NTP"
+                    " (%d such message(s) since the last warning, %d in all; logged at most"
+                    " once a minute)",
+                    err.offset_ms,
+                    self._hlc.max_offset_ms,
                     since,
                     self.stats.clock_offset_errors,
                     extra={"worker_id": self.config.worker_id},
