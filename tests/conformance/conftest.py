@@ -7,14 +7,17 @@ runs once per implementation (``-k workerd``, ``-k python-sdk``, ``-k typescript
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conformance.workers import Implementation, implementations
+from tests.system.conftest import proxies, pytest_runtest_makereport
 from tests.system.harness import Cluster
-from tests.system.tcpproxy import TcpProxy
+
+# The system suite's proxy fixture and failure-report hook serve this suite too.
+__all__ = ["proxies", "pytest_runtest_makereport"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -41,33 +44,3 @@ def cluster(tmp_path: Path, impl: Implementation) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
-
-
-@pytest.fixture
-def proxies(cluster: Cluster) -> Iterator[list[TcpProxy]]:
-    """Proxies a test opens (``proxies.append(TcpProxy(...).start())``); closed after the
-    cluster, so that workers behind them still reach the coordinator while they stop."""
-    opened: list[TcpProxy] = []
-    try:
-        yield opened
-    finally:
-        try:
-            cluster.close()  # idempotent: the cluster fixture's own close is then a no-op
-        finally:
-            for proxy in opened:
-                proxy.close()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, None]:
-    """Attaches the coordinator's and every worker's output to a failing test's report."""
-    outcome = yield
-    report = outcome.get_result()
-    if not report.failed:
-        return
-    for value in getattr(item, "funcargs", {}).values():
-        if isinstance(value, Cluster):
-            for title, text in value.log_sections():
-                report.sections.append((f"{title} ({report.when})", text))

@@ -45,7 +45,8 @@ def test_hello_is_welcomed_and_listed(cluster: Cluster, impl: Implementation) ->
         listed(cluster, "hello-w", lambda w: w.free_slots == 3),
     )
     assert info.slots == 3
-    assert sorted(info.handlers) == sorted(HANDLERS), list(info.handlers)
+    # The suite's handlers at least (an example worker may serve more of its own).
+    assert set(HANDLERS) <= set(info.handlers), list(info.handlers)
     assert dict(info.labels) == labels
     assert info.leases == 0
     assert not info.draining

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.system.harness import Cluster
+from tests.system.tcpproxy import TcpProxy
 
 
 def _require(module: str) -> None:
@@ -36,6 +37,21 @@ def cluster(tmp_path: Path, coordinator_available: None) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def proxies(cluster: Cluster) -> Iterator[list[TcpProxy]]:
+    """Proxies a test opens (``proxies.append(TcpProxy(...).start())``); closed after the
+    cluster, so that workers behind them still reach the coordinator while they stop."""
+    opened: list[TcpProxy] = []
+    try:
+        yield opened
+    finally:
+        try:
+            cluster.close()  # idempotent: the cluster fixture's own close is then a no-op
+        finally:
+            for proxy in opened:
+                proxy.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -325,6 +325,17 @@ class Cluster:
 
         wait_for(f"workers {sorted(wanted)} to connect", probe, timeout, interval=0.1)
 
+    def wait_heard(self, name: str, timeout: float = 30.0) -> None:
+        """Waits until worker ``name`` is connected and has proved it hears the coordinator
+        (its heartbeat echoed an ack: ``WorkerInfo.heard_ago``). Its stream's earlier messages,
+        results re-sent after a reconnect included, have been handled by then."""
+
+        def probe() -> bool:
+            reply = self.admin.ListWorkers(admin_pb.ListWorkersRequest(), timeout=5)
+            return any(w.worker_id == name and w.HasField("heard_ago") for w in reply.workers)
+
+        wait_for(f"{name} to be connected and heard", probe, timeout)
+
     def connected_workers(self) -> set[str]:
         try:
             reply = self.admin.ListWorkers(admin_pb.ListWorkersRequest(), timeout=5)

@@ -173,21 +173,6 @@ def worker_of_token(events: list[wf.HistoryEvent], action_id: str) -> dict[int, 
     }
 
 
-@pytest.fixture
-def proxy_for(cluster: Cluster) -> Iterator[list[TcpProxy]]:
-    """Proxies a test opens (``proxies.append(TcpProxy(...).start())``); closed after the
-    cluster, so that its workers still reach the coordinator while they stop."""
-    opened: list[TcpProxy] = []
-    try:
-        yield opened
-    finally:
-        try:
-            cluster.close()  # idempotent: the cluster fixture's own close is then a no-op
-        finally:
-            for proxy in opened:
-                proxy.close()
-
-
 def proxied_worker(cluster: Cluster, proxies: list[TcpProxy], name: str, **kwargs: Any) -> TcpProxy:
     """Starts a workerd that reaches the coordinator through a proxy of its own."""
     proxy = TcpProxy(cluster.grpc_target).start()
@@ -201,10 +186,10 @@ def proxied_worker(cluster: Cluster, proxies: list[TcpProxy], name: str, **kwarg
 
 
 def test_one_way_partition_moves_the_action_to_the_healthy_worker(
-    cluster: Cluster, proxy_for: list[TcpProxy], tmp_path: Path
+    cluster: Cluster, proxies: list[TcpProxy], tmp_path: Path
 ) -> None:
     cluster.start_coordinator(**PROFILE)
-    proxy = proxied_worker(cluster, proxy_for, "a", slots=1, labels={"host": "a"})
+    proxy = proxied_worker(cluster, proxies, "a", slots=1, labels={"host": "a"})
     marks = tmp_path / "marks"
     spec = workflow("one-way", [check_in_action("work", marks, first_s=60, later_s=0.5)])
     workflow_id = cluster.submit(spec)
@@ -274,12 +259,12 @@ STEP_SLEEP_S = 0.8
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_flapping_link_commits_every_action_exactly_once(
-    cluster: Cluster, proxy_for: list[TcpProxy], tmp_path: Path
+    cluster: Cluster, proxies: list[TcpProxy], tmp_path: Path
 ) -> None:
     # A lease TTL shorter than each 1 s hold: every hold makes the flapping workers self-fence
     # and lose what they run, so fencing, re-leasing and hold-back are all exercised.
     cluster.start_coordinator(**FLAP_PROFILE)
-    flappy = [proxied_worker(cluster, proxy_for, name, slots=4) for name in ("f1", "f2")]
+    flappy = [proxied_worker(cluster, proxies, name, slots=4) for name in ("f1", "f2")]
     cluster.add_worker("steady", slots=4)
     marks = tmp_path / "marks"
     actions = [

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from plait.v1 import admin_service_pb2 as admin_pb
 from plait.v1 import workflow_pb2 as wf
 from tests import procs
 from tests.system import invariants, journal_check
@@ -135,11 +134,7 @@ def test_paused_workerd_attempt_dies_within_i9_of_its_lease_lost(
 
     # Resumed, workerd copes: it reports the killed attempt CANCELLED (acked, journalled
     # nowhere: a report that an attempt stopped commits nothing) and comes back to serve.
-    def heard_again() -> bool:
-        reply = cluster.admin.ListWorkers(admin_pb.ListWorkersRequest(), timeout=5)
-        return any(w.worker_id == holder and w.HasField("heard_ago") for w in reply.workers)
-
-    wait_for("the paused worker to be connected again and heard", heard_again, timeout=30)
+    cluster.wait_heard(holder)
 
     events = cluster.history(workflow_id)
     invariants.check_history(events, spec)

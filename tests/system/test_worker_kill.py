@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from plait.v1 import admin_service_pb2 as admin_pb
 from plait.v1 import workflow_pb2 as wf
 from tests import procs
 from tests.system import invariants
@@ -148,11 +147,7 @@ def test_paused_worker_late_result_is_refused(cluster: Cluster, tmp_path: Path) 
     # depends on a race inside the resumed workerd: the attempt's exit (a late SUCCEEDED
     # result, refused as superseded and journalled) or its own fence (a CANCELLED report,
     # acked and journalled nowhere: it only says the attempt stopped). Neither may commit.
-    def heard_again() -> bool:
-        reply = cluster.admin.ListWorkers(admin_pb.ListWorkersRequest(), timeout=5)
-        return any(w.worker_id == holder and w.HasField("heard_ago") for w in reply.workers)
-
-    wait_for("the paused worker to be connected and heard again", heard_again, timeout=30)
+    cluster.wait_heard(holder)
 
     events = cluster.history(workflow_id)
     invariants.check_history(events, spec)

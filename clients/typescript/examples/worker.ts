@@ -9,6 +9,12 @@
  * - `fail`: fails with the typed error `input.type` and message `input.message`;
  * - `progress`: reports progress every 100 ms for `input.seconds`, then outputs `{"reports": n}`.
  *
+ * and one more for examples/polyglot.yaml, where Python handlers, exec actions and this worker
+ * share a workflow:
+ *
+ * - `shout`: takes its need `merge`'s `top` (`[[word, count], ...]`) and outputs
+ *   `{"shouted": ["WORD x3", ...], "by": "typescript"}`.
+ *
  *     node dist/examples/worker.js --coordinator HOST:PORT --id ID --slots N \
  *         [--label KEY=VALUE ...] [--reconnect-backoff 50ms:1s]
  *
@@ -44,6 +50,11 @@ export function serveExamples(worker: Worker): Worker {
     .handle("fail", (_ctx, { input }) => {
       const spec = (typeof input === "object" && input !== null ? input : {}) as Record<string, unknown>;
       throw new ActionError(String(spec.message ?? ""), { type: String(spec.type ?? "") });
+    })
+    .handle("shout", (_ctx, { needs }) => {
+      const merged = needs.merge?.outputs as { top?: [string, number][] } | undefined;
+      const top = merged?.top ?? [];
+      return { shouted: top.map(([word, n]) => `${word.toUpperCase()} x${n}`), by: "typescript" };
     })
     .handle("progress", async (ctx: ActionContext, { input }) => {
       const s = seconds(input);
