@@ -189,6 +189,50 @@ def test_self_fencing_when_only_acks_stop(
     assert healed.actions[0].worker_id == "deaf-a"
 
 
+def test_a_result_whose_ack_was_lost_is_committed_once(
+    cluster: Cluster, impl: Implementation, proxies: list[TcpProxy]
+) -> None:
+    """The result reaches the coordinator and commits, but its ack (all coordinator-to-worker
+    bytes) is held past the lease TTL: the worker keeps the result, drops its silent stream,
+    and on the new stream reports (or re-sends) it; the coordinator answers the duplicate
+    without committing it again. Nothing is lost, nothing commits twice, no report is refused,
+    and the worker gets its slot back."""
+    cluster.start_coordinator()  # test profile: lease TTL 2 s
+    proxy = TcpProxy(cluster.grpc_target).start()
+    proxies.append(proxy)
+    start_worker(cluster, impl, "acked-late", slots=1, coordinator=proxy.address)
+    workflow = spec("ack-lost", [action("nap", "sleep", {"seconds": 1.0})])
+    workflow_id = cluster.submit(workflow)
+    first = started(cluster, workflow_id, "nap")
+
+    proxy.hold("to_client")
+    try:
+        done = cluster.wait_event(
+            workflow_id,
+            lambda e: e.type == wf.EVENT_TYPE_ACTION_FINISHED and e.action_id == "nap",
+            "the result to commit while its ack is held",
+            timeout=30,
+        )
+        # Past the TTL without an ack: the worker gives the stream up and dials again (its new
+        # streams are held too, until the release).
+        wait_for("the worker to dial again", lambda: proxy.accepted >= 2, timeout=30)
+    finally:
+        proxy.release("to_client")
+    cluster.wait_heard("acked-late")
+
+    events = cluster.history(workflow_id)
+    check_all(cluster, events, workflow)
+    shown = "; ".join(f"{invariants.show(e)} {e.message!r}" for e in events)
+    assert (done.worker_id, done.fencing_token) == ("acked-late", first.fencing_token), shown
+    assert len(invariants.of_type(events, wf.EVENT_TYPE_ACTION_FINISHED)) == 1, shown
+    assert not invariants.of_type(events, wf.EVENT_TYPE_LEASE_LOST), shown
+    assert not invariants.of_type(events, wf.EVENT_TYPE_STALE_RESULT_REFUSED), shown
+    # Its slot came back: it runs the next action.
+    _, again, _ = run_to_end(cluster, spec("after", [action("e", "echo", "x")]), timeout=30)
+    succeeded(again)
+    assert again.actions[0].worker_id == "acked-late"
+
+
 def test_sigkilled_worker_action_is_re_leased(cluster: Cluster, impl: Implementation) -> None:
     cluster.start_coordinator()
     start_worker(cluster, impl, "kill-a", slots=1, wait=False)
