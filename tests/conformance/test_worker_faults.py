@@ -233,6 +233,47 @@ def test_a_result_whose_ack_was_lost_is_committed_once(
     assert again.actions[0].worker_id == "acked-late"
 
 
+def test_a_result_that_can_no_longer_commit_is_dropped(
+    cluster: Cluster, impl: Implementation, proxies: list[TcpProxy]
+) -> None:
+    """Worker-to-coordinator bytes held while the attempt finishes: the coordinator hears
+    nothing, expires the lease and leases the action to another worker. Released, the first
+    worker reconnects holding a finished, unacked result for a superseded lease; Welcome lists
+    that lease in ``kill``, and the worker drops the result instead of sending it (it could only
+    be refused): no stale result is refused, and the action commits once, from the other
+    worker."""
+    cluster.start_coordinator()  # test profile: lease TTL 2 s
+    proxy = TcpProxy(cluster.grpc_target).start()
+    proxies.append(proxy)
+    start_worker(cluster, impl, "mute-a", slots=1, labels={"host": "a"}, coordinator=proxy.address)
+    workflow = spec("mute", [action("nap", "sleep", {"seconds": 0.5})])
+    workflow_id = cluster.submit(workflow)
+    first = started(cluster, workflow_id, "nap")
+    start_worker(cluster, impl, "mute-b", slots=1, labels={"host": "b"})
+
+    proxy.hold("to_server")
+    try:
+        status = cluster.wait_workflow(workflow_id, timeout=30)
+        wait_for("mute-a to dial again", lambda: proxy.accepted >= 2, timeout=30)
+    finally:
+        proxy.release("to_server")
+    succeeded(status)
+    cluster.wait_heard("mute-a")
+
+    events = cluster.history(workflow_id)
+    check_all(cluster, events, workflow)
+    shown = "; ".join(f"{invariants.show(e)} {e.message!r}" for e in events)
+    (lost,) = invariants.of_type(events, wf.EVENT_TYPE_LEASE_LOST, "nap")
+    assert (lost.worker_id, lost.fencing_token) == ("mute-a", first.fencing_token), shown
+    (done,) = invariants.of_type(events, wf.EVENT_TYPE_ACTION_FINISHED, "nap")
+    assert done.worker_id == "mute-b" and done.fencing_token > first.fencing_token, shown
+    assert not invariants.of_type(events, wf.EVENT_TYPE_STALE_RESULT_REFUSED), shown
+    pinned = spec("after", [action("e", "echo", "a", selector={"host": "a"})])
+    _, healed, _ = run_to_end(cluster, pinned, timeout=30)
+    succeeded(healed)
+    assert healed.actions[0].worker_id == "mute-a"
+
+
 def test_sigkilled_worker_action_is_re_leased(cluster: Cluster, impl: Implementation) -> None:
     cluster.start_coordinator()
     start_worker(cluster, impl, "kill-a", slots=1, wait=False)

@@ -374,6 +374,16 @@ class AttemptBook:
         )
         return ""
 
+    def drop_results(self, reports: Iterable[pb.LeaseReport]) -> int:
+        """Forgets the unacked results of leases ``Welcome.kill`` named: the coordinator no
+        longer holds them, so such a result would only be refused (or, committed already,
+        answered as a duplicate). Returns how many were dropped."""
+        dropped = 0
+        for r in reports:
+            if self.unacked.pop((r.lease_id, r.fencing_token), None) is not None:
+                dropped += 1
+        return dropped
+
     def acked(self, acks: Iterable[pb.ResultAck]) -> None:
         """Forgets results the coordinator committed or refused; keeps the rest for a re-send."""
         for r in acks:

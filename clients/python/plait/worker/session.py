@@ -357,6 +357,7 @@ class WorkerSession:
         self._push_fence()
         not_adopted = "the coordinator does not adopt this lease (superseded or unknown)"
         killed = sum(self._book.cancel(r.lease_id, not_adopted, "lease_lost") for r in welcome.kill)
+        self._book.drop_results(welcome.kill)  # never re-sent: they could not commit
         self._stream = stream
         self._backoff.reset()
         self.stats.connects += 1
