@@ -510,6 +510,9 @@ def test_worker_stream_with_hostile_reports(
         s.send(hello)
         held: list[wpb.Lease] = []
         if s.next("welcome", 10) is not None:
+            # A welcomed worker heartbeats at once: that proves it hears the coordinator, which
+            # leases nothing to a session before it does.
+            s.send(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(sequence=1)))
             grant = s.next("lease_grant", 2)
             if grant is not None:
                 held.extend(grant.lease_grant.leases)
