@@ -176,7 +176,8 @@ def test_self_fencing_when_only_acks_stop(
     shown = "; ".join(f"{invariants.show(e)} {e.message!r}" for e in events)
     assert lost.reason == wf.EVENT_REASON_SELF_FENCED, shown
     assert (lost.worker_id, lost.fencing_token) == ("deaf-a", first.fencing_token), shown
-    assert fenced_s <= 2.0 + 1.0, f"fenced {fenced_s:.2f}s after the acks stopped (TTL 2 s)"
+    # By the TTL on its own clock; the slack is the report reaching the journal on a busy host.
+    assert fenced_s <= 2.0 + 2.0, f"fenced {fenced_s:.2f}s after the acks stopped (TTL 2 s)"
     leases = invariants.of_type(events, wf.EVENT_TYPE_ACTION_LEASED, "nap")
     assert [e.worker_id for e in leases] == ["deaf-a", "deaf-b"], shown
     (done,) = invariants.of_type(events, wf.EVENT_TYPE_ACTION_FINISHED, "nap")
