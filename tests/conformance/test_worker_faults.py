@@ -247,7 +247,11 @@ def test_a_result_that_can_no_longer_commit_is_dropped(
     proxy = TcpProxy(cluster.grpc_target).start()
     proxies.append(proxy)
     start_worker(cluster, impl, "mute-a", slots=1, labels={"host": "a"}, coordinator=proxy.address)
-    workflow = spec("mute", [action("nap", "sleep", {"seconds": 0.5})])
+    # Long enough for the hold to begin before the result is sent (the start is seen late on a
+    # loaded host), short enough to end before the worker's own fence (about 1.25 s after the
+    # hold at TTL 2 s); if the fence comes first the worker reports CANCELLED instead, which
+    # must not be refused either.
+    workflow = spec("mute", [action("nap", "sleep", {"seconds": 1.0})])
     workflow_id = cluster.submit(workflow)
     first = started(cluster, workflow_id, "nap")
     start_worker(cluster, impl, "mute-b", slots=1, labels={"host": "b"})

@@ -103,7 +103,7 @@ async def test_standby_refuses_worker_streams_naming_the_leader(tmp_path: Path) 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{standby.port}") as ch:
 
             async def hello() -> object:
-                yield wpb.ConnectRequest(hello=wpb.Hello(worker_id="w1", slots=1))
+                yield wpb.ConnectRequest(hello=wpb.Hello(worker_id="w1", slots=1, handlers=["h"]))
                 await refused.wait()
 
             with pytest.raises(grpc.aio.AioRpcError) as info:
