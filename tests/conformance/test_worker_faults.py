@@ -47,6 +47,20 @@ LOSS_REASONS = frozenset(
 )
 
 
+def behind_proxy(
+    cluster: Cluster,
+    impl: Implementation,
+    proxies: list[TcpProxy],
+    name: str,
+    labels: dict[str, str] | None = None,
+) -> TcpProxy:
+    """Starts a one-slot worker that reaches the coordinator only through a new TCP proxy."""
+    proxy = TcpProxy(cluster.grpc_target).start()
+    proxies.append(proxy)
+    start_worker(cluster, impl, name, slots=1, labels=labels, coordinator=proxy.address)
+    return proxy
+
+
 def test_reconnect_after_a_coordinator_restart_readopts_the_lease(
     cluster: Cluster, impl: Implementation
 ) -> None:
@@ -144,9 +158,7 @@ def test_self_fencing_when_only_acks_stop(
     give the attempt up by itself within the lease TTL: the loss is journalled SELF_FENCED, from
     the worker's own CANCELLED report."""
     cluster.start_coordinator()  # test profile: lease TTL 2 s
-    proxy = TcpProxy(cluster.grpc_target).start()
-    proxies.append(proxy)
-    start_worker(cluster, impl, "deaf-a", slots=1, labels={"host": "a"}, coordinator=proxy.address)
+    proxy = behind_proxy(cluster, impl, proxies, "deaf-a", labels={"host": "a"})
     workflow = spec("deaf", [action("nap", "sleep", {"seconds": 4})])
     workflow_id = cluster.submit(workflow)
     first = started(cluster, workflow_id, "nap")
@@ -199,9 +211,7 @@ def test_a_result_whose_ack_was_lost_is_committed_once(
     without committing it again. Nothing is lost, nothing commits twice, no report is refused,
     and the worker gets its slot back."""
     cluster.start_coordinator()  # test profile: lease TTL 2 s
-    proxy = TcpProxy(cluster.grpc_target).start()
-    proxies.append(proxy)
-    start_worker(cluster, impl, "acked-late", slots=1, coordinator=proxy.address)
+    proxy = behind_proxy(cluster, impl, proxies, "acked-late")
     workflow = spec("ack-lost", [action("nap", "sleep", {"seconds": 1.0})])
     workflow_id = cluster.submit(workflow)
     first = started(cluster, workflow_id, "nap")
@@ -244,9 +254,7 @@ def test_a_result_that_can_no_longer_commit_is_dropped(
     be refused): no stale result is refused, and the action commits once, from the other
     worker."""
     cluster.start_coordinator()  # test profile: lease TTL 2 s
-    proxy = TcpProxy(cluster.grpc_target).start()
-    proxies.append(proxy)
-    start_worker(cluster, impl, "mute-a", slots=1, labels={"host": "a"}, coordinator=proxy.address)
+    proxy = behind_proxy(cluster, impl, proxies, "mute-a", labels={"host": "a"})
     # Long enough for the hold to begin before the result is sent (the start is seen late on a
     # loaded host), short enough to end before the worker's own fence (about 1.25 s after the
     # hold at TTL 2 s); if the fence comes first the worker reports CANCELLED instead, which

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.system.harness import ROOT, Cluster, Daemon, daemon_env
+from tests.system.harness import ROOT, Cluster, Daemon
 
 ENV_COMMAND = "PLAIT_CONFORMANCE_WORKER"
 HANDLERS = ("echo", "sleep", "fail", "progress")
@@ -145,9 +145,4 @@ def start_worker(
     for key, value in (labels or {}).items():
         argv += ["--label", f"{key}={value}"]
     argv += list(extra_args)
-    daemon = Daemon(name, argv, daemon_env(env), cluster.tmp / f"{name}.log")
-    cluster.daemons[name] = daemon
-    daemon.start()
-    if wait:
-        cluster.wait_workers([name])
-    return daemon
+    return cluster.start_daemon(name, argv, env, wait=wait)

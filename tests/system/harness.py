@@ -25,10 +25,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from plait.v1 import admin_service_pb2 as admin_pb
@@ -37,6 +36,15 @@ from plait.v1 import workflow_pb2 as wf
 from plait.v1 import workflow_service_pb2 as ws
 from plait.v1 import workflow_service_pb2_grpc as ws_grpc
 from tests import procs
+
+# The spec builders live in tests.system.specs; tests import them from here too.
+from tests.system.specs import (  # noqa: F401
+    ACTION_PRELUDE,
+    command_action,
+    handler_action,
+    python_action,
+    workflow,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL_WORKFLOW = frozenset(
@@ -305,7 +313,14 @@ class Cluster:
         for handler in handlers:
             argv += ["--handlers", handler]
         argv += list(extra_args)
-        daemon = Daemon(name, argv, daemon_env(env), self.tmp / f"{name}.log")
+        return self.start_daemon(name, argv, env, wait=wait)
+
+    def start_daemon(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None, *, wait: bool
+    ) -> Daemon:
+        """Starts a worker process (any implementation) that the cluster stops, and checks for
+        leftovers, on close; with ``wait``, until ListWorkers shows it."""
+        daemon = Daemon(name, list(argv), daemon_env(env), self.tmp / f"{name}.log")
         self.daemons[name] = daemon
         daemon.start()
         if wait:
@@ -550,58 +565,3 @@ class Cluster:
             raise HarnessError(
                 f"{len(leftovers)} process(es) outlived the cluster (now killed):\n  {lines}"
             )
-
-
-# ----- spec builders -------------------------------------------------------------------------
-
-# Prelude for Python exec actions: read this attempt's inputs, write its outputs.
-ACTION_PRELUDE = """
-import json, os, sys
-def plait_inputs():
-    raw = os.environ.get("PLAIT_INPUTS")
-    if raw and os.path.isfile(raw):
-        with open(raw) as f:
-            return json.load(f)
-    if raw:
-        return json.loads(raw)
-    return json.load(sys.stdin)
-def plait_output(obj):
-    with open(os.environ["PLAIT_OUTPUT"], "w") as f:
-        json.dump(obj, f)
-"""
-
-
-def python_action(
-    action_id: str,
-    code: str,
-    *,
-    needs: Sequence[str] = (),
-    input_json: str = "",
-    timeout_s: float | None = None,
-    **fields: Any,
-) -> wf.ActionSpec:
-    """An exec action running ``code`` (after :data:`ACTION_PRELUDE`) with this interpreter."""
-    action = wf.ActionSpec(
-        id=action_id,
-        needs=list(needs),
-        exec=wf.ExecAction(argv=[sys.executable, "-c", ACTION_PRELUDE + code]),
-        input_json=input_json,
-        **fields,
-    )
-    if timeout_s is not None:
-        action.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout_s)))
-    return action
-
-
-def command_action(action_id: str, argv: Sequence[str], needs: Sequence[str] = ()) -> wf.ActionSpec:
-    """An exec action running ``argv`` directly."""
-    return wf.ActionSpec(id=action_id, needs=list(needs), exec=wf.ExecAction(argv=list(argv)))
-
-
-def handler_action(action_id: str, handler: str, needs: Sequence[str] = ()) -> wf.ActionSpec:
-    """An action served by a named SDK handler."""
-    return wf.ActionSpec(id=action_id, needs=list(needs), handler=handler)
-
-
-def workflow(name: str, actions: Iterable[wf.ActionSpec]) -> wf.WorkflowSpec:
-    return wf.WorkflowSpec(name=name, actions=list(actions))

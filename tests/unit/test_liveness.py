@@ -170,3 +170,23 @@ def test_after_a_restart_a_started_lease_missing_from_hello_is_not_undelivered()
     lost = {e.action_id: e.reason for e in d.records if e.type == E.EVENT_TYPE_LEASE_LOST}
     assert lost[started.action_id] == E.EVENT_REASON_NOT_READOPTED
     assert lost[unsent.action_id] == E.EVENT_REASON_UNDELIVERED
+
+
+def test_plait_workers_shows_held_back_and_heard() -> None:
+    from rich.console import Console
+
+    from plait.cli import render
+
+    d = Driver()
+    d.hello("s1", "w1", slots=1)
+    for _ in range(3):
+        liveness.lost(d.st, "w1", E.EVENT_REASON_LEASE_EXPIRED)
+    d.advance(0.5)
+    info = worker_info(d.st, d.st.workers["w1"])
+    assert render.worker_state(info) == "held back 3.5s (3 leases lost in a row)"
+    console = Console(width=300, record=True)
+    console.print(render.workers_table([info]))
+    text = console.export_text()
+    assert "held back 3.5s" in text and "0.5s ago" in text  # the heard column
+    d.st.streaks.clear()
+    assert render.worker_state(worker_info(d.st, d.st.workers["w1"])) == "active"

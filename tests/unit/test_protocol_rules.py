@@ -124,3 +124,17 @@ def test_a_worker_merges_its_coordinators_stamp_however_far_ahead() -> None:
         hlc.observe(ahead)
     assert hlc.observe(ahead, bounded=False) == HlcTimestamp(ahead.physical_ms, 8)
     assert hlc.now() > ahead  # its next report is stamped after the lease that caused it
+
+
+def test_a_worker_session_merges_and_counts_a_far_ahead_coordinator_stamp() -> None:
+    from plait.v1 import hlc_pb2
+    from plait.worker.session_config import SessionStats
+    from plait.worker.stamps import CoordinatorStamps
+
+    clock = ManualClock(wall_ms=1_000_000)
+    hlc, stats = HybridLogicalClock(clock), SessionStats()
+    stamps = CoordinatorStamps(hlc, clock, stats, "w1")
+    stamps.observe(hlc_pb2.HlcTimestamp(physical_ms=1_000_000 + 3_600_000, logical=2))
+    stamps.observe(hlc_pb2.HlcTimestamp(physical_ms=1_000_100, logical=0))  # within the limit
+    assert stats.clock_offset_errors == 1
+    assert hlc.last > HlcTimestamp(1_000_000 + 3_600_000, 2)

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 
 from plait.clock import Clock, SystemClock
 from plait.durations import from_proto as duration_from_proto
-from plait.hlc import ClockOffsetError, HlcTimestamp, HybridLogicalClock
+from plait.hlc import HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.adaptive import AdaptiveSlots, Adjustment, LoadProbe, SystemLoadProbe
 from plait.worker.attempts import AttemptBook, AttemptObserver, CancelCause
@@ -73,6 +73,7 @@ from plait.worker.session_config import (
     SessionStats,
 )
 from plait.worker.spans import ExecuteTracing
+from plait.worker.stamps import CoordinatorStamps
 
 __all__ = [
     "DEFAULT_AGENT",
@@ -85,10 +86,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Seconds between warnings about a coordinator clock too far ahead: every message from it says
-# so again (a heartbeat's ack, 4 a second in the test profile), and one line a minute with a
-# count tells the operator as much.
-_OFFSET_LOG_EVERY = 60.0
 _CANCEL_CAUSES: dict[int, CancelCause] = {
     pb.CANCEL_REASON_USER: "cancelled",
     pb.CANCEL_REASON_SUPERSEDED: "lease_lost",
@@ -123,6 +120,7 @@ class WorkerSession:
         self.stats = SessionStats()
         self._clock = clock or SystemClock()
         self._hlc = hlc or HybridLogicalClock(self._clock)
+        self._stamps = CoordinatorStamps(self._hlc, self._clock, self.stats, config.worker_id)
         self._backoff = backoff or Backoff(config.reconnect_initial, config.reconnect_max)
         self._outbox = Outbox()
         self._book = AttemptBook(
@@ -161,8 +159,6 @@ class WorkerSession:
         self._fence_pushed = (-math.inf, 0.0)  # (deadline, margin) the executors last heard
         self._last_grant_seq = 0
         self._last_ack_seq = 0  # highest Ack.heartbeat_sequence heard on this stream
-        self._last_offset_log = -math.inf
-        self._offset_errors_logged = 0
         self._draining = False
         self._stopping = False
         self._done = asyncio.Event()
@@ -407,31 +403,7 @@ class WorkerSession:
     # ----------------------------------------------------------------- incoming
 
     def _observe(self, msg: pb.ConnectResponse) -> None:
-        try:
-            self._hlc.observe_proto(msg.hlc)
-        except ClockOffsetError as err:
-            # Merged all the same: the coordinator's stamps order the history, and this
-            # worker's reports must come after the leases that caused them (docs/protocol.md,
-            # "Hybrid logical clocks"). The warning says the clocks disagree.
-            self._hlc.observe(HlcTimestamp(msg.hlc.physical_ms, msg.hlc.logical), bounded=False)
-            self.stats.clock_offset_errors += 1
-            now = self._clock.monotonic()
-            if now - self._last_offset_log >= _OFFSET_LOG_EVERY:
-                self._last_offset_log = now
-                since = self.stats.clock_offset_errors - self._offset_errors_logged
-                self._offset_errors_logged = self.stats.clock_offset_errors
-                log.warning(
-                    "the coordinator's clock is %d ms ahead of this worker's (more than"
-                    " max_clock_offset %d ms): its stamps are merged all the same, so this"
-                    " worker's reports stay after the leases that caused them; check NTP"
-                    " (%d such message(s) since the last warning, %d in all; logged at most"
-                    " once a minute)",
-                    err.offset_ms,
-                    self._hlc.max_offset_ms,
-                    since,
-                    self.stats.clock_offset_errors,
-                    extra={"worker_id": self.config.worker_id},
-                )
+        self._stamps.observe(msg.hlc)
 
     def _dispatch(self, msg: pb.ConnectResponse) -> None:
         self._observe(msg)
