@@ -10,7 +10,7 @@ GOOGLE_PROTOS = $(shell $(BIN)/python -c 'import os, google.rpc; print(os.path.d
 GRPC_PROTOS = $(shell $(BIN)/python -c 'import os, grpc_tools; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 FLOW ?= examples/scatter_gather.yaml
 
-.PHONY: help venv lock proto proto-check proto-lint proto-baseline dashboard lint typecheck test test-fast check run bench clean ts ts-setup proto-ts
+.PHONY: help venv lock proto proto-check proto-lint proto-baseline dashboard lint typecheck test test-fast check run bench bench-peers bench-throughput clean ts ts-setup proto-ts
 
 help:
 	@echo "make run        run $(FLOW) on the embedded coordinator + local workers"
@@ -20,7 +20,9 @@ help:
 	@echo "make proto-ts   regenerate the TypeScript stubs (clients/typescript/src/gen) from proto/"
 	@echo "make ts         npm ci (from the lock) and build clients/typescript (the TypeScript SDK)"
 	@echo "make dashboard  regenerate deploy/grafana/plait.json from deploy/grafana/dashboard.py"
-	@echo "make bench      throughput and latency benchmarks (prints numbers)"
+	@echo "make bench      the issue 13 shapes at equal slots, 3 rounds, Plait only (prints a table)"
+	@echo "make bench-peers  the same shapes on Plait, Dask and Ray, alternating (creates .venv-peers)"
+	@echo "make bench-throughput  many-slot throughput and latency (tests/bench/throughput.py)"
 	@echo "make lock       re-resolve the hashed dependency locks in requirements/"
 
 venv: $(STAMP)
@@ -127,7 +129,26 @@ proto-ts: $(STAMP) $(TS_STAMP)
 run: $(STAMP)
 	$(BIN)/plait run $(FLOW)
 
+# Benchmarks (docs/benchmarks.md). BENCH_ARGS passes flags through: make bench BENCH_ARGS="--rounds 1".
+BENCH_ARGS ?=
 bench: $(STAMP)
+	$(BIN)/python -m tests.bench.compare --rounds 3 $(BENCH_ARGS)
+
+# The peers (Dask, Ray) live in a venv of their own, from requirements/peers.txt (exact pins, no
+# hashes: not part of CI), so they never touch .venv or the locks.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP): requirements/peers.txt
+	@echo "==> setting up $(PEERS_VENV): Dask and Ray from requirements/peers.txt (first run or it changed)"
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q -r requirements/peers.txt
+	touch $@
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python -m tests.bench.compare --rounds 3 --peers dask,ray \
+		--peers-python $(PEERS_VENV)/bin/python $(BENCH_ARGS)
+
+bench-throughput: $(STAMP)
 	$(BIN)/python -m tests.bench.throughput
 
 clean:

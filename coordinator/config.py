@@ -87,6 +87,8 @@ class CoordinatorConfig:
     kill_grace: timedelta = timedelta(seconds=10)
     max_clock_offset: timedelta = timedelta(milliseconds=500)
     lease_loss_budget: int = 3
+    # Leases granted beyond a worker's free slots, at most (it asks for its own in Hello).
+    max_prefetch: int = 32
     shutdown_grace: timedelta = timedelta(seconds=10)
     ready_file: str | None = None
     advertise: str | None = None  # address standbys name as the leader's (default: listen)
@@ -129,6 +131,8 @@ class CoordinatorConfig:
             raise ConfigError("max_clock_offset must be > 0")
         if not 0 <= self.lease_loss_budget <= 100:
             raise ConfigError("lease_loss_budget must be between 0 and 100")
+        if not 0 <= self.max_prefetch <= 10_000:
+            raise ConfigError("max_prefetch must be between 0 and 10000 (0: no prefetch)")
         self._validate_security()
         try:
             parse_store_url(self.store)
@@ -221,7 +225,7 @@ _DURATIONS = {
     "shutdown_grace",
     "retention",
 }
-_INTS = {"lease_loss_budget"}
+_INTS = {"lease_loss_budget", "max_prefetch"}
 _BOOLS = {"reflection", "metrics_public"}
 # The server's own TLS files have their own variables: PLAIT_TLS_CERT/_KEY name a client's
 # certificate (workerd, the CLI), and a coordinator started from an operator's shell must not
@@ -283,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-grace", help="SIGTERM -> SIGKILL grace for workers (default 10s)")
     p.add_argument("--max-clock-offset", help="remote HLC lead that is still merged (500ms)")
     p.add_argument("--lease-loss-budget", help="lease losses an action may suffer (default 3)")
+    p.add_argument(
+        "--max-prefetch",
+        help="leases a worker may be granted beyond its free slots, queued to start as slots"
+        " free (default 32; 0: none)",
+    )
     p.add_argument("--shutdown-grace", help="time to drain workers on SIGTERM (default 10s)")
     p.add_argument("--ready-file", help="write {grpc, metrics, pid} JSON here once serving")
     p.add_argument(

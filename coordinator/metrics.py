@@ -58,6 +58,8 @@ class WorkerGauges:
     clock_offset: float | None  # seconds its HLC read ahead of ours; None: never measured
     slots: int
     slots_used: int
+    prefetched: int = 0  # slots' worth of leases granted beyond its free slots
+    prefetch_depth: int = 0  # how far beyond its free slots it is granted now
 
 
 @dataclass(slots=True)
@@ -305,6 +307,18 @@ class _StateCollector(Collector):
             "Slots of the worker the coordinator counts as held by leases.",
             labels=["worker"],
         )
+        prefetched = GaugeMetricFamily(
+            "plait_worker_prefetched_slots",
+            "Slots' worth of leases granted to the worker beyond its free slots (queued there,"
+            " started as slots free).",
+            labels=["worker"],
+        )
+        depth = GaugeMetricFamily(
+            "plait_worker_prefetch_depth",
+            "How many slots' worth of leases the worker is granted beyond its free slots now"
+            " (adapts to its attempts' run times; 0: no prefetch).",
+            labels=["worker"],
+        )
         if s is not None:
             for state in ACTION_STATES:
                 actions.add_metric([state], s.actions.get(state, 0))
@@ -319,7 +333,9 @@ class _StateCollector(Collector):
                     offset.add_metric([worker], w.clock_offset)
                 slots.add_metric([worker], w.slots)
                 used.add_metric([worker], w.slots_used)
-        return [actions, running, queue, flight, age, offset, slots, used]
+                prefetched.add_metric([worker], w.prefetched)
+                depth.add_metric([worker], w.prefetch_depth)
+        return [actions, running, queue, flight, age, offset, slots, used, prefetched, depth]
 
 
 def _version() -> str:

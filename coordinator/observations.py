@@ -79,7 +79,9 @@ class Observations:
             elif kind == "lease_lost":
                 reason = _loss_reason(o.reason)
                 m.leases_lost.labels(reason).inc()
-                if self._log_once.first((kind, o.worker_id, reason)):
+                if o.reason == pb.EVENT_REASON_RECLAIMED:  # prefetch at work, not a fault
+                    log.debug("lease %s handed back unstarted", o.lease_id)
+                elif self._log_once.first((kind, o.worker_id, reason)):
                     log.warning(
                         "lease lost on worker %s: %s (more are counted, logged again in a minute)",
                         o.worker_id,
@@ -270,6 +272,8 @@ def state_gauges(core: SchedulerState, now: float, wall_ms: int) -> StateGauges:
             clock_offset=offset,
             slots=w.slots,
             slots_used=max(0, w.slots - max(0, w.free)),
+            prefetched=max(0, -w.free),
+            prefetch_depth=w.depth,
         )
     return g
 

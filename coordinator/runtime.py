@@ -111,6 +111,8 @@ class Runtime:
         self.errors = InternalErrors(clock, metrics.internal_errors)
         self.observations = Observations(metrics, tracing, clock)
         self._handling: Stimulus | None = None  # the stimulus the core is handling
+        self._inflight: asyncio.Task[None] | None = None  # the commit of the last batch
+        self._inflight_out = Outcome()
         self._rebuilding = False
         self._rebuilds: deque[float] = deque()
         self._failure: Exception = RuntimeError("no failure")
@@ -143,6 +145,7 @@ class Runtime:
                 lease_ttl=self.config.lease_ttl,
                 kill_grace=self.config.kill_grace,
                 lease_loss_budget=self.config.lease_loss_budget,
+                max_prefetch=self.config.max_prefetch,
                 max_lease_bytes=self.config.limits.max_lease_bytes,
                 max_output_bytes=self.config.limits.max_output_bytes,
                 max_json_depth=self.config.limits.max_json_depth,
@@ -308,8 +311,13 @@ class Runtime:
     # ---- the loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Decide, commit, deliver, with the commit of one batch overlapping the deciding of
+        the next: batch N+1 is decided while N's transaction is in flight, then N's results
+        are delivered and N+1's commit starts (one transaction at a time, in order, and nothing
+        of a batch leaves before its own commit)."""
         loop = asyncio.get_running_loop()
         next_tick = 0.0
+        self._inflight = None
         while True:
             if not self._inbox and not self._stopping:
                 timer = loop.call_later(
@@ -318,32 +326,51 @@ class Runtime:
                 await self._wake.wait()
                 timer.cancel()
             self._wake.clear()
-            batch, self._inbox = self._inbox, []
-            now = self.clock.monotonic()
-            if now >= next_tick:
-                batch.append(TimePassed(self.next_id("tick")))
-                next_tick = now + self.tick_interval
-            at = Instant(now, self.clock.wall_ms())
             try:
+                if self._inflight is not None and self._inflight.done():
+                    await self._delivered()
+                now = self.clock.monotonic()
+                if not self._inbox and now < next_tick and not self._stopping:
+                    continue  # woken by the commit alone
+                batch, self._inbox = self._inbox, []
+                if now >= next_tick:
+                    batch.append(TimePassed(self.next_id("tick")))
+                    next_tick = now + self.tick_interval
+                at = Instant(now, self.clock.wall_ms())
+                self.state.committed = self._durable if self._inflight is not None else None
                 out = self._decide(batch, at)
+                await self._delivered()  # the previous batch's commit: done before the next
                 if out is None:  # a stimulus raised: recover (or give up) before going on
                     await self._recover(batch, at)
                     continue
-                await self._commit(out)
+                self._inflight = asyncio.ensure_future(self._commit(out))
+                self._inflight_out = out
+                self._inflight.add_done_callback(lambda _: self._wake.set())
+                if now >= self._next_retention:
+                    self._retention(now)
+                if self._stopping and not self._inbox:
+                    await self._delivered()
+                    return
             except Exception as e:  # logged and handed to on_fatal: the task ends quietly
                 self._fail(e)
                 return
-            self._deliver_safely(out)
-            if now >= self._next_retention:
-                self._next_retention = now + min(
-                    _RETENTION_EVERY, self.config.retention.total_seconds() / 10
-                )
-                try:
-                    self._retire()
-                except Exception as e:  # retention waits for the next sweep
-                    self.errors.failed("retention", e)
-            if self._stopping and not self._inbox:
-                return
+
+    async def _delivered(self) -> None:
+        """Waits for the commit in flight (if any) and delivers what its batch decided."""
+        task, self._inflight = self._inflight, None
+        if task is None:
+            return
+        await task  # a failed commit raises: the coordinator stops
+        self._deliver_safely(self._inflight_out)
+
+    def _retention(self, now: float) -> None:
+        self._next_retention = now + min(
+            _RETENTION_EVERY, self.config.retention.total_seconds() / 10
+        )
+        try:
+            self._retire()
+        except Exception as e:  # retention waits for the next sweep
+            self.errors.failed("retention", e)
 
     def _fail(self, err: Exception) -> None:
         """Stops the coordinator: the journal failed (or the core could not be recovered)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from operator import attrgetter
 
 from plait.coordinator.journal.store import JournalStore
 from plait.errors import UnavailableError
@@ -21,6 +22,7 @@ BATCH_BYTES = 1 << 20  # replayed history is sent in batches of about this size
 PAGE = 5000  # events read from the journal at a time
 
 Queue = asyncio.Queue[list[pb.HistoryEvent] | None]
+_WORKFLOW_ID = attrgetter("workflow_id")
 
 
 class Watchers:
@@ -76,14 +78,22 @@ class Watchers:
                     del self._by_workflow[workflow_id]
 
     def publish(self, records: list[pb.HistoryEvent]) -> None:
-        """Hands each watched workflow its new events (one list per workflow and commit)."""
+        """Hands each watched workflow its new events (one list per workflow and commit).
+
+        Called after every commit: with no watch open it returns at once, and when none of the
+        commit's workflows is watched it only reads their ids (in C); no list or message is
+        made for a workflow nobody watches.
+        """
         watched = self._by_workflow
-        if not watched:
+        if not watched or not records:
+            return
+        ids = list(map(_WORKFLOW_ID, records))
+        if watched.keys().isdisjoint(ids):
             return
         per_workflow: dict[str, list[pb.HistoryEvent]] = {}
-        for ev in records:
-            if ev.workflow_id in watched:
-                per_workflow.setdefault(ev.workflow_id, []).append(ev)
+        for workflow_id, ev in zip(ids, records, strict=True):
+            if workflow_id in watched:
+                per_workflow.setdefault(workflow_id, []).append(ev)
         for workflow_id, events in per_workflow.items():
             qs = watched[workflow_id]
             for q in list(qs):

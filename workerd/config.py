@@ -60,6 +60,8 @@ class WorkerdConfig:
     coordinator: str = DEFAULT_COORDINATOR
     worker_id: str = field(default_factory=default_worker_id)
     slots: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prefetch: int = 32
+    """``Hello.prefetch`` (``--prefetch``): leases queued beyond the free slots, in slots."""
     labels: Mapping[str, str] = field(default_factory=dict)
     handlers: tuple[str, ...] = ()
     exec_enabled: bool = True
@@ -103,6 +105,8 @@ class WorkerdConfig:
             raise ConfigError(f"--id: {self.worker_id!r}: {why}")
         if not 1 <= self.slots <= _MAX_SLOTS:
             raise ConfigError(f"--slots: must be between 1 and {_MAX_SLOTS}, got {self.slots}")
+        if not 0 <= self.prefetch <= 10_000:
+            raise ConfigError(f"--prefetch: must be between 0 and 10000, got {self.prefetch}")
         for key in self.labels:
             if not _LABEL_KEY.fullmatch(key):
                 raise ConfigError(f"--label: bad key {key!r} (1 to 64 of [A-Za-z0-9_./-])")
@@ -235,6 +239,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         " HOSTNAME-PID)",
     )
     p.add_argument("--slots", type=int, default=None, help="concurrent slots (default: CPU count)")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=32,
+        help="slots' worth of leases to take beyond the free slots and queue, each started the"
+        " moment a slot frees (the coordinator grants fewer for long actions and asks unstarted"
+        " ones back for idle workers; default 32, 0: none)",
+    )
     p.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)"
     )
@@ -382,6 +394,7 @@ def config_from_args(
         coordinator=args.coordinator,
         worker_id=worker_id_for(args.worker_id, tls),
         slots=args.slots if args.slots is not None else (os.cpu_count() or 1),
+        prefetch=args.prefetch,
         labels=parse_labels(args.label),
         handlers=tuple(args.handlers),
         exec_enabled=not args.no_exec,

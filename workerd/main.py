@@ -140,6 +140,7 @@ async def run(
             token=config.token,
             tracing=tracing,
             observer=metrics,
+            prefetch=config.prefetch,
         )
     finally:
         if metrics_http is not None:

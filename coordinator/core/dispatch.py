@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from plait.coordinator.core import hedges, lease_size, limits, liveness, sessions
+from plait.coordinator.core import hedges, lease_size, limits, liveness, prefetch, sessions
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, Outcome, WorkerRecord, WorkflowRecord
 
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 
 def dispatch(st: SchedulerState, out: Outcome) -> None:
-    """Leases ready actions against workers' credited slots, fairly across workflows."""
+    """Leases ready actions against workers' credited slots, fairly across workflows; then,
+    while any remain ready, prefetches them to workers that take queued leases, one lease per
+    worker in turn (:mod:`.prefetch`)."""
     if st.hedges_wanted:
         hedges.dispatch(st, out)
     if not st.active:
@@ -28,26 +30,40 @@ def dispatch(st: SchedulerState, out: Outcome) -> None:
     for w in sorted(st.workers.values(), key=lambda w: -w.free):
         if w.free <= 0 or not liveness.may_lease(st, w):
             continue
-        misses = 0
-        while w.free > 0 and st.active and misses < len(st.active):
-            if st.prioritized and misses == 0:
-                _front_highest_priority(st)
-            wf = st.active[0]
-            a = _take_fitting(st, wf, w)
-            if a is None:
-                st.active.rotate(-1)
-                misses += 1
-                continue
-            misses = 0
-            if not wf.ready:
-                st.active.popleft()
-            else:
-                st.active.rotate(-1)
-            inputs = lease_size.checked_inputs(st, a, out)
-            if inputs is not None:
-                sessions.grant(st, w, a, out, inputs=inputs)
+        _fill(st, w, out, 0, w.free)
         if not st.active:
             return
+    takers = prefetch.candidates(st)
+    while takers and st.active:
+        takers = [w for w in takers if _fill(st, w, out, w.depth, 1) and w.free > -w.depth]
+
+
+def _fill(st: SchedulerState, w: WorkerRecord, out: Outcome, extra: int, most: int) -> bool:
+    """Grants ``w`` up to ``most`` ready actions that fit its free slots plus ``extra``
+    (prefetch), taking turns across workflows; False once nothing more fits."""
+    misses = 0
+    granted = 0
+    while w.free + extra > 0 and st.active and misses < len(st.active):
+        if st.prioritized and misses == 0:
+            _front_highest_priority(st)
+        wf = st.active[0]
+        a = _take_fitting(st, wf, w, extra)
+        if a is None:
+            st.active.rotate(-1)
+            misses += 1
+            continue
+        misses = 0
+        if not wf.ready:
+            st.active.popleft()
+        else:
+            st.active.rotate(-1)
+        inputs = lease_size.checked_inputs(st, a, out)
+        if inputs is not None:
+            sessions.grant(st, w, a, out, inputs=inputs)
+            granted += 1
+            if granted >= most:
+                return True
+    return False
 
 
 def _front_highest_priority(st: SchedulerState) -> None:
@@ -63,7 +79,9 @@ def _front_highest_priority(st: SchedulerState) -> None:
 SCAN = 64  # how deep a worker looks into one workflow's queue for an action it can run
 
 
-def _take_fitting(st: SchedulerState, wf: WorkflowRecord, w: WorkerRecord) -> ActionRecord | None:
+def _take_fitting(
+    st: SchedulerState, wf: WorkflowRecord, w: WorkerRecord, extra: int = 0
+) -> ActionRecord | None:
     ready = wf.ready
     while ready and ready[0].state != t.READY:  # cancelled while queued: drop lazily
         ready.popleft().queued = False
@@ -72,7 +90,7 @@ def _take_fitting(st: SchedulerState, wf: WorkflowRecord, w: WorkerRecord) -> Ac
             return None
         if (
             a.state == t.READY
-            and limits.fits(st, a, w)
+            and limits.fits(st, a, w, extra)
             and not (a.lost_by and liveness.avoid(st, a, w))
         ):
             if i == 0:

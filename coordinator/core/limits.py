@@ -47,10 +47,11 @@ def full_semaphore(st: SchedulerState, a: ActionRecord) -> tuple[str, int, int] 
     return None
 
 
-def fits(st: SchedulerState, a: ActionRecord, w: WorkerRecord) -> bool:
-    """Whether worker ``w`` can run ``a`` now."""
+def fits(st: SchedulerState, a: ActionRecord, w: WorkerRecord, extra: int = 0) -> bool:
+    """Whether worker ``w`` can run ``a`` now (``extra``: slots it may be granted beyond its
+    free ones, as prefetch)."""
     spec = a.spec
-    if a.slots > w.free:
+    if a.slots > w.free + extra:
         return False
     if spec.handler:
         if spec.handler not in w.handlers:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from google.rpc import status_pb2
 
-from plait.coordinator.core.transitions import PENDING
+from plait.coordinator.core.transitions import PENDING, STATE_NAME
 from plait.hlc import ZERO, HlcTimestamp
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
@@ -35,7 +35,7 @@ class ActionRecord:
 
     workflow: WorkflowRecord
     spec: pb.ActionSpec
-    state: int = PENDING
+    _state: int = PENDING  # read and set as `state` (which keeps its workflow's counts)
     attempt: int = 0
     token: int = 0  # highest fencing token granted; only grows
     failures: int = 0  # failed attempts (the retry budget)
@@ -84,6 +84,20 @@ class ActionRecord:
     def key(self) -> str:
         return f"{self.workflow.workflow_id}/{self.spec.id}"
 
+    @property
+    def state(self) -> int:
+        """Its ActionState. Moved only through the transition table (``set_state``); each move
+        updates its workflow's :attr:`WorkflowRecord.moved`, so status counts are never
+        recounted."""
+        return self._state
+
+    @state.setter
+    def state(self, new: int) -> None:
+        moved = self.workflow.moved
+        moved[self._state] -= 1
+        moved[new] += 1
+        self._state = new
+
 
 @dataclass(slots=True, eq=False)
 class WorkflowRecord:
@@ -106,6 +120,17 @@ class WorkflowRecord:
     finished_hlc: HlcTimestamp = ZERO
     reason: str = ""
     traceparent: str = ""  # the submitter's W3C trace context, if it gave one
+    # Net moves of its actions into each ActionState (by number) since each was made (PENDING);
+    # with len(actions) they give counts() in O(1), which ListWorkflows may poll.
+    moved: list[int] = field(default_factory=lambda: [0] * (max(STATE_NAME) + 1))
+
+    def counts(self) -> dict[int, int]:
+        """How many of its actions are in each ActionState (states with none left out)."""
+        out = {s: n for s, n in enumerate(self.moved) if n and s != PENDING}
+        pending = len(self.actions) + self.moved[PENDING]
+        if pending:
+            out[PENDING] = pending
+        return out
 
 
 @dataclass(slots=True, eq=False)
@@ -122,6 +147,7 @@ class LeaseRecord:
     slots: int
     started: bool = False
     last_progress: float = 0.0  # coordinator monotonic time of the last progress report
+    reclaiming: bool = False  # asked back (CANCEL_REASON_RECLAIMED) while queued unstarted
 
 
 @dataclass(slots=True, eq=False)
@@ -156,6 +182,13 @@ class WorkerRecord:
     welcomed_at: float = -math.inf
     acks: list[tuple[int, float]] = field(default_factory=list)
     proof_at: float = -math.inf
+    # Prefetch (core.prefetch): Welcome.prefetch, the depth granted now (both in slots beyond
+    # the free ones), the mean run time of its recent attempts (seconds; < 0: none yet), and
+    # whether it takes ConnectResponse.batch.
+    prefetch: int = 0
+    depth: int = 0
+    mean_run: float = -1.0
+    batches: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,7 @@ class OutputCache:
     """Outputs by journal sequence, least recently used evicted first, bounded by bytes.
 
     Entries ``put(..., pending=True)`` belong to a batch not yet committed: the journal cannot
-    give them back yet, so they are never evicted until :meth:`durable` (the next batch).
+    give them back yet, so they are never evicted until :meth:`durable` says their sequence is.
     """
 
     __slots__ = ("_lru", "_pending", "bytes", "capacity", "hits", "misses")
@@ -96,12 +96,19 @@ class OutputCache:
         self.bytes += size
         self._evict()
 
-    def durable(self) -> None:
-        """The pending batch is committed: its entries become ordinary (evictable) ones."""
-        if self._pending:
+    def durable(self, upto: int | None = None) -> None:
+        """Pending entries up to journal sequence ``upto`` (all when None) are committed: they
+        become ordinary (evictable) ones."""
+        if not self._pending:
+            return
+        if upto is None:
             pending, self._pending = self._pending, {}
-            for key, (text, size) in pending.items():
-                self.put(key, text, size)
+        else:
+            pending = {k: v for k, v in self._pending.items() if k <= upto}
+            for key in pending:
+                del self._pending[key]
+        for key, (text, size) in pending.items():
+            self.put(key, text, size)
 
     def _evict(self) -> None:
         lru = self._lru

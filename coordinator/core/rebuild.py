@@ -92,6 +92,7 @@ def _carry_worker(before: WorkerRecord, after: WorkerRecord) -> None:
     after.connected_at_wall_ms = before.connected_at_wall_ms
     after.welcomed_at, after.proof_at = before.welcomed_at, before.proof_at
     after.acks = list(before.acks)
+    after.depth, after.mean_run = before.depth, before.mean_run
     used: dict[str, float] = {}
     for lease_id, lease in after.leases.items():
         prior = before.leases.get(lease_id)
@@ -100,6 +101,7 @@ def _carry_worker(before: WorkerRecord, after: WorkerRecord) -> None:
             lease.granted_at = prior.granted_at
             lease.started = lease.started or prior.started
             lease.last_progress = prior.last_progress
+            lease.reclaiming = prior.reclaiming
         for name, amount in lease.action.spec.resources.items():
             used[name] = used.get(name, 0.0) + amount
     after.used = used

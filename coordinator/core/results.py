@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from plait.coordinator.core import attempts, hedges, liveness
+from plait.coordinator.core import attempts, hedges, liveness, prefetch
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, Outcome, WorkerRecord
 from plait.coordinator.core.sessions import (
@@ -183,10 +183,16 @@ def on_result(
         return
     a = lease.action
     outcome = res.outcome
+    if outcome == O.ACTION_OUTCOME_CANCELLED and prefetch.handed_back(lease):
+        if not hedges.end_one(st, lease, prefetch.RECLAIMED, out, cancel=False):
+            requeue_after_loss(st, lease, E.EVENT_REASON_RECLAIMED, prefetch.RECLAIMED, out)
+        return
+    seconds = res.duration.ToNanoseconds() / 1e9
+    prefetch.ran(w, seconds)
     out.observe(
         "action_duration",
         worker_id=w.worker_id,
-        value=res.duration.ToNanoseconds() / 1e9,
+        value=seconds,
         lease_id=lease.lease_id,
     )
     outputs = res.outputs_json or "{}"

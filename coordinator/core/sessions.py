@@ -42,7 +42,12 @@ R = wpb  # CANCEL_REASON_* constants
 UNDELIVERED = "granted just before a coordinator restart; the worker never had it"
 # Lease losses that are nobody's fault, so not charged to the lease-loss budget.
 UNCHARGED: frozenset[int] = frozenset(
-    {E.EVENT_REASON_UNDELIVERED, E.EVENT_REASON_WORKER_REVOKED, E.EVENT_REASON_HEDGE_ENDED}
+    {
+        E.EVENT_REASON_UNDELIVERED,
+        E.EVENT_REASON_WORKER_REVOKED,
+        E.EVENT_REASON_HEDGE_ENDED,
+        E.EVENT_REASON_RECLAIMED,
+    }
 )
 
 
@@ -181,7 +186,8 @@ def requeue_after_loss(
     """Re-queues an action whose lease was lost, or fails it once a charged loss passes its
     lease-loss budget (losses for an UNCHARGED reason never do)."""
     a, worker_id = lease.action, lease.worker.worker_id
-    out.observe("lease_lost", worker_id=worker_id, detail=reason, reason=why)
+    lease_id = lease.lease_id
+    out.observe("lease_lost", worker_id=worker_id, detail=reason, reason=why, lease_id=lease_id)
     liveness.lost(st, worker_id, why)
     budget = st.config.lease_loss_budget
     losses = a.lease_losses + charged(why)

@@ -30,6 +30,7 @@ from plait.coordinator.core import (
     hedges,
     joins,
     liveness,
+    prefetch,
     retry,
     revocation,
     sessions,
@@ -77,6 +78,7 @@ class CoreConfig:
     lease_ttl: timedelta = timedelta(seconds=30)
     kill_grace: timedelta = timedelta(seconds=10)
     lease_loss_budget: int = 3
+    max_prefetch: int = 32  # leases granted beyond a worker's free slots, at most (in slots)
     # A lease's inputs plus its action spec, in bytes; larger fails the action at grant time.
     max_lease_bytes: int = Limits().max_lease_bytes
     # What a succeeded result's outputs may be (results.check_outputs): the configured limits.
@@ -141,6 +143,9 @@ class SchedulerState:
         self.prioritized = False  # some workflow uses priorities (costlier dispatch)
         self.hedge_deadlines: list[tuple[float, int, str]] = []  # (due, seq, primary lease id)
         self.hedges_wanted: list[ActionRecord] = []
+        # The journal sequence committed so far, as the runtime last said (None: everything
+        # decided before the current batch, as when each batch is committed before the next).
+        self.committed: int | None = None
         self.durations: dict[str, deque[float]] = {}  # successful run times, for p95 hedges
         # (due, seq, tie, action, token at ready): queue (schedule-to-start) timeouts
         self.queue_deadlines: list[tuple[float, int, int, ActionRecord, int]] = []
@@ -161,9 +166,11 @@ class SchedulerState:
         """Applies a batch of stimuli at one instant and returns what must happen next."""
         self._clock.wall, self._clock.mono = at.wall_ms, at.monotonic
         self.now = at.monotonic
-        self.outputs.cache.durable()  # the previous batch is committed by now
+        # Outputs of batches committed by now may be evicted (read back from the journal).
+        self.outputs.cache.durable(self.committed)
         out = Outcome(self.config.max_lease_bytes)
         self.decided = out.records
+        ticked = False
         for s in stimuli:
             self.cause = s.cause
             if isinstance(s, WorkerMessageReceived):
@@ -172,6 +179,7 @@ class SchedulerState:
                 self.on_submit(s, out)
             elif isinstance(s, TimePassed):
                 self.on_time_passed(out)
+                ticked = True
             elif isinstance(s, CancelRequested):
                 self.on_cancel(s, out)
             elif isinstance(s, RetryRequested):
@@ -186,6 +194,8 @@ class SchedulerState:
                 revocation.on_reinstated(self, s, out)
         self.cause = "dispatch"
         dispatch.dispatch(self, out)
+        if ticked:  # after dispatch: only workers it left with free slots take reclaimed leases
+            prefetch.reclaim(self, out)
         self.decided = []
         return out
 

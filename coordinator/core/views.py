@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from datetime import timedelta
 
 from plait.coordinator.core import limits, liveness
@@ -112,9 +111,9 @@ def _header(wf: WorkflowRecord) -> pb.WorkflowStatus:
     if wf.finished_wall_ms:
         out.finished_at.FromMilliseconds(wf.finished_wall_ms)
         out.finished_hlc.physical_ms, out.finished_hlc.logical = wf.finished_hlc
-    counts = Counter(a.state for a in wf.actions.values())
-    for state, n in counts.items():
-        out.action_counts[STATE_NAME[state]] = n
+    counts = out.action_counts
+    for state, n in wf.counts().items():  # kept up to date: O(1), never a recount
+        counts[STATE_NAME[state]] = n
     return out
 
 
@@ -201,6 +200,9 @@ def worker_info(st: SchedulerState, w: WorkerRecord) -> apb.WorkerInfo:
         slots=w.slots,
         free_slots=max(0, w.free),
         worker_free_slots=w.reported_free,
+        queued=max(0, -w.free),
+        prefetch_depth=w.depth,
+        prefetch_limit=w.prefetch,
         handlers=sorted(w.handlers),
         exec_enabled=w.exec_enabled,
         leases=len(w.leases),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from google.rpc import code_pb2
 
-from plait.coordinator.core import liveness, results
+from plait.coordinator.core import liveness, prefetch, results
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived, WorkerStreamClosed
 from plait.coordinator.core.model import Outcome, WorkerRecord
@@ -64,6 +64,8 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     remote = observe_hlc(st, w, msg, out)
     if kind == "action_finished":
         finished = msg.action_finished
+        if finished.started:
+            on_started(st, w, finished, remote, out)
         for res in finished.results:
             results.on_result(st, w, s.session_id, res, remote, out)
         if finished.credit:
@@ -89,7 +91,7 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
 def on_started(
     st: SchedulerState,
     w: WorkerRecord,
-    started: wpb.ActionStarted,
+    started: wpb.ActionStarted | wpb.ActionFinished,
     remote: HlcTimestamp,
     out: Outcome,
 ) -> None:
@@ -97,7 +99,8 @@ def on_started(
 
     A start for a lease this session does not hold is refused (``Ack.refused``), unjournalled.
     """
-    for r in started.leases:
+    reports = started.leases if isinstance(started, wpb.ActionStarted) else started.started
+    for r in reports:
         lease = w.leases.get(r.lease_id)
         if lease is None or lease.token != r.fencing_token:
             results.refuse_report(st, w, r.lease_id, r.fencing_token, "started", out)
@@ -207,6 +210,7 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
     welcome.session_id = session_id
     welcome.resume_token = s.resume_token
     welcome.max_clock_offset.FromMilliseconds(st.hlc.max_offset_ms)
+    welcome.prefetch = prefetch.welcome(st, w, hello)
     for r in hello.running:
         w.free -= r.slots  # 0 for a finished attempt whose result is not yet acked
         held = st.leases.get(r.lease_id)

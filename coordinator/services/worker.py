@@ -58,6 +58,7 @@ HELLO_TIMEOUT = 30.0
 MAX_HANDLERS = 10_000  # Hello.handlers entries
 MAX_REPORTS = 2 * MAX_SLOTS  # lease reports or results in one message
 MAX_LEASE_ID = 1024  # characters of a reported lease id (ours are workflow/action/token)
+BATCH_BYTES = 1 << 20  # the most one ConnectResponse.batch carries (grants are sized below)
 MAX_TEXT = 1024  # Hello.agent, Hello.hostname, Hello.resume_token, Goodbye.reason
 _OUTCOMES = frozenset(v for v in wpb.ActionOutcome.values() if v)
 _REPORTS = ("action_started", "heartbeat")  # messages that are lists of LeaseReport
@@ -278,6 +279,36 @@ class ReportCheck:
             self._note(f"{path}.duration", "is negative or not a valid Duration", "ignored")
 
 
+def batched(msgs: list[wpb.ConnectResponse]) -> list[wpb.ConnectResponse]:
+    """``msgs`` in as few ``Batch`` messages as fit :data:`BATCH_BYTES` each, each stamped with
+    the HLC of its last message (the inner ones carry none); one alone goes as it is."""
+    out: list[wpb.ConnectResponse] = []
+    run: list[wpb.ConnectResponse] = []
+    used = 0
+    for msg in msgs:
+        size = msg.ByteSize()
+        if run and used + size > BATCH_BYTES:
+            out.append(_batch(run))
+            run, used = [], 0
+        run.append(msg)
+        used += size
+    if run:
+        out.append(_batch(run))
+    return out
+
+
+def _batch(run: list[wpb.ConnectResponse]) -> wpb.ConnectResponse:
+    if len(run) == 1:
+        return run[0]
+    b = wpb.ConnectResponse()
+    b.hlc.CopyFrom(run[-1].hlc)
+    inner = b.batch.messages
+    for msg in run:
+        msg.ClearField("hlc")
+        inner.append(msg)
+    return b
+
+
 def _last_bytes(text: str, limit: int) -> str:
     """The end of ``text``: at most ``limit`` UTF-8 bytes, whole characters only."""
     return text.encode("utf-8", "surrogatepass")[-limit:].decode("utf-8", "ignore")
@@ -392,10 +423,7 @@ class WorkerService(wgrpc.WorkerServiceServicer):
 
         reader = asyncio.create_task(pump(), name=f"plait-worker-{worker_id}")
         try:
-            while True:
-                msg = await outbox.get()
-                if msg is None:
-                    return
+            async for msg in _outgoing(outbox, batches=first.hello.accepts_batch):
                 if isinstance(msg, PlaitError):
                     raise msg
                 if isinstance(msg, SessionEnd):
@@ -407,3 +435,30 @@ class WorkerService(wgrpc.WorkerServiceServicer):
         finally:
             reader.cancel()
             rt.close_session(session_id)
+
+
+async def _outgoing(
+    outbox: asyncio.Queue[Any], *, batches: bool
+) -> AsyncIterator[wpb.ConnectResponse | SessionEnd | PlaitError]:
+    """The session's outbox until it ends (None); with ``batches``, everything queued at once
+    leaves in one stream write (ConnectResponse.batch)."""
+    held: Any = None  # what ended a run of messages taken for one batch
+    while True:
+        if held is not None:
+            msg, held = held, None
+        else:
+            msg = await outbox.get()
+        if batches and isinstance(msg, wpb.ConnectResponse) and not outbox.empty():
+            run = [msg]
+            while not outbox.empty():
+                nxt = outbox.get_nowait()
+                if not isinstance(nxt, wpb.ConnectResponse):
+                    held = nxt
+                    break
+                run.append(nxt)
+            for b in batched(run):
+                yield b
+            continue
+        if msg is None:
+            return
+        yield msg

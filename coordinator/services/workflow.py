@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -21,6 +22,12 @@ E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slo
 MAX_PAGE = 1000
 OUTPUTS_CHUNK_BYTES = 1024 * 1024  # GetActionOutputs: bytes per response
 _RESPONSE_MARGIN = 64 * 1024
+# A spec of this many actions or bytes or more is validated in a thread (validate_submit is
+# pure: it needs no scheduler state), so a big submit does not hold the event loop for seconds;
+# smaller ones are validated in place, cheaper than the hop (about 14 us per action or 6 us per
+# KiB of input JSON, against 0.1 ms a hop).
+VALIDATE_OFF_LOOP_ACTIONS = 256
+VALIDATE_OFF_LOOP_BYTES = 64 * 1024
 
 
 def merge_client_hlc(runtime: Runtime, msg: Any) -> None:
@@ -61,7 +68,16 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
         self, request: wspb.SubmitWorkflowRequest, context: Any
     ) -> wspb.SubmitWorkflowResponse:
         merge_client_hlc(self.runtime, request.hlc)
-        validate_submit(request.spec, request.idempotency_key, self.limits)
+        spec = request.spec
+        if (
+            len(spec.actions) >= VALIDATE_OFF_LOOP_ACTIONS
+            or spec.ByteSize() >= VALIDATE_OFF_LOOP_BYTES
+        ):
+            # Nothing else touches this request meanwhile; what depends on the state (the
+            # idempotency key) is decided by the core, on the loop.
+            await asyncio.to_thread(validate_submit, spec, request.idempotency_key, self.limits)
+        else:
+            validate_submit(spec, request.idempotency_key, self.limits)
         if request.traceparent:
             why = describe_traceparent(request.traceparent)
             if why:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,6 +72,7 @@ class Driver:
         running: list[wpb.LeaseReport] | None = None,
         resume_token: str = "",
         identity: str = "",
+        prefetch: int = 0,
     ) -> Outcome:
         """A Hello on a new stream; like the servicer, gives the session the resume token
         ``rt-SESSION`` (``resume_token`` is the one the worker presents). Like a real worker
@@ -81,6 +83,7 @@ class Driver:
             handlers=handlers,
             running=running or [],
             resume_token=resume_token,
+            prefetch=prefetch,
         )
         return self.hello_with(session, hello, identity=identity)
 
@@ -407,9 +410,9 @@ def broken_invariants(st: SchedulerState) -> list[str]:
 
     Every live lease is its action's primary or hedge, held by a known worker, on an action
     LEASED or RUNNING; every such action (one that does not fan out) holds a lease; a hedge
-    only beside a primary; per-workflow counts (``remaining``, ``leased``) and per-action join
-    counts (``unmet``, ``failed_needs`` over its needs, or its children once it fanned out)
-    agree with the actions' states.
+    only beside a primary; per-workflow counts (``remaining``, ``leased``, by state) and
+    per-action join counts (``unmet``, ``failed_needs`` over its needs, or its children once it
+    fanned out) agree with the actions' states.
     """
     bad = _lease_invariants(st)
     for wf in st.workflows.values():
@@ -421,6 +424,9 @@ def broken_invariants(st: SchedulerState) -> list[str]:
         leased = sum(x.action.workflow is wf for x in st.leases.values())
         if wf.leased != leased:
             bad.append(f"{wf.workflow_id}: leased {wf.leased}, {leased} live leases")
+        counted = dict(Counter(a.state for a in wf.actions.values()))
+        if wf.counts() != counted:
+            bad.append(f"{wf.workflow_id}: state counts {wf.counts()}, recounted {counted}")
         for a in wf.actions.values():
             bad.extend(_action_invariants(st, a))
     return bad

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from plait.coordinator.core import joins, liveness
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.events import Instant, RetryRequested
+from plait.coordinator.core.model import WorkflowRecord
 from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import SchedulerState
 from plait.v1 import worker_service_pb2 as wpb
@@ -42,6 +43,11 @@ def _set_timers(a: pb.ActionSpec, timed: list[str]) -> None:
         a.speculate.after_p95 = True
 
 
+def recount(wf: WorkflowRecord) -> dict[int, int]:
+    """A workflow's actions by state, counted from scratch."""
+    return dict(Counter(a.state for a in wf.actions.values()))
+
+
 class CoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -50,6 +56,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.sessions: dict[str, str] = {}  # worker -> live session
         self.n_sessions = 0
         self.held: dict[str, dict[str, wpb.Lease]] = {w: {} for w in WORKERS}
+        self.reclaimed: dict[str, list[wpb.Lease]] = {w: [] for w in WORKERS}
         self.all_leases: list[tuple[str, wpb.Lease]] = []
         self.max_token: dict[str, int] = {}
         self.seen = 0
@@ -61,15 +68,19 @@ class CoreMachine(RuleBasedStateMachine):
                 continue
             for m in msgs:
                 if m.HasField("lease_grant"):
-                    # Only a session that proved it hears the coordinator is leased to.
+                    # Only a session that proved it hears the coordinator is leased to, and
+                    # never beyond its credit plus the prefetch it asked for.
                     w = self.d.st.by_session.get(session)
                     assert w is None or liveness.hears(self.d.st, w), session
+                    assert w is None or w.free >= -w.prefetch, (session, w.free, w.prefetch)
                     for lease in m.lease_grant.leases:
                         self.held[worker][lease.lease_id] = lease
                         self.all_leases.append((worker, lease))
                 elif m.HasField("cancel_lease"):
                     for c in m.cancel_lease.leases:
-                        self.held[worker].pop(c.lease_id, None)
+                        lease = self.held[worker].pop(c.lease_id, None)
+                        if lease is not None and c.reason == wpb.CANCEL_REASON_RECLAIMED:
+                            self.reclaimed[worker].append(lease)  # handed back unrun later
         for end in out.closes:  # type: ignore[attr-defined]
             # The coordinator closed the stream (a silent session): the worker reconnects later.
             for worker, session in list(self.sessions.items()):
@@ -125,8 +136,8 @@ class CoreMachine(RuleBasedStateMachine):
                     _set_timers(a.pipeline.stages.add(id=f"s{k}", handler="h"), timed)
         self._absorb(self.d.submit(spec, f"wf-{self.n_wf}"))
 
-    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 4))
-    def connect(self, worker: str, slots: int) -> None:
+    @rule(worker=st.sampled_from(WORKERS), slots=st.integers(1, 4), prefetch=st.integers(0, 3))
+    def connect(self, worker: str, slots: int, prefetch: int) -> None:
         self.n_sessions += 1
         session = f"s{self.n_sessions}"
         running = [
@@ -143,12 +154,23 @@ class CoreMachine(RuleBasedStateMachine):
             slots=slots,
             running=running,
             resume_token=f"rt-{previous}" if previous else "",
+            prefetch=prefetch,
         )
         for m in out.sends.get(session, []):
             if m.HasField("welcome"):
                 for r in m.welcome.kill:
                     self.held[worker].pop(r.lease_id, None)
         self._absorb(out)
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def hand_back(self, worker: str) -> None:
+        """The worker answers a RECLAIMED cancellation: the lease, unrun, reported CANCELLED."""
+        if worker not in self.sessions or not self.reclaimed[worker]:
+            return
+        lease = self.reclaimed[worker].pop(0)
+        session = self.sessions[worker]
+        self._absorb(self.d.finish(session, lease, outcome=wpb.ACTION_OUTCOME_CANCELLED))
+        self._absorb(self.d.msg(session, credit=wpb.Credit(slots=1)))
 
     @rule(worker=st.sampled_from(WORKERS))
     def disconnect(self, worker: str) -> None:
@@ -293,13 +315,23 @@ class CoreMachine(RuleBasedStateMachine):
             if w.connected:
                 held = sum(l.slots for l in w.leases.values())
                 adopted = sum(l.slots for l in w.leases.values() if l.grant_seq == 0)
-                assert held + max(0, w.free) <= max(w.slots, adopted), "leased past capacity"
+                # Slots plus the prefetch the session asked for (leases queued on the worker).
+                room = w.slots + w.prefetch
+                assert held + max(0, w.free) <= max(room, adopted), "leased past capacity"
+
+    @invariant()
+    def status_counts_kept(self) -> None:
+        """The per-state counts kept on every move (ListWorkflows) equal a recount."""
+        for wf in self.d.st.workflows.values():
+            assert wf.counts() == recount(wf), wf.workflow_id
 
     def teardown(self) -> None:
         # Whatever happened, replaying the journal rebuilds exactly this state.
         fresh = SchedulerState(CONFIG)
         replay(fresh, self.d.records, Instant(self.d.mono, self.d.wall))
         assert snapshot(fresh) == snapshot(self.d.st)
+        for wf in fresh.workflows.values():
+            assert wf.counts() == recount(wf), f"replayed {wf.workflow_id}"
         live, replayed = timers(self.d.st), timers(fresh)
         assert same_timers(replayed, live), f"timers drift:\n{replayed}\n!=\n{live}"
 

@@ -104,7 +104,10 @@ export function resultMessages(results: readonly ActionResult[], credit = 0): Co
     r.outputsJson.length + r.stdoutTail.length + r.stderrTail.length + (r.error?.message.length ?? 0) + 128;
   return chunks(results, size).map((batch, i) => ({
     hlc: undefined,
-    message: { $case: "actionFinished", value: { results: batch, credit: i === 0 ? credit : 0 } },
+    message: {
+      $case: "actionFinished",
+      value: { results: batch, credit: i === 0 ? credit : 0, started: [] },
+    },
   }));
 }
 

@@ -298,6 +298,10 @@ export class Worker {
         running: this.book.heldReports(),
         agent: this.opts.agent ?? AGENT,
         hostname: os.hostname(),
+        // No prefetch and no batches: this worker takes only what it credited, one message at
+        // a time (protocol.md, "Prefetch").
+        prefetch: 0,
+        acceptsBatch: false,
         resources: { ...this.opts.resources },
         resumeToken: this.resumeToken,
       },

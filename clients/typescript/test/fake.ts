@@ -100,6 +100,7 @@ export class FakeStream {
       kill: [],
       resumeToken: "token-1",
       maxClockOffset: undefined,
+      prefetch: 0,
       ...w,
     };
     this.send({ $case: "welcome", value: welcome }, hlc);

@@ -246,8 +246,8 @@ def workflows_table(workflows: Iterable[workflow_pb2.WorkflowStatus]) -> Table:
 def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
     """One row per connected worker for ``plait workers``."""
     table = Table(show_edge=False, pad_edge=False)
-    cols = ("worker", "host", "slots", "free", "leases", "exec", "handlers", "labels", "state")
-    for col in (*cols, "seen", "heard"):
+    cols = ("worker", "host", "slots", "free", "leases", "queued", "exec", "handlers", "labels")
+    for col in (*cols, "state", "seen", "heard"):
         table.add_column(col, overflow="fold")
     for w in workers:
         seen = w.last_seen_ago.ToTimedelta().total_seconds() if w.HasField("last_seen_ago") else 0
@@ -265,6 +265,8 @@ def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
             str(w.slots),
             str(w.free_slots),
             str(w.leases),
+            # Leases granted beyond the free slots, waiting there; of how many it may get now.
+            f"{w.queued}/{w.prefetch_depth}" if w.prefetch_limit else "-",
             "yes" if w.exec_enabled else "no",
             cell(", ".join(w.handlers)),
             cell(labels),

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from plait.v1 import hlc_pb2 as plait_dot_v1_dot_hlc__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cplait/v1/admin_service.proto\x12\x08plait.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12plait/v1/hlc.proto\"9\n\x12ListWorkersRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\"\xce\x04\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x30\n\x06labels\x18\x02 \x03(\x0b\x32 .plait.v1.WorkerInfo.LabelsEntry\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x12\n\nfree_slots\x18\x04 \x01(\r\x12\x10\n\x08handlers\x18\x05 \x03(\t\x12\x14\n\x0c\x65xec_enabled\x18\x06 \x01(\x08\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rlast_seen_ago\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x03hlc\x18\n \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x1f\n\x17\x63lock_offset_rejections\x18\x0b \x01(\x04\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x10\n\x08hostname\x18\r \x01(\t\x12\r\n\x05\x61gent\x18\x0e \x01(\t\x12,\n\theard_ago\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11lease_loss_streak\x18\x10 \x01(\r\x12\x30\n\rheld_back_for\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11worker_free_slots\x18\x12 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x01\n\x13ListWorkersResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12%\n\x07workers\x18\x02 \x03(\x0b\x32\x14.plait.v1.WorkerInfo\x12(\n\x07revoked\x18\x03 \x03(\x0b\x32\x17.plait.v1.RevokedWorker\"v\n\rRevokedWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrevoked_by\x18\x03 \x01(\t\x12.\n\nrevoked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x12\x44rainWorkerRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tworker_id\x18\x02 \x01(\t\":\n\x13\x44rainWorkerResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\"]\n\x13RevokeWorkerRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"k\n\x14RevokeWorkerResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x15\n\rwas_connected\x18\x02 \x01(\x08\x12\x17\n\x0fleases_requeued\x18\x03 \x01(\r\"P\n\x16ReinstateWorkerRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tworker_id\x18\x02 \x01(\t\"S\n\x17ReinstateWorkerResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bwas_revoked\x18\x02 \x01(\x08\x32\xcd\x02\n\x0c\x41\x64minService\x12J\n\x0bListWorkers\x12\x1c.plait.v1.ListWorkersRequest\x1a\x1d.plait.v1.ListWorkersResponse\x12J\n\x0b\x44rainWorker\x12\x1c.plait.v1.DrainWorkerRequest\x1a\x1d.plait.v1.DrainWorkerResponse\x12M\n\x0cRevokeWorker\x12\x1d.plait.v1.RevokeWorkerRequest\x1a\x1e.plait.v1.RevokeWorkerResponse\x12V\n\x0fReinstateWorker\x12 .plait.v1.ReinstateWorkerRequest\x1a!.plait.v1.ReinstateWorkerResponseB0\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cplait/v1/admin_service.proto\x12\x08plait.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12plait/v1/hlc.proto\"9\n\x12ListWorkersRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\"\x8e\x05\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x30\n\x06labels\x18\x02 \x03(\x0b\x32 .plait.v1.WorkerInfo.LabelsEntry\x12\r\n\x05slots\x18\x03 \x01(\r\x12\x12\n\nfree_slots\x18\x04 \x01(\r\x12\x10\n\x08handlers\x18\x05 \x03(\t\x12\x14\n\x0c\x65xec_enabled\x18\x06 \x01(\x08\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x30\n\x0c\x63onnected_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\rlast_seen_ago\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x03hlc\x18\n \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x1f\n\x17\x63lock_offset_rejections\x18\x0b \x01(\x04\x12\x10\n\x08\x64raining\x18\x0c \x01(\x08\x12\x10\n\x08hostname\x18\r \x01(\t\x12\r\n\x05\x61gent\x18\x0e \x01(\t\x12,\n\theard_ago\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11lease_loss_streak\x18\x10 \x01(\r\x12\x30\n\rheld_back_for\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11worker_free_slots\x18\x12 \x01(\r\x12\x0e\n\x06queued\x18\x13 \x01(\r\x12\x16\n\x0eprefetch_depth\x18\x14 \x01(\r\x12\x16\n\x0eprefetch_limit\x18\x15 \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8b\x01\n\x13ListWorkersResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12%\n\x07workers\x18\x02 \x03(\x0b\x32\x14.plait.v1.WorkerInfo\x12(\n\x07revoked\x18\x03 \x03(\x0b\x32\x17.plait.v1.RevokedWorker\"v\n\rRevokedWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nrevoked_by\x18\x03 \x01(\t\x12.\n\nrevoked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x12\x44rainWorkerRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tworker_id\x18\x02 \x01(\t\":\n\x13\x44rainWorkerResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\"]\n\x13RevokeWorkerRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"k\n\x14RevokeWorkerResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x15\n\rwas_connected\x18\x02 \x01(\x08\x12\x17\n\x0fleases_requeued\x18\x03 \x01(\r\"P\n\x16ReinstateWorkerRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tworker_id\x18\x02 \x01(\t\"S\n\x17ReinstateWorkerResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bwas_revoked\x18\x02 \x01(\x08\x32\xcd\x02\n\x0c\x41\x64minService\x12J\n\x0bListWorkers\x12\x1c.plait.v1.ListWorkersRequest\x1a\x1d.plait.v1.ListWorkersResponse\x12J\n\x0b\x44rainWorker\x12\x1c.plait.v1.DrainWorkerRequest\x1a\x1d.plait.v1.DrainWorkerResponse\x12M\n\x0cRevokeWorker\x12\x1d.plait.v1.RevokeWorkerRequest\x1a\x1e.plait.v1.RevokeWorkerResponse\x12V\n\x0fReinstateWorker\x12 .plait.v1.ReinstateWorkerRequest\x1a!.plait.v1.ReinstateWorkerResponseB0\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERSREQUEST']._serialized_start=127
   _globals['_LISTWORKERSREQUEST']._serialized_end=184
   _globals['_WORKERINFO']._serialized_start=187
-  _globals['_WORKERINFO']._serialized_end=777
-  _globals['_WORKERINFO_LABELSENTRY']._serialized_start=732
-  _globals['_WORKERINFO_LABELSENTRY']._serialized_end=777
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=780
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=919
-  _globals['_REVOKEDWORKER']._serialized_start=921
-  _globals['_REVOKEDWORKER']._serialized_end=1039
-  _globals['_DRAINWORKERREQUEST']._serialized_start=1041
-  _globals['_DRAINWORKERREQUEST']._serialized_end=1117
-  _globals['_DRAINWORKERRESPONSE']._serialized_start=1119
-  _globals['_DRAINWORKERRESPONSE']._serialized_end=1177
-  _globals['_REVOKEWORKERREQUEST']._serialized_start=1179
-  _globals['_REVOKEWORKERREQUEST']._serialized_end=1272
-  _globals['_REVOKEWORKERRESPONSE']._serialized_start=1274
-  _globals['_REVOKEWORKERRESPONSE']._serialized_end=1381
-  _globals['_REINSTATEWORKERREQUEST']._serialized_start=1383
-  _globals['_REINSTATEWORKERREQUEST']._serialized_end=1463
-  _globals['_REINSTATEWORKERRESPONSE']._serialized_start=1465
-  _globals['_REINSTATEWORKERRESPONSE']._serialized_end=1548
-  _globals['_ADMINSERVICE']._serialized_start=1551
-  _globals['_ADMINSERVICE']._serialized_end=1884
+  _globals['_WORKERINFO']._serialized_end=841
+  _globals['_WORKERINFO_LABELSENTRY']._serialized_start=796
+  _globals['_WORKERINFO_LABELSENTRY']._serialized_end=841
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=844
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=983
+  _globals['_REVOKEDWORKER']._serialized_start=985
+  _globals['_REVOKEDWORKER']._serialized_end=1103
+  _globals['_DRAINWORKERREQUEST']._serialized_start=1105
+  _globals['_DRAINWORKERREQUEST']._serialized_end=1181
+  _globals['_DRAINWORKERRESPONSE']._serialized_start=1183
+  _globals['_DRAINWORKERRESPONSE']._serialized_end=1241
+  _globals['_REVOKEWORKERREQUEST']._serialized_start=1243
+  _globals['_REVOKEWORKERREQUEST']._serialized_end=1336
+  _globals['_REVOKEWORKERRESPONSE']._serialized_start=1338
+  _globals['_REVOKEWORKERRESPONSE']._serialized_end=1445
+  _globals['_REINSTATEWORKERREQUEST']._serialized_start=1447
+  _globals['_REINSTATEWORKERREQUEST']._serialized_end=1527
+  _globals['_REINSTATEWORKERRESPONSE']._serialized_start=1529
+  _globals['_REINSTATEWORKERRESPONSE']._serialized_end=1612
+  _globals['_ADMINSERVICE']._serialized_start=1615
+  _globals['_ADMINSERVICE']._serialized_end=1948
 # @@protoc_insertion_point(module_scope)

@@ -89,6 +89,9 @@ class WorkerInfo(_message.Message):
     LEASE_LOSS_STREAK_FIELD_NUMBER: _builtins.int
     HELD_BACK_FOR_FIELD_NUMBER: _builtins.int
     WORKER_FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    PREFETCH_DEPTH_FIELD_NUMBER: _builtins.int
+    PREFETCH_LIMIT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """From Hello."""
     slots: _builtins.int
@@ -116,6 +119,14 @@ class WorkerInfo(_message.Message):
     more than free_slots when it withholds credit (adaptive concurrency) or a grant is in
     flight.
     """
+    queued: _builtins.int
+    """Leases granted beyond the worker's free slots (prefetch) that it has not started yet."""
+    prefetch_depth: _builtins.int
+    """How many leases the coordinator grants this worker beyond its free slots now (adapts to
+    the attempts' durations; at most Welcome.prefetch).
+    """
+    prefetch_limit: _builtins.int
+    """Welcome.prefetch: the most it may ever grant beyond the free slots on this session."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """From Hello."""
@@ -171,10 +182,13 @@ class WorkerInfo(_message.Message):
         lease_loss_streak: _builtins.int = ...,
         held_back_for: _duration_pb2.Duration | None = ...,
         worker_free_slots: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        prefetch_depth: _builtins.int = ...,
+        prefetch_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "last_seen_ago", b"last_seen_ago"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "clock_offset_rejections", b"clock_offset_rejections", "connected_at", b"connected_at", "draining", b"draining", "exec_enabled", b"exec_enabled", "free_slots", b"free_slots", "handlers", b"handlers", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "hostname", b"hostname", "labels", b"labels", "last_seen_ago", b"last_seen_ago", "lease_loss_streak", b"lease_loss_streak", "leases", b"leases", "slots", b"slots", "worker_free_slots", b"worker_free_slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "clock_offset_rejections", b"clock_offset_rejections", "connected_at", b"connected_at", "draining", b"draining", "exec_enabled", b"exec_enabled", "free_slots", b"free_slots", "handlers", b"handlers", "heard_ago", b"heard_ago", "held_back_for", b"held_back_for", "hlc", b"hlc", "hostname", b"hostname", "labels", b"labels", "last_seen_ago", b"last_seen_ago", "lease_loss_streak", b"lease_loss_streak", "leases", b"leases", "prefetch_depth", b"prefetch_depth", "prefetch_limit", b"prefetch_limit", "queued", b"queued", "slots", b"slots", "worker_free_slots", b"worker_free_slots", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

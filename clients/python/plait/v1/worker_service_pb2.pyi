@@ -68,6 +68,12 @@ class _CancelReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelRe
     """The run timeout fired."""
     CANCEL_REASON_UNKNOWN_LEASE: _CancelReason.ValueType  # 4
     """The coordinator does not know the lease (reconciliation)."""
+    CANCEL_REASON_RECLAIMED: _CancelReason.ValueType  # 5
+    """A prefetched lease the worker has not started yet is wanted by another worker with a free
+    slot: a worker that has not started it drops it and reports it CANCELLED without running
+    it; one that has started it ignores this cancellation and goes on (its start report tells
+    the coordinator so).
+    """
 
 class CancelReason(_CancelReason, metaclass=_CancelReasonEnumTypeWrapper):
     """CancelReason says why a lease is cancelled."""
@@ -81,6 +87,12 @@ CANCEL_REASON_TIMEOUT: CancelReason.ValueType  # 3
 """The run timeout fired."""
 CANCEL_REASON_UNKNOWN_LEASE: CancelReason.ValueType  # 4
 """The coordinator does not know the lease (reconciliation)."""
+CANCEL_REASON_RECLAIMED: CancelReason.ValueType  # 5
+"""A prefetched lease the worker has not started yet is wanted by another worker with a free
+slot: a worker that has not started it drops it and reports it CANCELLED without running
+it; one that has started it ignores this cancellation and goes on (its start report tells
+the coordinator so).
+"""
 Global___CancelReason: _TypeAlias = CancelReason  # noqa: Y015
 
 @_typing.final
@@ -219,6 +231,7 @@ class ConnectResponse(_message.Message):
     CANCEL_LEASE_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """Set by the coordinator: its HLC reading when it sent the message."""
@@ -243,6 +256,12 @@ class ConnectResponse(_message.Message):
     def drain(self) -> Global___Drain:
         """Stop asking for work; finish what is held, then say goodbye."""
 
+    @_builtins.property
+    def batch(self) -> Global___Batch:
+        """Several of the above, decided in one commit, to be handled in order (sent only to a
+        worker whose Hello.accepts_batch is set; the inner messages carry no hlc of their own).
+        """
+
     def __init__(
         self,
         *,
@@ -252,16 +271,41 @@ class ConnectResponse(_message.Message):
         cancel_lease: Global___CancelLease | None = ...,
         ack: Global___Ack | None = ...,
         drain: Global___Drain | None = ...,
+        batch: Global___Batch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cancel_lease", b"cancel_lease", "drain", b"drain", "hlc", b"hlc", "lease_grant", b"lease_grant", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "cancel_lease", b"cancel_lease", "drain", b"drain", "hlc", b"hlc", "lease_grant", b"lease_grant", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "cancel_lease", b"cancel_lease", "drain", b"drain", "hlc", b"hlc", "lease_grant", b"lease_grant", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "cancel_lease", b"cancel_lease", "drain", b"drain", "hlc", b"hlc", "lease_grant", b"lease_grant", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "lease_grant", "cancel_lease", "ack", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "lease_grant", "cancel_lease", "ack", "drain", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class Batch(_message.Message):
+    """Batch is several coordinator messages in one stream message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectResponse]:
+        """Set by the coordinator: the messages, in the order they were decided."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
 class LeaseReport(_message.Message):
@@ -352,6 +396,8 @@ class Hello(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Set by the worker: stable name, unique among connected workers: 1 to 128 of
     [A-Za-z0-9_.-], starting with a letter or digit, without "..".
@@ -373,6 +419,15 @@ class Hello(_message.Message):
     presents this token; otherwise the Hello is refused with ALREADY_EXISTS. Empty on a first
     connect.
     """
+    prefetch: _builtins.int
+    """Set by the worker: how many leases beyond its free slots it will take and queue, starting
+    each as a slot frees (prefetch; 0: none, and the coordinator never grants beyond the
+    credited slots). A worker that sets it MUST NOT run more than `slots` at once, MUST report
+    queued leases in heartbeats and Hello.running (with their slots), and MUST answer a
+    CANCEL_REASON_RECLAIMED cancellation of a queued lease by reporting it CANCELLED unrun.
+    """
+    accepts_batch: _builtins.bool
+    """Set by the worker: it understands ConnectResponse.batch."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Set by the worker: labels matched against ActionSpec.selector."""
@@ -408,10 +463,12 @@ class Hello(_message.Message):
         hostname: _builtins.str = ...,
         resources: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         resume_token: _builtins.str = ...,
+        prefetch: _builtins.int = ...,
+        accepts_batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "exec_enabled", b"exec_enabled", "handlers", b"handlers", "hostname", b"hostname", "labels", b"labels", "resources", b"resources", "resume_token", b"resume_token", "running", b"running", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batch", b"accepts_batch", "agent", b"agent", "exec_enabled", b"exec_enabled", "handlers", b"handlers", "hostname", b"hostname", "labels", b"labels", "prefetch", b"prefetch", "resources", b"resources", "resume_token", b"resume_token", "running", b"running", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -431,12 +488,18 @@ class Welcome(_message.Message):
     KILL_GRACE_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Set by the coordinator: identifies this stream, for logs."""
     resume_token: _builtins.str
     """Set by the coordinator: a secret for this stream (256 random bits, URL-safe). The worker
     keeps it and sends it as Hello.resume_token when it reconnects, to prove that the new
     stream comes from the same worker and may replace this one. Never logged.
+    """
+    prefetch: _builtins.int
+    """Set by the coordinator: the most leases it will grant this session beyond the worker's
+    free slots, min(Hello.prefetch, the coordinator's --max-prefetch). How many it actually
+    grants adapts to the attempts' durations (docs/protocol.md, "Prefetch").
     """
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
@@ -480,10 +543,11 @@ class Welcome(_message.Message):
         kill_grace: _duration_pb2.Duration | None = ...,
         resume_token: _builtins.str = ...,
         max_clock_offset: _duration_pb2.Duration | None = ...,
+        prefetch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "max_clock_offset", b"max_clock_offset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "heartbeat_interval", b"heartbeat_interval", "kill", b"kill", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "max_clock_offset", b"max_clock_offset", "resume_token", b"resume_token", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "heartbeat_interval", b"heartbeat_interval", "kill", b"kill", "kill_grace", b"kill_grace", "lease_ttl", b"lease_ttl", "max_clock_offset", b"max_clock_offset", "prefetch", b"prefetch", "resume_token", b"resume_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -671,6 +735,7 @@ class ActionFinished(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     CREDIT_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
     credit: _builtins.int
     """Set by the worker: slots freed since the last credit, exactly as Credit.slots. Carrying the
     credit with the results lets the coordinator lease the next actions in the same commit.
@@ -680,15 +745,23 @@ class ActionFinished(_message.Message):
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActionResult]:
         """Set by the worker: results, each re-sent until acked."""
 
+    @_builtins.property
+    def started(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]:
+        """Set by the worker: attempts that started since the last flush, exactly as
+        ActionStarted.leases (a queued lease that started as one of these ended); the coordinator
+        handles them before the results. Saves a message per loop turn.
+        """
+
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___ActionResult] | None = ...,
         credit: _builtins.int = ...,
+        started: _abc.Iterable[Global___LeaseReport] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "results", b"results", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

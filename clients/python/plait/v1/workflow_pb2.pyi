@@ -246,6 +246,10 @@ class _EventReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventReas
     """LEASE_LOST of one of two hedged attempts: it ended without success, the other runs on;
     not charged to any budget.
     """
+    EVENT_REASON_RECLAIMED: _EventReason.ValueType  # 9
+    """A prefetched lease its worker had not started was handed back so that another worker
+    could run the action at once (not charged to the lease-loss budget).
+    """
     EVENT_REASON_ATTEMPT_FAILED: _EventReason.ValueType  # 10
     """RETRY_SCHEDULED or FINISHED: the worker reported the attempt failed (`error_type` says how)."""
     EVENT_REASON_RUN_TIMEOUT: _EventReason.ValueType  # 11
@@ -300,6 +304,10 @@ EVENT_REASON_NOT_REPORTED: EventReason.ValueType  # 7
 EVENT_REASON_HEDGE_ENDED: EventReason.ValueType  # 8
 """LEASE_LOST of one of two hedged attempts: it ended without success, the other runs on;
 not charged to any budget.
+"""
+EVENT_REASON_RECLAIMED: EventReason.ValueType  # 9
+"""A prefetched lease its worker had not started was handed back so that another worker
+could run the action at once (not charged to the lease-loss budget).
 """
 EVENT_REASON_ATTEMPT_FAILED: EventReason.ValueType  # 10
 """RETRY_SCHEDULED or FINISHED: the worker reported the attempt failed (`error_type` says how)."""

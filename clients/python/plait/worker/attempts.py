@@ -18,6 +18,7 @@ hears of every attempt that ends.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Protocol
 
@@ -26,6 +27,7 @@ from plait.errors import error_type_problem
 from plait.hlc import HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
+    CANCELLED,
     DEFAULT_ERROR_CODE,
     FAILED,
     SUCCEEDED,
@@ -169,6 +171,11 @@ class AttemptBook:
         """Running attempts by lease id."""
         self.used = 0
         """Slots held by running attempts."""
+        self.prefetch = 0
+        """``Welcome.prefetch``: slots' worth of leases that may wait beyond the free slots."""
+        self.queue: deque[pb.Lease] = deque()
+        """Granted leases waiting for a slot (prefetch), oldest first."""
+        self.queued_slots = 0
         self.unacked: dict[tuple[str, int], pb.ActionResult] = {}
         """Results by (lease_id, fencing_token) until the coordinator acknowledges them."""
 
@@ -196,6 +203,12 @@ class AttemptBook:
         until the re-sent result is committed (Hello.running after a reconnect).
         """
         reports = self.running_reports()
+        reports += [
+            pb.LeaseReport(
+                lease_id=q.lease_id, fencing_token=q.fencing_token, slots=q.action.slots or 1
+            )
+            for q in self.queue
+        ]
         reports += [pb.LeaseReport(lease_id=lid, fencing_token=tok) for lid, tok in self.unacked]
         return reports
 
@@ -208,11 +221,29 @@ class AttemptBook:
                 log.exception("executor %s failed to take the fence deadline", type(ex).__name__)
 
     def cancel(self, lease_id: str, reason: str, cause: CancelCause = "cancelled") -> bool:
-        """Kills the attempt of ``lease_id``; False if none is running."""
+        """Kills the attempt of ``lease_id`` (or drops it from the queue, reported CANCELLED
+        unrun); False if it is neither running nor queued."""
         att = self.attempts.get(lease_id)
         if att is None:
-            return False
+            return self.hand_back(lease_id, reason)
         att.cancel(reason, cause)
+        return True
+
+    def hand_back(self, lease_id: str, reason: str) -> bool:
+        """Drops a queued lease unrun and reports it CANCELLED (a reclaim, a cancellation);
+        False if it is not queued (a started attempt goes on)."""
+        lease = next((q for q in self.queue if q.lease_id == lease_id), None)
+        if lease is None:
+            return False
+        self.queue.remove(lease)
+        need = lease.action.slots or 1
+        self.queued_slots -= need
+        r = pb.ActionResult(lease_id=lease_id, fencing_token=lease.fencing_token, outcome=CANCELLED)
+        r.error.code = Code.CANCELLED
+        r.error.message = f"not started: {reason}"
+        self._hlc.stamp(r.finished_hlc)
+        self.unacked[(lease_id, lease.fencing_token)] = r
+        self._on_finished(r, need)
         return True
 
     def refused(self, refusals: Iterable[pb.ResultAck]) -> int:
@@ -241,16 +272,39 @@ class AttemptBook:
         return killed
 
     def cancel_all(self, reason: str, cause: CancelCause = "other") -> None:
-        """Kills every running attempt."""
+        """Kills every running attempt and hands back every queued lease."""
+        for lease in list(self.queue):
+            self.hand_back(lease.lease_id, reason)
         for att in list(self.attempts.values()):
             att.cancel(reason, cause)
 
-    def start(self, lease: pb.Lease) -> None:
-        """Starts an attempt of a granted lease on its executor, or reports why it cannot run."""
+    def take(self, lease: pb.Lease) -> None:
+        """Takes a granted lease: starts it, or queues it (prefetch) while the slots are busy."""
         lid, token = lease.lease_id, lease.fencing_token
         if lid in self.attempts or (lid, token) in self.unacked:
             log.warning("ignoring a second grant of lease %s (token %d)", lid, token)
             return
+        need = lease.action.slots or 1
+        if self.queue or self.used + need > self.slots:
+            held = self.used + self.queued_slots + need
+            if need <= self.slots and held <= self.slots + self.prefetch:
+                self.queue.append(lease)
+                self.queued_slots += need
+                self.start_queued()
+                return
+        self.start(lease)
+
+    def start_queued(self) -> None:
+        """Starts queued leases, oldest first, while the oldest fits the free slots."""
+        queue = self.queue
+        while queue and self.used + (queue[0].action.slots or 1) <= self.slots:
+            lease = queue.popleft()
+            self.queued_slots -= lease.action.slots or 1
+            self.start(lease)
+
+    def start(self, lease: pb.Lease) -> None:
+        """Starts an attempt of a granted lease on its executor, or reports why it cannot run."""
+        lid, token = lease.lease_id, lease.fencing_token
         need = lease.action.slots or 1
         att = Attempt(self, lid, token, need, self._clock.monotonic())
         att.kind = "exec" if lease.action.WhichOneof("kind") == "exec" else "handler"
@@ -359,6 +413,8 @@ class AttemptBook:
             except Exception:  # a metrics bug must not lose a result
                 log.exception("attempt observer failed on lease %s", att.lease_id)
         self._on_finished(r, att.slots)
+        if self.queue:
+            self.start_queued()
 
     def _error_type(self, att: Attempt, error_type: str) -> str:
         """``error_type`` if the coordinator will take it, else "" (it would end the stream)."""

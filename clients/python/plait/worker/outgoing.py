@@ -58,8 +58,12 @@ class ConnectStream:
             self.call.cancel()
 
 
-def result_messages(results: Sequence[pb.ActionResult], credit: int = 0) -> list[pb.ConnectRequest]:
-    """Results in ActionFinished chunks; ``credit`` rides with the first chunk."""
+def result_messages(
+    results: Sequence[pb.ActionResult],
+    credit: int = 0,
+    started: Sequence[pb.LeaseReport] = (),
+) -> list[pb.ConnectRequest]:
+    """Results in ActionFinished chunks; ``credit`` and ``started`` ride with the first one."""
     out: list[pb.ConnectRequest] = []
     batch: list[pb.ActionResult] = []
     size = 0
@@ -72,13 +76,13 @@ def result_messages(results: Sequence[pb.ActionResult], credit: int = 0) -> list
             + 128
         )
         if batch and size + approx > _BATCH_BYTES:
-            finished = pb.ActionFinished(results=batch, credit=credit)
+            finished = pb.ActionFinished(results=batch, credit=credit, started=started)
             out.append(pb.ConnectRequest(action_finished=finished))
-            batch, size, credit = [], 0, 0
+            batch, size, credit, started = [], 0, 0, ()
         batch.append(r)
         size += approx
     if batch:
-        finished = pb.ActionFinished(results=batch, credit=credit)
+        finished = pb.ActionFinished(results=batch, credit=credit, started=started)
         out.append(pb.ConnectRequest(action_finished=finished))
     return out
 

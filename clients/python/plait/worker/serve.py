@@ -94,6 +94,7 @@ async def serve(
     token: str = "",
     tracing: ExecuteTracing | None = None,
     observer: AttemptObserver | None = None,
+    prefetch: int = 32,
 ) -> SessionStats:
     """Serves ``workers``' handlers (and ``executors``) until the session drains or stops.
 
@@ -106,7 +107,8 @@ async def serve(
 
     ``tracing`` opens the attempts' execute spans; by default as the ``OTEL_*`` environment
     says, service ``plait-worker`` (:meth:`ExecuteTracing.from_env`). ``observer`` hears of
-    every attempt that ends.
+    every attempt that ends. ``prefetch`` is ``Hello.prefetch``: slots' worth of leases taken
+    beyond the free slots and queued, each started as a slot frees (0: none).
     """
     from plait.worker.handlers import HandlerExecutor
 
@@ -126,6 +128,7 @@ async def serve(
         adaptive=adaptive_config,
         tls=tls,
         token=token,
+        prefetch=prefetch,
     )
     all_executors: list[Executor] = list(executors)
     if workers:

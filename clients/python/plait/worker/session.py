@@ -92,6 +92,9 @@ _CANCEL_CAUSES: dict[int, CancelCause] = {
     pb.CANCEL_REASON_TIMEOUT: "timeout",
     pb.CANCEL_REASON_UNKNOWN_LEASE: "lease_lost",
 }
+RECLAIMED = "reclaimed by the coordinator for a worker with a free slot"
+# How long reports may wait for company while queued leases keep every slot busy (seconds).
+RESULT_BATCH = 0.002
 
 
 class WorkerSession:
@@ -153,6 +156,7 @@ class WorkerSession:
         # Welcome.resume_token of the last stream, sent back in the next Hello. A secret.
         self._resume_token = ""
         self._flush_scheduled = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._stream: ConnectStream | None = None
         self._hb_seq = 0
         self._fence = SelfFence()
@@ -323,6 +327,8 @@ class WorkerSession:
             hostname=cfg.hostname,
             resources=dict(cfg.resources),
             resume_token=self._resume_token,
+            prefetch=cfg.prefetch,
+            accepts_batch=True,
         )
         # The coordinator's ledger restarts from this Hello: slots - running.
         self._outbox.reset()
@@ -348,6 +354,7 @@ class WorkerSession:
             self._hlc.max_offset_ms = max(1, round(offset * 1000))
         self.session_id = welcome.session_id
         self._resume_token = welcome.resume_token
+        self._book.prefetch = welcome.prefetch
         # Welcome answers Hello: every lease it adopts is renewed no earlier than Hello was sent.
         self._fence.welcomed(hello_sent, self.lease_ttl)
         self._push_fence()
@@ -393,10 +400,15 @@ class WorkerSession:
         self._send(stream, pb.ConnectRequest(heartbeat=hb))
 
     def _send_results(
-        self, stream: ConnectStream, results: Sequence[pb.ActionResult], credit: int = 0
+        self,
+        stream: ConnectStream,
+        results: Sequence[pb.ActionResult],
+        credit: int = 0,
+        started: Sequence[pb.LeaseReport] = (),
     ) -> None:
-        """Sends results in ActionFinished chunks; ``credit`` rides with the first chunk."""
-        for msg in result_messages(results, credit):
+        """Sends results in ActionFinished chunks; ``credit`` and ``started`` ride with the
+        first chunk."""
+        for msg in result_messages(results, credit, started):
             self._send(stream, msg)
         self.stats.results_sent += len(results)
 
@@ -407,6 +419,13 @@ class WorkerSession:
 
     def _dispatch(self, msg: pb.ConnectResponse) -> None:
         self._observe(msg)
+        if msg.WhichOneof("message") == "batch":
+            for inner in msg.batch.messages:
+                self._handle(inner)
+        else:
+            self._handle(msg)
+
+    def _handle(self, msg: pb.ConnectResponse) -> None:
         kind = msg.WhichOneof("message")
         if kind == "ack":
             self._on_ack(msg.ack)
@@ -414,7 +433,9 @@ class WorkerSession:
             self._on_grant(msg.lease_grant)
         elif kind == "cancel_lease":
             for c in msg.cancel_lease.leases:
-                if c.lease_id in self._book.attempts:
+                if c.reason == pb.CANCEL_REASON_RECLAIMED:  # only if it has not started
+                    self._book.hand_back(c.lease_id, RECLAIMED)
+                elif c.lease_id in self._book.attempts or self._book.queue:
                     reason = pb.CancelReason.Name(c.reason)
                     why = f"cancelled by the coordinator ({reason}) {c.message}".strip()
                     self._book.cancel(c.lease_id, why, _CANCEL_CAUSES.get(c.reason, "cancelled"))
@@ -438,7 +459,7 @@ class WorkerSession:
 
     def _on_grant(self, grant: pb.LeaseGrant) -> None:
         for lease in grant.leases:
-            self._book.start(lease)
+            self._book.take(lease)
         self._last_grant_seq = max(self._last_grant_seq, grant.sequence)
 
     # ----------------------------------------------------------------- outgoing batches
@@ -453,27 +474,42 @@ class WorkerSession:
                 self._maybe_finish()
 
     def _schedule_flush(self) -> None:
-        # Everything that happens in this loop turn leaves together on the next one.
+        # Everything that happens in this loop turn leaves together on the next one. While
+        # queued leases keep the slots busy (prefetch), nothing here waits on the coordinator's
+        # answer, so reports wait up to RESULT_BATCH for more to share their message; once the
+        # queue is empty they leave at once.
+        loop = self._loop or asyncio.get_running_loop()
+        if self._book.queue:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._flush_timer = loop.call_later(RESULT_BATCH, self._flush)
+            return
+        if self._flush_timer is not None:  # the queue ran dry: what waits leaves now
+            self._flush_timer.cancel()
+            self._flush_timer = None
+            self._flush_scheduled = False
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush)
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._flush_timer = None
         stream = self._stream
         if stream is None:
             # Covered after the next Welcome: Hello.running and the re-send of unacked results.
             self._outbox.forget_reports()
             return
         started, finished, credit = self._outbox.take(draining=self._draining)
-        if started:
+        if started and not finished:
             self._send(stream, pb.ConnectRequest(action_started=pb.ActionStarted(leases=started)))
         if self._outbox.has_progress:
             self._flush_progress(stream)
         if finished:
             # The credit rides with the results, so the coordinator can lease the next actions
-            # in the same commit (ActionFinished.credit).
-            self._send_results(stream, finished, credit)
+            # in the same commit (ActionFinished.credit), and so do the starts of queued leases
+            # that took the freed slots (ActionFinished.started): one message.
+            self._send_results(stream, finished, credit, started)
         elif credit > 0:
             self._send(stream, pb.ConnectRequest(credit=pb.Credit(slots=credit)))
 

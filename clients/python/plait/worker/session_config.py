@@ -51,6 +51,10 @@ class SessionConfig:
     fence_margin: timedelta | None = None
     """Extra head start for self-fencing; ``None`` means one heartbeat interval."""
     max_message_bytes: int = 4 << 20
+    prefetch: int = 32
+    """``Hello.prefetch``: slots' worth of leases this worker takes beyond its free slots and
+    queues, starting each as a slot frees (the coordinator grants at most its own limit, and
+    adapts how many to the actions' run times); 0: none."""
     resources: Mapping[str, float] = field(default_factory=dict)
     """``Hello.resources`` exactly as sent (e.g. ``{"cpu": 8, "memory_mb": 32000}``)."""
     adaptive: AdaptiveConfig | None = None
@@ -67,6 +71,8 @@ class SessionConfig:
         why = describe_id(self.worker_id)  # the coordinator's rule: it refuses any other id
         if why is not None:
             raise ValueError(f"worker_id {self.worker_id!r}: {why}")
+        if not 0 <= self.prefetch <= 10_000:
+            raise ValueError(f"prefetch must be between 0 and 10000, got {self.prefetch}")
         if self.slots < 0:
             raise ValueError(f"slots must be >= 1 (or 0 for the CPU count), got {self.slots}")
         addresses = parse_targets(self.coordinator, "coordinator")  # TargetError: ValueError

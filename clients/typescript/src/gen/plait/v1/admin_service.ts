@@ -95,6 +95,15 @@ export interface WorkerInfo {
    * flight.
    */
   workerFreeSlots: number;
+  /** Leases granted beyond the worker's free slots (prefetch) that it has not started yet. */
+  queued: number;
+  /**
+   * How many leases the coordinator grants this worker beyond its free slots now (adapts to
+   * the attempts' durations; at most Welcome.prefetch).
+   */
+  prefetchDepth: number;
+  /** Welcome.prefetch: the most it may ever grant beyond the free slots on this session. */
+  prefetchLimit: number;
 }
 
 export interface WorkerInfo_LabelsEntry {
@@ -276,6 +285,9 @@ function createBaseWorkerInfo(): WorkerInfo {
     leaseLossStreak: 0,
     heldBackFor: undefined,
     workerFreeSlots: 0,
+    queued: 0,
+    prefetchDepth: 0,
+    prefetchLimit: 0,
   };
 }
 
@@ -337,6 +349,15 @@ export const WorkerInfo: MessageFns<WorkerInfo> = {
     }
     if (message.workerFreeSlots !== 0) {
       writer.uint32(144).uint32(message.workerFreeSlots);
+    }
+    if (message.queued !== 0) {
+      writer.uint32(152).uint32(message.queued);
+    }
+    if (message.prefetchDepth !== 0) {
+      writer.uint32(160).uint32(message.prefetchDepth);
+    }
+    if (message.prefetchLimit !== 0) {
+      writer.uint32(168).uint32(message.prefetchLimit);
     }
     return writer;
   },
@@ -501,6 +522,30 @@ export const WorkerInfo: MessageFns<WorkerInfo> = {
             message.workerFreeSlots = reader.uint32();
             continue;
           }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.queued = reader.uint32();
+            continue;
+          }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.prefetchDepth = reader.uint32();
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.prefetchLimit = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -588,6 +633,17 @@ export const WorkerInfo: MessageFns<WorkerInfo> = {
         : isSet(object.worker_free_slots)
         ? globalThis.Number(object.worker_free_slots)
         : 0,
+      queued: isSet(object.queued) ? globalThis.Number(object.queued) : 0,
+      prefetchDepth: isSet(object.prefetchDepth)
+        ? globalThis.Number(object.prefetchDepth)
+        : isSet(object.prefetch_depth)
+        ? globalThis.Number(object.prefetch_depth)
+        : 0,
+      prefetchLimit: isSet(object.prefetchLimit)
+        ? globalThis.Number(object.prefetchLimit)
+        : isSet(object.prefetch_limit)
+        ? globalThis.Number(object.prefetch_limit)
+        : 0,
     };
   },
 
@@ -653,6 +709,15 @@ export const WorkerInfo: MessageFns<WorkerInfo> = {
     if (message.workerFreeSlots !== 0) {
       obj.workerFreeSlots = Math.round(message.workerFreeSlots);
     }
+    if (message.queued !== 0) {
+      obj.queued = Math.round(message.queued);
+    }
+    if (message.prefetchDepth !== 0) {
+      obj.prefetchDepth = Math.round(message.prefetchDepth);
+    }
+    if (message.prefetchLimit !== 0) {
+      obj.prefetchLimit = Math.round(message.prefetchLimit);
+    }
     return obj;
   },
 
@@ -696,6 +761,9 @@ export const WorkerInfo: MessageFns<WorkerInfo> = {
       ? Duration.fromPartial(object.heldBackFor)
       : undefined;
     message.workerFreeSlots = object.workerFreeSlots ?? 0;
+    message.queued = object.queued ?? 0;
+    message.prefetchDepth = object.prefetchDepth ?? 0;
+    message.prefetchLimit = object.prefetchLimit ?? 0;
     return message;
   },
 };

@@ -93,6 +93,13 @@ export enum CancelReason {
   CANCEL_REASON_TIMEOUT = 3,
   /** CANCEL_REASON_UNKNOWN_LEASE - The coordinator does not know the lease (reconciliation). */
   CANCEL_REASON_UNKNOWN_LEASE = 4,
+  /**
+   * CANCEL_REASON_RECLAIMED - A prefetched lease the worker has not started yet is wanted by another worker with a free
+   * slot: a worker that has not started it drops it and reports it CANCELLED without running
+   * it; one that has started it ignores this cancellation and goes on (its start report tells
+   * the coordinator so).
+   */
+  CANCEL_REASON_RECLAIMED = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -113,6 +120,9 @@ export function cancelReasonFromJSON(object: any): CancelReason {
     case 4:
     case "CANCEL_REASON_UNKNOWN_LEASE":
       return CancelReason.CANCEL_REASON_UNKNOWN_LEASE;
+    case 5:
+    case "CANCEL_REASON_RECLAIMED":
+      return CancelReason.CANCEL_REASON_RECLAIMED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -132,6 +142,8 @@ export function cancelReasonToJSON(object: CancelReason): string {
       return "CANCEL_REASON_TIMEOUT";
     case CancelReason.CANCEL_REASON_UNKNOWN_LEASE:
       return "CANCEL_REASON_UNKNOWN_LEASE";
+    case CancelReason.CANCEL_REASON_RECLAIMED:
+      return "CANCEL_REASON_RECLAIMED";
     case CancelReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -212,7 +224,19 @@ export interface ConnectResponse {
     | //
     /** Stop asking for work; finish what is held, then say goodbye. */
     { $case: "drain"; value: Drain }
+    | //
+    /**
+     * Several of the above, decided in one commit, to be handled in order (sent only to a
+     * worker whose Hello.accepts_batch is set; the inner messages carry no hlc of their own).
+     */
+    { $case: "batch"; value: Batch }
     | undefined;
+}
+
+/** Batch is several coordinator messages in one stream message. */
+export interface Batch {
+  /** Set by the coordinator: the messages, in the order they were decided. */
+  messages: ConnectResponse[];
 }
 
 /** LeaseReport names a lease a worker holds. */
@@ -271,6 +295,16 @@ export interface Hello {
    * connect.
    */
   resumeToken: string;
+  /**
+   * Set by the worker: how many leases beyond its free slots it will take and queue, starting
+   * each as a slot frees (prefetch; 0: none, and the coordinator never grants beyond the
+   * credited slots). A worker that sets it MUST NOT run more than `slots` at once, MUST report
+   * queued leases in heartbeats and Hello.running (with their slots), and MUST answer a
+   * CANCEL_REASON_RECLAIMED cancellation of a queued lease by reporting it CANCELLED unrun.
+   */
+  prefetch: number;
+  /** Set by the worker: it understands ConnectResponse.batch. */
+  acceptsBatch: boolean;
 }
 
 export interface Hello_LabelsEntry {
@@ -319,7 +353,15 @@ export interface Welcome {
    * coordinator's stamps are that far ahead of theirs; they merge them anyway (the
    * coordinator orders the history, so its stamps are authoritative for the worker).
    */
-  maxClockOffset: Duration | undefined;
+  maxClockOffset:
+    | Duration
+    | undefined;
+  /**
+   * Set by the coordinator: the most leases it will grant this session beyond the worker's
+   * free slots, min(Hello.prefetch, the coordinator's --max-prefetch). How many it actually
+   * grants adapts to the attempts' durations (docs/protocol.md, "Prefetch").
+   */
+  prefetch: number;
 }
 
 /** Heartbeat renews the worker's leases and resynchronises state. */
@@ -416,6 +458,12 @@ export interface ActionFinished {
    * Do not include it in a re-sent batch after a reconnect (Hello already accounted for it).
    */
   credit: number;
+  /**
+   * Set by the worker: attempts that started since the last flush, exactly as
+   * ActionStarted.leases (a queued lease that started as one of these ended); the coordinator
+   * handles them before the results. Saves a message per loop turn.
+   */
+  started: LeaseReport[];
 }
 
 /** Goodbye announces that the worker is leaving. */
@@ -970,6 +1018,9 @@ export const ConnectResponse: MessageFns<ConnectResponse> = {
       case "drain":
         Drain.encode(message.message.value, writer.uint32(50).fork()).join();
         break;
+      case "batch":
+        Batch.encode(message.message.value, writer.uint32(58).fork()).join();
+        break;
     }
     return writer;
   },
@@ -1035,6 +1086,14 @@ export const ConnectResponse: MessageFns<ConnectResponse> = {
             message.message = { $case: "drain", value: Drain.decode(reader, reader.uint32()) };
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.message = { $case: "batch", value: Batch.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1064,6 +1123,8 @@ export const ConnectResponse: MessageFns<ConnectResponse> = {
         ? { $case: "ack", value: Ack.fromJSON(object.ack) }
         : isSet(object.drain)
         ? { $case: "drain", value: Drain.fromJSON(object.drain) }
+        : isSet(object.batch)
+        ? { $case: "batch", value: Batch.fromJSON(object.batch) }
         : undefined,
     };
   },
@@ -1083,6 +1144,8 @@ export const ConnectResponse: MessageFns<ConnectResponse> = {
       obj.ack = Ack.toJSON(message.message.value);
     } else if (message.message?.$case === "drain") {
       obj.drain = Drain.toJSON(message.message.value);
+    } else if (message.message?.$case === "batch") {
+      obj.batch = Batch.toJSON(message.message.value);
     }
     return obj;
   },
@@ -1124,7 +1187,84 @@ export const ConnectResponse: MessageFns<ConnectResponse> = {
         }
         break;
       }
+      case "batch": {
+        if (object.message?.value !== undefined && object.message?.value !== null) {
+          message.message = { $case: "batch", value: Batch.fromPartial(object.message.value) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseBatch(): Batch {
+  return { messages: [] };
+}
+
+export const Batch: MessageFns<Batch> = {
+  encode(message: Batch, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.messages) {
+      ConnectResponse.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Batch {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBatch();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.messages.push(ConnectResponse.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Batch {
+    return {
+      messages: globalThis.Array.isArray(object?.messages)
+        ? object.messages.map((e: any) => ConnectResponse.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: Batch): unknown {
+    const obj: any = {};
+    if (message.messages?.length) {
+      obj.messages = message.messages.map((e) => ConnectResponse.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Batch>, I>>(base?: I): Batch {
+    return Batch.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Batch>, I>>(object: I): Batch {
+    const message = createBaseBatch();
+    message.messages = object.messages?.map((e) => ConnectResponse.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1255,6 +1395,8 @@ function createBaseHello(): Hello {
     hostname: "",
     resources: {},
     resumeToken: "",
+    prefetch: 0,
+    acceptsBatch: false,
   };
 }
 
@@ -1289,6 +1431,12 @@ export const Hello: MessageFns<Hello> = {
     });
     if (message.resumeToken !== "") {
       writer.uint32(82).string(message.resumeToken);
+    }
+    if (message.prefetch !== 0) {
+      writer.uint32(88).uint32(message.prefetch);
+    }
+    if (message.acceptsBatch !== false) {
+      writer.uint32(96).bool(message.acceptsBatch);
     }
     return writer;
   },
@@ -1392,6 +1540,22 @@ export const Hello: MessageFns<Hello> = {
             message.resumeToken = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.prefetch = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.acceptsBatch = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1454,6 +1618,12 @@ export const Hello: MessageFns<Hello> = {
         : isSet(object.resume_token)
         ? globalThis.String(object.resume_token)
         : "",
+      prefetch: isSet(object.prefetch) ? globalThis.Number(object.prefetch) : 0,
+      acceptsBatch: isSet(object.acceptsBatch)
+        ? globalThis.Boolean(object.acceptsBatch)
+        : isSet(object.accepts_batch)
+        ? globalThis.Boolean(object.accepts_batch)
+        : false,
     };
   },
 
@@ -1501,6 +1671,12 @@ export const Hello: MessageFns<Hello> = {
     if (message.resumeToken !== "") {
       obj.resumeToken = message.resumeToken;
     }
+    if (message.prefetch !== 0) {
+      obj.prefetch = Math.round(message.prefetch);
+    }
+    if (message.acceptsBatch !== false) {
+      obj.acceptsBatch = message.acceptsBatch;
+    }
     return obj;
   },
 
@@ -1535,6 +1711,8 @@ export const Hello: MessageFns<Hello> = {
       {},
     );
     message.resumeToken = object.resumeToken ?? "";
+    message.prefetch = object.prefetch ?? 0;
+    message.acceptsBatch = object.acceptsBatch ?? false;
     return message;
   },
 };
@@ -1719,6 +1897,7 @@ function createBaseWelcome(): Welcome {
     killGrace: undefined,
     resumeToken: "",
     maxClockOffset: undefined,
+    prefetch: 0,
   };
 }
 
@@ -1747,6 +1926,9 @@ export const Welcome: MessageFns<Welcome> = {
     }
     if (message.maxClockOffset !== undefined) {
       Duration.encode(message.maxClockOffset, writer.uint32(66).fork()).join();
+    }
+    if (message.prefetch !== 0) {
+      writer.uint32(72).uint32(message.prefetch);
     }
     return writer;
   },
@@ -1828,6 +2010,14 @@ export const Welcome: MessageFns<Welcome> = {
             message.maxClockOffset = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.prefetch = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1874,6 +2064,7 @@ export const Welcome: MessageFns<Welcome> = {
         : isSet(object.max_clock_offset)
         ? Duration.fromJSON(object.max_clock_offset)
         : undefined,
+      prefetch: isSet(object.prefetch) ? globalThis.Number(object.prefetch) : 0,
     };
   },
 
@@ -1903,6 +2094,9 @@ export const Welcome: MessageFns<Welcome> = {
     if (message.maxClockOffset !== undefined) {
       obj.maxClockOffset = Duration.toJSON(message.maxClockOffset);
     }
+    if (message.prefetch !== 0) {
+      obj.prefetch = Math.round(message.prefetch);
+    }
     return obj;
   },
 
@@ -1927,6 +2121,7 @@ export const Welcome: MessageFns<Welcome> = {
     message.maxClockOffset = (object.maxClockOffset !== undefined && object.maxClockOffset !== null)
       ? Duration.fromPartial(object.maxClockOffset)
       : undefined;
+    message.prefetch = object.prefetch ?? 0;
     return message;
   },
 };
@@ -2510,7 +2705,7 @@ export const ActionResult: MessageFns<ActionResult> = {
 };
 
 function createBaseActionFinished(): ActionFinished {
-  return { results: [], credit: 0 };
+  return { results: [], credit: 0, started: [] };
 }
 
 export const ActionFinished: MessageFns<ActionFinished> = {
@@ -2520,6 +2715,9 @@ export const ActionFinished: MessageFns<ActionFinished> = {
     }
     if (message.credit !== 0) {
       writer.uint32(16).uint32(message.credit);
+    }
+    for (const v of message.started) {
+      LeaseReport.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -2553,6 +2751,14 @@ export const ActionFinished: MessageFns<ActionFinished> = {
             message.credit = reader.uint32();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.started.push(LeaseReport.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2571,6 +2777,7 @@ export const ActionFinished: MessageFns<ActionFinished> = {
         ? object.results.map((e: any) => ActionResult.fromJSON(e))
         : [],
       credit: isSet(object.credit) ? globalThis.Number(object.credit) : 0,
+      started: globalThis.Array.isArray(object?.started) ? object.started.map((e: any) => LeaseReport.fromJSON(e)) : [],
     };
   },
 
@@ -2582,6 +2789,9 @@ export const ActionFinished: MessageFns<ActionFinished> = {
     if (message.credit !== 0) {
       obj.credit = Math.round(message.credit);
     }
+    if (message.started?.length) {
+      obj.started = message.started.map((e) => LeaseReport.toJSON(e));
+    }
     return obj;
   },
 
@@ -2592,6 +2802,7 @@ export const ActionFinished: MessageFns<ActionFinished> = {
     const message = createBaseActionFinished();
     message.results = object.results?.map((e) => ActionResult.fromPartial(e)) || [];
     message.credit = object.credit ?? 0;
+    message.started = object.started?.map((e) => LeaseReport.fromPartial(e)) || [];
     return message;
   },
 };

@@ -382,6 +382,11 @@ export enum EventReason {
    * not charged to any budget.
    */
   EVENT_REASON_HEDGE_ENDED = 8,
+  /**
+   * EVENT_REASON_RECLAIMED - A prefetched lease its worker had not started was handed back so that another worker
+   * could run the action at once (not charged to the lease-loss budget).
+   */
+  EVENT_REASON_RECLAIMED = 9,
   /** EVENT_REASON_ATTEMPT_FAILED - RETRY_SCHEDULED or FINISHED: the worker reported the attempt failed (`error_type` says how). */
   EVENT_REASON_ATTEMPT_FAILED = 10,
   /** EVENT_REASON_RUN_TIMEOUT - RETRY_SCHEDULED or FINISHED (TIMED_OUT): the attempt ran past its run timeout. */
@@ -444,6 +449,9 @@ export function eventReasonFromJSON(object: any): EventReason {
     case 8:
     case "EVENT_REASON_HEDGE_ENDED":
       return EventReason.EVENT_REASON_HEDGE_ENDED;
+    case 9:
+    case "EVENT_REASON_RECLAIMED":
+      return EventReason.EVENT_REASON_RECLAIMED;
     case 10:
     case "EVENT_REASON_ATTEMPT_FAILED":
       return EventReason.EVENT_REASON_ATTEMPT_FAILED;
@@ -516,6 +524,8 @@ export function eventReasonToJSON(object: EventReason): string {
       return "EVENT_REASON_NOT_REPORTED";
     case EventReason.EVENT_REASON_HEDGE_ENDED:
       return "EVENT_REASON_HEDGE_ENDED";
+    case EventReason.EVENT_REASON_RECLAIMED:
+      return "EVENT_REASON_RECLAIMED";
     case EventReason.EVENT_REASON_ATTEMPT_FAILED:
       return "EVENT_REASON_ATTEMPT_FAILED";
     case EventReason.EVENT_REASON_RUN_TIMEOUT:
