@@ -152,4 +152,4 @@ bench-throughput: $(STAMP)
 	$(BIN)/python -m tests.bench.throughput
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .plait
+	rm -rf $(VENV) .venv-peers build *.egg-info .mypy_cache .ruff_cache .pytest_cache .plait

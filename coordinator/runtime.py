@@ -47,6 +47,7 @@ from plait.coordinator.core.state import CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
 from plait.coordinator.metrics import CoordinatorMetrics, StateGauges
 from plait.coordinator.observations import Observations, call_on_loop, state_gauges
+from plait.coordinator.retention import Retention
 from plait.coordinator.services.errors import InputRefusals, InternalErrors, Throttle
 from plait.coordinator.tracing import Tracing
 from plait.coordinator.watchers import Watchers
@@ -62,7 +63,6 @@ Outbound = wpb.ConnectResponse | SessionEnd | PlaitError | None
 
 E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slow
 _CEILING_STEP_MS = 1000  # how far ahead each stored HLC ceiling reaches
-_RETENTION_EVERY = 60.0  # seconds between retention sweeps
 # A core that fails more often than this is broken, not unlucky: the process stops.
 _REBUILDS_ALLOWED = 3
 _REBUILD_WINDOW = 60.0  # seconds
@@ -103,7 +103,7 @@ class Runtime:
         self.tick_interval = min(0.05, config.heartbeat_interval.total_seconds() / 5)
         self._max_offset_ms = int(config.max_clock_offset.total_seconds() * 1000)
         self._ceiling = 0
-        self._next_retention = 0.0
+        self.retention = Retention(config.retention.total_seconds(), store, clock)
         self.leader_hint: str | None = None
         self.replayed_events = 0
         self.replay_seconds = 0.0
@@ -346,8 +346,7 @@ class Runtime:
                 self._inflight = asyncio.ensure_future(self._commit(out))
                 self._inflight_out = out
                 self._inflight.add_done_callback(lambda _: self._wake.set())
-                if now >= self._next_retention:
-                    self._retention(now)
+                self._retention(now)
                 if self._stopping and not self._inbox:
                     await self._delivered()
                     return
@@ -364,13 +363,11 @@ class Runtime:
         self._deliver_safely(self._inflight_out)
 
     def _retention(self, now: float) -> None:
-        self._next_retention = now + min(
-            _RETENTION_EVERY, self.config.retention.total_seconds() / 10
-        )
-        try:
-            self._retire()
-        except Exception as e:  # retention waits for the next sweep
-            self.errors.failed("retention", e)
+        if self.retention.due(now):
+            try:
+                self.retention.sweep(self.state, self.watchers)
+            except Exception as e:  # retention waits for the next sweep
+                self.errors.failed("retention", e)
 
     def _fail(self, err: Exception) -> None:
         """Stops the coordinator: the journal failed (or the core could not be recovered)."""
@@ -517,22 +514,6 @@ class Runtime:
             return None
         return top + _CEILING_STEP_MS
 
-    def _retire(self) -> None:
-        """Forgets finished workflows past retention and prunes their rows in the background."""
-        core = self.state
-        horizon = self.clock.wall_ms() - int(self.config.retention.total_seconds() * 1000)
-        old = [
-            wf.workflow_id
-            for wf in core.workflows.values()
-            if wf.finished_wall_ms
-            and wf.finished_wall_ms < horizon
-            and wf.workflow_id not in self.watchers
-        ]
-        if old:
-            core.forget(old)
-            task = asyncio.create_task(self.store.prune(old), name="plait-prune")
-            task.add_done_callback(_log_prune)
-
     def _deliver_safely(self, out: Outcome) -> None:
         """:meth:`_deliver`; if it raises (a bug), RPCs it did not answer get INTERNAL."""
         try:
@@ -610,13 +591,3 @@ class Runtime:
 
 class _CoreBroken(Exception):
     """The core kept raising: recovering again would only repeat it."""
-
-
-def _log_prune(task: asyncio.Task[int]) -> None:
-    if task.cancelled():
-        return
-    err = task.exception()
-    if err is not None:
-        log.error("pruning finished workflows failed: %s", err)
-    else:
-        log.info("pruned %d journal rows of finished workflows", task.result())

@@ -141,13 +141,22 @@ class Confinement:
             head += prlimit_argv(self.sandbox.prlimit, limits)
         return head
 
-    def started(self, pid: int, limits: Mapping[int, int]) -> str:
-        """The attempt's first process (``pid``, its own group) started; when it waits at the
-        barrier, move it into its cgroup (and set its limits if prlimit could not). Returns a
-        problem ('' when all went well)."""
+    def started(self, pid: int) -> None:
+        """The attempt's first process (``pid``, its own group) started."""
         self.pgid = pid
         if self.sandbox.pool is not None and self.ident is not None:
             self.sandbox.pool.attach(self.ident, pid)
+
+    @property
+    def slow_start(self) -> bool:
+        """Whether :meth:`release_barrier` may wait: a move into a cgroup waits for an RCU
+        grace period (~1 ms, not CPU), so the executor runs it off its event loop."""
+        return bool(self.cgroup)
+
+    def release_barrier(self, pid: int, limits: Mapping[int, int]) -> str:
+        """While the first process waits at the barrier: set its limits (unless the prlimit
+        step does) and move it into its cgroup. Returns a problem ('' when all went well).
+        Thread-safe: it only makes system calls about ``pid``."""
         if self.sandbox.prlimit is None:
             try:
                 apply_rlimits(pid, limits)
@@ -184,9 +193,13 @@ class Confinement:
         if self._released:
             return
         self._released = True
-        self.signal(signal.SIGKILL)
+        if self.pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
         keeper = self.sandbox.keeper
         if self.cgroup:
+            # The drain kills whatever is still in the cgroup before it removes it (an emptied
+            # cgroup, the usual case, is removed without another cgroup.kill).
             if await _drain_cgroup(self.cgroup):
                 if keeper is not None:
                     keeper.unregister_cgroup(self.cgroup)
@@ -222,6 +235,10 @@ class Confinement:
             await proc.wait()
         except OSError as err:
             log.error("cannot sweep the processes of uid %d: %s", ident.uid, err)
+        # kill(-1) only sends the signals: wait until they are dead (a /proc scan, killing any
+        # straggler), so that the attempt reports only once nothing of it runs.
+        spare = pool.live_groups(ident) - {self.pgid}
+        await asyncio.to_thread(kill_uid_processes, ident.uid, spare)
 
 
 async def _drain_cgroup(path: str) -> bool:

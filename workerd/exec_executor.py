@@ -43,7 +43,6 @@ from typing import Any
 from plait.clock import Clock, SystemClock
 from plait.durations import format_duration
 from plait.durations import from_proto as duration_from_proto
-from plait.jsonlimits import MAX_JSON_DEPTH, nesting_exceeds
 from plait.logs import bind_log_fields
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
@@ -61,7 +60,7 @@ from plait.worker.handlers import attempt_log_fields, parse_inputs, parse_item
 from plait.workerd.confinement import Confinement, Sandbox
 from plait.workerd.containment import remove_tree
 from plait.workerd.keeper import Keeper
-from plait.workerd.outputs import read_output_file
+from plait.workerd.outputs import output_exists, read_outputs
 from plait.workerd.sandbox import (
     INPUTS_FILE_NAME,
     NO_ITEM,
@@ -80,13 +79,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TAIL_BYTES = 64 * 1024
 DEFAULT_INPUTS_ENV_LIMIT = 64 * 1024
-_JSON_TYPE = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-}
 _watcher_installed = False
 
 
@@ -108,35 +100,6 @@ def install_child_watcher() -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     _watcher_installed = True
-
-
-def read_outputs(path: str, limit: int, owner: int | None = None) -> tuple[str, str]:
-    """(outputs JSON, "") or ("", error) for the file an action wrote to ``$PLAIT_OUTPUT``.
-
-    An absent or empty file means ``{}``. The file must be a regular file (not a symlink, FIFO
-    or device; owned by ``owner`` when given): see :func:`read_output_file`. Blocking I/O: the
-    executor calls it in a thread.
-    """
-    data, problem = read_output_file(path, limit, owner=owner)
-    if problem:
-        return "", problem
-    if data is None:
-        return "{}", ""
-    if len(data) > limit:
-        return "", f"$PLAIT_OUTPUT is over the {limit}-byte limit"
-    if not data.strip():
-        return "{}", ""
-    try:
-        text = data.decode("utf-8")
-        if nesting_exceeds(text):  # json.loads would recurse once per level
-            return "", f"$PLAIT_OUTPUT nests deeper than {MAX_JSON_DEPTH} levels"
-        obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as err:
-        return "", f"$PLAIT_OUTPUT is not valid JSON: {err}"
-    if not isinstance(obj, dict):
-        kind = "null" if obj is None else _JSON_TYPE.get(type(obj), type(obj).__name__)
-        return "", f"$PLAIT_OUTPUT must hold a JSON object, not {kind}"
-    return json.dumps(obj, separators=(",", ":")), ""
 
 
 _LIMIT_SIGNALS = {
@@ -356,13 +319,17 @@ class _ExecAttempt:
         """Kills what the attempt left, gives its identity back, removes its directory."""
         if self.confinement is not None:
             await self.confinement.end()
+        keeper = self.ex.keeper
         if self.tmpdir:
-            # In a thread: an action may leave a million files behind.
+            # In a thread: an action may leave a million files behind, and even an rmdir may
+            # wait on the file system's journal.
             if await asyncio.to_thread(remove_tree, self.tmpdir):
-                if self.ex.keeper is not None:
-                    self.ex.keeper.unregister_dir(self.tmpdir)
+                if keeper is not None:
+                    keeper.unregister_dir(self.tmpdir)
             else:
                 log.warning("could not remove the attempt directory %s", self.tmpdir)
+        if keeper is not None:
+            keeper.flush()  # its group, cgroup and directory are gone: one write says so
 
     async def _resolve_secrets(self) -> dict[str, str] | AttemptResult:
         """The lease's secrets as environment entries (plait.workerd.secrets), or the failure."""
@@ -409,24 +376,28 @@ class _ExecAttempt:
             return AttemptResult.failed(limits, code=Code.FAILED_PRECONDITION)
         self.limits = limits
         self.confinement = confinement = self.ex.sandbox.confine()
-        # Absolute: it is also the working directory, so a relative path in the environment
-        # would point somewhere else from inside it.
-        self.tmpdir = os.path.abspath(
-            tempfile.mkdtemp(prefix="plait-attempt-", dir=self.ex.tmp_root)
-        )
-        if self.ex.keeper is not None:
-            self.ex.keeper.register_dir(self.tmpdir)
-        inputs = inputs_text.encode()
-        inputs_file = os.path.join(self.tmpdir, INPUTS_FILE_NAME)
-        with open(inputs_file, "xb") as f:
-            f.write(inputs)
-        confinement.own(self.tmpdir, inputs_file)
-        try:
-            confinement.make_cgroup()
-        except OSError as err:
-            return AttemptResult.failed(
-                f"cannot create the attempt's cgroup: {err.strerror or err}", code=Code.INTERNAL
+        keeper = self.ex.keeper
+        # Its directory and cgroup reach the keeper in one write (nothing runs before it ends).
+        with keeper.batch() if keeper is not None else contextlib.nullcontext():
+            # Absolute: it is also the working directory, so a relative path in the
+            # environment would point somewhere else from inside it.
+            self.tmpdir = os.path.abspath(
+                tempfile.mkdtemp(prefix="plait-attempt-", dir=self.ex.tmp_root)
             )
+            if keeper is not None:
+                keeper.register_dir(self.tmpdir)
+            inputs = inputs_text.encode()
+            inputs_file = os.path.join(self.tmpdir, INPUTS_FILE_NAME)
+            with open(inputs_file, "xb") as f:
+                f.write(inputs)
+            confinement.own(self.tmpdir, inputs_file)
+            try:
+                confinement.make_cgroup()
+            except OSError as err:
+                return AttemptResult.failed(
+                    f"cannot create the attempt's cgroup: {err.strerror or err}",
+                    code=Code.INTERNAL,
+                )
         env = build_env(
             lease,
             tmpdir=self.tmpdir,
@@ -501,15 +472,22 @@ class _ExecAttempt:
     async def _supervise(
         self, transport: asyncio.SubprocessTransport, pipes: _Pipes, inputs: bytes
     ) -> AttemptResult:
-        self.pgid = transport.get_pid()
+        pid = transport.get_pid()
         keeper = self.ex.keeper
         if keeper is not None:
-            keeper.register(self.pgid)
+            keeper.register(pid)
             self.registered_at = self.ex.clock.monotonic()
-        assert self.confinement is not None
-        # The first process waits at the start barrier until its limits and cgroup are set.
-        problem = self.confinement.started(self.pgid, self.limits)
+        confinement = self.confinement
+        assert confinement is not None
+        confinement.started(pid)
         try:
+            # The first process waits at the start barrier until its limits and cgroup are set.
+            # Its pid stays its own meanwhile: only this loop reaps it (and only if it died).
+            if confinement.slow_start:
+                problem = await asyncio.to_thread(confinement.release_barrier, pid, self.limits)
+            else:
+                problem = confinement.release_barrier(pid, self.limits)
+            self.pgid = pid  # kill() signals from now on (before, it is begun below)
             stdin: Any = transport.get_pipe_transport(0)
             if problem:
                 self.kill_outcome, self.kill_reason = FAILED, problem
@@ -538,7 +516,13 @@ class _ExecAttempt:
             # Whatever the attempt left in its group dies with it.
             self._signal(signal.SIGKILL)
             if keeper is not None:
-                keeper.unregister(self.pgid)
+                keeper.unregister(pid)
+        return await self._outcome(transport, pipes, confinement)
+
+    async def _outcome(
+        self, transport: asyncio.SubprocessTransport, pipes: _Pipes, confinement: Confinement
+    ) -> AttemptResult:
+        """The result of an attempt whose main process exited."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(pipes.closed), self.ex.pipe_drain_timeout)
         code = transport.get_returncode()
@@ -567,12 +551,12 @@ class _ExecAttempt:
             return AttemptResult.failed(
                 exit_message(rc), exit_code=rc, stdout_tail=out, stderr_tail=err
             )
-        outputs, problem = await asyncio.to_thread(
-            read_outputs,
-            os.path.join(self.tmpdir, OUTPUT_FILE_NAME),
-            self.ex.max_output_bytes,
-            self.confinement.uid,
-        )
+        output_file = os.path.join(self.tmpdir, OUTPUT_FILE_NAME)
+        outputs, problem = "{}", ""
+        if output_exists(output_file):  # reading it (untrusted, maybe slow) needs a thread
+            outputs, problem = await asyncio.to_thread(
+                read_outputs, output_file, self.ex.max_output_bytes, confinement.uid
+            )
         if problem:
             return AttemptResult.failed(
                 problem, code=Code.INVALID_ARGUMENT, stdout_tail=out, stderr_tail=err

@@ -45,7 +45,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from plait.clock import Clock, SystemClock
 from plait.workerd import containment
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _KINDS = "gcdup"
 _MAX_WAIT_MS = 3_600_000.0  # poll() takes a C int of milliseconds; a far deadline is re-checked
+_NAP_S = 0.01  # after a read, how long the keeper lets lines pile up (see _serve)
 
 
 def _parse(line: bytes) -> tuple[bool, str, str] | None:
@@ -139,8 +141,17 @@ def keep(stream: Iterable[bytes] | None = None, clock: Clock | None = None) -> i
     return 0
 
 
-def _serve(state: KeeperState, fd: int, clock: Clock) -> None:
-    """Reads lines from ``fd`` until EOF; fences whenever the armed deadline passes."""
+def _serve(
+    state: KeeperState, fd: int, clock: Clock, nap: Callable[[float], None] = time.sleep
+) -> None:
+    """Reads lines from ``fd`` until EOF; fences whenever the armed deadline passes.
+
+    After each read it naps up to :data:`_NAP_S` (never past the fence deadline) before it
+    looks again: a write to a pipe whose reader is not waiting wakes nobody, and a wake-up is
+    the dearest part of a registration (a cross-CPU wake-up on a virtual machine), so workerd's
+    lines cost it little however many attempts start. Lines are read before the fence is
+    checked, so a deadline moved during a nap is seen; EOF is seen at most a nap late.
+    """
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
     pending = b""
@@ -161,6 +172,12 @@ def _serve(state: KeeperState, fd: int, clock: Clock) -> None:
             *lines, pending = (pending + data).split(b"\n")
             for line in lines:
                 state.apply(line)
+            rest = _NAP_S
+            if state.deadline is not None:
+                rest = min(rest, state.deadline - clock.monotonic())
+            if rest > 0:
+                nap(rest)
+                continue  # read what came during the nap before judging the fence
         # Checked after every wake, so a steady stream of lines cannot starve the fence.
         if state.fence_due(clock.monotonic()):
             state.fence()
@@ -206,6 +223,10 @@ class Keeper:
 
     Writes are a few bytes on a pipe the keeper drains continuously, so they do not block in
     practice. If the keeper dies it is restarted and everything live registered again.
+
+    Each write wakes the keeper, so lines are coalesced where that is safe: a removal waits for
+    the next write (or :meth:`flush`; the keeper only forgets later), and registrations made
+    inside :meth:`batch` go out together when the block ends.
     """
 
     def __init__(self, python: str = sys.executable) -> None:
@@ -214,6 +235,8 @@ class Keeper:
         self._items: set[str] = set()  # registered lines, without the leading +/-
         self._fence = math.inf  # the latest fence deadline; inf: none
         self._fence_sent = math.inf  # the one the keeper process has
+        self._pending = bytearray()  # lines not written yet (removals; registrations in batch())
+        self._batching = 0
         self._lock = threading.Lock()
 
     @property
@@ -234,11 +257,33 @@ class Keeper:
             close_fds=True,
         )
         self._fence_sent = math.inf
+        self._pending.clear()  # the new keeper gets what is registered now, nothing stale
         data = "".join(f"+{item}\n" for item in self._items)
         if any(map(_is_attempt, self._items)):
             data += self._fence_line()
         if data:
             self._write(data.encode())
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Registrations made in the block reach the keeper in one write when it ends.
+
+        Only for blocks without an await, that start nothing before they end: what is
+        registered inside is not covered until then.
+        """
+        with self._lock:
+            self._batching += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._batching -= 1
+                self._send(b"")
+
+    def flush(self) -> None:
+        """Writes the lines still held back (removals)."""
+        with self._lock:
+            self._send(b"")
 
     def register(self, pgid: int) -> None:
         """An attempt's process group started."""
@@ -300,13 +345,21 @@ class Keeper:
             self._send(f"{fence}+{item}\n".encode())
 
     def _remove(self, item: str) -> None:
+        # Held back until the next write: an attempt's end unregisters its group, cgroup and
+        # directory in one write (it flushes), and a registration never waits behind it.
         with self._lock:
             self._items.discard(item)
-            self._send(f"-{item}\n".encode())
+            self._pending += f"-{item}\n".encode()
 
     def _send(self, data: bytes) -> None:
+        """Writes ``data`` after the held-back lines, unless inside :meth:`batch`."""
         if self._proc is None:
+            self._pending.clear()
             return
+        self._pending += data
+        if self._batching or not self._pending:
+            return
+        data, self._pending = bytes(self._pending), bytearray()
         try:
             self._write(data)
         except OSError:
@@ -325,6 +378,12 @@ class Keeper:
 
     def close(self) -> None:
         """Closes the pipe; the keeper cleans up anything still registered and exits."""
+        with self._lock:
+            if self._pending and self._proc is not None and self._proc.poll() is None:
+                # Removals first: the keeper must not clean up what is already gone.
+                with contextlib.suppress(OSError):
+                    self._write(bytes(self._pending))
+            self._pending.clear()
         proc, self._proc = self._proc, None
         if proc is None:
             return

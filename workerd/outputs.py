@@ -6,16 +6,20 @@ returns), ``/dev/zero`` (a read that never ends), or a hard link to a file of an
 it is opened with ``O_NOFOLLOW|O_NONBLOCK``, must then be a regular file (``fstat`` of what was
 opened, not of the path), owned by the attempt's user when it has one of its own, and at most
 ``limit + 1`` bytes are read. The executor calls this in a thread, off the event loop, so a slow
-file system cannot stall heartbeats either.
+file system cannot stall heartbeats either; only whether there is a file at all
+(:func:`output_exists`, one ``lstat``) is asked on the loop.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 
-__all__ = ["read_output_file"]
+from plait.jsonlimits import MAX_JSON_DEPTH, nesting_exceeds
+
+__all__ = ["output_exists", "read_output_file", "read_outputs"]
 
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -25,6 +29,13 @@ _KINDS = (
     (stat.S_ISSOCK, "a socket"),
     (stat.S_ISLNK, "a symbolic link"),
 )
+_JSON_TYPE = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+}
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
@@ -74,3 +85,38 @@ def read_output_file(
         return None, f"{name} cannot be read: {err.strerror or err}"
     finally:
         os.close(fd)
+
+
+def output_exists(path: str) -> bool:
+    """Whether anything is at ``path`` (a symlink counts): one ``lstat``, so the executor knows
+    an action wrote no output without a thread hop."""
+    return os.path.lexists(path)
+
+
+def read_outputs(path: str, limit: int, owner: int | None = None) -> tuple[str, str]:
+    """(outputs JSON, "") or ("", error) for the file an action wrote to ``$PLAIT_OUTPUT``.
+
+    An absent or empty file means ``{}``. The file must be a regular file (not a symlink, FIFO
+    or device; owned by ``owner`` when given): see :func:`read_output_file`. Blocking I/O: the
+    executor calls it in a thread.
+    """
+    data, problem = read_output_file(path, limit, owner=owner)
+    if problem:
+        return "", problem
+    if data is None:
+        return "{}", ""
+    if len(data) > limit:
+        return "", f"$PLAIT_OUTPUT is over the {limit}-byte limit"
+    if not data.strip():
+        return "{}", ""
+    try:
+        text = data.decode("utf-8")
+        if nesting_exceeds(text):  # json.loads would recurse once per level
+            return "", f"$PLAIT_OUTPUT nests deeper than {MAX_JSON_DEPTH} levels"
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as err:
+        return "", f"$PLAIT_OUTPUT is not valid JSON: {err}"
+    if not isinstance(obj, dict):
+        kind = "null" if obj is None else _JSON_TYPE.get(type(obj), type(obj).__name__)
+        return "", f"$PLAIT_OUTPUT must hold a JSON object, not {kind}"
+    return json.dumps(obj, separators=(",", ":")), ""

@@ -72,15 +72,21 @@ def welcomed(st: SchedulerState, w: WorkerRecord) -> None:
 
 def heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat) -> None:
     """Takes the heartbeat's echo as proof of hearing, then remembers its own ack's time."""
+    # Once per heartbeat of every worker: plain loops and comparisons, no generator.
     echoed = hb.last_ack_sequence
+    acks = w.acks
     if not echoed:
         sent = w.welcomed_at
     else:
-        sent = next((at for seq, at in w.acks if seq == echoed), -math.inf)
+        sent = -math.inf
+        for seq, at in acks:
+            if seq == echoed:
+                sent = at
+                break
     w.proof_at = max(w.proof_at, sent)
-    if len(w.acks) >= ACKS_KEPT:
-        del w.acks[0]
-    w.acks.append((hb.sequence, st.now))
+    if len(acks) >= ACKS_KEPT:
+        del acks[0]
+    acks.append((hb.sequence, st.now))
 
 
 def hears(st: SchedulerState, w: WorkerRecord) -> bool:

@@ -13,6 +13,9 @@ it queues them and starts each the moment a slot frees. The rules:
   mean run time``), at least one slot's worth, at most ``Welcome.prefetch``. Until the first
   result it is ``min(slots, Welcome.prefetch)``. No-ops at one slot get the whole limit; minute
   long actions one lease.
+* **Not to a worker that loses leases.** A worker that lost a lease (expired, self-fenced,
+  not re-adopted, not reported) gets no prefetch until one of its results commits again, so a
+  flapping link loses what the worker runs, not a queue as well.
 * **A queued lease is a lease.** It is granted with a fencing token, renewed by heartbeats,
   reconciled, lost on expiry and self-fenced like any other; the worker runs at most ``slots``
   at once. Its resources and semaphores are held from the grant.
@@ -70,11 +73,15 @@ def queued(w: WorkerRecord) -> int:
 
 
 def candidates(st: SchedulerState) -> list[WorkerRecord]:
-    """Workers that may be granted one more lease beyond their free slots now."""
+    """Workers that may be granted one more lease beyond their free slots now: not one that
+    lost a lease since its last success (its queue would only be lost with it)."""
     return [
         w
         for w in st.workers.values()
-        if w.depth > 0 and w.free > -w.depth and liveness.may_lease(st, w)
+        if w.depth > 0
+        and w.free > -w.depth
+        and w.worker_id not in st.streaks
+        and liveness.may_lease(st, w)
     ]
 
 

@@ -30,14 +30,15 @@ def replay(st: SchedulerState, events: Iterable[pb.HistoryEvent], at: Instant) -
     """Folds ``events`` (in sequence order) into ``st``; returns how many were applied."""
     st._clock.wall, st._clock.mono = at.wall_ms, at.monotonic
     st.now = at.monotonic
-    cache = st.outputs.cache
+    durable = st.outputs.cache.durable
     n = 0
     for ev in events:
-        if ev.sequence <= st.sequence:
-            raise ValueError(f"journal out of order: {ev.sequence} after {st.sequence}")
-        st.sequence = ev.sequence
+        sequence = ev.sequence
+        if sequence <= st.sequence:
+            raise ValueError(f"journal out of order: {sequence} after {st.sequence}")
+        st.sequence = sequence
         apply(st, ev, happened_at(ev, at))
-        cache.durable()  # replayed events are in the journal already
+        durable()  # replayed events are in the journal already
         n += 1
     return n
 
@@ -49,5 +50,6 @@ def happened_at(ev: pb.HistoryEvent, at: Instant) -> float:
     """
     if not ev.HasField("recorded_at"):
         return at.monotonic
-    age_ms = max(0, at.wall_ms - ev.recorded_at.ToMilliseconds())
+    rec = ev.recorded_at  # Timestamp.ToMilliseconds without its checks: once per event here
+    age_ms = max(0, at.wall_ms - (rec.seconds * 1000 + rec.nanos // 1_000_000))
     return at.monotonic - age_ms / 1000

@@ -327,6 +327,21 @@ def _pipeline_violations(
             yield from _spec_violations(where, stage, limits)
 
 
+CYCLE_SHOWN = 16  # ids of a long cycle named in its error (the rest are counted)
+
+
+def describe_cycle(cycle: list[str]) -> str:
+    """``cycle: a -> b -> a``; a long one shows its first and last ids and counts the rest, so
+    the error stays far below gRPC's metadata limit (a 768-action cycle once came back as
+    RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT)."""
+    if len(cycle) <= CYCLE_SHOWN:
+        return "cycle: " + " -> ".join(cycle)
+    head, tail = cycle[: CYCLE_SHOWN // 2], cycle[-CYCLE_SHOWN // 2 :]
+    hidden = len(cycle) - len(head) - len(tail)
+    shown = f"{' -> '.join(head)} -> … ({hidden} more) -> {' -> '.join(tail)}"
+    return f"cycle of {len(cycle) - 1} actions: {shown}"
+
+
 def find_cycle(ids: list[str], needs: dict[str, list[str]]) -> list[str] | None:
     """A cycle as a path ``[a, b, a]``, or None. Iterative DFS (deep DAGs do not recurse)."""
     white, grey, black = 0, 1, 2
@@ -456,11 +471,7 @@ def validate_submit(spec: workflow_pb2.WorkflowSpec, idempotency_key: str, limit
     cycle = find_cycle(ids, needs)
     if cycle:
         raise InvalidArgumentError(
-            [
-                FieldViolation(
-                    f"spec.actions[{index[cycle[0]]}].needs", "cycle: " + " -> ".join(cycle)
-                )
-            ]
+            [FieldViolation(f"spec.actions[{index[cycle[0]]}].needs", describe_cycle(cycle))]
         )
     depth = longest_chain(ids, needs)
     if depth > limits.max_depth:

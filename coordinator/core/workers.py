@@ -254,8 +254,9 @@ def on_heartbeat(st: SchedulerState, w: WorkerRecord, hb: wpb.Heartbeat, out: Ou
     """Renews every lease the worker holds and reconciles both ways."""
     w.last_renewed = st.now
     w.reported_free = hb.free_slots
-    reported = {r.lease_id: r.fencing_token for r in hb.leases}
-    for lease in list(w.leases.values()):
+    # An idle worker's heartbeat (none held, none reported) has nothing to reconcile.
+    reported = {r.lease_id: r.fencing_token for r in hb.leases} if hb.leases else {}
+    for lease in list(w.leases.values()) if w.leases else ():
         if lease.lease_id not in reported and lease.grant_seq <= hb.last_grant_sequence:
             # Granted, delivered (by sequence), yet not held: the worker never ran it.
             lose_lease(

@@ -16,9 +16,10 @@ fsync dominates) and 2-4x faster for hundreds or thousands.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from psycopg.rows import TupleRow
@@ -243,24 +244,39 @@ class PostgresJournal:
             row = cur.fetchone()
         return None if row is None else pb.HistoryEvent.FromString(row[0]).outputs_json
 
+    async def _replay_page(self, after: int, batch: int) -> list[tuple[Any, ...]]:
+        async with self._conn(reader=True).cursor(binary=True) as cur:
+            await cur.execute(
+                "SELECT sequence, payload FROM plait_events WHERE sequence > %s"
+                " ORDER BY sequence LIMIT %s",
+                (after, batch),
+            )
+            return await cur.fetchall()
+
     async def replay(self, batch: int = PAGE_SIZE) -> AsyncIterator[list[pb.HistoryEvent]]:
         # Keyset pagination: no transaction stays open between batches, however slowly the
-        # caller consumes them.
-        after = 0
-        while True:
-            async with self._conn(reader=True).cursor(binary=True) as cur:
-                await cur.execute(
-                    "SELECT sequence, payload FROM plait_events WHERE sequence > %s"
-                    " ORDER BY sequence LIMIT %s",
-                    (after, batch),
-                )
-                rows = await cur.fetchall()
-            if not rows:
-                return
-            after = int(rows[-1][0])
-            yield [pb.HistoryEvent.FromString(r[1]) for r in rows]
-            if len(rows) < batch:
-                return
+        # caller consumes them. Reads ahead: the next page's query is sent before this page is
+        # handed over, so the server works on it while the caller applies this one.
+        ahead = asyncio.ensure_future(self._replay_page(0, batch))
+        try:
+            while True:
+                rows = await ahead
+                if not rows:
+                    return
+                full = len(rows) == batch
+                if full:
+                    ahead = asyncio.ensure_future(self._replay_page(int(rows[-1][0]), batch))
+                    await asyncio.sleep(0)  # let it send the query before the caller runs
+                parse = pb.HistoryEvent.FromString
+                yield [parse(r[1]) for r in rows]
+                if not full:
+                    return
+        finally:
+            # A caller that stops early: let the read in flight finish (cancelling a query
+            # midway could leave the reader connection busy), and drop its rows.
+            if not ahead.done():
+                with contextlib.suppress(Exception):
+                    await ahead
 
     async def prune(self, workflow_ids: Sequence[str]) -> int:
         if not workflow_ids:

@@ -302,17 +302,24 @@ class SqliteJournal:
             "SELECT payload FROM events WHERE sequence > ? ORDER BY sequence LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [pb.HistoryEvent.FromString(r[0]) for r in rows]
+        parse = pb.HistoryEvent.FromString
+        return [parse(payload) for (payload,) in rows]
 
     async def replay(self, batch: int = PAGE_SIZE) -> AsyncIterator[list[pb.HistoryEvent]]:
+        # Reads ahead: the reader thread fetches the next page while the caller applies this
+        # one (SQLite leaves the GIL while it reads). Pages follow on by sequence, so the next
+        # one's start is known as soon as this one is.
         loop = asyncio.get_running_loop()
-        after = 0
-        while True:
-            page = await loop.run_in_executor(self._reader, self._page, after, batch)
-            if not page:
-                return
-            yield page
-            after = page[-1].sequence
+        ahead = loop.run_in_executor(self._reader, self._page, 0, batch)
+        try:
+            while True:
+                page = await ahead
+                if not page:
+                    return
+                ahead = loop.run_in_executor(self._reader, self._page, page[-1].sequence, batch)
+                yield page
+        finally:
+            ahead.cancel()  # a caller that stops early: an unstarted read is dropped
 
     def _prune(self, workflow_ids: Sequence[str]) -> int:
         conn = self._wconn

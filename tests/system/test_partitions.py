@@ -67,6 +67,8 @@ PARTITION_LOSS_REASONS = frozenset(
         wf.EVENT_REASON_WORKER_LEFT,
         wf.EVENT_REASON_NOT_READOPTED,
         wf.EVENT_REASON_SELF_FENCED,
+        # A queued lease handed back unstarted for a worker with a free slot (prefetch).
+        wf.EVENT_REASON_RECLAIMED,
     }
 )
 
@@ -161,6 +163,10 @@ def check_loss_reasons(events: list[wf.HistoryEvent]) -> None:
     for e in invariants.of_type(events, wf.EVENT_TYPE_LEASE_LOST):
         name = wf.EventReason.Name(e.reason)
         assert e.reason in PARTITION_LOSS_REASONS, f"{invariants.show(e)}: reason {name}"
+        assert not (e.lease_id in started_leases and e.reason == wf.EVENT_REASON_RECLAIMED), (
+            f"{invariants.show(e)}: handed back as never started, but its ACTION_STARTED is"
+            " journalled"
+        )
         assert not (e.lease_id in started_leases and e.reason == wf.EVENT_REASON_UNDELIVERED), (
             f"{invariants.show(e)}: UNDELIVERED although its ACTION_STARTED is journalled"
         )

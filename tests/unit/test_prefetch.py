@@ -171,3 +171,20 @@ def test_started_reports_ride_with_results() -> None:
     assert d.state(first.action_id) == "ACTION_STATE_SUCCEEDED"
     assert d.state(second.action_id) == "ACTION_STATE_RUNNING"
     assert [r.type for r in out.records][:1] == [pb.EVENT_TYPE_ACTION_STARTED]
+
+
+def test_a_worker_that_lost_a_lease_gets_no_prefetch_until_a_success() -> None:
+    d = Driver()
+    hello(d, "s1", "w1", slots=1, prefetch_=8)
+    out = d.submit(independent(20))
+    first = grants(out, "s1")
+    assert len(first) == 2
+    # It gives its running attempt up (self-fencing): a loss. The freed slot goes to its queued
+    # lease, and nothing more is queued behind it.
+    out = finish(d, "s1", first[0], outcome=wpb.ACTION_OUTCOME_CANCELLED, credit=1)
+    assert "w1" in d.st.streaks
+    assert grants(out, "s1") == [] and d.st.workers["w1"].free == 0
+    # A success ends the streak, and prefetch resumes.
+    out = finish(d, "s1", first[1], credit=1)
+    assert "w1" not in d.st.streaks
+    assert len(grants(out, "s1")) > 1

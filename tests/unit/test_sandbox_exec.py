@@ -19,7 +19,8 @@ from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import Code
 from plait.workerd.confinement import Sandbox
 from plait.workerd.containment import CgroupTree, own_cgroup_dir, uid_processes
-from plait.workerd.exec_executor import ExecExecutor, read_outputs
+from plait.workerd.exec_executor import ExecExecutor
+from plait.workerd.outputs import read_outputs
 from plait.workerd.rlimits import Rlimits, can_raise_limits, find_prlimit
 from plait.workerd.runas import UidPool, parse_run_as
 from plait.workerd.sandbox import find_setpriv

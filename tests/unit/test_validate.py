@@ -110,3 +110,13 @@ def test_exec_or_handler_required() -> None:
 def test_deep_chain_does_not_recurse() -> None:
     n = 5000
     validate_submit(spec(*[(f"a{i}", [f"a{i - 1}"] if i else []) for i in range(n)]), "", Limits())
+
+
+def test_a_long_cycle_is_named_by_its_ends_and_counted() -> None:
+    n = 768
+    err = refused(spec(*((f"a{i}", [f"a{(i - 1) % n}"]) for i in range(n))))
+    (v,) = err.violations
+    assert v.description.startswith(f"cycle of {n} actions: ")
+    assert "more)" in v.description and len(v.description) < 1000
+    ids = [p for p in v.description.split(": ", 1)[1].split(" -> ") if not p.startswith("…")]
+    assert len(ids) == 16 and ids[0] == ids[-1]

@@ -58,6 +58,14 @@ class AttemptObserver(Protocol):
         ...
 
 
+_CANCEL_CAUSES: dict[int, CancelCause] = {
+    pb.CANCEL_REASON_USER: "cancelled",
+    pb.CANCEL_REASON_SUPERSEDED: "lease_lost",
+    pb.CANCEL_REASON_TIMEOUT: "timeout",
+    pb.CANCEL_REASON_UNKNOWN_LEASE: "lease_lost",
+}
+RECLAIMED = "reclaimed by the coordinator for a worker with a free slot"
+
 # The session's logger: these lines always came from it, and log formats print the name.
 log = logging.getLogger("plait.worker.session")
 
@@ -229,6 +237,15 @@ class AttemptBook:
         att.cancel(reason, cause)
         return True
 
+    def cancelled(self, c: pb.LeaseCancellation) -> None:
+        """The coordinator's cancellation of one lease: kills it (drops it if queued); a
+        ``RECLAIMED`` one only if it has not started."""
+        if c.reason == pb.CANCEL_REASON_RECLAIMED:
+            self.hand_back(c.lease_id, RECLAIMED)
+        elif c.lease_id in self.attempts or self.queue:
+            why = f"cancelled by the coordinator ({pb.CancelReason.Name(c.reason)}) {c.message}"
+            self.cancel(c.lease_id, why.strip(), _CANCEL_CAUSES.get(c.reason, "cancelled"))
+
     def hand_back(self, lease_id: str, reason: str) -> bool:
         """Drops a queued lease unrun and reports it CANCELLED (a reclaim, a cancellation);
         False if it is not queued (a started attempt goes on)."""
@@ -270,6 +287,16 @@ class AttemptBook:
             att.cancel(f"refused by the coordinator: {why}", "lease_lost")
             killed += 1
         return killed
+
+    def self_fence(self) -> int:
+        """Kills every running attempt not already being killed and hands back every queued
+        lease (their leases may be lost soon); returns how many attempts were killed."""
+        for lease in list(self.queue):
+            self.hand_back(lease.lease_id, "self-fenced: the lease could not be renewed in time")
+        victims = [a for a in self.attempts.values() if not a.cancelling]
+        for att in victims:
+            att.cancel("self-fenced: the lease could not be renewed in time", "lease_lost")
+        return len(victims)
 
     def cancel_all(self, reason: str, cause: CancelCause = "other") -> None:
         """Kills every running attempt and hands back every queued lease."""

@@ -54,7 +54,7 @@ from plait.durations import from_proto as duration_from_proto
 from plait.hlc import HybridLogicalClock
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.adaptive import AdaptiveSlots, Adjustment, LoadProbe, SystemLoadProbe
-from plait.worker.attempts import AttemptBook, AttemptObserver, CancelCause
+from plait.worker.attempts import AttemptBook, AttemptObserver
 from plait.worker.backoff import Backoff
 from plait.worker.connect import CoordinatorLinks, ProtocolError, StreamHandlers
 from plait.worker.executor import Executor
@@ -86,13 +86,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CANCEL_CAUSES: dict[int, CancelCause] = {
-    pb.CANCEL_REASON_USER: "cancelled",
-    pb.CANCEL_REASON_SUPERSEDED: "lease_lost",
-    pb.CANCEL_REASON_TIMEOUT: "timeout",
-    pb.CANCEL_REASON_UNKNOWN_LEASE: "lease_lost",
-}
-RECLAIMED = "reclaimed by the coordinator for a worker with a free slot"
 # How long reports may wait for company while queued leases keep every slot busy (seconds).
 RESULT_BATCH = 0.002
 
@@ -433,12 +426,7 @@ class WorkerSession:
             self._on_grant(msg.lease_grant)
         elif kind == "cancel_lease":
             for c in msg.cancel_lease.leases:
-                if c.reason == pb.CANCEL_REASON_RECLAIMED:  # only if it has not started
-                    self._book.hand_back(c.lease_id, RECLAIMED)
-                elif c.lease_id in self._book.attempts or self._book.queue:
-                    reason = pb.CancelReason.Name(c.reason)
-                    why = f"cancelled by the coordinator ({reason}) {c.message}".strip()
-                    self._book.cancel(c.lease_id, why, _CANCEL_CAUSES.get(c.reason, "cancelled"))
+                self._book.cancelled(c)
         elif kind == "drain":
             self.drain(f"coordinator: {msg.drain.reason or 'drain'}")
         elif kind == "welcome":
@@ -474,10 +462,8 @@ class WorkerSession:
                 self._maybe_finish()
 
     def _schedule_flush(self) -> None:
-        # Everything that happens in this loop turn leaves together on the next one. While
-        # queued leases keep the slots busy (prefetch), nothing here waits on the coordinator's
-        # answer, so reports wait up to RESULT_BATCH for more to share their message; once the
-        # queue is empty they leave at once.
+        # What happens in this loop turn leaves together on the next one; while queued leases
+        # keep the slots busy (prefetch), up to RESULT_BATCH later: nothing waits on it.
         loop = self._loop or asyncio.get_running_loop()
         if self._book.queue:
             if not self._flush_scheduled:
@@ -558,19 +544,15 @@ class WorkerSession:
             margin=self._fence_margin(),
             heartbeat_interval=self.heartbeat_interval,
         )
-        if check.kill:
-            victims = [a for a in self._book.attempts.values() if not a.cancelling]
-            if victims:
-                self.stats.self_fenced += len(victims)
-                self.stats.self_fences += 1
-                log.warning(
-                    "self-fencing: no heartbeat acknowledged in time (leases may be lost in"
-                    " %.2fs); killing %d attempt(s)",
-                    max(0.0, self._fence.deadline - now),
-                    len(victims),
-                )
-                for att in victims:
-                    att.cancel("self-fenced: the lease could not be renewed in time", "lease_lost")
+        if check.kill and (killed := self._book.self_fence()):
+            self.stats.self_fenced += killed
+            self.stats.self_fences += 1
+            log.warning(
+                "self-fencing: no heartbeat acknowledged in time (leases may be lost in %.2fs);"
+                " killed %d attempt(s), queued leases handed back",
+                max(0.0, self._fence.deadline - now),
+                killed,
+            )
         stream = self._stream
         if stream is not None and check.abort:
             stream.abort(f"no heartbeat acknowledged for a lease TTL ({self.lease_ttl:.3g}s)")

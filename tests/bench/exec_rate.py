@@ -1,0 +1,182 @@
+"""Exec throughput with the sandbox on: ``python -m tests.bench.exec_rate --slots 1|4 --n 2000``.
+
+Starts a coordinator and two workerd processes (the system tests' harness: test-profile
+timings, the default sandbox — private tmp root, keeper, setpriv with PR_SET_PDEATHSIG, rlimits,
+cgroups where this host delegates them), submits ``--n`` independent exec actions of
+``/bin/true`` in one workflow, and times it on the coordinator (its HLC at submission and at
+the terminal event). ``--runs`` workflows run one after another on the same cluster; the
+median rate is printed last.
+
+For each run it also prints the CPU time (user + system, from /proc) of the coordinator, of
+each workerd and of each keeper, as a share of the run's wall time and per action, so the
+split between coordinator and workerd is visible. ``--py-spy DIR`` records a py-spy profile of
+each workerd during the last run (``py-spy`` must be on PATH or next to this Python; it is
+not a dependency of the project). Not a test: it prints numbers and exits 1 only if a
+workflow failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from plait.v1 import workflow_pb2 as wf
+from plait.v1 import workflow_service_pb2 as ws
+from tests import procs
+from tests.system.harness import TERMINAL_WORKFLOW, Cluster, command_action, wait_for, workflow
+
+WORKERS = ("exec-w1", "exec-w2")
+_TICKS = os.sysconf("SC_CLK_TCK")
+RECORD = ("--format", "raw", "--rate", "200", "--nonblocking")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measured workflow."""
+
+    actions: int
+    state: str
+    coordinator_s: float
+    cpu_s: dict[str, float]  # process label -> CPU seconds during the run
+
+    @property
+    def rate(self) -> float:
+        return self.actions / max(self.coordinator_s, 1e-9)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def keeper_of(pid: int) -> int | None:
+    """The keeper process a workerd started (its child running plait.workerd.keeper)."""
+    for proc in procs.snapshot().values():
+        if proc.ppid == pid and "plait.workerd.keeper" in proc.cmdline():
+            return proc.pid
+    return None
+
+
+def exec_true(n: int, run: int) -> wf.WorkflowSpec:
+    true = shutil.which("true") or "/bin/true"
+    return workflow(f"bench-exec-rate-{run}", (command_action(f"t{i}", [true]) for i in range(n)))
+
+
+def measure(cluster: Cluster, spec: wf.WorkflowSpec, pids: dict[str, int], timeout: float) -> Run:
+    """Submits ``spec``, waits for it (polling the cheap ListWorkflows) and samples CPU."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    workflow_id = cluster.submit(spec)
+
+    def finished() -> wf.WorkflowStatus | None:
+        reply = cluster.workflows.ListWorkflows(ws.ListWorkflowsRequest(page_size=100), timeout=10)
+        for status in reply.workflows:
+            if status.workflow_id == workflow_id and status.state in TERMINAL_WORKFLOW:
+                return status
+        return None
+
+    status = wait_for("the exec workflow to finish", finished, timeout=timeout, interval=0.05)
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    return Run(
+        actions=len(spec.actions),
+        state=wf.WorkflowState.Name(status.state).removeprefix("WORKFLOW_STATE_"),
+        coordinator_s=(status.finished_hlc.physical_ms - status.submitted_hlc.physical_ms) / 1000,
+        cpu_s=cpu,
+    )
+
+
+def print_run(index: int, run: Run) -> None:
+    wall = max(run.coordinator_s, 1e-9)
+    parts = ", ".join(
+        f"{name} {100 * cpu / wall:.0f}% ({1e6 * cpu / run.actions:.0f} us/action)"
+        for name, cpu in run.cpu_s.items()
+    )
+    print(
+        f"run {index}: {run.actions} actions {run.state} in {run.coordinator_s:.2f}s ->"
+        f" {run.rate:.0f} actions/s; CPU: {parts}"
+    )
+
+
+def start_py_spy(out_dir: Path, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [exe, "record", "--pid", str(pid), *RECORD, "-o", str(out_dir / f"{name}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+        if name in WORKERS
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.bench.exec_rate", description=__doc__)
+    p.add_argument("--n", type=int, default=2000, help="/bin/true exec actions per run")
+    p.add_argument("--slots", type=int, default=1, help="slots per workerd (2 workerd)")
+    p.add_argument("--runs", type=int, default=3, help="workflows to time (median printed)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds allowed per workflow")
+    p.add_argument("--py-spy", type=Path, default=None, help="profile workerd in the last run")
+    p.add_argument("--worker-arg", action="append", default=[], help="extra workerd flag")
+    args = p.parse_args(argv)
+
+    procs.become_subreaper()
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="plait-bench-") as tmp:
+        cluster = Cluster(Path(tmp))
+        try:
+            cluster.start_coordinator()
+            for name in WORKERS:
+                cluster.add_worker(name, slots=args.slots, wait=False, extra_args=args.worker_arg)
+            cluster.wait_workers(WORKERS)
+            pids = {"coordinator": cluster.daemons["coordinator"].pid}
+            for name in WORKERS:
+                pids[name] = cluster.daemons[name].pid
+                keeper = keeper_of(pids[name])
+                if keeper is not None:
+                    pids[f"{name}-keeper"] = keeper
+            print(
+                f"coordinator {cluster.grpc_target}; 2 workerd x {args.slots} slot(s);"
+                f" {args.n} exec /bin/true per run",
+                file=sys.stderr,
+            )
+            # A short warm-up, so imports and first-connection costs are not timed.
+            measure(cluster, exec_true(20, -1), pids, args.timeout)
+            for i in range(args.runs):
+                spies = []
+                if args.py_spy is not None and i == args.runs - 1:
+                    spies = start_py_spy(args.py_spy, pids)
+                try:
+                    runs.append(measure(cluster, exec_true(args.n, i), pids, args.timeout))
+                finally:
+                    for spy in spies:
+                        spy.send_signal(signal.SIGINT)
+                    for spy in spies:
+                        spy.wait(30)
+                print_run(i, runs[-1])
+        finally:
+            cluster.close()
+    rates = [r.rate for r in runs]
+    print(
+        f"median {statistics.median(rates):.0f} actions/s over {len(rates)} run(s)"
+        f" ({', '.join(f'{r:.0f}' for r in rates)}); 2 workerd x {args.slots} slot(s)"
+    )
+    return 0 if all(r.state == "SUCCEEDED" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
