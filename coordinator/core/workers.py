@@ -64,10 +64,10 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     remote = observe_hlc(st, w, msg, out)
     if kind == "action_finished":
         finished = msg.action_finished
-        if finished.started:
-            on_started(st, w, finished, remote, out)
         for res in finished.results:
             results.on_result(st, w, s.session_id, res, remote, out)
+        if finished.started:  # queued leases that took the slots these results freed
+            on_started(st, w, finished, remote, out)
         if finished.credit:
             w.free = min(w.slots, w.free + finished.credit)
     elif kind == "heartbeat":

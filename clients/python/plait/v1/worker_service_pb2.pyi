@@ -749,7 +749,7 @@ class ActionFinished(_message.Message):
     def started(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseReport]:
         """Set by the worker: attempts that started since the last flush, exactly as
         ActionStarted.leases (a queued lease that started as one of these ended); the coordinator
-        handles them before the results. Saves a message per loop turn.
+        handles them after the results (whose slots they took). Saves a message per loop turn.
         """
 
     def __init__(

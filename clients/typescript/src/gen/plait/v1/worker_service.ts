@@ -461,7 +461,7 @@ export interface ActionFinished {
   /**
    * Set by the worker: attempts that started since the last flush, exactly as
    * ActionStarted.leases (a queued lease that started as one of these ended); the coordinator
-   * handles them before the results. Saves a message per loop turn.
+   * handles them after the results (whose slots they took). Saves a message per loop turn.
    */
   started: LeaseReport[];
 }
