@@ -170,9 +170,10 @@ def _lease_lost(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     if a.hedge is not None and lost is not None:
         sessions.drop_lease(st, lost)  # one of two hedged attempts ended; the other runs on
         return
+    started = lost is not None and lost.started
     _end_leases(st, a)
     st.set_state(a, t.READY)
-    if sessions.charged(ev.reason):
+    if sessions.charged(ev.reason, started):
         a.lease_losses += 1
     a.lost_by = ev.worker_id
     a.not_before = 0.0

@@ -90,6 +90,7 @@ def _take_fitting(
             return None
         if (
             a.state == t.READY
+            and not (extra and a.priority)  # prefetch never takes a prioritized action
             and limits.fits(st, a, w, extra)
             and not (a.lost_by and liveness.avoid(st, a, w))
         ):

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 E = pb  # EVENT_REASON_* as module constants
 
 HEAR_WINDOW = 3  # heartbeat intervals a proof of hearing counts for
+QUIET_TTLS = 10  # lease TTLs a worker that lost a lease gets no prefetch for
 ACKS_KEPT = 8  # recent heartbeat acks remembered per session (an echo names one of them)
 # Lease losses that say the worker itself is unreliable right now; the others (revoked,
 # undelivered after a coordinator restart, a hedge ending, a worker leaving on purpose) do not.
@@ -112,6 +113,7 @@ def lost(st: SchedulerState, worker_id: str, why: int) -> None:
     """A lease of ``worker_id`` was lost for ``why``: extends its streak and holds it back."""
     if why not in FLAPS:
         return
+    st.no_prefetch_until[worker_id] = st.now + QUIET_TTLS * st.ttl  # (core.prefetch)
     streak = st.streaks.get(worker_id)
     if streak is None:
         streak = st.streaks[worker_id] = Streak()

@@ -14,8 +14,9 @@ it queues them and starts each the moment a slot frees. The rules:
   result it is ``min(slots, Welcome.prefetch)``. No-ops at one slot get the whole limit; minute
   long actions one lease.
 * **Not to a worker that loses leases.** A worker that lost a lease (expired, self-fenced,
-  not re-adopted, not reported) gets no prefetch until one of its results commits again, so a
-  flapping link loses what the worker runs, not a queue as well.
+  not re-adopted, not reported) gets no prefetch for ten lease TTLs, so a flapping link costs
+  what the worker runs, not a queue as well. (A lease that expires, or is handed back, before
+  its start was reported is not charged to its action's lease-loss budget: it never ran.)
 * **A queued lease is a lease.** It is granted with a fencing token, renewed by heartbeats,
   reconciled, lost on expiry and self-fenced like any other; the worker runs at most ``slots``
   at once. Its resources and semaphores are held from the grant.
@@ -74,19 +75,23 @@ def queued(w: WorkerRecord) -> int:
 
 def candidates(st: SchedulerState) -> list[WorkerRecord]:
     """Workers that may be granted one more lease beyond their free slots now: not one that
-    lost a lease since its last success (its queue would only be lost with it)."""
+    lost a lease lately (its queue would only be lost with it)."""
+    quiet = st.no_prefetch_until
     return [
         w
         for w in st.workers.values()
         if w.depth > 0
         and w.free > -w.depth
-        and w.worker_id not in st.streaks
+        and (not quiet or quiet.get(w.worker_id, 0.0) <= st.now)
         and liveness.may_lease(st, w)
     ]
 
 
 def reclaim(st: SchedulerState, out: Outcome) -> None:
     """Asks back leases waiting unstarted in a worker's queue while another worker is free."""
+    quiet = st.no_prefetch_until
+    for worker_id in [k for k, until in quiet.items() if until <= st.now]:
+        del quiet[worker_id]
     holders = [w for w in st.workers.values() if w.free < 0 and w.connected and w.leases]
     if not holders:
         return

@@ -40,6 +40,7 @@ E = pb  # EVENT_TYPE_* as module constants: enum-wrapper attribute access is slo
 O = wpb  # noqa: E741  (ACTION_OUTCOME_* constants)
 R = wpb  # CANCEL_REASON_* constants
 UNDELIVERED = "granted just before a coordinator restart; the worker never had it"
+UNDELIVERED_STREAM = "granted as the worker's stream broke; the worker never had it"
 # Lease losses that are nobody's fault, so not charged to the lease-loss budget.
 UNCHARGED: frozenset[int] = frozenset(
     {
@@ -51,9 +52,17 @@ UNCHARGED: frozenset[int] = frozenset(
 )
 
 
-def charged(why: int) -> bool:
-    """Whether a lease lost for ``why`` (an EventReason) counts against the lease-loss budget."""
-    return why not in UNCHARGED
+# Losses that say nothing about the action when its start was never reported: the lease
+# expired, or the worker handed it back, before it ran. (A worker that comes back as a new
+# process without it, NOT_READOPTED, is still charged: an action that kills its worker at once
+# may do so before its start report leaves.)
+NEVER_RAN: frozenset[int] = frozenset({E.EVENT_REASON_LEASE_EXPIRED, E.EVENT_REASON_SELF_FENCED})
+
+
+def charged(why: int, started: bool = True) -> bool:
+    """Whether a lease lost for ``why`` (an EventReason) counts against the lease-loss budget;
+    ``started``: whether the lease's start was reported (ACTION_STARTED)."""
+    return why not in UNCHARGED and (started or why not in NEVER_RAN)
 
 
 def lease_id_for(workflow_id: str, action_id: str, token: int) -> str:
@@ -190,7 +199,7 @@ def requeue_after_loss(
     out.observe("lease_lost", worker_id=worker_id, detail=reason, reason=why, lease_id=lease_id)
     liveness.lost(st, worker_id, why)
     budget = st.config.lease_loss_budget
-    losses = a.lease_losses + charged(why)
+    losses = a.lease_losses + charged(why, lease.started)
     if losses > budget:
         err = status_pb2.Status(
             code=code_pb2.UNAVAILABLE,

@@ -130,6 +130,7 @@ class SchedulerState:
         self.by_session: dict[str, WorkerRecord] = {}
         self.revoked: dict[str, Revocation] = {}  # worker ids refused until reinstated
         self.streaks: dict[str, liveness.Streak] = {}  # worker ids losing leases in a row
+        self.no_prefetch_until: dict[str, float] = {}  # worker ids that lost a lease lately
         self.hear_window = liveness.HEAR_WINDOW * config.heartbeat_interval.total_seconds()
         self.leases: dict[str, LeaseRecord] = {}
         self.active: deque[WorkflowRecord] = deque()  # workflows with ready actions, fair ring

@@ -25,6 +25,7 @@ from plait.coordinator.core.events import DrainRequested, WorkerMessageReceived,
 from plait.coordinator.core.model import Outcome, WorkerRecord
 from plait.coordinator.core.sessions import (
     UNDELIVERED,
+    UNDELIVERED_STREAM,
     action_for_lease_id,
     lose_lease,
 )
@@ -237,6 +238,12 @@ def _lose_unreported(st: SchedulerState, old: WorkerRecord, hello: wpb.Hello, ou
     """Loses the leases of the worker's previous session that its new Hello does not list."""
     reported = {r.lease_id for r in hello.running}
     replayed = old.session_id == ""  # known only from the journal: we restarted
+    # The same worker process, back on a new stream (it presents its last session's resume
+    # token): it keeps every lease it got until the lease's result is acked, so one it does not
+    # list, and never reported started, it never had (the old stream broke with the grant in
+    # flight). A restarted process has no token: what it does not list is charged as before.
+    token = hello.resume_token
+    same = bool(token) and bool(old.resume_token) and hmac.compare_digest(token, old.resume_token)
     for lease in list(old.leases.values()):
         if lease.lease_id in reported:
             continue
@@ -245,6 +252,9 @@ def _lose_unreported(st: SchedulerState, old: WorkerRecord, hello: wpb.Hello, ou
             # worker never had it. Not the worker's fault, so not charged to the budget.
             why = E.EVENT_REASON_UNDELIVERED
             lose_lease(st, lease, why, UNDELIVERED, out, cancel=False)
+        elif same and not lease.started:
+            why = E.EVENT_REASON_UNDELIVERED
+            lose_lease(st, lease, why, UNDELIVERED_STREAM, out, cancel=False)
         else:  # (if its ACTION_STARTED is journalled, the worker had it, and dropped it)
             why, words = E.EVENT_REASON_NOT_READOPTED, "worker reconnected without it"
             lose_lease(st, lease, why, words, out, cancel=False)

@@ -197,14 +197,37 @@ def check_transitions(events: Sequence[wf.HistoryEvent], spec: wf.WorkflowSpec) 
         state[e.action_id] = new
 
 
+# Lease losses not charged to the lease-loss budget (coordinator/core/sessions.UNCHARGED).
+UNCHARGED_LOSSES = frozenset(
+    {
+        wf.EVENT_REASON_UNDELIVERED,
+        wf.EVENT_REASON_WORKER_REVOKED,
+        wf.EVENT_REASON_HEDGE_ENDED,
+        wf.EVENT_REASON_RECLAIMED,
+    }
+)
+
+
+# ... and those not charged when the lease's start was never reported (sessions.NEVER_RAN).
+NEVER_RAN = frozenset({wf.EVENT_REASON_LEASE_EXPIRED, wf.EVENT_REASON_SELF_FENCED})
+
+
 def check_attempts(
     events: Sequence[wf.HistoryEvent], spec: wf.WorkflowSpec, lease_loss_budget: int
 ) -> None:
-    """I7: attempts <= 1 + lease-loss budget + retry budget, and attempt numbers count leases."""
+    """I7: attempts <= 1 + lease-loss budget + retry budget + the losses charged to neither
+    (never delivered, handed back unstarted, revoked, a hedge ending), and attempt numbers
+    count leases."""
     leases = invariants.by_action(invariants.of_type(events, wf.EVENT_TYPE_ACTION_LEASED))
+    started = {e.lease_id for e in invariants.of_type(events, wf.EVENT_TYPE_ACTION_STARTED)}
+    free = invariants.by_action(
+        e
+        for e in invariants.of_type(events, wf.EVENT_TYPE_LEASE_LOST)
+        if e.reason in UNCHARGED_LOSSES or (e.reason in NEVER_RAN and e.lease_id not in started)
+    )
     for action in spec.actions:
         retry = action.retry if action.retry.max_attempts else spec.defaults.retry
-        limit = max(1, retry.max_attempts) + lease_loss_budget
+        limit = max(1, retry.max_attempts) + lease_loss_budget + len(free.get(action.id, []))
         got = leases.get(action.id, [])
         assert len(got) <= limit, f"I7 {action.id}: {len(got)} attempts > {limit}: " + "; ".join(
             map(show, got)

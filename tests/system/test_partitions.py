@@ -69,6 +69,9 @@ PARTITION_LOSS_REASONS = frozenset(
         wf.EVENT_REASON_SELF_FENCED,
         # A queued lease handed back unstarted for a worker with a free slot (prefetch).
         wf.EVENT_REASON_RECLAIMED,
+        # A grant in flight as the stream broke, never started: the same worker process came
+        # back without it (checked below: never one whose ACTION_STARTED is journalled).
+        wf.EVENT_REASON_UNDELIVERED,
     }
 )
 

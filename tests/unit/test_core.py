@@ -159,12 +159,18 @@ def test_run_timeout_cancels_and_times_out() -> None:
 def test_lease_loss_budget_is_separate_and_bounded() -> None:
     d = Driver()
     d.hello("s1", "w1", slots=1)
-    d.submit(independent(1))
+    (lease,) = grants(d.submit(independent(1)))
     for _ in range(4):
+        # Each attempt starts (a lease that expires unstarted is not charged), then expires.
+        report = wpb.LeaseReport(lease_id=lease.lease_id, fencing_token=lease.fencing_token)
+        d.msg("s1", action_started=wpb.ActionStarted(leases=[report]))
         d.advance(6)  # expire
         d.close("s1")
-        d.hello("s1", "w1", slots=1)
-        d.advance(0.01)
+        out = d.hello("s1", "w1", slots=1)
+        out_next = d.advance(0.01)
+        leases = grants(out) + grants(out_next)
+        if leases:
+            lease = leases[0]
     wf = d.st.workflows["wf-1"]
     assert d.state("a0") == "ACTION_STATE_FAILED"
     assert wf.actions["a0"].lease_losses == 4 and wf.actions["a0"].failures == 0

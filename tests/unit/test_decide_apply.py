@@ -107,7 +107,8 @@ def test_the_loss_that_spends_the_budget_is_typed_and_counted_on_replay() -> Non
     spec = chain(1)
     d.submit(spec)
     for i in range(4):
-        d.hello(f"s{i}", f"w{i}", slots=1)
+        (lease,) = grants(d.hello(f"s{i}", f"w{i}", slots=1))
+        d.started(f"s{i}", lease)  # (an unstarted lease that expires is not charged)
         d.advance(d.st.ttl + 1)  # never heartbeats: expires
     (ended,) = [ev for ev in d.records if ev.type == pb.EVENT_TYPE_ACTION_FINISHED]
     assert ended.action_state == t.FAILED

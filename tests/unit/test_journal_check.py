@@ -28,6 +28,8 @@ def history() -> Events:
     d.advance(0.1)
     (lease,) = grants(d.msg("s1", credit=wpb.Credit(slots=1)))
     assert (lease.action_id, lease.fencing_token) == ("a1", 1)
+    report = wpb.LeaseReport(lease_id=lease.lease_id, fencing_token=1)
+    d.msg("s1", action_started=wpb.ActionStarted(leases=[report]))  # started: a charged loss
     d.close("s1")
     d.advance(6)  # TTL 5 s: a1's lease is lost
     (lease,) = grants(d.hello("s2", "w2", slots=1))

@@ -263,7 +263,8 @@ def lease_lost(d: RecordingDriver) -> set[int]:
     budget.actions.add(id="b", handler="h")
     d.submit(budget, "wf-2")
     for i in range(4):  # lease_loss_budget is 3: the fourth loss fails it
-        d.hello(f"t{i}", f"x{i}", slots=1)
+        # Each attempt starts (an unstarted lease that expires is not charged), then is lost.
+        d.started(f"t{i}", _one(d.hello(f"t{i}", f"x{i}", slots=1)))
         d.close(f"t{i}")
         d.advance(5.5)
     assert d.st.workflows["wf-2"].actions["b"].state == pb.ACTION_STATE_FAILED

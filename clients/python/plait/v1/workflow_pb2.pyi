@@ -233,8 +233,9 @@ class _EventReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventReas
     EVENT_REASON_NOT_READOPTED: _EventReason.ValueType  # 3
     """LEASE_LOST: the holder reconnected and its Hello did not list the lease."""
     EVENT_REASON_UNDELIVERED: _EventReason.ValueType  # 4
-    """LEASE_LOST: granted just before a coordinator restart, never delivered; not charged to
-    the lease-loss budget.
+    """LEASE_LOST: granted just before a coordinator restart, or as the worker's stream broke
+    (the same worker process came back without it), never delivered; not charged to the
+    lease-loss budget.
     """
     EVENT_REASON_WORKER_REVOKED: _EventReason.ValueType  # 5
     """LEASE_LOST: the holder's worker id was revoked; not charged to the lease-loss budget."""
@@ -292,8 +293,9 @@ EVENT_REASON_WORKER_LEFT: EventReason.ValueType  # 2
 EVENT_REASON_NOT_READOPTED: EventReason.ValueType  # 3
 """LEASE_LOST: the holder reconnected and its Hello did not list the lease."""
 EVENT_REASON_UNDELIVERED: EventReason.ValueType  # 4
-"""LEASE_LOST: granted just before a coordinator restart, never delivered; not charged to
-the lease-loss budget.
+"""LEASE_LOST: granted just before a coordinator restart, or as the worker's stream broke
+(the same worker process came back without it), never delivered; not charged to the
+lease-loss budget.
 """
 EVENT_REASON_WORKER_REVOKED: EventReason.ValueType  # 5
 """LEASE_LOST: the holder's worker id was revoked; not charged to the lease-loss budget."""

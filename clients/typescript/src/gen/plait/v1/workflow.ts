@@ -367,8 +367,9 @@ export enum EventReason {
   /** EVENT_REASON_NOT_READOPTED - LEASE_LOST: the holder reconnected and its Hello did not list the lease. */
   EVENT_REASON_NOT_READOPTED = 3,
   /**
-   * EVENT_REASON_UNDELIVERED - LEASE_LOST: granted just before a coordinator restart, never delivered; not charged to
-   * the lease-loss budget.
+   * EVENT_REASON_UNDELIVERED - LEASE_LOST: granted just before a coordinator restart, or as the worker's stream broke
+   * (the same worker process came back without it), never delivered; not charged to the
+   * lease-loss budget.
    */
   EVENT_REASON_UNDELIVERED = 4,
   /** EVENT_REASON_WORKER_REVOKED - LEASE_LOST: the holder's worker id was revoked; not charged to the lease-loss budget. */
