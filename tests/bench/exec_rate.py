@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plait.v1 import workflow_pb2 as wf
-from plait.v1 import workflow_service_pb2 as ws
 from tests import procs
-from tests.system.harness import TERMINAL_WORKFLOW, Cluster, command_action, wait_for, workflow
+from tests.bench.shapes import wait_listed
+from tests.system.harness import Cluster, command_action, workflow
 
 WORKERS = ("exec-w1", "exec-w2")
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,15 +80,7 @@ def measure(cluster: Cluster, spec: wf.WorkflowSpec, pids: dict[str, int], timeo
     """Submits ``spec``, waits for it (polling the cheap ListWorkflows) and samples CPU."""
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     workflow_id = cluster.submit(spec)
-
-    def finished() -> wf.WorkflowStatus | None:
-        reply = cluster.workflows.ListWorkflows(ws.ListWorkflowsRequest(page_size=100), timeout=10)
-        for status in reply.workflows:
-            if status.workflow_id == workflow_id and status.state in TERMINAL_WORKFLOW:
-                return status
-        return None
-
-    status = wait_for("the exec workflow to finish", finished, timeout=timeout, interval=0.05)
+    status = wait_listed(cluster, workflow_id, "the exec workflow to finish", timeout, 0.05)
     cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     return Run(
         actions=len(spec.actions),

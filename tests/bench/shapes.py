@@ -62,10 +62,10 @@ def worker_args(shape: Shape) -> tuple[list[str], list[str]]:
     return [HANDLERS], ["--no-exec", "--no-adaptive"]
 
 
-def submit_and_wait(cluster: Cluster, spec: wf.WorkflowSpec, timeout: float) -> PlaitRun:
-    """Submits ``spec`` and polls the cheap ListWorkflows (no per-action rows) until it ends."""
-    start = time.perf_counter()
-    workflow_id = cluster.submit(spec)
+def wait_listed(
+    cluster: Cluster, workflow_id: str, what: str, timeout: float, interval: float = POLL_S
+) -> wf.WorkflowStatus:
+    """Polls the cheap ListWorkflows (no per-action rows) until ``workflow_id`` has ended."""
 
     def finished() -> wf.WorkflowStatus | None:
         reply = cluster.workflows.ListWorkflows(ws.ListWorkflowsRequest(page_size=100), timeout=10)
@@ -74,7 +74,14 @@ def submit_and_wait(cluster: Cluster, spec: wf.WorkflowSpec, timeout: float) -> 
                 return status
         return None
 
-    status = wait_for(f"{spec.name} to finish", finished, timeout=timeout, interval=POLL_S)
+    return wait_for(what, finished, timeout=timeout, interval=interval)
+
+
+def submit_and_wait(cluster: Cluster, spec: wf.WorkflowSpec, timeout: float) -> PlaitRun:
+    """Submits ``spec`` and waits until ListWorkflows shows it ended."""
+    start = time.perf_counter()
+    workflow_id = cluster.submit(spec)
+    status = wait_listed(cluster, workflow_id, f"{spec.name} to finish", timeout)
     end_to_end = time.perf_counter() - start
     coordinator_ms = status.finished_hlc.physical_ms - status.submitted_hlc.physical_ms
     return PlaitRun(

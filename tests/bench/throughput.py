@@ -25,14 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plait.v1 import workflow_pb2 as wf
-from plait.v1 import workflow_service_pb2 as ws
 from tests import procs
+from tests.bench.shapes import wait_listed
 from tests.system.harness import (
-    TERMINAL_WORKFLOW,
     Cluster,
     command_action,
     handler_action,
-    wait_for,
     workflow,
 )
 
@@ -54,15 +52,7 @@ def run(cluster: Cluster, name: str, spec: wf.WorkflowSpec, timeout: float) -> R
     """Submits ``spec`` and waits for it, polling the cheap ListWorkflows (no per-action rows)."""
     start = time.perf_counter()
     workflow_id = cluster.submit(spec)
-
-    def finished() -> wf.WorkflowStatus | None:
-        reply = cluster.workflows.ListWorkflows(ws.ListWorkflowsRequest(page_size=100), timeout=10)
-        for status in reply.workflows:
-            if status.workflow_id == workflow_id and status.state in TERMINAL_WORKFLOW:
-                return status
-        return None
-
-    status = wait_for(f"{name} to finish", finished, timeout=timeout, interval=0.02)
+    status = wait_listed(cluster, workflow_id, f"{name} to finish", timeout, interval=0.02)
     end_to_end = time.perf_counter() - start
     coordinator_ms = status.finished_hlc.physical_ms - status.submitted_hlc.physical_ms
     return Result(
