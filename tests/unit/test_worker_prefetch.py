@@ -136,3 +136,11 @@ def test_a_wide_lease_waits_at_the_head_of_the_queue() -> None:
     assert list(ex.running) == ["wf/a1/1"]
     ex.end("wf/a1/1")
     assert list(ex.running) == ["wf/a2/1"]
+
+
+def test_a_second_grant_of_a_queued_lease_is_ignored() -> None:
+    b, ex, _ = book(slots=1, prefetch=2)
+    b.take(lease(0))
+    b.take(lease(1))
+    b.take(lease(1))
+    assert [q.lease_id for q in b.queue] == ["wf/a1/1"] and b.queued_slots == 1

@@ -308,7 +308,11 @@ class AttemptBook:
     def take(self, lease: pb.Lease) -> None:
         """Takes a granted lease: starts it, or queues it (prefetch) while the slots are busy."""
         lid, token = lease.lease_id, lease.fencing_token
-        if lid in self.attempts or (lid, token) in self.unacked:
+        if (
+            lid in self.attempts
+            or (lid, token) in self.unacked
+            or any(q.lease_id == lid for q in self.queue)
+        ):
             log.warning("ignoring a second grant of lease %s (token %d)", lid, token)
             return
         need = lease.action.slots or 1

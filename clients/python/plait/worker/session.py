@@ -456,7 +456,7 @@ class WorkerSession:
         credit = 0 if self._draining else self._adaptive.freed(freed_slots)
         self._outbox.finished(result, credit)
         self._schedule_flush()
-        if not self._book.attempts:
+        if not self._book.attempts and not self._book.queue:  # (a queued lease starts next)
             self._idle.set()
             if self._draining:
                 self._maybe_finish()
@@ -513,7 +513,7 @@ class WorkerSession:
         self.stats.progress_sent += len(reports)
 
     def _maybe_finish(self) -> None:
-        if self._done.is_set() or not self._draining or self._book.attempts:
+        if self._done.is_set() or not self._draining or self._book.attempts or self._book.queue:
             return
         if self._book.unacked and not self._stopping:
             return
