@@ -27,20 +27,23 @@ def dispatch(st: SchedulerState, out: Outcome) -> None:
         hedges.dispatch(st, out)
     if not st.active:
         return
-    for w in sorted(st.workers.values(), key=lambda w: -w.free):
-        if w.free <= 0 or not liveness.may_lease(st, w):
-            continue
-        _fill(st, w, out, 0, w.free)
-        if not st.active:
-            return
+    granted = True
+    while granted:  # again while a round granted anything: an action one worker passed over
+        granted = False  # (not straight back to the worker that lost it) may fit it now
+        for w in sorted(st.workers.values(), key=lambda w: -w.free):
+            if w.free <= 0 or not liveness.may_lease(st, w):
+                continue
+            granted = _fill(st, w, out, 0, w.free) > 0 or granted
+            if not st.active:
+                return
     takers = prefetch.candidates(st)
     while takers and st.active:
         takers = [w for w in takers if _fill(st, w, out, w.depth, 1) and w.free > -w.depth]
 
 
-def _fill(st: SchedulerState, w: WorkerRecord, out: Outcome, extra: int, most: int) -> bool:
+def _fill(st: SchedulerState, w: WorkerRecord, out: Outcome, extra: int, most: int) -> int:
     """Grants ``w`` up to ``most`` ready actions that fit its free slots plus ``extra``
-    (prefetch), taking turns across workflows; False once nothing more fits."""
+    (prefetch), taking turns across workflows; returns how many it granted."""
     misses = 0
     granted = 0
     while w.free + extra > 0 and st.active and misses < len(st.active):
@@ -62,8 +65,8 @@ def _fill(st: SchedulerState, w: WorkerRecord, out: Outcome, extra: int, most: i
             sessions.grant(st, w, a, out, inputs=inputs)
             granted += 1
             if granted >= most:
-                return True
-    return False
+                break
+    return granted
 
 
 def _front_highest_priority(st: SchedulerState) -> None:

@@ -101,13 +101,16 @@ def reclaim(st: SchedulerState, out: Outcome) -> None:
     room = {w.worker_id: w.free for w in idle}
     horizon = st.now - RECLAIM_AFTER
     for w in holders:
+        asked = sum(1 for lease in w.leases.values() if lease.reclaiming and not lease.started)
+        if asked >= queued(w):
+            continue  # its queue is being asked back already
         waiting = [
             lease
             for lease in w.leases.values()
             if not lease.started and not lease.reclaiming and lease.granted_at <= horizon
         ]
         # The newest first: they are the back of the worker's queue, the last it would start.
-        for lease in sorted(waiting, key=lambda lease: -lease.granted_at)[: queued(w)]:
+        for lease in sorted(waiting, key=lambda lease: -lease.granted_at)[: queued(w) - asked]:
             taker = _taker(lease.action, w, idle, room)
             if taker is None:
                 continue

@@ -140,9 +140,10 @@ class CoreMachine(RuleBasedStateMachine):
     def connect(self, worker: str, slots: int, prefetch: int) -> None:
         self.n_sessions += 1
         session = f"s{self.n_sessions}"
+        # Like a real worker: what it was asked to hand back but has not yet is still queued.
         running = [
             wpb.LeaseReport(lease_id=l.lease_id, fencing_token=l.fencing_token, slots=1)
-            for l in self.held[worker].values()
+            for l in [*self.held[worker].values(), *self.reclaimed[worker]]
         ]
         # Like a real worker: the last Welcome's resume token proves it is the same worker if
         # its previous stream still looks live.
@@ -160,6 +161,9 @@ class CoreMachine(RuleBasedStateMachine):
             if m.HasField("welcome"):
                 for r in m.welcome.kill:
                     self.held[worker].pop(r.lease_id, None)
+                    self.reclaimed[worker] = [
+                        x for x in self.reclaimed[worker] if x.lease_id != r.lease_id
+                    ]
         self._absorb(out)
 
     @rule(worker=st.sampled_from(WORKERS))
