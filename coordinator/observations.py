@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from plait.clock import Clock
+from plait.coordinator.core import prefetch
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import RUNNING_WF, Observation, fans_out
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
@@ -272,7 +273,7 @@ def state_gauges(core: SchedulerState, now: float, wall_ms: int) -> StateGauges:
             clock_offset=offset,
             slots=w.slots,
             slots_used=max(0, w.slots - max(0, w.free)),
-            prefetched=max(0, -w.free),
+            prefetched=prefetch.queued(w),
             prefetch_depth=w.depth,
         )
     return g

@@ -183,12 +183,10 @@ class WorkerRecord:
     acks: list[tuple[int, float]] = field(default_factory=list)
     proof_at: float = -math.inf
     # Prefetch (core.prefetch): Welcome.prefetch, the depth granted now (both in slots beyond
-    # the free ones), the mean run time of its recent attempts (seconds; < 0: none yet), and
-    # whether it takes ConnectResponse.batch.
+    # the free ones), and the mean run time of its recent attempts (seconds; < 0: none yet).
     prefetch: int = 0
     depth: int = 0
     mean_run: float = -1.0
-    batches: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,6 @@ def welcome(st: SchedulerState, w: WorkerRecord, hello: wpb.Hello) -> int:
     """Sets the session's prefetch limit and first depth; returns ``Welcome.prefetch``."""
     w.prefetch = min(hello.prefetch, st.config.max_prefetch)
     w.depth = min(w.slots, w.prefetch)
-    w.batches = hello.accepts_batch
     return w.prefetch
 
 

@@ -6,7 +6,7 @@ import itertools
 import math
 from datetime import timedelta
 
-from plait.coordinator.core import limits, liveness
+from plait.coordinator.core import limits, liveness, prefetch
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, WorkerRecord, WorkflowRecord
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
@@ -200,7 +200,7 @@ def worker_info(st: SchedulerState, w: WorkerRecord) -> apb.WorkerInfo:
         slots=w.slots,
         free_slots=max(0, w.free),
         worker_free_slots=w.reported_free,
-        queued=max(0, -w.free),
+        queued=prefetch.queued(w),
         prefetch_depth=w.depth,
         prefetch_limit=w.prefetch,
         handlers=sorted(w.handlers),

@@ -15,6 +15,7 @@ progress, credits, ``goodbye``, the stream's end, and drains. Results go to
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from google.rpc import code_pb2
@@ -68,7 +69,7 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
         for res in finished.results:
             results.on_result(st, w, s.session_id, res, remote, out)
         if finished.started:  # queued leases that took the slots these results freed
-            on_started(st, w, finished, remote, out)
+            on_started(st, w, finished.started, remote, out)
         if finished.credit:
             w.free = min(w.slots, w.free + finished.credit)
     elif kind == "heartbeat":
@@ -76,7 +77,7 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
     elif kind == "credit":
         w.free = min(w.slots, w.free + msg.credit.slots)
     elif kind == "action_started":
-        on_started(st, w, msg.action_started, remote, out)
+        on_started(st, w, msg.action_started.leases, remote, out)
     elif kind == "goodbye":
         w.draining = True
         w.said_goodbye = True
@@ -92,7 +93,7 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
 def on_started(
     st: SchedulerState,
     w: WorkerRecord,
-    started: wpb.ActionStarted | wpb.ActionFinished,
+    reports: Iterable[wpb.LeaseReport],
     remote: HlcTimestamp,
     out: Outcome,
 ) -> None:
@@ -100,7 +101,6 @@ def on_started(
 
     A start for a lease this session does not hold is refused (``Ack.refused``), unjournalled.
     """
-    reports = started.leases if isinstance(started, wpb.ActionStarted) else started.started
     for r in reports:
         lease = w.leases.get(r.lease_id)
         if lease is None or lease.token != r.fencing_token:

@@ -183,7 +183,6 @@ class AttemptBook:
         """``Welcome.prefetch``: slots' worth of leases that may wait beyond the free slots."""
         self.queue: deque[pb.Lease] = deque()
         """Granted leases waiting for a slot (prefetch), oldest first."""
-        self.queued_slots = 0
         self.unacked: dict[tuple[str, int], pb.ActionResult] = {}
         """Results by (lease_id, fencing_token) until the coordinator acknowledges them."""
 
@@ -254,7 +253,6 @@ class AttemptBook:
             return False
         self.queue.remove(lease)
         need = lease.action.slots or 1
-        self.queued_slots -= need
         r = pb.ActionResult(lease_id=lease_id, fencing_token=lease.fencing_token, outcome=CANCELLED)
         r.error.code = Code.CANCELLED
         r.error.message = f"not started: {reason}"
@@ -320,18 +318,20 @@ class AttemptBook:
             held = self.used + self.queued_slots + need
             if need <= self.slots and held <= self.slots + self.prefetch:
                 self.queue.append(lease)
-                self.queued_slots += need
                 self.start_queued()
                 return
         self.start(lease)
+
+    @property
+    def queued_slots(self) -> int:
+        """Slots the queued leases will take."""
+        return sum(q.action.slots or 1 for q in self.queue)
 
     def start_queued(self) -> None:
         """Starts queued leases, oldest first, while the oldest fits the free slots."""
         queue = self.queue
         while queue and self.used + (queue[0].action.slots or 1) <= self.slots:
-            lease = queue.popleft()
-            self.queued_slots -= lease.action.slots or 1
-            self.start(lease)
+            self.start(queue.popleft())
 
     def start(self, lease: pb.Lease) -> None:
         """Starts an attempt of a granted lease on its executor, or reports why it cannot run."""
