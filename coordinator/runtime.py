@@ -343,9 +343,12 @@ class Runtime:
                 if out is None:  # a stimulus raised: recover (or give up) before going on
                     await self._recover(batch, at)
                     continue
-                self._inflight = asyncio.ensure_future(self._commit(out))
-                self._inflight_out = out
-                self._inflight.add_done_callback(lambda _: self._wake.set())
+                if out.records or self._next_ceiling() is not None:
+                    self._inflight = asyncio.ensure_future(self._commit(out))
+                    self._inflight_out = out
+                    self._inflight.add_done_callback(lambda _: self._wake.set())
+                else:  # nothing to make durable (heartbeats, queries): out at once, in order
+                    self._deliver_safely(out)
                 self._retention(now)
                 if self._stopping and not self._inbox:
                     await self._delivered()

@@ -180,6 +180,11 @@ class Outbox:
         self._progress.clear()
         return reports
 
+    @property
+    def only_starts(self) -> bool:
+        """Whether start reports are all that waits (no result, credit or progress)."""
+        return bool(self._started) and not (self._finished or self._credit or self._progress)
+
     def started(self, report: pb.LeaseReport) -> None:
         """Queues the start report of an attempt."""
         self._started.append(report)

@@ -464,8 +464,10 @@ class WorkerSession:
     def _schedule_flush(self) -> None:
         # What happens in this loop turn leaves together on the next one; while queued leases
         # keep the slots busy (prefetch), up to RESULT_BATCH later: nothing waits on it.
+        # Start reports alone wait as long: an attempt that ends meanwhile needs none (its
+        # result implies it), so a quick action costs one message and one commit, not two.
         loop = self._loop or asyncio.get_running_loop()
-        if self._book.queue:
+        if self._book.queue or self._outbox.only_starts:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._flush_timer = loop.call_later(RESULT_BATCH, self._flush)
