@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import itertools
 import logging
 from collections import deque
@@ -169,9 +170,17 @@ class Runtime:
             wall = min(wall, written_until_ms)
         at = Instant(self.clock.monotonic(), wall)
         applied = 0
-        async for events in self.store.replay():
-            applied += replay(core, events, at)
-            await asyncio.sleep(0)  # a long replay must not starve the gRPC server
+        # The cyclic collector stays off for the whole journal, not only page by page
+        # (core.replay): between pages it would still scan the growing state for no garbage.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            async for events in self.store.replay():
+                applied += replay(core, events, at)
+                await asyncio.sleep(0)  # a long replay must not starve the gRPC server
+        finally:
+            if collecting:
+                gc.enable()
         core.revoked = {
             worker_id: Revocation.from_json(record)
             for worker_id, record in (await self.store.revocations()).items()

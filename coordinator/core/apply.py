@@ -35,15 +35,20 @@ if TYPE_CHECKING:
     from plait.coordinator.core.state import SchedulerState
 
 E = pb  # EVENT_TYPE_* and EVENT_REASON_* constants
+# Action states as module constants: every event reads some, and each `t.X` is two lookups.
+READY, LEASED, RUNNING = t.READY, t.LEASED, t.RUNNING
+SUCCEEDED, FAILED, TIMED_OUT = t.SUCCEEDED, t.FAILED, t.TIMED_OUT
+LEASE_LOSS_BUDGET = E.EVENT_REASON_LEASE_LOSS_BUDGET
 
 Apply = Callable[["SchedulerState", pb.HistoryEvent, float], None]
 
 
 def apply(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     """Performs ``ev`` on ``st``; ``when`` is the monotonic time it happened."""
-    fn = APPLY.get(ev.type)
-    if fn is None:
-        raise ValueError(f"event {ev.sequence}: no transition for event type {ev.type}")
+    try:
+        fn = APPLY[ev.type]
+    except KeyError:
+        raise ValueError(f"event {ev.sequence}: no transition for event type {ev.type}") from None
     fn(st, ev, when)
 
 
@@ -51,7 +56,50 @@ def apply(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
 
 
 def _submitted(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
-    st.create_workflow(ev, when)
+    """Builds the workflow the event carries: its actions PENDING, the ones that need nothing
+    READY (implied by WORKFLOW_SUBMITTED, so not journalled again), and its deadline, all from
+    ``when``. The spec was validated before it was journalled, so it is not validated here."""
+    spec = ev.spec
+    wf = WorkflowRecord(
+        workflow_id=ev.workflow_id,
+        spec=spec,
+        idempotency_key=ev.idempotency_key,
+        submitted_wall_ms=ev.recorded_at.ToMilliseconds(),
+        submitted_hlc=HlcTimestamp(ev.hlc.physical_ms, ev.hlc.logical),
+        traceparent=ev.traceparent,
+    )
+    st.workflows[wf.workflow_id] = wf
+    if wf.idempotency_key:
+        st.by_idempotency_key[wf.idempotency_key] = wf.workflow_id
+    # One pass over the specs (each protobuf field read once), one over the records.
+    actions = wf.actions
+    default_priority = spec.priority
+    prioritized = default_priority != 0
+    for a_spec in spec.actions:
+        priority = a_spec.priority
+        if priority:
+            prioritized = True
+        actions[a_spec.id] = ActionRecord(
+            workflow=wf,
+            spec=a_spec,
+            slots=a_spec.slots or 1,
+            priority=priority or default_priority,
+        )
+    if prioritized:
+        st.prioritized = True  # from now on dispatch looks for the highest priority
+    wf.remaining = len(actions)
+    set_state, ready_up = st.set_state, st.ready_up
+    for a in actions.values():
+        names = a.spec.needs
+        if names:
+            a.needs = needs = [actions[n] for n in names]
+            a.unmet = len(needs)
+            for n in needs:
+                n.dependents.append(a)
+        else:
+            set_state(a, READY)
+            ready_up(a, when)
+    st.arm_deadline(wf, when)
 
 
 def _workflow(st: SchedulerState, ev: pb.HistoryEvent) -> WorkflowRecord:
@@ -83,7 +131,10 @@ def _workflow_finished(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> 
 
 
 def _action(st: SchedulerState, ev: pb.HistoryEvent) -> ActionRecord:
-    a = _workflow(st, ev).actions.get(ev.action_id)
+    wf = st.workflows.get(ev.workflow_id)  # _workflow, inlined: nearly every event asks
+    if wf is None:
+        raise ValueError(f"event {ev.sequence} names unknown workflow {ev.workflow_id!r}")
+    a = wf.actions.get(ev.action_id)
     if a is None:
         raise ValueError(f"event {ev.sequence} names unknown action {ev.action_id!r}")
     return a
@@ -91,9 +142,9 @@ def _action(st: SchedulerState, ev: pb.HistoryEvent) -> ActionRecord:
 
 def _ready(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     a = _action(st, ev)
-    if a.state == t.READY:
+    if a.state == READY:
         return  # journals before 0.1's last change also recorded READY at submit
-    st.set_state(a, t.READY)
+    st.set_state(a, READY)
     st.ready_up(a, when)
 
 
@@ -124,29 +175,31 @@ def _leased(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     a = _action(st, ev)
     hedge = a.lease is not None  # a second live lease beside the first: speculation
     if not hedge:
-        st.set_state(a, t.LEASED)
+        st.set_state(a, LEASED)
         st.dequeue(a)
-    a.token, a.attempt, a.worker_id = ev.fencing_token, ev.attempt, ev.worker_id
-    sessions.record_holder(a, a.token, ev.worker_id)
-    w = _holder(st, ev.worker_id)
+    token, attempt, worker_id = ev.fencing_token, ev.attempt, ev.worker_id
+    a.token, a.attempt, a.worker_id = token, attempt, worker_id
+    sessions.record_holder(a, token, worker_id)
+    w = _holder(st, worker_id)
     # Granted when it happened; its TTL and progress wait run from now (on replay: the worker
     # could not reach us while we were down, which says nothing about whether it is alive).
-    lease = LeaseRecord(ev.lease_id, a, w, a.token, a.attempt, w.grant_seq, when, a.slots)
+    lease_id = ev.lease_id
+    lease = LeaseRecord(lease_id, a, w, token, attempt, w.grant_seq, when, a.slots)
     lease.last_progress = st.now
     if hedge:
         a.hedge = lease
     else:
         a.lease = lease
-    w.leases[lease.lease_id] = lease
-    st.leases[lease.lease_id] = lease
+    w.leases[lease_id] = lease
+    st.leases[lease_id] = lease
     limits.acquire(st, lease)
     st.arm_lease_timers(lease, when, hedge=hedge)
 
 
 def _started(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     a = _action(st, ev)
-    if a.state == t.LEASED:  # a hedge may start while the other attempt runs
-        st.set_state(a, t.RUNNING)
+    if a.state == LEASED:  # a hedge may start while the other attempt runs
+        st.set_state(a, RUNNING)
     lease = st.leases.get(ev.lease_id)
     if lease is not None:
         lease.started = True
@@ -154,14 +207,16 @@ def _started(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
 
 def _mapped(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     a = _action(st, ev)
-    st.set_state(a, t.RUNNING)
+    st.set_state(a, RUNNING)
     items = json.loads(ev.outputs_json or "[]")
     joins.make_children(st, a, [json.dumps(i, separators=(",", ":")) for i in items], when)
 
 
 def _end_leases(st: SchedulerState, a: ActionRecord) -> None:
-    while a.lease is not None:  # both, when hedged
-        sessions.drop_lease(st, a.lease)
+    lease = a.lease
+    while lease is not None:  # both, when hedged
+        sessions.drop_lease(st, lease)
+        lease = a.lease
 
 
 def _lease_lost(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
@@ -172,7 +227,7 @@ def _lease_lost(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
         return
     started = lost is not None and lost.started
     _end_leases(st, a)
-    st.set_state(a, t.READY)
+    st.set_state(a, READY)
     if sessions.charged(ev.reason, started):
         a.lease_losses += 1
     a.lost_by = ev.worker_id
@@ -183,7 +238,7 @@ def _lease_lost(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
 def _retry_scheduled(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     a = _action(st, ev)
     _end_leases(st, a)
-    st.set_state(a, t.READY)
+    st.set_state(a, READY)
     a.failures += 1
     a.exit_code = ev.exit_code  # the failed attempt's, shown while the next one waits
     a.not_before = when + ev.backoff.ToNanoseconds() / 1e9
@@ -195,28 +250,31 @@ def _ended(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     joins (what they then do is decided by the live core and journalled as their own events)."""
     a = _action(st, ev)
     state = ev.action_state
+    lease_id = ev.lease_id
     committed = ev.HasField("worker_hlc")  # committed from a worker's result, not decided by us
-    if state == t.SUCCEEDED and committed:
-        won = st.leases.get(ev.lease_id)
+    if state == SUCCEEDED and committed:
+        won = st.leases.get(lease_id)
         if won is not None:  # its run time, for hedge thresholds (p95)
             hedges.record_duration(st, a, when - won.granted_at)
-    _end_leases(st, a)
+    if a.lease is not None:
+        _end_leases(st, a)
     joins.close_item(a)
     st.set_state(a, state)
     a.error = ev.error if ev.HasField("error") else None
     a.reason = ev.message
-    a.reason_code = ev.reason
+    a.reason_code = reason = ev.reason
     a.exit_code = ev.exit_code
-    if ev.worker_id:
-        a.worker_id = ev.worker_id
+    worker_id = ev.worker_id
+    if worker_id:
+        a.worker_id = worker_id
     if committed:
         a.committed_token = ev.fencing_token
-    if ev.reason == E.EVENT_REASON_LEASE_LOSS_BUDGET:
+    if reason == LEASE_LOSS_BUDGET:
         a.lease_losses += 1  # the loss that spent the budget (not a failed attempt)
-    elif ev.lease_id and state in (t.FAILED, t.TIMED_OUT):
+    elif lease_id and state in (FAILED, TIMED_OUT):
         a.failures += 1  # an attempt failed (one that names no lease was never attempted)
     a.workflow.remaining -= 1
-    if state == t.SUCCEEDED:
+    if state == SUCCEEDED:
         # In memory when small, else by this event's sequence (core.outputs).
         st.outputs.keep(a, ev.outputs_json, ev.sequence)
         for d in a.dependents:

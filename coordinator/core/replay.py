@@ -18,6 +18,7 @@ writer stopped ends when it would have (or at once, if that is past).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 
 from plait.coordinator.core.apply import apply
@@ -27,19 +28,31 @@ from plait.v1 import workflow_pb2 as pb
 
 
 def replay(st: SchedulerState, events: Iterable[pb.HistoryEvent], at: Instant) -> int:
-    """Folds ``events`` (in sequence order) into ``st``; returns how many were applied."""
-    st._clock.wall, st._clock.mono = at.wall_ms, at.monotonic
+    """Folds ``events`` (in sequence order) into ``st``; returns how many were applied.
+
+    The cyclic garbage collector is paused while they are: everything replay makes lives on
+    (records, leases, timers), so each collection would scan the whole growing state for no
+    garbage: that was about a quarter of a replay's CPU time.
+    """
+    clock = st._clock
+    clock.wall, clock.mono = at.wall_ms, at.monotonic
     st.now = at.monotonic
     durable = st.outputs.cache.durable
     n = 0
-    for ev in events:
-        sequence = ev.sequence
-        if sequence <= st.sequence:
-            raise ValueError(f"journal out of order: {sequence} after {st.sequence}")
-        st.sequence = sequence
-        apply(st, ev, happened_at(ev, at))
-        durable()  # replayed events are in the journal already
-        n += 1
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for ev in events:
+            sequence = ev.sequence
+            if sequence <= st.sequence:
+                raise ValueError(f"journal out of order: {sequence} after {st.sequence}")
+            st.sequence = sequence
+            apply(st, ev, happened_at(ev, at))
+            durable()  # replayed events are in the journal already
+            n += 1
+    finally:
+        if collecting:
+            gc.enable()
     return n
 
 
@@ -48,8 +61,9 @@ def happened_at(ev: pb.HistoryEvent, at: Instant) -> float:
 
     Its wall-clock age (never negative: a wall clock set back makes it now) taken off ``at``.
     """
-    if not ev.HasField("recorded_at"):
-        return at.monotonic
     rec = ev.recorded_at  # Timestamp.ToMilliseconds without its checks: once per event here
-    age_ms = max(0, at.wall_ms - (rec.seconds * 1000 + rec.nanos // 1_000_000))
-    return at.monotonic - age_ms / 1000
+    recorded_ms = rec.seconds * 1000 + rec.nanos // 1_000_000
+    if recorded_ms == 0 and not ev.HasField("recorded_at"):  # (asked only of a zero stamp)
+        return at.monotonic
+    age_ms = at.wall_ms - recorded_ms
+    return at.monotonic - age_ms / 1000 if age_ms > 0 else at.monotonic

@@ -135,7 +135,7 @@ class SchedulerState:
         self.leases: dict[str, LeaseRecord] = {}
         self.active: deque[WorkflowRecord] = deque()  # workflows with ready actions, fair ring
         # Timers are state: each transition that starts one arms it through one method
-        # (ready_up, arm_queue_timeout, arm_lease_timers, create_workflow), which replay calls
+        # (ready_up, arm_queue_timeout, arm_lease_timers, arm_deadline), which replay calls
         # too, with the time the journalled transition happened, so a restart keeps them.
         # (due, seq, tie, action): retry backoff heap
         self.delayed: list[tuple[float, int, int, ActionRecord]] = []
@@ -296,51 +296,8 @@ class SchedulerState:
             traceparent=s.traceparent,
         )
         ev.spec.CopyFrom(s.spec)
-        apply.apply(self, ev, self.now)  # create_workflow
+        apply.apply(self, ev, self.now)  # apply._submitted builds it
         out.reply(s.reply, (s.workflow_id, True))
-
-    def create_workflow(
-        self, submitted: pb.HistoryEvent, when: float | None = None
-    ) -> WorkflowRecord:
-        """Builds a workflow from its WORKFLOW_SUBMITTED event (live, or replayed).
-
-        ``when``: the monotonic time it was submitted (replay knows it from the event); its
-        deadline and its roots' queue timeouts run from then. Now, unless given.
-        """
-        at = self.now if when is None else when
-        wf = WorkflowRecord(
-            workflow_id=submitted.workflow_id,
-            spec=submitted.spec,
-            idempotency_key=submitted.idempotency_key,
-            submitted_wall_ms=submitted.recorded_at.ToMilliseconds(),
-            submitted_hlc=HlcTimestamp(submitted.hlc.physical_ms, submitted.hlc.logical),
-            traceparent=submitted.traceparent,
-        )
-        self.workflows[wf.workflow_id] = wf
-        if wf.idempotency_key:
-            self.by_idempotency_key[wf.idempotency_key] = wf.workflow_id
-        if wf.spec.priority or any(a.priority for a in wf.spec.actions):
-            self.prioritized = True  # from now on dispatch looks for the highest priority
-        for a_spec in wf.spec.actions:
-            wf.actions[a_spec.id] = ActionRecord(
-                workflow=wf,
-                spec=a_spec,
-                slots=a_spec.slots or 1,
-                priority=a_spec.priority or wf.spec.priority,
-            )
-        for a in wf.actions.values():
-            a.needs = [wf.actions[n] for n in a.spec.needs]
-            a.unmet = len(a.needs)
-            for n in a.needs:
-                n.dependents.append(a)
-        wf.remaining = len(wf.actions)
-        for a in wf.actions.values():
-            if a.unmet == 0:
-                # Ready at submit: implied by WORKFLOW_SUBMITTED, so not journalled again.
-                self.set_state(a, t.READY)
-                self.ready_up(a, at)
-        self.arm_deadline(wf, at)
-        return wf
 
     def arm_deadline(self, wf: WorkflowRecord, when: float) -> None:
         """Starts the workflow's deadline for the run (submission or retry) begun at ``when``.

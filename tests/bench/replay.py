@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import shutil
 import statistics
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built {built:,} events in {time.perf_counter() - started:.1f}s at {path}")
         rates, cpu_rates = [], []
         for r in range(args.rounds):
+            # Each round is a fresh restart: the previous round's core (cyclic, so only the
+            # collector frees it) must not be collected inside this round's timing.
+            gc.collect()
             events, seconds, cpu = asyncio.run(replay_once(path))
             rates.append(events / seconds)
             cpu_rates.append(events / cpu)
