@@ -67,6 +67,10 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
+        # No BDP probes: each would answer a worker's heartbeat with a PING of ours (and wake
+        # the transport again for its ACK). Worker messages are small; the default 64 KiB
+        # window carries them, and a large result only needs a few more round trips.
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 

@@ -28,6 +28,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import grpc
 from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.auth import current_principal
@@ -36,7 +37,7 @@ from plait.coordinator.core.events import WorkerMessageReceived
 from plait.coordinator.core.model import SessionEnd
 from plait.coordinator.core.validate import MAX_DURATION_S, labels_violations
 from plait.coordinator.runtime import Runtime
-from plait.coordinator.services.errors import InputRefusals
+from plait.coordinator.services.errors import InputRefusals, Undecodable
 from plait.errors import (
     AbortedError,
     AlreadyExistsError,
@@ -370,95 +371,135 @@ class WorkerService(wgrpc.WorkerServiceServicer):
         self.limits = limits or runtime.config.limits
         self.refusals = refusals
 
-    async def Connect(
+    async def Connect(  # type: ignore[override]  # streams with context.write, not yield
         self, request_iterator: AsyncIterator[wpb.ConnectRequest], context: Any
-    ) -> AsyncIterator[wpb.ConnectResponse]:
+    ) -> None:
+        # The stream is read with context.read() and written with context.write(), not by
+        # iterating request_iterator and yielding: every async-generator layer (gRPC's request
+        # iterator, the interceptors' wrappers, this generator) costs a few task steps per
+        # message, and a heartbeat and its ack are two messages of every worker every interval.
+        #
         # Accepted (the interceptor authorized the call): say so before reading hello, so a
         # worker that waits for this before writing never races a refusal with its hello
         # (gRPC may then report the refusal as INTERNAL instead of its real status).
         await context.send_initial_metadata(())
         try:
-            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
-        except (StopAsyncIteration, TimeoutError):
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+        except TimeoutError:
+            first = grpc.aio.EOF
+        if first is grpc.aio.EOF:
             raise InvalidArgumentError(
                 [FieldViolation("message", f"no hello within {HELLO_TIMEOUT:g}s")]
-            ) from None
+            )
+        if isinstance(first, Undecodable):
+            raise first.error("message")
         check_hello(first, self.limits)
         worker_id = first.hello.worker_id
         identity = check_identity(worker_id, self.auth_enabled)
         rt = self.runtime
         session_id, outbox = rt.open_session()
+        peer = str(context.peer() or "")
         rt.post(
             WorkerMessageReceived(
                 f"hello-{worker_id}",
                 session_id,
                 first,
                 identity=identity,
-                peer=str(context.peer() or ""),
+                peer=peer,
                 resume_token=secrets.token_urlsafe(32),
             )
         )
-
-        checker = ReportCheck(self.limits, self.refusals, str(context.peer() or ""))
-
-        async def pump() -> None:
-            # Each message is its own stimulus with its own cause ("heartbeat-w1-42": kind,
-            # worker, place on the stream), kept on every event it leads to and in the logs.
-            n = 0
-            try:
-                async for msg in request_iterator:
-                    checker.check(msg)
-                    n += 1
-                    kind = msg.WhichOneof("message")
-                    if kind == "goodbye":
-                        log.info("worker %s says goodbye: %s", worker_id, msg.goodbye.reason or "-")
-                    cause = f"{kind}-{worker_id}-{n}"
-                    rt.post(WorkerMessageReceived(cause, session_id, msg))
-            except PlaitError as e:  # a refused message ends the stream with its status
-                outbox.put_nowait(e)
-            except Exception as e:  # the stream broke: the session ends below
-                log.info("worker %s stream ended: %s", worker_id, e)
-            finally:
-                outbox.put_nowait(None)
-
-        reader = asyncio.create_task(pump(), name=f"plait-worker-{worker_id}")
+        reader = asyncio.create_task(
+            _pump(
+                context,
+                rt,
+                session_id,
+                worker_id,
+                outbox,
+                ReportCheck(self.limits, self.refusals, peer),
+            ),
+            name=f"plait-worker-{worker_id}",
+        )
         try:
-            async for msg in _outgoing(outbox, batches=first.hello.accepts_batch):
-                if isinstance(msg, PlaitError):
-                    raise msg
-                if isinstance(msg, SessionEnd):
-                    log.warning(
-                        "worker %s stream ended by the coordinator: %s", worker_id, msg.message
-                    )
-                    raise _ended(msg)
-                yield msg
+            await _write(context, outbox, worker_id, batches=first.hello.accepts_batch)
+        except PlaitError:
+            raise
+        except Exception:
+            if context.cancelled():  # a write raced the worker going away: nothing to report
+                return
+            raise
         finally:
             reader.cancel()
             rt.close_session(session_id)
 
 
-async def _outgoing(
-    outbox: asyncio.Queue[Any], *, batches: bool
-) -> AsyncIterator[wpb.ConnectResponse | SessionEnd | PlaitError]:
-    """The session's outbox until it ends (None); with ``batches``, everything queued at once
-    leaves in one stream write (ConnectResponse.batch)."""
+async def _pump(
+    context: Any,
+    rt: Runtime,
+    session_id: str,
+    worker_id: str,
+    outbox: asyncio.Queue[Any],
+    checker: ReportCheck,
+) -> None:
+    """Reads the stream after hello into the runtime until it ends; then ends the outbox.
+
+    Each message is its own stimulus with its own cause ("heartbeat-w1-42": kind, worker,
+    place on the stream), kept on every event it leads to and in the logs.
+    """
+    n = 0
+    read, post, eof = context.read, rt.post, grpc.aio.EOF
+    try:
+        while True:
+            msg = await read()
+            if msg is eof:
+                break
+            if isinstance(msg, Undecodable):
+                raise msg.error("message")
+            checker.check(msg)
+            n += 1
+            kind = msg.WhichOneof("message")
+            if kind == "goodbye":
+                log.info("worker %s says goodbye: %s", worker_id, msg.goodbye.reason or "-")
+            post(WorkerMessageReceived(f"{kind}-{worker_id}-{n}", session_id, msg))
+    except PlaitError as e:  # a refused message ends the stream with its status
+        outbox.put_nowait(e)
+    except Exception as e:  # the stream broke: the session ends below
+        log.info("worker %s stream ended: %s", worker_id, e)
+    finally:
+        outbox.put_nowait(None)
+
+
+async def _write(
+    context: Any, outbox: asyncio.Queue[Any], worker_id: str, *, batches: bool
+) -> None:
+    """Writes the session's outbox until it ends (None), or raises what ended it; with
+    ``batches``, everything queued at once leaves in one stream write (ConnectResponse.batch)."""
+    write, response = context.write, wpb.ConnectResponse
     held: Any = None  # what ended a run of messages taken for one batch
     while True:
         if held is not None:
             msg, held = held, None
-        else:
+        elif outbox.empty():
             msg = await outbox.get()
-        if batches and isinstance(msg, wpb.ConnectResponse) and not outbox.empty():
+        else:
+            msg = outbox.get_nowait()
+        if isinstance(msg, response):
+            if not batches or outbox.empty():
+                await write(msg)
+                continue
             run = [msg]
             while not outbox.empty():
                 nxt = outbox.get_nowait()
-                if not isinstance(nxt, wpb.ConnectResponse):
+                if not isinstance(nxt, response):
                     held = nxt
                     break
                 run.append(nxt)
             for b in batched(run):
-                yield b
+                await write(b)
             continue
         if msg is None:
             return
-        yield msg
+        if isinstance(msg, SessionEnd):
+            log.warning("worker %s stream ended by the coordinator: %s", worker_id, msg.message)
+            raise _ended(msg)
+        raise msg  # a PlaitError: the reader refused a message

@@ -118,6 +118,9 @@ class CoordinatorLinks:
             *options,
             *reconnect_options(backoff),
             *security.channel_options_for(tls),
+            # No BDP probes: the coordinator would answer each heartbeat's probe with a PING
+            # ACK, another wake-up on both sides; worker messages fit the default window.
+            ("grpc.http2.bdp_probe", 0),
         ]
         self._tls = tls
         self._metadata = security.bearer_metadata(token)
