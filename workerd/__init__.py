@@ -6,8 +6,9 @@ It serves exec actions (:mod:`plait.workerd.exec_executor`, sandboxed by
 :mod:`plait.workerd.sandbox` and :mod:`plait.workerd.confinement` — run-as users
 (:mod:`~plait.workerd.runas`), rlimits (:mod:`~plait.workerd.rlimits`), cgroups and uid sweeps
 (:mod:`~plait.workerd.containment`), a private tmp root (:mod:`~plait.workerd.tmproot`), all
-set up by :mod:`~plait.workerd.startup` — with no zombies thanks to
-:mod:`plait.workerd.keeper`) and, optionally, Python handlers, over one
+set up by :mod:`~plait.workerd.startup`; each attempt forked and exec'd by the spawner,
+:mod:`plait.workerd.spawner` — with no zombies thanks to :mod:`plait.workerd.keeper`) and,
+optionally, Python handlers, over one
 :class:`plait.worker.session.WorkerSession`.
 
 Kept import-free so that ``python -m plait.workerd.keeper`` starts fast.

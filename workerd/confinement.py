@@ -1,8 +1,10 @@
 """Each exec attempt's confinement: its user, limits, cgroup and clean-up (workerd layer).
 
-How an attempt starts — a chain of execs, so no Python runs between fork and exec (in a
-process with gRPC's threads only vfork() is safe), and nothing the action controls runs before
-its user, limits and cgroup are in place:
+How an attempt starts: normally the spawner (:mod:`plait.workerd.spawner`) forks it and the
+child sets its own user, limits, cgroup and parent-death signal before it execs the action.
+When the spawner is unavailable, a chain of execs — so no Python runs between fork and exec (in
+a process with gRPC's threads only vfork() is safe), and nothing the action controls runs
+before its user, limits and cgroup are in place:
 
 1. util-linux ``setpriv``: with ``--run-as``, ``--reuid U --regid G --clear-groups
    --no-new-privs`` (no supplementary groups; no setuid or file-capability program can give
@@ -48,6 +50,7 @@ from plait.workerd.containment import (
 from plait.workerd.keeper import Keeper
 from plait.workerd.rlimits import Rlimits, apply_rlimits, prlimit_argv
 from plait.workerd.runas import Identity, UidPool
+from plait.workerd.spawn_client import Spawner, SpawnError
 
 __all__ = ["CONTAINMENT_CGROUP", "CONTAINMENT_GROUP", "CONTAINMENT_UID", "Confinement", "Sandbox"]
 
@@ -74,6 +77,9 @@ class Sandbox:
     prlimit: str | None = None
     """util-linux prlimit, to set each attempt's limits as a start step; None: workerd sets
     them itself (``prlimit(2)``) while the attempt waits at its barrier."""
+    spawner: Spawner | None = None
+    """The process spawner attempts (and uid sweeps) start through; None or unavailable: the
+    exec chain below."""
 
     @property
     def containment(self) -> str:
@@ -220,25 +226,38 @@ class Confinement:
         if spare:  # a uid shared with running attempts (pool smaller than the slots)
             await asyncio.to_thread(kill_uid_processes, ident.uid, spare)
             return
-        setpriv = self.sandbox.setpriv
-        if setpriv is None:  # cannot happen: --run-as needs setpriv (checked at start-up)
-            await asyncio.to_thread(kill_uid_processes, ident.uid)
-            return
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *sweep_argv(setpriv, ident.uid, ident.gid),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                env={},
-            )
-            await proc.wait()
-        except OSError as err:
-            log.error("cannot sweep the processes of uid %d: %s", ident.uid, err)
+        if not await self._sweep_by_spawner(ident):
+            setpriv = self.sandbox.setpriv
+            if setpriv is None:  # cannot happen: --run-as needs setpriv (checked at start-up)
+                await asyncio.to_thread(kill_uid_processes, ident.uid)
+                return
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *sweep_argv(setpriv, ident.uid, ident.gid),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                    env={},
+                )
+                await proc.wait()
+            except OSError as err:
+                log.error("cannot sweep the processes of uid %d: %s", ident.uid, err)
         # kill(-1) only sends the signals: wait until they are dead (a /proc scan, killing any
         # straggler), so that the attempt reports only once nothing of it runs.
         spare = pool.live_groups(ident) - {self.pgid}
         await asyncio.to_thread(kill_uid_processes, ident.uid, spare)
+
+    async def _sweep_by_spawner(self, ident: Identity) -> bool:
+        """``kill(-1)`` as the uid from a child of the spawner (no setpriv, no shell)."""
+        spawner = self.sandbox.spawner
+        if spawner is None or not spawner.available:
+            return False
+        try:
+            await spawner.sweep(ident.uid, ident.gid)
+        except SpawnError as err:
+            log.warning("the spawner could not sweep uid %d (%s)", ident.uid, err)
+            return False
+        return True
 
 
 async def _drain_cgroup(path: str) -> bool:

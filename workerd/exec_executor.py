@@ -16,8 +16,10 @@ heartbeat) arms the keeper at ``deadline - margin``, the moment the session's ow
 land: if workerd is frozen past it, the keeper kills the attempts in its place
 (:mod:`plait.workerd.keeper`), and they report ``CANCELLED`` once workerd runs again.
 
-Processes are started with asyncio's subprocess machinery; the only step between workerd and
-the action are the sandbox's start steps (``setpriv``, ``prlimit``, ``/bin/sh``), never Python.
+Processes are started by the spawner (:mod:`plait.workerd.spawner`, one fork and one exec per
+attempt, from a single-threaded process workerd starts once), or, when it is unavailable, with
+asyncio's subprocess machinery through the sandbox's exec chain (``setpriv``, ``prlimit``,
+``/bin/sh``): :mod:`plait.workerd.attempt_process`. Never Python forked from workerd itself.
 
 Results carry no ``error_type`` (docs/protocol.md, "Results and acks"): a process that exits
 non-zero has no exception type, and workerd's own failures are already told apart by what a
@@ -57,6 +59,14 @@ from plait.worker.executor import (
     attempt_trace,
 )
 from plait.worker.handlers import attempt_log_fields, parse_inputs, parse_item
+from plait.workerd.attempt_process import (
+    AttemptProcess,
+    SpawnedProcess,
+    Tails,
+    exit_message,
+    start_chain,
+    start_spawned,
+)
 from plait.workerd.confinement import Confinement, Sandbox
 from plait.workerd.containment import remove_tree
 from plait.workerd.keeper import Keeper
@@ -71,9 +81,9 @@ from plait.workerd.sandbox import (
     expand_argv,
     find_setpriv,
     resolve_program,
-    start_argv,
 )
 from plait.workerd.secrets import Redactor, SecretError, SecretStore
+from plait.workerd.spawn_client import Spawner, SpawnError
 
 log = logging.getLogger(__name__)
 
@@ -102,60 +112,16 @@ def install_child_watcher() -> None:
     _watcher_installed = True
 
 
-_LIMIT_SIGNALS = {
-    int(signal.SIGXFSZ): "a file reached the file-size limit (rlimits.file_size)",
-    int(signal.SIGXCPU): "the CPU-time limit was reached (rlimits.cpu)",
-}
-
-
-def exit_message(code: int) -> str:
-    """``exit code 3``, ``killed by signal SIGKILL``, or with a limit's signal, what it means."""
-    hint = _LIMIT_SIGNALS.get(-code)
-    if hint:
-        return f"killed by signal {signal.Signals(-code).name}: {hint}"
-    if code >= 0:
-        return f"exit code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = str(-code)
-    return f"killed by signal {name}"
-
-
-class _Pipes(asyncio.SubprocessProtocol):
-    """Keeps the last ``limit`` bytes of stdout and stderr; never stops reading."""
-
-    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.limit = limit
-        self.bufs = {1: bytearray(), 2: bytearray()}
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self._open = 2
-
-    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
-        buf = self.bufs.get(fd)
-        if buf is None:
-            return
-        buf += data if isinstance(data, bytes) else data.encode()
-        if len(buf) > 2 * self.limit:
-            del buf[: -self.limit]
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd in self.bufs:
-            self._open -= 1
-            if self._open <= 0 and not self.closed.done():
-                self.closed.set_result(None)
-
-    def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-    def tail(self, fd: int) -> str:
-        return bytes(self.bufs[fd][-self.limit :]).decode("utf-8", "replace")
+__all__ = ["ExecExecutor", "exit_message", "install_child_watcher"]
 
 
 class ExecExecutor:
-    """Runs exec leases; one instance per workerd (see the module docstring)."""
+    """Runs exec leases; one instance per workerd (see the module docstring).
+
+    Attempts start through ``sandbox.spawner``; when the sandbox has none (and ``spawn``), the
+    executor starts its own at the first attempt and stops it in :meth:`aclose`. ``spawn=False``
+    starts every attempt through the exec chain.
+    """
 
     runs_exec = True
     handlers: frozenset[str] = frozenset()
@@ -175,6 +141,7 @@ class ExecExecutor:
         secrets: SecretStore | None = None,
         sandbox: Sandbox | None = None,
         clock: Clock | None = None,
+        spawn: bool = True,
     ) -> None:
         self.clock = clock if clock is not None else SystemClock()
         self.fenced_at = math.inf
@@ -191,14 +158,24 @@ class ExecExecutor:
         self.pipe_drain_timeout = pipe_drain_timeout
         if sandbox is None:
             setpriv = find_setpriv(self.path) if pdeathsig else None
-            if pdeathsig and setpriv is None:
+            if pdeathsig and setpriv is None and not spawn:
                 log.warning(
                     "setpriv (util-linux) not found: actions run without PR_SET_PDEATHSIG;"
                     " the keeper still kills them if workerd dies"
                 )
             sandbox = Sandbox(keeper=self.keeper, setpriv=setpriv)
         self.sandbox = sandbox
+        self.pdeathsig = pdeathsig
+        self._own_spawner = spawn and sandbox.spawner is None
+        if self._own_spawner:
+            sandbox.spawner = Spawner()
         self._running: dict[str, _ExecAttempt] = {}
+
+    @property
+    def spawner(self) -> Spawner | None:
+        """The spawner attempts start through, while it is available (else the exec chain)."""
+        spawner = self.sandbox.spawner
+        return spawner if spawner is not None and spawner.available else None
 
     @property
     def running(self) -> list[str]:
@@ -248,6 +225,8 @@ class ExecExecutor:
         if tasks:
             grace = max(a.ctx.kill_grace for a in attempts)
             await asyncio.wait(tasks, timeout=grace + self.pipe_drain_timeout + 2.0)
+        if self._own_spawner and self.sandbox.spawner is not None:
+            self.sandbox.spawner.close()
 
 
 class _ExecAttempt:
@@ -266,7 +245,6 @@ class _ExecAttempt:
         self.tmpdir = ""
         self.confinement: Confinement | None = None
         self.limits: dict[int, int] = {}
-        self.barrier = False  # whether the attempt starts with the sandbox's start barrier
         self._timers: list[asyncio.TimerHandle] = []
         self.redactor: Redactor | None = None  # set once the lease's secrets are resolved
 
@@ -436,69 +414,70 @@ class _ExecAttempt:
             return AttemptResult.failed(f"cannot run {argv[0]!r}: no such file", exit_code=127)
         confinement = self.confinement
         assert confinement is not None
-        chain, start_env, self.barrier = start_argv(
-            confinement.prefix(self.limits),
-            program,
-            argv[1:],
-            env,
-            barrier=confinement.needs_barrier,
-        )
-        loop = asyncio.get_running_loop()
-        pipes = _Pipes(self.ex.tail_bytes + (self.redactor.margin if self.redactor else 0), loop)
-        try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: pipes,
-                *chain,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=start_env,
+        tail_limit = self.ex.tail_bytes + (self.redactor.margin if self.redactor else 0)
+        proc: AttemptProcess | None = None
+        launched_at = self.ex.clock.monotonic()
+        spawner = self.ex.spawner
+        pid = 0
+        if spawner is not None:
+            spawned: SpawnedProcess | None = None
+            try:
+                spawned = start_spawned(
+                    spawner,
+                    confinement,
+                    self.limits,
+                    program,
+                    argv[1:],
+                    env,
+                    cwd=self.cwd,
+                    inputs=inputs,
+                    tail_limit=tail_limit,
+                    pdeathsig=self.ex.pdeathsig,
+                )
+                pid = await spawned.started()
+                proc = spawned
+            except SpawnError as err:
+                # Nothing of the attempt ran: it starts through the exec chain instead.
+                log.warning("lease %s: the spawner failed (%s)", self.lease.lease_id, err)
+                if spawned is not None:
+                    spawned.close()
+        if proc is None:
+            launched_at = math.inf  # the chain's first process runs before it is registered
+            chained = await start_chain(
+                confinement,
+                self.limits,
+                program,
+                argv[1:],
+                env,
                 cwd=self.cwd,
-                start_new_session=True,
+                inputs=inputs,
+                tail_limit=tail_limit,
             )
-        except FileNotFoundError:
-            return AttemptResult.failed(f"cannot run {argv[0]!r}: no such file", exit_code=127)
-        except PermissionError:
-            return AttemptResult.failed(f"cannot run {argv[0]!r}: permission denied", exit_code=126)
-        except OSError as err:
-            return AttemptResult.failed(
-                f"cannot run {argv[0]!r}: {err.strerror or err}", exit_code=126
-            )
+            if isinstance(chained, AttemptResult):
+                return chained
+            proc = chained
+            pid = await chained.started()
         try:
-            return await self._supervise(transport, pipes, inputs)
+            return await self._supervise(proc, pid, launched_at)
         finally:
-            transport.close()
+            proc.close()
 
-    async def _supervise(
-        self, transport: asyncio.SubprocessTransport, pipes: _Pipes, inputs: bytes
-    ) -> AttemptResult:
-        pid = transport.get_pid()
+    async def _supervise(self, proc: AttemptProcess, pid: int, launched_at: float) -> AttemptResult:
         keeper = self.ex.keeper
-        if keeper is not None:
-            keeper.register(pid)
-            self.registered_at = self.ex.clock.monotonic()
         confinement = self.confinement
         assert confinement is not None
+        if keeper is not None:
+            keeper.register(pid)
+        # Its cgroup was registered before the request, so the keeper could kill it from then.
+        now = self.ex.clock.monotonic()
+        self.registered_at = min(launched_at, now) if confinement.cgroup else now
         confinement.started(pid)
         try:
-            # The first process waits at the start barrier until its limits and cgroup are set.
-            # Its pid stays its own meanwhile: only this loop reaps it (and only if it died).
-            if confinement.slow_start:
-                problem = await asyncio.to_thread(confinement.release_barrier, pid, self.limits)
-            else:
-                problem = confinement.release_barrier(pid, self.limits)
+            problem = await proc.release(pid)
             self.pgid = pid  # kill() signals from now on (before, it is begun below)
-            stdin: Any = transport.get_pipe_transport(0)
             if problem:
                 self.kill_outcome, self.kill_reason = FAILED, problem
                 self._signal(signal.SIGKILL)
-            elif stdin is not None:
-                # The go line for the start barrier, if there is one; then the inputs.
-                data = b"\n" + inputs if self.barrier else inputs
-                if data:
-                    stdin.write(data)
-            if stdin is not None:
-                stdin.close()
             if self.kill_outcome is not None:
                 self._begin_kill()
             spec = self.lease.action
@@ -510,23 +489,26 @@ class _ExecAttempt:
                     self._timers.append(
                         loop.call_later(timeout.total_seconds(), self.kill, TIMED_OUT, reason)
                     )
-            await pipes.exited
+            rc = await proc.wait()
             self.exited = True
         finally:
             # Whatever the attempt left in its group dies with it.
             self._signal(signal.SIGKILL)
             if keeper is not None:
                 keeper.unregister(pid)
-        return await self._outcome(transport, pipes, confinement)
+        if proc.start_failure is not None:
+            failure = proc.start_failure
+            failure.stdout_tail, failure.stderr_tail = proc.tails.tail(1), proc.tails.tail(2)
+            return failure
+        if proc.lost and self.kill_outcome is None:
+            self.kill_outcome, self.kill_reason = FAILED, proc.lost
+        return await self._outcome(rc, proc.tails, confinement)
 
-    async def _outcome(
-        self, transport: asyncio.SubprocessTransport, pipes: _Pipes, confinement: Confinement
-    ) -> AttemptResult:
-        """The result of an attempt whose main process exited."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(pipes.closed), self.ex.pipe_drain_timeout)
-        code = transport.get_returncode()
-        rc = code if code is not None else -int(signal.SIGKILL)
+    async def _outcome(self, rc: int, pipes: Tails, confinement: Confinement) -> AttemptResult:
+        """The result of an attempt whose main process exited with ``rc``."""
+        if not pipes.closed.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pipes.closed), self.ex.pipe_drain_timeout)
         out, err = pipes.tail(1), pipes.tail(2)
         if (
             self.kill_outcome is None

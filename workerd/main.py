@@ -48,6 +48,8 @@ from plait.workerd.startup import ExecSetup, prepare_exec
 
 log = logging.getLogger(__name__)
 
+_SPAWNER_READY_S = 10.0
+
 
 async def run(
     config: WorkerdConfig,
@@ -94,14 +96,21 @@ async def run(
         keeper = Keeper()
         keeper.start()
         exec_setup.attach(keeper)
-        executors.append(
-            ExecExecutor(
-                keeper=keeper,
-                secrets=config.secrets,
-                sandbox=exec_setup.sandbox,
-                tmp_root=exec_setup.tmp.path,
-            )
+        exec_executor = ExecExecutor(
+            keeper=keeper,
+            secrets=config.secrets,
+            sandbox=exec_setup.sandbox,
+            tmp_root=exec_setup.tmp.path,
         )
+        executors.append(exec_executor)
+        spawner = exec_executor.spawner
+        # Started now, so the first attempt does not wait for an interpreter to start.
+        if spawner is not None and not await spawner.wait_ready(_SPAWNER_READY_S):
+            log.warning(
+                "the process spawner is not ready after %gs: attempts will use it once it is,"
+                " or the exec chain if it cannot start",
+                _SPAWNER_READY_S,
+            )
         log.info("sandbox: %s", exec_setup.summary())
         for warning in exec_setup.warnings:
             log.warning("%s", warning)

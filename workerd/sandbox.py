@@ -3,10 +3,11 @@
 Nothing from workerd's own environment reaches an action except ``PATH``: the child gets
 ``HOME`` and ``TMPDIR`` pointing at its own temp dir, ``LANG=C.UTF-8``, the spec's ``env``, and
 the ``PLAIT_*`` variables below. The child runs in a new session (its own process group) and
-asks the kernel for SIGKILL when workerd dies (``PR_SET_PDEATHSIG``, through util-linux
-``setpriv``: :func:`find_setpriv`). How it is started — the chain of start steps, the start
-barrier and the loader variables kept from them — is :func:`start_argv`, used by
-:mod:`plait.workerd.confinement`.
+asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``): it is started by the
+spawner (:mod:`plait.workerd.spawner`), or, when that is unavailable, through util-linux
+``setpriv`` (:func:`find_setpriv`). That fallback — the chain of start steps, the start barrier
+and the loader variables kept from them — is :func:`start_argv`, used by
+:mod:`plait.workerd.attempt_process`.
 """
 
 from __future__ import annotations

@@ -186,8 +186,9 @@ def _warnings(setup: ExecSetup, *, slots: int, allow_root: bool) -> list[str]:
     run_as, sandbox = setup.run_as, setup.sandbox
     if sandbox.setpriv is None:
         out.append(
-            "setpriv (util-linux) not found: actions run without PR_SET_PDEATHSIG (and"
-            " without no_new_privs); the keeper still kills them if workerd dies"
+            "setpriv (util-linux) not found: should the process spawner fail, actions"
+            " start without PR_SET_PDEATHSIG (and without no_new_privs); the keeper still"
+            " kills them if workerd dies"
         )
     if run_as is not None and len(run_as.identities) < slots:
         out.append(

@@ -1,14 +1,16 @@
 """Exec throughput with the sandbox on: ``python -m tests.bench.exec_rate --slots 1|4 --n 2000``.
 
 Starts a coordinator and two workerd processes (the system tests' harness: test-profile
-timings, the default sandbox — private tmp root, keeper, setpriv with PR_SET_PDEATHSIG, rlimits,
+timings, the default sandbox — private tmp root, keeper, spawner (PR_SET_PDEATHSIG), rlimits,
 cgroups where this host delegates them), submits ``--n`` independent exec actions of
 ``/bin/true`` in one workflow, and times it on the coordinator (its HLC at submission and at
 the terminal event). ``--runs`` workflows run one after another on the same cluster; the
 median rate is printed last.
 
 For each run it also prints the CPU time (user + system, from /proc) of the coordinator, of
-each workerd and of each keeper, as a share of the run's wall time and per action, so the
+each workerd, its keeper and its spawner, and of the processes each workerd started for its
+attempts (``-actions``: the reaped children of workerd and of its spawner — the actions, and
+with the exec chain its start steps), as a share of the run's wall time and per action, so the
 split between coordinator and workerd is visible. ``--py-spy DIR`` records a py-spy profile of
 each workerd during the last run (``py-spy`` must be on PATH or next to this Python; it is
 not a dependency of the project). Not a test: it prints numbers and exits 1 only if a
@@ -36,6 +38,11 @@ from tests.system.harness import Cluster, command_action, workflow
 WORKERS = ("exec-w1", "exec-w2")
 _TICKS = os.sysconf("SC_CLK_TCK")
 RECORD = ("--format", "raw", "--rate", "200", "--nonblocking")
+# workerd's helper processes, by what their command lines show.
+HELPERS = {
+    "keeper": ("plait.workerd.keeper",),
+    "spawner": ("workerd/spawner.py", "plait.workerd.spawner"),
+}
 
 
 @dataclass(frozen=True)
@@ -52,23 +59,45 @@ class Run:
         return self.actions / max(self.coordinator_s, 1e-9)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds (0 when it is gone)."""
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """utime + stime of ``pid`` in seconds (0 when it is gone); with ``children``, that of its
+    reaped children instead (cutime + cstime: the attempts' processes it waited for)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except OSError:
         return 0.0
     fields = raw[raw.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    first = 13 if children else 11
+    return (int(fields[first]) + int(fields[first + 1])) / _TICKS
+
+
+def helper_of(pid: int, marks: tuple[str, ...]) -> int | None:
+    """The helper process a workerd started (its child whose command line has a mark)."""
+    for proc in procs.snapshot().values():
+        if proc.ppid == pid and any(mark in proc.cmdline() for mark in marks):
+            return proc.pid
+    return None
 
 
 def keeper_of(pid: int) -> int | None:
     """The keeper process a workerd started (its child running plait.workerd.keeper)."""
-    for proc in procs.snapshot().values():
-        if proc.ppid == pid and "plait.workerd.keeper" in proc.cmdline():
-            return proc.pid
-    return None
+    return helper_of(pid, HELPERS["keeper"])
+
+
+class Sampler:
+    """CPU seconds of the measured processes: ``name`` for a process itself, ``name+kids`` for
+    what its reaped children used (the actions, and the exec chain's start steps)."""
+
+    def __init__(self, pids: dict[str, int], parents: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.parents = parents  # label -> processes whose reaped children count for it
+
+    def sample(self) -> dict[str, float]:
+        out = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        for name, pids in self.parents.items():
+            out[name] = sum(cpu_seconds(pid, children=True) for pid in pids)
+        return out
 
 
 def exec_true(n: int, run: int) -> wf.WorkflowSpec:
@@ -76,12 +105,13 @@ def exec_true(n: int, run: int) -> wf.WorkflowSpec:
     return workflow(f"bench-exec-rate-{run}", (command_action(f"t{i}", [true]) for i in range(n)))
 
 
-def measure(cluster: Cluster, spec: wf.WorkflowSpec, pids: dict[str, int], timeout: float) -> Run:
+def measure(cluster: Cluster, spec: wf.WorkflowSpec, sampler: Sampler, timeout: float) -> Run:
     """Submits ``spec``, waits for it (polling the cheap ListWorkflows) and samples CPU."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = sampler.sample()
     workflow_id = cluster.submit(spec)
     status = wait_listed(cluster, workflow_id, "the exec workflow to finish", timeout, 0.05)
-    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    after = sampler.sample()
+    cpu = {name: after[name] - before[name] for name in after}
     return Run(
         actions=len(spec.actions),
         state=wf.WorkflowState.Name(status.state).removeprefix("WORKFLOW_STATE_"),
@@ -136,24 +166,30 @@ def main(argv: list[str] | None = None) -> int:
                 cluster.add_worker(name, slots=args.slots, wait=False, extra_args=args.worker_arg)
             cluster.wait_workers(WORKERS)
             pids = {"coordinator": cluster.daemons["coordinator"].pid}
+            parents: dict[str, list[int]] = {}
             for name in WORKERS:
                 pids[name] = cluster.daemons[name].pid
-                keeper = keeper_of(pids[name])
-                if keeper is not None:
-                    pids[f"{name}-keeper"] = keeper
+                parents[f"{name}-actions"] = [pids[name]]
+                for helper, marks in HELPERS.items():
+                    found = helper_of(pids[name], marks)
+                    if found is not None:
+                        pids[f"{name}-{helper}"] = found
+                        if helper == "spawner":  # the actions are its children
+                            parents[f"{name}-actions"].append(found)
+            sampler = Sampler(pids, parents)
             print(
                 f"coordinator {cluster.grpc_target}; 2 workerd x {args.slots} slot(s);"
                 f" {args.n} exec /bin/true per run",
                 file=sys.stderr,
             )
             # A short warm-up, so imports and first-connection costs are not timed.
-            measure(cluster, exec_true(20, -1), pids, args.timeout)
+            measure(cluster, exec_true(20, -1), sampler, args.timeout)
             for i in range(args.runs):
                 spies = []
                 if args.py_spy is not None and i == args.runs - 1:
                     spies = start_py_spy(args.py_spy, pids)
                 try:
-                    runs.append(measure(cluster, exec_true(args.n, i), pids, args.timeout))
+                    runs.append(measure(cluster, exec_true(args.n, i), sampler, args.timeout))
                 finally:
                     for spy in spies:
                         spy.send_signal(signal.SIGINT)
