@@ -49,10 +49,12 @@ _ADMIN = "/plait.v1.AdminService/"
 # The one table. A new RPC without an entry is refused (and fails the authorization tests).
 RPC_ROLES: Mapping[str, Role | str] = {
     _WF + "SubmitWorkflow": Role.SUBMIT,
+    _WF + "SubmitWorkflowStream": Role.SUBMIT,
     _WF + "GetWorkflow": Role.READ,
     _WF + "ListWorkflows": Role.READ,
     _WF + "WatchWorkflow": Role.READ,
     _WF + "GetActionLogs": Role.READ,
+    _WF + "FollowActionLogs": Role.READ,
     _WF + "GetActionOutputs": Role.READ,
     _WF + "CancelWorkflow": Role.OPERATE,
     _WF + "RetryWorkflow": Role.OPERATE,

@@ -50,6 +50,7 @@ LOG_FORMATS = ("text", "json")  # --log-format (plait.logs)
 # Help for the limit flags, in the order --help lists them (``--max-actions`` first).
 LIMIT_FLAGS: dict[str, str] = {
     "max_actions": "largest workflow accepted, in actions (default 100000)",
+    "max_spec_bytes": "a submitted spec's size; larger ones arrive in pieces (default 64MiB)",
     "max_edges": "needs-edges in one workflow (default 1000000)",
     "max_fan_in": "needs of one action (default 10000)",
     "max_depth": "actions on the longest needs-chain (default 10000)",
@@ -100,6 +101,7 @@ class CoordinatorConfig:
     auth_tokens: str | None = None  # hashed bearer-token file (reloaded on SIGHUP)
     reflection: bool = False  # gRPC server reflection (describes the API; role read)
     metrics_public: bool = False  # allow /metrics on a non-loopback address
+    ui_listen: str | None = None  # the web UI's HOST:PORT (docs/ui.md); off by default
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -167,6 +169,17 @@ class CoordinatorConfig:
                 " workers refuse larger outputs themselves"
             )
 
+    def _missing_beyond_loopback(self) -> list[str]:
+        """What a port listening beyond loopback lacks: TLS and/or authentication."""
+        return [
+            what
+            for what, ok in (
+                ("TLS (--tls-cert and --tls-key)", self.tls),
+                ("authentication (--tls-client-ca and/or --auth-tokens)", self.auth_enabled),
+            )
+            if not ok
+        ]
+
     def _validate_security(self) -> None:
         """Secure by default: beyond loopback only with TLS and authentication."""
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -181,23 +194,20 @@ class CoordinatorConfig:
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{name} {path!r}: no such file")
         host, _ = split_host_port(self.listen, "listen")
-        if not is_loopback_host(host):
-            missing = [
-                what
-                for what, ok in (
-                    ("TLS (--tls-cert and --tls-key)", self.tls),
-                    (
-                        "authentication (--tls-client-ca and/or --auth-tokens)",
-                        self.auth_enabled,
-                    ),
-                )
-                if not ok
-            ]
-            if missing:
+        missing = self._missing_beyond_loopback()
+        if not is_loopback_host(host) and missing:
+            raise ConfigError(
+                f"listen {self.listen!r} is not a loopback address: Plait listens beyond"
+                f" this host only with {' and '.join(missing)}; see docs/security.md"
+                " (`plait certs init` makes a CA and certificates)"
+            )
+        if self.ui_listen is not None:
+            uhost, _ = split_host_port(self.ui_listen, "ui_listen")
+            if not is_loopback_host(uhost) and missing:
                 raise ConfigError(
-                    f"listen {self.listen!r} is not a loopback address: Plait listens beyond"
-                    f" this host only with {' and '.join(missing)}; see docs/security.md"
-                    " (`plait certs init` makes a CA and certificates)"
+                    f"ui_listen {self.ui_listen!r} is not a loopback address: the web UI is"
+                    f" served beyond this host only with {' and '.join(missing)}, as the gRPC"
+                    " API is; see docs/ui.md"
                 )
         if self.metrics_listen is not None:
             mhost, _ = split_host_port(self.metrics_listen, "metrics_listen")
@@ -263,7 +273,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return text in {"1", "true", "yes", "on"}
         if name in _PATHS and str(value).strip() == "":
             return None
-        if name == "metrics_listen" and str(value).lower() in {"", "off", "none"}:
+        if name in {"metrics_listen", "ui_listen"} and str(value).lower() in {"", "off", "none"}:
             return None
         return str(value)
     except ValueError as e:
@@ -282,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-listen", help=f"Prometheus HOST:PORT or 'off' (default {DEFAULT_METRICS_LISTEN})"
     )
+    p.add_argument(
+        "--ui-listen",
+        help="serve the web UI on HOST:PORT (HTTPS with --tls-cert; behind the API's"
+        " authentication; docs/ui.md); default off",
+    )
     p.add_argument("--heartbeat-interval", help="worker heartbeat cadence (default 5s)")
     p.add_argument("--lease-ttl", help="lease lifetime after the last heartbeat (default 30s)")
     p.add_argument("--kill-grace", help="SIGTERM -> SIGKILL grace for workers (default 10s)")
@@ -293,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         " free (default 32; 0: none)",
     )
     p.add_argument("--shutdown-grace", help="time to drain workers on SIGTERM (default 10s)")
-    p.add_argument("--ready-file", help="write {grpc, metrics, pid} JSON here once serving")
+    p.add_argument("--ready-file", help="write {grpc, metrics, ui, pid} JSON here once serving")
     p.add_argument(
         "--advertise", help="HOST:PORT standbys give clients for this leader (default: --listen)"
     )

@@ -19,9 +19,10 @@ from typing import Literal
 
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.joins import join_of, required
-from plait.coordinator.core.model import ActionRecord, fans_out
+from plait.coordinator.core.model import ActionRecord
 from plait.coordinator.core.sessions import lease_id_for
 from plait.coordinator.core.state import SchedulerState
+from plait.spec.rules import fans_out
 from plait.v1 import workflow_pb2 as pb
 
 E = pb  # EVENT_TYPE_* constants

@@ -28,12 +28,12 @@ async def serve(server: CoordinatorServer) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
-    if not server.authenticator.enabled:
+    await server.start(wait_leader=False)
+    if not server.authenticator.enabled:  # once serving: a refusal to start is one line alone
         log.warning(
             "authentication is off: any process on this host may submit, operate and serve as"
             " a worker (configure --tls-client-ca and/or --auth-tokens; docs/security.md)"
         )
-    await server.start(wait_leader=False)
     waiter = asyncio.create_task(server.wait())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -87,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         return asyncio.run(serve(server))
+    except ConfigError as e:  # e.g. --listen's address in use, a TLS file it cannot read
+        print(f"plait coordinator: refusing to start: {e.message}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as e:
         print(f"plait coordinator: {e}", file=sys.stderr)
         return 1

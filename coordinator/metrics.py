@@ -125,8 +125,8 @@ class CoordinatorMetrics:
             self.results_refused.labels(reason)
         self.reports_refused = Counter(
             "plait_worker_reports_refused_total",
-            "Worker reports (started, progress, result) for a lease the session does not hold;"
-            " nothing was journalled.",
+            "Worker reports (started, progress, logs, result) for a lease the session does not"
+            " hold; nothing was journalled.",
             ["report"],
             registry=r,
         )
@@ -178,6 +178,16 @@ class CoordinatorMetrics:
         )
         self.ready_actions = Gauge(
             "plait_ready_actions", "Actions ready and waiting for a slot.", registry=r
+        )
+        self.live_log_bytes = Gauge(
+            "plait_live_log_bytes",
+            "Running attempts' output kept in memory for followers (live logs; bounded).",
+            registry=r,
+        )
+        self.live_log_dropped = Counter(
+            "plait_live_log_dropped_bytes_total",
+            "Live output dropped to stay within the per-attempt and total bounds.",
+            registry=r,
         )
         self.schedule_to_start = Histogram(
             "plait_schedule_to_start_seconds",

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, TypeVar
 from plait.clock import Clock
 from plait.coordinator.core import prefetch
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import RUNNING_WF, Observation, fans_out
+from plait.coordinator.core.model import RUNNING_WF, Observation
 from plait.coordinator.core.state import STATE_NAME, SchedulerState
 from plait.coordinator.forkjoin import ForkJoin
 from plait.coordinator.metrics import CoordinatorMetrics, StateGauges, WorkerGauges
 from plait.coordinator.services.errors import Throttle
 from plait.coordinator.tracing import Tracing
+from plait.spec.rules import fans_out
 from plait.tracecontext import trace_id_for
 from plait.v1 import workflow_pb2 as pb
 

@@ -46,6 +46,7 @@ from plait.coordinator.core.outputs import OutputStore
 from plait.coordinator.core.replay import replay
 from plait.coordinator.core.state import CoreConfig, SchedulerState
 from plait.coordinator.journal.store import JournalHead, JournalStore
+from plait.coordinator.live_logs import LiveLogs
 from plait.coordinator.metrics import CoordinatorMetrics, StateGauges
 from plait.coordinator.observations import Observations, call_on_loop, state_gauges
 from plait.coordinator.retention import Retention
@@ -96,6 +97,8 @@ class Runtime:
         self._task: asyncio.Task[None] | None = None
         self._sessions: dict[str, asyncio.Queue[Outbound]] = {}
         self.watchers = Watchers(store)
+        # Running attempts' output, never journalled.
+        self.live_logs = LiveLogs(kept=metrics.live_log_bytes, dropped=metrics.live_log_dropped)
         self._durable = 0
         self._durable_cond = asyncio.Condition()
         self._ids = itertools.count(1)
@@ -197,6 +200,7 @@ class Runtime:
         for q in self._sessions.values():
             q.put_nowait(None)
         self.watchers.close()
+        self.live_logs.close()
         self.metrics.leader.set(0)
 
     @property
@@ -541,6 +545,9 @@ class Runtime:
         core = self.state
         self.observations.observe_records(core, out.records, self.clock.monotonic())
         self.watchers.publish(out.records)
+        if out.logs:  # before the records: an attempt's output is in before its end closes it
+            self.live_logs.keep(out.logs)
+        self.live_logs.delivered(out.records)
         for session_id, msgs in out.sends.items():
             q = self._sessions.get(session_id)
             if q is None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import socket
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,6 +44,9 @@ from plait.v1 import admin_service_pb2, worker_service_pb2, workflow_service_pb2
 from plait.v1 import admin_service_pb2_grpc as agrpc
 from plait.v1 import worker_service_pb2_grpc as wgrpc
 from plait.v1 import workflow_service_pb2_grpc as wsgrpc
+
+if TYPE_CHECKING:  # imported when --ui-listen is set: aiohttp costs every other start-up
+    from plait.coordinator.ui.server import UiServer
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,33 @@ def server_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials:
     )
 
 
+def bind_problem(listen: str, *, probe_only: bool = False) -> str:
+    """Why ``listen`` (``HOST:PORT``) cannot be bound, in words: what a plain socket's bind
+    says (gRPC's own error names no cause), e.g. "cannot listen there (address already in
+    use)". With ``probe_only``, "" when the probe binds (port 0 is never probed)."""
+    host, port = split_host_port(listen, "listen")
+    fallback = "" if probe_only else "cannot listen there"
+    if probe_only and port == 0:
+        return ""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"cannot listen there ({e.strerror or e})"
+    for family, kind, proto, _, address in infos:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # e.g. no IPv6 here: gRPC will say so if it matters
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                what = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
+                return f"cannot listen there ({what or e})"
+    return fallback
+
+
 class CoordinatorServer:
     """A running coordinator: start it, read its ports, stop it."""
 
@@ -122,6 +154,10 @@ class CoordinatorServer:
         self.port = 0
         self.metrics_port = 0
         self._metrics_http: Any = None
+        self.ui: UiServer | None = None  # the web UI (--ui-listen), on this event loop
+        # Kept: the web UI calls the same servicers (after the same authorization).
+        self.workflow_service = WorkflowService(self.runtime, config.limits)
+        self.admin_service = AdminService(self.runtime)
         self._lead_task: asyncio.Task[None] | None = None
         self.leading = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -172,9 +208,7 @@ class CoordinatorServer:
             ],
             options=server_options(cfg.limits.max_message_bytes),
         )
-        wsgrpc.add_WorkflowServiceServicer_to_server(
-            WorkflowService(self.runtime, cfg.limits), server
-        )
+        wsgrpc.add_WorkflowServiceServicer_to_server(self.workflow_service, server)
         wgrpc.add_WorkerServiceServicer_to_server(
             WorkerService(
                 self.runtime,
@@ -184,7 +218,7 @@ class CoordinatorServer:
             ),
             server,
         )
-        agrpc.add_AdminServiceServicer_to_server(AdminService(self.runtime), server)
+        agrpc.add_AdminServiceServicer_to_server(self.admin_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if cfg.reflection:
             reflection.enable_server_reflection(
@@ -195,29 +229,18 @@ class CoordinatorServer:
                 ),
                 server,
             )
-        if cfg.tls_cert is not None and cfg.tls_key is not None:
-            self.port = server.add_secure_port(cfg.listen, server_credentials(cfg))
-        else:
-            self.port = server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise OSError(f"could not listen on {cfg.listen}")
+        self.port = self._bind(server)
         await server.start()
         self.server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if cfg.metrics_listen:
-            host, port = split_host_port(cfg.metrics_listen, "metrics_listen")
-            # Over TLS with the gRPC certificate when there is one (client certificates are
-            # not required there: Prometheus scrapers rarely carry the cluster's).
-            httpd, _ = start_http_server(
-                port,
-                host,
-                registry=self.metrics.registry,
-                certfile=cfg.tls_cert,
-                keyfile=cfg.tls_key,
-            )
-            self._metrics_http = httpd
-            self.metrics_port = httpd.server_port
+            try:
+                self._serve_metrics(cfg.metrics_listen)
+            except ConfigError:
+                await server.stop(0)
+                raise
+        await self._start_ui(server)
         host = split_host_port(cfg.listen, "listen")[0]
         log.info(
             "coordinator serving gRPC%s on %s:%d (authentication %s), metrics on %s",
@@ -252,6 +275,72 @@ class CoordinatorServer:
                     f"not elected within {leader_timeout:g}s: another coordinator"
                     f"{f' ({hint})' if hint else ''} holds the journal {cfg.store}"
                 )
+
+    async def _start_ui(self, server: grpc.aio.Server) -> None:
+        """The web UI on ``--ui-listen`` (if set); when it cannot listen, nothing is left
+        serving."""
+        if not self.config.ui_listen:
+            return
+        from plait.coordinator.ui.server import UiServer
+
+        self.ui = UiServer(
+            self.config,
+            self.authenticator,
+            self.workflow_service,
+            self.admin_service,
+            self.clock,
+            self.metrics.auth_refusals,
+        )
+        try:
+            await self.ui.start()
+        except ConfigError:
+            self.ui = None
+            await server.stop(0)
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+            raise
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Adds the gRPC port; returns it. An address that cannot be bound is a ConfigError
+        naming it and why (one line at start-up, exit 2)."""
+        cfg = self.config
+        # Checked first as gRPC would bind (SO_REUSEADDR), so an address in use is one clear
+        # line rather than gRPC's own log line and a bare "Failed to bind".
+        problem = bind_problem(cfg.listen, probe_only=True)
+        if problem:
+            raise ConfigError(f"--listen {cfg.listen}: {problem}")
+        try:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                port = server.add_secure_port(cfg.listen, server_credentials(cfg))
+            else:
+                port = server.add_insecure_port(cfg.listen)
+        except RuntimeError:  # gRPC says only "Failed to bind"; bind_problem finds out why
+            port = 0
+        if port == 0:
+            raise ConfigError(f"--listen {cfg.listen}: {bind_problem(cfg.listen)}")
+        return port
+
+    def _serve_metrics(self, listen: str) -> None:
+        """Serves /metrics on ``listen`` (ConfigError naming it when it cannot)."""
+        cfg = self.config
+        host, port = split_host_port(listen, "metrics_listen")
+        # Over TLS with the gRPC certificate when there is one (client certificates are not
+        # required there: Prometheus scrapers rarely carry the cluster's).
+        try:
+            httpd, _ = start_http_server(
+                port,
+                host,
+                registry=self.metrics.registry,
+                certfile=cfg.tls_cert,
+                keyfile=cfg.tls_key,
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"--metrics-listen {listen}: cannot listen there ({e.strerror or e})"
+            ) from None
+        self._metrics_http = httpd
+        self.metrics_port = httpd.server_port
 
     def _auth_summary(self) -> str:
         cfg = self.config
@@ -347,11 +436,13 @@ class CoordinatorServer:
             await asyncio.sleep(0.5)
 
     def _write_ready_file(self, path: str, role: str) -> None:
-        """``{grpc, metrics, pid, role, term}``; rewritten (atomically) when elected."""
+        """``{grpc, metrics, ui, pid, role, term}`` (``ui``: the web UI's URL, or null);
+        rewritten (atomically) when elected."""
         host = self._host
         body = {
             "grpc": f"{host}:{self.port}",
             "metrics": f"{host}:{self.metrics_port}" if self.metrics_port else None,
+            "ui": self.ui.url if self.ui is not None else None,
             "pid": os.getpid(),
             "role": role,
             "term": self.term,
@@ -369,6 +460,8 @@ class CoordinatorServer:
         self.stopped.set()
         grace = self.config.shutdown_grace.total_seconds() if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.ui is not None:
+            await self.ui.stop()
         if self.server is not None and grace > 0 and self.fatal is None and self.leading.is_set():
             await self._drain_workers(grace)
         if self.server is not None:

@@ -20,6 +20,8 @@ E = pb  # EVENT_TYPE_* constants
 QUEUE_LIMIT = 10_000  # commits a watcher may fall behind before its stream ends
 BATCH_BYTES = 1 << 20  # replayed history is sent in batches of about this size
 PAGE = 5000  # events read from the journal at a time
+# The most one event may be in a watch: the message limit (4 MiB) less room for the response.
+EVENT_BYTES = 4 * 1024 * 1024 - 64 * 1024
 
 Queue = asyncio.Queue[list[pb.HistoryEvent] | None]
 _WORKFLOW_ID = attrgetter("workflow_id")
@@ -63,7 +65,7 @@ class Watchers:
                         f"watch of {workflow_id} ended (coordinator stopping or watcher too slow);"
                         f" resume after sequence {last}"
                     )
-                fresh = [ev for ev in events if ev.sequence > last]
+                fresh = [fitted(ev) for ev in events if ev.sequence > last]
                 if not fresh:
                     continue
                 last = fresh[-1].sequence
@@ -111,12 +113,23 @@ class Watchers:
                 q.put_nowait(None)
 
 
+def fitted(ev: pb.HistoryEvent) -> pb.HistoryEvent:
+    """``ev``, or, for a WORKFLOW_SUBMITTED event too large for one message (its spec came in
+    pieces: SubmitWorkflowStream), a copy without the spec, so the watch can carry it."""
+    if ev.type != E.EVENT_TYPE_WORKFLOW_SUBMITTED or ev.ByteSize() <= EVENT_BYTES:
+        return ev
+    out = pb.HistoryEvent()
+    out.CopyFrom(ev)
+    out.ClearField("spec")
+    return out
+
+
 def by_size(events: list[pb.HistoryEvent]) -> list[list[pb.HistoryEvent]]:
     """Splits replayed events into batches of about 1 MiB (under the 4 MiB message limit)."""
     out: list[list[pb.HistoryEvent]] = []
     batch: list[pb.HistoryEvent] = []
     size = 0
-    for ev in events:
+    for ev in map(fitted, events):
         n = ev.ByteSize()
         if batch and size + n > BATCH_BYTES:
             out.append(batch)

@@ -10,7 +10,8 @@
   joins the cgroup, then the action.
 
 Either way the executor gets an :class:`AttemptProcess`: its pid (also its process group) once
-started, a release step (the chain's barrier), its exit code, and the tails of its output.
+started, a release step (the chain's barrier), its exit code, and the tails of its output;
+with a :class:`LiveSink`, what it writes also goes to the session as it is read (live logs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import signal
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from plait.worker.executor import AttemptResult, Code
+from plait.live_logs import STDERR, STDOUT
+from plait.worker.executor import AttemptResult, Code, OutputSink
 from plait.workerd.confinement import Confinement
 from plait.workerd.sandbox import start_argv
 from plait.workerd.spawn_client import SpawnedChild, Spawner, SpawnError
@@ -30,6 +32,7 @@ from plait.workerd.spawn_client import SpawnedChild, Spawner, SpawnError
 __all__ = [
     "AttemptProcess",
     "ChainProcess",
+    "LiveSink",
     "SpawnedProcess",
     "Tails",
     "exit_message",
@@ -66,11 +69,39 @@ def cannot_run(program: str, err: int) -> AttemptResult:
     return AttemptResult.failed(f"cannot run {program!r}: {os.strerror(err)}", exit_code=126)
 
 
-class Tails(asyncio.SubprocessProtocol):
-    """Keeps the last ``limit`` bytes of stdout and stderr; never stops reading."""
+class LiveSink:
+    """Hands what an attempt writes to the session as it is read (live logs), each stream
+    through its own :class:`~plait.workerd.secrets.StreamRedactor` when the attempt has
+    secrets."""
 
-    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("_output", "_redactors")
+
+    def __init__(self, output: OutputSink, redactors: Mapping[int, Any] | None = None) -> None:
+        self._output = output
+        self._redactors = redactors  # fd -> StreamRedactor
+
+    def data(self, fd: int, data: bytes) -> None:
+        if self._redactors is not None:
+            data = self._redactors[fd].feed(data)
+        if data:
+            self._output(STDOUT if fd == 1 else STDERR, data)
+
+    def eof(self, fd: int) -> None:
+        if self._redactors is not None:
+            rest = self._redactors[fd].flush()
+            if rest:
+                self._output(STDOUT if fd == 1 else STDERR, rest)
+
+
+class Tails(asyncio.SubprocessProtocol):
+    """Keeps the last ``limit`` bytes of stdout and stderr; never stops reading. With a
+    ``sink``, everything read also goes there."""
+
+    def __init__(
+        self, limit: int, loop: asyncio.AbstractEventLoop, sink: LiveSink | None = None
+    ) -> None:
         self.limit = limit
+        self.sink = sink
         self.bufs = {1: bytearray(), 2: bytearray()}
         self.exited: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -80,12 +111,17 @@ class Tails(asyncio.SubprocessProtocol):
         buf = self.bufs.get(fd)
         if buf is None:
             return
-        buf += data if isinstance(data, bytes) else data.encode()
+        raw = data if isinstance(data, bytes) else data.encode()
+        buf += raw
         if len(buf) > 2 * self.limit:
             del buf[: -self.limit]
+        if self.sink is not None:
+            self.sink.data(fd, raw)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         if fd in self.bufs:
+            if self.sink is not None:
+                self.sink.eof(fd)
             self._open -= 1
             if self._open <= 0 and not self.closed.done():
                 self.closed.set_result(None)
@@ -186,13 +222,14 @@ async def start_chain(
     cwd: str,
     inputs: bytes,
     tail_limit: int,
+    sink: LiveSink | None = None,
 ) -> ChainProcess | AttemptResult:
     """Starts ``program`` through the exec chain (see the module docstring)."""
     chain, start_env, barrier = start_argv(
         confinement.prefix(limits), program, args, env, barrier=confinement.needs_barrier
     )
     loop = asyncio.get_running_loop()
-    tails = Tails(tail_limit, loop)
+    tails = Tails(tail_limit, loop, sink)
     try:
         transport, _ = await loop.subprocess_exec(
             lambda: tails,
@@ -342,6 +379,7 @@ def start_spawned(
     inputs: bytes,
     tail_limit: int,
     pdeathsig: bool,
+    sink: LiveSink | None = None,
 ) -> SpawnedProcess:
     """Asks the spawner for the attempt's process (see the module docstring).
 
@@ -372,7 +410,7 @@ def start_spawned(
     finally:
         for fd in (stdin_r, out_w, err_w):  # the child has its own copies now
             os.close(fd)
-    proc = SpawnedProcess(child, Tails(tail_limit, loop), loop, program, confinement)
+    proc = SpawnedProcess(child, Tails(tail_limit, loop, sink), loop, program, confinement)
     proc.read(out_r, 1)
     proc.read(err_r, 2)
     proc.feed(stdin_w, inputs)

@@ -6,7 +6,9 @@ directory; owned by the attempt's user; removed afterwards), a scrubbed environm
 confinement (run-as user, rlimits, cgroup: :mod:`plait.workerd.confinement`), inputs on stdin,
 in ``$PLAIT_INPUTS`` (up to 64 KiB) and in ``$PLAIT_INPUTS_FILE``, outputs read (off the event
 loop, without trusting the file: :mod:`plait.workerd.outputs`) from the JSON object written to
-``$PLAIT_OUTPUT``, and bounded stdout/stderr tails read continuously.
+``$PLAIT_OUTPUT``, and bounded stdout/stderr tails read continuously (also handed to the
+session as they are read, secrets redacted, for live logs:
+:class:`~plait.workerd.attempt_process.LiveSink`).
 Cancelling (CancelLease, self-fencing, the local run timeout) sends SIGTERM to the attempt and
 SIGKILL after the kill grace. When the attempt's main process exits, anything it left is
 killed: its group, its cgroup, or its run-as uid's processes.
@@ -56,11 +58,13 @@ from plait.worker.executor import (
     AttemptContext,
     AttemptResult,
     Code,
+    attempt_output,
     attempt_trace,
 )
 from plait.worker.handlers import attempt_log_fields, parse_inputs, parse_item
 from plait.workerd.attempt_process import (
     AttemptProcess,
+    LiveSink,
     SpawnedProcess,
     Tails,
     exit_message,
@@ -325,6 +329,14 @@ class _ExecAttempt:
             return result
         return self.redactor.result(result, self.ex.tail_bytes)
 
+    def _live_sink(self) -> LiveSink | None:
+        """Where the attempt's output goes as it is read (live logs), secrets redacted."""
+        output = attempt_output(self.ctx)
+        if output is None:
+            return None
+        r = self.redactor
+        return LiveSink(output, {1: r.stream(), 2: r.stream()} if r is not None else None)
+
     def _prepare(self) -> tuple[list[str], bytes, dict[str, str]] | AttemptResult:
         lease, spec = self.lease, self.lease.action
         argv = list(spec.exec.argv)
@@ -415,6 +427,7 @@ class _ExecAttempt:
         confinement = self.confinement
         assert confinement is not None
         tail_limit = self.ex.tail_bytes + (self.redactor.margin if self.redactor else 0)
+        sink = self._live_sink()
         proc: AttemptProcess | None = None
         launched_at = self.ex.clock.monotonic()
         spawner = self.ex.spawner
@@ -433,6 +446,7 @@ class _ExecAttempt:
                     inputs=inputs,
                     tail_limit=tail_limit,
                     pdeathsig=self.ex.pdeathsig,
+                    sink=sink,
                 )
                 pid = await spawned.started()
                 proc = spawned
@@ -452,6 +466,7 @@ class _ExecAttempt:
                 cwd=self.cwd,
                 inputs=inputs,
                 tail_limit=tail_limit,
+                sink=sink,
             )
             if isinstance(chained, AttemptResult):
                 return chained

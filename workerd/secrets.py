@@ -18,6 +18,9 @@ each value in its environment, and nowhere else:
   attempt whose outputs hold a value fails instead (outputs are journalled and passed to other
   actions; silently altering them would corrupt data). Encodings of a value (base64, split,
   reversed) are not recognised: redaction stops accidents, not an action that means to leak.
+  Live output (``plait logs -f``) goes through :meth:`Redactor.stream` the same way: each
+  stream holds back the last bytes that could be the start of a value until the next read
+  (or its end) shows whether it is one.
 
 Values are never logged, never put in an exception message, and kept out of reprs.
 """
@@ -272,6 +275,10 @@ class Redactor:
             return out
         return data[-limit:].decode("utf-8", "replace")
 
+    def stream(self) -> StreamRedactor:
+        """A redactor for one output stream read a piece at a time (live logs)."""
+        return StreamRedactor(self._names, self.margin)
+
     def leaked_in(self, outputs_json: str) -> str | None:
         """The name of a secret whose value (as JSON writes it) is in ``outputs_json``."""
         if self._pattern is None:
@@ -298,3 +305,45 @@ class Redactor:
                 " and passed to other actions, so the attempt fails instead"
             )
         return out
+
+
+class StreamRedactor:
+    """Redacts one stream of bytes as it is read: what it returns never holds a secret value,
+    even one split across reads (the last ``margin - 1`` bytes wait for the next read)."""
+
+    __slots__ = ("_held", "_keep", "_markers", "_pattern")
+
+    def __init__(self, names: Mapping[str, str], margin: int) -> None:
+        values = sorted((v.encode() for v in names), key=len, reverse=True)
+        self._markers = {v.encode(): redaction_marker(n).encode() for v, n in names.items()}
+        self._pattern = re.compile(b"|".join(re.escape(v) for v in values)) if values else None
+        self._keep = max(0, margin - 1)
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The redacted bytes that can leave now, of what was held and ``data``."""
+        buf = self._held + data
+        if self._pattern is None:
+            self._held = b""
+            return buf
+        # A value that starts before `cut` ends within `buf` (none is longer than margin), so
+        # it is found whole; one that starts at or after `cut` may still be arriving.
+        cut = max(0, len(buf) - self._keep)
+        out: list[bytes] = []
+        pos = 0
+        for m in self._pattern.finditer(buf):
+            if m.start() >= cut:
+                break
+            out += (buf[pos : m.start()], self._markers[m.group(0)])
+            pos = m.end()
+        cut = max(cut, pos)
+        out.append(buf[pos:cut])
+        self._held = buf[cut:]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """The rest, redacted: the stream has ended."""
+        buf, self._held = self._held, b""
+        if self._pattern is None or not buf:
+            return buf
+        return self._pattern.sub(lambda m: self._markers[m.group(0)], buf)

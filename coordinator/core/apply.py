@@ -92,7 +92,7 @@ def _submitted(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     for a in actions.values():
         names = a.spec.needs
         if names:
-            a.needs = needs = [actions[n] for n in names]
+            a.needs = needs = list(map(actions.__getitem__, names))  # in C: 100,000s of them
             a.unmet = len(needs)
             for n in needs:
                 n.dependents.append(a)
@@ -200,6 +200,7 @@ def _started(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     a = _action(st, ev)
     if a.state == LEASED:  # a hedge may start while the other attempt runs
         st.set_state(a, RUNNING)
+        a.started_wall_ms = _wall_ms(ev)
     lease = st.leases.get(ev.lease_id)
     if lease is not None:
         lease.started = True
@@ -208,6 +209,7 @@ def _started(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
 def _mapped(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     a = _action(st, ev)
     st.set_state(a, RUNNING)
+    a.started_wall_ms = _wall_ms(ev)
     items = json.loads(ev.outputs_json or "[]")
     joins.make_children(st, a, [json.dumps(i, separators=(",", ":")) for i in items], when)
 
@@ -260,6 +262,7 @@ def _ended(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
         _end_leases(st, a)
     joins.close_item(a)
     st.set_state(a, state)
+    a.finished_wall_ms = _wall_ms(ev)
     a.error = ev.error if ev.HasField("error") else None
     a.reason = ev.message
     a.reason_code = reason = ev.reason
@@ -282,6 +285,12 @@ def _ended(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:
     else:
         for d in a.dependents:
             d.failed_needs += 1
+
+
+def _wall_ms(ev: pb.HistoryEvent) -> int:
+    """The event's coordinator wall time in ms (Timestamp.ToMilliseconds without its checks)."""
+    rec = ev.recorded_at
+    return rec.seconds * 1000 + rec.nanos // 1_000_000
 
 
 def _nothing(st: SchedulerState, ev: pb.HistoryEvent, when: float) -> None:

@@ -1,52 +1,13 @@
 """What clients and workers may send, as numbers (pure core).
 
-:class:`Limits` is pure data: the core's validation (``validate.py``) and its result checks read
-it, and the edge's configuration (``coordinator/config.py``) loads it from flags, ``PLAIT_*``
-variables and TOML and re-exports it. It lives here so that the core imports nothing from the
-edge.
+:class:`Limits` is defined in the foundation (:mod:`plait.limits`), because the client checks a
+workflow against the same numbers before it submits (``plait validate``); this module is the
+core's name for it. The edge's configuration (``coordinator/config.py``) loads it from flags,
+``PLAIT_*`` variables and TOML and re-exports it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from plait.jsonlimits import MAX_JSON_DEPTH, MAX_OUTPUT_BYTES
+from plait.limits import LEASE_HEADROOM_BYTES, MAX_MESSAGE_BYTES, Limits
 
 __all__ = ["LEASE_HEADROOM_BYTES", "MAX_MESSAGE_BYTES", "Limits"]
-
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-LEASE_HEADROOM_BYTES = 256 * 1024  # a grant message's room beside its leases' inputs and specs
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Size limits on what clients and workers may send (docs/operations.md, "Input limits").
-
-    Counts are entries of one list or map; ``*_bytes`` are UTF-8 bytes (keys and values of a
-    map together). Every one has a flag (``--max-json-depth``) and a ``PLAIT_*`` variable.
-    """
-
-    max_actions: int = 100_000
-    max_edges: int = 1_000_000
-    max_fan_in: int = 10_000
-    max_depth: int = 10_000
-    max_input_bytes: int = 1024 * 1024
-    # Workers refuse larger outputs themselves (the SDK and workerd check MAX_OUTPUT_BYTES), so
-    # this may be lowered, never raised (CoordinatorConfig.validate).
-    max_output_bytes: int = MAX_OUTPUT_BYTES
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_json_depth: int = MAX_JSON_DEPTH  # input_json, outputs_json, details_json
-    max_progress_bytes: int = 64 * 1024  # one LeaseProgress.details_json
-    max_tail_bytes: int = 64 * 1024  # ActionResult.stdout_tail / stderr_tail (kept: the end)
-    max_error_bytes: int = 16 * 1024  # ActionResult.error (message and details)
-    max_argv: int = 4096  # ExecAction.argv entries
-    max_argv_bytes: int = 256 * 1024
-    max_env: int = 1024  # ActionSpec.env entries
-    max_env_bytes: int = 256 * 1024
-    max_labels: int = 256  # WorkflowSpec.labels, ActionSpec.selector, Hello.labels entries
-    max_label_bytes: int = 64 * 1024
-    max_resources: int = 256  # ActionSpec.resources, Hello.resources entries
-    max_semaphores: int = 256  # ActionSpec.semaphores entries
-    # A lease's inputs (its needs' outputs) plus its action spec; larger fails the action at
-    # grant time. Default: the message limit less room for the rest of a grant message.
-    max_lease_bytes: int = MAX_MESSAGE_BYTES - LEASE_HEADROOM_BYTES

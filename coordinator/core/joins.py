@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord, Outcome, WorkflowRecord, fans_out
+from plait.coordinator.core.model import ActionRecord, Outcome, WorkflowRecord
 from plait.coordinator.core.outputs import COPIED_COLLECTION_BYTES, collected_bytes
+from plait.spec.rules import fans_out
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 

@@ -21,6 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from plait.coordinator.core import transitions as t
 from plait.coordinator.core.model import ActionRecord, Outcome
+from plait.coordinator.core.workflow_env import workflow_env_bytes
 from plait.errors import ERROR_DOMAIN
 from plait.jsonlimits import utf8_len
 from plait.v1 import workflow_pb2 as pb
@@ -45,14 +46,14 @@ def checked_inputs(st: SchedulerState, a: ActionRecord, out: Outcome) -> tuple[s
             size = (
                 utf8_len(inputs_json(st, a, skeleton=True))
                 + sum(m.outputs_bytes or 2 for m in a.needs)  # "{}" when a need has none
-                + a.spec.ByteSize()
+                + spec_bytes(a)
             )
             if size > limit:
                 lease_too_large(st, a, size, out)
                 return None
             break
     inputs = inputs_json(st, a)
-    size = utf8_len(inputs) + a.spec.ByteSize()
+    size = utf8_len(inputs) + spec_bytes(a)
     if size > limit:
         lease_too_large(st, a, size, out)
         return None
@@ -112,4 +113,9 @@ def inputs_json(st: SchedulerState, a: ActionRecord, *, skeleton: bool = False) 
 def lease_inputs(st: SchedulerState, a: ActionRecord) -> tuple[str, int]:
     """A lease's inputs, and its size: the inputs plus the action spec, in bytes."""
     inputs = inputs_json(st, a)
-    return inputs, utf8_len(inputs) + a.spec.ByteSize()
+    return inputs, utf8_len(inputs) + spec_bytes(a)
+
+
+def spec_bytes(a: ActionRecord) -> int:
+    """The size of the spec a lease of ``a`` carries: its own, plus the workflow's env."""
+    return a.spec.ByteSize() + workflow_env_bytes(a.workflow.spec.env)

@@ -12,18 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from plait.coordinator.core.model import ActionRecord, LeaseRecord, WorkerRecord
+from plait.spec.rules import semaphore_terms
 from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
     from plait.coordinator.core.state import SchedulerState
-
-
-def semaphore_terms(req: pb.SemaphoreRequest) -> tuple[int, int]:
-    """``(capacity, permits)`` a request declares, each 1 when unset (0): the proto's default.
-
-    The one place that default is written; validation, dispatch and "why is it waiting" use it.
-    """
-    return req.capacity or 1, req.permits or 1
 
 
 def semaphore_in_force(st: SchedulerState, req: pb.SemaphoreRequest) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -21,12 +22,6 @@ from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
 RUNNING_WF = pb.WorkflowState.WORKFLOW_STATE_RUNNING
-
-
-def fans_out(spec: pb.ActionSpec) -> bool:
-    """Whether an action fans out (a ``map`` or a ``pipeline``): it runs as the children it
-    becomes, never on a worker itself. The one test of that, wherever it is asked."""
-    return spec.HasField("map") or spec.HasField("pipeline")
 
 
 @dataclass(slots=True, eq=False)
@@ -75,6 +70,10 @@ class ActionRecord:
     last_stage: bool = False  # a pipeline stage action that ends its item's chain
     in_flight: int = 0  # a pipeline's items between first-stage start and last-stage end
     holders: dict[int, str] | None = None  # fencing token -> worker id it was granted to
+    # Coordinator wall times (ms, display only, from the events' recorded_at): the current or
+    # last attempt's start (a map's: its mapping), and the terminal event; 0 when not yet.
+    started_wall_ms: int = 0
+    finished_wall_ms: int = 0
 
     @property
     def id(self) -> str:
@@ -273,6 +272,7 @@ class Outcome:
         "_grants",
         "closes",
         "grant_bytes",
+        "logs",
         "observations",
         "records",
         "replies",
@@ -285,6 +285,7 @@ class Outcome:
         self.replies: list[tuple[object, object]] = []
         self.observations: list[Observation] = []
         self.closes: list[SessionEnd] = []
+        self.logs: list[KeepLogs] = []  # live logs: kept in memory, never journalled
         self.grant_bytes = grant_bytes
         self._grants: dict[str, wpb.LeaseGrant] = {}
         self._grant_bytes: dict[str, int] = {}
@@ -350,3 +351,32 @@ class Outcome:
     def observe(self, kind: ObservationKind, **kw: object) -> None:
         """Records an observation for metrics or logs."""
         self.observations.append(Observation(kind, **kw))  # type: ignore[arg-type]
+
+    def keep_logs(self, lease: LeaseRecord, chunks: Sequence[pb.LogChunk]) -> None:
+        """Hands a running attempt's output to the live logs (after this outcome's commit)."""
+        a = lease.action
+        self.logs.append(
+            KeepLogs(
+                lease.lease_id,
+                a.workflow.workflow_id,
+                a.spec.id,
+                lease.attempt,
+                lease.token,
+                lease.worker.worker_id,
+                chunks,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeepLogs:
+    """Output of the attempt holding ``lease_id``, accepted from its holder: the runtime keeps
+    it in memory for followers (coordinator.live_logs); nothing of it is journalled."""
+
+    lease_id: str
+    workflow_id: str
+    action_id: str
+    attempt: int
+    token: int
+    worker_id: str
+    chunks: Sequence[pb.LogChunk]

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from plait.coordinator.core import joins
 from plait.coordinator.core import transitions as t
-from plait.coordinator.core.model import ActionRecord, Outcome, WorkflowRecord, fans_out
+from plait.coordinator.core.model import ActionRecord, Outcome, WorkflowRecord
+from plait.spec.rules import fans_out
 from plait.v1 import workflow_pb2 as pb
 
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ def reset(st: SchedulerState, wf: WorkflowRecord, actions: list[ActionRecord], w
         a.committed_token = 0
         a.outputs_json = ""
         a.not_before = 0.0
+        a.finished_wall_ms = 0
+        if not mapped:
+            a.started_wall_ms = 0
         wf.remaining += 1
     # Recount every join over the needs' (and children's) states as they are now.
     for a in wf.actions.values():

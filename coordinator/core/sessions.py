@@ -30,6 +30,7 @@ from plait.coordinator.core.model import (
     Outcome,
     WorkerRecord,
 )
+from plait.coordinator.core.workflow_env import add_workflow_env
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 
@@ -120,6 +121,7 @@ def grant(
     )
     lp.action.CopyFrom(a.spec)
     lp.action.slots = a.slots  # the effective value: an unset spec means 1
+    add_workflow_env(lp.action, a.workflow.spec.env)
     lp.ttl.CopyFrom(st._ttl_pb)
 
 

@@ -200,6 +200,11 @@ class SchedulerState:
         self.decided = []
         return out
 
+    @property
+    def wall_ms(self) -> int:
+        """The coordinator wall time (ms) that arrived with the batch being handled."""
+        return self._clock.wall
+
     # ---- history ------------------------------------------------------------------------
 
     def record_workflow(self, workflow_id: str, type_: int, **fields: object) -> pb.HistoryEvent:

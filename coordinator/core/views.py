@@ -35,15 +35,21 @@ def workflow_status(
 
 
 def workflow_page(
-    st: SchedulerState, wf: WorkflowRecord, start: int, page_size: int, budget: int
+    st: SchedulerState,
+    wf: WorkflowRecord,
+    start: int,
+    page_size: int,
+    budget: int,
+    states: frozenset[int] = frozenset(),
 ) -> tuple[pb.WorkflowStatus, int]:
     """One page of a workflow's status that serializes to at most ``budget`` bytes.
 
     Actions from index ``start`` (spec order, then map children as they were made: actions are
-    never removed, so indexes stay put), at most ``page_size`` of them (0: no count limit).
-    The page ends before the first action that would not fit; an action's outputs go in whole
-    or not at all: those that could never fit a page are left out (``outputs_truncated``).
-    Returns the page and the index of the next page's first action (``len(actions)``: done).
+    never removed, so indexes stay put), only those in ``states`` when it is not empty, at most
+    ``page_size`` of them (0: no count limit). The page ends before the first action that would
+    not fit; an action's outputs go in whole or not at all: those that could never fit a page
+    are left out (``outputs_truncated``). Returns the page and the index of the next page's
+    first action (``len(actions)``: done).
     """
     limit = budget - _PAGE_OVERHEAD
     out = _header(wf)
@@ -52,14 +58,18 @@ def workflow_page(
     empty = used = out.ByteSize()
     live = _live(st)
     i = start
+    shown = 0
     for a in itertools.islice(wf.actions.values(), start, None):
-        if page_size and i - start >= page_size:
+        if page_size and shown >= page_size:
             break
+        if states and a.state not in states:
+            i += 1
+            continue
         s = _add_action(st, out, a, live)
         size = _fit(s, limit // 4) + _FIELD_OVERHEAD
         outputs = a.outputs_bytes + _FIELD_OVERHEAD if a.outputs_bytes else 0
         fits = used + size + outputs <= limit
-        if not fits and i > start and (used + size > limit or empty + size + outputs <= limit):
+        if not fits and shown and (used + size > limit or empty + size + outputs <= limit):
             del out.actions[-1]  # it fits (better: whole) on the next page
             break
         if fits and outputs:
@@ -68,6 +78,7 @@ def workflow_page(
         elif outputs:  # they would not fit any page
             s.outputs_truncated = True
         used += size
+        shown += 1
         i += 1
     return out, i
 
@@ -139,6 +150,12 @@ def _add_action(
     )
     if a.error is not None:
         s.error.CopyFrom(a.error)
+    wall = a.started_wall_ms
+    if wall:
+        s.started_at.seconds, s.started_at.nanos = wall // 1000, wall % 1000 * 1_000_000
+    wall = a.finished_wall_ms
+    if wall:
+        s.finished_at.seconds, s.finished_at.nanos = wall // 1000, wall % 1000 * 1_000_000
     return s
 
 

@@ -82,12 +82,34 @@ def on_worker_message(st: SchedulerState, s: WorkerMessageReceived, out: Outcome
         w.draining = True
         w.said_goodbye = True
     elif kind == "action_progress":
-        for p in msg.action_progress.leases:
-            lease = w.leases.get(p.lease_id)
-            if lease is not None and lease.token == p.fencing_token:
-                lease.last_progress = st.now
-            else:
-                results.refuse_report(st, w, p.lease_id, p.fencing_token, "progress", out)
+        on_progress(st, w, msg.action_progress, out)
+    elif kind == "action_logs":
+        on_logs(st, w, msg.action_logs, out)
+
+
+def on_progress(
+    st: SchedulerState, w: WorkerRecord, progress: wpb.ActionProgress, out: Outcome
+) -> None:
+    """Progress of the worker's attempts resets their heartbeat_timeout; a report for a lease
+    this session does not hold is refused (``Ack.refused``)."""
+    for p in progress.leases:
+        lease = w.leases.get(p.lease_id)
+        if lease is not None and lease.token == p.fencing_token:
+            lease.last_progress = st.now
+        else:
+            results.refuse_report(st, w, p.lease_id, p.fencing_token, "progress", out)
+
+
+def on_logs(st: SchedulerState, w: WorkerRecord, logs: wpb.ActionLogs, out: Outcome) -> None:
+    """Live output of the worker's attempts goes to the live logs (an effect: never
+    journalled), only from the lease's holder with its current token; a zombie's (a stale
+    token) or anyone else's is refused (``Ack.refused``) and dropped."""
+    for entry in logs.leases:
+        lease = w.leases.get(entry.lease_id)
+        if lease is not None and lease.token == entry.fencing_token:
+            out.keep_logs(lease, entry.chunks)
+        else:
+            results.refuse_report(st, w, entry.lease_id, entry.fencing_token, "logs", out)
 
 
 def on_started(
@@ -190,7 +212,7 @@ def on_hello(st: SchedulerState, s: WorkerMessageReceived, out: Outcome) -> None
         resources=dict(hello.resources),
         slots=hello.slots,
         free=hello.slots,
-        connected_at_wall_ms=st.hlc.last.physical_ms,
+        connected_at_wall_ms=st.wall_ms,
         last_renewed=st.now,
         last_seen=st.now,
         resume_token=s.resume_token,

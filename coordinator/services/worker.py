@@ -13,7 +13,8 @@ becomes a stimulus (docs/operations.md, "Input limits"):
 * a result whose outputs are too large or nest too deep becomes a failed attempt whose error
   names ``outputs_json`` and the limit (as oversized outputs always did);
 * progress details over their limits are dropped (the report still counts as progress), tails
-  longer than ``max_tail_bytes`` keep their end, an error over ``max_error_bytes`` its start.
+  longer than ``max_tail_bytes`` keep their end, an error over ``max_error_bytes`` its start,
+  and a live-log chunk over ``plait.live_logs.LOG_CHUNK_BYTES`` its end.
 
 Each of these is counted in ``plait_input_refused_total{source="worker"}`` and logged once a
 minute per field and worker host.
@@ -50,6 +51,7 @@ from plait.errors import (
 )
 from plait.ids import describe_id
 from plait.jsonlimits import nesting_exceeds, utf8_len
+from plait.live_logs import LOG_CHUNK_BYTES, STDERR, STDOUT
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import worker_service_pb2_grpc as wgrpc
 
@@ -62,6 +64,7 @@ MAX_LEASE_ID = 1024  # characters of a reported lease id (ours are workflow/acti
 BATCH_BYTES = 1 << 20  # the most one ConnectResponse.batch carries (grants are sized below)
 MAX_TEXT = 1024  # Hello.agent, Hello.hostname, Hello.resume_token, Goodbye.reason
 _OUTCOMES = frozenset(v for v in wpb.ActionOutcome.values() if v)
+_LOG_STREAMS = frozenset((STDOUT, STDERR))
 _REPORTS = ("action_started", "heartbeat")  # messages that are lists of LeaseReport
 
 
@@ -127,7 +130,8 @@ def check_hello(msg: wpb.ConnectRequest, limits: Limits | None = None) -> None:
 
 
 def _report_violations(
-    path: str, reports: Sequence[wpb.LeaseReport | wpb.LeaseProgress | wpb.ActionResult]
+    path: str,
+    reports: Sequence[wpb.LeaseReport | wpb.LeaseProgress | wpb.ActionResult | wpb.LeaseLogs],
 ) -> list[FieldViolation]:
     """A list of lease reports: bounded, each lease id bounded."""
     if len(reports) > MAX_REPORTS:
@@ -167,6 +171,8 @@ class ReportCheck:
             v = self._progress(msg.action_progress)
         elif kind == "action_finished":
             v = self._finished(msg.action_finished)
+        elif kind == "action_logs":
+            v = self._logs(msg.action_logs)
         elif kind == "goodbye" and len(msg.goodbye.reason) > MAX_TEXT:
             msg.goodbye.reason = msg.goodbye.reason[:MAX_TEXT]
             v = []
@@ -213,6 +219,31 @@ class ReportCheck:
                 why,
                 f"details dropped (lease {p.lease_id[:200]!r}; the report still counts)",
             )
+        return []
+
+    def _logs(self, logs: wpb.ActionLogs) -> list[FieldViolation]:
+        """Live output: a stream must be named; a chunk over LOG_CHUNK_BYTES keeps its end."""
+        v = _report_violations("action_logs.leases", logs.leases)
+        if v:
+            return v
+        for i, entry in enumerate(logs.leases):
+            for j, chunk in enumerate(entry.chunks):
+                path = f"action_logs.leases[{i}].chunks[{j}]"
+                if chunk.stream not in _LOG_STREAMS:
+                    return [
+                        FieldViolation(
+                            f"{path}.stream", f"is {chunk.stream}; must be STDOUT (1) or STDERR (2)"
+                        )
+                    ]
+                excess = len(chunk.data) - LOG_CHUNK_BYTES
+                if excess > 0:
+                    chunk.data = chunk.data[excess:]
+                    chunk.offset += excess
+                    self._note(
+                        f"{path}.data",
+                        f"is {excess + LOG_CHUNK_BYTES} bytes; the limit is {LOG_CHUNK_BYTES}",
+                        "truncated to its end",
+                    )
         return []
 
     def _finished(self, finished: wpb.ActionFinished) -> list[FieldViolation]:

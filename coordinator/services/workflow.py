@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from plait.coordinator.config import MAX_MESSAGE_BYTES, Limits
 from plait.coordinator.core import views
 from plait.coordinator.core.events import CancelRequested, RetryRequested, WorkflowSubmitted
 from plait.coordinator.core.validate import validate_submit
 from plait.coordinator.runtime import Runtime
+from plait.coordinator.services.logs import follow_action_logs, recorded_attempts
 from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
 from plait.ids import describe_id
 from plait.tracecontext import describe_traceparent
@@ -28,6 +34,36 @@ _RESPONSE_MARGIN = 64 * 1024
 # KiB of input JSON, against 0.1 ms a hop).
 VALIDATE_OFF_LOOP_ACTIONS = 256
 VALIDATE_OFF_LOOP_BYTES = 64 * 1024
+
+
+_pauses = 0  # big submissions under way (on the event loop's thread: no lock needed)
+_was_enabled = False  # whether the collector ran before the first of them
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pauses Python's cyclic collector while a big submission is validated and built: it
+    makes 100,000-odd records and no garbage, and each collection would rescan them all (a
+    100,000-action submit spent over a second in it). Nested uses (two big submissions at
+    once) resume it when the last ends, and only if it was on.
+
+    On resuming, everything is moved to the oldest generation first (``gc.freeze()`` then
+    ``gc.unfreeze()``: two list splices), so the records are not all walked by the very next
+    young collection, on the reply's path; a full collection sees them in its own time.
+    """
+    global _pauses, _was_enabled
+    if _pauses == 0:
+        _was_enabled = gc.isenabled()
+        gc.disable()
+    _pauses += 1
+    try:
+        yield
+    finally:
+        _pauses -= 1
+        if _pauses == 0 and _was_enabled:
+            gc.freeze()
+            gc.unfreeze()
+            gc.enable()
 
 
 def merge_client_hlc(runtime: Runtime, msg: Any) -> None:
@@ -53,6 +89,52 @@ def _page_start(token: str, count: int) -> int:
     return int(token)
 
 
+async def read_streamed_submit(
+    requests: AsyncIterator[wspb.SubmitWorkflowStreamRequest], max_spec_bytes: int
+) -> wspb.SubmitWorkflowRequest:
+    """The submission a ``SubmitWorkflowStream`` carries: the first message's header with the
+    spec parsed from every message's ``spec_chunk``, joined in order.
+
+    Raises INVALID_ARGUMENT naming ``spec_chunk`` as soon as the pieces pass ``max_spec_bytes``
+    (the rest is not read), or when they do not make a ``WorkflowSpec``; naming ``header`` when
+    the stream has no message.
+    """
+    header: wspb.SubmitWorkflowRequest | None = None
+    chunks: list[bytes] = []
+    size = 0
+    async for message in requests:
+        if header is None:
+            header = message.header
+        size += len(message.spec_chunk)
+        if size > max_spec_bytes:
+            raise InvalidArgumentError(
+                [
+                    FieldViolation(
+                        "spec_chunk",
+                        f"the spec passes {size} bytes; the limit max_spec_bytes is"
+                        f" {max_spec_bytes}",
+                    )
+                ]
+            )
+        if message.spec_chunk:
+            chunks.append(message.spec_chunk)
+    if header is None:
+        raise InvalidArgumentError([FieldViolation("header", "the stream sent no message")])
+    request = wspb.SubmitWorkflowRequest()
+    request.CopyFrom(header)
+    try:
+        request.spec.ParseFromString(b"".join(chunks))
+    except DecodeError as exc:
+        raise InvalidArgumentError(
+            [
+                FieldViolation(
+                    "spec_chunk", f"{size} bytes that do not decode as a WorkflowSpec ({exc})"
+                )
+            ]
+        ) from None
+    return request
+
+
 class WorkflowService(wsgrpc.WorkflowServiceServicer):
     """Submit, inspect, cancel and watch workflows."""
 
@@ -67,6 +149,20 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
     async def SubmitWorkflow(
         self, request: wspb.SubmitWorkflowRequest, context: Any
     ) -> wspb.SubmitWorkflowResponse:
+        workflow_id, created = await self._submit(request)
+        return self._stamp(wspb.SubmitWorkflowResponse(workflow_id=workflow_id, created=created))  # type: ignore[no-any-return]
+
+    async def SubmitWorkflowStream(
+        self, requests: AsyncIterator[wspb.SubmitWorkflowStreamRequest], context: Any
+    ) -> wspb.SubmitWorkflowStreamResponse:
+        request = await read_streamed_submit(requests, self.limits.max_spec_bytes)
+        workflow_id, created = await self._submit(request)
+        return self._stamp(  # type: ignore[no-any-return]
+            wspb.SubmitWorkflowStreamResponse(workflow_id=workflow_id, created=created)
+        )
+
+    async def _submit(self, request: wspb.SubmitWorkflowRequest) -> tuple[str, bool]:
+        """Validates and journals one submission: ``(workflow_id, created)``."""
         merge_client_hlc(self.runtime, request.hlc)
         spec = request.spec
         if (
@@ -74,10 +170,16 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
             or spec.ByteSize() >= VALIDATE_OFF_LOOP_BYTES
         ):
             # Nothing else touches this request meanwhile; what depends on the state (the
-            # idempotency key) is decided by the core, on the loop.
-            await asyncio.to_thread(validate_submit, spec, request.idempotency_key, self.limits)
-        else:
-            validate_submit(spec, request.idempotency_key, self.limits)
+            # idempotency key) is decided by the core, on the loop. A big workflow's records
+            # are garbage-free: the collector would only rescan them, again and again.
+            with collector_paused():
+                await asyncio.to_thread(validate_submit, spec, request.idempotency_key, self.limits)
+                return await self._journal(request)
+        validate_submit(spec, request.idempotency_key, self.limits)
+        return await self._journal(request)
+
+    async def _journal(self, request: wspb.SubmitWorkflowRequest) -> tuple[str, bool]:
+        """Hands a validated submission to the core, which journals and builds it."""
         if request.traceparent:
             why = describe_traceparent(request.traceparent)
             if why:
@@ -93,7 +195,7 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
                 traceparent=request.traceparent,
             )
         )
-        return self._stamp(wspb.SubmitWorkflowResponse(workflow_id=workflow_id, created=created))  # type: ignore[no-any-return]
+        return workflow_id, created
 
     def _workflow(self, workflow_id: str) -> Any:
         check_workflow_id(workflow_id)
@@ -110,7 +212,9 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
         wf = self._workflow(request.workflow_id)
         count = len(wf.actions)
         start = _page_start(request.page_token, count)
-        status, end = views.workflow_page(st, wf, start, request.page_size, self._budget)
+        status, end = views.workflow_page(
+            st, wf, start, request.page_size, self._budget, frozenset(request.states)
+        )
         resp = wspb.GetWorkflowResponse(
             workflow=status, next_page_token=str(end) if end < count else ""
         )
@@ -200,6 +304,9 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
     async def WatchWorkflow(self, request: wspb.WatchWorkflowRequest, context: Any) -> Any:
         merge_client_hlc(self.runtime, request.hlc)
         self._workflow(request.workflow_id)
+        # Headers at once: a client resuming after a restart knows it is being served before
+        # the first event (which may be a long way off).
+        await context.send_initial_metadata(())
         async for events in self.runtime.watch(
             request.workflow_id, request.after_sequence, request.follow
         ):
@@ -216,29 +323,12 @@ class WorkflowService(wsgrpc.WorkflowServiceServicer):
             raise NotFoundError(
                 f"action {request.action_id!r} not found in workflow {request.workflow_id!r}"
             )
-        resp = wspb.GetActionLogsResponse()
-        last = 0
-        while True:
-            page = await self.runtime.store.read(request.workflow_id, last, 5000)
-            for ev in page:
-                if (
-                    ev.action_id == request.action_id
-                    and ev.type
-                    in (
-                        E.EVENT_TYPE_ACTION_FINISHED,
-                        E.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
-                    )
-                    and ev.lease_id
-                ):
-                    resp.attempts.add(
-                        attempt=ev.attempt,
-                        fencing_token=ev.fencing_token,
-                        worker_id=ev.worker_id,
-                        stdout_tail=ev.stdout_tail,
-                        stderr_tail=ev.stderr_tail,
-                        state=ev.action_state,
-                    )
-            if len(page) < 5000:
-                break
-            last = page[-1].sequence
-        return self._stamp(resp)  # type: ignore[no-any-return]
+        attempts = await recorded_attempts(self.runtime, request.workflow_id, request.action_id)
+        return self._stamp(wspb.GetActionLogsResponse(attempts=attempts))  # type: ignore[no-any-return]
+
+    async def FollowActionLogs(
+        self, request: wspb.FollowActionLogsRequest, context: Any
+    ) -> AsyncIterator[wspb.FollowActionLogsResponse]:
+        merge_client_hlc(self.runtime, request.hlc)
+        async for resp in follow_action_logs(self.runtime, request):
+            yield self._stamp(resp)

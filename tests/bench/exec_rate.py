@@ -100,9 +100,13 @@ class Sampler:
         return out
 
 
-def exec_true(n: int, run: int) -> wf.WorkflowSpec:
-    true = shutil.which("true") or "/bin/true"
-    return workflow(f"bench-exec-rate-{run}", (command_action(f"t{i}", [true]) for i in range(n)))
+def exec_true(n: int, run: int, echo: int = 0) -> wf.WorkflowSpec:
+    """``n`` actions of ``/bin/true``, or (``echo``) of ``/bin/echo`` printing that many bytes."""
+    if echo:
+        argv = [shutil.which("echo") or "/bin/echo", "x" * max(0, echo - 1)]
+    else:
+        argv = [shutil.which("true") or "/bin/true"]
+    return workflow(f"bench-exec-rate-{run}", (command_action(f"t{i}", argv) for i in range(n)))
 
 
 def measure(cluster: Cluster, spec: wf.WorkflowSpec, sampler: Sampler, timeout: float) -> Run:
@@ -154,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed per workflow")
     p.add_argument("--py-spy", type=Path, default=None, help="profile workerd in the last run")
     p.add_argument("--worker-arg", action="append", default=[], help="extra workerd flag")
+    p.add_argument(
+        "--echo",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="run /bin/echo printing BYTES bytes (a line) instead of /bin/true (live logs' cost)",
+    )
     args = p.parse_args(argv)
 
     procs.become_subreaper()
@@ -189,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.py_spy is not None and i == args.runs - 1:
                     spies = start_py_spy(args.py_spy, pids)
                 try:
-                    runs.append(measure(cluster, exec_true(args.n, i), sampler, args.timeout))
+                    spec = exec_true(args.n, i, args.echo)
+                    runs.append(measure(cluster, spec, sampler, args.timeout))
                 finally:
                     for spy in spies:
                         spy.send_signal(signal.SIGINT)

@@ -75,6 +75,8 @@ class Rpc:
 # the code it gets once authorized. A new Plait method needs an entry (test below).
 _PLAIT_REQUESTS: dict[str, tuple[dict[str, Any], grpc.StatusCode]] = {
     "/plait.v1.WorkflowService/SubmitWorkflow": ({}, INVALID_ARGUMENT),  # no spec
+    # One message, then the half-close: an empty spec.
+    "/plait.v1.WorkflowService/SubmitWorkflowStream": ({}, INVALID_ARGUMENT),
     "/plait.v1.WorkflowService/GetWorkflow": ({"workflow_id": "wf-missing"}, NOT_FOUND),
     "/plait.v1.WorkflowService/ListWorkflows": ({}, OK),
     "/plait.v1.WorkflowService/CancelWorkflow": ({"workflow_id": "wf-missing"}, NOT_FOUND),
@@ -85,6 +87,10 @@ _PLAIT_REQUESTS: dict[str, tuple[dict[str, Any], grpc.StatusCode]] = {
         NOT_FOUND,
     ),
     "/plait.v1.WorkflowService/GetActionOutputs": (
+        {"workflow_id": "wf-missing", "action_id": "a"},
+        NOT_FOUND,
+    ),
+    "/plait.v1.WorkflowService/FollowActionLogs": (
         {"workflow_id": "wf-missing", "action_id": "a"},
         NOT_FOUND,
     ),
@@ -420,6 +426,8 @@ async def _call(ch: grpc.aio.Channel, rpc: Rpc, metadata: Sequence[tuple[str, st
     try:
         if rpc.client_streaming:
             await call.write(rpc.request)
+            if not rpc.server_streaming:  # a client stream is answered once it ends
+                await call.done_writing()
         first = await call.read()
         if first is grpc.aio.EOF:
             code = await call.code()

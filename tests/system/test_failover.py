@@ -21,6 +21,9 @@ the test timing profile (heartbeat 250 ms, lease TTL 2 s, kill grace 250 ms).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from plait.v1 import workflow_service_pb2_grpc as ws_grpc
 from tests import procs
 from tests.system import journal_check, pg
 from tests.system.harness import (
+    ROOT,
     Cluster,
     Daemon,
     HarnessError,
@@ -57,6 +61,7 @@ pytestmark = [
 ]
 
 TTL_S = 2.0
+PLAIT = [sys.executable, "-m", "plait.cli.main"]
 MINUTE_MS = 60_000
 
 
@@ -288,6 +293,19 @@ def test_leader_sigkill_standby_takes_over(ha: HaCluster, tmp_path: Path) -> Non
     spec = fanout(marks, width=40, long_s=4.0, name="failover")
     with ha.client() as client:
         workflow_id = client.submit(spec).workflow_id
+        # `plait events --follow`, given both addresses, follows the history across the
+        # failover (checked against the journal below).
+        argv = [*PLAIT, "events", workflow_id, "--follow", "-o", "json"]
+        follow = subprocess.Popen(
+            [*argv, "--coordinator", ha.grpc_target],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert follow.stdout is not None
+        first_line = follow.stdout.readline()  # it is being served: the failover is mid-stream
         wait_for("some progress", lambda: finished_count(ha.rows()) >= 8, timeout=30)
         before = ha.rows()
         killed_at = wall_ms()
@@ -306,6 +324,17 @@ def test_leader_sigkill_standby_takes_over(ha: HaCluster, tmp_path: Path) -> Non
             timeout=20,
         )
         status = client.wait(workflow_id, timeout=60)
+    try:
+        followed, errors = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    assert follow.returncode == 0, errors
+    assert "reconnecting for up to 60s" in errors, errors
+    seen = [int(json.loads(line)["sequence"]) for line in [first_line, *followed.splitlines()]]
+    history = [r.sequence for r in ha.rows() if r.event.workflow_id == workflow_id]
+    assert seen == history, "events --follow lost or repeated events across the failover"
     print(
         f"failover: standby SERVING {takeover_s:.2f}s after SIGKILL of the leader;"
         f" first lease {(recorded_ms(first) - killed_at) / 1000:.2f}s after it"

@@ -209,11 +209,12 @@ def test_cli_on_a_terminal_shows_hostile_strings_escaped(
     assert "\\x7f\\x9b2J" in text
     assert escaped("ERR") in text and "second line" in text
 
-    # submit --watch: the same, as event lines, then the status.
+    # submit --watch: the live view (rich's cursor movements only), then the status.
     code, out = on_pty(target, "submit", str(flow), "--watch")
-    text = assert_inert(out, "submit --watch")
+    text = assert_inert(out, "submit --watch", styling=LIVE)
     assert code == 1, text
-    assert f"{escaped('ERR')}\\x1b[2J" in text and "\\nsecond line" in text  # one line each
+    assert "\\x7f\\x9b2J" in text  # the name, in the view's title and the status
+    assert f"{escaped('ERR')}\\x1b[2J" in text and "second line" in text
 
     # A second workflow that cannot run (no worker has the label), cancelled with a reason.
     waiting = tmp_path / "waiting.yaml"

@@ -25,7 +25,6 @@ from plait import jsonlimits
 from plait.coordinator import config as coordinator_config
 from plait.coordinator.config import CoordinatorConfig, Limits
 from plait.coordinator.core import input_limits, views
-from plait.coordinator.core.limits import semaphore_terms
 from plait.coordinator.core.state import CoreConfig
 from plait.coordinator.journal import store as journal_store
 from plait.coordinator.journal.leadership import open_leadership
@@ -35,6 +34,7 @@ from plait.coordinator.journal.store import PAGE_SIZE, JournalStore, open_store,
 from plait.errors import ConfigError
 from plait.hlc import ZERO
 from plait.ids import describe_id
+from plait.spec.rules import semaphore_terms
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 from plait.worker import executor
@@ -45,6 +45,7 @@ from tests.unit.core_driver import Driver, independent
 from tests.unit.test_limits import hello
 
 COORDINATOR = Path(plait.coordinator.__file__).parent
+CLIENT = Path(plait.__file__).parent
 MiB = 1024 * 1024
 
 
@@ -56,12 +57,14 @@ def _sources(root: Path) -> dict[str, str]:
 
 
 def test_the_semaphore_defaults_are_written_once() -> None:
+    # Written once, in the foundation both the coordinator and `plait validate` read.
     hits = [
         name
-        for name, text in _sources(COORDINATOR).items()
+        for root in (COORDINATOR, CLIENT)
+        for name, text in _sources(root).items()
         if re.search(r"\.(capacity|permits) or 1", text)
     ]
-    assert hits == ["core/limits.py"], hits
+    assert hits == ["spec/rules.py"], hits
     assert semaphore_terms(pb.SemaphoreRequest(name="x")) == (1, 1)
     assert semaphore_terms(pb.SemaphoreRequest(name="x", capacity=3, permits=2)) == (3, 2)
 

@@ -110,13 +110,20 @@ def test_every_key_maps_onto_the_spec(tmp_path: Path) -> None:
 
 
 def test_exec_actions_get_the_workflow_dir(tmp_path: Path) -> None:
+    # Once, in the workflow's env (the coordinator adds it to each exec lease), not per action.
     spec = load_workflow(write(tmp_path, FULL))
-    assert spec.actions[0].env[WORKFLOW_DIR_ENV] == str(tmp_path.resolve())
+    assert spec.env[WORKFLOW_DIR_ENV] == str(tmp_path.resolve())
+    assert not any(WORKFLOW_DIR_ENV in a.env for a in spec.actions)
     own = load_workflow(
         write(tmp_path, f"actions: [{{id: a, run: [x], env: {{{WORKFLOW_DIR_ENV}: /mine}}}}]\n")
     )
-    assert own.actions[0].env[WORKFLOW_DIR_ENV] == "/mine"
-    assert WORKFLOW_DIR_ENV not in loads_workflow("actions: [{id: a, run: [x]}]").actions[0].env
+    assert own.actions[0].env[WORKFLOW_DIR_ENV] == "/mine"  # the action's own wins at grant
+    top = load_workflow(
+        write(tmp_path, f"env: {{{WORKFLOW_DIR_ENV}: /top}}\nactions: [{{id: a, run: [x]}}]\n")
+    )
+    assert top.env[WORKFLOW_DIR_ENV] == "/top"
+    text = loads_workflow("actions: [{id: a, run: [x]}]")
+    assert WORKFLOW_DIR_ENV not in text.env and WORKFLOW_DIR_ENV not in text.actions[0].env
 
 
 def test_name_defaults_to_the_file_stem(tmp_path: Path) -> None:
@@ -377,7 +384,7 @@ def test_the_message_reads_as_in_the_docs(tmp_path: Path) -> None:
             "name: t\nactions: [{id: a, run: [x]}]\nversion: 2\n",
             "version",
             "allowed top-level keys: name, defaults, labels, fail_fast, max_parallel, deadline,"
-            " priority, actions",
+            " priority, env, actions",
         ),
         ("name: t\n", "actions", "non-empty list"),
         ("name: t\nactions: []\n", "actions", "non-empty list"),

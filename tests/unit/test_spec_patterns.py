@@ -500,7 +500,8 @@ def test_pipeline_yaml_maps_to_the_spec(tmp_path: Path) -> None:
     p = spec.actions[1].pipeline
     assert (p.over, p.max_in_flight) == ("plan.numbers", 3)
     assert [s.id for s in p.stages] == ["fetch", "parse"]
-    assert p.stages[0].env["PLAIT_WORKFLOW_DIR"] == str(tmp_path)
+    assert spec.env["PLAIT_WORKFLOW_DIR"] == str(tmp_path)  # stages get it at grant time
+    assert "PLAIT_WORKFLOW_DIR" not in p.stages[0].env
     assert p.stages[1].handler == "parse" and p.stages[1].timeout.seconds == 5
     assert spec.actions[1].WhichOneof("kind") is None
 

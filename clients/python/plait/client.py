@@ -27,7 +27,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -44,7 +45,9 @@ from plait.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from plait.results import WorkflowResult, WorkflowState
 from plait.security import TlsFiles
+from plait.submission import STREAM_ABOVE_BYTES, SubmitLimits, check_spec, stream_requests
 from plait.tracecontext import describe_traceparent, format_traceparent
 from plait.v1 import (
     admin_service_pb2,
@@ -60,6 +63,7 @@ __all__ = [
     "TERMINAL_WORKFLOW_STATES",
     "Client",
     "channel_options",
+    "parse_action_state",
     "parse_workflow_state",
     "resolve_target",
 ]
@@ -93,6 +97,26 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
+
+
+def parse_action_state(state: str | int) -> workflow_pb2.ActionState.ValueType:
+    """``ready``, ``READY`` or ``ACTION_STATE_READY`` (or the enum value) to the enum.
+
+    Raises:
+        ValueError: not an action state; the message lists the valid ones.
+    """
+    if isinstance(state, int):
+        value = workflow_pb2.ActionState.ValueType(state)
+        workflow_pb2.ActionState.Name(value)  # raises ValueError when unknown
+        return value
+    name = state.strip().upper().replace("-", "_")
+    if not name.startswith("ACTION_STATE_"):
+        name = "ACTION_STATE_" + name
+    names = [n for n, _ in workflow_pb2.ActionState.items() if not n.endswith("UNSPECIFIED")]
+    if name in names:
+        return workflow_pb2.ActionState.Value(name)
+    valid = [n.removeprefix("ACTION_STATE_").lower() for n in names]
+    raise ValueError(f"unknown action state {state!r}; expected one of {', '.join(valid)}")
 
 
 def parse_workflow_state(state: str | int | None) -> workflow_pb2.WorkflowState.ValueType:
@@ -157,6 +181,10 @@ class Client:
             coordinator, as ``plait run`` starts).
         max_hops: how many times one call may move to another address (``None``: twice the
             number of addresses, plus one; at least 3).
+        submit_limits: what :meth:`submit` checks a spec against before sending it (actions,
+            spec bytes, input bytes); defaults to the coordinator's defaults, or the
+            ``PLAIT_MAX_ACTIONS``/``_SPEC_BYTES``/``_INPUT_BYTES`` variables
+            (:meth:`plait.submission.SubmitLimits.from_env`).
 
     Raises:
         ConfigError: a token would go in plaintext to a host beyond loopback, or a TLS file
@@ -172,6 +200,7 @@ class Client:
         token: str | None = None,
         tls: TlsFiles | Literal[False] | None = None,
         max_hops: int | None = None,
+        submit_limits: SubmitLimits | None = None,
     ) -> None:
         self.tls: TlsFiles | None = (
             None if tls is False else tls if tls is not None else security.tls_from_env()
@@ -179,6 +208,7 @@ class Client:
         self.endpoints = Endpoints(resolve_targets(target), tls=self.tls)
         self.timeout = timeout
         self.max_hops = max_hops
+        self.submit_limits = submit_limits or SubmitLimits.from_env()
         self._clock: Clock = clock or SystemClock()
         self.hlc = hlc.HybridLogicalClock(self._clock)
         token = token if token is not None else os.environ.get("PLAIT_TOKEN", "")
@@ -298,6 +328,12 @@ class Client:
         ``traceparent``: a W3C trace context the workflow's span becomes a child of (its trace
         id is then the workflow's). By default, the current OpenTelemetry span's, when
         ``opentelemetry`` is installed and a span is current; ``""`` gives none.
+
+        The spec is checked against :attr:`submit_limits` first (more actions than
+        ``max_actions``, more bytes than ``max_spec_bytes``, an input over ``max_input_bytes``
+        raise :class:`~plait.errors.InvalidArgumentError` naming the field and the limit, with
+        nothing sent). One larger than a gRPC message goes through ``SubmitWorkflowStream`` in
+        1 MiB pieces (:mod:`plait.submission`); the answer is the same.
         """
         if traceparent is None:
             traceparent = _current_traceparent()
@@ -313,39 +349,110 @@ class Client:
             spec = load_workflow(workflow)
         else:
             spec = workflow.to_spec()
+        size = check_spec(spec, self.submit_limits)  # before anything is sent
         generated = not idempotency_key
         key = idempotency_key or f"plait-submit-{uuid.uuid4().hex}"
         request = workflow_service_pb2.SubmitWorkflowRequest(
             spec=spec, idempotency_key=key, traceparent=traceparent
         )
-        response: workflow_service_pb2.SubmitWorkflowResponse = self._call(
-            lambda c: c.workflows.SubmitWorkflow, request
-        )
+        if size > STREAM_ABOVE_BYTES:
+            response = self._submit_stream(request, size)
+        else:
+            response = self._call(lambda c: c.workflows.SubmitWorkflow, request)
         if generated and not response.created:
             # An earlier try of this call reached the leader before its answer was lost.
             response.created = True
         return response
 
-    def get(self, workflow_id: str) -> workflow_pb2.WorkflowStatus:
+    def _submit_stream(
+        self, request: workflow_service_pb2.SubmitWorkflowRequest, size: int
+    ) -> workflow_service_pb2.SubmitWorkflowResponse:
+        """A spec too large for one message, in pieces (plait.submission): the same answer."""
+
+        def rpc(link: _Link) -> Callable[..., Any]:
+            def send(req: workflow_service_pb2.SubmitWorkflowRequest, **kw: Any) -> Any:
+                return link.workflows.SubmitWorkflowStream(stream_requests(req), **kw)
+
+            return send
+
+        try:
+            streamed = self._call(rpc, request)
+        except PlaitError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            raise InvalidArgumentError(
+                [
+                    FieldViolation(
+                        "spec",
+                        f"is {size:,} bytes, more than one message carries"
+                        f" ({STREAM_ABOVE_BYTES:,}), and the coordinator at {self.target} does"
+                        " not take a spec in pieces (SubmitWorkflowStream): upgrade it",
+                    )
+                ]
+            ) from None
+        return workflow_service_pb2.SubmitWorkflowResponse(
+            hlc=streamed.hlc, workflow_id=streamed.workflow_id, created=streamed.created
+        )
+
+    def run(
+        self,
+        workflow: workflow_pb2.WorkflowSpec | _ToSpec | str | os.PathLike[str],
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> WorkflowResult:
+        """Submits ``workflow``, waits for it to finish, and returns its result with named
+        states and parsed outputs (``result.state == "SUCCEEDED"``, ``result.outputs("id")``).
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first (the workflow goes on).
+        """
+        response = self.submit(workflow, idempotency_key=idempotency_key)
+        return WorkflowResult.from_status(self.wait(response.workflow_id, timeout=timeout))
+
+    def get(
+        self,
+        workflow_id: str,
+        *,
+        states: Iterable[str | int] = (),
+        limit: int | None = None,
+    ) -> workflow_pb2.WorkflowStatus:
         """The workflow's status with every action (``NotFoundError`` for an unknown id).
+
+        ``states`` (``"ready"``, ``"ACTION_STATE_READY"`` or the enum values) keeps only the
+        actions in one of them; ``limit`` keeps the first that many (``None``: all). Either way
+        ``action_counts`` describes the whole workflow, so what was left out can be counted.
 
         Follows GetWorkflow's pages (each response fits one message): the actions of every
         page, the rest from the last one. Outputs too large for any page come with
         ``outputs_truncated`` set and ``outputs_bytes`` their size: read them with
         :meth:`outputs`.
         """
+        wanted = frozenset(parse_action_state(s) for s in states)
         pages: builtins.list[workflow_pb2.WorkflowStatus] = []
         token = ""
+        left = limit
         while True:
             request = workflow_service_pb2.GetWorkflowRequest(
-                workflow_id=workflow_id, page_token=token
+                workflow_id=workflow_id,
+                page_token=token,
+                page_size=0 if left is None else max(left, 1),
+                states=sorted(wanted),
             )
             response: workflow_service_pb2.GetWorkflowResponse = self._call(
                 lambda c: c.workflows.GetWorkflow, request
             )
-            pages.append(response.workflow)
+            page = response.workflow
+            if wanted:  # a coordinator that predates the filter sends every action
+                kept = [a for a in page.actions if a.state in wanted]
+                if len(kept) < len(page.actions):
+                    del page.actions[:]
+                    page.actions.extend(kept)
+            if left is not None:
+                del page.actions[left:]
+                left -= len(page.actions)
+            pages.append(page)
             token = response.next_page_token
-            if not token:
+            if not token or left == 0:
                 break
         if len(pages) == 1:
             return pages[0]
@@ -396,12 +503,16 @@ class Client:
                 return out
 
     def cancel(self, workflow_id: str, reason: str = "") -> int:
-        """Cancels a workflow; returns its ``WorkflowState`` after the request."""
+        """Cancels a workflow; returns its state after the request: a :class:`WorkflowState`
+        (an ``int`` equal to the protocol's number, and to its name: ``== "CANCELLED"``)."""
         request = workflow_service_pb2.CancelWorkflowRequest(workflow_id=workflow_id, reason=reason)
         response: workflow_service_pb2.CancelWorkflowResponse = self._call(
             lambda c: c.workflows.CancelWorkflow, request
         )
-        return response.state
+        try:
+            return WorkflowState(response.state)
+        except ValueError:  # a state this client does not know yet
+            return response.state
 
     def retry(self, workflow_id: str) -> builtins.list[str]:
         """Re-runs what did not succeed in a finished workflow; returns the action ids reset.
@@ -415,20 +526,43 @@ class Client:
         return list(response.action_ids)
 
     def watch(
-        self, workflow_id: str, after_sequence: int = 0, follow: bool = True
+        self,
+        workflow_id: str,
+        after_sequence: int = 0,
+        follow: bool = True,
+        *,
+        reconnect: float | None = None,
+        on_reconnect: Callable[[str], object] | None = None,
     ) -> Iterator[workflow_pb2.HistoryEvent]:
         """The workflow's history after ``after_sequence`` in HLC order, then (``follow``) live
-        events until it finishes. Closing the iterator cancels the stream."""
-        return self._watch(workflow_id, after_sequence, follow, None)
+        events until it finishes. Closing the iterator cancels the stream.
+
+        A stream that breaks (``UNAVAILABLE``: a restart, a failover) is opened again on the
+        leader and resumes after the last event yielded, so no event is seen twice or skipped.
+        ``reconnect``: seconds to keep trying, once a coordinator has taken the watch, when no
+        listed coordinator answers (a restart under way) before
+        :class:`~plait.errors.UnavailableError`; ``None``: only the bounded hops every call
+        makes. A coordinator unreachable from the start fails at once, as any call does.
+        ``on_reconnect`` is given one line for people per outage.
+        """
+        return self._watch(workflow_id, after_sequence, follow, None, reconnect, on_reconnect)
 
     def _watch(
-        self, workflow_id: str, after_sequence: int, follow: bool, deadline: float | None
+        self,
+        workflow_id: str,
+        after_sequence: int,
+        follow: bool,
+        deadline: float | None,
+        reconnect: float | None = None,
+        on_reconnect: Callable[[str], object] | None = None,
     ) -> Iterator[workflow_pb2.HistoryEvent]:
         # A watch that loses its coordinator (a failover, a restart) re-opens on the leader
         # and resumes after the last event it yielded, so no event is seen twice or skipped.
         deadline_at = None if deadline is None else self._clock.monotonic() + deadline
         failover = self._failover()
+        outage = _Outage(self, reconnect, deadline_at)
         last = after_sequence
+        last_type = 0
         resumed = False
         while True:
             request = workflow_service_pb2.WatchWorkflowRequest(
@@ -442,6 +576,12 @@ class Client:
                 request, timeout=remaining, metadata=self._metadata
             )
             try:
+                # A coordinator sends the stream's headers as soon as it accepts the watch:
+                # from then on this address serves it, and a later break is a new outage.
+                call.initial_metadata()
+                if not call.done():  # type: ignore[attr-defined]  # the call is a grpc.Future too
+                    outage.served()
+                    failover.progressed()
                 for response in call:
                     self._observe(response.hlc)
                     failover.progressed()
@@ -450,18 +590,40 @@ class Client:
                         if resumed and event.sequence <= last:
                             continue
                         last = max(last, event.sequence)
+                        last_type = event.type
                         yield event
                 return
             except grpc.RpcError as err:
+                if follow and last_type == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED:
+                    return  # it broke as it was ending: the workflow finished
+                lost = f"{self.target}: {from_rpc_error(err).message or 'unavailable'}"
+                first = outage.begin()
                 if not self._hop(failover, err, deadline_at):
-                    raise self._error(err) from None
+                    if not outage.pause(err):
+                        raise self._error(err) from None
+                    failover = self._failover()
+                if first and outage.was_served and on_reconnect is not None:
+                    wait = f" for up to {reconnect:g}s" if reconnect else ""
+                    on_reconnect(
+                        f"lost the coordinator ({lost}); reconnecting{wait} to resume after"
+                        f" event {last}"
+                    )
                 resumed = True
                 log.info("resuming the watch of %s after sequence %d", workflow_id, last)
             finally:
                 call.cancel()
 
-    def wait(self, workflow_id: str, timeout: float | None = None) -> workflow_pb2.WorkflowStatus:
+    def wait(
+        self,
+        workflow_id: str,
+        timeout: float | None = None,
+        *,
+        reconnect: float | None = None,
+        on_reconnect: Callable[[str], object] | None = None,
+    ) -> workflow_pb2.WorkflowStatus:
         """Blocks until the workflow is terminal and returns its final status.
+
+        ``reconnect`` and ``on_reconnect``: as for :meth:`watch` (riding out a restart).
 
         Raises:
             TimeoutError: ``timeout`` seconds passed first.
@@ -476,7 +638,9 @@ class Client:
             try:
                 # Read to the end of the stream: a retried workflow's history holds an earlier
                 # WORKFLOW_FINISHED; the coordinator ends the stream at the current one.
-                for event in self._watch(workflow_id, last, True, remaining):
+                for event in self._watch(
+                    workflow_id, last, True, remaining, reconnect, on_reconnect
+                ):
                     last = max(last, event.sequence)
                     finished = event.type == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED
             except PlaitError as exc:
@@ -501,6 +665,42 @@ class Client:
             lambda c: c.workflows.GetActionLogs, request
         )
         return list(response.attempts)
+
+    def follow_logs(
+        self, workflow_id: str, action_id: str, attempt: int = 0
+    ) -> Iterator[workflow_service_pb2.FollowActionLogsResponse]:
+        """One attempt's output while it runs (``attempt`` 0: the one running now, else the
+        next to start), as ``FollowActionLogsResponse`` messages: ``chunks`` of stdout/stderr
+        with their byte offsets, then a last one with ``ended`` set, the attempt's ``tails``
+        (when it reported a result) and the action's ``action_state`` (not terminal: another
+        attempt follows). A lost coordinator is followed to the next address, resuming after
+        the offsets seen. Closing the iterator cancels the stream."""
+        failover = self._failover()
+        offsets = {workflow_pb2.LOG_STREAM_STDOUT: 0, workflow_pb2.LOG_STREAM_STDERR: 0}
+        while True:
+            request = workflow_service_pb2.FollowActionLogsRequest(
+                workflow_id=workflow_id,
+                action_id=action_id,
+                attempt=attempt,
+                stdout_offset=offsets[workflow_pb2.LOG_STREAM_STDOUT],
+                stderr_offset=offsets[workflow_pb2.LOG_STREAM_STDERR],
+            )
+            self.hlc.stamp(request.hlc)
+            call = self._link().workflows.FollowActionLogs(request, metadata=self._metadata)
+            try:
+                for response in call:
+                    self._observe(response.hlc)
+                    failover.progressed()
+                    attempt = attempt or response.attempt  # a resumed stream: the same attempt
+                    for c in response.chunks:
+                        offsets[c.stream] = c.offset + len(c.data)
+                    yield response
+                return
+            except grpc.RpcError as err:
+                if not self._hop(failover, err, None):
+                    raise self._error(err) from None
+            finally:
+                call.cancel()
 
     # -- workers --------------------------------------------------------------------------
 
@@ -562,6 +762,60 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _Outage:
+    """A watch's wait for a lost coordinator to come back (:meth:`Client.watch`,
+    ``reconnect``): only once some coordinator took the watch, only while the answer is
+    ``UNAVAILABLE``, at most ``reconnect`` seconds from the outage's first failure, with
+    jittered pauses (200 ms doubling to 2 s)."""
+
+    def __init__(self, client: Client, reconnect: float | None, deadline_at: float | None) -> None:
+        # Imported here (as plait.endpoints does): plait.worker's package pulls in the session.
+        from plait.worker.backoff import Backoff
+
+        self._client = client
+        self._reconnect = reconnect or 0.0
+        self._deadline_at = deadline_at
+        self._backoff = Backoff(timedelta(milliseconds=200), timedelta(seconds=2))
+        self._until: float | None = None
+        self._served = False
+
+    def served(self) -> None:
+        """A coordinator took the watch: any outage is over, and a later loss is waited out."""
+        self._served = True
+        self._until = None
+        self._backoff.reset()
+
+    @property
+    def was_served(self) -> bool:
+        """Some coordinator took this watch (a failure now loses it, rather than never
+        reaching one)."""
+        return self._served
+
+    def begin(self) -> bool:
+        """A failure; True when it starts an outage (the first since the watch was served)."""
+        if self._until is not None:
+            return False
+        self._until = self._client._clock.monotonic() + self._reconnect
+        return True
+
+    def pause(self, err: grpc.RpcError) -> bool:
+        """Sleeps before the next try and returns True, or False when this outage is given up."""
+        code = err.code()  # type: ignore[attr-defined,unused-ignore]
+        now = self._client._clock.monotonic()
+        until = self._until if self._until is not None else now
+        delay = min(self._backoff.next_delay(), max(0.0, until - now))
+        if (
+            not self._reconnect
+            or not self._served
+            or code != grpc.StatusCode.UNAVAILABLE
+            or now >= until
+            or (self._deadline_at is not None and now + delay >= self._deadline_at)
+        ):
+            return False
+        self._client._sleep(delay)
+        return True
 
 
 def _current_traceparent() -> str:

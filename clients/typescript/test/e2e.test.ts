@@ -124,7 +124,7 @@ test("a workflow of TypeScript handlers runs to success on a real coordinator", 
       );
       status = await new Promise<WorkflowStatus>((resolve, reject) =>
         c.getWorkflow(
-          { hlc: undefined, workflowId: submitted, pageSize: 0, pageToken: "" },
+          { hlc: undefined, workflowId: submitted, pageSize: 0, pageToken: "", states: [] },
           (err, res: GetWorkflowResponse) => (err ? reject(err) : resolve(res.workflow!)),
         ),
       );

@@ -4,7 +4,8 @@ Each ``cmd_*`` takes the parsed arguments and returns an exit code; errors propa
 :mod:`plait.errors` exceptions and :mod:`plait.cli.main` turns them into exit codes. Every one
 dials the coordinator through :func:`client_for`: ``--coordinator`` and the TLS flags
 (``--tls-ca --tls-cert --tls-key --tls-server-name``, else ``PLAIT_TLS_*``), the token from
-``$PLAIT_TOKEN``.
+``$PLAIT_TOKEN``; what none of those give comes from the client config file's context
+(:mod:`plait.cli.contexts`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
-from plait.cli import render
+from plait.cli import contexts, render
+from plait.cli.flows import add_param_flags, load_flow
+from plait.cli.follow import Follower, follow
+from plait.cli.progress import RunProgress
 from plait.cli.render import clean
-from plait.client import Client, parse_workflow_state
+from plait.client import Client, parse_action_state, parse_workflow_state
+from plait.clock import SystemClock
+from plait.durations import parse_duration
 from plait.errors import FieldViolation, InvalidArgumentError
-from plait.security import tls_from_env
-from plait.spec import load_workflow
 from plait.v1 import workflow_pb2
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -53,7 +57,7 @@ def add_tls_flags(p: argparse.ArgumentParser, dest_prefix: str = "") -> None:
             flag,
             dest=dest_prefix + flag.removeprefix("--").replace("-", "_"),
             metavar=metavar,
-            help=f"{help_text} (default: ${env})",
+            help=f"{help_text} (default: ${env}, else the context's)",
         )
 
 
@@ -62,21 +66,63 @@ def _client_parent() -> argparse.ArgumentParser:
     parent.add_argument(
         "--coordinator",
         metavar="HOST:PORT",
-        help="coordinator address (default: $PLAIT_COORDINATOR, else 127.0.0.1:7450)",
+        help="coordinator address (default: $PLAIT_COORDINATOR, else the context's, else"
+        " 127.0.0.1:7450)",
     )
     add_tls_flags(parent)
+    add_context_flag(parent)
     return parent
 
 
-def client_for(args: argparse.Namespace) -> Client:
-    """The :class:`Client` the parsed flags describe (flags, then ``PLAIT_*`` environment)."""
-    tls = tls_from_env(
-        getattr(args, "tls_ca", None),
-        getattr(args, "tls_cert", None),
-        getattr(args, "tls_key", None),
-        getattr(args, "tls_server_name", None),
+def add_context_flag(p: argparse.ArgumentParser) -> None:
+    """Adds ``--context NAME`` (a context of the client config file: plait.cli.contexts)."""
+    p.add_argument(
+        "--context",
+        metavar="NAME",
+        help="the client config file's context to use (default: $PLAIT_CONTEXT, else the"
+        " file's current-context)",
     )
-    return Client(args.coordinator, tls=tls)
+
+
+def client_for(args: argparse.Namespace) -> Client:
+    """The :class:`Client` the parsed flags describe: each setting from its flag, else its
+    ``PLAIT_*`` variable, else the context in use (:mod:`plait.cli.contexts`), else the
+    default."""
+    conn = contexts.connection(args)
+    return Client(conn.target, tls=conn.tls, token=conn.token)
+
+
+STATUS_LIMIT = 100
+"""Actions ``plait status`` (and ``--wait``) shows in a table by default."""
+RECONNECT_S = 60.0
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text, field="--reconnect-timeout").total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _reconnect_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--reconnect-timeout",
+        type=_seconds,
+        default=RECONNECT_S,
+        metavar="DURATION",
+        help="when the coordinator is lost (a restart, a failover), keep trying this long and"
+        f" resume after the last event seen (default {RECONNECT_S:g}s; 0: give up at once)",
+    )
 
 
 def _output(p: argparse.ArgumentParser) -> None:
@@ -90,7 +136,8 @@ def add_parsers(sub: _SubParsers) -> None:
     parent = _client_parent()
 
     p = sub.add_parser("submit", parents=[parent], help="submit a workflow file")
-    p.add_argument("flow", metavar="FLOW.yaml")
+    p.add_argument("flow", metavar="FLOW.yaml", help="the workflow file")
+    add_param_flags(p)
     p.add_argument(
         "--idempotency-key", metavar="KEY", help="resubmitting KEY returns the same workflow"
     )
@@ -98,12 +145,40 @@ def add_parsers(sub: _SubParsers) -> None:
     mode.add_argument(
         "--wait", action="store_true", help="wait for the outcome (exit 0 only if it succeeded)"
     )
-    mode.add_argument("--watch", action="store_true", help="stream events until it finishes")
+    mode.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow it until it finishes: live progress on a terminal (stuck actions with"
+        " their reason), else one line per event",
+    )
+    _reconnect_flag(p)
     _output(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", parents=[parent], help="show a workflow and its actions")
-    p.add_argument("workflow_id", metavar="ID")
+    p = sub.add_parser(
+        "status",
+        parents=[parent],
+        help="show a workflow and its actions",
+        description="A workflow's summary (state, counts per state, times, duration) and its"
+        " actions with their start and end times, durations and why they wait; the first"
+        f" {STATUS_LIMIT} actions in a table unless --limit says otherwise.",
+    )
+    p.add_argument("workflow_id", metavar="ID", help="the workflow's id (as submit printed it)")
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="STATE",
+        help="only actions in STATE (pending, ready, leased, running, succeeded, failed,"
+        " cancelled, skipped, timed_out); repeat it or separate with commas for several",
+    )
+    p.add_argument(
+        "--limit",
+        type=_count,
+        metavar="N",
+        help=f"at most N actions, saying how many were left out (default: {STATUS_LIMIT} in a"
+        " table, all with -o json; 0: all)",
+    )
     _output(p)
     p.set_defaults(func=cmd_status)
 
@@ -113,15 +188,30 @@ def add_parsers(sub: _SubParsers) -> None:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("events", parents=[parent], help="a workflow's history, in HLC order")
-    p.add_argument("workflow_id", metavar="ID")
+    p.add_argument("workflow_id", metavar="ID", help="the workflow's id (as submit printed it)")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming until it finishes")
     p.add_argument("--after", type=int, default=0, metavar="SEQ", help="only events after SEQ")
+    _reconnect_flag(p)
     _output(p)
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("logs", parents=[parent], help="an action's stdout/stderr tails")
-    p.add_argument("workflow_id", metavar="ID")
-    p.add_argument("action_id", metavar="ACTION")
+    p = sub.add_parser(
+        "logs",
+        parents=[parent],
+        help="an action's stdout/stderr: the tails, or (-f) followed live",
+        description="Print the stdout and stderr tails each attempt of an action reported; with"
+        " -f, follow the running attempt's output as it is written (and each retry's) until the"
+        " action ends, then exit 0.",
+    )
+    p.add_argument("workflow_id", metavar="ID", help="the workflow's id")
+    p.add_argument("action_id", metavar="ACTION", help="the action's id")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="stream the output while the action runs (stdout to stdout, stderr to stderr);"
+        " exit 0 when the action ends",
+    )
     p.add_argument(
         "--raw",
         action="store_true",
@@ -132,7 +222,7 @@ def add_parsers(sub: _SubParsers) -> None:
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("cancel", parents=[parent], help="cancel a workflow")
-    p.add_argument("workflow_id", metavar="ID")
+    p.add_argument("workflow_id", metavar="ID", help="the workflow's id (as submit printed it)")
     p.add_argument("--reason", default="", help="recorded in the history")
     _output(p)
     p.set_defaults(func=cmd_cancel)
@@ -140,8 +230,13 @@ def add_parsers(sub: _SubParsers) -> None:
     p = sub.add_parser(
         "retry", parents=[parent], help="re-run the actions of a workflow that did not succeed"
     )
-    p.add_argument("workflow_id", metavar="ID")
-    p.add_argument("--wait", action="store_true", help="wait for the outcome (exit code)")
+    p.add_argument("workflow_id", metavar="ID", help="the workflow's id (as submit printed it)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the outcome and print it (exit 0 only if it succeeded)",
+    )
+    _reconnect_flag(p)
     _output(p)
     p.set_defaults(func=cmd_retry)
 
@@ -157,7 +252,9 @@ def _add_worker_parsers(sub: _SubParsers, parent: argparse.ArgumentParser) -> No
     p.set_defaults(func=cmd_workers)
 
     p = sub.add_parser("drain", parents=[parent], help="ask a worker to finish its work and leave")
-    p.add_argument("worker_id", metavar="WORKER")
+    p.add_argument(
+        "worker_id", metavar="WORKER", help="the worker's id (as `plait workers` lists it)"
+    )
     p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser(
@@ -167,14 +264,18 @@ def _add_worker_parsers(sub: _SubParsers, parent: argparse.ArgumentParser) -> No
         description="End the worker's stream, run its leases elsewhere, and refuse its id until"
         " `plait reinstate`; survives coordinator restarts and failovers.",
     )
-    p.add_argument("worker_id", metavar="WORKER")
+    p.add_argument(
+        "worker_id", metavar="WORKER", help="the worker's id (as `plait workers` lists it)"
+    )
     p.add_argument("--reason", default="", help="why, for the record (at most 1 KiB)")
     p.set_defaults(func=cmd_revoke)
 
     p = sub.add_parser(
         "reinstate", parents=[parent], help="accept a revoked worker id again (role operate)"
     )
-    p.add_argument("worker_id", metavar="WORKER")
+    p.add_argument(
+        "worker_id", metavar="WORKER", help="the worker's id (as `plait workers` lists it)"
+    )
     p.set_defaults(func=cmd_reinstate)
 
 
@@ -182,18 +283,53 @@ def _outcome(status: workflow_pb2.WorkflowStatus) -> int:
     return EXIT_OK if status.state in SUCCESS_STATES else EXIT_FAILED
 
 
-def _print_status(status: workflow_pb2.WorkflowStatus) -> None:
+def _note(line: str) -> None:
+    """One line for people on stderr (stdout stays the command's output)."""
+    print(f"plait: {clean(line)}", file=sys.stderr, flush=True)
+
+
+def _reconnect(args: argparse.Namespace) -> float | None:
+    return float(args.reconnect_timeout) or None
+
+
+def _matching(status: workflow_pb2.WorkflowStatus, states: frozenset[int]) -> int:
+    """How many of the workflow's actions are in ``states`` (all of them when empty)."""
+    counts = status.action_counts
+    if not states:
+        return sum(counts.values())
+    names = {render.action_state(s).upper() for s in states}
+    return sum(n for name, n in counts.items() if name.removeprefix("ACTION_STATE_") in names)
+
+
+def _print_status(
+    status: workflow_pb2.WorkflowStatus, states: frozenset[int] = frozenset()
+) -> None:
+    """The header, the actions table and, when some were left out, how many."""
     out = render.console()
     for line in render.workflow_header(status):
         out.print(Text(line))  # text, not markup: the lines hold other people's strings
     if status.actions:
         out.print()
         out.print(render.actions_table(status.actions))
+    omitted = _matching(status, states) - len(status.actions)
+    if omitted > 0:
+        which = "" if not states else " " + "/".join(render.action_state(s) for s in sorted(states))
+        out.print(
+            Text(
+                f"… {omitted} more{which} action(s) not shown (--limit N, 0 for all;"
+                " --state STATE to choose)"
+            )
+        )
+
+
+def _final_status(client: Client, workflow_id: str, output: str) -> workflow_pb2.WorkflowStatus:
+    """The status to print at the end: every action for JSON, the first ones for a table."""
+    return client.get(workflow_id, limit=None if output == "json" else STATUS_LIMIT)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """``plait submit``."""
-    spec = load_workflow(args.flow)
+    spec = load_flow(args)
     with client_for(args) as client:
         resp = client.submit(spec, idempotency_key=args.idempotency_key)
         result: dict[str, Any] = {"workflow_id": resp.workflow_id, "created": resp.created}
@@ -205,13 +341,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if args.output == "json":
                 render.print_json(result)
             return EXIT_OK
-        if args.watch:
-            _stream_events(client, resp.workflow_id, 0, follow=True, output=args.output)
-            status = client.get(resp.workflow_id)
+        if args.watch and args.output == "table" and sys.stdout.isatty():
+            _watch_live(client, spec, resp.workflow_id, _reconnect(args))
+            status = _final_status(client, resp.workflow_id, args.output)
+        elif args.watch:
+            _stream_events(
+                client,
+                resp.workflow_id,
+                0,
+                follow=True,
+                output=args.output,
+                reconnect=_reconnect(args),
+            )
+            status = _final_status(client, resp.workflow_id, args.output)
         else:
-            status = client.wait(resp.workflow_id)
+            status = client.wait(resp.workflow_id, reconnect=_reconnect(args), on_reconnect=_note)
     if args.output == "json":
-        result["workflow"] = render.to_dict(status)
+        result["workflow"] = render.status_dict(status)
         if args.watch:
             render.print_json_line(result)
         else:
@@ -222,14 +368,43 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _outcome(status)
 
 
+def _watch_live(
+    client: Client, spec: workflow_pb2.WorkflowSpec, workflow_id: str, reconnect: float | None
+) -> None:
+    """``submit --watch`` on a terminal: the live progress view ``plait run`` shows."""
+    progress = RunProgress(spec, workflow_id)
+    try:
+        follow(client, progress, Follower("live", SystemClock(), reconnect=reconnect))
+    except KeyboardInterrupt:
+        _note(
+            f"stopped watching; {workflow_id} goes on (plait status {workflow_id},"
+            f" plait cancel {workflow_id})"
+        )
+        raise
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """``plait status``."""
+    """``plait status``: a summary and the first ``--limit`` actions (``--state`` ones)."""
+    try:
+        states = frozenset(
+            parse_action_state(name)
+            for given in args.state
+            for name in given.split(",")
+            if name.strip()
+        )
+    except ValueError as exc:
+        raise InvalidArgumentError([FieldViolation("--state", str(exc))]) from None
+    limit = args.limit
+    if limit is None:
+        limit = 0 if args.output == "json" else STATUS_LIMIT
     with client_for(args) as client:
-        status = client.get(args.workflow_id)
+        status = client.get(args.workflow_id, states=states, limit=limit or None)
     if args.output == "json":
-        render.print_json(render.to_dict(status))
+        doc = render.status_dict(status)
+        doc["actions_omitted"] = max(0, _matching(status, states) - len(status.actions))
+        render.print_json(doc)
     else:
-        _print_status(status)
+        _print_status(status, states)
     return EXIT_OK
 
 
@@ -249,28 +424,56 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _stream_events(
-    client: Client, workflow_id: str, after: int, *, follow: bool, output: str
+    client: Client,
+    workflow_id: str,
+    after: int,
+    *,
+    follow: bool,
+    output: str,
+    reconnect: float | None = None,
 ) -> None:
+    """Prints the history after ``after``, then (``follow``) live events to the stream's end:
+    the coordinator ends it when the workflow finishes. A lost coordinator is waited for up
+    to ``reconnect`` seconds, with one line on stderr, and the stream resumes after the last
+    event printed."""
     if output == "table":
         print(render.EVENT_HEADER, flush=True)
-    for event in client.watch(workflow_id, after_sequence=after, follow=follow):
+    for event in client.watch(
+        workflow_id,
+        after_sequence=after,
+        follow=follow,
+        reconnect=reconnect if follow else None,
+        on_reconnect=_note,
+    ):
         if output == "json":
             render.print_json_line(render.to_dict(event))
         else:
             print(render.event_line(event), flush=True)
-        if follow and event.type == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED:
-            return
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     """``plait events``."""
     with client_for(args) as client:
-        _stream_events(client, args.workflow_id, args.after, follow=args.follow, output=args.output)
+        _stream_events(
+            client,
+            args.workflow_id,
+            args.after,
+            follow=args.follow,
+            output=args.output,
+            reconnect=_reconnect(args),
+        )
     return EXIT_OK
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """``plait logs``."""
+    """``plait logs`` (``-f``: :mod:`plait.cli.follow_logs`)."""
+    if args.follow:
+        from plait.cli.follow_logs import follow
+
+        with client_for(args) as client:
+            return follow(
+                client, args.workflow_id, args.action_id, raw=args.raw, output=args.output
+            )
     with client_for(args) as client:
         attempts = client.logs(args.workflow_id, args.action_id)
     if args.output == "json":
@@ -299,20 +502,29 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    """``plait retry``: keeps committed outputs, re-runs failed/skipped/cancelled actions."""
+    """``plait retry``: keeps committed outputs, re-runs failed/skipped/cancelled actions;
+    with ``--wait``, prints the outcome as ``submit --wait`` does."""
     with client_for(args) as client:
         ids = client.retry(args.workflow_id)
-        if args.output == "json":
-            render.print_json({"workflow_id": args.workflow_id, "retried": ids})
-        else:
+        result: dict[str, Any] = {"workflow_id": args.workflow_id, "retried": ids}
+        if args.output == "table":
             print(
                 f"{clean(args.workflow_id)}: re-running {len(ids)} action(s):"
-                f" {clean(', '.join(ids))}"
+                f" {clean(', '.join(ids))}",
+                flush=True,
             )
         if not args.wait:
+            if args.output == "json":
+                render.print_json(result)
             return EXIT_OK
-        status = client.wait(args.workflow_id)
-    return EXIT_OK if status.state in SUCCESS_STATES else EXIT_FAILED
+        status = client.wait(args.workflow_id, reconnect=_reconnect(args), on_reconnect=_note)
+    if args.output == "json":
+        result["workflow"] = render.status_dict(status)
+        render.print_json(result)
+    else:
+        print()
+        _print_status(status)
+    return _outcome(status)
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
@@ -328,7 +540,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
         )
     else:
         out = render.console()
-        out.print(render.workers_table(listing.workers))
+        out.print(render.workers_table(listing.workers, SystemClock().wall_ms()))
         if listing.revoked:
             out.print(render.revoked_table(listing.revoked))
     return EXIT_OK

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from plait.clock import Clock, SystemClock
-from plait.errors import PlaitError
+from plait.errors import ConfigError, PlaitError
 
 __all__ = [
     "DEFAULT_STORE",
     "LocalCluster",
     "LocalClusterConfig",
+    "make_dir",
     "run_coordinator_main",
     "run_workerd_main",
 ]
@@ -52,6 +53,14 @@ class _Server(Protocol):
     async def start(self, *, leader_timeout: float | None = None) -> None: ...
 
     async def stop(self, grace: float | None) -> None: ...
+
+
+def make_dir(path: Path, what: str) -> None:
+    """Creates ``path`` (and its parents) or raises :class:`ConfigError` naming ``what``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot create directory {path}: {e.strerror or e}") from None
 
 
 def sqlite_path(store: str) -> Path | None:
@@ -127,8 +136,8 @@ class LocalCluster:
         """
         path = sqlite_path(self.config.store)
         if path is not None and path.parent != Path():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+            make_dir(path.parent, "--store")
+        make_dir(self.config.log_dir, "logs (next to --store)")
         self._thread = threading.Thread(target=self._serve, name="plait-coordinator", daemon=True)
         self._thread.start()
         if not self._ready.wait(self.config.start_timeout_s):
@@ -138,9 +147,9 @@ class LocalCluster:
         if isinstance(self._start_error, PlaitError):
             raise self._start_error  # e.g. ConfigError: an unsafe configuration (exit 2)
         if self._start_error is not None:
-            raise RuntimeError(f"the coordinator failed to start: {self._start_error}") from (
-                self._start_error
-            )
+            err = self._start_error
+            why = str(err) or type(err).__name__
+            raise RuntimeError(f"the embedded coordinator could not start: {why}") from err
         for i in range(self.config.workers):
             self._spawn_worker(i)
         return self.target

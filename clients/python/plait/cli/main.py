@@ -40,14 +40,15 @@ _DAEMONS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``plait`` argument parser."""
-    from plait.cli import commands, run, secure
+    from plait.cli import commands, completion, contexts, graph, run, secure, validate
 
     parser = argparse.ArgumentParser(
         prog="plait",
         description="Run DAGs of actions in parallel across many hosts.",
         epilog="exit codes: 0 ok, 1 workflow failed, 2 usage or validation error, "
         "3 coordinator unreachable. Environment: PLAIT_COORDINATOR, PLAIT_TOKEN, PLAIT_TLS_CA, "
-        "PLAIT_TLS_CERT, PLAIT_TLS_KEY, PLAIT_TLS_SERVER_NAME.",
+        "PLAIT_TLS_CERT, PLAIT_TLS_KEY, PLAIT_TLS_SERVER_NAME, PLAIT_CONTEXT, "
+        "PLAIT_CLIENT_CONFIG (flags win over the environment, which wins over the context).",
     )
     parser.add_argument("--version", action="version", version=f"plait {__version__}")
     # Also accepted before the command (`plait --coordinator a,b status ID`); a different dest,
@@ -57,22 +58,50 @@ def build_parser() -> argparse.ArgumentParser:
         dest="global_coordinator",
         metavar="HOST:PORT[,HOST:PORT...]",
         help="coordinator address(es), leader or standbys (default: $PLAIT_COORDINATOR, "
-        "else 127.0.0.1:7450)",
+        "else the context's, else 127.0.0.1:7450)",
     )
     commands.add_tls_flags(parser, dest_prefix="global_")
+    parser.add_argument(
+        "--context",
+        dest="global_context",
+        metavar="NAME",
+        help="the client config file's context to use (default: $PLAIT_CONTEXT, else the"
+        " file's current-context; `plait config get-contexts` lists them)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run.add_parser(sub)
     for name, help_text in _DAEMONS.items():
         # Listed for --help; main() hands their arguments over before argparse sees them.
         daemon = sub.add_parser(name, help=help_text, add_help=False)
-        daemon.add_argument("args", nargs=argparse.REMAINDER)
+        daemon.add_argument(
+            "args", nargs=argparse.REMAINDER, help=f"the daemon's own flags (plait {name} --help)"
+        )
     commands.add_parsers(sub)
+    validate.add_parser(sub)
+    graph.add_parser(sub)
     secure.add_parsers(sub)
+    contexts.add_parsers(sub)
+    completion.add_parser(sub)
+    describe_subcommands(parser)
     return parser
 
 
+def describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Gives every subcommand's ``--help`` a description: its one-line help, where it has no
+    longer one of its own (argparse shows the help only in the parent's list)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {a.dest: a.help for a in action._choices_actions}
+        for name, child in action.choices.items():
+            if not child.description and helps.get(name):
+                text = str(helps[name])
+                child.description = text[0].upper() + text[1:] + "."
+            describe_subcommands(child)
+
+
 # Flags accepted before the command as well as after it (dest "global_<name>" before).
-_GLOBAL_FLAGS = ("coordinator", "tls_ca", "tls_cert", "tls_key", "tls_server_name")
+_GLOBAL_FLAGS = ("coordinator", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "context")
 
 
 def _fail(message: str, code: int) -> int:

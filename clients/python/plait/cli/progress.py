@@ -1,13 +1,19 @@
 """Live progress of one workflow, built from its history events (CLI layer).
 
 :class:`RunProgress` is pure: events in, a view of every action out (no clock reads; times come
-from the events' coordinator timestamps). :func:`live_view` draws it with rich for a terminal;
-:meth:`RunProgress.apply` returns one plain line per notable event for everything else. Both
-escape what workers and users wrote (:func:`plait.cli.render.clean`).
+from the events' coordinator timestamps, "now" is passed in). :func:`live_view` draws it with
+rich for a terminal; :meth:`RunProgress.apply` returns one plain line per notable event for
+everything else. Both escape what workers and users wrote (:func:`plait.cli.render.clean`).
+
+Map and pipeline children are counted once their list is read (``ACTION_MAPPED`` names the
+items). An action ready for longer than ``stuck_after_ms`` without a lease is *stuck*: the view
+lists it with the reason the coordinator gives (``plait status``'s "why pending"), which the
+follower fetches and hands in with :meth:`RunProgress.set_reasons`.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +36,16 @@ _TERMINAL = frozenset(
         workflow_pb2.ACTION_STATE_TIMED_OUT,
     }
 )
-_ACTIVE = frozenset({workflow_pb2.ACTION_STATE_LEASED, workflow_pb2.ACTION_STATE_RUNNING})
+_RUNNING = workflow_pb2.ACTION_STATE_RUNNING
+_ACTIVE = frozenset({workflow_pb2.ACTION_STATE_LEASED, _RUNNING})
 _COUNT_ORDER: tuple[str, ...] = (
     *("succeeded", "failed", "timed_out", "skipped", "cancelled"),
     *("running", "leased", "ready", "pending"),
 )
 _MAX_RUNNING_SHOWN = 12
+_MAX_STUCK_SHOWN = 6
+STUCK_AFTER_MS = 3000
+"""An action ready this long without a lease is shown with the reason it waits."""
 
 
 @dataclass(slots=True)
@@ -48,6 +58,7 @@ class ActionProgress:
     worker_id: str = ""
     started_ms: int | None = None  # coordinator wall time of the current attempt's start
     finished_ms: int | None = None
+    ready_ms: int | None = None  # coordinator wall time it last became ready
     exit_code: int = 0
     error: str = ""
 
@@ -68,13 +79,26 @@ def _wall_ms(e: workflow_pb2.HistoryEvent) -> int | None:
 class RunProgress:
     """Every action's progress in one workflow, from its history events."""
 
-    def __init__(self, spec: workflow_pb2.WorkflowSpec, workflow_id: str = "") -> None:
+    def __init__(
+        self,
+        spec: workflow_pb2.WorkflowSpec,
+        workflow_id: str = "",
+        *,
+        stuck_after_ms: int = STUCK_AFTER_MS,
+    ) -> None:
         self.name = spec.name
         self.workflow_id = workflow_id
+        self.specs = {a.id: a for a in spec.actions}
         self.actions = {a.id: ActionProgress(a.id) for a in spec.actions}
         self.workflow_state: int = workflow_pb2.WORKFLOW_STATE_RUNNING
         self.reason = ""
         self.last_sequence = 0
+        self.stuck_after_ms = stuck_after_ms
+        # Why stuck actions wait, as the coordinator last said (action id -> reason).
+        self.reasons: dict[str, str] = {}
+        self._said_stuck: set[tuple[str, str]] = set()
+        self._finished = 0  # actions in a terminal state, kept as states move
+        self._mapped: set[str] = set()  # map and pipeline actions whose children exist
 
     @property
     def total(self) -> int:
@@ -82,7 +106,7 @@ class RunProgress:
 
     @property
     def finished(self) -> int:
-        return sum(1 for a in self.actions.values() if a.state in _TERMINAL)
+        return self._finished
 
     @property
     def done(self) -> bool:
@@ -95,8 +119,40 @@ class RunProgress:
         return {k: c[k] for k in _COUNT_ORDER if c[k]}
 
     def running(self) -> list[ActionProgress]:
-        """Actions leased or running now."""
-        return [a for a in self.actions.values() if a.state in _ACTIVE]
+        """Actions leased or running now (a map or pipeline runs as its children: not listed)."""
+        mapped = self._mapped
+        return [
+            a for a in self.actions.values() if a.state in _ACTIVE and a.action_id not in mapped
+        ]
+
+    def stuck(self, now_ms: int) -> list[ActionProgress]:
+        """Actions ready for at least ``stuck_after_ms`` without a lease, longest first."""
+        cutoff = now_ms - self.stuck_after_ms
+        out = [
+            a
+            for a in self.actions.values()
+            if a.state == workflow_pb2.ACTION_STATE_READY
+            and a.ready_ms is not None
+            and a.ready_ms <= cutoff
+        ]
+        out.sort(key=lambda a: a.ready_ms or 0)
+        return out
+
+    def set_reasons(self, reasons: dict[str, str]) -> None:
+        """The coordinator's reasons for the actions it reported waiting (replaces the last)."""
+        self.reasons = dict(reasons)
+
+    def stuck_lines(self, now_ms: int) -> list[str]:
+        """Plain lines for stuck actions whose reason is known and was not said yet (escaped)."""
+        lines = []
+        for a in self.stuck(now_ms):
+            why = self.reasons.get(a.action_id)
+            if not why or (a.action_id, why) in self._said_stuck:
+                continue
+            self._said_stuck.add((a.action_id, why))
+            waited = (now_ms - (a.ready_ms or now_ms)) / 1000
+            lines.append(clean(f"{self._progress()} {a.action_id} waiting {waited:.0f}s: {why}"))
+        return lines
 
     def durations(self) -> dict[str, str]:
         """``action_id -> "0.31s"`` for actions whose last attempt finished."""
@@ -110,30 +166,94 @@ class RunProgress:
     def apply(self, e: workflow_pb2.HistoryEvent) -> str | None:
         """Folds one event in; returns a line worth printing in plain mode, if any (escaped)."""
         self.last_sequence = max(self.last_sequence, e.sequence)
-        if e.type == workflow_pb2.EVENT_TYPE_WORKFLOW_SUBMITTED:
+        t = e.type
+        if t == workflow_pb2.EVENT_TYPE_WORKFLOW_SUBMITTED:
             self.workflow_id = e.workflow_id or self.workflow_id
+            # Actions that need nothing are ready from submission (no ACTION_READY of their own).
+            for action_id, spec in self.specs.items():
+                if not spec.needs:
+                    a = self.actions[action_id]
+                    if a.state == workflow_pb2.ACTION_STATE_PENDING:
+                        self._move(a, workflow_pb2.ACTION_STATE_READY)
+                        a.ready_ms = _wall_ms(e)
             return None
-        if e.type == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED:
+        if t == workflow_pb2.EVENT_TYPE_WORKFLOW_RETRIED:
+            self.workflow_state = workflow_pb2.WORKFLOW_STATE_RUNNING
+            self.reason = ""
+            for action_id in _json_list(e.outputs_json):
+                reset = self.actions.get(str(action_id))
+                if reset is not None:  # back to pending (a map that made its children: running)
+                    mapped = reset.action_id in self._mapped
+                    self._move(reset, _RUNNING if mapped else workflow_pb2.ACTION_STATE_PENDING)
+                    reset.error, reset.finished_ms = "", None
+            return clean(f"workflow {self.workflow_id} retried: {e.message}")
+        if t == workflow_pb2.EVENT_TYPE_WORKFLOW_FINISHED:
             self.workflow_state = e.workflow_state
             self.reason = e.message or (e.error.message if e.HasField("error") else "")
             state = render.workflow_state(e.workflow_state)
             why = f": {self.reason}" if self.reason else ""
             return clean(f"workflow {self.workflow_id} {state}{why}")
         action = self.actions.get(e.action_id)
-        if action is None:
+        if action is None:  # not of this workflow's spec, nor a child of a list it read
             return None
         line = self._apply_action(action, e)
         return None if line is None else clean(line)
 
+    def _move(self, a: ActionProgress, state: int) -> None:
+        was, now = a.state in _TERMINAL, state in _TERMINAL
+        self._finished += int(now) - int(was)
+        a.state = state
+
+    def _progress(self) -> str:
+        return f"[{self.finished:>{len(str(self.total))}}/{self.total}]"
+
+    def _map(self, a: ActionProgress, e: workflow_pb2.HistoryEvent) -> str:
+        """ACTION_MAPPED: one child per item (a pipeline: a chain of stages per item)."""
+        items = _json_list(e.outputs_json)
+        spec = self.specs.get(a.action_id)
+        stages = (
+            list(spec.pipeline.stages) if spec is not None and spec.HasField("pipeline") else []
+        )
+        at = _wall_ms(e)
+        self._mapped.add(a.action_id)
+        for i in range(len(items)):
+            if stages:
+                for k, stage in enumerate(stages):
+                    child = f"{a.action_id}.{i}.{stage.id}"
+                    if child not in self.actions:
+                        self.actions[child] = ActionProgress(child)
+                        if k == 0:
+                            self._move(self.actions[child], workflow_pb2.ACTION_STATE_READY)
+                            self.actions[child].ready_ms = at
+            else:
+                child = f"{a.action_id}.{i}"
+                if child not in self.actions:
+                    self.actions[child] = ActionProgress(child)
+                    self._move(self.actions[child], workflow_pb2.ACTION_STATE_READY)
+                    self.actions[child].ready_ms = at
+        return f"{self._progress()} {a.action_id} mapped over {len(items)} item(s)"
+
     def _apply_action(self, a: ActionProgress, e: workflow_pb2.HistoryEvent) -> str | None:
         if e.action_state:
-            a.state = e.action_state
+            self._move(a, e.action_state)
         if e.attempt:
             a.attempt = e.attempt
         if e.worker_id:
             a.worker_id = e.worker_id
         t = e.type
-        progress = f"[{self.finished:>{len(str(self.total))}}/{self.total}]"
+        if t in (
+            workflow_pb2.EVENT_TYPE_ACTION_READY,
+            workflow_pb2.EVENT_TYPE_LEASE_LOST,
+            workflow_pb2.EVENT_TYPE_ACTION_RETRY_SCHEDULED,
+        ):
+            a.ready_ms = _wall_ms(e)
+            if t == workflow_pb2.EVENT_TYPE_ACTION_RETRY_SCHEDULED and e.HasField("backoff"):
+                # Ready to run once the backoff is over: stuck only after that.
+                a.ready_ms = (a.ready_ms or 0) + int(e.backoff.ToMilliseconds())
+        progress = self._progress()
+        if t == workflow_pb2.EVENT_TYPE_ACTION_MAPPED:
+            a.started_ms, a.finished_ms = _wall_ms(e), None
+            return self._map(a, e)
         if t == workflow_pb2.EVENT_TYPE_ACTION_LEASED:
             a.started_ms, a.finished_ms, a.error = _wall_ms(e), None, ""
             return None
@@ -149,7 +269,8 @@ class RunProgress:
             why = f": {a.error}" if a.error else ""
             code = f" (exit {e.exit_code})" if e.exit_code else ""
             state = render.action_state(a.state)
-            return f"{progress} {a.action_id} {state} on {a.worker_id}{took}{code}{why}"
+            on = f" on {a.worker_id}" if a.worker_id else ""
+            return f"{progress} {a.action_id} {state}{on}{took}{code}{why}"
         if t == workflow_pb2.EVENT_TYPE_ACTION_RETRY_SCHEDULED:
             a.error = e.error.message if e.HasField("error") else e.message
             return f"{progress} {a.action_id} attempt {a.attempt} failed, retrying: {a.error}"
@@ -162,8 +283,17 @@ class RunProgress:
         return None
 
 
+def _json_list(text: str) -> list[Any]:
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
+
+
 def live_view(progress: RunProgress, now_ms: int) -> RenderableType:
-    """The terminal view: a bar of finished/total, counts per state, what is running now."""
+    """The terminal view: a bar of finished/total, counts per state, what is running now, and
+    what has waited too long, with why."""
     head = Table.grid(padding=(0, 1))
     head.add_column()
     head.add_column()
@@ -192,5 +322,17 @@ def live_view(progress: RunProgress, now_ms: int) -> RenderableType:
             table.add_row(cell(a.action_id), cell(a.worker_id), str(a.attempt), took)
         if len(running) > _MAX_RUNNING_SHOWN:
             table.add_row(f"… and {len(running) - _MAX_RUNNING_SHOWN} more", "", "", "")
+        parts.append(table)
+    stuck = progress.stuck(now_ms)
+    if stuck:
+        table = Table(show_edge=False, pad_edge=False, box=None, header_style="dim")
+        for col in ("waiting", "for", "why"):
+            table.add_column(col)
+        for a in stuck[:_MAX_STUCK_SHOWN]:
+            waited = f"{max(0, now_ms - (a.ready_ms or now_ms)) / 1000:.0f}s"
+            why = progress.reasons.get(a.action_id, "")
+            table.add_row(cell(a.action_id), waited, cell(why, style="yellow"))
+        if len(stuck) > _MAX_STUCK_SHOWN:
+            table.add_row(f"… and {len(stuck) - _MAX_STUCK_SHOWN} more", "", "")
         parts.append(table)
     return Group(*parts)

@@ -13,6 +13,7 @@ Control characters become visible escapes; docs/cli.md "Terminal safety" says wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterable, Mapping
@@ -91,6 +92,51 @@ def to_dict(msg: Message) -> dict[str, Any]:
     return json_format.MessageToDict(
         msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+
+
+def status_dict(status: workflow_pb2.WorkflowStatus) -> dict[str, Any]:
+    """A workflow status as JSON: :func:`to_dict`, and each action's committed outputs also
+    as a JSON object under ``outputs`` (beside the ``outputs_json`` string; absent when the
+    action has none or they were left out of the response)."""
+    doc = to_dict(status)
+    for a in doc.get("actions", ()):
+        text = a.get("outputs_json")
+        if text:
+            # Not JSON after all: the string stays the whole answer.
+            with contextlib.suppress(ValueError):
+                a["outputs"] = json.loads(text)
+    return doc
+
+
+def duration(seconds: float) -> str:
+    """``0.31s``, ``12.4s``, ``3m05s``, ``2h07m``: short, for tables."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        m, sec = divmod(int(seconds), 60)
+        return f"{m}m{sec:02d}s"
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}h{rest // 60:02d}m"
+
+
+def _ms(ts: Any) -> int:
+    return int(ts.seconds) * 1000 + int(ts.nanos) // 1_000_000
+
+
+def clock_time(ts: Any) -> str:
+    """A ``Timestamp`` as ``HH:MM:SS.mmm`` (UTC), or empty when unset."""
+    if not ts.seconds and not ts.nanos:
+        return ""
+    return str(ts.ToDatetime().strftime("%H:%M:%S.%f")[:-3])
+
+
+def action_duration(a: workflow_pb2.ActionStatus) -> float | None:
+    """Seconds from an action's (last) start to its end, when it has both."""
+    if not a.HasField("started_at") or not a.HasField("finished_at"):
+        return None
+    return max(0, _ms(a.finished_at) - _ms(a.started_at)) / 1000
 
 
 def print_json(obj: Any, out: TextIO | None = None) -> None:
@@ -175,6 +221,8 @@ def workflow_header(status: workflow_pb2.WorkflowStatus) -> list[str]:
         lines.append(f"submitted {submitted}  hlc {hlc(status.submitted_hlc)}")
     if finished:
         lines.append(f"finished  {finished}  hlc {hlc(status.finished_hlc)}")
+        took = max(0, _ms(status.finished_at) - _ms(status.submitted_at)) / 1000
+        lines.append(f"duration  {duration(took)}")
     if status.action_counts:
         counts = ", ".join(f"{short(k)} {v}" for k, v in sorted(status.action_counts.items()) if v)
         lines.append(f"actions   {counts}")
@@ -193,16 +241,23 @@ def actions_table(
     title: str | None = None,
     exec_ids: frozenset[str] | None = None,
 ) -> Table:
-    """One row per action: state, attempts, worker, duration/exit code, error or reason.
+    """One row per action: state, attempts, worker, start and end (UTC), duration/exit code,
+    error or reason.
 
-    Exit codes show for ``exec_ids`` that finished (when known), else whenever non-zero.
+    Durations are the last attempt's, from its start and end times (``durations`` gives them
+    for actions whose status has none). Exit codes show for ``exec_ids`` that finished (when
+    known), else whenever non-zero.
     """
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for col in ("action", "state", "attempts", "worker", "duration / exit", "error / reason"):
+    cols = ("action", "state", "attempts", "worker", "started", "ended", "duration / exit")
+    for col in (*cols, "error / reason"):
         table.add_column(col, overflow="fold")
     for a in actions:
         parts = []
-        if durations and durations.get(a.action_id):
+        took = action_duration(a)
+        if took is not None:
+            parts.append(duration(took))
+        elif durations and durations.get(a.action_id):
             parts.append(durations[a.action_id])
         finished = a.state in _FINISHED_EXEC_STATES
         if (exec_ids is not None and a.action_id in exec_ids and finished) or a.exit_code:
@@ -212,6 +267,8 @@ def actions_table(
             styled_state(action_state(a.state)),
             str(a.attempt) + (f" (+{a.lease_losses} lost)" if a.lease_losses else ""),
             cell(a.worker_id),
+            clock_time(a.started_at),
+            clock_time(a.finished_at),
             " / ".join(parts),
             cell(action_error(a), multiline=True),
         )
@@ -243,11 +300,25 @@ def workflows_table(workflows: Iterable[workflow_pb2.WorkflowStatus]) -> Table:
     return table
 
 
-def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
-    """One row per connected worker for ``plait workers``."""
+def connected(w: admin_service_pb2.WorkerInfo, now_ms: int | None) -> str:
+    """When a worker's session began (UTC) and, given ``now_ms``, how long ago."""
+    if not w.HasField("connected_at") or not w.connected_at.seconds:
+        return ""
+    at = w.connected_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
+    if now_ms is None:
+        return at
+    ago = (now_ms - _ms(w.connected_at)) / 1000
+    return f"{at} ({duration(ago)} ago)" if ago >= 0 else at
+
+
+def workers_table(
+    workers: Iterable[admin_service_pb2.WorkerInfo], now_ms: int | None = None
+) -> Table:
+    """One row per connected worker for ``plait workers`` (``now_ms``: this host's wall clock,
+    for how long ago each connected)."""
     table = Table(show_edge=False, pad_edge=False)
     cols = ("worker", "host", "slots", "free", "leases", "queued", "exec", "handlers", "labels")
-    for col in (*cols, "state", "seen", "heard"):
+    for col in (*cols, "state", "connected", "seen", "heard"):
         table.add_column(col, overflow="fold")
     for w in workers:
         seen = w.last_seen_ago.ToTimedelta().total_seconds() if w.HasField("last_seen_ago") else 0
@@ -271,6 +342,7 @@ def workers_table(workers: Iterable[admin_service_pb2.WorkerInfo]) -> Table:
             cell(", ".join(w.handlers)),
             cell(labels),
             worker_state(w),
+            connected(w, now_ms),
             f"{seen:.1f}s ago",
             heard,
         )

@@ -15,7 +15,10 @@ The package is split by what each part handles:
 * :mod:`plait.spec.patterns` — the keys that say how actions run together: ``join``, ``map``,
   ``resources``, ``concurrency_key``, ``lock``, ``semaphores``;
 * :mod:`plait.spec.fields` — the field checks and error collection the converters share;
-* :mod:`plait.spec.files` — YAML files and text (:func:`load_workflow`, :func:`loads_workflow`);
+* :mod:`plait.spec.files` — YAML files and text (:func:`load_workflow`, :func:`loads_workflow`),
+  read through :mod:`plait.spec.fastyaml` (libyaml, or the JSON parser for JSON);
+* :mod:`plait.spec.plain` and :mod:`plait.spec.validate_plain` — fast paths of the converter
+  and of submit validation for plain actions (large generated workflows);
 * :mod:`plait.spec.builder` — the Python builder (:class:`Workflow`, :class:`Join`).
 
 Everything public is re-exported here, so ``from plait.spec import ...`` is the import to use.

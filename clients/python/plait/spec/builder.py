@@ -123,6 +123,7 @@ class Workflow:
         max_parallel: int | None = None,
         deadline: Duration | None = None,
         priority: int | None = None,
+        env: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         self.name = name
         self._doc: dict[str, Any] = {"name": name}
@@ -130,6 +131,8 @@ class Workflow:
             self._doc["defaults"] = dict(defaults)
         if labels is not None:
             self._doc["labels"] = dict(labels)
+        if env is not None:  # every exec action's, beneath its own
+            self._doc["env"] = dict(env)
         options = {
             "fail_fast": fail_fast,
             "max_parallel": max_parallel,

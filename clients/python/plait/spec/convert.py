@@ -47,6 +47,7 @@ from plait.spec.patterns import (
     convert_resources,
     convert_semaphores,
 )
+from plait.spec.plain import add_plain
 from plait.v1 import workflow_pb2
 
 __all__ = [
@@ -73,6 +74,7 @@ TOP_LEVEL_KEYS = (
     "max_parallel",
     "deadline",
     "priority",
+    "env",
     "actions",
 )
 DEFAULTS_KEYS = ("retry", "timeout")
@@ -219,15 +221,18 @@ def _needs(value: Any, loc: Loc, probs: Problems) -> list[str]:
         )
         return []
     out: list[str] = []
+    seen: set[str] = set()  # not `in out`: a join of 10,000 needs made that quadratic
     for i, item in enumerate(items):
-        at = loc.item(i)
         need = item.id if isinstance(item, ActionRef) else item
         if not isinstance(need, str) or not need:
+            at = loc.item(i)
             probs.add(at.path, at.where, f"expected an action id, got {describe(item)}")
-        elif need in out:
+        elif need in seen:
+            at = loc.item(i)
             probs.add(at.path, at.where, f"{need!r} is listed twice")
         else:
             out.append(need)
+            seen.add(need)
     return out
 
 
@@ -456,7 +461,16 @@ def convert_action(
 
 
 def _check_graph(actions: Sequence[workflow_pb2.ActionSpec], probs: Problems) -> None:
-    seen: dict[str, int] = {}
+    ids = [a.id for a in actions]
+    seen = dict(zip(ids, range(len(ids)), strict=True))
+    known = seen.__contains__
+    if len(seen) == len(ids) and all(
+        not deps or (aid not in deps and all(map(known, deps)))
+        for aid, deps in zip(ids, (a.needs for a in actions), strict=True)
+    ):
+        check_joins(actions, probs)  # no repeated id, every need known: the common case
+        return
+    seen = {}
     for i, a in enumerate(actions):
         if not a.id:
             continue
@@ -524,16 +538,21 @@ def build_spec(doc: Any, source: str, default_name: str) -> workflow_pb2.Workflo
         spec.defaults.CopyFrom(convert_defaults(doc["defaults"], probs))
     if "labels" in doc:
         spec.labels.update(str_map(doc["labels"], Loc("labels", field="labels"), probs))
+    if "env" in doc:  # every exec action's, beneath its own (WorkflowSpec.env)
+        spec.env.update(str_map(doc["env"], Loc("env", field="env"), probs))
     convert_workflow_options(doc, spec, probs)
     raw_actions = doc.get("actions")
     if not isinstance(raw_actions, list) or not raw_actions:
         got = "nothing" if raw_actions is None else describe(raw_actions)
         probs.add("actions", "actions", f"expected a non-empty list of actions, got {got}")
     else:
+        actions = spec.actions
         for i, raw in enumerate(raw_actions):
+            if add_plain(raw, actions):  # the common case, quickly (plait.spec.plain)
+                continue
             action = convert_action(raw, i, probs)
             if action is not None:
-                spec.actions.append(action)
+                actions.append(action)
         if not probs.items:
             _check_graph(spec.actions, probs)
     if probs.items:

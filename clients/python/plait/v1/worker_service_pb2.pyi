@@ -109,6 +109,7 @@ class ConnectRequest(_message.Message):
     ACTION_FINISHED_FIELD_NUMBER: _builtins.int
     GOODBYE_FIELD_NUMBER: _builtins.int
     ACTION_PROGRESS_FIELD_NUMBER: _builtins.int
+    ACTION_LOGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """Set by the worker, on every message: its HLC reading when it sent the message (after
@@ -143,6 +144,12 @@ class ConnectRequest(_message.Message):
     def action_progress(self) -> Global___ActionProgress:
         """Progress reports of running attempts (handlers calling heartbeat(details))."""
 
+    @_builtins.property
+    def action_logs(self) -> Global___ActionLogs:
+        """Output of running attempts (live logs). Optional: a worker that never sends it is
+        conformant (its attempts' output is then seen only in the result's tails).
+        """
+
     def __init__(
         self,
         *,
@@ -154,16 +161,79 @@ class ConnectRequest(_message.Message):
         action_finished: Global___ActionFinished | None = ...,
         goodbye: Global___Goodbye | None = ...,
         action_progress: Global___ActionProgress | None = ...,
+        action_logs: Global___ActionLogs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_progress", b"action_progress", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_logs", b"action_logs", "action_progress", b"action_progress", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_progress", b"action_progress", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_finished", b"action_finished", "action_logs", b"action_logs", "action_progress", b"action_progress", "action_started", b"action_started", "credit", b"credit", "goodbye", b"goodbye", "heartbeat", b"heartbeat", "hello", b"hello", "hlc", b"hlc", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "action_started", "action_finished", "goodbye", "action_progress"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "credit", "action_started", "action_finished", "goodbye", "action_progress", "action_logs"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class LeaseLogs(_message.Message):
+    """LeaseLogs is output one running attempt wrote since the worker last sent its output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """Set by the worker: the lease."""
+    fencing_token: _builtins.int
+    """Set by the worker: its fencing token; output of a lease this session does not hold (a
+    superseded token: a zombie) is refused like a start report (Ack.refused).
+    """
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.LogChunk]:
+        """Set by the worker: the output, per stream in offset order (each chunk at most 64 KiB)."""
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        chunks: _abc.Iterable[_workflow_pb2.LogChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "fencing_token", b"fencing_token", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseLogs: _TypeAlias = LeaseLogs  # noqa: Y015
+
+@_typing.final
+class ActionLogs(_message.Message):
+    """ActionLogs carries running attempts' output. The coordinator keeps it in memory only, a
+    bounded window per attempt, for FollowActionLogs; it is never journalled (the result's tails
+    are what stays). A worker should coalesce output into at most a few of these per second and
+    send an attempt's remaining output before its result (docs/protocol.md, "Live logs").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseLogs]:
+        """Set by the worker: one entry per attempt."""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[Global___LeaseLogs] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionLogs: _TypeAlias = ActionLogs  # noqa: Y015
 
 @_typing.final
 class LeaseProgress(_message.Message):
@@ -1001,8 +1071,8 @@ class Ack(_message.Message):
 
     @_builtins.property
     def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultAck]:
-        """Set by the coordinator: ActionStarted and ActionProgress reports it refused, one per
-        lease: FAILED_PRECONDITION with a google.rpc.ErrorInfo (domain "plait.dev", reason
+        """Set by the coordinator: ActionStarted, ActionProgress and ActionLogs reports it refused, one
+        per lease: FAILED_PRECONDITION with a google.rpc.ErrorInfo (domain "plait.dev", reason
         LEASE_NOT_HELD, metadata lease_id and holder) when this session does not hold the lease.
         Nothing is journalled for them; the worker should stop the attempt if it runs one.
         """

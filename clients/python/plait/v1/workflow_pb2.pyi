@@ -343,6 +343,28 @@ EVENT_REASON_PARENT_FAILED: EventReason.ValueType  # 25
 """CANCELLED: a map's or pipeline's join failed; its open children end."""
 Global___EventReason: _TypeAlias = EventReason  # noqa: Y015
 
+class _LogStream:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LogStreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogStream.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOG_STREAM_UNSPECIFIED: _LogStream.ValueType  # 0
+    LOG_STREAM_STDOUT: _LogStream.ValueType  # 1
+    """Standard output (an SDK handler's `ctx.log` lines)."""
+    LOG_STREAM_STDERR: _LogStream.ValueType  # 2
+    """Standard error."""
+
+class LogStream(_LogStream, metaclass=_LogStreamEnumTypeWrapper):
+    """LogStream names one of an attempt's output streams."""
+
+LOG_STREAM_UNSPECIFIED: LogStream.ValueType  # 0
+LOG_STREAM_STDOUT: LogStream.ValueType  # 1
+"""Standard output (an SDK handler's `ctx.log` lines)."""
+LOG_STREAM_STDERR: LogStream.ValueType  # 2
+"""Standard error."""
+Global___LogStream: _TypeAlias = LogStream  # noqa: Y015
+
 @_typing.final
 class JoinPolicy(_message.Message):
     """JoinPolicy is how an action joins its needs. Whatever the policy, the action receives every
@@ -961,6 +983,26 @@ class WorkflowSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     ACTIONS_FIELD_NUMBER: _builtins.int
     DEFAULTS_FIELD_NUMBER: _builtins.int
@@ -969,6 +1011,7 @@ class WorkflowSpec(_message.Message):
     MAX_PARALLEL_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Set by the submitter: a human name, not unique; 1 to 128 characters."""
     fail_fast: _builtins.bool
@@ -997,6 +1040,15 @@ class WorkflowSpec(_message.Message):
         the coordinator's monotonic clock; then what is left is cancelled and it ends FAILED.
         """
 
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Set by the submitter: environment variables of every exec action and exec pipeline stage,
+        beneath each one's own: a key the action sets in `env` or names in `secrets` keeps the
+        action's. Sent once per workflow instead of once per action (the YAML loader puts
+        PLAIT_WORKFLOW_DIR here); the coordinator adds it to each exec lease's `action.env`. Bounded
+        by max_env and max_env_bytes, as an action's env is.
+        """
+
     def __init__(
         self,
         *,
@@ -1008,10 +1060,11 @@ class WorkflowSpec(_message.Message):
         max_parallel: _builtins.int = ...,
         deadline: _duration_pb2.Duration | None = ...,
         priority: _builtins.int = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "defaults", b"defaults"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "deadline", b"deadline", "defaults", b"defaults", "fail_fast", b"fail_fast", "labels", b"labels", "max_parallel", b"max_parallel", "name", b"name", "priority", b"priority"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "deadline", b"deadline", "defaults", b"defaults", "env", b"env", "fail_fast", b"fail_fast", "labels", b"labels", "max_parallel", b"max_parallel", "name", b"name", "priority", b"priority"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1036,6 +1089,8 @@ class ActionStatus(_message.Message):
     PARENT_ID_FIELD_NUMBER: _builtins.int
     OUTPUTS_TRUNCATED_FIELD_NUMBER: _builtins.int
     OUTPUTS_BYTES_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
     action_id: _builtins.str
     """The action's id."""
     state: Global___ActionState.ValueType
@@ -1066,6 +1121,19 @@ class ActionStatus(_message.Message):
     def error(self) -> _status_pb2.Status:
         """Why the action failed, was skipped, cancelled or timed out."""
 
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """Set by the coordinator, for display only: wall time the current (or last) attempt started
+        (a map or pipeline: when its list was read); unset before that, and once a retry resets the
+        action (a map keeps its own).
+        """
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """Set by the coordinator, for display only: wall time the action reached its terminal state;
+        unset while it is not terminal.
+        """
+
     def __init__(
         self,
         *,
@@ -1082,10 +1150,12 @@ class ActionStatus(_message.Message):
         parent_id: _builtins.str = ...,
         outputs_truncated: _builtins.bool = ...,
         outputs_bytes: _builtins.int = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "attempt", b"attempt", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "lease_losses", b"lease_losses", "outputs_bytes", b"outputs_bytes", "outputs_json", b"outputs_json", "outputs_truncated", b"outputs_truncated", "parent_id", b"parent_id", "reason", b"reason", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "attempt", b"attempt", "error", b"error", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "lease_losses", b"lease_losses", "outputs_bytes", b"outputs_bytes", "outputs_json", b"outputs_json", "outputs_truncated", b"outputs_truncated", "parent_id", b"parent_id", "reason", b"reason", "started_at", b"started_at", "state", b"state", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1285,7 +1355,9 @@ class HistoryEvent(_message.Message):
 
     @_builtins.property
     def spec(self) -> Global___WorkflowSpec:
-        """The spec, on EVENT_TYPE_WORKFLOW_SUBMITTED only."""
+        """The spec, on EVENT_TYPE_WORKFLOW_SUBMITTED only; left out of WatchWorkflow's answers when
+        the event would not fit one message (a spec that came in pieces: SubmitWorkflowStream).
+        """
 
     @_builtins.property
     def backoff(self) -> _duration_pb2.Duration:
@@ -1332,3 +1404,39 @@ class HistoryEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HistoryEvent: _TypeAlias = HistoryEvent  # noqa: Y015
+
+@_typing.final
+class LogChunk(_message.Message):
+    """LogChunk is a piece of a running attempt's output (live logs: never journalled)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    stream: Global___LogStream.ValueType
+    """Set by the worker: the stream."""
+    offset: _builtins.int
+    """Set by the worker: where `data` starts in the stream, in bytes since the attempt started
+    (after secrets are redacted). A stream's chunks follow each other without overlap; a gap
+    (this offset past the end of the previous chunk) is output that was dropped: written faster
+    than the worker's rate limit, or older than the coordinator keeps.
+    """
+    data: _builtins.bytes
+    """Set by the worker: the bytes as written (at most 64 KiB; may start or end inside a UTF-8
+    character).
+    """
+    def __init__(
+        self,
+        *,
+        stream: Global___LogStream.ValueType = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogChunk: _TypeAlias = LogChunk  # noqa: Y015

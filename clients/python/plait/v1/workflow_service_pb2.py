@@ -26,7 +26,7 @@ from plait.v1 import hlc_pb2 as plait_dot_v1_dot_hlc__pb2
 from plait.v1 import workflow_pb2 as plait_dot_v1_dot_workflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplait/v1/workflow_service.proto\x12\x08plait.v1\x1a\x12plait/v1/hlc.proto\x1a\x17plait/v1/workflow.proto\"\x90\x01\n\x15SubmitWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.plait.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"c\n\x16SubmitWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"u\n\x12GetWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"\x7f\n\x13GetWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12*\n\x08workflow\x18\x02 \x01(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x8a\x01\n\x14ListWorkflowsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"\x82\x01\n\x15ListWorkflowsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12+\n\tworkflows\x18\x02 \x03(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"a\n\x15\x43\x61ncelWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"e\n\x16\x43\x61ncelWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"P\n\x14RetryWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\"P\n\x15RetryWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x12\n\naction_ids\x18\x02 \x03(\t\"x\n\x14WatchWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"d\n\x15WatchWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.plait.v1.HistoryEvent\"c\n\x14GetActionLogsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\"\x98\x01\n\x0b\x41ttemptLogs\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x13\n\x0bstdout_tail\x18\x04 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x05 \x01(\t\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.plait.v1.ActionState\"e\n\x15GetActionLogsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\'\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x15.plait.v1.AttemptLogs\"v\n\x17GetActionOutputsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"u\n\x18GetActionOutputsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x15\n\routputs_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x32\xac\x05\n\x0fWorkflowService\x12S\n\x0eSubmitWorkflow\x12\x1f.plait.v1.SubmitWorkflowRequest\x1a .plait.v1.SubmitWorkflowResponse\x12J\n\x0bGetWorkflow\x12\x1c.plait.v1.GetWorkflowRequest\x1a\x1d.plait.v1.GetWorkflowResponse\x12P\n\rListWorkflows\x12\x1e.plait.v1.ListWorkflowsRequest\x1a\x1f.plait.v1.ListWorkflowsResponse\x12S\n\x0e\x43\x61ncelWorkflow\x12\x1f.plait.v1.CancelWorkflowRequest\x1a .plait.v1.CancelWorkflowResponse\x12P\n\rRetryWorkflow\x12\x1e.plait.v1.RetryWorkflowRequest\x1a\x1f.plait.v1.RetryWorkflowResponse\x12R\n\rWatchWorkflow\x12\x1e.plait.v1.WatchWorkflowRequest\x1a\x1f.plait.v1.WatchWorkflowResponse0\x01\x12P\n\rGetActionLogs\x12\x1e.plait.v1.GetActionLogsRequest\x1a\x1f.plait.v1.GetActionLogsResponse\x12Y\n\x10GetActionOutputs\x12!.plait.v1.GetActionOutputsRequest\x1a\".plait.v1.GetActionOutputsResponseB0\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fplait/v1/workflow_service.proto\x12\x08plait.v1\x1a\x12plait/v1/hlc.proto\x1a\x17plait/v1/workflow.proto\"\x90\x01\n\x15SubmitWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.plait.v1.WorkflowSpec\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\"c\n\x16SubmitWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"b\n\x1bSubmitWorkflowStreamRequest\x12/\n\x06header\x18\x01 \x01(\x0b\x32\x1f.plait.v1.SubmitWorkflowRequest\x12\x12\n\nspec_chunk\x18\x02 \x01(\x0c\"i\n\x1cSubmitWorkflowStreamResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\x9c\x01\n\x12GetWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12%\n\x06states\x18\x05 \x03(\x0e\x32\x15.plait.v1.ActionState\"\x7f\n\x13GetWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12*\n\x08workflow\x18\x02 \x01(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\x8a\x01\n\x14ListWorkflowsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"\x82\x01\n\x15ListWorkflowsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12+\n\tworkflows\x18\x02 \x03(\x0b\x32\x18.plait.v1.WorkflowStatus\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"a\n\x15\x43\x61ncelWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"e\n\x16\x43\x61ncelWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.plait.v1.WorkflowState\"P\n\x14RetryWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\"P\n\x15RetryWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x12\n\naction_ids\x18\x02 \x03(\t\"x\n\x14WatchWorkflowRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"d\n\x15WatchWorkflowResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.plait.v1.HistoryEvent\"c\n\x14GetActionLogsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\"\x98\x01\n\x0b\x41ttemptLogs\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x13\n\x0bstdout_tail\x18\x04 \x01(\t\x12\x13\n\x0bstderr_tail\x18\x05 \x01(\t\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.plait.v1.ActionState\"e\n\x15GetActionLogsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\'\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x15.plait.v1.AttemptLogs\"\xa5\x01\n\x17\x46ollowActionLogsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x15\n\rstdout_offset\x18\x05 \x01(\x04\x12\x15\n\rstderr_offset\x18\x06 \x01(\x04\"\x80\x02\n\x18\x46ollowActionLogsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x15\n\rfencing_token\x18\x03 \x01(\x04\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\"\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x12.plait.v1.LogChunk\x12\r\n\x05\x65nded\x18\x06 \x01(\x08\x12$\n\x05tails\x18\x07 \x01(\x0b\x32\x15.plait.v1.AttemptLogs\x12+\n\x0c\x61\x63tion_state\x18\x08 \x01(\x0e\x32\x15.plait.v1.ActionState\"v\n\x17GetActionOutputsRequest\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\taction_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"u\n\x18GetActionOutputsResponse\x12#\n\x03hlc\x18\x01 \x01(\x0b\x32\x16.plait.v1.HlcTimestamp\x12\x15\n\routputs_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\r\n\x05\x63hunk\x18\x04 \x01(\x0c\x32\xf2\x06\n\x0fWorkflowService\x12S\n\x0eSubmitWorkflow\x12\x1f.plait.v1.SubmitWorkflowRequest\x1a .plait.v1.SubmitWorkflowResponse\x12g\n\x14SubmitWorkflowStream\x12%.plait.v1.SubmitWorkflowStreamRequest\x1a&.plait.v1.SubmitWorkflowStreamResponse(\x01\x12J\n\x0bGetWorkflow\x12\x1c.plait.v1.GetWorkflowRequest\x1a\x1d.plait.v1.GetWorkflowResponse\x12P\n\rListWorkflows\x12\x1e.plait.v1.ListWorkflowsRequest\x1a\x1f.plait.v1.ListWorkflowsResponse\x12S\n\x0e\x43\x61ncelWorkflow\x12\x1f.plait.v1.CancelWorkflowRequest\x1a .plait.v1.CancelWorkflowResponse\x12P\n\rRetryWorkflow\x12\x1e.plait.v1.RetryWorkflowRequest\x1a\x1f.plait.v1.RetryWorkflowResponse\x12R\n\rWatchWorkflow\x12\x1e.plait.v1.WatchWorkflowRequest\x1a\x1f.plait.v1.WatchWorkflowResponse0\x01\x12P\n\rGetActionLogs\x12\x1e.plait.v1.GetActionLogsRequest\x1a\x1f.plait.v1.GetActionLogsResponse\x12[\n\x10\x46ollowActionLogs\x12!.plait.v1.FollowActionLogsRequest\x1a\".plait.v1.FollowActionLogsResponse0\x01\x12Y\n\x10GetActionOutputs\x12!.plait.v1.GetActionOutputsRequest\x1a\".plait.v1.GetActionOutputsResponseB0\n\x0c\x64\x65v.plait.v1P\x01Z\x1eplait.dev/gen/plait/v1;plaitv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,36 +38,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITWORKFLOWREQUEST']._serialized_end=235
   _globals['_SUBMITWORKFLOWRESPONSE']._serialized_start=237
   _globals['_SUBMITWORKFLOWRESPONSE']._serialized_end=336
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=338
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=455
-  _globals['_GETWORKFLOWRESPONSE']._serialized_start=457
-  _globals['_GETWORKFLOWRESPONSE']._serialized_end=584
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=587
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=725
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=728
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=858
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=860
-  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=957
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=959
-  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1060
-  _globals['_RETRYWORKFLOWREQUEST']._serialized_start=1062
-  _globals['_RETRYWORKFLOWREQUEST']._serialized_end=1142
-  _globals['_RETRYWORKFLOWRESPONSE']._serialized_start=1144
-  _globals['_RETRYWORKFLOWRESPONSE']._serialized_end=1224
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1226
-  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1346
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1348
-  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1448
-  _globals['_GETACTIONLOGSREQUEST']._serialized_start=1450
-  _globals['_GETACTIONLOGSREQUEST']._serialized_end=1549
-  _globals['_ATTEMPTLOGS']._serialized_start=1552
-  _globals['_ATTEMPTLOGS']._serialized_end=1704
-  _globals['_GETACTIONLOGSRESPONSE']._serialized_start=1706
-  _globals['_GETACTIONLOGSRESPONSE']._serialized_end=1807
-  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_start=1809
-  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_end=1927
-  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_start=1929
-  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_end=2046
-  _globals['_WORKFLOWSERVICE']._serialized_start=2049
-  _globals['_WORKFLOWSERVICE']._serialized_end=2733
+  _globals['_SUBMITWORKFLOWSTREAMREQUEST']._serialized_start=338
+  _globals['_SUBMITWORKFLOWSTREAMREQUEST']._serialized_end=436
+  _globals['_SUBMITWORKFLOWSTREAMRESPONSE']._serialized_start=438
+  _globals['_SUBMITWORKFLOWSTREAMRESPONSE']._serialized_end=543
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=546
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=702
+  _globals['_GETWORKFLOWRESPONSE']._serialized_start=704
+  _globals['_GETWORKFLOWRESPONSE']._serialized_end=831
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=834
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=972
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=975
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=1105
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_start=1107
+  _globals['_CANCELWORKFLOWREQUEST']._serialized_end=1204
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_start=1206
+  _globals['_CANCELWORKFLOWRESPONSE']._serialized_end=1307
+  _globals['_RETRYWORKFLOWREQUEST']._serialized_start=1309
+  _globals['_RETRYWORKFLOWREQUEST']._serialized_end=1389
+  _globals['_RETRYWORKFLOWRESPONSE']._serialized_start=1391
+  _globals['_RETRYWORKFLOWRESPONSE']._serialized_end=1471
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_start=1473
+  _globals['_WATCHWORKFLOWREQUEST']._serialized_end=1593
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_start=1595
+  _globals['_WATCHWORKFLOWRESPONSE']._serialized_end=1695
+  _globals['_GETACTIONLOGSREQUEST']._serialized_start=1697
+  _globals['_GETACTIONLOGSREQUEST']._serialized_end=1796
+  _globals['_ATTEMPTLOGS']._serialized_start=1799
+  _globals['_ATTEMPTLOGS']._serialized_end=1951
+  _globals['_GETACTIONLOGSRESPONSE']._serialized_start=1953
+  _globals['_GETACTIONLOGSRESPONSE']._serialized_end=2054
+  _globals['_FOLLOWACTIONLOGSREQUEST']._serialized_start=2057
+  _globals['_FOLLOWACTIONLOGSREQUEST']._serialized_end=2222
+  _globals['_FOLLOWACTIONLOGSRESPONSE']._serialized_start=2225
+  _globals['_FOLLOWACTIONLOGSRESPONSE']._serialized_end=2481
+  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_start=2483
+  _globals['_GETACTIONOUTPUTSREQUEST']._serialized_end=2601
+  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_start=2603
+  _globals['_GETACTIONOUTPUTSRESPONSE']._serialized_end=2720
+  _globals['_WORKFLOWSERVICE']._serialized_start=2723
+  _globals['_WORKFLOWSERVICE']._serialized_end=3605
 # @@protoc_insertion_point(module_scope)

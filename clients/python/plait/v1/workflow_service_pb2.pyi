@@ -96,6 +96,71 @@ class SubmitWorkflowResponse(_message.Message):
 Global___SubmitWorkflowResponse: _TypeAlias = SubmitWorkflowResponse  # noqa: Y015
 
 @_typing.final
+class SubmitWorkflowStreamRequest(_message.Message):
+    """SubmitWorkflowStreamRequest is one message of a streamed submission."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    SPEC_CHUNK_FIELD_NUMBER: _builtins.int
+    spec_chunk: _builtins.bytes
+    """Set by the client: the next piece of the serialized WorkflowSpec (pieces are concatenated
+    in order; at most 1 MiB each by convention, and always within the message limit).
+    """
+    @_builtins.property
+    def header(self) -> Global___SubmitWorkflowRequest:
+        """Set by the client on the first message only: the submission, its `spec` left empty (the
+        spec travels in `spec_chunk`): hlc, idempotency_key, traceparent. Ignored on later
+        messages.
+        """
+
+    def __init__(
+        self,
+        *,
+        header: Global___SubmitWorkflowRequest | None = ...,
+        spec_chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "spec_chunk", b"spec_chunk"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitWorkflowStreamRequest: _TypeAlias = SubmitWorkflowStreamRequest  # noqa: Y015
+
+@_typing.final
+class SubmitWorkflowStreamResponse(_message.Message):
+    """SubmitWorkflowStreamResponse names the workflow, as SubmitWorkflowResponse does."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """The workflow's id."""
+    created: _builtins.bool
+    """False when the idempotency key matched an existing workflow."""
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the coordinator: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        workflow_id: _builtins.str = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "hlc", b"hlc", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitWorkflowStreamResponse: _TypeAlias = SubmitWorkflowStreamResponse  # noqa: Y015
+
+@_typing.final
 class GetWorkflowRequest(_message.Message):
     """GetWorkflowRequest asks for one workflow, or one page of its actions."""
 
@@ -105,6 +170,7 @@ class GetWorkflowRequest(_message.Message):
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """The workflow's id."""
     page_size: _builtins.int
@@ -117,6 +183,13 @@ class GetWorkflowRequest(_message.Message):
     def hlc(self) -> _hlc_pb2.HlcTimestamp:
         """Set by the client: its HLC reading."""
 
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_workflow_pb2.ActionState.ValueType]:
+        """Set by the client (optional): only actions in one of these states (empty: every action).
+        Pages are still positions in the workflow's action order: a page holds the matching
+        actions from its token on, and action_counts always describes the whole workflow.
+        """
+
     def __init__(
         self,
         *,
@@ -124,10 +197,11 @@ class GetWorkflowRequest(_message.Message):
         workflow_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        states: _abc.Iterable[_workflow_pb2.ActionState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "page_size", b"page_size", "page_token", b"page_token", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -530,6 +604,110 @@ class GetActionLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetActionLogsResponse: _TypeAlias = GetActionLogsResponse  # noqa: Y015
+
+@_typing.final
+class FollowActionLogsRequest(_message.Message):
+    """FollowActionLogsRequest asks for one attempt's output as it is written."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    ACTION_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    STDOUT_OFFSET_FIELD_NUMBER: _builtins.int
+    STDERR_OFFSET_FIELD_NUMBER: _builtins.int
+    workflow_id: _builtins.str
+    """The workflow's id."""
+    action_id: _builtins.str
+    """The action's id."""
+    attempt: _builtins.int
+    """Set by the client (optional): the attempt to follow, from 1; 0: the one running now, else
+    the next one to start (or, for an action that has ended, its last).
+    """
+    stdout_offset: _builtins.int
+    """Set by the client (optional): skip stdout before this byte offset (to resume a stream)."""
+    stderr_offset: _builtins.int
+    """Set by the client (optional): skip stderr before this byte offset."""
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the client: its HLC reading."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        workflow_id: _builtins.str = ...,
+        action_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        stdout_offset: _builtins.int = ...,
+        stderr_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "attempt", b"attempt", "hlc", b"hlc", "stderr_offset", b"stderr_offset", "stdout_offset", b"stdout_offset", "workflow_id", b"workflow_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowActionLogsRequest: _TypeAlias = FollowActionLogsRequest  # noqa: Y015
+
+@_typing.final
+class FollowActionLogsResponse(_message.Message):
+    """FollowActionLogsResponse carries output of the attempt followed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HLC_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    TAILS_FIELD_NUMBER: _builtins.int
+    ACTION_STATE_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt followed (0 only on a last message when the action ended without running)."""
+    fencing_token: _builtins.int
+    """Its fencing token."""
+    worker_id: _builtins.str
+    """The worker that runs (ran) it."""
+    ended: _builtins.bool
+    """Set on the last message: the attempt has ended."""
+    action_state: _workflow_pb2.ActionState.ValueType
+    """On the last message: the action's state then. Not terminal: another attempt follows
+    (follow it with `attempt` one higher).
+    """
+    @_builtins.property
+    def hlc(self) -> _hlc_pb2.HlcTimestamp:
+        """Set by the coordinator: its HLC reading."""
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[_workflow_pb2.LogChunk]:
+        """Output in the order it was written, per stream (see LogChunk.offset for gaps)."""
+
+    @_builtins.property
+    def tails(self) -> Global___AttemptLogs:
+        """On the last message, when the attempt reported a result: its journalled tails and state."""
+
+    def __init__(
+        self,
+        *,
+        hlc: _hlc_pb2.HlcTimestamp | None = ...,
+        attempt: _builtins.int = ...,
+        fencing_token: _builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        chunks: _abc.Iterable[_workflow_pb2.LogChunk] | None = ...,
+        ended: _builtins.bool = ...,
+        tails: Global___AttemptLogs | None = ...,
+        action_state: _workflow_pb2.ActionState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hlc", b"hlc", "tails", b"tails"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_state", b"action_state", "attempt", b"attempt", "chunks", b"chunks", "ended", b"ended", "fencing_token", b"fencing_token", "hlc", b"hlc", "tails", b"tails", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowActionLogsResponse: _TypeAlias = FollowActionLogsResponse  # noqa: Y015
 
 @_typing.final
 class GetActionOutputsRequest(_message.Message):

@@ -43,6 +43,11 @@ class WorkflowServiceStub:
                 request_serializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowRequest.SerializeToString,
                 response_deserializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowResponse.FromString,
                 _registered_method=True)
+        self.SubmitWorkflowStream = channel.stream_unary(
+                '/plait.v1.WorkflowService/SubmitWorkflowStream',
+                request_serializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowStreamRequest.SerializeToString,
+                response_deserializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowStreamResponse.FromString,
+                _registered_method=True)
         self.GetWorkflow = channel.unary_unary(
                 '/plait.v1.WorkflowService/GetWorkflow',
                 request_serializer=plait_dot_v1_dot_workflow__service__pb2.GetWorkflowRequest.SerializeToString,
@@ -73,6 +78,11 @@ class WorkflowServiceStub:
                 request_serializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsRequest.SerializeToString,
                 response_deserializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsResponse.FromString,
                 _registered_method=True)
+        self.FollowActionLogs = channel.unary_stream(
+                '/plait.v1.WorkflowService/FollowActionLogs',
+                request_serializer=plait_dot_v1_dot_workflow__service__pb2.FollowActionLogsRequest.SerializeToString,
+                response_deserializer=plait_dot_v1_dot_workflow__service__pb2.FollowActionLogsResponse.FromString,
+                _registered_method=True)
         self.GetActionOutputs = channel.unary_unary(
                 '/plait.v1.WorkflowService/GetActionOutputs',
                 request_serializer=plait_dot_v1_dot_workflow__service__pb2.GetActionOutputsRequest.SerializeToString,
@@ -90,6 +100,19 @@ class WorkflowServiceServicer:
     def SubmitWorkflow(self, request, context):
         """Validates and journals a workflow, then starts it. A repeated idempotency key returns the
         workflow first submitted with it (created = false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitWorkflowStream(self, request_iterator, context):
+        """SubmitWorkflow for a spec larger than one message: the serialized WorkflowSpec in pieces
+        (as google.bytestream.Write sends a blob), each message within the gRPC message limit, the
+        whole within max_spec_bytes. The coordinator parses, validates and journals it once, after
+        the last piece (the client's half-close), exactly as SubmitWorkflow does; a stream that
+        ends early stores nothing. Answers as SubmitWorkflow (the same idempotency key, the same
+        workflow), and INVALID_ARGUMENT naming `spec_chunk` when the pieces pass max_spec_bytes or
+        do not make a WorkflowSpec.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +165,18 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FollowActionLogs(self, request, context):
+        """Streams one attempt's output while it runs (what its worker sends, from the window the
+        coordinator keeps in memory), waiting for the attempt to start if it has not; ends when
+        the attempt ends, with a last message that carries its tails (when it reported a result)
+        and the action's state. An attempt that has already ended gets that last message at once.
+        A follower waiting for an attempt that never starts gets the last message when the action
+        ends. NOT_FOUND for an unknown workflow or action.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetActionOutputs(self, request, context):
         """Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
         (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
@@ -158,6 +193,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.SubmitWorkflow,
                     request_deserializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowRequest.FromString,
                     response_serializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowResponse.SerializeToString,
+            ),
+            'SubmitWorkflowStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitWorkflowStream,
+                    request_deserializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowStreamRequest.FromString,
+                    response_serializer=plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowStreamResponse.SerializeToString,
             ),
             'GetWorkflow': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkflow,
@@ -188,6 +228,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.GetActionLogs,
                     request_deserializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsRequest.FromString,
                     response_serializer=plait_dot_v1_dot_workflow__service__pb2.GetActionLogsResponse.SerializeToString,
+            ),
+            'FollowActionLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowActionLogs,
+                    request_deserializer=plait_dot_v1_dot_workflow__service__pb2.FollowActionLogsRequest.FromString,
+                    response_serializer=plait_dot_v1_dot_workflow__service__pb2.FollowActionLogsResponse.SerializeToString,
             ),
             'GetActionOutputs': grpc.unary_unary_rpc_method_handler(
                     servicer.GetActionOutputs,
@@ -226,6 +271,33 @@ class WorkflowService:
             '/plait.v1.WorkflowService/SubmitWorkflow',
             plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowRequest.SerializeToString,
             plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitWorkflowStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/plait.v1.WorkflowService/SubmitWorkflowStream',
+            plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowStreamRequest.SerializeToString,
+            plait_dot_v1_dot_workflow__service__pb2.SubmitWorkflowStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -388,6 +460,33 @@ class WorkflowService:
             '/plait.v1.WorkflowService/GetActionLogs',
             plait_dot_v1_dot_workflow__service__pb2.GetActionLogsRequest.SerializeToString,
             plait_dot_v1_dot_workflow__service__pb2.GetActionLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowActionLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/plait.v1.WorkflowService/FollowActionLogs',
+            plait_dot_v1_dot_workflow__service__pb2.FollowActionLogsRequest.SerializeToString,
+            plait_dot_v1_dot_workflow__service__pb2.FollowActionLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

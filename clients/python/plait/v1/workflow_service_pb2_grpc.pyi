@@ -41,6 +41,15 @@ class WorkflowServiceStub:
     """Validates and journals a workflow, then starts it. A repeated idempotency key returns the
     workflow first submitted with it (created = false).
     """
+    SubmitWorkflowStream: _grpc.StreamUnaryMultiCallable[_workflow_service_pb2.SubmitWorkflowStreamRequest, _workflow_service_pb2.SubmitWorkflowStreamResponse]
+    """SubmitWorkflow for a spec larger than one message: the serialized WorkflowSpec in pieces
+    (as google.bytestream.Write sends a blob), each message within the gRPC message limit, the
+    whole within max_spec_bytes. The coordinator parses, validates and journals it once, after
+    the last piece (the client's half-close), exactly as SubmitWorkflow does; a stream that
+    ends early stores nothing. Answers as SubmitWorkflow (the same idempotency key, the same
+    workflow), and INVALID_ARGUMENT naming `spec_chunk` when the pieces pass max_spec_bytes or
+    do not make a WorkflowSpec.
+    """
     GetWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetWorkflowRequest, _workflow_service_pb2.GetWorkflowResponse]
     """Returns one workflow with its actions' status, a page at a time: every response fits the
     gRPC message limit. An action whose outputs do not fit the response carries
@@ -61,6 +70,14 @@ class WorkflowServiceStub:
     """
     GetActionLogs: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionLogsRequest, _workflow_service_pb2.GetActionLogsResponse]
     """Returns the bounded stdout/stderr tails recorded for an action's attempts."""
+    FollowActionLogs: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.FollowActionLogsRequest, _workflow_service_pb2.FollowActionLogsResponse]
+    """Streams one attempt's output while it runs (what its worker sends, from the window the
+    coordinator keeps in memory), waiting for the attempt to start if it has not; ends when
+    the attempt ends, with a last message that carries its tails (when it reported a result)
+    and the action's state. An attempt that has already ended gets that last message at once.
+    A follower waiting for an attempt that never starts gets the last message when the action
+    ends. NOT_FOUND for an unknown workflow or action.
+    """
     GetActionOutputs: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionOutputsRequest, _workflow_service_pb2.GetActionOutputsResponse]
     """Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
     (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
@@ -79,6 +96,15 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     SubmitWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.SubmitWorkflowRequest, _workflow_service_pb2.SubmitWorkflowResponse]  # type: ignore[assignment]
     """Validates and journals a workflow, then starts it. A repeated idempotency key returns the
     workflow first submitted with it (created = false).
+    """
+    SubmitWorkflowStream: _aio.StreamUnaryMultiCallable[_workflow_service_pb2.SubmitWorkflowStreamRequest, _workflow_service_pb2.SubmitWorkflowStreamResponse]  # type: ignore[assignment]
+    """SubmitWorkflow for a spec larger than one message: the serialized WorkflowSpec in pieces
+    (as google.bytestream.Write sends a blob), each message within the gRPC message limit, the
+    whole within max_spec_bytes. The coordinator parses, validates and journals it once, after
+    the last piece (the client's half-close), exactly as SubmitWorkflow does; a stream that
+    ends early stores nothing. Answers as SubmitWorkflow (the same idempotency key, the same
+    workflow), and INVALID_ARGUMENT naming `spec_chunk` when the pieces pass max_spec_bytes or
+    do not make a WorkflowSpec.
     """
     GetWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetWorkflowRequest, _workflow_service_pb2.GetWorkflowResponse]  # type: ignore[assignment]
     """Returns one workflow with its actions' status, a page at a time: every response fits the
@@ -100,6 +126,14 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     """
     GetActionLogs: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionLogsRequest, _workflow_service_pb2.GetActionLogsResponse]  # type: ignore[assignment]
     """Returns the bounded stdout/stderr tails recorded for an action's attempts."""
+    FollowActionLogs: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.FollowActionLogsRequest, _workflow_service_pb2.FollowActionLogsResponse]  # type: ignore[assignment]
+    """Streams one attempt's output while it runs (what its worker sends, from the window the
+    coordinator keeps in memory), waiting for the attempt to start if it has not; ends when
+    the attempt ends, with a last message that carries its tails (when it reported a result)
+    and the action's state. An attempt that has already ended gets that last message at once.
+    A follower waiting for an attempt that never starts gets the last message when the action
+    ends. NOT_FOUND for an unknown workflow or action.
+    """
     GetActionOutputs: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetActionOutputsRequest, _workflow_service_pb2.GetActionOutputsResponse]  # type: ignore[assignment]
     """Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
     (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
@@ -121,6 +155,21 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_workflow_service_pb2.SubmitWorkflowResponse, _abc.Awaitable[_workflow_service_pb2.SubmitWorkflowResponse]]:
         """Validates and journals a workflow, then starts it. A repeated idempotency key returns the
         workflow first submitted with it (created = false).
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitWorkflowStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_workflow_service_pb2.SubmitWorkflowStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.SubmitWorkflowStreamResponse, _abc.Awaitable[_workflow_service_pb2.SubmitWorkflowStreamResponse]]:
+        """SubmitWorkflow for a spec larger than one message: the serialized WorkflowSpec in pieces
+        (as google.bytestream.Write sends a blob), each message within the gRPC message limit, the
+        whole within max_spec_bytes. The coordinator parses, validates and journals it once, after
+        the last piece (the client's half-close), exactly as SubmitWorkflow does; a stream that
+        ends early stores nothing. Answers as SubmitWorkflow (the same idempotency key, the same
+        workflow), and INVALID_ARGUMENT naming `spec_chunk` when the pieces pass max_spec_bytes or
+        do not make a WorkflowSpec.
         """
 
     @_abc_1.abstractmethod
@@ -178,6 +227,20 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.GetActionLogsResponse, _abc.Awaitable[_workflow_service_pb2.GetActionLogsResponse]]:
         """Returns the bounded stdout/stderr tails recorded for an action's attempts."""
+
+    @_abc_1.abstractmethod
+    def FollowActionLogs(
+        self,
+        request: _workflow_service_pb2.FollowActionLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_workflow_service_pb2.FollowActionLogsResponse], _abc.AsyncIterator[_workflow_service_pb2.FollowActionLogsResponse]]:
+        """Streams one attempt's output while it runs (what its worker sends, from the window the
+        coordinator keeps in memory), waiting for the attempt to start if it has not; ends when
+        the attempt ends, with a last message that carries its tails (when it reported a result)
+        and the action's state. An attempt that has already ended gets that last message at once.
+        A follower waiting for an attempt that never starts gets the last message when the action
+        ends. NOT_FOUND for an unknown workflow or action.
+        """
 
     @_abc_1.abstractmethod
     def GetActionOutputs(

@@ -118,6 +118,12 @@ class Attempt:
         if not self.done:
             self._book.progress(self, details_json)
 
+    def output(self, stream: int, data: bytes) -> None:
+        """Output the attempt wrote to ``stream`` (a LogStream), for live logs; on the loop
+        thread, any number of times (dropped once the attempt has ended)."""
+        if not self.done:
+            self._book.output(self, stream, data)
+
     def cancel(self, reason: str, cause: CancelCause = "cancelled") -> None:
         """Asks the executor to kill the attempt (once); it still reports how it ended."""
         if self.cancelling or self.done:
@@ -150,6 +156,7 @@ class AttemptBook:
         on_finished: Callable[[pb.ActionResult, int], None],
         flush_soon: Callable[[], None],
         on_progress: Callable[[pb.LeaseProgress], None] | None = None,
+        on_output: Callable[[str, int, int, bytes], None] | None = None,
         tracing: ExecuteTracing | None = None,
         observer: AttemptObserver | None = None,
     ) -> None:
@@ -163,6 +170,7 @@ class AttemptBook:
         self._on_finished = on_finished
         self._flush_soon = flush_soon
         self._on_progress = on_progress
+        self._on_output = on_output
         self._tracing = tracing if tracing is not None else ExecuteTracing()
         self.observer = observer
         self._exec: Executor | None = None
@@ -401,6 +409,11 @@ class AttemptBook:
                 lease_id=att.lease_id, fencing_token=att.token, details_json=details_json
             )
         )
+
+    def output(self, att: Attempt, stream: int, data: bytes) -> None:
+        """Hands a running attempt's output on (lease, token, stream, bytes)."""
+        if self._on_output is not None and self.attempts.get(att.lease_id) is att:
+            self._on_output(att.lease_id, att.token, stream, data)
 
     def finish(self, att: Attempt, result: AttemptResult) -> None:
         """Records how an attempt ended (once) and keeps its result until it is acked."""

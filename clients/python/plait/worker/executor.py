@@ -13,6 +13,8 @@ Contract:
 * :meth:`Executor.cancel` asks an attempt to stop; it still reports (normally ``CANCELLED``).
 * The attempt runs inside its execute span (:func:`attempt_trace`): a handler attached to its
   context, an exec action with ``TRACEPARENT`` naming it.
+* Optionally (:func:`attempt_output`), an executor hands what its attempt writes to the session
+  as it is written (``ctx.output``), for live logs; the tails in its result are still required.
 * Optionally (:class:`FenceAware`), an executor hears every move of the session's fence
   deadline, so that something outside the session's event loop can kill its attempts on time
   even when the worker process is frozen (workerd's exec executor arms its keeper). Executors
@@ -22,6 +24,7 @@ Contract:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -191,3 +194,15 @@ def attempt_trace(ctx: AttemptContext) -> ExecuteSpan | None:
     """
     trace = getattr(ctx, "trace", None)
     return trace if isinstance(trace, ExecuteSpan) else None
+
+
+OutputSink = Callable[[int, bytes], None]
+"""Takes output an attempt wrote: its LogStream (``plait.live_logs.STDOUT``/``STDERR``) and the
+bytes; on the loop thread."""
+
+
+def attempt_output(ctx: AttemptContext) -> OutputSink | None:
+    """Where an executor hands its attempt's output for live logs, when ``ctx`` takes it (the
+    session's contexts do: ``ctx.output``); None otherwise, and then only the tails report it."""
+    output = getattr(ctx, "output", None)
+    return output if callable(output) else None

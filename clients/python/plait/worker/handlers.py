@@ -33,6 +33,7 @@ from opentelemetry import context as otel_context
 
 from plait.errors import ActionError
 from plait.jsonlimits import outputs_problem
+from plait.live_logs import STDOUT
 from plait.logs import bind_log_fields, log_fields
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.executor import (
@@ -43,6 +44,7 @@ from plait.worker.executor import (
     AttemptContext,
     AttemptResult,
     Code,
+    attempt_output,
     attempt_trace,
 )
 from plait.worker.spans import ExecuteSpan, attached
@@ -161,6 +163,7 @@ class ActionContext:
         "_log",
         "_log_chars",
         "_needs",
+        "_output",
         "_progress",
         "action_id",
         "attempt",
@@ -186,6 +189,7 @@ class ActionContext:
         inputs_json: str = "",
         input_json: str = "",
         progress: ProgressSink | None = None,
+        output: ProgressSink | None = None,
     ) -> None:
         self.workflow_id = workflow_id
         self.action_id = action_id
@@ -202,12 +206,19 @@ class ActionContext:
         self._needs: dict[str, NeedResult] | None = None
         self._item: tuple[bool, Any] | None = None
         self._progress = progress
+        self._output = output
         self._log: list[str] = []
         self._log_chars = 0
 
     @classmethod
-    def from_lease(cls, lease: pb.Lease, progress: ProgressSink | None = None) -> ActionContext:
-        """The context of one granted lease; ``progress`` receives its heartbeats."""
+    def from_lease(
+        cls,
+        lease: pb.Lease,
+        progress: ProgressSink | None = None,
+        output: ProgressSink | None = None,
+    ) -> ActionContext:
+        """The context of one granted lease; ``progress`` receives its heartbeats, ``output``
+        its log lines (live logs)."""
         return cls(
             workflow_id=lease.workflow_id,
             action_id=lease.action_id,
@@ -219,6 +230,7 @@ class ActionContext:
             inputs_json=lease.inputs_json,
             input_json=lease.action.input_json,
             progress=progress,
+            output=output,
         )
 
     def _parse(self) -> None:
@@ -268,8 +280,11 @@ class ActionContext:
             self._progress(text)
 
     def log(self, msg: str) -> None:
-        """Adds a line to the attempt's log (reported as its stdout tail, bounded)."""
+        """Adds a line to the attempt's log: followed live (``plait logs -f``) and reported as
+        its stdout tail (bounded). May be called from any thread."""
         line = str(msg)
+        if self._output is not None:
+            self._output(line + "\n")
         self._log.append(line)
         self._log_chars += len(line) + 1
         while self._log_chars > _LOG_TAIL_CHARS and len(self._log) > 1:
@@ -380,9 +395,15 @@ class Worker:
         labels: Mapping[str, str] | None = None,
         resources: Mapping[str, float] | None = None,
         adaptive: bool = False,
+        log_level: int | None = logging.INFO,
         **options: Any,
     ) -> None:
         """Serves the handlers until SIGINT/SIGTERM (graceful drain; a second one stops now).
+
+        It logs what it does through :mod:`logging` (logger ``plait``): the handlers it serves,
+        the coordinator it connected to, reconnects, draining. Unless the program configured
+        logging itself, those lines go to stderr at ``log_level`` (``None``: leave logging
+        alone; :func:`plait.worker.serve.default_logging`).
 
         ``resources`` add to (or override) the detected ``cpu`` and ``memory_mb`` advertised in
         ``Hello.resources``, e.g. ``{"gpu": 2}``. ``adaptive=True`` withholds slots while the
@@ -396,7 +417,10 @@ class Worker:
         ``$PLAIT_TOKEN``, as :class:`plait.Client` does.
         """
         from plait.security import tls_from_env
-        from plait.worker.serve import serve
+        from plait.worker.serve import default_logging, serve
+
+        if log_level is not None:
+            default_logging(log_level)
 
         if "tls" not in options:
             options["tls"] = tls_from_env()
@@ -463,7 +487,20 @@ class HandlerExecutor:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
                 loop.call_soon_threadsafe(ctx.progress, details_json)
 
-        actx = ActionContext.from_lease(lease, progress)
+        sink = attempt_output(ctx)
+        output = None
+        if sink is not None:
+            loop_thread = threading.get_ident()
+
+            def output(text: str) -> None:  # live logs: ctx.log lines, as stdout
+                data = text.encode("utf-8", "replace")
+                if threading.get_ident() == loop_thread:  # an async handler: before its result
+                    sink(STDOUT, data)
+                    return
+                with contextlib.suppress(RuntimeError):  # a sync one: ahead of its result
+                    loop.call_soon_threadsafe(sink, STDOUT, data)
+
+        actx = ActionContext.from_lease(lease, progress, output)
         trace = attempt_trace(ctx)
         otel_ctx = trace.context if trace is not None else None
         fields = attempt_log_fields(lease, trace)

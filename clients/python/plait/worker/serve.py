@@ -32,6 +32,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def default_logging(level: int = logging.INFO) -> None:
+    """Shows Plait's log lines at ``level`` on stderr, unless the program set up logging
+    itself (the root or the ``plait`` logger has a handler): what ``Worker.run`` does, as the
+    entry point of a worker script, so that connecting, reconnecting and draining are seen."""
+    plait_log = logging.getLogger("plait")
+    if logging.getLogger().handlers or plait_log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    plait_log.addHandler(handler)
+    plait_log.setLevel(level)
+
+
 def default_worker_id(hostname: str | None = None) -> str:
     """``<hostname>-<pid>``, made to fit the id rule (:mod:`plait.ids`) whatever the host name."""
     name = socket.gethostname() if hostname is None else hostname
@@ -145,6 +158,16 @@ async def serve(
     )
     if on_session is not None:
         on_session(session)
+    names = sorted({name for w in workers for name in w.handlers})
+    log.info(
+        "worker %s serving %d handler(s)%s%s with %d slot(s); connecting to %s",
+        config.worker_id,
+        len(names),
+        f" ({', '.join(names[:20])}{', ...' if len(names) > 20 else ''})" if names else "",
+        f" and {len(executors)} other executor(s)" if executors else "",
+        config.effective_slots,
+        coordinator,
+    )
     try:
         if install_signal_handlers:
             with drain_on_signals(session):

@@ -20,6 +20,9 @@ The rules it keeps (see docs/workerd.md):
 * **Batching.** Starts and results that happen in one loop turn leave in one message each;
   progress reports (``ActionProgress``, latest details per lease) at most once per
   ``SessionConfig.progress_interval``.
+* **Live logs.** What attempts write goes out in ``ActionLogs``, bounded, at most once per
+  ``plait.live_logs.LOG_INTERVAL``, and a followed stream's rest before its result
+  (:mod:`plait.live_logs`).
 * **Adaptive concurrency.** With ``SessionConfig.adaptive`` set, a :class:`LoadProbe` is read
   every interval and freed slots are withheld while the host is overloaded
   (:mod:`plait.worker.adaptive`); the coordinator only ever sees smaller credits.
@@ -52,6 +55,7 @@ from collections.abc import Sequence
 from plait.clock import Clock, SystemClock
 from plait.durations import from_proto as duration_from_proto
 from plait.hlc import HybridLogicalClock
+from plait.live_logs import LOG_INTERVAL, LiveOutput, logs_messages
 from plait.v1 import worker_service_pb2 as pb
 from plait.worker.adaptive import AdaptiveSlots, Adjustment, LoadProbe, SystemLoadProbe
 from plait.worker.attempts import AttemptBook, AttemptObserver
@@ -131,6 +135,7 @@ class WorkerSession:
             on_finished=self._on_finished,
             flush_soon=self._schedule_flush,
             on_progress=self._on_progress,
+            on_output=self._on_output,
             tracing=tracing,
             observer=observer,
         )
@@ -141,6 +146,9 @@ class WorkerSession:
         self._progress = ProgressThrottle(
             self._clock, config.progress_interval.total_seconds(), self._schedule_flush
         )
+        # Live logs (plait.live_logs): running attempts' output, sent at most once per interval.
+        self._output = LiveOutput()
+        self._output_throttle = ProgressThrottle(self._clock, LOG_INTERVAL, self._schedule_flush)
         # Timing: RELIABILITY.md defaults until the coordinator's Welcome sets them.
         self.heartbeat_interval = 5.0
         self.lease_ttl = 30.0
@@ -283,6 +291,7 @@ class WorkerSession:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             self._progress.cancel()
+            self._output_throttle.cancel()
             if self._book.attempts:
                 self.stop("worker exiting")
                 await self._wait_idle(self.kill_grace + 2.0)
@@ -453,6 +462,7 @@ class WorkerSession:
     # ----------------------------------------------------------------- outgoing batches
 
     def _on_finished(self, result: pb.ActionResult, freed_slots: int) -> None:
+        self._output.finish(result.lease_id)
         credit = 0 if self._draining else self._adaptive.freed(freed_slots)
         self._outbox.finished(result, credit)
         self._schedule_flush()
@@ -487,12 +497,19 @@ class WorkerSession:
         if stream is None:
             # Covered after the next Welcome: Hello.running and the re-send of unacked results.
             self._outbox.forget_reports()
+            self._output.clear()
             return
         started, finished, credit = self._outbox.take(draining=self._draining)
         if started and not finished:
             self._send(stream, pb.ConnectRequest(action_started=pb.ActionStarted(leases=started)))
         if self._outbox.has_progress:
             self._flush_progress(stream)
+        if self._output.final or self._output.waiting:
+            # Before the results: a follower sees a stream's end before the attempt's.
+            loop = self._loop or asyncio.get_running_loop()
+            running = self._output.waiting and self._output_throttle.ready(loop)
+            for msg in logs_messages(self._output.take(running=running)):
+                self._send(stream, msg)
         if finished:
             # The credit rides with the results, so the coordinator can lease the next actions
             # in the same commit (ActionFinished.credit), and so do the starts of queued leases
@@ -503,6 +520,10 @@ class WorkerSession:
 
     def _on_progress(self, report: pb.LeaseProgress) -> None:
         self._outbox.progress(report)
+        self._schedule_flush()
+
+    def _on_output(self, lease_id: str, token: int, stream: int, data: bytes) -> None:
+        self._output.add(lease_id, token, stream, data)
         self._schedule_flush()
 
     def _flush_progress(self, stream: ConnectStream) -> None:

@@ -20,7 +20,7 @@ import {
 import { Duration } from "../../google/protobuf/duration";
 import { Status } from "../../google/rpc/status";
 import { HlcTimestamp } from "./hlc";
-import { ActionSpec } from "./workflow";
+import { ActionSpec, LogChunk } from "./workflow";
 
 export const protobufPackage = "plait.v1";
 
@@ -182,7 +182,37 @@ export interface ConnectRequest {
     | //
     /** Progress reports of running attempts (handlers calling heartbeat(details)). */
     { $case: "actionProgress"; value: ActionProgress }
+    | //
+    /**
+     * Output of running attempts (live logs). Optional: a worker that never sends it is
+     * conformant (its attempts' output is then seen only in the result's tails).
+     */
+    { $case: "actionLogs"; value: ActionLogs }
     | undefined;
+}
+
+/** LeaseLogs is output one running attempt wrote since the worker last sent its output. */
+export interface LeaseLogs {
+  /** Set by the worker: the lease. */
+  leaseId: string;
+  /**
+   * Set by the worker: its fencing token; output of a lease this session does not hold (a
+   * superseded token: a zombie) is refused like a start report (Ack.refused).
+   */
+  fencingToken: bigint;
+  /** Set by the worker: the output, per stream in offset order (each chunk at most 64 KiB). */
+  chunks: LogChunk[];
+}
+
+/**
+ * ActionLogs carries running attempts' output. The coordinator keeps it in memory only, a
+ * bounded window per attempt, for FollowActionLogs; it is never journalled (the result's tails
+ * are what stays). A worker should coalesce output into at most a few of these per second and
+ * send an attempt's remaining output before its result (docs/protocol.md, "Live logs").
+ */
+export interface ActionLogs {
+  /** Set by the worker: one entry per attempt. */
+  leases: LeaseLogs[];
 }
 
 /** LeaseProgress is one attempt's progress report. */
@@ -564,8 +594,8 @@ export interface Ack {
    */
   heartbeatSequence: bigint;
   /**
-   * Set by the coordinator: ActionStarted and ActionProgress reports it refused, one per
-   * lease: FAILED_PRECONDITION with a google.rpc.ErrorInfo (domain "plait.dev", reason
+   * Set by the coordinator: ActionStarted, ActionProgress and ActionLogs reports it refused, one
+   * per lease: FAILED_PRECONDITION with a google.rpc.ErrorInfo (domain "plait.dev", reason
    * LEASE_NOT_HELD, metadata lease_id and holder) when this session does not hold the lease.
    * Nothing is journalled for them; the worker should stop the attempt if it runs one.
    */
@@ -608,6 +638,9 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
         break;
       case "actionProgress":
         ActionProgress.encode(message.message.value, writer.uint32(66).fork()).join();
+        break;
+      case "actionLogs":
+        ActionLogs.encode(message.message.value, writer.uint32(74).fork()).join();
         break;
     }
     return writer;
@@ -690,6 +723,14 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
             message.message = { $case: "actionProgress", value: ActionProgress.decode(reader, reader.uint32()) };
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.message = { $case: "actionLogs", value: ActionLogs.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -725,6 +766,10 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
         ? { $case: "actionProgress", value: ActionProgress.fromJSON(object.actionProgress) }
         : isSet(object.action_progress)
         ? { $case: "actionProgress", value: ActionProgress.fromJSON(object.action_progress) }
+        : isSet(object.actionLogs)
+        ? { $case: "actionLogs", value: ActionLogs.fromJSON(object.actionLogs) }
+        : isSet(object.action_logs)
+        ? { $case: "actionLogs", value: ActionLogs.fromJSON(object.action_logs) }
         : undefined,
     };
   },
@@ -748,6 +793,8 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
       obj.goodbye = Goodbye.toJSON(message.message.value);
     } else if (message.message?.$case === "actionProgress") {
       obj.actionProgress = ActionProgress.toJSON(message.message.value);
+    } else if (message.message?.$case === "actionLogs") {
+      obj.actionLogs = ActionLogs.toJSON(message.message.value);
     }
     return obj;
   },
@@ -801,7 +848,196 @@ export const ConnectRequest: MessageFns<ConnectRequest> = {
         }
         break;
       }
+      case "actionLogs": {
+        if (object.message?.value !== undefined && object.message?.value !== null) {
+          message.message = { $case: "actionLogs", value: ActionLogs.fromPartial(object.message.value) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseLeaseLogs(): LeaseLogs {
+  return { leaseId: "", fencingToken: 0n, chunks: [] };
+}
+
+export const LeaseLogs: MessageFns<LeaseLogs> = {
+  encode(message: LeaseLogs, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.leaseId !== "") {
+      writer.uint32(10).string(message.leaseId);
+    }
+    if (message.fencingToken !== 0n) {
+      if (BigInt.asUintN(64, message.fencingToken) !== message.fencingToken) {
+        throw new globalThis.Error("value provided for field message.fencingToken of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.fencingToken);
+    }
+    for (const v of message.chunks) {
+      LogChunk.encode(v!, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LeaseLogs {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLeaseLogs();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.leaseId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.fencingToken = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.chunks.push(LogChunk.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LeaseLogs {
+    return {
+      leaseId: isSet(object.leaseId)
+        ? globalThis.String(object.leaseId)
+        : isSet(object.lease_id)
+        ? globalThis.String(object.lease_id)
+        : "",
+      fencingToken: isSet(object.fencingToken)
+        ? BigInt(object.fencingToken)
+        : isSet(object.fencing_token)
+        ? BigInt(object.fencing_token)
+        : 0n,
+      chunks: globalThis.Array.isArray(object?.chunks) ? object.chunks.map((e: any) => LogChunk.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: LeaseLogs): unknown {
+    const obj: any = {};
+    if (message.leaseId !== "") {
+      obj.leaseId = message.leaseId;
+    }
+    if (message.fencingToken !== 0n) {
+      obj.fencingToken = message.fencingToken.toString();
+    }
+    if (message.chunks?.length) {
+      obj.chunks = message.chunks.map((e) => LogChunk.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LeaseLogs>, I>>(base?: I): LeaseLogs {
+    return LeaseLogs.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LeaseLogs>, I>>(object: I): LeaseLogs {
+    const message = createBaseLeaseLogs();
+    message.leaseId = object.leaseId ?? "";
+    message.fencingToken = (object.fencingToken !== undefined && object.fencingToken !== null)
+      ? BigInt(object.fencingToken)
+      : 0n;
+    message.chunks = object.chunks?.map((e) => LogChunk.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseActionLogs(): ActionLogs {
+  return { leases: [] };
+}
+
+export const ActionLogs: MessageFns<ActionLogs> = {
+  encode(message: ActionLogs, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.leases) {
+      LeaseLogs.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ActionLogs {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseActionLogs();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.leases.push(LeaseLogs.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ActionLogs {
+    return {
+      leases: globalThis.Array.isArray(object?.leases) ? object.leases.map((e: any) => LeaseLogs.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: ActionLogs): unknown {
+    const obj: any = {};
+    if (message.leases?.length) {
+      obj.leases = message.leases.map((e) => LeaseLogs.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ActionLogs>, I>>(base?: I): ActionLogs {
+    return ActionLogs.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ActionLogs>, I>>(object: I): ActionLogs {
+    const message = createBaseActionLogs();
+    message.leases = object.leases?.map((e) => LeaseLogs.fromPartial(e)) || [];
     return message;
   },
 };

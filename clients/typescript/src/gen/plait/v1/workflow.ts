@@ -563,6 +563,48 @@ export function eventReasonToJSON(object: EventReason): string {
   }
 }
 
+/** LogStream names one of an attempt's output streams. */
+export enum LogStream {
+  LOG_STREAM_UNSPECIFIED = 0,
+  /** LOG_STREAM_STDOUT - Standard output (an SDK handler's `ctx.log` lines). */
+  LOG_STREAM_STDOUT = 1,
+  /** LOG_STREAM_STDERR - Standard error. */
+  LOG_STREAM_STDERR = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function logStreamFromJSON(object: any): LogStream {
+  switch (object) {
+    case 0:
+    case "LOG_STREAM_UNSPECIFIED":
+      return LogStream.LOG_STREAM_UNSPECIFIED;
+    case 1:
+    case "LOG_STREAM_STDOUT":
+      return LogStream.LOG_STREAM_STDOUT;
+    case 2:
+    case "LOG_STREAM_STDERR":
+      return LogStream.LOG_STREAM_STDERR;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return LogStream.UNRECOGNIZED;
+  }
+}
+
+export function logStreamToJSON(object: LogStream): string {
+  switch (object) {
+    case LogStream.LOG_STREAM_UNSPECIFIED:
+      return "LOG_STREAM_UNSPECIFIED";
+    case LogStream.LOG_STREAM_STDOUT:
+      return "LOG_STREAM_STDOUT";
+    case LogStream.LOG_STREAM_STDERR:
+      return "LOG_STREAM_STDERR";
+    case LogStream.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /**
  * JoinPolicy is how an action joins its needs. Whatever the policy, the action receives every
  * need's outcome (state, outputs, error) in its inputs, so partial success is explicit.
@@ -880,9 +922,22 @@ export interface WorkflowSpec {
     | undefined;
   /** Set by the submitter: default priority of its actions. */
   priority: number;
+  /**
+   * Set by the submitter: environment variables of every exec action and exec pipeline stage,
+   * beneath each one's own: a key the action sets in `env` or names in `secrets` keeps the
+   * action's. Sent once per workflow instead of once per action (the YAML loader puts
+   * PLAIT_WORKFLOW_DIR here); the coordinator adds it to each exec lease's `action.env`. Bounded
+   * by max_env and max_env_bytes, as an action's env is.
+   */
+  env: { [key: string]: string };
 }
 
 export interface WorkflowSpec_LabelsEntry {
+  key: string;
+  value: string;
+}
+
+export interface WorkflowSpec_EnvEntry {
   key: string;
   value: string;
 }
@@ -920,6 +975,19 @@ export interface ActionStatus {
   outputsTruncated: boolean;
   /** Size of the committed outputs in bytes (UTF-8), whether or not they are included. */
   outputsBytes: bigint;
+  /**
+   * Set by the coordinator, for display only: wall time the current (or last) attempt started
+   * (a map or pipeline: when its list was read); unset before that, and once a retry resets the
+   * action (a map keeps its own).
+   */
+  startedAt:
+    | Date
+    | undefined;
+  /**
+   * Set by the coordinator, for display only: wall time the action reached its terminal state;
+   * unset while it is not terminal.
+   */
+  finishedAt: Date | undefined;
 }
 
 /** WorkflowStatus is the coordinator's view of one workflow. */
@@ -1008,7 +1076,10 @@ export interface HistoryEvent {
     | undefined;
   /** Outputs (JSON object) of a SUCCEEDED action. */
   outputsJson: string;
-  /** The spec, on EVENT_TYPE_WORKFLOW_SUBMITTED only. */
+  /**
+   * The spec, on EVENT_TYPE_WORKFLOW_SUBMITTED only; left out of WatchWorkflow's answers when
+   * the event would not fit one message (a spec that came in pieces: SubmitWorkflowStream).
+   */
   spec:
     | WorkflowSpec
     | undefined;
@@ -1043,6 +1114,24 @@ export interface HistoryEvent {
   errorType: string;
   /** The submitter's W3C traceparent, on EVENT_TYPE_WORKFLOW_SUBMITTED when one was given. */
   traceparent: string;
+}
+
+/** LogChunk is a piece of a running attempt's output (live logs: never journalled). */
+export interface LogChunk {
+  /** Set by the worker: the stream. */
+  stream: LogStream;
+  /**
+   * Set by the worker: where `data` starts in the stream, in bytes since the attempt started
+   * (after secrets are redacted). A stream's chunks follow each other without overlap; a gap
+   * (this offset past the end of the previous chunk) is output that was dropped: written faster
+   * than the worker's rate limit, or older than the coordinator keeps.
+   */
+  offset: bigint;
+  /**
+   * Set by the worker: the bytes as written (at most 64 KiB; may start or end inside a UTF-8
+   * character).
+   */
+  data: Buffer;
 }
 
 function createBaseJoinPolicy(): JoinPolicy {
@@ -3085,6 +3174,7 @@ function createBaseWorkflowSpec(): WorkflowSpec {
     maxParallel: 0,
     deadline: undefined,
     priority: 0,
+    env: {},
   };
 }
 
@@ -3114,6 +3204,9 @@ export const WorkflowSpec: MessageFns<WorkflowSpec> = {
     if (message.priority !== 0) {
       writer.uint32(64).int32(message.priority);
     }
+    globalThis.Object.entries(message.env).forEach(([key, value]: [string, string]) => {
+      WorkflowSpec_EnvEntry.encode({ key: key as any, value }, writer.uint32(74).fork()).join();
+    });
     return writer;
   },
 
@@ -3197,6 +3290,17 @@ export const WorkflowSpec: MessageFns<WorkflowSpec> = {
             message.priority = reader.int32();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            const entry9 = WorkflowSpec_EnvEntry.decode(reader, reader.uint32());
+            if (entry9.value !== undefined) {
+              message.env[entry9.key] = entry9.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3240,6 +3344,20 @@ export const WorkflowSpec: MessageFns<WorkflowSpec> = {
         : 0,
       deadline: isSet(object.deadline) ? Duration.fromJSON(object.deadline) : undefined,
       priority: isSet(object.priority) ? globalThis.Number(object.priority) : 0,
+      env: isObject(object.env)
+        ? (globalThis.Object.entries(object.env) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -3275,6 +3393,15 @@ export const WorkflowSpec: MessageFns<WorkflowSpec> = {
     if (message.priority !== 0) {
       obj.priority = Math.round(message.priority);
     }
+    if (message.env) {
+      const entries = globalThis.Object.entries(message.env) as [string, string][];
+      if (entries.length > 0) {
+        obj.env = {};
+        entries.forEach(([k, v]) => {
+          obj.env[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -3303,6 +3430,15 @@ export const WorkflowSpec: MessageFns<WorkflowSpec> = {
       ? Duration.fromPartial(object.deadline)
       : undefined;
     message.priority = object.priority ?? 0;
+    message.env = (globalThis.Object.entries(object.env ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
     return message;
   },
 };
@@ -3392,6 +3528,91 @@ export const WorkflowSpec_LabelsEntry: MessageFns<WorkflowSpec_LabelsEntry> = {
   },
 };
 
+function createBaseWorkflowSpec_EnvEntry(): WorkflowSpec_EnvEntry {
+  return { key: "", value: "" };
+}
+
+export const WorkflowSpec_EnvEntry: MessageFns<WorkflowSpec_EnvEntry> = {
+  encode(message: WorkflowSpec_EnvEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): WorkflowSpec_EnvEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWorkflowSpec_EnvEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): WorkflowSpec_EnvEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: WorkflowSpec_EnvEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<WorkflowSpec_EnvEntry>, I>>(base?: I): WorkflowSpec_EnvEntry {
+    return WorkflowSpec_EnvEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<WorkflowSpec_EnvEntry>, I>>(object: I): WorkflowSpec_EnvEntry {
+    const message = createBaseWorkflowSpec_EnvEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
 function createBaseActionStatus(): ActionStatus {
   return {
     actionId: "",
@@ -3407,6 +3628,8 @@ function createBaseActionStatus(): ActionStatus {
     parentId: "",
     outputsTruncated: false,
     outputsBytes: 0n,
+    startedAt: undefined,
+    finishedAt: undefined,
   };
 }
 
@@ -3456,6 +3679,12 @@ export const ActionStatus: MessageFns<ActionStatus> = {
         throw new globalThis.Error("value provided for field message.outputsBytes of type uint64 too large");
       }
       writer.uint32(104).uint64(message.outputsBytes);
+    }
+    if (message.startedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.startedAt), writer.uint32(114).fork()).join();
+    }
+    if (message.finishedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.finishedAt), writer.uint32(122).fork()).join();
     }
     return writer;
   },
@@ -3577,6 +3806,22 @@ export const ActionStatus: MessageFns<ActionStatus> = {
             message.outputsBytes = reader.uint64() as bigint;
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.startedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.finishedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3640,6 +3885,16 @@ export const ActionStatus: MessageFns<ActionStatus> = {
         : isSet(object.outputs_bytes)
         ? BigInt(object.outputs_bytes)
         : 0n,
+      startedAt: isSet(object.startedAt)
+        ? fromJsonTimestamp(object.startedAt)
+        : isSet(object.started_at)
+        ? fromJsonTimestamp(object.started_at)
+        : undefined,
+      finishedAt: isSet(object.finishedAt)
+        ? fromJsonTimestamp(object.finishedAt)
+        : isSet(object.finished_at)
+        ? fromJsonTimestamp(object.finished_at)
+        : undefined,
     };
   },
 
@@ -3684,6 +3939,12 @@ export const ActionStatus: MessageFns<ActionStatus> = {
     if (message.outputsBytes !== 0n) {
       obj.outputsBytes = message.outputsBytes.toString();
     }
+    if (message.startedAt !== undefined) {
+      obj.startedAt = message.startedAt.toISOString();
+    }
+    if (message.finishedAt !== undefined) {
+      obj.finishedAt = message.finishedAt.toISOString();
+    }
     return obj;
   },
 
@@ -3711,6 +3972,8 @@ export const ActionStatus: MessageFns<ActionStatus> = {
     message.outputsBytes = (object.outputsBytes !== undefined && object.outputsBytes !== null)
       ? BigInt(object.outputsBytes)
       : 0n;
+    message.startedAt = object.startedAt ?? undefined;
+    message.finishedAt = object.finishedAt ?? undefined;
     return message;
   },
 };
@@ -4710,6 +4973,118 @@ export const HistoryEvent: MessageFns<HistoryEvent> = {
     return message;
   },
 };
+
+function createBaseLogChunk(): LogChunk {
+  return { stream: 0, offset: 0n, data: Buffer.alloc(0) };
+}
+
+export const LogChunk: MessageFns<LogChunk> = {
+  encode(message: LogChunk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.stream !== 0) {
+      writer.uint32(8).int32(message.stream);
+    }
+    if (message.offset !== 0n) {
+      if (BigInt.asUintN(64, message.offset) !== message.offset) {
+        throw new globalThis.Error("value provided for field message.offset of type uint64 too large");
+      }
+      writer.uint32(16).uint64(message.offset);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(26).bytes(message.data);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LogChunk {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLogChunk();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.stream = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.offset = reader.uint64() as bigint;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LogChunk {
+    return {
+      stream: isSet(object.stream) ? logStreamFromJSON(object.stream) : 0,
+      offset: isSet(object.offset) ? BigInt(object.offset) : 0n,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: LogChunk): unknown {
+    const obj: any = {};
+    if (message.stream !== 0) {
+      obj.stream = logStreamToJSON(message.stream);
+    }
+    if (message.offset !== 0n) {
+      obj.offset = message.offset.toString();
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LogChunk>, I>>(base?: I): LogChunk {
+    return LogChunk.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LogChunk>, I>>(object: I): LogChunk {
+    const message = createBaseLogChunk();
+    message.stream = object.stream ?? 0;
+    message.offset = (object.offset !== undefined && object.offset !== null) ? BigInt(object.offset) : 0n;
+    message.data = object.data ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
   return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;

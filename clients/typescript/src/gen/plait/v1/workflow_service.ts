@@ -13,6 +13,8 @@ import {
   type ClientOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
+  type ClientWritableStream,
+  type handleClientStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
@@ -26,6 +28,7 @@ import {
   actionStateFromJSON,
   actionStateToJSON,
   HistoryEvent,
+  LogChunk,
   WorkflowSpec,
   WorkflowState,
   workflowStateFromJSON,
@@ -72,6 +75,35 @@ export interface SubmitWorkflowResponse {
   created: boolean;
 }
 
+/** SubmitWorkflowStreamRequest is one message of a streamed submission. */
+export interface SubmitWorkflowStreamRequest {
+  /**
+   * Set by the client on the first message only: the submission, its `spec` left empty (the
+   * spec travels in `spec_chunk`): hlc, idempotency_key, traceparent. Ignored on later
+   * messages.
+   */
+  header:
+    | SubmitWorkflowRequest
+    | undefined;
+  /**
+   * Set by the client: the next piece of the serialized WorkflowSpec (pieces are concatenated
+   * in order; at most 1 MiB each by convention, and always within the message limit).
+   */
+  specChunk: Buffer;
+}
+
+/** SubmitWorkflowStreamResponse names the workflow, as SubmitWorkflowResponse does. */
+export interface SubmitWorkflowStreamResponse {
+  /** Set by the coordinator: its HLC reading. */
+  hlc:
+    | HlcTimestamp
+    | undefined;
+  /** The workflow's id. */
+  workflowId: string;
+  /** False when the idempotency key matched an existing workflow. */
+  created: boolean;
+}
+
 /** GetWorkflowRequest asks for one workflow, or one page of its actions. */
 export interface GetWorkflowRequest {
   /** Set by the client: its HLC reading. */
@@ -87,6 +119,12 @@ export interface GetWorkflowRequest {
   pageSize: number;
   /** Set by the client: a previous response's next_page_token (empty: from the first action). */
   pageToken: string;
+  /**
+   * Set by the client (optional): only actions in one of these states (empty: every action).
+   * Pages are still positions in the workflow's action order: a page holds the matching
+   * actions from its token on, and action_counts always describes the whole workflow.
+   */
+  states: ActionState[];
 }
 
 /** GetWorkflowResponse holds the workflow's status and one page of its actions. */
@@ -240,6 +278,54 @@ export interface GetActionLogsResponse {
     | undefined;
   /** One entry per attempt that reported a result, oldest first. */
   attempts: AttemptLogs[];
+}
+
+/** FollowActionLogsRequest asks for one attempt's output as it is written. */
+export interface FollowActionLogsRequest {
+  /** Set by the client: its HLC reading. */
+  hlc:
+    | HlcTimestamp
+    | undefined;
+  /** The workflow's id. */
+  workflowId: string;
+  /** The action's id. */
+  actionId: string;
+  /**
+   * Set by the client (optional): the attempt to follow, from 1; 0: the one running now, else
+   * the next one to start (or, for an action that has ended, its last).
+   */
+  attempt: number;
+  /** Set by the client (optional): skip stdout before this byte offset (to resume a stream). */
+  stdoutOffset: bigint;
+  /** Set by the client (optional): skip stderr before this byte offset. */
+  stderrOffset: bigint;
+}
+
+/** FollowActionLogsResponse carries output of the attempt followed. */
+export interface FollowActionLogsResponse {
+  /** Set by the coordinator: its HLC reading. */
+  hlc:
+    | HlcTimestamp
+    | undefined;
+  /** The attempt followed (0 only on a last message when the action ended without running). */
+  attempt: number;
+  /** Its fencing token. */
+  fencingToken: bigint;
+  /** The worker that runs (ran) it. */
+  workerId: string;
+  /** Output in the order it was written, per stream (see LogChunk.offset for gaps). */
+  chunks: LogChunk[];
+  /** Set on the last message: the attempt has ended. */
+  ended: boolean;
+  /** On the last message, when the attempt reported a result: its journalled tails and state. */
+  tails:
+    | AttemptLogs
+    | undefined;
+  /**
+   * On the last message: the action's state then. Not terminal: another attempt follows
+   * (follow it with `attempt` one higher).
+   */
+  actionState: ActionState;
 }
 
 /** GetActionOutputsRequest asks for one chunk of an action's outputs. */
@@ -504,8 +590,204 @@ export const SubmitWorkflowResponse: MessageFns<SubmitWorkflowResponse> = {
   },
 };
 
+function createBaseSubmitWorkflowStreamRequest(): SubmitWorkflowStreamRequest {
+  return { header: undefined, specChunk: Buffer.alloc(0) };
+}
+
+export const SubmitWorkflowStreamRequest: MessageFns<SubmitWorkflowStreamRequest> = {
+  encode(message: SubmitWorkflowStreamRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.header !== undefined) {
+      SubmitWorkflowRequest.encode(message.header, writer.uint32(10).fork()).join();
+    }
+    if (message.specChunk.length !== 0) {
+      writer.uint32(18).bytes(message.specChunk);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SubmitWorkflowStreamRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSubmitWorkflowStreamRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.header = SubmitWorkflowRequest.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.specChunk = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SubmitWorkflowStreamRequest {
+    return {
+      header: isSet(object.header) ? SubmitWorkflowRequest.fromJSON(object.header) : undefined,
+      specChunk: isSet(object.specChunk)
+        ? Buffer.from(bytesFromBase64(object.specChunk))
+        : isSet(object.spec_chunk)
+        ? Buffer.from(bytesFromBase64(object.spec_chunk))
+        : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: SubmitWorkflowStreamRequest): unknown {
+    const obj: any = {};
+    if (message.header !== undefined) {
+      obj.header = SubmitWorkflowRequest.toJSON(message.header);
+    }
+    if (message.specChunk.length !== 0) {
+      obj.specChunk = base64FromBytes(message.specChunk);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SubmitWorkflowStreamRequest>, I>>(base?: I): SubmitWorkflowStreamRequest {
+    return SubmitWorkflowStreamRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SubmitWorkflowStreamRequest>, I>>(object: I): SubmitWorkflowStreamRequest {
+    const message = createBaseSubmitWorkflowStreamRequest();
+    message.header = (object.header !== undefined && object.header !== null)
+      ? SubmitWorkflowRequest.fromPartial(object.header)
+      : undefined;
+    message.specChunk = object.specChunk ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseSubmitWorkflowStreamResponse(): SubmitWorkflowStreamResponse {
+  return { hlc: undefined, workflowId: "", created: false };
+}
+
+export const SubmitWorkflowStreamResponse: MessageFns<SubmitWorkflowStreamResponse> = {
+  encode(message: SubmitWorkflowStreamResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.hlc !== undefined) {
+      HlcTimestamp.encode(message.hlc, writer.uint32(10).fork()).join();
+    }
+    if (message.workflowId !== "") {
+      writer.uint32(18).string(message.workflowId);
+    }
+    if (message.created !== false) {
+      writer.uint32(24).bool(message.created);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SubmitWorkflowStreamResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSubmitWorkflowStreamResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.hlc = HlcTimestamp.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.workflowId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.created = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SubmitWorkflowStreamResponse {
+    return {
+      hlc: isSet(object.hlc) ? HlcTimestamp.fromJSON(object.hlc) : undefined,
+      workflowId: isSet(object.workflowId)
+        ? globalThis.String(object.workflowId)
+        : isSet(object.workflow_id)
+        ? globalThis.String(object.workflow_id)
+        : "",
+      created: isSet(object.created) ? globalThis.Boolean(object.created) : false,
+    };
+  },
+
+  toJSON(message: SubmitWorkflowStreamResponse): unknown {
+    const obj: any = {};
+    if (message.hlc !== undefined) {
+      obj.hlc = HlcTimestamp.toJSON(message.hlc);
+    }
+    if (message.workflowId !== "") {
+      obj.workflowId = message.workflowId;
+    }
+    if (message.created !== false) {
+      obj.created = message.created;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SubmitWorkflowStreamResponse>, I>>(base?: I): SubmitWorkflowStreamResponse {
+    return SubmitWorkflowStreamResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SubmitWorkflowStreamResponse>, I>>(object: I): SubmitWorkflowStreamResponse {
+    const message = createBaseSubmitWorkflowStreamResponse();
+    message.hlc = (object.hlc !== undefined && object.hlc !== null) ? HlcTimestamp.fromPartial(object.hlc) : undefined;
+    message.workflowId = object.workflowId ?? "";
+    message.created = object.created ?? false;
+    return message;
+  },
+};
+
 function createBaseGetWorkflowRequest(): GetWorkflowRequest {
-  return { hlc: undefined, workflowId: "", pageSize: 0, pageToken: "" };
+  return { hlc: undefined, workflowId: "", pageSize: 0, pageToken: "", states: [] };
 }
 
 export const GetWorkflowRequest: MessageFns<GetWorkflowRequest> = {
@@ -521,6 +803,13 @@ export const GetWorkflowRequest: MessageFns<GetWorkflowRequest> = {
     }
     if (message.pageToken !== "") {
       writer.uint32(34).string(message.pageToken);
+    }
+    if (message.states.length !== 0) {
+      writer.uint32(42).fork();
+      for (const v of message.states) {
+        writer.int32(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -570,6 +859,24 @@ export const GetWorkflowRequest: MessageFns<GetWorkflowRequest> = {
             message.pageToken = reader.string();
             continue;
           }
+          case 5: {
+            if (tag === 40) {
+              message.states.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 42) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.states.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -600,6 +907,7 @@ export const GetWorkflowRequest: MessageFns<GetWorkflowRequest> = {
         : isSet(object.page_token)
         ? globalThis.String(object.page_token)
         : "",
+      states: globalThis.Array.isArray(object?.states) ? object.states.map((e: any) => actionStateFromJSON(e)) : [],
     };
   },
 
@@ -617,6 +925,9 @@ export const GetWorkflowRequest: MessageFns<GetWorkflowRequest> = {
     if (message.pageToken !== "") {
       obj.pageToken = message.pageToken;
     }
+    if (message.states?.length) {
+      obj.states = message.states.map((e) => actionStateToJSON(e));
+    }
     return obj;
   },
 
@@ -629,6 +940,7 @@ export const GetWorkflowRequest: MessageFns<GetWorkflowRequest> = {
     message.workflowId = object.workflowId ?? "";
     message.pageSize = object.pageSize ?? 0;
     message.pageToken = object.pageToken ?? "";
+    message.states = object.states?.map((e) => e) || [];
     return message;
   },
 };
@@ -1921,6 +2233,390 @@ export const GetActionLogsResponse: MessageFns<GetActionLogsResponse> = {
   },
 };
 
+function createBaseFollowActionLogsRequest(): FollowActionLogsRequest {
+  return { hlc: undefined, workflowId: "", actionId: "", attempt: 0, stdoutOffset: 0n, stderrOffset: 0n };
+}
+
+export const FollowActionLogsRequest: MessageFns<FollowActionLogsRequest> = {
+  encode(message: FollowActionLogsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.hlc !== undefined) {
+      HlcTimestamp.encode(message.hlc, writer.uint32(10).fork()).join();
+    }
+    if (message.workflowId !== "") {
+      writer.uint32(18).string(message.workflowId);
+    }
+    if (message.actionId !== "") {
+      writer.uint32(26).string(message.actionId);
+    }
+    if (message.attempt !== 0) {
+      writer.uint32(32).uint32(message.attempt);
+    }
+    if (message.stdoutOffset !== 0n) {
+      if (BigInt.asUintN(64, message.stdoutOffset) !== message.stdoutOffset) {
+        throw new globalThis.Error("value provided for field message.stdoutOffset of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.stdoutOffset);
+    }
+    if (message.stderrOffset !== 0n) {
+      if (BigInt.asUintN(64, message.stderrOffset) !== message.stderrOffset) {
+        throw new globalThis.Error("value provided for field message.stderrOffset of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.stderrOffset);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FollowActionLogsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFollowActionLogsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.hlc = HlcTimestamp.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.workflowId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.actionId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.attempt = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.stdoutOffset = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.stderrOffset = reader.uint64() as bigint;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FollowActionLogsRequest {
+    return {
+      hlc: isSet(object.hlc) ? HlcTimestamp.fromJSON(object.hlc) : undefined,
+      workflowId: isSet(object.workflowId)
+        ? globalThis.String(object.workflowId)
+        : isSet(object.workflow_id)
+        ? globalThis.String(object.workflow_id)
+        : "",
+      actionId: isSet(object.actionId)
+        ? globalThis.String(object.actionId)
+        : isSet(object.action_id)
+        ? globalThis.String(object.action_id)
+        : "",
+      attempt: isSet(object.attempt) ? globalThis.Number(object.attempt) : 0,
+      stdoutOffset: isSet(object.stdoutOffset)
+        ? BigInt(object.stdoutOffset)
+        : isSet(object.stdout_offset)
+        ? BigInt(object.stdout_offset)
+        : 0n,
+      stderrOffset: isSet(object.stderrOffset)
+        ? BigInt(object.stderrOffset)
+        : isSet(object.stderr_offset)
+        ? BigInt(object.stderr_offset)
+        : 0n,
+    };
+  },
+
+  toJSON(message: FollowActionLogsRequest): unknown {
+    const obj: any = {};
+    if (message.hlc !== undefined) {
+      obj.hlc = HlcTimestamp.toJSON(message.hlc);
+    }
+    if (message.workflowId !== "") {
+      obj.workflowId = message.workflowId;
+    }
+    if (message.actionId !== "") {
+      obj.actionId = message.actionId;
+    }
+    if (message.attempt !== 0) {
+      obj.attempt = Math.round(message.attempt);
+    }
+    if (message.stdoutOffset !== 0n) {
+      obj.stdoutOffset = message.stdoutOffset.toString();
+    }
+    if (message.stderrOffset !== 0n) {
+      obj.stderrOffset = message.stderrOffset.toString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FollowActionLogsRequest>, I>>(base?: I): FollowActionLogsRequest {
+    return FollowActionLogsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FollowActionLogsRequest>, I>>(object: I): FollowActionLogsRequest {
+    const message = createBaseFollowActionLogsRequest();
+    message.hlc = (object.hlc !== undefined && object.hlc !== null) ? HlcTimestamp.fromPartial(object.hlc) : undefined;
+    message.workflowId = object.workflowId ?? "";
+    message.actionId = object.actionId ?? "";
+    message.attempt = object.attempt ?? 0;
+    message.stdoutOffset = (object.stdoutOffset !== undefined && object.stdoutOffset !== null)
+      ? BigInt(object.stdoutOffset)
+      : 0n;
+    message.stderrOffset = (object.stderrOffset !== undefined && object.stderrOffset !== null)
+      ? BigInt(object.stderrOffset)
+      : 0n;
+    return message;
+  },
+};
+
+function createBaseFollowActionLogsResponse(): FollowActionLogsResponse {
+  return {
+    hlc: undefined,
+    attempt: 0,
+    fencingToken: 0n,
+    workerId: "",
+    chunks: [],
+    ended: false,
+    tails: undefined,
+    actionState: 0,
+  };
+}
+
+export const FollowActionLogsResponse: MessageFns<FollowActionLogsResponse> = {
+  encode(message: FollowActionLogsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.hlc !== undefined) {
+      HlcTimestamp.encode(message.hlc, writer.uint32(10).fork()).join();
+    }
+    if (message.attempt !== 0) {
+      writer.uint32(16).uint32(message.attempt);
+    }
+    if (message.fencingToken !== 0n) {
+      if (BigInt.asUintN(64, message.fencingToken) !== message.fencingToken) {
+        throw new globalThis.Error("value provided for field message.fencingToken of type uint64 too large");
+      }
+      writer.uint32(24).uint64(message.fencingToken);
+    }
+    if (message.workerId !== "") {
+      writer.uint32(34).string(message.workerId);
+    }
+    for (const v of message.chunks) {
+      LogChunk.encode(v!, writer.uint32(42).fork()).join();
+    }
+    if (message.ended !== false) {
+      writer.uint32(48).bool(message.ended);
+    }
+    if (message.tails !== undefined) {
+      AttemptLogs.encode(message.tails, writer.uint32(58).fork()).join();
+    }
+    if (message.actionState !== 0) {
+      writer.uint32(64).int32(message.actionState);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FollowActionLogsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFollowActionLogsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.hlc = HlcTimestamp.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.attempt = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.fencingToken = reader.uint64() as bigint;
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.workerId = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.chunks.push(LogChunk.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.ended = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.tails = AttemptLogs.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.actionState = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FollowActionLogsResponse {
+    return {
+      hlc: isSet(object.hlc) ? HlcTimestamp.fromJSON(object.hlc) : undefined,
+      attempt: isSet(object.attempt) ? globalThis.Number(object.attempt) : 0,
+      fencingToken: isSet(object.fencingToken)
+        ? BigInt(object.fencingToken)
+        : isSet(object.fencing_token)
+        ? BigInt(object.fencing_token)
+        : 0n,
+      workerId: isSet(object.workerId)
+        ? globalThis.String(object.workerId)
+        : isSet(object.worker_id)
+        ? globalThis.String(object.worker_id)
+        : "",
+      chunks: globalThis.Array.isArray(object?.chunks) ? object.chunks.map((e: any) => LogChunk.fromJSON(e)) : [],
+      ended: isSet(object.ended) ? globalThis.Boolean(object.ended) : false,
+      tails: isSet(object.tails) ? AttemptLogs.fromJSON(object.tails) : undefined,
+      actionState: isSet(object.actionState)
+        ? actionStateFromJSON(object.actionState)
+        : isSet(object.action_state)
+        ? actionStateFromJSON(object.action_state)
+        : 0,
+    };
+  },
+
+  toJSON(message: FollowActionLogsResponse): unknown {
+    const obj: any = {};
+    if (message.hlc !== undefined) {
+      obj.hlc = HlcTimestamp.toJSON(message.hlc);
+    }
+    if (message.attempt !== 0) {
+      obj.attempt = Math.round(message.attempt);
+    }
+    if (message.fencingToken !== 0n) {
+      obj.fencingToken = message.fencingToken.toString();
+    }
+    if (message.workerId !== "") {
+      obj.workerId = message.workerId;
+    }
+    if (message.chunks?.length) {
+      obj.chunks = message.chunks.map((e) => LogChunk.toJSON(e));
+    }
+    if (message.ended !== false) {
+      obj.ended = message.ended;
+    }
+    if (message.tails !== undefined) {
+      obj.tails = AttemptLogs.toJSON(message.tails);
+    }
+    if (message.actionState !== 0) {
+      obj.actionState = actionStateToJSON(message.actionState);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FollowActionLogsResponse>, I>>(base?: I): FollowActionLogsResponse {
+    return FollowActionLogsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FollowActionLogsResponse>, I>>(object: I): FollowActionLogsResponse {
+    const message = createBaseFollowActionLogsResponse();
+    message.hlc = (object.hlc !== undefined && object.hlc !== null) ? HlcTimestamp.fromPartial(object.hlc) : undefined;
+    message.attempt = object.attempt ?? 0;
+    message.fencingToken = (object.fencingToken !== undefined && object.fencingToken !== null)
+      ? BigInt(object.fencingToken)
+      : 0n;
+    message.workerId = object.workerId ?? "";
+    message.chunks = object.chunks?.map((e) => LogChunk.fromPartial(e)) || [];
+    message.ended = object.ended ?? false;
+    message.tails = (object.tails !== undefined && object.tails !== null)
+      ? AttemptLogs.fromPartial(object.tails)
+      : undefined;
+    message.actionState = object.actionState ?? 0;
+    return message;
+  },
+};
+
 function createBaseGetActionOutputsRequest(): GetActionOutputsRequest {
   return { hlc: undefined, workflowId: "", actionId: "", offset: 0n };
 }
@@ -2202,6 +2898,26 @@ export const WorkflowServiceService = {
     responseDeserialize: (value: Buffer): SubmitWorkflowResponse => SubmitWorkflowResponse.decode(value),
   },
   /**
+   * SubmitWorkflow for a spec larger than one message: the serialized WorkflowSpec in pieces
+   * (as google.bytestream.Write sends a blob), each message within the gRPC message limit, the
+   * whole within max_spec_bytes. The coordinator parses, validates and journals it once, after
+   * the last piece (the client's half-close), exactly as SubmitWorkflow does; a stream that
+   * ends early stores nothing. Answers as SubmitWorkflow (the same idempotency key, the same
+   * workflow), and INVALID_ARGUMENT naming `spec_chunk` when the pieces pass max_spec_bytes or
+   * do not make a WorkflowSpec.
+   */
+  submitWorkflowStream: {
+    path: "/plait.v1.WorkflowService/SubmitWorkflowStream" as const,
+    requestStream: true as const,
+    responseStream: false as const,
+    requestSerialize: (value: SubmitWorkflowStreamRequest): Buffer =>
+      Buffer.from(SubmitWorkflowStreamRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SubmitWorkflowStreamRequest => SubmitWorkflowStreamRequest.decode(value),
+    responseSerialize: (value: SubmitWorkflowStreamResponse): Buffer =>
+      Buffer.from(SubmitWorkflowStreamResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SubmitWorkflowStreamResponse => SubmitWorkflowStreamResponse.decode(value),
+  },
+  /**
    * Returns one workflow with its actions' status, a page at a time: every response fits the
    * gRPC message limit. An action whose outputs do not fit the response carries
    * `outputs_truncated` and `outputs_bytes` instead (read them with GetActionOutputs).
@@ -2279,6 +2995,25 @@ export const WorkflowServiceService = {
     responseDeserialize: (value: Buffer): GetActionLogsResponse => GetActionLogsResponse.decode(value),
   },
   /**
+   * Streams one attempt's output while it runs (what its worker sends, from the window the
+   * coordinator keeps in memory), waiting for the attempt to start if it has not; ends when
+   * the attempt ends, with a last message that carries its tails (when it reported a result)
+   * and the action's state. An attempt that has already ended gets that last message at once.
+   * A follower waiting for an attempt that never starts gets the last message when the action
+   * ends. NOT_FOUND for an unknown workflow or action.
+   */
+  followActionLogs: {
+    path: "/plait.v1.WorkflowService/FollowActionLogs" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: FollowActionLogsRequest): Buffer =>
+      Buffer.from(FollowActionLogsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): FollowActionLogsRequest => FollowActionLogsRequest.decode(value),
+    responseSerialize: (value: FollowActionLogsResponse): Buffer =>
+      Buffer.from(FollowActionLogsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FollowActionLogsResponse => FollowActionLogsResponse.decode(value),
+  },
+  /**
    * Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
    * (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
    * unknown workflow or action; INVALID_ARGUMENT for an offset past the end.
@@ -2303,6 +3038,16 @@ export interface WorkflowServiceServer extends UntypedServiceImplementation {
    */
   submitWorkflow: handleUnaryCall<SubmitWorkflowRequest, SubmitWorkflowResponse>;
   /**
+   * SubmitWorkflow for a spec larger than one message: the serialized WorkflowSpec in pieces
+   * (as google.bytestream.Write sends a blob), each message within the gRPC message limit, the
+   * whole within max_spec_bytes. The coordinator parses, validates and journals it once, after
+   * the last piece (the client's half-close), exactly as SubmitWorkflow does; a stream that
+   * ends early stores nothing. Answers as SubmitWorkflow (the same idempotency key, the same
+   * workflow), and INVALID_ARGUMENT naming `spec_chunk` when the pieces pass max_spec_bytes or
+   * do not make a WorkflowSpec.
+   */
+  submitWorkflowStream: handleClientStreamingCall<SubmitWorkflowStreamRequest, SubmitWorkflowStreamResponse>;
+  /**
    * Returns one workflow with its actions' status, a page at a time: every response fits the
    * gRPC message limit. An action whose outputs do not fit the response carries
    * `outputs_truncated` and `outputs_bytes` instead (read them with GetActionOutputs).
@@ -2325,6 +3070,15 @@ export interface WorkflowServiceServer extends UntypedServiceImplementation {
   watchWorkflow: handleServerStreamingCall<WatchWorkflowRequest, WatchWorkflowResponse>;
   /** Returns the bounded stdout/stderr tails recorded for an action's attempts. */
   getActionLogs: handleUnaryCall<GetActionLogsRequest, GetActionLogsResponse>;
+  /**
+   * Streams one attempt's output while it runs (what its worker sends, from the window the
+   * coordinator keeps in memory), waiting for the attempt to start if it has not; ends when
+   * the attempt ends, with a last message that carries its tails (when it reported a result)
+   * and the action's state. An attempt that has already ended gets that last message at once.
+   * A follower waiting for an attempt that never starts gets the last message when the action
+   * ends. NOT_FOUND for an unknown workflow or action.
+   */
+  followActionLogs: handleServerStreamingCall<FollowActionLogsRequest, FollowActionLogsResponse>;
   /**
    * Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
    * (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
@@ -2353,6 +3107,31 @@ export interface WorkflowServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SubmitWorkflowResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * SubmitWorkflow for a spec larger than one message: the serialized WorkflowSpec in pieces
+   * (as google.bytestream.Write sends a blob), each message within the gRPC message limit, the
+   * whole within max_spec_bytes. The coordinator parses, validates and journals it once, after
+   * the last piece (the client's half-close), exactly as SubmitWorkflow does; a stream that
+   * ends early stores nothing. Answers as SubmitWorkflow (the same idempotency key, the same
+   * workflow), and INVALID_ARGUMENT naming `spec_chunk` when the pieces pass max_spec_bytes or
+   * do not make a WorkflowSpec.
+   */
+  submitWorkflowStream(
+    callback: (error: ServiceError | null, response: SubmitWorkflowStreamResponse) => void,
+  ): ClientWritableStream<SubmitWorkflowStreamRequest>;
+  submitWorkflowStream(
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SubmitWorkflowStreamResponse) => void,
+  ): ClientWritableStream<SubmitWorkflowStreamRequest>;
+  submitWorkflowStream(
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SubmitWorkflowStreamResponse) => void,
+  ): ClientWritableStream<SubmitWorkflowStreamRequest>;
+  submitWorkflowStream(
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SubmitWorkflowStreamResponse) => void,
+  ): ClientWritableStream<SubmitWorkflowStreamRequest>;
   /**
    * Returns one workflow with its actions' status, a page at a time: every response fits the
    * gRPC message limit. An action whose outputs do not fit the response carries
@@ -2454,6 +3233,23 @@ export interface WorkflowServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetActionLogsResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Streams one attempt's output while it runs (what its worker sends, from the window the
+   * coordinator keeps in memory), waiting for the attempt to start if it has not; ends when
+   * the attempt ends, with a last message that carries its tails (when it reported a result)
+   * and the action's state. An attempt that has already ended gets that last message at once.
+   * A follower waiting for an attempt that never starts gets the last message when the action
+   * ends. NOT_FOUND for an unknown workflow or action.
+   */
+  followActionLogs(
+    request: FollowActionLogsRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<FollowActionLogsResponse>;
+  followActionLogs(
+    request: FollowActionLogsRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<FollowActionLogsResponse>;
   /**
    * Returns one action's committed outputs whole, in chunks of at most 1 MiB from `offset`
    * (however large: a map's collected outputs may pass any message limit). NOT_FOUND for an
