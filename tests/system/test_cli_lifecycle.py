@@ -4,11 +4,13 @@ workerd processes and its coordinator down, as Ctrl-C does. Real processes throu
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,7 +102,16 @@ def test_plait_run_takes_its_cluster_down_on(sig: signal.Signals, tmp_path: Path
     flow = tmp_path / "nap.yaml"
     flow.write_text("name: nap\nactions: [{id: nap, run: [sleep, '60']}]\n")
     run = subprocess.Popen(
-        [*PLAIT, "run", str(flow), "--workers", "2", "--store", f"sqlite:///{tmp_path}/p.db"],
+        [
+            *PLAIT,
+            "run",
+            str(flow),
+            "--workers",
+            "2",
+            "--store",
+            f"sqlite:///{tmp_path}/p.db",
+            "--ui",  # and its web UI, which shows the run while it lasts
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -121,6 +132,12 @@ def test_plait_run_takes_its_cluster_down_on(sig: signal.Signals, tmp_path: Path
         def family_with_the_action() -> list[procs.Proc] | None:
             family = [p for p in procs.descendants(run.pid) if p.alive]
             return family if any("sleep 60" in p.cmdline() for p in family) else None
+
+        assert run.stderr is not None
+        ui = run.stderr.readline().strip()  # printed before the workflow is submitted
+        assert ui.startswith("web UI: http://127.0.0.1:"), ui
+        with urllib.request.urlopen(ui.removeprefix("web UI: ") + "api/workflows", timeout=10) as r:
+            assert [w["name"] for w in json.load(r)["workflows"]] == ["nap"]
 
         family = wait_for("the action's process", family_with_the_action, 30)
         workerds = [p for p in family if "-m plait.workerd " in p.cmdline()]

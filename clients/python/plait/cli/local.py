@@ -80,6 +80,7 @@ class LocalClusterConfig:
     handlers: tuple[str, ...] = ()
     log_dir: Path = Path(".plait/logs")
     metrics: bool = False
+    ui_listen: str | None = None  # the web UI's HOST:PORT (plait run --ui), off when None
     start_timeout_s: float = 30.0
     stop_grace_s: float = 5.0
     coordinator_grace_s: float = 2.0
@@ -119,6 +120,7 @@ class LocalCluster:
         self._stop_event: asyncio.Event | None = None
         self._start_error: BaseException | None = None
         self._port = 0
+        self.ui_url: str | None = None  # the web UI's URL once started with ui_listen
         self.workers: list[_Worker] = []
 
     @property
@@ -194,6 +196,7 @@ class LocalCluster:
             listen="127.0.0.1:0",
             store=self.config.store,
             metrics_listen="127.0.0.1:0" if self.config.metrics else None,
+            ui_listen=self.config.ui_listen,
         )
         server: _Server = server_mod.CoordinatorServer(config)
         # The journal file is locked by whichever coordinator uses it: don't wait forever.
@@ -201,6 +204,8 @@ class LocalCluster:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         self._port = server.port
+        ui = getattr(server, "ui", None)
+        self.ui_url = ui.url if ui is not None else None
         self._ready.set()
         try:
             await self._stop_event.wait()

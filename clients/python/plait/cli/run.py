@@ -85,6 +85,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"journal store (default {DEFAULT_STORE})",
     )
     p.add_argument(
+        "--ui",
+        nargs="?",
+        const="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="also serve the web UI (docs/ui.md) on a loopback address (default: any free"
+        " port on 127.0.0.1) and print its URL",
+    )
+    p.add_argument(
         "-o", "--output", choices=("table", "json"), default="table", help="output format"
     )
     p.set_defaults(func=cmd_run)
@@ -182,6 +190,7 @@ def cmd_run(args: argparse.Namespace, clock: Clock | None = None) -> int:
         slots=args.slots,
         handlers=tuple(args.handlers),
         log_dir=log_dir,
+        ui_listen=args.ui,
     )
     cluster = LocalCluster(config, clock)
     out = render.console()
@@ -194,6 +203,8 @@ def cmd_run(args: argparse.Namespace, clock: Clock | None = None) -> int:
                 log.error("%s", exc, exc_info=exc.__cause__)
                 print(f"plait: error: {render.clean(str(exc))}", file=sys.stderr)
                 return EXIT_FAILED
+            if cluster.ui_url is not None:
+                print(f"web UI: {cluster.ui_url}", file=sys.stderr)
             # The embedded coordinator is plaintext on loopback, whatever PLAIT_TLS_* say.
             with Client(target, clock=clock, tls=False, token="") as client:
                 submitted = client.submit(spec)
