@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from plait.cli.commands import add_context_flag, add_tls_flags, client_for
+from plait.cli.commands import add_context_flag, add_tls_flags, client_for, whole_number
 from plait.cli.flows import add_param_flags, load_flow
 from plait.cli.render import clean
 from plait.errors import NotFoundError
@@ -109,7 +109,7 @@ def add_parser(sub: _SubParsers) -> None:
     )
     p.add_argument(
         "--max-children",
-        type=_count,
+        type=whole_number(0),
         default=DEFAULT_MAX_CHILDREN,
         metavar="N",
         help="children of one map or pipeline drawn for an ID; the rest are summed up in one"
@@ -125,16 +125,6 @@ def add_parser(sub: _SubParsers) -> None:
     add_tls_flags(p)
     add_context_flag(p)
     p.set_defaults(func=cmd_graph)
-
-
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return n
 
 
 def is_file_target(target: str) -> bool:

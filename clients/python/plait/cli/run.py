@@ -22,6 +22,7 @@ from typing import Any
 from rich.text import Text
 
 from plait.cli import render
+from plait.cli.commands import whole_number
 from plait.cli.flows import add_param_flags, load_flow
 from plait.cli.follow import Follower, FollowMode, follow
 from plait.cli.local import (
@@ -61,11 +62,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("flow", metavar="FLOW.yaml", help="the workflow file")
     add_param_flags(p)
     p.add_argument(
-        "--workers", type=_positive, default=2, metavar="N", help="workerd processes (default 2)"
+        "--workers",
+        type=whole_number(1),
+        default=2,
+        metavar="N",
+        help="workerd processes (default 2)",
     )
     p.add_argument(
         "--slots",
-        type=_positive,
+        type=whole_number(1),
         metavar="N",
         help="slots per worker (default: workerd's, its CPU count)",
     )
@@ -96,16 +101,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "-o", "--output", choices=("table", "json"), default="table", help="output format"
     )
     p.set_defaults(func=cmd_run)
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def _log_dir(store: str) -> Path:
