@@ -27,9 +27,10 @@ directory, each rlimit (soft = hard), its cgroup (it writes itself to ``cgroup.p
 not forked, so nothing escapes), the run-as user (no supplementary groups, then gid, then uid,
 real, effective and saved: every capability is dropped), ``no_new_privs``, and
 ``PR_SET_PDEATHSIG=SIGKILL`` last (a credential change clears it; its parent is this spawner,
-checked right after), default dispositions for the signals Python ignores, every other
-descriptor closed. A failing step is reported through a close-on-exec pipe, as ``subprocess``
-does, and the child exits 125 (a set-up step), 126 (exec refused) or 127 (no such program).
+checked right after), default dispositions for the signals Python ignores, no signal
+blocked, every other descriptor closed. A failing step is reported through a close-on-exec
+pipe, as ``subprocess`` does, and the child exits 125 (a set-up step), 126 (exec refused) or
+127 (no such program).
 
 The spawner itself dies with workerd: it sets ``PR_SET_PDEATHSIG=SIGKILL`` at start and exits
 if workerd is already gone; every attempt it started then gets its own SIGKILL. It exits when
@@ -148,6 +149,9 @@ def _become(req: dict[str, Any], at: list[str], spawner: int) -> None:
             os._exit(EXIT_SETUP)
     for sig in _RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    # A blocked signal stays blocked across exec: the action starts with none blocked, whatever
+    # mask the spawner was started with (a SIGTERM blocked here would outlive the kill grace).
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     at[0] = "exec"
     argv, env = req["argv"], req["env"]
     try:
@@ -314,6 +318,9 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent:
         return 1  # workerd died before the prctl
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # workerd decides when its attempts end
+    # Whatever mask the thread that started us had (glibc and CPython block signals around
+    # their forks): none blocked here, so the forks start from a clean mask too.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     sock = _socket.socket(fileno=fd)
     sock.setblocking(False)
     # Requests and events make no reference cycles; without collections, and with what start-up

@@ -131,6 +131,24 @@ async def test_a_child_gets_default_signal_dispositions(spawner: Spawner) -> Non
     assert out.split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
 
 
+async def test_a_child_starts_with_no_signal_blocked_whatever_the_spawner_inherited() -> None:
+    # A blocked signal survives fork and exec: a spawner started from a thread that blocks
+    # SIGTERM (as glibc and CPython do around their own forks) must not pass that on.
+    s = Spawner()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        s.start()  # the spawner process inherits this thread's mask
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        assert await s.wait_ready(20)
+        done, out, _ = await Run(s, ["/bin/grep", "-E", "^SigBlk", "/proc/self/status"]).finish()
+        assert done.returncode == 0
+        assert out.split() == ["SigBlk:", "0" * 16]
+    finally:
+        s.close()
+
+
 async def test_exec_failures_are_reported_with_their_errno(
     spawner: Spawner, tmp_path: Path
 ) -> None:
