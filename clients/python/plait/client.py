@@ -28,7 +28,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -45,7 +44,13 @@ from plait.errors import (
     UnavailableError,
     from_rpc_error,
 )
-from plait.results import WorkflowResult, WorkflowState
+from plait.outage import Outage
+from plait.results import (
+    WorkflowResult,
+    WorkflowState,
+    parse_action_state,
+    parse_workflow_state,
+)
 from plait.security import TlsFiles
 from plait.submission import STREAM_ABOVE_BYTES, SubmitLimits, check_spec, stream_requests
 from plait.tracecontext import describe_traceparent, format_traceparent
@@ -97,54 +102,6 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
-
-
-def parse_action_state(state: str | int) -> workflow_pb2.ActionState.ValueType:
-    """``ready``, ``READY`` or ``ACTION_STATE_READY`` (or the enum value) to the enum.
-
-    Raises:
-        ValueError: not an action state; the message lists the valid ones.
-    """
-    if isinstance(state, int):
-        value = workflow_pb2.ActionState.ValueType(state)
-        workflow_pb2.ActionState.Name(value)  # raises ValueError when unknown
-        return value
-    name = state.strip().upper().replace("-", "_")
-    if not name.startswith("ACTION_STATE_"):
-        name = "ACTION_STATE_" + name
-    names = [n for n, _ in workflow_pb2.ActionState.items() if not n.endswith("UNSPECIFIED")]
-    if name in names:
-        return workflow_pb2.ActionState.Value(name)
-    valid = [n.removeprefix("ACTION_STATE_").lower() for n in names]
-    raise ValueError(f"unknown action state {state!r}; expected one of {', '.join(valid)}")
-
-
-def parse_workflow_state(state: str | int | None) -> workflow_pb2.WorkflowState.ValueType:
-    """``running``, ``RUNNING`` or ``WORKFLOW_STATE_RUNNING`` (or the enum value) to the enum.
-
-    Raises:
-        ValueError: not a workflow state; the message lists the valid ones.
-    """
-    if state is None or state == "":
-        return workflow_pb2.WORKFLOW_STATE_UNSPECIFIED
-    if isinstance(state, int):
-        value = workflow_pb2.WorkflowState.ValueType(state)
-        workflow_pb2.WorkflowState.Name(value)  # raises ValueError when unknown
-        return value
-    name = state.strip().upper()
-    if not name.startswith("WORKFLOW_STATE_"):
-        name = "WORKFLOW_STATE_" + name
-    try:
-        return workflow_pb2.WorkflowState.Value(name)
-    except ValueError:
-        valid = [
-            n.removeprefix("WORKFLOW_STATE_").lower()
-            for n, _ in workflow_pb2.WorkflowState.items()
-            if not n.endswith("UNSPECIFIED")
-        ]
-        raise ValueError(
-            f"unknown workflow state {state!r}; expected one of {', '.join(valid)}"
-        ) from None
 
 
 class _Link:
@@ -560,7 +517,7 @@ class Client:
         # and resumes after the last event it yielded, so no event is seen twice or skipped.
         deadline_at = None if deadline is None else self._clock.monotonic() + deadline
         failover = self._failover()
-        outage = _Outage(self, reconnect, deadline_at)
+        outage = Outage(self._clock, self._sleep, reconnect, deadline_at)
         last = after_sequence
         last_type = 0
         resumed = False
@@ -762,60 +719,6 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class _Outage:
-    """A watch's wait for a lost coordinator to come back (:meth:`Client.watch`,
-    ``reconnect``): only once some coordinator took the watch, only while the answer is
-    ``UNAVAILABLE``, at most ``reconnect`` seconds from the outage's first failure, with
-    jittered pauses (200 ms doubling to 2 s)."""
-
-    def __init__(self, client: Client, reconnect: float | None, deadline_at: float | None) -> None:
-        # Imported here (as plait.endpoints does): plait.worker's package pulls in the session.
-        from plait.worker.backoff import Backoff
-
-        self._client = client
-        self._reconnect = reconnect or 0.0
-        self._deadline_at = deadline_at
-        self._backoff = Backoff(timedelta(milliseconds=200), timedelta(seconds=2))
-        self._until: float | None = None
-        self._served = False
-
-    def served(self) -> None:
-        """A coordinator took the watch: any outage is over, and a later loss is waited out."""
-        self._served = True
-        self._until = None
-        self._backoff.reset()
-
-    @property
-    def was_served(self) -> bool:
-        """Some coordinator took this watch (a failure now loses it, rather than never
-        reaching one)."""
-        return self._served
-
-    def begin(self) -> bool:
-        """A failure; True when it starts an outage (the first since the watch was served)."""
-        if self._until is not None:
-            return False
-        self._until = self._client._clock.monotonic() + self._reconnect
-        return True
-
-    def pause(self, err: grpc.RpcError) -> bool:
-        """Sleeps before the next try and returns True, or False when this outage is given up."""
-        code = err.code()  # type: ignore[attr-defined,unused-ignore]
-        now = self._client._clock.monotonic()
-        until = self._until if self._until is not None else now
-        delay = min(self._backoff.next_delay(), max(0.0, until - now))
-        if (
-            not self._reconnect
-            or not self._served
-            or code != grpc.StatusCode.UNAVAILABLE
-            or now >= until
-            or (self._deadline_at is not None and now + delay >= self._deadline_at)
-        ):
-            return False
-        self._client._sleep(delay)
-        return True
 
 
 def _current_traceparent() -> str:

@@ -22,7 +22,14 @@ from typing import Any
 
 from plait.v1 import workflow_pb2
 
-__all__ = ["ActionResult", "ActionState", "WorkflowResult", "WorkflowState"]
+__all__ = [
+    "ActionResult",
+    "ActionState",
+    "WorkflowResult",
+    "WorkflowState",
+    "parse_action_state",
+    "parse_workflow_state",
+]
 
 
 class _NamedState(IntEnum):
@@ -195,3 +202,45 @@ class WorkflowResult:
             actions={a.action_id: ActionResult.from_status(a) for a in status.actions},
             status=status,
         )
+
+
+def _parse_state(enum: Any, prefix: str, what: str, state: str | int) -> int:
+    """``ready``, ``READY`` or ``<prefix>READY`` (or the enum's value) to the value.
+
+    Raises:
+        ValueError: not one of them; the message lists the valid names.
+    """
+    if isinstance(state, int):
+        enum.Name(state)  # raises ValueError when unknown
+        return state
+    name = state.strip().upper().replace("-", "_")
+    if not name.startswith(prefix):
+        name = prefix + name
+    names = [n for n, _ in enum.items() if not n.endswith("UNSPECIFIED")]
+    if name in names:
+        return int(enum.Value(name))
+    valid = [n.removeprefix(prefix).lower() for n in names]
+    raise ValueError(f"unknown {what} state {state!r}; expected one of {', '.join(valid)}")
+
+
+def parse_action_state(state: str | int) -> workflow_pb2.ActionState.ValueType:
+    """``ready``, ``READY`` or ``ACTION_STATE_READY`` (or the enum value) to the enum.
+
+    Raises:
+        ValueError: not an action state; the message lists the valid ones.
+    """
+    value = _parse_state(workflow_pb2.ActionState, "ACTION_STATE_", "action", state)
+    return workflow_pb2.ActionState.ValueType(value)
+
+
+def parse_workflow_state(state: str | int | None) -> workflow_pb2.WorkflowState.ValueType:
+    """``running``, ``RUNNING`` or ``WORKFLOW_STATE_RUNNING`` (or the enum value) to the enum;
+    None or "" is UNSPECIFIED (any state).
+
+    Raises:
+        ValueError: not a workflow state; the message lists the valid ones.
+    """
+    if state is None or state == "":
+        return workflow_pb2.WORKFLOW_STATE_UNSPECIFIED
+    value = _parse_state(workflow_pb2.WorkflowState, "WORKFLOW_STATE_", "workflow", state)
+    return workflow_pb2.WorkflowState.ValueType(value)
