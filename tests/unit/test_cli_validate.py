@@ -18,6 +18,7 @@ import plait
 from plait.cli.main import main
 from plait.coordinator.core import validate as core_validate
 from plait.coordinator.services import workflow as workflow_service
+from plait.spec import load_workflow
 from plait.spec import validate as spec_validate
 
 CLIENT = Path(plait.__file__).parent
@@ -113,6 +114,31 @@ def test_json_output_lists_the_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     doc = json.loads(capsys.readouterr().out)
     assert doc["valid"] is True
     assert (doc["actions"], doc["needs"], doc["longest_chain"]) == (5, 6, 3)
+
+
+def test_the_size_limits_submit_checks_before_sending_are_checked_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The serialized spec's size is checked on the request (not by validate_submit): validate
+    # checks it as submit does before sending, with the same PLAIT_* limits. An input over
+    # max_input_bytes is caught by both checks and said once.
+    monkeypatch.setenv("PLAIT_MAX_SPEC_BYTES", "2KiB")
+    monkeypatch.setenv("PLAIT_MAX_INPUT_BYTES", "100")
+    actions = "".join(f"  - {{id: a{i}, run: 'true'}}\n" for i in range(200))
+    flow = write(
+        tmp_path, f"actions:\n{actions}  - {{id: big, run: 'true', input: {{x: '{'y' * 200}'}}}}\n"
+    )
+    assert main(["validate", flow]) == 2
+    lines = capsys.readouterr().err.strip().removeprefix("plait: error: ").splitlines()
+    size = load_workflow(flow).ByteSize()  # with $PLAIT_WORKFLOW_DIR, so it varies
+    assert size > 2048
+    assert [line for line in lines if "max_spec_bytes" in line] == [
+        f"{flow}: spec: is {size:,} bytes serialized; the limit max_spec_bytes is 2,048"
+    ]
+    assert len([line for line in lines if "max_input_bytes" in line]) == 1, lines
+    monkeypatch.delenv("PLAIT_MAX_SPEC_BYTES")
+    monkeypatch.delenv("PLAIT_MAX_INPUT_BYTES")
+    assert main(["validate", flow]) == 0
 
 
 def test_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

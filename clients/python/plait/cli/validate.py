@@ -15,6 +15,7 @@ import argparse
 import re
 from typing import TYPE_CHECKING, Any
 
+from plait import submission
 from plait.cli import render
 from plait.cli.flows import add_param_flags, load_flow
 from plait.errors import InvalidArgumentError
@@ -68,19 +69,30 @@ def _where(field: str, spec: workflow_pb2.WorkflowSpec) -> str:
 
 
 def check_spec(spec: workflow_pb2.WorkflowSpec, source: str, limits: Limits | None = None) -> None:
-    """Runs the coordinator's checks on ``spec``.
+    """Runs the coordinator's checks on ``spec``, and the size checks ``plait submit`` makes
+    before sending (the serialized spec against ``max_spec_bytes``, which the coordinator
+    applies to the request, not in :func:`validate_submit`), with the same ``PLAIT_*`` limits.
 
     Raises:
         SpecError: every problem, each line naming ``source``, the action and the field.
     """
+    violations = []
+    try:
+        submission.check_spec(spec, submission.SubmitLimits.from_env())
+    except InvalidArgumentError as exc:
+        violations.extend(exc.violations)
+    reported = {v.field for v in violations}
     try:
         validate_submit(spec, "", limits or Limits())
     except InvalidArgumentError as exc:
+        # The action count is checked by both: said once.
+        violations.extend(v for v in exc.violations if v.field not in reported)
+    if violations:
         problems = [
             (v, f"{_where(v.field, spec)}: {v.description}" if v.field else v.description)
-            for v in exc.violations
+            for v in violations
         ]
-        raise SpecError(source, problems) from None
+        raise SpecError(source, problems)
 
 
 def summary(spec: workflow_pb2.WorkflowSpec) -> dict[str, Any]:
