@@ -31,6 +31,7 @@ import pytest
 
 from plait.coordinator import config as coordinator_config
 from plait.workerd import config as workerd_config
+from tests.deploy_files import read_unit
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
@@ -53,31 +54,7 @@ def _require_tool(name: str) -> str:
     return path
 
 
-# ----- a tiny unit-file reader (enough for our two files) -------------------------------------
-
-
-def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
-    """``{section: {key: [values...]}}``, continuation lines joined, comments dropped."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] | None = None
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = pending + raw.strip()
-        pending = ""
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.endswith("\\"):
-            pending = line[:-1] + " "
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None, f"{path}: {line!r} outside a section"
-        key, sep, value = line.partition("=")
-        assert sep, f"{path}: {line!r} is not KEY=VALUE"
-        current.setdefault(key.strip(), []).append(value.strip())
-    assert not pending, f"{path}: ends in a continuation"
-    return sections
+# ----- the units, read with tests/deploy_files.py's reader -------------------------------------
 
 
 def service(name: str) -> dict[str, list[str]]:
