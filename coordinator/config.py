@@ -102,6 +102,8 @@ class CoordinatorConfig:
     reflection: bool = False  # gRPC server reflection (describes the API; role read)
     metrics_public: bool = False  # allow /metrics on a non-loopback address
     ui_listen: str | None = None  # the web UI's HOST:PORT (docs/ui.md); off by default
+    # Plaintext grpc.health.v1 Check only, for probes without TLS (coordinator/health_port.py)
+    health_listen: str | None = None
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -209,6 +211,8 @@ class CoordinatorConfig:
                     f" served beyond this host only with {' and '.join(missing)}, as the gRPC"
                     " API is; see docs/ui.md"
                 )
+        if self.health_listen is not None:
+            split_host_port(self.health_listen, "health_listen")
         if self.metrics_listen is not None:
             mhost, _ = split_host_port(self.metrics_listen, "metrics_listen")
             if not is_loopback_host(mhost) and not self.metrics_public:
@@ -273,7 +277,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return text in {"1", "true", "yes", "on"}
         if name in _PATHS and str(value).strip() == "":
             return None
-        if name in {"metrics_listen", "ui_listen"} and str(value).lower() in {"", "off", "none"}:
+        if name in {"metrics_listen", "ui_listen", "health_listen"} and str(value).lower() in {
+            "",
+            "off",
+            "none",
+        }:
             return None
         return str(value)
     except ValueError as e:
@@ -296,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ui-listen",
         help="serve the web UI on HOST:PORT (HTTPS with --tls-cert; behind the API's"
         " authentication; docs/ui.md); default off",
+    )
+    p.add_argument(
+        "--health-listen",
+        help="also answer grpc.health.v1 Check, and nothing else, in plaintext on HOST:PORT,"
+        " for probes that cannot do TLS (Kubernetes' grpc probes): service '' is SERVING on"
+        " the leader only, 'liveness' while the process runs; no authentication; default off",
     )
     p.add_argument("--heartbeat-interval", help="worker heartbeat cadence (default 5s)")
     p.add_argument("--lease-ttl", help="lease lifetime after the last heartbeat (default 30s)")

@@ -30,6 +30,7 @@ from plait.clock import Clock, SystemClock
 from plait.coordinator.auth import Authenticator, AuthInterceptor, RefusalLog
 from plait.coordinator.config import CoordinatorConfig, split_host_port
 from plait.coordinator.core.events import DrainRequested
+from plait.coordinator.health_port import LIVENESS_SERVICE, HealthPort
 from plait.coordinator.journal.leadership import open_leadership
 from plait.coordinator.journal.store import DeposedError, Leadership, open_store
 from plait.coordinator.metrics import CoordinatorMetrics
@@ -148,6 +149,7 @@ class CoordinatorServer:
             token_file=config.auth_tokens,
         )
         self.health = HealthServicer()
+        self.health_port = HealthPort(self.health)  # --health-listen: plaintext, Check only
         self.server: grpc.aio.Server | None = None
         self.leadership: Leadership | None = None
         self.term = 0
@@ -234,12 +236,17 @@ class CoordinatorServer:
         self.server = server
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if cfg.metrics_listen:
-            try:
+        # Alive from now until shutdown, standby or leader (the liveness probe's service).
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            if cfg.metrics_listen:
                 self._serve_metrics(cfg.metrics_listen)
-            except ConfigError:
-                await server.stop(0)
-                raise
+            if cfg.health_listen:
+                await self.health_port.start(cfg.health_listen, bind_problem)
+        except ConfigError:
+            await server.stop(0)
+            self._stop_metrics()
+            raise
         await self._start_ui(server)
         host = split_host_port(cfg.listen, "listen")[0]
         log.info(
@@ -436,13 +443,15 @@ class CoordinatorServer:
             await asyncio.sleep(0.5)
 
     def _write_ready_file(self, path: str, role: str) -> None:
-        """``{grpc, metrics, ui, pid, role, term}`` (``ui``: the web UI's URL, or null);
+        """``{grpc, metrics, ui, health, pid, role, term}`` (``ui``: the web UI's URL, or
+        null; ``health``: the plaintext health port, or null);
         rewritten (atomically) when elected."""
         host = self._host
         body = {
             "grpc": f"{host}:{self.port}",
             "metrics": f"{host}:{self.metrics_port}" if self.metrics_port else None,
             "ui": self.ui.url if self.ui is not None else None,
+            "health": self._health_address(),
             "pid": os.getpid(),
             "role": role,
             "term": self.term,
@@ -475,9 +484,21 @@ class CoordinatorServer:
                 await self.leadership.resign()
         await self.store.close()
         self.tracing.shutdown()
+        self._stop_metrics()
+        await self.health_port.stop()
+
+    def _stop_metrics(self) -> None:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+            self._metrics_http = None
+
+    def _health_address(self) -> str | None:
+        """``HOST:PORT`` of the plaintext health port, or None when it is off."""
+        if not self.health_port.port or self.config.health_listen is None:
+            return None
+        host = split_host_port(self.config.health_listen, "health_listen")[0]
+        return f"{host}:{self.health_port.port}"
 
     async def _drain_workers(self, grace: float) -> None:
         st = self.runtime.state
