@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from plait.coordinator.core.sessions import UNDELIVERED
 from plait.v1 import workflow_pb2 as wf
 from tests.system.harness import command_action
 
@@ -52,3 +53,25 @@ def health(target: str, timeout: float = 1.0) -> int | None:
         except grpc.RpcError:
             return None
         return int(reply.status)
+
+
+def lost_leases(events: Sequence[wf.HistoryEvent]) -> list[wf.HistoryEvent]:
+    """The LEASE_LOST events among ``events`` that lost a lease a worker held.
+
+    Not such a loss: a queued lease handed back unstarted for an idle worker (RECLAIMED,
+    prefetch), and a grant journalled just before a crash that never reached its worker (the
+    coordinator sends grants only after their commit; the new leader finds the worker without
+    it): UNDELIVERED with no start report for that token among ``events``.
+    """
+    started = {
+        (e.workflow_id, e.action_id, e.fencing_token)
+        for e in events
+        if e.type == wf.EVENT_TYPE_ACTION_STARTED
+    }
+    return [
+        e
+        for e in events
+        if e.type == wf.EVENT_TYPE_LEASE_LOST
+        and e.reason != wf.EVENT_REASON_RECLAIMED
+        and (e.message != UNDELIVERED or (e.workflow_id, e.action_id, e.fencing_token) in started)
+    ]

@@ -53,7 +53,7 @@ from tests.system.harness import (
 )
 from tests.system.invariants import hlc as invariants_hlc
 from tests.system.invariants import show
-from tests.system.recovery import NOT_SERVING, SERVING, health, marked
+from tests.system.recovery import NOT_SERVING, SERVING, health, lost_leases, marked
 
 pytestmark = [
     pytest.mark.system,
@@ -327,7 +327,9 @@ def test_leader_sigkill_standby_takes_over(ha: HaCluster, tmp_path: Path) -> Non
     assert summary.workflows == 1
     assert len(summary.committed) == len(spec.actions)
     journal_check.check_completed_attempts_committed(summary, journal_check.read_marks(marks))
-    lost = [e for e in after(rows, before[-1].sequence) if e.type == wf.EVENT_TYPE_LEASE_LOST]
+    # A grant committed just before the SIGKILL that never reached its worker is not a lost
+    # lease (recovery.lost_leases); under load the kill lands there now and then.
+    lost = lost_leases(after(rows, before[-1].sequence))
     assert not lost, "leases lost although every worker followed the new leader:\n  " + (
         "\n  ".join(f"{show(e)} {e.message!r}" for e in lost)
     )
