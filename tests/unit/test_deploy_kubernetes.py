@@ -3,8 +3,9 @@
 Each variant (an overlay alone, or with components, from a throwaway kustomization beside the
 test's temp files) is rendered once with ``kubectl kustomize`` (kubectl embeds kustomize; v5
 is needed), all in parallel; the monitoring component loads deploy/grafana and
-deploy/prometheus from outside its directory, so those renders pass
-``--load-restrictor LoadRestrictionsNone`` as the README says.
+deploy/prometheus from outside its directory and makes its PrometheusRule with Plait's exec
+generator plugin, so those renders pass ``--enable-alpha-plugins --load-restrictor
+LoadRestrictionsNone`` with ``KUSTOMIZE_PLUGIN_HOME`` set, as the README says.
 
 Schemas: every built-in object is validated with kubernetes-validate against the Kubernetes
 :data:`K8S_VERSION` schemas in strict mode (an unknown field fails). kubernetes-validate has no
@@ -25,8 +26,8 @@ certificates at the mounted paths; Secret and csi files versus the ``--tls-*`` f
 versus ``--listen`` and the TLS flags; the probe itself against a real leader and standby;
 workers' coordinator list versus the coordinators' advertised names; worker identities versus
 replicas; PodDisruptionBudgets; the NetworkPolicies evaluated flow by flow; the generated
-ConfigMaps versus deploy/grafana/plait.json and deploy/prometheus/rules.yml, and no copy of
-either under deploy/kubernetes.
+ConfigMaps and PrometheusRule versus deploy/grafana/plait.json and deploy/prometheus/rules.yml,
+and no copy of either under deploy/kubernetes; the generator plugin's refusals.
 
 Skipped where kubectl (with kustomize v5) is missing; under CI (``CI`` set) that is a failure
 instead: ``.ci/run`` installs kubectl.
@@ -66,25 +67,38 @@ KUBE = ROOT / "deploy" / "kubernetes"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "plait.json"
 HEALTH = KUBE / "base" / "health.py"
-PROMETHEUSRULE = KUBE / "components" / "monitoring" / "prometheusrule.py"
+PLUGINS = KUBE / "plugins"  # KUSTOMIZE_PLUGIN_HOME
+RULE_GENERATOR = PLUGINS / "plait.dev/v1/prometheusrulegenerator/PrometheusRuleGenerator"
+RULE_GENERATOR_CONFIG = KUBE / "components" / "monitoring" / "prometheusrule.yaml"
 
 # The Kubernetes release whose API schemas every object must satisfy.
 K8S_VERSION = "1.32.0"
 IMAGE = "ghcr.io/example/plait:VERSION"
 UID = 10001
 NAMESPACE = "plait"
-NO_RESTRICTOR = ("--load-restrictor", "LoadRestrictionsNone")
+MONITORING_FLAGS = ("--enable-alpha-plugins", "--load-restrictor", "LoadRestrictionsNone")
+# What the README tells users to add for their Prometheus' ruleSelector.
+RULE_LABEL_PATCH = {
+    "target": {"kind": "PrometheusRule", "name": "plait"},
+    "patch": "- op: add\n  path: /metadata/labels/release\n  value: kube-prometheus-stack\n",
+}
 
 # name: (overlay, components, extra kustomization fields). Each overlay alone, and with every
 # component: cert-manager on the Deployment, and on the DaemonSet with the components in the
-# other order; one with the image renamed, as the README tells users to.
+# other order; one with the image renamed and a label for the PrometheusRule, as the README
+# tells users to.
 VARIANTS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "sqlite": ("sqlite", (), {}),
     "ha-postgres": ("ha-postgres", (), {}),
     "sqlite+cert-manager+monitoring": (
         "sqlite",
         ("cert-manager", "monitoring"),
-        {"images": [{"name": "ghcr.io/example/plait", "newName": "r.example/p", "newTag": "1.2"}]},
+        {
+            "images": [
+                {"name": "ghcr.io/example/plait", "newName": "r.example/p", "newTag": "1.2"}
+            ],
+            "patches": [RULE_LABEL_PATCH],
+        },
     ),
     "ha-postgres+daemonset+cert-manager+monitoring": (
         "ha-postgres",
@@ -176,13 +190,15 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Render]:
 
     def render(name: str) -> Render:
         spec = every[name]
-        flags = NO_RESTRICTOR if "monitoring" in spec[1] else ()
+        monitoring = "monitoring" in spec[1]
+        flags = MONITORING_FLAGS if monitoring else ()
         done = subprocess.run(
             [kubectl, "kustomize", *flags, str(_kustomization(tmp, name, spec))],
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
+            env={**os.environ, "KUSTOMIZE_PLUGIN_HOME": str(PLUGINS)} if monitoring else None,
         )
         return Render.of_run(name, done)
 
@@ -1051,15 +1067,80 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-def test_prometheusrule_holds_the_rules_file_unchanged() -> None:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert _load(PROMETHEUSRULE).main(["--label", "release=kube-prometheus-stack"]) == 0
-    rule = yaml.safe_load(out.getvalue())
+def test_the_prometheusrule_is_the_rules_file(renders: dict[str, Render]) -> None:
+    config = yaml.safe_load(RULE_GENERATOR_CONFIG.read_text())
+    assert config["rulesFile"] == os.path.relpath(RULES, RULE_GENERATOR_CONFIG.parent)
+    assert config["metadata"]["namespace"] == NAMESPACE
+    for name in ("sqlite+cert-manager+monitoring", "ha-postgres+daemonset+cert-manager+monitoring"):
+        rule = renders[name].one("PrometheusRule")
+        assert rule["spec"] == yaml.safe_load(RULES.read_text())
+        assert schema_problems(rule) is None, schema_problems(rule)
+        patched = RULE_LABEL_PATCH in VARIANTS[name][2].get("patches", [])
+        extra = {"release": "kube-prometheus-stack"} if patched else {}
+        assert rule["metadata"] == {
+            "name": config["metadata"]["name"],
+            "namespace": NAMESPACE,
+            "labels": {**config["labels"], **extra},
+        }
+
+
+def _run_rule_generator(config: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    """The plugin as kustomize runs it: in the kustomization's directory, told it."""
+    return subprocess.run(
+        [str(RULE_GENERATOR), str(config)],
+        cwd=root,
+        env={**os.environ, "KUSTOMIZE_PLUGIN_CONFIG_ROOT": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_the_rule_generator_takes_its_config(tmp_path: Path) -> None:
+    # Quoted and commented values as written, the path relative to the kustomization.
+    (tmp_path / "rules dir").mkdir()
+    (tmp_path / "rules dir" / "r.yml").write_text(RULES.read_text())
+    config = tmp_path / "config"
+    config.write_text(
+        "apiVersion: plait.dev/v1\nkind: PrometheusRuleGenerator\n"
+        "metadata:\n  name: 'rules'  # comment\n  namespace: \"ns\"\n"
+        "rulesFile: rules dir/r.yml\n"
+        'labels:\n  release: kube-prometheus-stack\n  "n": "1"\n  c: \'a: b\'\n'
+    )
+    done = _run_rule_generator(config, tmp_path)
+    assert done.returncode == 0, done.stderr
+    rule = yaml.safe_load(done.stdout)
+    assert rule["metadata"] == {
+        "name": "rules",
+        "namespace": "ns",
+        "labels": {"release": "kube-prometheus-stack", "n": "1", "c": "a: b"},
+    }
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
-    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert rule["metadata"]["namespace"] == NAMESPACE
-    assert schema_problems(rule) is None, schema_problems(rule)
+    config.write_text("metadata:\n  name: x\n  labels:\n    a: b\nrulesFile: rules dir/r.yml\n")
+    done = _run_rule_generator(config, tmp_path)
+    assert done.returncode != 0 and "top-level labels" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("---\ngroups: []", "document marker"),
+        ("  - name: b\n\t  rules: []", "tab"),
+        ("  - name: b\n    rules:\n      - record: b\n        expr: |2\n          up", "indicator"),
+        ("other: 1", "top-level key"),
+    ],
+)
+def test_the_rule_generator_refuses_what_indenting_would_break(
+    tmp_path: Path, line: str, why: str
+) -> None:
+    rules = tmp_path / "bad-rules.yml"
+    rules.write_text(f"groups:\n  - name: a\n    rules: []\n{line}\n")
+    config = tmp_path / "config"
+    config.write_text(f"metadata:\n  name: x\nrulesFile: {rules.name}\n")
+    done = _run_rule_generator(config, tmp_path)
+    assert done.returncode != 0 and not done.stdout, done.stdout
+    assert str(rules) in done.stderr and why in done.stderr, done.stderr
 
 
 # ----- the probe against a real coordinator -----------------------------------------------------
