@@ -10,11 +10,13 @@ GOOGLE_PROTOS = $(shell $(BIN)/python -c 'import os, google.rpc; print(os.path.d
 GRPC_PROTOS = $(shell $(BIN)/python -c 'import os, grpc_tools; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 FLOW ?= examples/scatter_gather.yaml
 
-.PHONY: help venv lock proto proto-check proto-lint proto-baseline dashboard lint typecheck test test-fast check run bench bench-peers bench-throughput clean ts ts-setup proto-ts
+.PHONY: help venv lock proto proto-check proto-lint proto-baseline dashboard lint typecheck test test-slow test-all check run bench bench-peers bench-throughput bench-capacity clean ts ts-setup proto-ts
 
 help:
 	@echo "make run        run $(FLOW) on the embedded coordinator + local workers"
-	@echo "make test       unit, integration and system tests"
+	@echo "make test       unit, integration and system tests, but the slow tier (~10 min on 2 cores)"
+	@echo "make test-slow  the slow tier: tests of 10 s or more, the container install (~5 min)"
+	@echo "make test-all   both, as CI runs them"
 	@echo "make check      lint + typecheck + proto drift + test (what CI runs)"
 	@echo "make proto      regenerate Python stubs from proto/"
 	@echo "make proto-ts   regenerate the TypeScript stubs (clients/typescript/src/gen) from proto/"
@@ -23,6 +25,7 @@ help:
 	@echo "make bench      the issue 13 shapes at equal slots, 3 rounds, Plait only (prints a table)"
 	@echo "make bench-peers  the same shapes on Plait, Dask and Ray, alternating (creates .venv-peers)"
 	@echo "make bench-throughput  many-slot throughput and latency (tests/bench/throughput.py)"
+	@echo "make bench-capacity  one coordinator's capacity, measured (docs/capacity.md; ~10 min)"
 	@echo "make lock       re-resolve the hashed dependency locks in requirements/"
 
 venv: $(STAMP)
@@ -93,10 +96,19 @@ typecheck: $(STAMP)
 	ln -s $(CURDIR)/workerd $(TC)/plait/workerd
 	cd $(TC) && MYPYPATH=. $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p plait
 
+# The slow tier (@pytest.mark.slow: ten seconds or more each, or a fresh install) is left out of
+# `make test` to keep it near ten minutes on two cores; CI (.ci/run) runs it too.
 test: $(STAMP) ts-setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	@echo "==> pytest: every test but the slow tier (make test-slow); about 10 minutes on 2 cores"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
-check: lint typecheck proto-lint test
+test-slow: $(STAMP) ts-setup
+	@echo "==> pytest: the slow tier (failover, partitions, restarts under load, the container install)"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests
+
+test-all: test test-slow
+
+check: lint typecheck proto-lint test-all
 
 # The TypeScript worker SDK (clients/typescript). node_modules come only from the committed
 # package-lock.json (npm ci), once per change of the lock; dist/ is rebuilt when a source changed.
@@ -150,6 +162,10 @@ bench-peers: $(STAMP) $(PEERS_STAMP)
 
 bench-throughput: $(STAMP)
 	$(BIN)/python -m tests.bench.throughput
+
+# docs/capacity.md's table: BENCH_ARGS="--quick" (~4 min), "--sections idle,busy", "--json F".
+bench-capacity: $(STAMP)
+	$(BIN)/python -m tests.bench.capacity $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-peers build *.egg-info .mypy_cache .ruff_cache .pytest_cache .plait

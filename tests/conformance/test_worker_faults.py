@@ -98,6 +98,7 @@ PAUSE_S = 4.5  # the coordinator's pause: more than twice the 2 s lease TTL
 NAP_S = 12.0  # the attempt, had it not been abandoned, would still run long after the pause
 
 
+@pytest.mark.slow
 def test_self_fencing_when_acks_stop(cluster: Cluster, impl: Implementation) -> None:
     cluster.start_coordinator()  # test profile: lease TTL 2 s
     start_worker(cluster, impl, "fence-w", slots=2)

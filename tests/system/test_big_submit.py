@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
 
+@pytest.mark.slow
 def test_plait_submit_takes_100k_actions_whole(cluster: Cluster, tmp_path: Path) -> None:
     endpoints = cluster.start_coordinator()
     flow = tmp_path / "wide.yaml"

@@ -335,6 +335,7 @@ def test_leader_sigkill_standby_takes_over(ha: HaCluster, tmp_path: Path) -> Non
     )
 
 
+@pytest.mark.slow
 def test_events_follow_survives_a_failover(ha: HaCluster, tmp_path: Path) -> None:
     """`plait events --follow`, given both addresses, follows one workflow's history across a
     leader's SIGKILL: every event once, in journal order, one reconnect line. (Apart from the

@@ -194,6 +194,7 @@ def proxied_worker(cluster: Cluster, proxies: list[TcpProxy], name: str, **kwarg
 # ----- a: one-way partition ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_way_partition_moves_the_action_to_the_healthy_worker(
     cluster: Cluster, proxies: list[TcpProxy], tmp_path: Path
 ) -> None:

@@ -62,6 +62,7 @@ def attempts(marks: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(marks.glob("attempt-*.json"))]
 
 
+@pytest.mark.slow
 def test_paused_workerd_attempt_dies_within_i9_of_its_lease_lost(
     cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -416,6 +416,7 @@ def selector_problem(prom: Prometheus, name: str) -> str | None:
     return f"{name}: no series"
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_and_rule_returns_data(cluster: Cluster, tmp_path: Path) -> None:
     prometheus_binary()
     endpoints = cluster.start_coordinator()

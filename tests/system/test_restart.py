@@ -151,6 +151,7 @@ def fanout_spec(marks: Path) -> wf.WorkflowSpec:
     return workflow("restart-fanout", actions)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_sigkilled_coordinator_recovers_and_readopts_leases(
     cluster: Cluster, tmp_path: Path
@@ -234,6 +235,7 @@ LEAVES = 200
 ACTIONS = LEAVES + LEAVES // 10 + 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sigkill_during_commits(cluster: Cluster, tmp_path: Path) -> None:
     rng = random.Random(SEED + 1)
