@@ -23,8 +23,9 @@ Semantics: containers hardened; every container's arguments parsed by the daemon
 (every flag spelled out) and loaded by its own configuration loader (``load_config``,
 ``config_from_args``, which apply the start-up rules) with the pod's environment and stand-in
 certificates at the mounted paths; Secret and csi files versus the ``--tls-*`` flags; probes
-versus ``--listen`` and the TLS flags; the probe itself against a real leader and standby;
-workers' coordinator list versus the coordinators' advertised names; worker identities versus
+versus ``--health-listen`` and its services; the probes' requests, made as the kubelet makes
+them, against a real leader and standby started with the manifest's flags; workers'
+coordinator list versus the coordinators' advertised names; worker identities versus
 replicas; PodDisruptionBudgets; the NetworkPolicies evaluated flow by flow; the generated
 ConfigMaps and PrometheusRule versus deploy/grafana/plait.json and deploy/prometheus/rules.yml,
 and no copy of either under deploy/kubernetes; the generator plugin's refusals.
@@ -35,10 +36,7 @@ instead: ``.ci/run`` installs kubectl.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import importlib.util
-import io
+import dataclasses
 import json
 import os
 import re
@@ -47,18 +45,19 @@ import subprocess
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import grpc
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from plait import certs
 from plait.coordinator import config as coordinator_config
+from plait.coordinator.health_port import LIVENESS_SERVICE
 from plait.coordinator.journal.store import parse_store_url
 from plait.workerd import config as workerd_config
 
@@ -66,7 +65,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "plait.json"
-HEALTH = KUBE / "base" / "health.py"
 PLUGINS = KUBE / "plugins"  # KUSTOMIZE_PLUGIN_HOME
 RULE_GENERATOR = PLUGINS / "plait.dev/v1/prometheusrulegenerator/PrometheusRuleGenerator"
 RULE_GENERATOR_CONFIG = KUBE / "components" / "monitoring" / "prometheusrule.yaml"
@@ -676,20 +674,30 @@ def csi_worker_id(w: Mapping[str, Any], pod: str) -> str | None:
     return None
 
 
-def test_coordinator_arguments_load(r: Render, pki: Pki, tmp_path: Path) -> None:
+def coordinator_config_of(
+    r: Render, pki: Pki, tmp: Path, pod: str
+) -> coordinator_config.CoordinatorConfig:
+    """Pod ``pod``'s configuration, as plait-coordinator loads it from the container's
+    arguments and environment (its mounted files laid out under ``tmp``)."""
     sts = coordinator(r)
     c = container(sts)
     assert c["command"] == ["plait-coordinator"]
     parser = coordinator_config.build_parser()
+    env = env_of(r, sts, pod)
+    remap = pod_root(tmp / pod, pki, r, sts, pod)
+    pairs = flag_pairs(expand(c["args"], env))
+    unknown = {k for k, _ in pairs} - set(parser._option_string_actions)
+    assert not unknown, f"{r.name}: plait-coordinator has no {unknown}"
+    cli = [f"{k}={remap(v)}" if v else k for k, v in pairs]
+    return coordinator_config.load_config(parser.parse_args(cli), env)
+
+
+def test_coordinator_arguments_load(r: Render, pki: Pki, tmp_path: Path) -> None:
+    sts = coordinator(r)
+    c = container(sts)
     for i in range(sts["spec"]["replicas"]):
         pod = f"plait-coordinator-{i}"
-        env = env_of(r, sts, pod)
-        remap = pod_root(tmp_path / pod, pki, r, sts, pod)
-        pairs = flag_pairs(expand(c["args"], env))
-        unknown = {k for k, _ in pairs} - set(parser._option_string_actions)
-        assert not unknown, f"{r.name}: plait-coordinator has no {unknown}"
-        cli = [f"{k}={remap(v)}" if v else k for k, v in pairs]
-        cfg = coordinator_config.load_config(parser.parse_args(cli), env)
+        cfg = coordinator_config_of(r, pki, tmp_path, pod)
         assert coordinator_config.split_host_port(cfg.listen)[1] == port(c, "grpc")
         assert cfg.metrics_listen is not None and cfg.metrics_public
         assert coordinator_config.split_host_port(cfg.metrics_listen)[1] == port(c, "metrics")
@@ -808,48 +816,130 @@ def worker_identity_problems(r: Render) -> list[str]:
 # ----- probes, Services, rollout ----------------------------------------------------------------
 
 
-def probe_args(probe: Mapping[str, Any]) -> dict[str, str]:
-    assert set(probe) - {"initialDelaySeconds", "periodSeconds", "timeoutSeconds"} - {
-        "failureThreshold",
-        "successThreshold",
-    } == {"exec"}, probe
-    command = probe["exec"]["command"]
-    assert command[:2] == ["python3", "/etc/plait/probe/health.py"], command
-    return flag_values(command[2:])
+_PROBE_TIMING = {
+    "initialDelaySeconds",
+    "periodSeconds",
+    "timeoutSeconds",
+    "failureThreshold",
+    "successThreshold",
+}
 
 
-def test_probes_check_the_coordinators_health(r: Render) -> None:
+def health_port(cfg: coordinator_config.CoordinatorConfig) -> int:
+    """The port of ``--health-listen``, as the coordinator's own loader read it."""
+    assert cfg.health_listen is not None, "no --health-listen"
+    host, number = coordinator_config.split_host_port(cfg.health_listen, "health_listen")
+    # The kubelet dials the pod's IP, not its loopback.
+    assert not coordinator_config.is_loopback_host(host), cfg.health_listen
+    return number
+
+
+def grpc_probe(probe: Mapping[str, Any]) -> dict[str, Any]:
+    """A kubelet ``grpc:`` probe's action (port, service), and nothing but timings besides."""
+    assert set(probe) - _PROBE_TIMING == {"grpc"}, probe
+    action: dict[str, Any] = probe["grpc"]
+    assert set(action) <= {"port", "service"}, action
+    return action
+
+
+def test_probes_are_grpc_probes_on_the_health_port(r: Render, pki: Pki, tmp_path: Path) -> None:
     sts = coordinator(r)
     c = container(sts)
-    flags = flag_values(c["args"])
-    files = mounted_files(sts)
-    # The probe script is base/health.py, mounted from the generated ConfigMap.
-    probe_cm = next(
-        s for p, s in files.items() if s[0] == "configMap" and p.startswith("/etc/plait/probe/")
-    )
-    assert r.one("ConfigMap", probe_cm[1])["data"]["health.py"] == HEALTH.read_text()
-    listen_port = coordinator_config.split_host_port(flags["--listen"])[1]
-    for probe, mode in ((c["readinessProbe"], "leader"), (c["livenessProbe"], "alive")):
-        args = probe_args(probe)
-        assert args["--mode"] == mode
-        assert args["--address"] == f"127.0.0.1:{listen_port}"
-        assert args["--service"] == ""  # the server-wide status
-        assert (args["--ca"], args["--cert"], args["--key"]) == (
-            flags["--tls-client-ca"],
-            flags["--tls-cert"],
-            flags["--tls-key"],
-        )
-        # A name the coordinators' certificate lists: the plain Service's.
-        assert args["--server-name"] == r.one("Service", "plait-coordinator")["metadata"]["name"]
-        for cert in r.of("Certificate", "plait-coordinator"):
-            assert args["--server-name"] in cert["spec"]["dnsNames"]
-            assert "client auth" in cert["spec"]["usages"]  # the probe presents it
-        # The kubelet's deadline leaves the script's own (--timeout, 3 s) time to report.
-        assert probe["timeoutSeconds"] > float(args.get("--timeout", "3")) + 1
-    assert "startupProbe" not in c
+    cfg = coordinator_config_of(r, pki, tmp_path, "plait-coordinator-0")
+    health = health_port(cfg)
+    # The port --health-listen names is a declared container port (named for what it is).
+    assert port(c, "health") == health
+    readiness, liveness = c["readinessProbe"], c["livenessProbe"]
+    # Readiness: service "" (left out), SERVING on the leader alone, after its replay.
+    assert grpc_probe(readiness) == {"port": health}
+    # Liveness: SERVING from start-up until shutdown begins, standby or leader.
+    assert grpc_probe(liveness) == {"port": health, "service": LIVENESS_SERVICE}
+    # A shutdown turns liveness NOT_SERVING at its start; it must end (--shutdown-grace) before
+    # the kubelet could count enough failures to restart the container.
+    since_first_failure = (liveness["failureThreshold"] - 1) * liveness["periodSeconds"]
+    assert since_first_failure > cfg.shutdown_grace.total_seconds() + 5, liveness
+    assert liveness["timeoutSeconds"] >= 3, liveness  # a loaded event loop answers late
+    assert "startupProbe" not in c  # the port opens before the election and the replay
     for w in workloads(r):
         if w is not sts:
-            assert not {"readinessProbe", "livenessProbe"} & set(container(w))
+            assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(container(w))
+    # Only the kubelet uses the health port: no Service or PodMonitor names it (and no
+    # NetworkPolicy lets a pod reach it: test_network_policies).
+    for svc in r.of("Service"):
+        for p in svc["spec"]["ports"]:
+            assert p.get("targetPort") not in ("health", health) and p["port"] != health, svc
+    for mon in r.of("PodMonitor"):
+        for endpoint in mon["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] != "health", mon
+
+
+async def _kubelet_grpc_probe(probe: Mapping[str, Any], address: str) -> bool:
+    """What the kubelet does for a ``grpc:`` probe: plaintext, no certificate, one
+    ``Health/Check`` for the probe's service (``""`` when left out), passing on SERVING only."""
+    request = health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", ""))
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                request, timeout=probe["timeoutSeconds"]
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.mark.timeout(60)
+async def test_the_probes_pass_the_leader_and_keep_a_standby_alive(
+    renders: dict[str, Render], pki: Pki, tmp_path: Path
+) -> None:
+    """The rendered probes, made as the kubelet makes them, against two coordinators started
+    from the ha-postgres manifest's own configuration (TLS with client certificates on the
+    main port, --health-listen), on one journal: the leader passes both probes, the standby
+    liveness only; and the same probe on the main port fails, mTLS refusing it (why the
+    health port exists). The ports are loopback's free ones and the journal a shared SQLite
+    file. What each service answers when is tests/integration/test_health_port.py's."""
+    from plait.coordinator.server import CoordinatorServer
+
+    r = renders["ha-postgres"]
+    c = container(coordinator(r))
+    readiness, liveness = c["readinessProbe"], c["livenessProbe"]
+
+    def config(pod: str) -> coordinator_config.CoordinatorConfig:
+        cfg = coordinator_config_of(r, pki, tmp_path, pod)
+        assert cfg.tls_client_ca is not None and cfg.health_listen is not None
+        return dataclasses.replace(
+            cfg,
+            listen="127.0.0.1:0",
+            health_listen="127.0.0.1:0",
+            metrics_listen=None,
+            advertise=None,
+            store=f"sqlite:///{tmp_path}/journal.db",
+        )
+
+    leader = CoordinatorServer(config("plait-coordinator-0"))
+    standby = CoordinatorServer(config("plait-coordinator-1"))  # waits on the leader's lock
+    await leader.start()
+    try:
+        await standby.start(wait_leader=False)
+        try:
+            results: dict[str, tuple[bool, ...]] = {}
+            for name, server in (("leader", leader), ("standby", standby)):
+                # The probes' port is the container's --health-listen port; here, the bound one.
+                health = f"127.0.0.1:{server.health_port.port}"
+                main = f"127.0.0.1:{server.port}"
+                results[name] = (
+                    await _kubelet_grpc_probe(readiness, health),
+                    await _kubelet_grpc_probe(liveness, health),
+                    await _kubelet_grpc_probe(readiness, main),
+                    await _kubelet_grpc_probe(liveness, main),
+                )
+        finally:
+            await standby.stop(0)
+    finally:
+        await leader.stop(0)
+    assert results == {
+        "leader": (True, True, False, False),
+        "standby": (False, True, False, False),
+    }, results
 
 
 def test_services_route_to_the_leader_and_name_every_pod(r: Render) -> None:
@@ -979,6 +1069,7 @@ def test_network_policies(r: Render) -> None:
     coord = Peer(NAMESPACE, pod_labels(coord_w))
     work = Peer(NAMESPACE, pod_labels(worker_w))
     grpc_port, metrics = port(container(coord_w), "grpc"), port(container(coord_w), "metrics")
+    health = port(container(coord_w), "health")
     worker_metrics = port(container(worker_w), "metrics")
     prometheus = Peer("monitoring", {"app.kubernetes.io/name": "prometheus"})
     client = Peer(NAMESPACE, {"plait.dev/client": "true"})
@@ -1006,6 +1097,12 @@ def test_network_policies(r: Render) -> None:
         (coord, outside, 443, False),
         (work, outside, 5432, False),
         (outside, coord, grpc_port, False),
+    ]
+    # The health port is for the kubelet alone, which probes from the pod's own node: traffic
+    # NetworkPolicies do not govern (README.md, "NetworkPolicies"). No pod, nothing outside.
+    flows += [
+        (peer, coord, health, False)
+        for peer in (work, client, prometheus, stranger, far_client, coord, outside)
     ]
     wrong = [
         f"{s.labels} -> {d.namespace}/{d.labels}:{p} should be {'allowed' if ok else 'denied'}"
@@ -1057,14 +1154,6 @@ def test_monitoring_is_generated_from_deploy_files(renders: dict[str, Render]) -
         if path.is_file():
             text = path.read_text()
             assert alert not in text and uid not in text, f"{path} copies deploy/ files"
-
-
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_prometheusrule_is_the_rules_file(renders: dict[str, Render]) -> None:
@@ -1141,93 +1230,6 @@ def test_the_rule_generator_refuses_what_indenting_would_break(
     done = _run_rule_generator(config, tmp_path)
     assert done.returncode != 0 and not done.stdout, done.stdout
     assert str(rules) in done.stderr and why in done.stderr, done.stderr
-
-
-# ----- the probe against a real coordinator -----------------------------------------------------
-
-
-def _probe_argv(r: Render, mode: str, files: Mapping[str, str], address: str) -> list[str]:
-    """The rendered probe's arguments, with the files and address of this test's coordinator."""
-    c = container(coordinator(r))
-    probe = c["readinessProbe"] if mode == "leader" else c["livenessProbe"]
-    args = flag_values(probe["exec"]["command"][2:])
-    args["--address"] = address
-    for key in ("--ca", "--cert", "--key"):
-        args[key] = files[args[key]]
-    return [f"{k}={v}" for k, v in args.items()]
-
-
-async def test_health_probe_passes_the_leader_and_a_live_standby(
-    renders: dict[str, Render], tmp_path: Path
-) -> None:
-    """base/health.py, with the rendered probes' arguments, against two real coordinators on
-    one journal: the leader passes both probes, the standby only liveness, and nothing
-    listening fails. In this process (the exec probe's exit status is ``main``'s return)."""
-    from plait.coordinator.config import CoordinatorConfig
-    from plait.coordinator.server import CoordinatorServer
-
-    health = _load(HEALTH)
-    r = renders["sqlite"]
-    ca = certs.make_ca()
-    # As the README makes it: `plait certs init --coordinator-host plait-coordinator ...`.
-    cert, key = certs.write_pair(
-        str(tmp_path),
-        "coordinator",
-        *ca.issue("coordinator", "coordinator", hosts=["plait-coordinator"]),
-    )
-    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
-    flags = flag_values(container(coordinator(r))["args"])
-    files = {flags["--tls-client-ca"]: str(tmp_path / "ca.crt"), flags["--tls-cert"]: cert}
-    files[flags["--tls-key"]] = key
-
-    def config() -> CoordinatorConfig:
-        return CoordinatorConfig(
-            listen="127.0.0.1:0",
-            store=f"sqlite:///{tmp_path}/journal.db",
-            metrics_listen=None,
-            tls_cert=cert,
-            tls_key=key,
-            tls_client_ca=str(tmp_path / "ca.crt"),
-            heartbeat_interval=timedelta(milliseconds=200),
-            lease_ttl=timedelta(seconds=3),
-            kill_grace=timedelta(milliseconds=200),
-        )
-
-    def probe(mode: str, address: str) -> tuple[int, str]:
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            code = health.main(_probe_argv(r, mode, files, address))
-        return code, err.getvalue()
-
-    leader = CoordinatorServer(config())
-    standby = CoordinatorServer(config())  # the same journal: it waits on the leader's lock
-    await leader.start()
-    try:
-        await standby.start(wait_leader=False)
-        try:
-            checks = [
-                ("leader", leader.port),
-                ("alive", leader.port),
-                ("leader", standby.port),
-                ("alive", standby.port),
-                ("alive", _free_port()),
-            ]
-            results = [await asyncio.to_thread(probe, m, f"127.0.0.1:{p}") for m, p in checks]
-        finally:
-            await standby.stop(0)
-    finally:
-        await leader.stop(0)
-    assert [code for code, _ in results] == [0, 0, 1, 0, 1], results
-    assert "NOT_SERVING" in results[2][1] and "UNAVAILABLE" in results[4][1], results
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_ci_installs_kubectl() -> None:
