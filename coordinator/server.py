@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from plait.coordinator.journal.leadership import open_leadership
 from plait.coordinator.journal.store import DeposedError, Leadership, open_store
 from plait.coordinator.metrics import CoordinatorMetrics
 from plait.coordinator.runtime import Runtime
+from plait.coordinator.server_tls import CHECK_INTERVAL, ServerTls
 from plait.coordinator.services.admin import AdminService
 from plait.coordinator.services.errors import ErrorInterceptor
 from plait.coordinator.services.worker import WorkerService
@@ -78,29 +80,6 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         # window carries them, and a large result only needs a few more round trips.
         ("grpc.http2.bdp_probe", 0),
     ]
-
-
-def server_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials:
-    """TLS for the gRPC port; with ``tls_client_ca`` every peer must present a certificate.
-
-    gRPC Python can only require client certificates or not ask for them at all, so with a
-    client CA the whole port is mTLS (clients included; a token may still name the caller).
-    """
-    assert cfg.tls_cert is not None and cfg.tls_key is not None
-
-    def read(path: str, name: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise ConfigError(f"{name} {path}: {e.strerror or e}") from e
-
-    ca = read(cfg.tls_client_ca, "tls_client_ca") if cfg.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(read(cfg.tls_key, "tls_key"), read(cfg.tls_cert, "tls_cert"))],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
-    )
 
 
 def bind_problem(listen: str, *, probe_only: bool = False) -> str:
@@ -150,6 +129,9 @@ class CoordinatorServer:
         )
         self.health = HealthServicer()
         self.health_port = HealthPort(self.health)  # --health-listen: plaintext, Check only
+        # The gRPC port's (and HTTPS listeners') TLS files, followed as they are renewed.
+        self.tls: ServerTls | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
         self.server: grpc.aio.Server | None = None
         self.leadership: Leadership | None = None
         self.term = 0
@@ -248,6 +230,10 @@ class CoordinatorServer:
             self._stop_metrics()
             raise
         await self._start_ui(server)
+        if self.tls is not None:
+            if self.ui is not None and self.ui.ssl is not None:
+                self.tls.on_reload(self.tls.reload_context(self.ui.ssl))
+            self._tls_watch = asyncio.create_task(self._watch_tls(self.tls), name="plait-tls")
         host = split_host_port(cfg.listen, "listen")[0]
         log.info(
             "coordinator serving gRPC%s on %s:%d (authentication %s), metrics on %s",
@@ -319,7 +305,8 @@ class CoordinatorServer:
             raise ConfigError(f"--listen {cfg.listen}: {problem}")
         try:
             if cfg.tls_cert is not None and cfg.tls_key is not None:
-                port = server.add_secure_port(cfg.listen, server_credentials(cfg))
+                self.tls = ServerTls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                port = server.add_secure_port(cfg.listen, self.tls.grpc_credentials())
             else:
                 port = server.add_insecure_port(cfg.listen)
         except RuntimeError:  # gRPC says only "Failed to bind"; bind_problem finds out why
@@ -348,6 +335,8 @@ class CoordinatorServer:
             ) from None
         self._metrics_http = httpd
         self.metrics_port = httpd.server_port
+        if self.tls is not None and isinstance(httpd.socket, ssl.SSLSocket):
+            self.tls.on_reload(self.tls.reload_context(httpd.socket.context))
 
     def _auth_summary(self) -> str:
         cfg = self.config
@@ -421,6 +410,13 @@ class CoordinatorServer:
             log.critical("leadership lost (term %d): stopping so a standby can lead", self.term)
             self._fatal(DeposedError(f"leadership of term {self.term} lost"))
 
+    async def _watch_tls(self, tls: ServerTls) -> None:
+        """Checks the TLS files now and then, for the HTTPS listeners (the gRPC port checks
+        at each handshake)."""
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL)
+            await asyncio.to_thread(tls.check)
+
     async def _follow_leader_hint(self) -> None:
         """Keeps the leader's address for redirects; logs, at first and on each change, why
         this coordinator is a standby and whom it waits for."""
@@ -486,6 +482,8 @@ class CoordinatorServer:
         self.tracing.shutdown()
         self._stop_metrics()
         await self.health_port.stop()
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
 
     def _stop_metrics(self) -> None:
         if self._metrics_http is not None:

@@ -293,7 +293,10 @@ class TlsFiles:
     cert: str | None = None
     key: str | None = None
     server_name: str | None = None
-    _cache: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # name -> (the file's identity when read, its bytes): re-read once the file changes.
+    _cache: dict[str, tuple[tuple[int, int, int, int], bytes]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -304,15 +307,22 @@ class TlsFiles:
                 raise ConfigError(f"--tls-{name} {path}: no such file")
 
     def read(self, name: str) -> bytes:
-        """The bytes of the ``ca``/``cert``/``key`` file (read once)."""
-        if name not in self._cache:
-            path = getattr(self, name)
-            try:
-                with open(path, "rb") as f:
-                    self._cache[name] = f.read()
-            except OSError as e:
-                raise ConfigError(f"--tls-{name} {path}: {e.strerror or e}") from e
-        return self._cache[name]
+        """The bytes of the ``ca``/``cert``/``key`` file, read again once the file changed
+        (renewed certificates are used from the next connection: a worker's reconnect, a new
+        client channel), else from memory."""
+        path = getattr(self, name)
+        try:
+            st = os.stat(path)
+            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._cache.get(name)
+            if cached is not None and cached[0] == identity:
+                return cached[1]
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ConfigError(f"--tls-{name} {path}: {e.strerror or e}") from e
+        self._cache[name] = (identity, data)
+        return data
 
 
 def tls_from_env(
