@@ -42,6 +42,25 @@ async def check(port: int, creds: grpc.ChannelCredentials) -> str:
         return "ok"
 
 
+async def started(certs: Pki, tmp_path: Path) -> tuple[Path, Path, CoordinatorServer]:
+    """A coordinator serving mTLS (and HTTPS /metrics) from copies of its certificate and key:
+    the copies' paths, and the server."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    install(certs.coordinator, cert, key)
+    server = CoordinatorServer(
+        CoordinatorConfig(
+            listen="127.0.0.1:0",
+            store=f"sqlite:///{tmp_path}/journal.db",
+            metrics_listen="127.0.0.1:0",
+            tls_cert=str(cert),
+            tls_key=str(key),
+            tls_client_ca=certs.ca,
+        )
+    )
+    await server.start()
+    return cert, key, server
+
+
 def served_pem(port: int) -> str:
     """The certificate an HTTPS listener serves now (no client certificate needed there)."""
     return ssl.get_server_certificate(("127.0.0.1", port))
@@ -61,19 +80,7 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    install(pki.coordinator, cert, key)
-    server = CoordinatorServer(
-        CoordinatorConfig(
-            listen="127.0.0.1:0",
-            store=f"sqlite:///{tmp_path}/journal.db",
-            metrics_listen="127.0.0.1:0",
-            tls_cert=str(cert),
-            tls_key=str(key),
-            tls_client_ca=pki.ca,
-        )
-    )
-    await server.start()
+    cert, key, server = await started(pki, tmp_path)
     assert server.tls is not None
     worker = pki.worker("w1")
     creds = grpc.ssl_channel_credentials(
@@ -117,19 +124,7 @@ async def test_the_metrics_listener_reloads_on_a_taken_change(
     pki: Pki,  # noqa: F811  (the session fixture)
     tmp_path: Path,
 ) -> None:
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    install(pki.coordinator, cert, key)
-    server = CoordinatorServer(
-        CoordinatorConfig(
-            listen="127.0.0.1:0",
-            store=f"sqlite:///{tmp_path}/journal.db",
-            metrics_listen="127.0.0.1:0",
-            tls_cert=str(cert),
-            tls_key=str(key),
-            tls_client_ca=pki.ca,
-        )
-    )
-    await server.start()
+    cert, key, server = await started(pki, tmp_path)
     assert server.tls is not None
     try:
         install(pki.wrong_host_coordinator, cert, key)
