@@ -25,7 +25,7 @@ help:
 	@echo "make bench      the issue 13 shapes at equal slots, 3 rounds, Plait only (prints a table)"
 	@echo "make bench-peers  the same shapes on Plait, Dask and Ray, alternating (creates .venv-peers)"
 	@echo "make bench-throughput  many-slot throughput and latency (tests/bench/throughput.py)"
-	@echo "make bench-capacity  one coordinator's capacity, measured (docs/capacity.md; ~10 min)"
+	@echo "make bench-capacity  one coordinator's capacity, measured (docs/capacity.md; ~5 min)"
 	@echo "make lock       re-resolve the hashed dependency locks in requirements/"
 
 venv: $(STAMP)
@@ -163,7 +163,7 @@ bench-peers: $(STAMP) $(PEERS_STAMP)
 bench-throughput: $(STAMP)
 	$(BIN)/python -m tests.bench.throughput
 
-# docs/capacity.md's table: BENCH_ARGS="--quick" (~4 min), "--sections idle,busy", "--json F".
+# docs/capacity.md's table: BENCH_ARGS="--quick" (~2 min), "--sections idle,busy", "--json F".
 bench-capacity: $(STAMP)
 	$(BIN)/python -m tests.bench.capacity $(BENCH_ARGS)
 
