@@ -52,6 +52,16 @@ def _identity(paths: tuple[str, ...]) -> _Identity:
     return tuple(out)
 
 
+def _load_pair(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Loads a certificate chain and its key, given as bytes, into ``ctx`` (which checks that
+    they match). ``load_cert_chain`` takes only paths: a private temporary file (mode 0600),
+    removed at once."""
+    with tempfile.NamedTemporaryFile(prefix="plait-tls-", suffix=".pem") as f:
+        f.write(cert + b"\n" + key)
+        f.flush()
+        ctx.load_cert_chain(f.name)
+
+
 class ServerTls:
     """The certificate (chain), key and optional client CA at ``cert``, ``key``, ``client_ca``.
 
@@ -82,8 +92,8 @@ class ServerTls:
             except OSError as e:
                 raise ConfigError(f"{name} {path}: {e.strerror or e}") from e
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            ctx.load_cert_chain(self.cert, self.key)
+        try:  # the bytes just read, not the paths again: the files may change meanwhile
+            _load_pair(ctx, files["tls_cert"], files["tls_key"])
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"tls_cert {self.cert} with tls_key {self.key}: {e}") from None
         if self.client_ca is not None:
@@ -157,11 +167,7 @@ class ServerTls:
 
         def reload() -> None:
             key, cert, ca = self.pem  # the bytes check() verified, not the files again
-            # load_cert_chain takes only paths: a private temporary file, removed at once.
-            with tempfile.NamedTemporaryFile(prefix="plait-tls-", suffix=".pem") as f:
-                f.write(cert + b"\n" + key)
-                f.flush()
-                ctx.load_cert_chain(f.name)
+            _load_pair(ctx, cert, key)
             if ca is not None:  # added: a CA trusted before stays trusted until a restart
                 ctx.load_verify_locations(cadata=ca.decode("ascii"))
 
