@@ -30,8 +30,8 @@ from typing import TypeVar
 import grpc.aio
 
 from plait.coordinator.config import CoordinatorConfig, Limits
-from plait.coordinator.core.validate import validate_submit
 from plait.coordinator.server import CoordinatorServer
+from plait.spec.validate import validate_submit
 from plait.v1 import admin_service_pb2 as apb
 from plait.v1 import admin_service_pb2_grpc as agrpc
 from plait.v1 import workflow_pb2 as pb

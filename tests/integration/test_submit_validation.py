@@ -17,10 +17,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from plait.coordinator.config import Limits
-from plait.coordinator.core.validate import validate_submit
 from plait.coordinator.server import CoordinatorServer
 from plait.coordinator.services import workflow as workflow_service
 from plait.errors import FieldViolation, InvalidArgumentError
+from plait.spec.validate import validate_submit
 from plait.v1 import admin_service_pb2 as apb
 from plait.v1 import admin_service_pb2_grpc as agrpc
 from plait.v1 import workflow_pb2 as pb

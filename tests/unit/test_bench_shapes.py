@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from plait.coordinator.config import Limits
-from plait.coordinator.core.validate import validate_submit
+from plait.spec.validate import validate_submit
 from tests.bench import graphs
 from tests.bench.graphs import Sizes, Unit, Work
 from tests.bench.noop_handlers import worker

@@ -16,7 +16,7 @@ import pytest
 
 import plait
 from plait.cli.main import main
-from plait.coordinator.core import validate as core_validate
+from plait.coordinator.services import worker as worker_service
 from plait.coordinator.services import workflow as workflow_service
 from plait.spec import load_workflow
 from plait.spec import validate as spec_validate
@@ -147,7 +147,7 @@ def test_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_the_coordinator_runs_the_same_function() -> None:
-    assert core_validate.validate_submit is spec_validate.validate_submit
+    assert worker_service.labels_violations is spec_validate.labels_violations
     assert workflow_service.validate_submit is spec_validate.validate_submit
 
 

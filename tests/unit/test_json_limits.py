@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from plait.coordinator.config import LIMIT_FLAGS, Limits, load_config, parse_args
 from plait.coordinator.core.results import check_outputs
 from plait.coordinator.core.state import CoreConfig
-from plait.coordinator.core.validate import validate_submit
 from plait.errors import ConfigError, InvalidArgumentError
 from plait.jsonlimits import (
     MAX_JSON_DEPTH,
@@ -26,6 +25,7 @@ from plait.jsonlimits import (
     nesting_exceeds,
     utf8_len,
 )
+from plait.spec.validate import validate_submit
 from plait.v1 import workflow_pb2 as pb
 
 MiB = 1 << 20

@@ -10,7 +10,7 @@ from plait.coordinator.core.events import Instant, RetryRequested
 from plait.coordinator.core.input_limits import Limits
 from plait.coordinator.core.replay import happened_at, replay
 from plait.coordinator.core.state import SchedulerState
-from plait.coordinator.core.validate import validate_submit
+from plait.spec.validate import validate_submit
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 from tests.unit.core_driver import CONFIG, Driver, grants, same_timers, snapshot, timers

@@ -14,11 +14,11 @@ import pytest
 from google.rpc import code_pb2, status_pb2
 
 from plait.coordinator.config import Limits
-from plait.coordinator.core.validate import validate_submit
 from plait.errors import InvalidArgumentError
 from plait.exec_rules import MAX_SECRETS
 from plait.sizes import format_size, parse_size
 from plait.spec import SpecError, Workflow, loads_workflow
+from plait.spec.validate import validate_submit
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import workflow_pb2 as pb
 from tests.unit.core_driver import Driver, grants

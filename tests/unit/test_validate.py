@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from plait.coordinator.config import Limits
-from plait.coordinator.core.validate import find_cycle, validate_submit
 from plait.errors import InvalidArgumentError
+from plait.spec.validate import find_cycle, validate_submit
 from plait.v1 import workflow_pb2 as pb
 
 

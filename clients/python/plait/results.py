@@ -23,6 +23,7 @@ from typing import Any
 from plait.v1 import workflow_pb2
 
 __all__ = [
+    "TERMINAL_ACTION_STATES",
     "ActionResult",
     "ActionState",
     "WorkflowResult",
@@ -107,6 +108,10 @@ class ActionState(_NamedState):
     def terminal(self) -> bool:
         """SUCCEEDED, FAILED, CANCELLED, SKIPPED or TIMED_OUT."""
         return self >= ActionState.SUCCEEDED
+
+
+# The ActionState numbers nothing more happens to (until a retry), for code holding raw numbers.
+TERMINAL_ACTION_STATES: frozenset[int] = frozenset(int(s) for s in ActionState if s.terminal)
 
 
 def _state(enum: type[_NamedState], value: int) -> Any:

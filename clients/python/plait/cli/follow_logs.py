@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from plait.cli import render
 from plait.cli.render import clean
 from plait.client import Client
+from plait.results import TERMINAL_ACTION_STATES
 from plait.v1 import workflow_pb2, workflow_service_pb2
 
 __all__ = ["follow"]
@@ -29,15 +30,7 @@ __all__ = ["follow"]
 STDOUT: int = workflow_pb2.LOG_STREAM_STDOUT
 STDERR: int = workflow_pb2.LOG_STREAM_STDERR
 _NAMES = {STDOUT: "stdout", STDERR: "stderr"}
-_TERMINAL = frozenset(
-    {
-        workflow_pb2.ACTION_STATE_SUCCEEDED,
-        workflow_pb2.ACTION_STATE_FAILED,
-        workflow_pb2.ACTION_STATE_CANCELLED,
-        workflow_pb2.ACTION_STATE_SKIPPED,
-        workflow_pb2.ACTION_STATE_TIMED_OUT,
-    }
-)
+_TERMINAL = TERMINAL_ACTION_STATES
 
 
 class _Printer:

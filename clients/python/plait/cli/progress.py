@@ -25,17 +25,10 @@ from rich.text import Text
 
 from plait.cli import render
 from plait.cli.render import cell, clean
+from plait.results import TERMINAL_ACTION_STATES
 from plait.v1 import workflow_pb2
 
-_TERMINAL = frozenset(
-    {
-        workflow_pb2.ACTION_STATE_SUCCEEDED,
-        workflow_pb2.ACTION_STATE_FAILED,
-        workflow_pb2.ACTION_STATE_CANCELLED,
-        workflow_pb2.ACTION_STATE_SKIPPED,
-        workflow_pb2.ACTION_STATE_TIMED_OUT,
-    }
-)
+_TERMINAL = TERMINAL_ACTION_STATES
 _RUNNING = workflow_pb2.ACTION_STATE_RUNNING
 _ACTIVE = frozenset({workflow_pb2.ACTION_STATE_LEASED, _RUNNING})
 _COUNT_ORDER: tuple[str, ...] = (
