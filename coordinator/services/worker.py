@@ -36,7 +36,6 @@ from plait.coordinator.auth import current_principal
 from plait.coordinator.config import Limits
 from plait.coordinator.core.events import WorkerMessageReceived
 from plait.coordinator.core.model import SessionEnd
-from plait.coordinator.core.validate import MAX_DURATION_S, labels_violations
 from plait.coordinator.runtime import Runtime
 from plait.coordinator.services.errors import InputRefusals, Undecodable
 from plait.errors import (
@@ -52,6 +51,7 @@ from plait.errors import (
 from plait.ids import describe_id
 from plait.jsonlimits import nesting_exceeds, utf8_len
 from plait.live_logs import LOG_CHUNK_BYTES, STDERR, STDOUT
+from plait.spec.validate import MAX_DURATION_S, labels_violations
 from plait.v1 import worker_service_pb2 as wpb
 from plait.v1 import worker_service_pb2_grpc as wgrpc
 

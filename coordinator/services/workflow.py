@@ -14,11 +14,11 @@ from google.protobuf.message import DecodeError
 from plait.coordinator.config import MAX_MESSAGE_BYTES, Limits
 from plait.coordinator.core import views
 from plait.coordinator.core.events import CancelRequested, RetryRequested, WorkflowSubmitted
-from plait.coordinator.core.validate import validate_submit
 from plait.coordinator.runtime import Runtime
 from plait.coordinator.services.logs import follow_action_logs, recorded_attempts
 from plait.errors import FieldViolation, InvalidArgumentError, NotFoundError
 from plait.ids import describe_id
+from plait.spec.validate import validate_submit
 from plait.tracecontext import describe_traceparent
 from plait.v1 import workflow_pb2 as pb
 from plait.v1 import workflow_service_pb2 as wspb
